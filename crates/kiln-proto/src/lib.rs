@@ -1,0 +1,82 @@
+//! The wire protocol spoken between kiln's host side and the guest agent.
+//!
+//! A session runs over one byte stream (a virtio-serial port, a vsock connection or a
+//! unix socket) in three layers:
+//!
+//! 1. [`handshake`]: line-based hello/welcome exchange that carries the protocol version and
+//!    a per-session nonce, and resynchronises after a snapshot restore (stale or garbled
+//!    bytes before a valid hello are skipped).
+//! 2. HTTP/2 (host is the client, agent the server): many concurrent streams, flow control
+//!    and cancellation over the single byte stream. Routes are listed in [`routes`].
+//! 3. Inside a streaming request or response body, [`frame`]s: length-prefixed records that
+//!    carry JSON control messages ([`messages`]) or raw stdout/stderr/stdin/file bytes.
+//!
+//! Everything the host decodes from the guest is bounded: lines, frames and JSON bodies all
+//! have maximum sizes, and decoders return errors instead of panicking.
+
+pub mod frame;
+pub mod handshake;
+pub mod messages;
+
+/// Current protocol version. A host accepts this and the previous version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Whether a host speaking [`PROTOCOL_VERSION`] can talk to an agent speaking `version`.
+pub fn host_accepts_version(version: u32) -> bool {
+    version == PROTOCOL_VERSION || version.checked_add(1) == Some(PROTOCOL_VERSION)
+}
+
+/// Largest JSON body (request or unary response) either side accepts.
+pub const MAX_JSON_BODY: usize = 4 << 20;
+
+/// HTTP/2 routes served by the agent. All are `POST` with a JSON or framed body.
+pub mod routes {
+    /// Agent version, uptime, load, memory and disk use.
+    pub const INFO: &str = "/v1/info";
+    /// First call after a cold boot: network, identity, environment, start command.
+    pub const INIT: &str = "/v1/init";
+    /// Called after every snapshot restore: clock, RNG reseed, identity.
+    pub const POST_RESTORE: &str = "/v1/post-restore";
+    /// Clean power-off or reboot of the guest.
+    pub const SHUTDOWN: &str = "/v1/shutdown";
+    /// Start a process (framed, bidirectional).
+    pub const EXEC: &str = "/v1/exec";
+    /// Re-attach to a running or finished process (framed, bidirectional).
+    pub const ATTACH: &str = "/v1/processes/attach";
+    /// List processes started through the agent.
+    pub const PROCESSES: &str = "/v1/processes";
+    /// Send a signal to a process group.
+    pub const SIGNAL: &str = "/v1/processes/signal";
+    /// Stream a file's contents out (framed response).
+    pub const FILE_READ: &str = "/v1/files/read";
+    /// Stream a file's contents in (framed request), atomically replacing the target.
+    pub const FILE_WRITE: &str = "/v1/files/write";
+    /// List a directory, optionally recursively.
+    pub const FILE_LIST: &str = "/v1/files/list";
+    /// Stat one path.
+    pub const FILE_STAT: &str = "/v1/files/stat";
+    /// Whether a path exists.
+    pub const FILE_EXISTS: &str = "/v1/files/exists";
+    /// `mkdir -p`.
+    pub const FILE_MKDIR: &str = "/v1/files/mkdir";
+    /// Remove a file or (recursively) a directory.
+    pub const FILE_REMOVE: &str = "/v1/files/remove";
+    /// Rename a path.
+    pub const FILE_RENAME: &str = "/v1/files/rename";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_current_and_previous_version_only() {
+        assert!(host_accepts_version(PROTOCOL_VERSION));
+        assert!(host_accepts_version(PROTOCOL_VERSION - 1));
+        assert!(!host_accepts_version(PROTOCOL_VERSION + 1));
+        assert!(!host_accepts_version(u32::MAX));
+        if PROTOCOL_VERSION >= 2 {
+            assert!(!host_accepts_version(PROTOCOL_VERSION - 2));
+        }
+    }
+}
