@@ -17,6 +17,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod messages;
+pub mod stream;
 
 /// Current protocol version. A host accepts this and the previous version.
 pub const PROTOCOL_VERSION: u32 = 1;

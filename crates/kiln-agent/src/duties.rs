@@ -1,0 +1,435 @@
+//! PID-1 duties: mounts, kernel modules, switching from the initramfs to the root disk,
+//! hostname, network, resolver, wall clock, RNG reseed and power-off.
+//!
+//! Each duty can be disabled. On the host (tests, development) the agent runs with all of
+//! them off, except that a test may enable `hostname` and `network` when the agent runs in its
+//! own UTS and network namespaces, where they cannot touch the machine.
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_proto::messages::{AgentError, DnsConfig, ErrorKind, NetworkConfig, ShutdownAction};
+use nix::mount::{mount, MsFlags};
+
+/// One duty of the agent as init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Duty {
+    /// Mount /proc, /sys, /dev, /dev/pts, /dev/shm, /run and /tmp.
+    Mounts,
+    /// Load kernel modules and switch from the initramfs to the root disk.
+    Modules,
+    /// Set the hostname (init and post-restore calls).
+    Hostname,
+    /// Configure `lo` and the guest interface.
+    Network,
+    /// Write /etc/resolv.conf and /etc/hosts.
+    Dns,
+    /// Set the wall clock after a restore.
+    Clock,
+    /// Reseed the kernel RNG after a restore.
+    Rng,
+    /// Power off or reboot on request.
+    Power,
+}
+
+impl Duty {
+    /// Every duty.
+    pub const ALL: [Duty; 8] = [
+        Duty::Mounts,
+        Duty::Modules,
+        Duty::Hostname,
+        Duty::Network,
+        Duty::Dns,
+        Duty::Clock,
+        Duty::Rng,
+        Duty::Power,
+    ];
+
+    /// Name used in responses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Duty::Mounts => "mounts",
+            Duty::Modules => "modules",
+            Duty::Hostname => "hostname",
+            Duty::Network => "network",
+            Duty::Dns => "dns",
+            Duty::Clock => "clock",
+            Duty::Rng => "rng",
+            Duty::Power => "power",
+        }
+    }
+}
+
+/// The set of enabled duties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Duties(Vec<Duty>);
+
+impl Duties {
+    /// Every duty (the agent is the guest's init).
+    pub fn all() -> Duties {
+        Duties(Duty::ALL.to_vec())
+    }
+
+    /// Only `duties`.
+    pub fn only(duties: &[Duty]) -> Duties {
+        Duties(duties.to_vec())
+    }
+
+    /// Whether `duty` is enabled.
+    pub fn has(&self, duty: Duty) -> bool {
+        self.0.contains(&duty)
+    }
+}
+
+fn err(kind: ErrorKind, what: &str, e: impl std::fmt::Display) -> AgentError {
+    AgentError::new(kind, format!("{what}: {e}"))
+}
+
+/// Mounts the pseudo filesystems every guest program expects. Already-mounted targets are
+/// left alone, so this is safe to run again after switching root.
+pub fn mount_pseudo_filesystems() {
+    let table: [(&str, &str, &str, MsFlags, &str); 7] = [
+        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, ""),
+        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, ""),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0620,ptmxmode=0666,gid=5"),
+        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        ("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755"),
+        ("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+    ];
+    for (source, target, fstype, flags, data) in table {
+        if is_mount_point(target) {
+            continue;
+        }
+        let _ = std::fs::create_dir_all(target);
+        if let Err(e) = mount(Some(source), target, Some(fstype), flags, Some(data)) {
+            tracing::warn!(target, error = %e, "mount failed");
+        }
+    }
+    // /dev/ptmx must point at the devpts instance for PTYs to work.
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+}
+
+fn is_mount_point(path: &str) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// Loads the modules listed (one path per line, in dependency order) in `list`.
+pub fn load_modules(list: &Path) -> io::Result<()> {
+    let text = std::fs::read_to_string(list)?;
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let file = std::fs::File::open(line)?;
+        let params = CString::default();
+        // SAFETY: finit_module reads a module from an open descriptor and a NUL-terminated
+        // parameter string; both are valid for the duration of the call.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0)
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(io::Error::new(e.kind(), format!("loading {line}: {e}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Root-disk settings from the kernel command line (`kiln.root=/dev/vda`,
+/// `kiln.rootfstype=ext4`, `kiln.rootflags=...`, `kiln.init=/sbin/kiln-agent`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootSpec {
+    /// Block device of the root filesystem.
+    pub device: String,
+    /// Its filesystem type.
+    pub fstype: String,
+    /// Mount options.
+    pub flags: String,
+    /// Program to run as init on the root disk.
+    pub init: String,
+}
+
+impl RootSpec {
+    /// Reads the spec from a kernel command line; `None` without `kiln.root=`.
+    pub fn from_cmdline(cmdline: &str) -> Option<RootSpec> {
+        let get = |key: &str| {
+            cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_owned)
+        };
+        Some(RootSpec {
+            device: get("kiln.root=")?,
+            fstype: get("kiln.rootfstype=").unwrap_or_else(|| "ext4".into()),
+            flags: get("kiln.rootflags=").unwrap_or_default(),
+            init: get("kiln.init=").unwrap_or_else(|| "/sbin/kiln-agent".into()),
+        })
+    }
+}
+
+/// When running from an initramfs with `kiln.root=` on the command line: loads the modules
+/// the initramfs lists in `/kiln/modules.list`, mounts the root disk, moves the pseudo
+/// filesystems over, switches root and executes the agent on the root disk. Returns only on
+/// failure or when there is nothing to switch to.
+pub fn switch_root_if_needed() -> io::Result<()> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(spec) = RootSpec::from_cmdline(&cmdline) else { return Ok(()) };
+    let fs = nix::sys::statfs::statfs("/")?;
+    // RAMFS_MAGIC is not in libc; the initramfs is ramfs or tmpfs.
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let fs_type = fs.filesystem_type().0 as i64;
+    let on_initramfs = fs_type == RAMFS_MAGIC || fs_type == libc::TMPFS_MAGIC as i64;
+    if !on_initramfs {
+        return Ok(());
+    }
+    let list = Path::new("/kiln/modules.list");
+    if list.exists() {
+        load_modules(list)?;
+    }
+    // Block devices appear asynchronously once their driver has probed.
+    let device = Path::new(&spec.device);
+    for _ in 0..500 {
+        if device.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::create_dir_all("/sysroot")?;
+    let data = (!spec.flags.is_empty()).then_some(spec.flags.as_str());
+    mount(Some(device), "/sysroot", Some(spec.fstype.as_str()), MsFlags::empty(), data)?;
+    for dir in ["/dev", "/proc", "/sys", "/run"] {
+        let target = format!("/sysroot{dir}");
+        let _ = std::fs::create_dir_all(&target);
+        mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    }
+    std::env::set_current_dir("/sysroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    let init = CString::new(spec.init.clone()).map_err(io::Error::other)?;
+    let args: Vec<CString> =
+        std::env::args().filter_map(|a| CString::new(a).ok()).collect();
+    nix::unistd::execv(&init, &args)?;
+    Ok(())
+}
+
+/// Validates and sets the hostname.
+pub fn set_hostname(name: &str) -> Result<(), AgentError> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !valid {
+        return Err(AgentError::new(ErrorKind::InvalidArgument, format!("invalid hostname `{name}`")));
+    }
+    nix::unistd::sethostname(name).map_err(|e| err(ErrorKind::Io, "sethostname", e))
+}
+
+/// Writes `/etc/resolv.conf` and a `/etc/hosts` that names the guest.
+pub fn write_dns(dns: &DnsConfig, hostname: Option<&str>) -> Result<(), AgentError> {
+    let mut resolv = String::new();
+    for server in &dns.nameservers {
+        resolv.push_str(&format!("nameserver {server}\n"));
+    }
+    if !dns.search.is_empty() {
+        resolv.push_str(&format!("search {}\n", dns.search.join(" ")));
+    }
+    std::fs::write("/etc/resolv.conf", resolv).map_err(|e| err(ErrorKind::Io, "/etc/resolv.conf", e))?;
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(name) = hostname {
+        hosts.push_str(&format!("127.0.1.1\t{name}\n"));
+    }
+    std::fs::write("/etc/hosts", hosts).map_err(|e| err(ErrorKind::Io, "/etc/hosts", e))
+}
+
+/// A socket for interface ioctls.
+fn ioctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0', ' ']) {
+        return Err(AgentError::new(ErrorKind::InvalidArgument, format!("invalid interface `{name}`")));
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it as AF_INET.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl(sock: &OwnedFd, request: libc::Ioctl, arg: *mut libc::c_void, what: &str) -> Result<(), AgentError> {
+    // SAFETY: every caller passes a pointer to the structure `request` expects, valid for
+    // the duration of the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        let kind = match e.raw_os_error() {
+            Some(libc::ENODEV) => ErrorKind::NotFound,
+            Some(libc::EPERM) => ErrorKind::PermissionDenied,
+            _ => ErrorKind::Io,
+        };
+        return Err(err(kind, what, e));
+    }
+    Ok(())
+}
+
+fn link_up(sock: &OwnedFd, name: &str) -> Result<(), AgentError> {
+    let mut req = ifreq(name)?;
+    ioctl(sock, libc::SIOCGIFFLAGS, (&raw mut req).cast(), name)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    ioctl(sock, libc::SIOCSIFFLAGS, (&raw mut req).cast(), name)
+}
+
+/// Brings up `lo` and configures the guest interface: address, prefix, MTU, default route.
+pub fn configure_network(config: &NetworkConfig) -> Result<(), AgentError> {
+    if config.prefix_len > 32 {
+        return Err(AgentError::new(ErrorKind::InvalidArgument, "prefix_len must be at most 32"));
+    }
+    let sock = ioctl_socket().map_err(|e| err(ErrorKind::Io, "socket", e))?;
+    link_up(&sock, "lo")?;
+    let name = config.interface.as_str();
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr(config.address);
+    ioctl(&sock, libc::SIOCSIFADDR, (&raw mut req).cast(), "set address")?;
+    let mask = if config.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(config.prefix_len)) };
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+    ioctl(&sock, libc::SIOCSIFNETMASK, (&raw mut req).cast(), "set netmask")?;
+    if let Some(mtu) = config.mtu {
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_mtu = i32::try_from(mtu)
+            .map_err(|_| AgentError::new(ErrorKind::InvalidArgument, "mtu out of range"))?;
+        ioctl(&sock, libc::SIOCSIFMTU, (&raw mut req).cast(), "set mtu")?;
+    }
+    link_up(&sock, name)?;
+    if let Some(gateway) = config.gateway {
+        // SAFETY: rtentry is plain data; all-zero is a valid value.
+        let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+        route.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+        route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+        route.rt_gateway = sockaddr(gateway);
+        route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+        match ioctl(&sock, libc::SIOCADDRT, (&raw mut route).cast(), "add default route") {
+            Err(e) if e.message.contains("File exists") => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Sets the wall clock; returns the guest clock's offset from `ns` before it was set.
+pub fn set_clock(ns: u64) -> Result<i64, AgentError> {
+    let before = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+        .map_err(|e| err(ErrorKind::Io, "clock_gettime", e))?;
+    let before_ns = before.tv_sec() as i128 * 1_000_000_000 + before.tv_nsec() as i128;
+    let skew_ms = ((before_ns - ns as i128) / 1_000_000) as i64;
+    let spec = nix::sys::time::TimeSpec::new(
+        (ns / 1_000_000_000) as libc::time_t,
+        (ns % 1_000_000_000) as libc::c_long,
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, spec)
+        .map_err(|e| err(ErrorKind::Io, "clock_settime", e))?;
+    Ok(skew_ms)
+}
+
+/// Mixes `entropy` into the kernel RNG and credits it (RNDADDENTROPY).
+pub fn add_entropy(entropy: &[u8]) -> Result<(), AgentError> {
+    #[repr(C)]
+    struct RandPoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; 512],
+    }
+    if entropy.is_empty() || entropy.len() > 512 {
+        return Err(AgentError::new(ErrorKind::InvalidArgument, "entropy must be 1 to 512 bytes"));
+    }
+    let mut info = RandPoolInfo {
+        entropy_count: (entropy.len() * 8) as libc::c_int,
+        buf_size: entropy.len() as libc::c_int,
+        buf: [0; 512],
+    };
+    info.buf[..entropy.len()].copy_from_slice(entropy);
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/random")
+        .map_err(|e| err(ErrorKind::Io, "/dev/random", e))?;
+    // RNDADDENTROPY = _IOW('R', 0x03, int[2])
+    const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
+    // SAFETY: the kernel reads the header and `buf_size` bytes of `buf`, all inside `info`.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &raw const info) };
+    if rc < 0 {
+        return Err(err(ErrorKind::Io, "RNDADDENTROPY", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Stops every process, syncs the disks and powers off or reboots. Does not return on success.
+pub fn shutdown(action: ShutdownAction) -> Result<(), AgentError> {
+    use nix::sys::signal::{kill, Signal};
+    let everyone = nix::unistd::Pid::from_raw(-1);
+    let _ = kill(everyone, Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = kill(everyone, Signal::SIGKILL);
+    nix::unistd::sync();
+    let mode = match action {
+        ShutdownAction::PowerOff => nix::sys::reboot::RebootMode::RB_POWER_OFF,
+        ShutdownAction::Reboot => nix::sys::reboot::RebootMode::RB_AUTOBOOT,
+    };
+    nix::sys::reboot::reboot(mode).map_err(|e| err(ErrorKind::Io, "reboot", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_spec_from_cmdline() {
+        let spec = RootSpec::from_cmdline("console=ttyS0 kiln.root=/dev/vda kiln.rootflags=noatime")
+            .expect("has kiln.root");
+        assert_eq!(spec.device, "/dev/vda");
+        assert_eq!(spec.fstype, "ext4");
+        assert_eq!(spec.flags, "noatime");
+        assert_eq!(spec.init, "/sbin/kiln-agent");
+        assert_eq!(RootSpec::from_cmdline("console=ttyS0"), None);
+    }
+
+    #[test]
+    fn rejects_bad_hostnames_and_interfaces_before_any_syscall() {
+        for bad in ["", "-x", "a..b", "a b", "x/y", &"a".repeat(65)] {
+            assert_eq!(set_hostname(bad).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument), "{bad}");
+        }
+        assert!(ifreq("eth0").is_ok());
+        assert!(ifreq("").is_err());
+        assert!(ifreq("averyveryverylongname").is_err());
+        assert_eq!(add_entropy(&[]).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
+        assert_eq!(add_entropy(&[0; 513]).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
+    }
+}

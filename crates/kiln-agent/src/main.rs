@@ -1,0 +1,91 @@
+//! `kiln-agent`: the guest agent binary. As PID 1 it is the guest's init (and, from an
+//! initramfs, switches to the root disk first); elsewhere it serves on the address given.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kiln_agent::duties::{self, Duties, Duty};
+use kiln_agent::transport::{find_serial_port, ListenAddr};
+use kiln_agent::{Agent, AgentConfig};
+
+/// kiln's guest agent: exec, files and health for the host over one byte stream.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Where to serve: `unix:PATH` or `serial:DEVICE`. As PID 1 the default is the
+    /// virtio-serial port named by `--port-name`.
+    #[arg(long)]
+    listen: Option<ListenAddr>,
+
+    /// Name of the virtio-serial port to serve on when no `--listen` is given.
+    #[arg(long, default_value = "kiln.agent")]
+    port_name: String,
+
+    /// Disable every init duty (mounts, modules, hostname, network, DNS, clock, RNG,
+    /// power-off): for running on a host, in tests and development.
+    #[arg(long)]
+    no_init: bool,
+
+    /// With `--no-init`, re-enable one duty. Only safe for `hostname` and `network`, and only
+    /// inside fresh UTS and network namespaces.
+    #[arg(long, value_enum, requires = "no_init")]
+    enable_duty: Vec<Duty>,
+
+    /// Log filter (tracing's env-filter syntax).
+    #[arg(long, env = "KILN_AGENT_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let duties = if args.no_init { Duties::only(&args.enable_duty) } else { Duties::all() };
+    if duties.has(Duty::Mounts) {
+        duties::mount_pseudo_filesystems();
+    }
+    if duties.has(Duty::Modules) {
+        if let Err(e) = duties::switch_root_if_needed() {
+            tracing::error!(error = %e, "cannot switch to the root disk");
+        }
+        if duties.has(Duty::Mounts) {
+            duties::mount_pseudo_filesystems();
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listen = match args.listen {
+            Some(listen) => listen,
+            None => ListenAddr::Serial(find_serial_port(&args.port_name)?),
+        };
+        let agent = Agent::new(AgentConfig { listen, duties })?;
+        agent.run().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "agent stopped");
+            // As PID 1, exiting panics the kernel; park instead so the console keeps the log.
+            if std::process::id() == 1 {
+                loop {
+                    std::thread::park();
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
