@@ -1,0 +1,75 @@
+//! Errors of the agent client.
+
+use std::io;
+use std::time::Duration;
+
+use kiln_proto::messages::{AgentError, ErrorKind};
+
+/// What can go wrong talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The transport could not be opened.
+    #[error("cannot connect to the agent")]
+    Connect(#[source] io::Error),
+    /// The session handshake failed.
+    #[error("agent handshake failed: {0}")]
+    Handshake(String),
+    /// The agent speaks a protocol version this host does not accept.
+    #[error("agent speaks protocol version {agent}, this host accepts {current} and {previous}",
+        current = kiln_proto::PROTOCOL_VERSION,
+        previous = kiln_proto::PROTOCOL_VERSION.saturating_sub(1))]
+    IncompatibleVersion {
+        /// The agent's version.
+        agent: u32,
+    },
+    /// An operation did not finish in time.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What timed out.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// The session broke.
+    #[error("connection to the agent lost: {0}")]
+    Disconnected(String),
+    /// The agent sent something that violates the protocol.
+    #[error("protocol violation by the agent: {0}")]
+    Protocol(String),
+    /// The agent refused or failed the operation.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Reading or writing the host-side end of a transfer failed.
+    #[error("local I/O failed")]
+    LocalIo(#[source] io::Error),
+}
+
+impl ClientError {
+    /// The agent's error kind, if the agent reported the error.
+    pub fn agent_kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Agent(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+
+    /// Whether a new session might succeed where this one failed.
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect(_) | ClientError::Disconnected(_) | ClientError::Handshake(_)
+        )
+    }
+}
+
+impl From<hyper::Error> for ClientError {
+    fn from(e: hyper::Error) -> Self {
+        ClientError::Disconnected(e.to_string())
+    }
+}
+
+impl From<kiln_proto::stream::StreamClosed> for ClientError {
+    fn from(e: kiln_proto::stream::StreamClosed) -> Self {
+        ClientError::Disconnected(e.to_string())
+    }
+}

@@ -1,0 +1,558 @@
+//! Host-side client of kiln's guest agent.
+//!
+//! [`AgentClient`] holds one session (handshake + HTTP/2) over a [`Connector`]'s transport
+//! and opens a new one when the old one is gone, so it survives agent restarts and VM
+//! restores. Every byte from the agent is treated as hostile: lines, frames and JSON bodies
+//! are size-limited, calls have timeouts, and malformed input becomes an error, never a
+//! panic.
+
+mod error;
+pub mod local;
+mod session;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use kiln_proto::frame::{Frame, FrameKind, DATA_CHUNK, MAX_FRAME_PAYLOAD};
+use kiln_proto::handshake::Welcome;
+use kiln_proto::messages::{
+    AgentError, AgentInfo, Empty, ErrorKind, ExecEvent, ExecInput, ExecRequest, ExistsResponse,
+    ExitStatus, FileReadEvent, FileReadRequest, FileStat, FileWriteEnd, FileWriteResponse,
+    FileWriteStart, InitRequest, InitResponse, ListRequest, ListResponse, MkdirRequest,
+    PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessInfo, ProcessList,
+    ProcessSelector, PtySize, RemoveRequest, RenameRequest, ShutdownAction, ShutdownRequest,
+    SignalRequest,
+};
+use kiln_proto::routes;
+use kiln_proto::stream::{frame_channel, FrameReader, FrameSender};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub use error::ClientError;
+pub use session::{handshake, BoxedTransport, ClientConfig, Connector, Transport, UnixConnector};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A live session.
+#[derive(Debug)]
+struct Session {
+    sender: SendRequest<Body>,
+    welcome: Welcome,
+}
+
+/// A client of one agent. Cheap to share behind an `Arc`; calls may run concurrently.
+#[derive(Debug)]
+pub struct AgentClient {
+    connector: Arc<dyn Connector>,
+    config: ClientConfig,
+    session: tokio::sync::Mutex<Option<Session>>,
+}
+
+impl AgentClient {
+    /// A client that connects through `connector` on first use.
+    pub fn new(connector: Arc<dyn Connector>, config: ClientConfig) -> AgentClient {
+        AgentClient { connector, config, session: tokio::sync::Mutex::new(None) }
+    }
+
+    /// A client of the agent listening on the unix socket at `path`.
+    pub fn unix(path: impl Into<std::path::PathBuf>) -> AgentClient {
+        AgentClient::new(Arc::new(UnixConnector::new(path)), ClientConfig::default())
+    }
+
+    /// The client's configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Opens a session now (if none is live) and returns the agent's welcome.
+    pub async fn connect(&self) -> Result<Welcome, ClientError> {
+        let mut session = self.session.lock().await;
+        Ok(self.live_session(&mut session).await?.welcome.clone())
+    }
+
+    /// Drops the current session; the next call opens a new one (e.g. after a restore).
+    pub async fn disconnect(&self) {
+        *self.session.lock().await = None;
+    }
+
+    async fn live_session<'a>(
+        &self,
+        slot: &'a mut Option<Session>,
+    ) -> Result<&'a mut Session, ClientError> {
+        if slot.as_ref().is_some_and(|s| s.sender.is_closed()) {
+            *slot = None;
+        }
+        if slot.is_none() {
+            *slot = Some(self.open_session().await?);
+        }
+        slot.as_mut().ok_or_else(|| ClientError::Disconnected("no session".into()))
+    }
+
+    async fn open_session(&self) -> Result<Session, ClientError> {
+        let transport = tokio::time::timeout(self.config.handshake_timeout, self.connector.connect())
+            .await
+            .map_err(|_| ClientError::Timeout { what: "connect", after: self.config.handshake_timeout })?
+            .map_err(ClientError::Connect)?;
+        let (stream, welcome) = handshake(transport, &self.config).await?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(256 * 1024)
+            .max_header_list_size(64 * 1024)
+            .keep_alive_interval(self.config.keepalive)
+            .keep_alive_timeout(self.config.keepalive)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "agent session ended");
+            }
+        });
+        tracing::debug!(boot_id = %welcome.boot_id, version = %welcome.agent_version, "agent session open");
+        Ok(Session { sender, welcome })
+    }
+
+    /// Sends one request on the live session, opening one if needed.
+    async fn send(&self, route: &str, body: Body) -> Result<Response<Incoming>, ClientError> {
+        let mut sender = {
+            let mut slot = self.session.lock().await;
+            self.live_session(&mut slot).await?.sender.clone()
+        };
+        let request = Request::post(format!("http://agent{route}"))
+            .body(body)
+            .map_err(|e| ClientError::Protocol(format!("building request: {e}")))?;
+        let timeout = self.config.call_timeout;
+        tokio::time::timeout(timeout, async {
+            sender.ready().await?;
+            Ok(sender.send_request(request).await?)
+        })
+        .await
+        .map_err(|_| ClientError::Timeout { what: "agent call", after: timeout })?
+    }
+
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        route: &str,
+        request: &Req,
+    ) -> Result<Resp, ClientError> {
+        let json = serde_json::to_vec(request)
+            .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
+        let response = self.send(route, Full::new(Bytes::from(json)).boxed()).await?;
+        let timeout = self.config.call_timeout;
+        tokio::time::timeout(timeout, read_json(response))
+            .await
+            .map_err(|_| ClientError::Timeout { what: "agent response", after: timeout })?
+    }
+
+    /// Agent version, uptime, load, memory and disk use.
+    pub async fn info(&self) -> Result<AgentInfo, ClientError> {
+        self.call(routes::INFO, &Empty {}).await
+    }
+
+    /// The init call, made once after a cold boot.
+    pub async fn init(&self, request: &InitRequest) -> Result<InitResponse, ClientError> {
+        self.call(routes::INIT, request).await
+    }
+
+    /// The post-restore call, made after every restore or fork.
+    pub async fn post_restore(
+        &self,
+        request: &PostRestoreRequest,
+    ) -> Result<PostRestoreResponse, ClientError> {
+        self.call(routes::POST_RESTORE, request).await
+    }
+
+    /// Asks the guest to power off or reboot.
+    pub async fn shutdown(&self, action: ShutdownAction) -> Result<(), ClientError> {
+        self.call::<_, Empty>(routes::SHUTDOWN, &ShutdownRequest { action }).await.map(drop)
+    }
+
+    /// Starts a process and returns its stream.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, ClientError> {
+        self.open_exec_stream(routes::EXEC, ExecInput::Start(request)).await
+    }
+
+    /// Runs a process to completion, keeping at most `output_limit` bytes of each of stdout
+    /// and stderr (the rest is counted and dropped).
+    pub async fn run(
+        &self,
+        request: ExecRequest,
+        output_limit: usize,
+    ) -> Result<ExecResult, ClientError> {
+        self.exec(request).await?.collect(output_limit).await
+    }
+
+    /// Re-attaches to a process started earlier (its kept output is replayed first).
+    pub async fn attach(&self, process: ProcessSelector) -> Result<ExecSession, ClientError> {
+        self.open_exec_stream(routes::ATTACH, ExecInput::Attach { process }).await
+    }
+
+    async fn open_exec_stream(
+        &self,
+        route: &str,
+        first: ExecInput,
+    ) -> Result<ExecSession, ClientError> {
+        let (input, body) = frame_channel(16);
+        input
+            .send(&Frame::control(&first))
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))?;
+        let response = self.send(route, body.boxed()).await?;
+        let mut output = framed_response(response).await?;
+        let timeout = self.config.call_timeout;
+        let first = tokio::time::timeout(timeout, output.next())
+            .await
+            .map_err(|_| ClientError::Timeout { what: "exec start", after: timeout })?
+            .map_err(protocol_error)?;
+        match first.map(|f| f.parse_control::<ExecEvent>()) {
+            Some(Ok(ExecEvent::Started { pid })) => Ok(ExecSession { input, output, pid, done: false }),
+            Some(Ok(ExecEvent::Error(e))) => Err(e.into()),
+            Some(Ok(other)) => Err(ClientError::Protocol(format!("expected started, got {other:?}"))),
+            Some(Err(e)) => Err(protocol_error(e)),
+            None => Err(ClientError::Protocol("exec stream ended before it started".into())),
+        }
+    }
+
+    /// Processes started through the agent.
+    pub async fn processes(&self) -> Result<Vec<ProcessInfo>, ClientError> {
+        Ok(self.call::<_, ProcessList>(routes::PROCESSES, &Empty {}).await?.processes)
+    }
+
+    /// Sends `signal` to a process group.
+    pub async fn signal(&self, process: ProcessSelector, signal: i32) -> Result<(), ClientError> {
+        self.call::<_, Empty>(routes::SIGNAL, &SignalRequest { process, signal }).await.map(drop)
+    }
+
+    /// Streams a file from the guest into `sink`; returns the bytes copied.
+    pub async fn read_file_to<W: AsyncWrite + Unpin>(
+        &self,
+        request: FileReadRequest,
+        sink: &mut W,
+    ) -> Result<u64, ClientError> {
+        let json = serde_json::to_vec(&request)
+            .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
+        let response = self.send(routes::FILE_READ, Full::new(Bytes::from(json)).boxed()).await?;
+        let mut frames = framed_response(response).await?;
+        let mut received = 0u64;
+        let mut opened = false;
+        loop {
+            let frame = frames.next().await.map_err(protocol_error)?.ok_or_else(|| {
+                ClientError::Protocol("file stream ended without its end event".into())
+            })?;
+            match frame.kind {
+                FrameKind::Data if opened => {
+                    sink.write_all(&frame.payload).await.map_err(ClientError::LocalIo)?;
+                    received += frame.payload.len() as u64;
+                }
+                FrameKind::Control => match frame.parse_control().map_err(protocol_error)? {
+                    FileReadEvent::Opened { .. } if !opened => opened = true,
+                    FileReadEvent::End { sent } if opened => {
+                        if sent != received {
+                            return Err(ClientError::Protocol(format!(
+                                "agent announced {sent} bytes, sent {received}"
+                            )));
+                        }
+                        sink.flush().await.map_err(ClientError::LocalIo)?;
+                        return Ok(received);
+                    }
+                    FileReadEvent::Error(e) => return Err(e.into()),
+                    other => {
+                        return Err(ClientError::Protocol(format!("unexpected {other:?}")))
+                    }
+                },
+                other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
+            }
+        }
+    }
+
+    /// Reads a whole file into memory, failing if it is larger than `max_bytes`.
+    pub async fn read_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, ClientError> {
+        let request = FileReadRequest {
+            path: path.to_owned(),
+            offset: 0,
+            limit: Some(max_bytes.saturating_add(1)),
+        };
+        let mut sink = Vec::new();
+        self.read_file_to(request, &mut sink).await?;
+        if sink.len() as u64 > max_bytes {
+            return Err(ClientError::Agent(AgentError::new(
+                ErrorKind::InvalidArgument,
+                format!("{path} is larger than {max_bytes} bytes"),
+            )));
+        }
+        Ok(sink)
+    }
+
+    /// Streams `source` into a file in the guest, replacing it atomically once complete.
+    pub async fn write_file_from<R: AsyncRead + Unpin>(
+        &self,
+        start: FileWriteStart,
+        source: &mut R,
+    ) -> Result<u64, ClientError> {
+        let (input, body) = frame_channel(16);
+        let send = async {
+            input.send(&Frame::control(&start)).await?;
+            let mut buf = vec![0u8; DATA_CHUNK];
+            let mut size = 0u64;
+            loop {
+                let n = source.read(&mut buf).await.map_err(ClientError::LocalIo)?;
+                if n == 0 {
+                    break;
+                }
+                input.send(&Frame::new(FrameKind::Data, Bytes::copy_from_slice(&buf[..n]))).await?;
+                size += n as u64;
+            }
+            input.send(&Frame::control(&FileWriteEnd { size })).await?;
+            drop(input);
+            Ok::<u64, ClientError>(size)
+        };
+        let receive = async {
+            let response = self.send(routes::FILE_WRITE, body.boxed()).await?;
+            read_json::<FileWriteResponse>(response).await
+        };
+        let (sent, response) = tokio::join!(send, receive);
+        // The agent's answer explains a stream it cut short, so it comes first.
+        let response = response?;
+        let sent = sent?;
+        if response.size != sent {
+            return Err(ClientError::Protocol(format!(
+                "agent wrote {} bytes of {sent}",
+                response.size
+            )));
+        }
+        Ok(sent)
+    }
+
+    /// Writes `data` to a file in the guest (atomic replace).
+    pub async fn write_file(&self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
+        let start = FileWriteStart { path: path.to_owned(), mode: None, user: None, create_parents: false };
+        self.write_file_from(start, &mut &data[..]).await
+    }
+
+    /// Lists a directory down to `depth` levels.
+    pub async fn list(&self, path: &str, depth: u32) -> Result<ListResponse, ClientError> {
+        self.call(routes::FILE_LIST, &ListRequest { path: path.to_owned(), depth }).await
+    }
+
+    /// Metadata of a path (symlinks not followed).
+    pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
+        self.call(routes::FILE_STAT, &PathRequest { path: path.to_owned() }).await
+    }
+
+    /// Whether a path exists.
+    pub async fn exists(&self, path: &str) -> Result<bool, ClientError> {
+        let response: ExistsResponse =
+            self.call(routes::FILE_EXISTS, &PathRequest { path: path.to_owned() }).await?;
+        Ok(response.exists)
+    }
+
+    /// `mkdir -p`.
+    pub async fn mkdir(&self, request: &MkdirRequest) -> Result<(), ClientError> {
+        self.call::<_, Empty>(routes::FILE_MKDIR, request).await.map(drop)
+    }
+
+    /// Removes a path (`recursive` for directory trees).
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
+        let request = RemoveRequest { path: path.to_owned(), recursive };
+        self.call::<_, Empty>(routes::FILE_REMOVE, &request).await.map(drop)
+    }
+
+    /// Renames a path.
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), ClientError> {
+        let request = RenameRequest { from: from.to_owned(), to: to.to_owned() };
+        self.call::<_, Empty>(routes::FILE_RENAME, &request).await.map(drop)
+    }
+}
+
+fn protocol_error(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol(e.to_string())
+}
+
+/// Checks the status of a streaming response and wraps its body.
+async fn framed_response(response: Response<Incoming>) -> Result<FrameReader<Incoming>, ClientError> {
+    if response.status() != StatusCode::OK {
+        return Err(read_json::<Empty>(response).await.err().unwrap_or_else(|| {
+            ClientError::Protocol("error status with a success body".into())
+        }));
+    }
+    Ok(FrameReader::new(response.into_body(), MAX_FRAME_PAYLOAD))
+}
+
+/// Reads a bounded JSON body: the value on success, the agent's error otherwise.
+async fn read_json<T: DeserializeOwned>(response: Response<Incoming>) -> Result<T, ClientError> {
+    let status = response.status();
+    let bytes = Limited::new(response.into_body(), kiln_proto::MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(format!("reading response: {e}")))?
+        .to_bytes();
+    if status == StatusCode::OK {
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("malformed response: {e}")))
+    } else {
+        let error: AgentError = serde_json::from_slice(&bytes).map_err(|e| {
+            ClientError::Protocol(format!("malformed error response (status {status}): {e}"))
+        })?;
+        Err(error.into())
+    }
+}
+
+/// One event of an exec stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    /// Bytes from stdout (or the terminal).
+    Stdout(Bytes),
+    /// Bytes from stderr.
+    Stderr(Bytes),
+    /// Output was dropped before this attach.
+    Dropped(u64),
+    /// The process ended; no events follow.
+    Exited {
+        /// How.
+        status: ExitStatus,
+        /// Whether the agent killed it on timeout.
+        timed_out: bool,
+    },
+}
+
+/// Collected result of a process run to completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecResult {
+    /// Stdout, up to the limit.
+    pub stdout: Vec<u8>,
+    /// Stderr, up to the limit.
+    pub stderr: Vec<u8>,
+    /// Whether any output was cut at the limit or dropped by the agent.
+    pub truncated: bool,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// Whether it was killed on timeout.
+    pub timed_out: bool,
+}
+
+/// Sends stdin, resizes and signals to a running process; clone it to use it from another
+/// task while the [`ExecSession`] reads output.
+#[derive(Debug, Clone)]
+pub struct ExecInputHandle {
+    input: FrameSender,
+}
+
+impl ExecInputHandle {
+    async fn send(&self, frame: Frame) -> Result<(), ClientError> {
+        self.input.send(&frame).await.map_err(|e| ClientError::Disconnected(e.to_string()))
+    }
+
+    /// Writes to the process's stdin.
+    pub async fn stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.send(Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(chunk))).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes stdin (sends end-of-file on a terminal).
+    pub async fn close_stdin(&self) -> Result<(), ClientError> {
+        self.send(Frame::control(&ExecInput::StdinEof)).await
+    }
+
+    /// Resizes the terminal.
+    pub async fn resize(&self, size: PtySize) -> Result<(), ClientError> {
+        self.send(Frame::control(&ExecInput::Resize(size))).await
+    }
+
+    /// Sends a signal to the process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
+        self.send(Frame::control(&ExecInput::Signal { signal })).await
+    }
+}
+
+/// A running (or attached) process. Dropping it before the exit kills a foreground process.
+#[derive(Debug)]
+pub struct ExecSession {
+    input: FrameSender,
+    output: FrameReader<Incoming>,
+    pid: u32,
+    done: bool,
+}
+
+impl ExecSession {
+    /// The process's pid in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A handle for stdin, resize and signals.
+    pub fn input(&self) -> ExecInputHandle {
+        ExecInputHandle { input: self.input.clone() }
+    }
+
+    /// The next output event; `None` after the exit was returned.
+    pub async fn next(&mut self) -> Result<Option<ExecOutput>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        let frame = self.output.next().await.map_err(|e| match e {
+            kiln_proto::stream::ReadFrameError::Body(m) => ClientError::Disconnected(m),
+            other => protocol_error(other),
+        })?;
+        let Some(frame) = frame else {
+            return Err(ClientError::Protocol("exec stream ended without an exit".into()));
+        };
+        Ok(Some(match frame.kind {
+            FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
+            FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
+            FrameKind::Control => match frame.parse_control::<ExecEvent>().map_err(protocol_error)? {
+                ExecEvent::Exited { status, timed_out } => {
+                    self.done = true;
+                    ExecOutput::Exited { status, timed_out }
+                }
+                ExecEvent::OutputDropped { bytes } => ExecOutput::Dropped(bytes),
+                ExecEvent::Error(e) => {
+                    self.done = true;
+                    return Err(e.into());
+                }
+                ExecEvent::Started { .. } => {
+                    return Err(ClientError::Protocol("second started event".into()))
+                }
+            },
+            other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
+        }))
+    }
+
+    /// Reads to the exit, keeping at most `limit` bytes of each stream.
+    pub async fn collect(mut self, limit: usize) -> Result<ExecResult, ClientError> {
+        let mut result = ExecResult {
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            truncated: false,
+            status: ExitStatus { code: None, signal: None },
+            timed_out: false,
+        };
+        let keep = |buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool| {
+            let room = limit.saturating_sub(buf.len());
+            if data.len() > room {
+                *truncated = true;
+            }
+            buf.extend_from_slice(&data[..data.len().min(room)]);
+        };
+        while let Some(event) = self.next().await? {
+            match event {
+                ExecOutput::Stdout(b) => keep(&mut result.stdout, &b, &mut result.truncated),
+                ExecOutput::Stderr(b) => keep(&mut result.stderr, &b, &mut result.truncated),
+                ExecOutput::Dropped(_) => result.truncated = true,
+                ExecOutput::Exited { status, timed_out } => {
+                    result.status = status;
+                    result.timed_out = timed_out;
+                }
+            }
+        }
+        Ok(result)
+    }
+}

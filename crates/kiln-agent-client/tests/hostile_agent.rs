@@ -1,0 +1,250 @@
+//! The client against agents that misbehave: garbage instead of HTTP/2, oversized frames,
+//! oversized or malformed JSON, silence, truncated streams and arbitrary bytes. Every case
+//! must end in an error within the configured time, without a panic or unbounded memory.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kiln_agent_client::{AgentClient, ClientConfig, ClientError, UnixConnector};
+use kiln_proto::frame::Frame;
+use kiln_proto::handshake::{Hello, LineBuffer, Welcome};
+use kiln_proto::messages::{Command, ExecEvent, ExecRequest};
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What the fake agent does after a correct handshake.
+#[derive(Clone)]
+enum Behaviour {
+    /// Writes these bytes instead of speaking HTTP/2.
+    Raw(Vec<u8>),
+    /// Serves HTTP/2 with this handler.
+    Http(Arc<dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>),
+}
+
+fn http<F, Fut>(handler: F) -> Behaviour
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    Behaviour::Http(Arc::new(move |req| Box::pin(handler(req))))
+}
+
+struct FakeAgent {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl FakeAgent {
+    async fn start(behaviour: Behaviour) -> FakeAgent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let behaviour = behaviour.clone();
+                tokio::spawn(async move {
+                    let mut lines = LineBuffer::new();
+                    let mut buf = [0u8; 1024];
+                    let hello = loop {
+                        if let Some(hello) = lines.next_line().and_then(|l| Hello::parse(&l)) {
+                            break hello;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => lines.push(&buf[..n]),
+                        }
+                    };
+                    let welcome = Welcome {
+                        protocol: kiln_proto::PROTOCOL_VERSION,
+                        nonce: hello.nonce,
+                        agent_version: "fake".into(),
+                        boot_id: "fake".into(),
+                        initialized: true,
+                    };
+                    if stream.write_all(welcome.to_line().as_bytes()).await.is_err() {
+                        return;
+                    }
+                    match behaviour {
+                        Behaviour::Raw(bytes) => {
+                            let _ = stream.write_all(&bytes).await;
+                            // Keep the stream open and silent.
+                            let _ = stream.read(&mut buf).await;
+                            std::future::pending::<()>().await;
+                        }
+                        Behaviour::Http(handler) => {
+                            let service = hyper::service::service_fn(move |req| {
+                                let handler = handler.clone();
+                                async move { Ok::<_, Infallible>(handler(req).await) }
+                            });
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        FakeAgent { _dir: dir, socket }
+    }
+
+    fn client(&self) -> AgentClient {
+        let config = ClientConfig {
+            handshake_timeout: Duration::from_secs(2),
+            call_timeout: Duration::from_millis(500),
+            keepalive: Duration::from_secs(1),
+            ..ClientConfig::default()
+        };
+        AgentClient::new(Arc::new(UnixConnector::new(&self.socket)), config)
+    }
+}
+
+fn body(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn ok(bytes: impl Into<Bytes>) -> Response<Body> {
+    Response::new(body(bytes))
+}
+
+fn exec() -> ExecRequest {
+    ExecRequest::new(Command::Argv(vec!["true".into()]))
+}
+
+/// Bounds every case: a hostile agent must never make the client hang.
+async fn within<T>(f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), f).await.expect("the client must not hang")
+}
+
+#[tokio::test]
+async fn garbage_instead_of_http2_is_an_error() {
+    let agent = FakeAgent::start(Behaviour::Raw(vec![0xAB; 100_000])).await;
+    let err = within(agent.client().info()).await.expect_err("garbage");
+    assert!(matches!(err, ClientError::Disconnected(_) | ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn silence_after_the_handshake_times_out() {
+    let agent = FakeAgent::start(Behaviour::Raw(Vec::new())).await;
+    let err = within(agent.client().info()).await.expect_err("silence");
+    assert!(matches!(err, ClientError::Disconnected(_) | ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_agent_that_never_answers_a_call_times_out() {
+    let agent = FakeAgent::start(http(|_req| std::future::pending())).await;
+    let err = within(agent.client().info()).await.expect_err("no answer");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn oversized_json_is_refused() {
+    let agent = FakeAgent::start(http(|_req| async {
+        let mut json = b"{\"agent_version\":\"".to_vec();
+        json.extend(std::iter::repeat_n(b'a', kiln_proto::MAX_JSON_BODY + 10));
+        ok(json)
+    }))
+    .await;
+    let err = within(agent.client().info()).await.expect_err("too big");
+    assert!(matches!(err, ClientError::Protocol(_) | ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn malformed_json_and_error_bodies_are_protocol_errors() {
+    let agent = FakeAgent::start(http(|req| async move {
+        if req.uri().path() == kiln_proto::routes::INFO {
+            ok("{not json")
+        } else {
+            let mut response = ok("<html>oops</html>");
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        }
+    }))
+    .await;
+    let client = agent.client();
+    assert!(matches!(within(client.info()).await, Err(ClientError::Protocol(_))));
+    assert!(matches!(within(client.processes()).await, Err(ClientError::Protocol(_))));
+}
+
+#[tokio::test]
+async fn oversized_frame_declaration_is_refused_without_allocating_it() {
+    let agent = FakeAgent::start(http(|_req| async {
+        let mut bytes = Frame::control(&ExecEvent::Started { pid: 1 }).encode().to_vec();
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 1]);
+        ok(bytes)
+    }))
+    .await;
+    let client = agent.client();
+    let mut session = within(client.exec(exec())).await.expect("started");
+    let err = within(session.next()).await.expect_err("oversized frame");
+    assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn stream_that_ends_without_exit_is_an_error() {
+    let agent = FakeAgent::start(http(|_req| async {
+        ok(Frame::control(&ExecEvent::Started { pid: 1 }).encode())
+    }))
+    .await;
+    let result = within(agent.client().run(exec(), 100)).await;
+    assert!(matches!(result, Err(ClientError::Protocol(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn unknown_frames_and_bad_first_events_are_errors() {
+    let agent = FakeAgent::start(http(|req| async move {
+        if req.uri().path() == kiln_proto::routes::EXEC {
+            ok(Frame::control(&ExecEvent::OutputDropped { bytes: 1 }).encode())
+        } else {
+            ok(vec![0, 0, 0, 1, 77])
+        }
+    }))
+    .await;
+    let client = agent.client();
+    assert!(matches!(within(client.exec(exec())).await, Err(ClientError::Protocol(_))));
+    let err = within(client.attach(kiln_proto::messages::ProcessSelector::Pid(1))).await.expect_err("bad frame");
+    assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Arbitrary bytes after a valid start event, and arbitrary unary bodies: the client
+    /// returns (an error or a value) without panicking or hanging.
+    #[test]
+    fn arbitrary_response_bodies_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..4096),
+                                             unary in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let tail = Bytes::from(tail);
+            let unary = Bytes::from(unary);
+            let agent = FakeAgent::start(http(move |req| {
+                let (tail, unary) = (tail.clone(), unary.clone());
+                async move {
+                    if req.uri().path() == kiln_proto::routes::EXEC {
+                        let mut bytes = Frame::control(&ExecEvent::Started { pid: 1 }).encode().to_vec();
+                        bytes.extend_from_slice(&tail);
+                        ok(bytes)
+                    } else {
+                        ok(unary)
+                    }
+                }
+            })).await;
+            let client = agent.client();
+            if let Ok(session) = within(client.exec(exec())).await {
+                let _ = within(session.collect(1 << 16)).await;
+            }
+            let _ = within(client.info()).await;
+            let _ = within(client.read_file("/x", 100)).await;
+        });
+    }
+}

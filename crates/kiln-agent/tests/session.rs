@@ -1,0 +1,201 @@
+//! Sessions: info, init, post-restore, reconnects after the agent goes away, and init duties
+//! exercised inside private namespaces.
+
+mod common;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use common::{agent_binary, run, start, start_with, text};
+use kiln_agent_client::local::{LocalAgent, LocalAgentOptions};
+use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, ClientError, Connector};
+use kiln_proto::messages::{
+    Command, ErrorKind, InitRequest, NetworkConfig, PostRestoreRequest, ReadinessCheck,
+    StartCommand,
+};
+
+#[tokio::test]
+async fn info_reports_health() {
+    let (_agent, client) = start().await;
+    let welcome = client.connect().await.expect("handshake");
+    assert_eq!(welcome.protocol, kiln_proto::PROTOCOL_VERSION);
+    let info = client.info().await.expect("info");
+    assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(info.boot_id, welcome.boot_id);
+    assert!(info.uptime_secs > 0.0);
+    assert!(info.memory.total_bytes > 0 && info.memory.available_bytes > 0);
+    assert!(info.disk.total_bytes > 0);
+    assert!(!info.initialized);
+}
+
+#[tokio::test]
+async fn init_sets_defaults_and_waits_for_the_start_command() {
+    let (_agent, client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let workdir = dir.path().to_string_lossy().into_owned();
+    let marker = dir.path().join("ready");
+    let request = InitRequest {
+        env: [("APP_MODE".to_owned(), "test".to_owned())].into(),
+        workdir: Some(workdir.clone()),
+        start: Some(StartCommand {
+            command: Command::Shell(format!("sleep 0.3; touch {}; exec sleep 300", marker.display())),
+            readiness: Some(ReadinessCheck::Exec {
+                command: Command::Shell(format!("test -f {}", marker.display())),
+            }),
+            timeout_ms: 20_000,
+            interval_ms: 20,
+        }),
+        ..InitRequest::default()
+    };
+    let response = client.init(&request).await.expect("init");
+    assert!(marker.exists(), "init returned before the start command was ready");
+    let start_pid = response.start_pid.expect("start pid");
+    let listed = client.processes().await.expect("list");
+    let start = listed.iter().find(|p| p.pid == start_pid).expect("start command listed");
+    assert_eq!(start.tag.as_deref(), Some("start"));
+    assert!(start.exit.is_none());
+
+    let result = run(&client, "echo $APP_MODE; pwd").await;
+    assert_eq!(text(&result), format!("test\n{workdir}\n"));
+    assert!(client.info().await.expect("info").initialized);
+    // A relative path resolves against the workdir.
+    client.write_file("rel.txt", b"x").await.expect("write");
+    assert!(dir.path().join("rel.txt").exists());
+}
+
+#[tokio::test]
+async fn init_fails_when_the_start_command_dies_or_never_gets_ready() {
+    let (_agent, client) = start().await;
+    let dies = InitRequest {
+        start: Some(StartCommand {
+            command: Command::Shell("exit 1".into()),
+            readiness: Some(ReadinessCheck::TcpPort { port: 1 }),
+            timeout_ms: 10_000,
+            interval_ms: 20,
+        }),
+        ..InitRequest::default()
+    };
+    let err = client.init(&dies).await.expect_err("start command died");
+    assert!(err.to_string().contains("exited before it was ready"), "{err}");
+    let never = InitRequest {
+        start: Some(StartCommand {
+            command: Command::Shell("exec sleep 300".into()),
+            readiness: Some(ReadinessCheck::Exec { command: Command::Shell("false".into()) }),
+            timeout_ms: 300,
+            interval_ms: 20,
+        }),
+        ..InitRequest::default()
+    };
+    assert_eq!(client.init(&never).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::Timeout));
+    let bad = InitRequest { workdir: Some("relative".into()), ..InitRequest::default() };
+    assert_eq!(client.init(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+}
+
+#[tokio::test]
+async fn post_restore_without_init_duties_skips_clock_and_rng_but_keeps_metadata() {
+    let (_agent, client) = start().await;
+    let request = PostRestoreRequest {
+        wall_clock_ns: 1,
+        entropy_hex: "00".repeat(32),
+        hostname: Some("restored".into()),
+        metadata: Some([("sandbox".to_owned(), "sb-1".to_owned())].into()),
+    };
+    let response = client.post_restore(&request).await.expect("post-restore");
+    assert_eq!(response.applied, ["metadata"]);
+    assert_eq!(response.skipped, ["clock", "rng", "hostname"]);
+    assert_eq!(client.info().await.expect("info").metadata.get("sandbox").map(String::as_str), Some("sb-1"));
+    let bad = PostRestoreRequest { entropy_hex: "xyz".into(), ..PostRestoreRequest::default() };
+    assert_eq!(client.post_restore(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+}
+
+/// Hostname and network duties run for real, in the agent's own UTS and network namespaces.
+#[tokio::test]
+async fn hostname_and_network_duties_configure_the_namespace() {
+    let options = LocalAgentOptions {
+        enable_duties: vec!["hostname".into(), "network".into()],
+        new_netns: true,
+        setup: Some("ip link add eth0 type veth peer name peer0 && ip link set peer0 up".into()),
+        ..LocalAgentOptions::default()
+    };
+    let (_agent, client) = start_with(options).await;
+    let request = InitRequest {
+        hostname: Some("sandbox-1".into()),
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: "172.31.0.2".parse().expect("ip"),
+            prefix_len: 30,
+            gateway: Some("172.31.0.1".parse().expect("ip")),
+            mtu: Some(1400),
+        }),
+        ..InitRequest::default()
+    };
+    let response = client.init(&request).await.expect("init");
+    assert_eq!(response.applied, ["network", "hostname"]);
+    let result = run(&client, "hostname; ip -4 -o addr show eth0; ip route show default; cat /sys/class/net/eth0/mtu; ip -o link show lo").await;
+    let out = text(&result);
+    assert!(out.starts_with("sandbox-1\n"), "{out}");
+    assert!(out.contains("inet 172.31.0.2/30"), "{out}");
+    assert!(out.contains("default via 172.31.0.1 dev eth0"), "{out}");
+    assert!(out.contains("\n1400\n"), "{out}");
+    assert!(out.contains("UP"), "lo is up: {out}");
+
+    let bad = InitRequest { hostname: Some("bad name".into()), ..InitRequest::default() };
+    assert_eq!(client.init(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+}
+
+/// Without the duties enabled, the same init call changes nothing and says so.
+#[tokio::test]
+async fn disabled_duties_are_skipped() {
+    let (_agent, client) = start_with(LocalAgentOptions { new_netns: true, ..Default::default() }).await;
+    let before = text(&run(&client, "hostname").await);
+    let request = InitRequest {
+        hostname: Some("changed".into()),
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            address: "172.31.0.2".parse().expect("ip"),
+            prefix_len: 30,
+            gateway: None,
+            mtu: None,
+        }),
+        ..InitRequest::default()
+    };
+    let response = client.init(&request).await.expect("init");
+    assert!(response.applied.is_empty());
+    assert_eq!(response.skipped, ["network", "hostname"]);
+    assert_eq!(text(&run(&client, "hostname").await), before);
+}
+
+/// Connects to whatever socket the test points it at.
+#[derive(Debug)]
+struct SwitchableConnector(Mutex<PathBuf>);
+
+impl Connector for SwitchableConnector {
+    fn connect(&self) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxedTransport>> + Send + '_>> {
+        let path = self.0.lock().expect("lock").clone();
+        Box::pin(async move {
+            Ok(Box::pin(tokio::net::UnixStream::connect(path).await?) as BoxedTransport)
+        })
+    }
+}
+
+#[tokio::test]
+async fn client_reconnects_after_the_agent_goes_away() {
+    let first = LocalAgent::start(agent_binary(), LocalAgentOptions::default()).await.expect("agent");
+    let connector = Arc::new(SwitchableConnector(Mutex::new(first.socket().to_owned())));
+    let client = AgentClient::new(connector.clone(), ClientConfig::default());
+    let first_boot = client.info().await.expect("info").boot_id;
+    first.stop().await.expect("stop");
+
+    let err = client.info().await.expect_err("agent is gone");
+    assert!(err.is_connection_error(), "{err:?}");
+
+    let second = LocalAgent::start(agent_binary(), LocalAgentOptions::default()).await.expect("agent");
+    *connector.0.lock().expect("lock") = second.socket().to_owned();
+    let info = client.info().await.expect("reconnected");
+    assert_ne!(info.boot_id, first_boot);
+    let result = client.run(common::sh("echo back"), 100).await.expect("exec after reconnect");
+    assert_eq!(result.stdout, b"back\n");
+    drop(second);
+    let _ = ClientError::Disconnected(String::new());
+}
