@@ -58,7 +58,11 @@ pub struct AgentClient {
 impl AgentClient {
     /// A client that connects through `connector` on first use.
     pub fn new(connector: Arc<dyn Connector>, config: ClientConfig) -> AgentClient {
-        AgentClient { connector, config, session: tokio::sync::Mutex::new(None) }
+        AgentClient {
+            connector,
+            config,
+            session: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// A client of the agent listening on the unix socket at `path`.
@@ -92,14 +96,19 @@ impl AgentClient {
         if slot.is_none() {
             *slot = Some(self.open_session().await?);
         }
-        slot.as_mut().ok_or_else(|| ClientError::Disconnected("no session".into()))
+        slot.as_mut()
+            .ok_or_else(|| ClientError::Disconnected("no session".into()))
     }
 
     async fn open_session(&self) -> Result<Session, ClientError> {
-        let transport = tokio::time::timeout(self.config.handshake_timeout, self.connector.connect())
-            .await
-            .map_err(|_| ClientError::Timeout { what: "connect", after: self.config.handshake_timeout })?
-            .map_err(ClientError::Connect)?;
+        let transport =
+            tokio::time::timeout(self.config.handshake_timeout, self.connector.connect())
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    what: "connect",
+                    after: self.config.handshake_timeout,
+                })?
+                .map_err(ClientError::Connect)?;
         let (stream, welcome) = handshake(transport, &self.config).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -135,7 +144,10 @@ impl AgentClient {
             Ok(sender.send_request(request).await?)
         })
         .await
-        .map_err(|_| ClientError::Timeout { what: "agent call", after: timeout })?
+        .map_err(|_| ClientError::Timeout {
+            what: "agent call",
+            after: timeout,
+        })?
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -145,11 +157,16 @@ impl AgentClient {
     ) -> Result<Resp, ClientError> {
         let json = serde_json::to_vec(request)
             .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
-        let response = self.send(route, Full::new(Bytes::from(json)).boxed()).await?;
+        let response = self
+            .send(route, Full::new(Bytes::from(json)).boxed())
+            .await?;
         let timeout = self.config.call_timeout;
         tokio::time::timeout(timeout, read_json(response))
             .await
-            .map_err(|_| ClientError::Timeout { what: "agent response", after: timeout })?
+            .map_err(|_| ClientError::Timeout {
+                what: "agent response",
+                after: timeout,
+            })?
     }
 
     /// Agent version, uptime, load, memory and disk use.
@@ -172,12 +189,15 @@ impl AgentClient {
 
     /// Asks the guest to power off or reboot.
     pub async fn shutdown(&self, action: ShutdownAction) -> Result<(), ClientError> {
-        self.call::<_, Empty>(routes::SHUTDOWN, &ShutdownRequest { action }).await.map(drop)
+        self.call::<_, Empty>(routes::SHUTDOWN, &ShutdownRequest { action })
+            .await
+            .map(drop)
     }
 
     /// Starts a process and returns its stream.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, ClientError> {
-        self.open_exec_stream(routes::EXEC, ExecInput::Start(request)).await
+        self.open_exec_stream(routes::EXEC, ExecInput::Start(request))
+            .await
     }
 
     /// Runs a process to completion, keeping at most `output_limit` bytes of each of stdout
@@ -192,7 +212,8 @@ impl AgentClient {
 
     /// Re-attaches to a process started earlier (its kept output is replayed first).
     pub async fn attach(&self, process: ProcessSelector) -> Result<ExecSession, ClientError> {
-        self.open_exec_stream(routes::ATTACH, ExecInput::Attach { process }).await
+        self.open_exec_stream(routes::ATTACH, ExecInput::Attach { process })
+            .await
     }
 
     async fn open_exec_stream(
@@ -210,25 +231,42 @@ impl AgentClient {
         let timeout = self.config.call_timeout;
         let first = tokio::time::timeout(timeout, output.next())
             .await
-            .map_err(|_| ClientError::Timeout { what: "exec start", after: timeout })?
+            .map_err(|_| ClientError::Timeout {
+                what: "exec start",
+                after: timeout,
+            })?
             .map_err(protocol_error)?;
         match first.map(|f| f.parse_control::<ExecEvent>()) {
-            Some(Ok(ExecEvent::Started { pid })) => Ok(ExecSession { input, output, pid, done: false }),
+            Some(Ok(ExecEvent::Started { pid })) => Ok(ExecSession {
+                input,
+                output,
+                pid,
+                done: false,
+            }),
             Some(Ok(ExecEvent::Error(e))) => Err(e.into()),
-            Some(Ok(other)) => Err(ClientError::Protocol(format!("expected started, got {other:?}"))),
+            Some(Ok(other)) => Err(ClientError::Protocol(format!(
+                "expected started, got {other:?}"
+            ))),
             Some(Err(e)) => Err(protocol_error(e)),
-            None => Err(ClientError::Protocol("exec stream ended before it started".into())),
+            None => Err(ClientError::Protocol(
+                "exec stream ended before it started".into(),
+            )),
         }
     }
 
     /// Processes started through the agent.
     pub async fn processes(&self) -> Result<Vec<ProcessInfo>, ClientError> {
-        Ok(self.call::<_, ProcessList>(routes::PROCESSES, &Empty {}).await?.processes)
+        Ok(self
+            .call::<_, ProcessList>(routes::PROCESSES, &Empty {})
+            .await?
+            .processes)
     }
 
     /// Sends `signal` to a process group.
     pub async fn signal(&self, process: ProcessSelector, signal: i32) -> Result<(), ClientError> {
-        self.call::<_, Empty>(routes::SIGNAL, &SignalRequest { process, signal }).await.map(drop)
+        self.call::<_, Empty>(routes::SIGNAL, &SignalRequest { process, signal })
+            .await
+            .map(drop)
     }
 
     /// Streams a file from the guest into `sink`; returns the bytes copied.
@@ -239,17 +277,25 @@ impl AgentClient {
     ) -> Result<u64, ClientError> {
         let json = serde_json::to_vec(&request)
             .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
-        let response = self.send(routes::FILE_READ, Full::new(Bytes::from(json)).boxed()).await?;
+        let response = self
+            .send(routes::FILE_READ, Full::new(Bytes::from(json)).boxed())
+            .await?;
         let mut frames = framed_response(response).await?;
         let mut received = 0u64;
         let mut opened = false;
         loop {
-            let frame = frames.next().await.map_err(protocol_error)?.ok_or_else(|| {
-                ClientError::Protocol("file stream ended without its end event".into())
-            })?;
+            let frame = frames
+                .next()
+                .await
+                .map_err(protocol_error)?
+                .ok_or_else(|| {
+                    ClientError::Protocol("file stream ended without its end event".into())
+                })?;
             match frame.kind {
                 FrameKind::Data if opened => {
-                    sink.write_all(&frame.payload).await.map_err(ClientError::LocalIo)?;
+                    sink.write_all(&frame.payload)
+                        .await
+                        .map_err(ClientError::LocalIo)?;
                     received += frame.payload.len() as u64;
                 }
                 FrameKind::Control => match frame.parse_control().map_err(protocol_error)? {
@@ -264,9 +310,7 @@ impl AgentClient {
                         return Ok(received);
                     }
                     FileReadEvent::Error(e) => return Err(e.into()),
-                    other => {
-                        return Err(ClientError::Protocol(format!("unexpected {other:?}")))
-                    }
+                    other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
                 },
                 other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
             }
@@ -307,7 +351,12 @@ impl AgentClient {
                 if n == 0 {
                     break;
                 }
-                input.send(&Frame::new(FrameKind::Data, Bytes::copy_from_slice(&buf[..n]))).await?;
+                input
+                    .send(&Frame::new(
+                        FrameKind::Data,
+                        Bytes::copy_from_slice(&buf[..n]),
+                    ))
+                    .await?;
                 size += n as u64;
             }
             input.send(&Frame::control(&FileWriteEnd { size })).await?;
@@ -333,42 +382,78 @@ impl AgentClient {
 
     /// Writes `data` to a file in the guest (atomic replace).
     pub async fn write_file(&self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
-        let start = FileWriteStart { path: path.to_owned(), mode: None, user: None, create_parents: false };
+        let start = FileWriteStart {
+            path: path.to_owned(),
+            mode: None,
+            user: None,
+            create_parents: false,
+        };
         self.write_file_from(start, &mut &data[..]).await
     }
 
     /// Lists a directory down to `depth` levels.
     pub async fn list(&self, path: &str, depth: u32) -> Result<ListResponse, ClientError> {
-        self.call(routes::FILE_LIST, &ListRequest { path: path.to_owned(), depth }).await
+        self.call(
+            routes::FILE_LIST,
+            &ListRequest {
+                path: path.to_owned(),
+                depth,
+            },
+        )
+        .await
     }
 
     /// Metadata of a path (symlinks not followed).
     pub async fn stat(&self, path: &str) -> Result<FileStat, ClientError> {
-        self.call(routes::FILE_STAT, &PathRequest { path: path.to_owned() }).await
+        self.call(
+            routes::FILE_STAT,
+            &PathRequest {
+                path: path.to_owned(),
+            },
+        )
+        .await
     }
 
     /// Whether a path exists.
     pub async fn exists(&self, path: &str) -> Result<bool, ClientError> {
-        let response: ExistsResponse =
-            self.call(routes::FILE_EXISTS, &PathRequest { path: path.to_owned() }).await?;
+        let response: ExistsResponse = self
+            .call(
+                routes::FILE_EXISTS,
+                &PathRequest {
+                    path: path.to_owned(),
+                },
+            )
+            .await?;
         Ok(response.exists)
     }
 
     /// `mkdir -p`.
     pub async fn mkdir(&self, request: &MkdirRequest) -> Result<(), ClientError> {
-        self.call::<_, Empty>(routes::FILE_MKDIR, request).await.map(drop)
+        self.call::<_, Empty>(routes::FILE_MKDIR, request)
+            .await
+            .map(drop)
     }
 
     /// Removes a path (`recursive` for directory trees).
     pub async fn remove(&self, path: &str, recursive: bool) -> Result<(), ClientError> {
-        let request = RemoveRequest { path: path.to_owned(), recursive };
-        self.call::<_, Empty>(routes::FILE_REMOVE, &request).await.map(drop)
+        let request = RemoveRequest {
+            path: path.to_owned(),
+            recursive,
+        };
+        self.call::<_, Empty>(routes::FILE_REMOVE, &request)
+            .await
+            .map(drop)
     }
 
     /// Renames a path.
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), ClientError> {
-        let request = RenameRequest { from: from.to_owned(), to: to.to_owned() };
-        self.call::<_, Empty>(routes::FILE_RENAME, &request).await.map(drop)
+        let request = RenameRequest {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        };
+        self.call::<_, Empty>(routes::FILE_RENAME, &request)
+            .await
+            .map(drop)
     }
 }
 
@@ -377,11 +462,14 @@ fn protocol_error(e: impl std::fmt::Display) -> ClientError {
 }
 
 /// Checks the status of a streaming response and wraps its body.
-async fn framed_response(response: Response<Incoming>) -> Result<FrameReader<Incoming>, ClientError> {
+async fn framed_response(
+    response: Response<Incoming>,
+) -> Result<FrameReader<Incoming>, ClientError> {
     if response.status() != StatusCode::OK {
-        return Err(read_json::<Empty>(response).await.err().unwrap_or_else(|| {
-            ClientError::Protocol("error status with a success body".into())
-        }));
+        return Err(read_json::<Empty>(response)
+            .await
+            .err()
+            .unwrap_or_else(|| ClientError::Protocol("error status with a success body".into())));
     }
     Ok(FrameReader::new(response.into_body(), MAX_FRAME_PAYLOAD))
 }
@@ -395,7 +483,8 @@ async fn read_json<T: DeserializeOwned>(response: Response<Incoming>) -> Result<
         .map_err(|e| ClientError::Protocol(format!("reading response: {e}")))?
         .to_bytes();
     if status == StatusCode::OK {
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("malformed response: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Protocol(format!("malformed response: {e}")))
     } else {
         let error: AgentError = serde_json::from_slice(&bytes).map_err(|e| {
             ClientError::Protocol(format!("malformed error response (status {status}): {e}"))
@@ -446,13 +535,17 @@ pub struct ExecInputHandle {
 
 impl ExecInputHandle {
     async fn send(&self, frame: Frame) -> Result<(), ClientError> {
-        self.input.send(&frame).await.map_err(|e| ClientError::Disconnected(e.to_string()))
+        self.input
+            .send(&frame)
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))
     }
 
     /// Writes to the process's stdin.
     pub async fn stdin(&self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(DATA_CHUNK) {
-            self.send(Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(chunk))).await?;
+            self.send(Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(chunk)))
+                .await?;
         }
         Ok(())
     }
@@ -469,7 +562,8 @@ impl ExecInputHandle {
 
     /// Sends a signal to the process group.
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
-        self.send(Frame::control(&ExecInput::Signal { signal })).await
+        self.send(Frame::control(&ExecInput::Signal { signal }))
+            .await
     }
 }
 
@@ -490,7 +584,9 @@ impl ExecSession {
 
     /// A handle for stdin, resize and signals.
     pub fn input(&self) -> ExecInputHandle {
-        ExecInputHandle { input: self.input.clone() }
+        ExecInputHandle {
+            input: self.input.clone(),
+        }
     }
 
     /// The next output event; `None` after the exit was returned.
@@ -503,25 +599,29 @@ impl ExecSession {
             other => protocol_error(other),
         })?;
         let Some(frame) = frame else {
-            return Err(ClientError::Protocol("exec stream ended without an exit".into()));
+            return Err(ClientError::Protocol(
+                "exec stream ended without an exit".into(),
+            ));
         };
         Ok(Some(match frame.kind {
             FrameKind::Stdout => ExecOutput::Stdout(frame.payload),
             FrameKind::Stderr => ExecOutput::Stderr(frame.payload),
-            FrameKind::Control => match frame.parse_control::<ExecEvent>().map_err(protocol_error)? {
-                ExecEvent::Exited { status, timed_out } => {
-                    self.done = true;
-                    ExecOutput::Exited { status, timed_out }
+            FrameKind::Control => {
+                match frame.parse_control::<ExecEvent>().map_err(protocol_error)? {
+                    ExecEvent::Exited { status, timed_out } => {
+                        self.done = true;
+                        ExecOutput::Exited { status, timed_out }
+                    }
+                    ExecEvent::OutputDropped { bytes } => ExecOutput::Dropped(bytes),
+                    ExecEvent::Error(e) => {
+                        self.done = true;
+                        return Err(e.into());
+                    }
+                    ExecEvent::Started { .. } => {
+                        return Err(ClientError::Protocol("second started event".into()))
+                    }
                 }
-                ExecEvent::OutputDropped { bytes } => ExecOutput::Dropped(bytes),
-                ExecEvent::Error(e) => {
-                    self.done = true;
-                    return Err(e.into());
-                }
-                ExecEvent::Started { .. } => {
-                    return Err(ClientError::Protocol("second started event".into()))
-                }
-            },
+            }
             other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
         }))
     }
@@ -532,7 +632,10 @@ impl ExecSession {
             stdout: Vec::new(),
             stderr: Vec::new(),
             truncated: false,
-            status: ExitStatus { code: None, signal: None },
+            status: ExitStatus {
+                code: None,
+                signal: None,
+            },
             timed_out: false,
         };
         let keep = |buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool| {

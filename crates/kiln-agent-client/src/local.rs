@@ -58,17 +58,31 @@ impl LocalAgent {
             None => agent,
         };
         let mut command = Command::new("unshare");
-        command.args(["--mount", "--uts", "--pid", "--fork", "--kill-child", "--mount-proc"]);
+        command.args([
+            "--mount",
+            "--uts",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+        ]);
         if options.new_netns {
             command.arg("--net");
         }
-        command.args(["sh", "-c", &script]).stdin(Stdio::null()).kill_on_drop(true);
+        command
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         if let Some(log) = &options.log_file {
             let file = std::fs::File::create(log)?;
             command.stdout(file.try_clone()?).stderr(file);
         }
         let child = command.spawn()?;
-        let mut local = LocalAgent { child, socket, _dir: dir };
+        let mut local = LocalAgent {
+            child,
+            socket,
+            _dir: dir,
+        };
         local.wait_listening(Duration::from_secs(20)).await?;
         Ok(local)
     }
@@ -81,10 +95,15 @@ impl LocalAgent {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                return Err(io::Error::other(format!("agent exited during start-up: {status}")));
+                return Err(io::Error::other(format!(
+                    "agent exited during start-up: {status}"
+                )));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "agent did not start listening"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "agent did not start listening",
+                ));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
@@ -103,7 +122,10 @@ impl LocalAgent {
 
     /// A client with a custom configuration.
     pub fn client_with(&self, config: ClientConfig) -> AgentClient {
-        AgentClient::new(std::sync::Arc::new(UnixConnector::new(&self.socket)), config)
+        AgentClient::new(
+            std::sync::Arc::new(UnixConnector::new(&self.socket)),
+            config,
+        )
     }
 
     /// Pid (in the host's namespace) of the `unshare` process that owns the agent.

@@ -47,23 +47,34 @@ impl Default for ClientConfig {
 
 /// Sends hellos until the agent answers with a welcome for this session's nonce.
 /// Returns the stream positioned after the welcome line.
-pub async fn handshake<S>(mut io: S, config: &ClientConfig) -> Result<(Prefixed<S>, Welcome), ClientError>
+pub async fn handshake<S>(
+    mut io: S,
+    config: &ClientConfig,
+) -> Result<(Prefixed<S>, Welcome), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let nonce = nonce_from_bytes(rand::random());
-    let hello = Hello { version: kiln_proto::PROTOCOL_VERSION, nonce: nonce.clone() }.to_line();
+    let hello = Hello {
+        version: kiln_proto::PROTOCOL_VERSION,
+        nonce: nonce.clone(),
+    }
+    .to_line();
     let deadline = tokio::time::Instant::now() + config.handshake_timeout;
     let mut lines = LineBuffer::new();
     let mut received = 0usize;
     let mut buf = [0u8; 4096];
-    send_line(&mut io, &hello).await.map_err(|e| ClientError::Handshake(format!("sending hello: {e}")))?;
+    send_line(&mut io, &hello)
+        .await
+        .map_err(|e| ClientError::Handshake(format!("sending hello: {e}")))?;
     loop {
         while let Some(line) = lines.next_line() {
             match Welcome::parse(&line) {
                 Some(Ok(welcome)) if welcome.nonce == nonce => {
                     if !kiln_proto::host_accepts_version(welcome.protocol) {
-                        return Err(ClientError::IncompatibleVersion { agent: welcome.protocol });
+                        return Err(ClientError::IncompatibleVersion {
+                            agent: welcome.protocol,
+                        });
                     }
                     return Ok((Prefixed::new(lines.take_rest(), io), welcome));
                 }
@@ -73,7 +84,10 @@ where
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Err(ClientError::Timeout { what: "agent handshake", after: config.handshake_timeout });
+            return Err(ClientError::Timeout {
+                what: "agent handshake",
+                after: config.handshake_timeout,
+            });
         }
         let wait = config.hello_interval.min(deadline - now);
         match tokio::time::timeout(wait, io.read(&mut buf)).await {
@@ -180,7 +194,10 @@ mod tests {
         let stale = welcome(&nonce_from_bytes([9; 16]), 1);
         agent.write_all(b"\n\x00garbage\n").await.expect("write");
         agent.write_all(stale.as_bytes()).await.expect("write");
-        agent.write_all(welcome(&hello.nonce, 1).as_bytes()).await.expect("write");
+        agent
+            .write_all(welcome(&hello.nonce, 1).as_bytes())
+            .await
+            .expect("write");
         agent.write_all(b"h2 bytes").await.expect("write");
         let (mut stream, w) = task.await.expect("no panic").expect("handshake");
         assert_eq!(w.nonce, hello.nonce);
@@ -196,7 +213,10 @@ mod tests {
         let first = read_hello(&mut agent).await;
         let second = read_hello(&mut agent).await;
         assert_eq!(first, second, "the same session's hello is repeated");
-        agent.write_all(welcome(&first.nonce, 1).as_bytes()).await.expect("write");
+        agent
+            .write_all(welcome(&first.nonce, 1).as_bytes())
+            .await
+            .expect("write");
         task.await.expect("no panic").expect("handshake");
     }
 
@@ -205,7 +225,10 @@ mod tests {
         let (host, mut agent) = tokio::io::duplex(1 << 16);
         let task = tokio::spawn(async move { handshake(host, &fast()).await });
         let hello = read_hello(&mut agent).await;
-        agent.write_all(welcome(&hello.nonce, kiln_proto::PROTOCOL_VERSION + 1).as_bytes()).await.expect("write");
+        agent
+            .write_all(welcome(&hello.nonce, kiln_proto::PROTOCOL_VERSION + 1).as_bytes())
+            .await
+            .expect("write");
         assert!(matches!(
             task.await.expect("no panic"),
             Err(ClientError::IncompatibleVersion { .. })
@@ -227,7 +250,10 @@ mod tests {
             let junk = vec![b'x'; 4096];
             while agent.write_all(&junk).await.is_ok() {}
         });
-        assert!(matches!(task.await.expect("no panic"), Err(ClientError::Protocol(_))));
+        assert!(matches!(
+            task.await.expect("no panic"),
+            Err(ClientError::Protocol(_))
+        ));
         flood.abort();
     }
 

@@ -22,13 +22,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Body = BoxBody<Bytes, Infallible>;
 
+type Handler = Arc<
+    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// What the fake agent does after a correct handshake.
 #[derive(Clone)]
 enum Behaviour {
     /// Writes these bytes instead of speaking HTTP/2.
     Raw(Vec<u8>),
     /// Serves HTTP/2 with this handler.
-    Http(Arc<dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>),
+    Http(Handler),
 }
 
 fn http<F, Fut>(handler: F) -> Behaviour
@@ -71,7 +77,11 @@ impl FakeAgent {
                         boot_id: "fake".into(),
                         initialized: true,
                     };
-                    if stream.write_all(welcome.to_line().as_bytes()).await.is_err() {
+                    if stream
+                        .write_all(welcome.to_line().as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     match behaviour {
@@ -122,21 +132,35 @@ fn exec() -> ExecRequest {
 
 /// Bounds every case: a hostile agent must never make the client hang.
 async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), f).await.expect("the client must not hang")
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("the client must not hang")
 }
 
 #[tokio::test]
 async fn garbage_instead_of_http2_is_an_error() {
     let agent = FakeAgent::start(Behaviour::Raw(vec![0xAB; 100_000])).await;
     let err = within(agent.client().info()).await.expect_err("garbage");
-    assert!(matches!(err, ClientError::Disconnected(_) | ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Disconnected(_) | ClientError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
 async fn silence_after_the_handshake_times_out() {
     let agent = FakeAgent::start(Behaviour::Raw(Vec::new())).await;
     let err = within(agent.client().info()).await.expect_err("silence");
-    assert!(matches!(err, ClientError::Disconnected(_) | ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Disconnected(_) | ClientError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -155,7 +179,10 @@ async fn oversized_json_is_refused() {
     }))
     .await;
     let err = within(agent.client().info()).await.expect_err("too big");
-    assert!(matches!(err, ClientError::Protocol(_) | ClientError::Timeout { .. }), "{err:?}");
+    assert!(
+        matches!(err, ClientError::Protocol(_) | ClientError::Timeout { .. }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -171,14 +198,22 @@ async fn malformed_json_and_error_bodies_are_protocol_errors() {
     }))
     .await;
     let client = agent.client();
-    assert!(matches!(within(client.info()).await, Err(ClientError::Protocol(_))));
-    assert!(matches!(within(client.processes()).await, Err(ClientError::Protocol(_))));
+    assert!(matches!(
+        within(client.info()).await,
+        Err(ClientError::Protocol(_))
+    ));
+    assert!(matches!(
+        within(client.processes()).await,
+        Err(ClientError::Protocol(_))
+    ));
 }
 
 #[tokio::test]
 async fn oversized_frame_declaration_is_refused_without_allocating_it() {
     let agent = FakeAgent::start(http(|_req| async {
-        let mut bytes = Frame::control(&ExecEvent::Started { pid: 1 }).encode().to_vec();
+        let mut bytes = Frame::control(&ExecEvent::Started { pid: 1 })
+            .encode()
+            .to_vec();
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 1]);
         ok(bytes)
     }))
@@ -196,7 +231,10 @@ async fn stream_that_ends_without_exit_is_an_error() {
     }))
     .await;
     let result = within(agent.client().run(exec(), 100)).await;
-    assert!(matches!(result, Err(ClientError::Protocol(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(ClientError::Protocol(_))),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
@@ -210,8 +248,13 @@ async fn unknown_frames_and_bad_first_events_are_errors() {
     }))
     .await;
     let client = agent.client();
-    assert!(matches!(within(client.exec(exec())).await, Err(ClientError::Protocol(_))));
-    let err = within(client.attach(kiln_proto::messages::ProcessSelector::Pid(1))).await.expect_err("bad frame");
+    assert!(matches!(
+        within(client.exec(exec())).await,
+        Err(ClientError::Protocol(_))
+    ));
+    let err = within(client.attach(kiln_proto::messages::ProcessSelector::Pid(1)))
+        .await
+        .expect_err("bad frame");
     assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
 }
 

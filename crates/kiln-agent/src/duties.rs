@@ -93,13 +93,55 @@ fn err(kind: ErrorKind, what: &str, e: impl std::fmt::Display) -> AgentError {
 /// left alone, so this is safe to run again after switching root.
 pub fn mount_pseudo_filesystems() {
     let table: [(&str, &str, &str, MsFlags, &str); 7] = [
-        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, ""),
-        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, ""),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, "mode=0755"),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, "mode=0620,ptmxmode=0666,gid=5"),
-        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
-        ("run", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=0755"),
-        ("tmp", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, "mode=1777"),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            "",
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            "",
+        ),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            "mode=0755",
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "mode=0620,ptmxmode=0666,gid=5",
+        ),
+        (
+            "shm",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
+        (
+            "run",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=0755",
+        ),
+        (
+            "tmp",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            "mode=1777",
+        ),
     ];
     for (source, target, fstype, flags, data) in table {
         if is_mount_point(target) {
@@ -124,14 +166,17 @@ fn is_mount_point(path: &str) -> bool {
 /// Loads the modules listed (one path per line, in dependency order) in `list`.
 pub fn load_modules(list: &Path) -> io::Result<()> {
     let text = std::fs::read_to_string(list)?;
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let file = std::fs::File::open(line)?;
         let params = CString::default();
         // SAFETY: finit_module reads a module from an open descriptor and a NUL-terminated
         // parameter string; both are valid for the duration of the call.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0)
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -160,7 +205,10 @@ impl RootSpec {
     /// Reads the spec from a kernel command line; `None` without `kiln.root=`.
     pub fn from_cmdline(cmdline: &str) -> Option<RootSpec> {
         let get = |key: &str| {
-            cmdline.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_owned)
+            cmdline
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(str::to_owned)
         };
         Some(RootSpec {
             device: get("kiln.root=")?,
@@ -177,12 +225,14 @@ impl RootSpec {
 /// failure or when there is nothing to switch to.
 pub fn switch_root_if_needed() -> io::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(spec) = RootSpec::from_cmdline(&cmdline) else { return Ok(()) };
+    let Some(spec) = RootSpec::from_cmdline(&cmdline) else {
+        return Ok(());
+    };
     let fs = nix::sys::statfs::statfs("/")?;
     // RAMFS_MAGIC is not in libc; the initramfs is ramfs or tmpfs.
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     let fs_type = fs.filesystem_type().0 as i64;
-    let on_initramfs = fs_type == RAMFS_MAGIC || fs_type == libc::TMPFS_MAGIC as i64;
+    let on_initramfs = fs_type == RAMFS_MAGIC || fs_type == libc::TMPFS_MAGIC;
     if !on_initramfs {
         return Ok(());
     }
@@ -200,19 +250,32 @@ pub fn switch_root_if_needed() -> io::Result<()> {
     }
     std::fs::create_dir_all("/sysroot")?;
     let data = (!spec.flags.is_empty()).then_some(spec.flags.as_str());
-    mount(Some(device), "/sysroot", Some(spec.fstype.as_str()), MsFlags::empty(), data)?;
+    mount(
+        Some(device),
+        "/sysroot",
+        Some(spec.fstype.as_str()),
+        MsFlags::empty(),
+        data,
+    )?;
     for dir in ["/dev", "/proc", "/sys", "/run"] {
         let target = format!("/sysroot{dir}");
         let _ = std::fs::create_dir_all(&target);
-        mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+        mount(
+            Some(dir),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )?;
     }
     std::env::set_current_dir("/sysroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
     nix::unistd::chroot(".")?;
     std::env::set_current_dir("/")?;
     let init = CString::new(spec.init.clone()).map_err(io::Error::other)?;
-    let args: Vec<CString> =
-        std::env::args().filter_map(|a| CString::new(a).ok()).collect();
+    let args: Vec<CString> = std::env::args()
+        .filter_map(|a| CString::new(a).ok())
+        .collect();
     nix::unistd::execv(&init, &args)?;
     Ok(())
 }
@@ -224,10 +287,15 @@ pub fn set_hostname(name: &str) -> Result<(), AgentError> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && !label.starts_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if !valid {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, format!("invalid hostname `{name}`")));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid hostname `{name}`"),
+        ));
     }
     nix::unistd::sethostname(name).map_err(|e| err(ErrorKind::Io, "sethostname", e))
 }
@@ -241,8 +309,10 @@ pub fn write_dns(dns: &DnsConfig, hostname: Option<&str>) -> Result<(), AgentErr
     if !dns.search.is_empty() {
         resolv.push_str(&format!("search {}\n", dns.search.join(" ")));
     }
-    std::fs::write("/etc/resolv.conf", resolv).map_err(|e| err(ErrorKind::Io, "/etc/resolv.conf", e))?;
-    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    std::fs::write("/etc/resolv.conf", resolv)
+        .map_err(|e| err(ErrorKind::Io, "/etc/resolv.conf", e))?;
+    let mut hosts =
+        String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     if let Some(name) = hostname {
         hosts.push_str(&format!("127.0.1.1\t{name}\n"));
     }
@@ -262,7 +332,10 @@ fn ioctl_socket() -> io::Result<OwnedFd> {
 
 fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0', ' ']) {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, format!("invalid interface `{name}`")));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid interface `{name}`"),
+        ));
     }
     // SAFETY: ifreq is plain data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -276,14 +349,21 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it as AF_INET.
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn ioctl(sock: &OwnedFd, request: libc::Ioctl, arg: *mut libc::c_void, what: &str) -> Result<(), AgentError> {
+fn ioctl(
+    sock: &OwnedFd,
+    request: libc::Ioctl,
+    arg: *mut libc::c_void,
+    what: &str,
+) -> Result<(), AgentError> {
     // SAFETY: every caller passes a pointer to the structure `request` expects, valid for
     // the duration of the call.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) };
@@ -310,18 +390,35 @@ fn link_up(sock: &OwnedFd, name: &str) -> Result<(), AgentError> {
 /// Brings up `lo` and configures the guest interface: address, prefix, MTU, default route.
 pub fn configure_network(config: &NetworkConfig) -> Result<(), AgentError> {
     if config.prefix_len > 32 {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, "prefix_len must be at most 32"));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            "prefix_len must be at most 32",
+        ));
     }
     let sock = ioctl_socket().map_err(|e| err(ErrorKind::Io, "socket", e))?;
     link_up(&sock, "lo")?;
     let name = config.interface.as_str();
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_addr = sockaddr(config.address);
-    ioctl(&sock, libc::SIOCSIFADDR, (&raw mut req).cast(), "set address")?;
-    let mask = if config.prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(config.prefix_len)) };
+    ioctl(
+        &sock,
+        libc::SIOCSIFADDR,
+        (&raw mut req).cast(),
+        "set address",
+    )?;
+    let mask = if config.prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(config.prefix_len))
+    };
     let mut req = ifreq(name)?;
     req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
-    ioctl(&sock, libc::SIOCSIFNETMASK, (&raw mut req).cast(), "set netmask")?;
+    ioctl(
+        &sock,
+        libc::SIOCSIFNETMASK,
+        (&raw mut req).cast(),
+        "set netmask",
+    )?;
     if let Some(mtu) = config.mtu {
         let mut req = ifreq(name)?;
         req.ifr_ifru.ifru_mtu = i32::try_from(mtu)
@@ -336,7 +433,12 @@ pub fn configure_network(config: &NetworkConfig) -> Result<(), AgentError> {
         route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
         route.rt_gateway = sockaddr(gateway);
         route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-        match ioctl(&sock, libc::SIOCADDRT, (&raw mut route).cast(), "add default route") {
+        match ioctl(
+            &sock,
+            libc::SIOCADDRT,
+            (&raw mut route).cast(),
+            "add default route",
+        ) {
             Err(e) if e.message.contains("File exists") => {}
             other => other?,
         }
@@ -368,7 +470,10 @@ pub fn add_entropy(entropy: &[u8]) -> Result<(), AgentError> {
         buf: [u8; 512],
     }
     if entropy.is_empty() || entropy.len() > 512 {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, "entropy must be 1 to 512 bytes"));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            "entropy must be 1 to 512 bytes",
+        ));
     }
     let mut info = RandPoolInfo {
         entropy_count: (entropy.len() * 8) as libc::c_int,
@@ -385,7 +490,11 @@ pub fn add_entropy(entropy: &[u8]) -> Result<(), AgentError> {
     // SAFETY: the kernel reads the header and `buf_size` bytes of `buf`, all inside `info`.
     let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &raw const info) };
     if rc < 0 {
-        return Err(err(ErrorKind::Io, "RNDADDENTROPY", io::Error::last_os_error()));
+        return Err(err(
+            ErrorKind::Io,
+            "RNDADDENTROPY",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -412,8 +521,9 @@ mod tests {
 
     #[test]
     fn root_spec_from_cmdline() {
-        let spec = RootSpec::from_cmdline("console=ttyS0 kiln.root=/dev/vda kiln.rootflags=noatime")
-            .expect("has kiln.root");
+        let spec =
+            RootSpec::from_cmdline("console=ttyS0 kiln.root=/dev/vda kiln.rootflags=noatime")
+                .expect("has kiln.root");
         assert_eq!(spec.device, "/dev/vda");
         assert_eq!(spec.fstype, "ext4");
         assert_eq!(spec.flags, "noatime");
@@ -424,12 +534,22 @@ mod tests {
     #[test]
     fn rejects_bad_hostnames_and_interfaces_before_any_syscall() {
         for bad in ["", "-x", "a..b", "a b", "x/y", &"a".repeat(65)] {
-            assert_eq!(set_hostname(bad).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument), "{bad}");
+            assert_eq!(
+                set_hostname(bad).map_err(|e| e.kind),
+                Err(ErrorKind::InvalidArgument),
+                "{bad}"
+            );
         }
         assert!(ifreq("eth0").is_ok());
         assert!(ifreq("").is_err());
         assert!(ifreq("averyveryverylongname").is_err());
-        assert_eq!(add_entropy(&[]).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
-        assert_eq!(add_entropy(&[0; 513]).map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
+        assert_eq!(
+            add_entropy(&[]).map_err(|e| e.kind),
+            Err(ErrorKind::InvalidArgument)
+        );
+        assert_eq!(
+            add_entropy(&[0; 513]).map_err(|e| e.kind),
+            Err(ErrorKind::InvalidArgument)
+        );
     }
 }

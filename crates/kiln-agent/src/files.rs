@@ -55,7 +55,9 @@ fn file_type(meta: &std::fs::Metadata) -> FileType {
 
 fn to_stat(path: &Path, meta: &std::fs::Metadata) -> FileStat {
     let link_target = if meta.file_type().is_symlink() {
-        std::fs::read_link(path).ok().map(|t| t.to_string_lossy().into_owned())
+        std::fs::read_link(path)
+            .ok()
+            .map(|t| t.to_string_lossy().into_owned())
     } else {
         None
     };
@@ -94,7 +96,10 @@ pub async fn exists(path: PathBuf) -> Result<bool, AgentError> {
 /// Lists `path` down to `depth` levels (1: the directory's own entries).
 pub async fn list(path: PathBuf, depth: u32) -> Result<ListResponse, AgentError> {
     if depth == 0 {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, "depth must be at least 1"));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            "depth must be at least 1",
+        ));
     }
     blocking(move || {
         let meta = std::fs::metadata(&path).map_err(|e| io_error(&path, &e))?;
@@ -123,7 +128,9 @@ fn walk(dir: &Path, depth: u32, out: &mut Vec<FileStat>) -> Result<bool, AgentEr
             return Ok(true);
         }
         // Entries can vanish between readdir and lstat; skip them.
-        let Ok(meta) = std::fs::symlink_metadata(&child) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&child) else {
+            continue;
+        };
         out.push(to_stat(&child, &meta));
         if depth > 1 && meta.is_dir() && walk(&child, depth - 1, out)? {
             return Ok(true);
@@ -139,7 +146,9 @@ pub async fn mkdir(
     owner: Option<String>,
 ) -> Result<(), AgentError> {
     blocking(move || {
-        let ids = owner.map(|o| resolve_user(Path::new("/"), &o)).transpose()?;
+        let ids = owner
+            .map(|o| resolve_user(Path::new("/"), &o))
+            .transpose()?;
         let mut missing = Vec::new();
         let mut cursor = path.as_path();
         loop {
@@ -180,7 +189,10 @@ pub async fn mkdir(
 pub async fn remove(path: PathBuf, recursive: bool) -> Result<(), AgentError> {
     blocking(move || {
         if path.parent().is_none() {
-            return Err(AgentError::new(ErrorKind::InvalidArgument, "refusing to remove /"));
+            return Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "refusing to remove /",
+            ));
         }
         let meta = std::fs::symlink_metadata(&path).map_err(|e| io_error(&path, &e))?;
         let result = if meta.is_dir() {
@@ -224,7 +236,9 @@ async fn read_inner(
     limit: Option<u64>,
     out: &FrameSender,
 ) -> Result<Option<u64>, AgentError> {
-    let mut file = tokio::fs::File::open(path).await.map_err(|e| io_error(path, &e))?;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| io_error(path, &e))?;
     let meta = file.metadata().await.map_err(|e| io_error(path, &e))?;
     if meta.is_dir() {
         return Err(AgentError::new(
@@ -233,9 +247,15 @@ async fn read_inner(
         ));
     }
     if offset > 0 {
-        file.seek(io::SeekFrom::Start(offset)).await.map_err(|e| io_error(path, &e))?;
+        file.seek(io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| io_error(path, &e))?;
     }
-    if out.send(&Frame::control(&FileReadEvent::Opened { size: meta.len() })).await.is_err() {
+    if out
+        .send(&Frame::control(&FileReadEvent::Opened { size: meta.len() }))
+        .await
+        .is_err()
+    {
         return Ok(None);
     }
     let mut remaining = limit.unwrap_or(u64::MAX);
@@ -243,7 +263,10 @@ async fn read_inner(
     let mut buf = vec![0u8; DATA_CHUNK];
     while remaining > 0 {
         let want = usize::try_from(remaining.min(DATA_CHUNK as u64)).unwrap_or(DATA_CHUNK);
-        let n = file.read(&mut buf[..want]).await.map_err(|e| io_error(path, &e))?;
+        let n = file
+            .read(&mut buf[..want])
+            .await
+            .map_err(|e| io_error(path, &e))?;
         if n == 0 {
             break;
         }
@@ -291,9 +314,14 @@ where
     }
     let mode = match start.mode {
         Some(mode) => mode & 0o7777,
-        None => tokio::fs::metadata(&path).await.map(|m| m.mode() & 0o7777).unwrap_or(0o644),
+        None => tokio::fs::metadata(&path)
+            .await
+            .map(|m| m.mode() & 0o7777)
+            .unwrap_or(0o644),
     };
-    let ids = owner.map(|o| resolve_user(Path::new("/"), &o)).transpose()?;
+    let ids = owner
+        .map(|o| resolve_user(Path::new("/"), &o))
+        .transpose()?;
 
     let suffix: u64 = rand::random();
     let mut temp_name = std::ffi::OsString::from(".");
@@ -317,7 +345,9 @@ where
             .ok_or_else(|| bad("write stream ended without its end frame".into()))?;
         match frame.kind {
             FrameKind::Data => {
-                file.write_all(&frame.payload).await.map_err(|e| io_error(&path, &e))?;
+                file.write_all(&frame.payload)
+                    .await
+                    .map_err(|e| io_error(&path, &e))?;
                 written += frame.payload.len() as u64;
             }
             FrameKind::Control => break frame.parse_control().map_err(|e| bad(e.to_string()))?,
@@ -325,7 +355,10 @@ where
         }
     };
     if end.size != written {
-        return Err(bad(format!("size mismatch: {written} bytes received, {} announced", end.size)));
+        return Err(bad(format!(
+            "size mismatch: {written} bytes received, {} announced",
+            end.size
+        )));
     }
     file.flush().await.map_err(|e| io_error(&path, &e))?;
     file.sync_all().await.map_err(|e| io_error(&path, &e))?;
@@ -382,8 +415,12 @@ mod tests {
     async fn mkdir_list_stat_rename_remove() {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().to_owned();
-        mkdir(root.join("a/b/c"), Some(0o700), None).await.expect("mkdir -p");
-        mkdir(root.join("a/b/c"), None, None).await.expect("mkdir -p is idempotent");
+        mkdir(root.join("a/b/c"), Some(0o700), None)
+            .await
+            .expect("mkdir -p");
+        mkdir(root.join("a/b/c"), None, None)
+            .await
+            .expect("mkdir -p is idempotent");
         std::fs::write(root.join("a/b/file"), b"12345").expect("write");
         let st = stat(root.join("a/b/file")).await.expect("stat");
         assert_eq!((st.file_type, st.size), (FileType::File, 5));
@@ -392,10 +429,16 @@ mod tests {
         let shallow = list(root.join("a"), 1).await.expect("list");
         assert_eq!(shallow.entries.len(), 1);
         let deep = list(root.join("a"), 3).await.expect("list");
-        let names: Vec<_> = deep.entries.iter().map(|e| e.path.trim_start_matches(root.to_str().expect("utf8"))).collect();
+        let names: Vec<_> = deep
+            .entries
+            .iter()
+            .map(|e| e.path.trim_start_matches(root.to_str().expect("utf8")))
+            .collect();
         assert_eq!(names, ["/a/b", "/a/b/c", "/a/b/file"]);
 
-        rename(root.join("a/b/file"), root.join("a/moved")).await.expect("rename");
+        rename(root.join("a/b/file"), root.join("a/moved"))
+            .await
+            .expect("rename");
         assert!(!exists(root.join("a/b/file")).await.expect("exists"));
         assert!(exists(root.join("a/moved")).await.expect("exists"));
 
@@ -412,13 +455,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").expect("write");
-        assert_eq!(stat(dir.path().join("nope")).await.map_err(|e| e.kind), Err(ErrorKind::NotFound));
-        assert_eq!(list(file.clone(), 1).await.map_err(|e| e.kind), Err(ErrorKind::NotADirectory));
         assert_eq!(
-            mkdir(file.join("sub"), None, None).await.map_err(|e| e.kind),
+            stat(dir.path().join("nope")).await.map_err(|e| e.kind),
+            Err(ErrorKind::NotFound)
+        );
+        assert_eq!(
+            list(file.clone(), 1).await.map_err(|e| e.kind),
             Err(ErrorKind::NotADirectory)
         );
-        assert_eq!(list(dir.path().into(), 0).await.map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
-        assert_eq!(remove("/".into(), true).await.map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
+        assert_eq!(
+            mkdir(file.join("sub"), None, None)
+                .await
+                .map_err(|e| e.kind),
+            Err(ErrorKind::NotADirectory)
+        );
+        assert_eq!(
+            list(dir.path().into(), 0).await.map_err(|e| e.kind),
+            Err(ErrorKind::InvalidArgument)
+        );
+        assert_eq!(
+            remove("/".into(), true).await.map_err(|e| e.kind),
+            Err(ErrorKind::InvalidArgument)
+        );
     }
 }

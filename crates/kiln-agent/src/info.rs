@@ -34,10 +34,19 @@ fn parse_meminfo(text: &str) -> MemoryInfo {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |kib| kib * 1024)
     };
-    MemoryInfo { total_bytes: field("MemTotal:"), available_bytes: field("MemAvailable:") }
+    MemoryInfo {
+        total_bytes: field("MemTotal:"),
+        available_bytes: field("MemAvailable:"),
+    }
 }
 
 /// Size and free space of the root filesystem.
@@ -56,7 +65,9 @@ pub fn disk() -> DiskInfo {
 
 /// The kernel's hostname.
 pub fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -65,10 +76,20 @@ mod tests {
 
     #[test]
     fn parses_proc_files() {
-        assert_eq!(parse_loadavg("0.50 1.25 2.00 1/123 456\n"), [0.5, 1.25, 2.0]);
+        assert_eq!(
+            parse_loadavg("0.50 1.25 2.00 1/123 456\n"),
+            [0.5, 1.25, 2.0]
+        );
         assert_eq!(parse_loadavg("garbage"), [0.0, 0.0, 0.0]);
-        let mem = parse_meminfo("MemTotal:       2048 kB\nMemFree: 1 kB\nMemAvailable:   1024 kB\n");
-        assert_eq!(mem, MemoryInfo { total_bytes: 2048 * 1024, available_bytes: 1024 * 1024 });
+        let mem =
+            parse_meminfo("MemTotal:       2048 kB\nMemFree: 1 kB\nMemAvailable:   1024 kB\n");
+        assert_eq!(
+            mem,
+            MemoryInfo {
+                total_bytes: 2048 * 1024,
+                available_bytes: 1024 * 1024
+            }
+        );
     }
 
     #[test]

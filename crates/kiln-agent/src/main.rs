@@ -43,7 +43,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let duties = if args.no_init { Duties::only(&args.enable_duty) } else { Duties::all() };
+    let duties = if args.no_init {
+        Duties::only(&args.enable_duty)
+    } else {
+        Duties::all()
+    };
     if duties.has(Duty::Mounts) {
         duties::mount_pseudo_filesystems();
     }

@@ -100,7 +100,9 @@ impl OutputLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Appends a chunk, waiting while attached readers have not caught up with a full log.
@@ -191,7 +193,11 @@ impl Subscription {
             {
                 let mut state = self.log.lock();
                 self.produced.borrow_and_update();
-                let cursor = state.cursors.get(&self.id).copied().unwrap_or(state.first_seq);
+                let cursor = state
+                    .cursors
+                    .get(&self.id)
+                    .copied()
+                    .unwrap_or(state.first_seq);
                 let cursor = cursor.max(state.first_seq);
                 if cursor < state.next_seq() {
                     let index = usize::try_from(cursor - state.first_seq).unwrap_or(usize::MAX);
@@ -230,7 +236,13 @@ mod tests {
         Chunk::Stdout(Bytes::copy_from_slice(s.as_bytes()))
     }
 
-    const DONE: Finish = Finish { status: ExitStatus { code: Some(0), signal: None }, timed_out: false };
+    const DONE: Finish = Finish {
+        status: ExitStatus {
+            code: Some(0),
+            signal: None,
+        },
+        timed_out: false,
+    };
 
     #[tokio::test]
     async fn reader_sees_everything_in_order() {
@@ -277,7 +289,10 @@ mod tests {
             tokio::spawn(async move { log.push(out("ccc")).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!blocked.is_finished(), "push must wait for the attached reader");
+        assert!(
+            !blocked.is_finished(),
+            "push must wait for the attached reader"
+        );
         drop(sub);
         tokio::time::timeout(Duration::from_secs(5), blocked)
             .await

@@ -47,7 +47,10 @@ impl ExecDefaults {
     /// Resolves `path` against the default workdir (or `/`).
     pub fn resolve_path(&self, path: &str) -> Result<PathBuf, AgentError> {
         if path.is_empty() || path.contains('\0') {
-            return Err(AgentError::new(ErrorKind::InvalidArgument, "path must be non-empty"));
+            return Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "path must be non-empty",
+            ));
         }
         let path = Path::new(path);
         if path.is_absolute() {
@@ -81,9 +84,9 @@ impl PtyMaster {
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;
-            if let Ok(result) = guard.try_io(|fd| {
-                nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)
-            }) {
+            if let Ok(result) =
+                guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 data = &data[result?..];
             }
         }
@@ -112,7 +115,12 @@ fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn set_winsize(fd: &OwnedFd, size: PtySize) -> io::Result<()> {
-    let winsize = libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
     if rc < 0 {
@@ -203,17 +211,20 @@ impl Process {
 
     /// Resizes the terminal.
     pub fn resize(&self, size: PtySize) -> Result<(), AgentError> {
-        let pty = self
-            .pty
-            .as_ref()
-            .ok_or_else(|| AgentError::new(ErrorKind::InvalidArgument, "process has no terminal"))?;
-        pty.resize(size).map_err(|e| AgentError::new(ErrorKind::Io, format!("resize: {e}")))
+        let pty = self.pty.as_ref().ok_or_else(|| {
+            AgentError::new(ErrorKind::InvalidArgument, "process has no terminal")
+        })?;
+        pty.resize(size)
+            .map_err(|e| AgentError::new(ErrorKind::Io, format!("resize: {e}")))
     }
 
     /// Sends `signal` to the process group.
     pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
         let signal = Signal::try_from(signal).map_err(|_| {
-            AgentError::new(ErrorKind::InvalidArgument, format!("unknown signal {signal}"))
+            AgentError::new(
+                ErrorKind::InvalidArgument,
+                format!("unknown signal {signal}"),
+            )
         })?;
         signal_group(self.pid, signal)
     }
@@ -246,7 +257,10 @@ fn signal_group(pid: u32, signal: Signal) -> Result<(), AgentError> {
 }
 
 enum Sources {
-    Pipes { stdout: Option<pipe::Receiver>, stderr: Option<pipe::Receiver> },
+    Pipes {
+        stdout: Option<pipe::Receiver>,
+        stderr: Option<pipe::Receiver>,
+    },
     Pty(Arc<PtyMaster>),
 }
 
@@ -261,7 +275,10 @@ pub fn spawn(
         return Err(AgentError::new(ErrorKind::InvalidArgument, "empty command"));
     }
     if argv.iter().any(|a| a.contains('\0')) {
-        return Err(AgentError::new(ErrorKind::InvalidArgument, "argument contains a NUL byte"));
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            "argument contains a NUL byte",
+        ));
     }
     let user = match request.user.as_deref().or(defaults.user.as_deref()) {
         Some(spec) => Some(resolve_user(Path::new("/"), spec)?),
@@ -289,14 +306,19 @@ pub fn spawn(
     }
 
     let mut command = Command::new(&argv[0]);
-    command.args(&argv[1..]).env_clear().envs(&env).current_dir(&cwd);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .envs(&env)
+        .current_dir(&cwd);
 
-    let pty = match request.pty {
-        Some(size) => Some(reaper.exclusive(|| open_pty(size)).map_err(|e| {
-            AgentError::new(ErrorKind::Io, format!("cannot open a terminal: {e}"))
-        })?),
-        None => None,
-    };
+    let pty =
+        match request.pty {
+            Some(size) => Some(reaper.exclusive(|| open_pty(size)).map_err(|e| {
+                AgentError::new(ErrorKind::Io, format!("cannot open a terminal: {e}"))
+            })?),
+            None => None,
+        };
     match &pty {
         Some((_, slave)) => {
             let dup = |fd: &OwnedFd| {
@@ -304,11 +326,18 @@ pub fn spawn(
                     .map(Stdio::from)
                     .map_err(|e| AgentError::new(ErrorKind::Io, format!("dup: {e}")))
             };
-            command.stdin(dup(slave)?).stdout(dup(slave)?).stderr(dup(slave)?);
+            command
+                .stdin(dup(slave)?)
+                .stdout(dup(slave)?)
+                .stderr(dup(slave)?);
         }
         None => {
             command
-                .stdin(if request.stdin { Stdio::piped() } else { Stdio::null() })
+                .stdin(if request.stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
         }
@@ -340,17 +369,26 @@ pub fn spawn(
         });
     }
 
-    let (mut child, exit) = reaper.spawn(&mut command).map_err(|e| spawn_error(&argv[0], e))?;
+    let (mut child, exit) = reaper
+        .spawn(&mut command)
+        .map_err(|e| spawn_error(&argv[0], e))?;
     let pid = child.id();
     let io_error = |e: io::Error| AgentError::new(ErrorKind::Io, format!("process pipes: {e}"));
     let (stdin, sources, pty_master) = match pty {
         Some((master, _slave)) => {
-            nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-                .map_err(|e| io_error(e.into()))?;
+            nix::fcntl::fcntl(
+                master.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+            )
+            .map_err(|e| io_error(e.into()))?;
             let master = Arc::new(PtyMaster {
                 fd: async_fd(master).map_err(io_error)?,
             });
-            (Some(StdinSink::Pty(master.clone())), Sources::Pty(master.clone()), Some(master))
+            (
+                Some(StdinSink::Pty(master.clone())),
+                Sources::Pty(master.clone()),
+                Some(master),
+            )
         }
         None => {
             let stdin = match child.stdin.take() {
@@ -360,7 +398,8 @@ pub fn spawn(
                 None => None,
             };
             let receiver = |fd: Option<OwnedFd>| -> Result<Option<pipe::Receiver>, AgentError> {
-                fd.map(|fd| pipe::Receiver::from_owned_fd(fd).map_err(io_error)).transpose()
+                fd.map(|fd| pipe::Receiver::from_owned_fd(fd).map_err(io_error))
+                    .transpose()
             };
             let stdout = receiver(child.stdout.take().map(OwnedFd::from))?;
             let stderr = receiver(child.stderr.take().map(OwnedFd::from))?;
@@ -387,9 +426,10 @@ pub fn spawn(
 
 fn spawn_error(program: &str, e: io::Error) -> AgentError {
     match e.kind() {
-        io::ErrorKind::NotFound => {
-            AgentError::new(ErrorKind::NotFound, format!("command `{program}` not found"))
-        }
+        io::ErrorKind::NotFound => AgentError::new(
+            ErrorKind::NotFound,
+            format!("command `{program}` not found"),
+        ),
         io::ErrorKind::PermissionDenied => AgentError::new(
             ErrorKind::PermissionDenied,
             format!("permission denied executing `{program}`"),
@@ -438,7 +478,9 @@ fn build_env(
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn read_opt(source: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
@@ -514,10 +556,16 @@ async fn pump(
     // Everything the process wrote before it exited is in the pipe buffers now.
     match &mut sources {
         Sources::Pipes { stdout, stderr } => {
-            for (source, stream) in [(stdout, Chunk::Stdout as fn(Bytes) -> Chunk), (stderr, Chunk::Stderr)] {
+            for (source, stream) in [
+                (stdout, Chunk::Stdout as fn(Bytes) -> Chunk),
+                (stderr, Chunk::Stderr),
+            ] {
                 while let Some(receiver) = source.as_ref() {
                     match receiver.try_read(&mut out_buf) {
-                        Ok(n) if n > 0 => log.push(stream(Bytes::copy_from_slice(&out_buf[..n]))).await,
+                        Ok(n) if n > 0 => {
+                            log.push(stream(Bytes::copy_from_slice(&out_buf[..n])))
+                                .await
+                        }
                         _ => *source = None,
                     }
                 }
@@ -528,7 +576,8 @@ async fn pump(
                 if n == 0 {
                     break;
                 }
-                log.push(Chunk::Stdout(Bytes::copy_from_slice(&out_buf[..n]))).await;
+                log.push(Chunk::Stdout(Bytes::copy_from_slice(&out_buf[..n])))
+                    .await;
             }
         }
     }
@@ -546,14 +595,19 @@ const KEEP_FINISHED: usize = 64;
 
 impl ProcessTable {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u32, Arc<Process>>> {
-        self.processes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.processes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Checks that `tag` is not used by a running process.
     pub fn check_tag(&self, tag: Option<&str>) -> Result<(), AgentError> {
         let Some(tag) = tag else { return Ok(()) };
         if tag.is_empty() || tag.len() > 128 {
-            return Err(AgentError::new(ErrorKind::InvalidArgument, "tag must be 1 to 128 bytes"));
+            return Err(AgentError::new(
+                ErrorKind::InvalidArgument,
+                "tag must be 1 to 128 bytes",
+            ));
         }
         let taken = self
             .lock()
@@ -572,11 +626,16 @@ impl ProcessTable {
     pub fn insert(&self, process: Arc<Process>) {
         let mut table = self.lock();
         table.insert(process.pid, process);
-        let finished: Vec<u32> =
-            table.values().filter(|p| p.finished().is_some()).map(|p| p.pid).collect();
+        let finished: Vec<u32> = table
+            .values()
+            .filter(|p| p.finished().is_some())
+            .map(|p| p.pid)
+            .collect();
         if finished.len() > KEEP_FINISHED {
-            let mut by_age: Vec<(u64, u32)> =
-                finished.iter().filter_map(|pid| table.get(pid).map(|p| (p.started_at_ms, *pid))).collect();
+            let mut by_age: Vec<(u64, u32)> = finished
+                .iter()
+                .filter_map(|pid| table.get(pid).map(|p| (p.started_at_ms, *pid)))
+                .collect();
             by_age.sort_unstable();
             for (_, pid) in by_age.iter().take(finished.len() - KEEP_FINISHED) {
                 table.remove(pid);
@@ -587,7 +646,10 @@ impl ProcessTable {
     /// Removes `process` if the table still holds this very process.
     pub fn remove(&self, process: &Arc<Process>) {
         let mut table = self.lock();
-        if table.get(&process.pid).is_some_and(|p| Arc::ptr_eq(p, process)) {
+        if table
+            .get(&process.pid)
+            .is_some_and(|p| Arc::ptr_eq(p, process))
+        {
             table.remove(&process.pid);
         }
     }
@@ -603,7 +665,8 @@ impl ProcessTable {
                 .max_by_key(|p| (p.finished().is_none(), p.started_at_ms))
                 .cloned(),
         };
-        found.ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("no process {selector:?}")))
+        found
+            .ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("no process {selector:?}")))
     }
 
     /// Every process, by pid.
@@ -613,6 +676,9 @@ impl ProcessTable {
 
     /// Number of running processes.
     pub fn running(&self) -> usize {
-        self.lock().values().filter(|p| p.finished().is_none()).count()
+        self.lock()
+            .values()
+            .filter(|p| p.finished().is_none())
+            .count()
     }
 }

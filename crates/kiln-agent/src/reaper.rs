@@ -45,11 +45,16 @@ impl Reaper {
 
     fn waiters(&self) -> MutexGuard<'_, HashMap<i32, oneshot::Sender<ExitStatus>>> {
         // A panic while holding this lock leaves the map intact; keep using it.
-        self.waiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Spawns `command` and registers its pid before any status can be collected.
-    pub fn spawn(&self, command: &mut Command) -> io::Result<(Child, oneshot::Receiver<ExitStatus>)> {
+    pub fn spawn(
+        &self,
+        command: &mut Command,
+    ) -> io::Result<(Child, oneshot::Receiver<ExitStatus>)> {
         let mut waiters = self.waiters();
         let child = command.spawn()?;
         let (tx, rx) = oneshot::channel();
@@ -71,13 +76,21 @@ impl Reaper {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    deliver(&mut waiters, pid, ExitStatus { code: Some(code), signal: None })
-                }
+                Ok(WaitStatus::Exited(pid, code)) => deliver(
+                    &mut waiters,
+                    pid,
+                    ExitStatus {
+                        code: Some(code),
+                        signal: None,
+                    },
+                ),
                 Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
                     &mut waiters,
                     pid,
-                    ExitStatus { code: None, signal: Some(sig as i32) },
+                    ExitStatus {
+                        code: None,
+                        signal: Some(sig as i32),
+                    },
                 ),
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,

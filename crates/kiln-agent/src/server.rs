@@ -78,7 +78,9 @@ impl Agent {
     }
 
     fn state(&self) -> MutexGuard<'_, MutableState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn defaults(&self) -> ExecDefaults {
@@ -86,7 +88,10 @@ impl Agent {
     }
 
     fn identity(&self) -> Identity {
-        Identity { boot_id: self.boot_id.clone(), initialized: self.state().initialized }
+        Identity {
+            boot_id: self.boot_id.clone(),
+            initialized: self.state().initialized,
+        }
     }
 
     /// Serves forever on the configured address.
@@ -152,13 +157,24 @@ impl Agent {
         match path.as_str() {
             routes::INFO => reply(Ok(self.info())),
             routes::INIT => unary(body, |r: InitRequest| self.init(r)).await,
-            routes::POST_RESTORE => unary(body, |r: PostRestoreRequest| async move { self.post_restore(r) }).await,
+            routes::POST_RESTORE => {
+                unary(
+                    body,
+                    |r: PostRestoreRequest| async move { self.post_restore(r) },
+                )
+                .await
+            }
             routes::SHUTDOWN => unary(body, |r: ShutdownRequest| self.shutdown(r)).await,
             routes::EXEC | routes::ATTACH => self.exec_stream(body).await,
-            routes::PROCESSES => reply(Ok(ProcessList { processes: self.processes.list() })),
+            routes::PROCESSES => reply(Ok(ProcessList {
+                processes: self.processes.list(),
+            })),
             routes::SIGNAL => {
                 unary(body, |r: SignalRequest| async move {
-                    self.processes.find(&r.process)?.signal(r.signal).map(|()| Empty {})
+                    self.processes
+                        .find(&r.process)?
+                        .signal(r.signal)
+                        .map(|()| Empty {})
                 })
                 .await
             }
@@ -187,7 +203,9 @@ impl Agent {
                 unary(body, |r: MkdirRequest| async move {
                     let defaults = self.defaults();
                     let path = defaults.resolve_path(&r.path)?;
-                    files::mkdir(path, r.mode, r.user.or(defaults.user)).await.map(|()| Empty {})
+                    files::mkdir(path, r.mode, r.user.or(defaults.user))
+                        .await
+                        .map(|()| Empty {})
                 })
                 .await
             }
@@ -201,7 +219,10 @@ impl Agent {
             routes::FILE_RENAME => {
                 unary(body, |r: RenameRequest| async move {
                     let defaults = self.defaults();
-                    let (from, to) = (defaults.resolve_path(&r.from)?, defaults.resolve_path(&r.to)?);
+                    let (from, to) = (
+                        defaults.resolve_path(&r.from)?,
+                        defaults.resolve_path(&r.to)?,
+                    );
                     files::rename(from, to).await.map(|()| Empty {})
                 })
                 .await
@@ -234,7 +255,11 @@ impl Agent {
         let duties = &self.config.duties;
         let mut response = InitResponse::default();
         let mut note = |duty: Duty, applied: bool| {
-            let list = if applied { &mut response.applied } else { &mut response.skipped };
+            let list = if applied {
+                &mut response.applied
+            } else {
+                &mut response.skipped
+            };
             list.push(duty.name().to_owned());
         };
         if let Some(network) = &request.network {
@@ -260,7 +285,10 @@ impl Agent {
         }
         if let Some(workdir) = &request.workdir {
             if !std::path::Path::new(workdir).is_absolute() {
-                return Err(AgentError::new(ErrorKind::InvalidArgument, "workdir must be absolute"));
+                return Err(AgentError::new(
+                    ErrorKind::InvalidArgument,
+                    "workdir must be absolute",
+                ));
             }
         }
         if let Some(user) = &request.user {
@@ -293,13 +321,18 @@ impl Agent {
             if let Some(finish) = process.finished() {
                 return Err(AgentError::new(
                     ErrorKind::InvalidArgument,
-                    format!("start command exited before it was ready: {:?}", finish.status),
+                    format!(
+                        "start command exited before it was ready: {:?}",
+                        finish.status
+                    ),
                 ));
             }
             let ready = match &start.readiness {
                 None => true,
                 Some(ReadinessCheck::TcpPort { port }) => {
-                    tokio::net::TcpStream::connect(("127.0.0.1", *port)).await.is_ok()
+                    tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                        .await
+                        .is_ok()
                 }
                 Some(ReadinessCheck::Exec { command }) => {
                     let check = self.start_process(&ExecRequest::new(command.clone()))?;
@@ -390,7 +423,9 @@ impl Agent {
             Ok(Ok(Some(frame))) => frame.parse_control::<ExecInput>(),
             Ok(Ok(None)) => return error_response(invalid("empty exec stream")),
             Ok(Err(e)) => return error_response(invalid(e.to_string())),
-            Err(_) => return error_response(AgentError::new(ErrorKind::Timeout, "no exec request")),
+            Err(_) => {
+                return error_response(AgentError::new(ErrorKind::Timeout, "no exec request"))
+            }
         };
         let (process, owned) = match first {
             Ok(ExecInput::Start(request)) => match self.start_process(&request) {
@@ -439,7 +474,10 @@ impl Agent {
         let frames = FrameReader::new(body, MAX_FRAME_PAYLOAD);
         reply(
             files::write_from(frames, |start| {
-                Ok((defaults.resolve_path(&start.path)?, start.user.clone().or(defaults.user.clone())))
+                Ok((
+                    defaults.resolve_path(&start.path)?,
+                    start.user.clone().or(defaults.user.clone()),
+                ))
             })
             .await,
         )
@@ -488,11 +526,17 @@ where
 /// Sends the process's output and exit to the host. Returns false if the host went away.
 async fn forward_output(process: &Process, out: &FrameSender) -> bool {
     let mut output = process.output.subscribe();
-    if out.send(&Frame::control(&ExecEvent::Started { pid: process.pid })).await.is_err() {
+    if out
+        .send(&Frame::control(&ExecEvent::Started { pid: process.pid }))
+        .await
+        .is_err()
+    {
         return false;
     }
     if output.dropped_before() > 0 {
-        let event = ExecEvent::OutputDropped { bytes: output.dropped_before() };
+        let event = ExecEvent::OutputDropped {
+            bytes: output.dropped_before(),
+        };
         if out.send(&Frame::control(&event)).await.is_err() {
             return false;
         }
@@ -525,7 +569,10 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     }
     (0..text.len())
         .step_by(2)
-        .map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
         .collect()
 }
 
@@ -576,9 +623,10 @@ fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> 
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(bytes)).boxed());
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

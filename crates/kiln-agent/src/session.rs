@@ -64,19 +64,35 @@ mod tests {
     use kiln_proto::handshake::nonce_from_bytes;
 
     fn identity() -> Identity {
-        Identity { boot_id: "boot".into(), initialized: true }
+        Identity {
+            boot_id: "boot".into(),
+            initialized: true,
+        }
     }
 
     #[tokio::test]
     async fn skips_garbage_and_duplicate_hellos() {
         let (mut host, agent) = tokio::io::duplex(1 << 16);
-        let hello = Hello { version: 1, nonce: nonce_from_bytes([1; 16]) };
+        let hello = Hello {
+            version: 1,
+            nonce: nonce_from_bytes([1; 16]),
+        };
         let task = tokio::spawn(async move { accept(agent, &identity()).await });
         host.write_all(b"\0\xff garbage\n\n").await.expect("write");
-        host.write_all(hello.to_line().as_bytes()).await.expect("write");
-        host.write_all(hello.to_line().as_bytes()).await.expect("write");
-        host.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest").await.expect("write");
-        let mut stream = task.await.expect("no panic").expect("io ok").expect("a session");
+        host.write_all(hello.to_line().as_bytes())
+            .await
+            .expect("write");
+        host.write_all(hello.to_line().as_bytes())
+            .await
+            .expect("write");
+        host.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest")
+            .await
+            .expect("write");
+        let mut stream = task
+            .await
+            .expect("no panic")
+            .expect("io ok")
+            .expect("a session");
         let mut preface = [0u8; 28];
         stream.read_exact(&mut preface).await.expect("preface kept");
         assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest");
@@ -86,13 +102,19 @@ mod tests {
         lines.push(&buf[..n]);
         let welcome = Welcome::parse(&lines.next_line().expect("a line")).expect("welcome");
         assert_eq!(welcome.expect("valid").nonce, hello.nonce);
-        assert!(lines.next_line().is_none(), "duplicate hello must not be answered twice");
+        assert!(
+            lines.next_line().is_none(),
+            "duplicate hello must not be answered twice"
+        );
     }
 
     #[tokio::test]
     async fn ends_quietly_at_eof() {
         let (host, agent) = tokio::io::duplex(64);
         drop(host);
-        assert!(accept(agent, &identity()).await.expect("no io error").is_none());
+        assert!(accept(agent, &identity())
+            .await
+            .expect("no io error")
+            .is_none());
     }
 }

@@ -45,7 +45,10 @@ pub fn find_serial_port(name: &str) -> io::Result<PathBuf> {
             return Ok(Path::new("/dev").join(entry.file_name()));
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("no virtio-serial port named {name}")))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no virtio-serial port named {name}"),
+    ))
 }
 
 /// A virtio-serial port.
@@ -70,13 +73,17 @@ impl SerialPort {
         )?;
         // SAFETY: `open` returned a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(SerialPort { fd: Arc::new(crate::process::async_fd(fd)?) })
+        Ok(SerialPort {
+            fd: Arc::new(crate::process::async_fd(fd)?),
+        })
     }
 
     fn host_connected(&self) -> bool {
         let mut fds = [PollFd::new(self.fd.get_ref().as_fd(), PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
-            Ok(_) => !fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+            Ok(_) => !fds[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
             Err(_) => false,
         }
     }
@@ -96,7 +103,9 @@ impl SerialPort {
 
     /// A stream over the port for one session.
     pub fn stream(&self) -> SerialStream {
-        SerialStream { fd: self.fd.clone() }
+        SerialStream {
+            fd: self.fd.clone(),
+        }
     }
 }
 
@@ -160,8 +169,14 @@ mod tests {
 
     #[test]
     fn parses_listen_addresses() {
-        assert_eq!("unix:/run/a.sock".parse(), Ok(ListenAddr::Unix("/run/a.sock".into())));
-        assert_eq!("serial:/dev/vport0p1".parse(), Ok(ListenAddr::Serial("/dev/vport0p1".into())));
+        assert_eq!(
+            "unix:/run/a.sock".parse(),
+            Ok(ListenAddr::Unix("/run/a.sock".into()))
+        );
+        assert_eq!(
+            "serial:/dev/vport0p1".parse(),
+            Ok(ListenAddr::Serial("/dev/vport0p1".into()))
+        );
         assert!("tcp:1".parse::<ListenAddr>().is_err());
         assert!("unix:".parse::<ListenAddr>().is_err());
     }

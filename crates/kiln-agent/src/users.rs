@@ -53,7 +53,9 @@ fn supplementary_groups(group_text: &str, name: &str, primary: u32) -> Vec<u32> 
         if fields.len() < 4 {
             continue;
         }
-        let Ok(gid) = fields[2].parse::<u32>() else { continue };
+        let Ok(gid) = fields[2].parse::<u32>() else {
+            continue;
+        };
         if fields[3].split(',').any(|member| member == name) && !groups.contains(&gid) {
             groups.push(gid);
         }
@@ -80,9 +82,18 @@ fn resolve_in(passwd: &str, group: &str, spec: &str) -> Result<UserIds, AgentErr
     }
     let entry = match user_part.parse::<u32>() {
         Ok(uid) => entries.iter().find(|e| e.uid == uid).cloned(),
-        Err(_) => Some(entries.iter().find(|e| e.name == user_part).cloned().ok_or_else(|| {
-            AgentError::new(ErrorKind::NotFound, format!("no user `{user_part}` in /etc/passwd"))
-        })?),
+        Err(_) => Some(
+            entries
+                .iter()
+                .find(|e| e.name == user_part)
+                .cloned()
+                .ok_or_else(|| {
+                    AgentError::new(
+                        ErrorKind::NotFound,
+                        format!("no user `{user_part}` in /etc/passwd"),
+                    )
+                })?,
+        ),
     };
     let uid = match &entry {
         Some(e) => e.uid,
@@ -123,16 +134,25 @@ mod tests {
         let by_id = resolve_in(PASSWD, GROUP, "1000").expect("known uid");
         assert_eq!(by_id.name.as_deref(), Some("user"));
         let unknown_id = resolve_in(PASSWD, GROUP, "4242").expect("numeric ids need no entry");
-        assert_eq!((unknown_id.uid, unknown_id.gid, unknown_id.home.as_str()), (4242, 4242, "/"));
+        assert_eq!(
+            (unknown_id.uid, unknown_id.gid, unknown_id.home.as_str()),
+            (4242, 4242, "/")
+        );
         let pair = resolve_in(PASSWD, GROUP, "1000:10").expect("explicit pair");
         assert_eq!((pair.uid, pair.gid, pair.groups), (1000, 10, vec![10]));
     }
 
     #[test]
     fn rejects_unknown_names_and_garbage() {
-        assert_eq!(resolve_in(PASSWD, GROUP, "nobody").map_err(|e| e.kind), Err(ErrorKind::NotFound));
+        assert_eq!(
+            resolve_in(PASSWD, GROUP, "nobody").map_err(|e| e.kind),
+            Err(ErrorKind::NotFound)
+        );
         for bad in ["", ":1", "1:x", "x:y"] {
-            assert!(resolve_in(PASSWD, GROUP, bad).is_err(), "{bad} must be rejected");
+            assert!(
+                resolve_in(PASSWD, GROUP, bad).is_err(),
+                "{bad} must be rejected"
+            );
         }
     }
 }

@@ -12,17 +12,37 @@ use kiln_proto::messages::{ErrorKind, ExitStatus, ProcessSelector, PtySize};
 #[tokio::test]
 async fn exit_codes_and_signals_are_reported() {
     let (_agent, client) = start().await;
-    assert_eq!(run(&client, "true").await.status, ExitStatus { code: Some(0), signal: None });
+    assert_eq!(
+        run(&client, "true").await.status,
+        ExitStatus {
+            code: Some(0),
+            signal: None
+        }
+    );
     assert_eq!(run(&client, "exit 7").await.status.code, Some(7));
     let killed = run(&client, "kill -TERM $$").await;
-    assert_eq!(killed.status, ExitStatus { code: None, signal: Some(libc::SIGTERM) });
+    assert_eq!(
+        killed.status,
+        ExitStatus {
+            code: None,
+            signal: Some(libc::SIGTERM)
+        }
+    );
 }
 
 #[tokio::test]
 async fn stdout_and_stderr_are_separate_and_ordered() {
     let (_agent, client) = start().await;
-    let result = run(&client, "i=0; while [ $i -lt 2000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done").await;
-    let expect = |prefix: &str| (0..2000).map(|i| format!("{prefix}{i}\n")).collect::<String>();
+    let result = run(
+        &client,
+        "i=0; while [ $i -lt 2000 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done",
+    )
+    .await;
+    let expect = |prefix: &str| {
+        (0..2000)
+            .map(|i| format!("{prefix}{i}\n"))
+            .collect::<String>()
+    };
     assert_eq!(text(&result), expect("out"));
     assert_eq!(String::from_utf8_lossy(&result.stderr), expect("err"));
     assert!(!result.truncated);
@@ -31,7 +51,10 @@ async fn stdout_and_stderr_are_separate_and_ordered() {
 #[tokio::test]
 async fn output_limit_truncates_and_says_so() {
     let (_agent, client) = start().await;
-    let result = client.run(sh("head -c 100000 /dev/zero"), 1000).await.expect("runs");
+    let result = client
+        .run(sh("head -c 100000 /dev/zero"), 1000)
+        .await
+        .expect("runs");
     assert_eq!(result.stdout.len(), 1000);
     assert!(result.truncated);
 }
@@ -70,7 +93,12 @@ async fn env_cwd_and_user_apply() {
     assert_eq!(lines[1], dir.path().to_string_lossy());
     assert_eq!(lines[2], "65534");
     assert_eq!(lines[3], "65533");
-    assert_eq!(result.status.code, Some(0), "stderr: {}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(
+        result.status.code,
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 #[tokio::test]
@@ -78,20 +106,36 @@ async fn bad_requests_get_typed_errors() {
     let (_agent, client) = start().await;
     let kind = |r: Result<_, kiln_agent_client::ClientError>| r.err().and_then(|e| e.agent_kind());
     let empty = kiln_proto::messages::ExecRequest::new(kiln_proto::messages::Command::Argv(vec![]));
-    assert_eq!(kind(client.exec(empty).await.map(drop)), Some(ErrorKind::InvalidArgument));
-    let missing = kiln_proto::messages::ExecRequest::new(kiln_proto::messages::Command::Argv(vec![
-        "/no/such/program".into(),
-    ]));
-    assert_eq!(kind(client.exec(missing).await.map(drop)), Some(ErrorKind::NotFound));
+    assert_eq!(
+        kind(client.exec(empty).await.map(drop)),
+        Some(ErrorKind::InvalidArgument)
+    );
+    let missing =
+        kiln_proto::messages::ExecRequest::new(kiln_proto::messages::Command::Argv(vec![
+            "/no/such/program".into(),
+        ]));
+    assert_eq!(
+        kind(client.exec(missing).await.map(drop)),
+        Some(ErrorKind::NotFound)
+    );
     let mut bad_cwd = sh("true");
     bad_cwd.cwd = Some("/no/such/dir".into());
-    assert_eq!(kind(client.exec(bad_cwd).await.map(drop)), Some(ErrorKind::NotFound));
+    assert_eq!(
+        kind(client.exec(bad_cwd).await.map(drop)),
+        Some(ErrorKind::NotFound)
+    );
     let mut bad_user = sh("true");
     bad_user.user = Some("no-such-user".into());
-    assert_eq!(kind(client.exec(bad_user).await.map(drop)), Some(ErrorKind::NotFound));
+    assert_eq!(
+        kind(client.exec(bad_user).await.map(drop)),
+        Some(ErrorKind::NotFound)
+    );
     let mut bad_env = sh("true");
     bad_env.env.insert("A=B".into(), "x".into());
-    assert_eq!(kind(client.exec(bad_env).await.map(drop)), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        kind(client.exec(bad_env).await.map(drop)),
+        Some(ErrorKind::InvalidArgument)
+    );
     // The agent is still healthy after all of that.
     assert_eq!(run(&client, "echo ok").await.stdout, b"ok\n");
 }
@@ -109,14 +153,23 @@ async fn timeout_kills_the_process_group() {
 #[tokio::test]
 async fn signals_reach_the_process() {
     let (_agent, client) = start().await;
-    let mut session = client.exec(sh("trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done")).await.expect("starts");
+    let mut session = client
+        .exec(sh(
+            "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.05; done",
+        ))
+        .await
+        .expect("starts");
     let mut seen = String::new();
     while !seen.contains("ready") {
         if let Some(ExecOutput::Stdout(b)) = session.next().await.expect("output") {
             seen.push_str(&String::from_utf8_lossy(&b));
         }
     }
-    session.input().signal(libc::SIGINT).await.expect("signal sent");
+    session
+        .input()
+        .signal(libc::SIGINT)
+        .await
+        .expect("signal sent");
     let result = session.collect(4096).await.expect("exits");
     assert_eq!(result.status.code, Some(3));
     assert_eq!(text(&result), "got-int\n");
@@ -129,11 +182,20 @@ async fn dropping_a_foreground_stream_kills_its_process() {
     let pid = session.pid();
     drop(session);
     let gone = wait_until(Duration::from_secs(10), || async {
-        !client.processes().await.expect("list").iter().any(|p| p.pid == pid)
+        !client
+            .processes()
+            .await
+            .expect("list")
+            .iter()
+            .any(|p| p.pid == pid)
     })
     .await;
     assert!(gone, "foreground process must not outlive its stream");
-    let alive = run(&client, &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone")).await;
+    let alive = run(
+        &client,
+        &format!("kill -0 {pid} 2>/dev/null && echo alive || echo gone"),
+    )
+    .await;
     assert_eq!(text(&alive), "gone\n");
 }
 
@@ -149,7 +211,10 @@ async fn background_processes_are_listed_and_reattached() {
     drop(session);
 
     let listed = client.processes().await.expect("list");
-    let job = listed.iter().find(|p| p.pid == pid).expect("background process listed");
+    let job = listed
+        .iter()
+        .find(|p| p.pid == pid)
+        .expect("background process listed");
     assert_eq!(job.tag.as_deref(), Some("job"));
     assert!(job.background && job.exit.is_none());
 
@@ -157,27 +222,61 @@ async fn background_processes_are_listed_and_reattached() {
     let mut dup = sh("true");
     dup.tag = Some("job".into());
     dup.background = true;
-    assert_eq!(client.exec(dup).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::AlreadyExists));
+    assert_eq!(
+        client.exec(dup).await.err().and_then(|e| e.agent_kind()),
+        Some(ErrorKind::AlreadyExists)
+    );
 
-    let attached = client.attach(ProcessSelector::Tag("job".into())).await.expect("attach by tag");
+    let attached = client
+        .attach(ProcessSelector::Tag("job".into()))
+        .await
+        .expect("attach by tag");
     assert_eq!(attached.pid(), pid);
-    attached.input().stdin(b"hello\n").await.expect("stdin through attach");
+    attached
+        .input()
+        .stdin(b"hello\n")
+        .await
+        .expect("stdin through attach");
     let result = attached.collect(4096).await.expect("runs to the end");
-    assert_eq!(text(&result), "started\ngot hello\n", "history is replayed, then live output");
+    assert_eq!(
+        text(&result),
+        "started\ngot hello\n",
+        "history is replayed, then live output"
+    );
     assert_eq!(result.stderr, b"bye\n");
     assert_eq!(result.status.code, Some(4));
 
     // Finished background processes stay listed and can be attached by pid for the result.
-    let again = client.attach(ProcessSelector::Pid(pid)).await.expect("attach by pid");
-    assert_eq!(again.collect(4096).await.expect("replay").status.code, Some(4));
+    let again = client
+        .attach(ProcessSelector::Pid(pid))
+        .await
+        .expect("attach by pid");
+    assert_eq!(
+        again.collect(4096).await.expect("replay").status.code,
+        Some(4)
+    );
     let listed = client.processes().await.expect("list");
-    assert_eq!(listed.iter().find(|p| p.pid == pid).and_then(|p| p.exit).and_then(|e| e.code), Some(4));
+    assert_eq!(
+        listed
+            .iter()
+            .find(|p| p.pid == pid)
+            .and_then(|p| p.exit)
+            .and_then(|e| e.code),
+        Some(4)
+    );
 
     assert_eq!(
-        client.attach(ProcessSelector::Tag("nope".into())).await.err().and_then(|e| e.agent_kind()),
+        client
+            .attach(ProcessSelector::Tag("nope".into()))
+            .await
+            .err()
+            .and_then(|e| e.agent_kind()),
         Some(ErrorKind::NotFound)
     );
-    client.signal(ProcessSelector::Pid(pid), libc::SIGTERM).await.expect_err("already exited");
+    client
+        .signal(ProcessSelector::Pid(pid), libc::SIGTERM)
+        .await
+        .expect_err("already exited");
 }
 
 #[tokio::test]
@@ -196,7 +295,13 @@ async fn pty_mode_has_a_terminal_and_resizes() {
     }
     assert!(seen.contains("/dev/pts/"), "stdin is a terminal: {seen:?}");
     let input = session.input();
-    input.resize(PtySize { rows: 50, cols: 132 }).await.expect("resize");
+    input
+        .resize(PtySize {
+            rows: 50,
+            cols: 132,
+        })
+        .await
+        .expect("resize");
     input.stdin(b"go\n").await.expect("stdin");
     let rest = session.collect(1 << 16).await.expect("exits");
     assert!(text(&rest).contains("50 132"), "resized: {:?}", text(&rest));
@@ -213,7 +318,10 @@ async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
     for i in 0..50 {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            let script = format!("(sleep 0.0$((RANDOM % 5)); true) & (exit 1) ; sleep 0.0{}; exit {i}", i % 7);
+            let script = format!(
+                "(sleep 0.0$((RANDOM % 5)); true) & (exit 1) ; sleep 0.0{}; exit {i}",
+                i % 7
+            );
             let result = client.run(sh(&script), 1024).await.expect("runs");
             (i, result.status.code)
         }));

@@ -16,35 +16,78 @@ async fn write_read_stat_list_rename_remove() {
     let root = dir.path().to_string_lossy().into_owned();
     let file = format!("{root}/a/b/data.bin");
 
-    let start = FileWriteStart { path: file.clone(), mode: Some(0o600), user: None, create_parents: true };
+    let start = FileWriteStart {
+        path: file.clone(),
+        mode: Some(0o600),
+        user: None,
+        create_parents: true,
+    };
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    assert_eq!(client.write_file_from(start, &mut &data[..]).await.expect("write"), data.len() as u64);
+    assert_eq!(
+        client
+            .write_file_from(start, &mut &data[..])
+            .await
+            .expect("write"),
+        data.len() as u64
+    );
     assert_eq!(client.read_file(&file, 1 << 20).await.expect("read"), data);
 
-    let partial = FileReadRequest { path: file.clone(), offset: 1000, limit: Some(10) };
+    let partial = FileReadRequest {
+        path: file.clone(),
+        offset: 1000,
+        limit: Some(10),
+    };
     let mut sink = Vec::new();
-    assert_eq!(client.read_file_to(partial, &mut sink).await.expect("ranged read"), 10);
+    assert_eq!(
+        client
+            .read_file_to(partial, &mut sink)
+            .await
+            .expect("ranged read"),
+        10
+    );
     assert_eq!(sink, &data[1000..1010]);
 
     let stat = client.stat(&file).await.expect("stat");
-    assert_eq!((stat.file_type, stat.size, stat.mode), (FileType::File, 300_000, 0o600));
+    assert_eq!(
+        (stat.file_type, stat.size, stat.mode),
+        (FileType::File, 300_000, 0o600)
+    );
 
     client
-        .mkdir(&MkdirRequest { path: format!("{root}/a/c/d"), mode: None, user: None })
+        .mkdir(&MkdirRequest {
+            path: format!("{root}/a/c/d"),
+            mode: None,
+            user: None,
+        })
         .await
         .expect("mkdir -p");
     let listing = client.list(&format!("{root}/a"), 2).await.expect("list");
-    let names: Vec<&str> =
-        listing.entries.iter().map(|e| e.path.strip_prefix(&root).expect("under root")).collect();
+    let names: Vec<&str> = listing
+        .entries
+        .iter()
+        .map(|e| e.path.strip_prefix(&root).expect("under root"))
+        .collect();
     assert_eq!(names, ["/a/b", "/a/b/data.bin", "/a/c", "/a/c/d"]);
     assert!(!listing.truncated);
 
-    client.rename(&file, &format!("{root}/a/moved.bin")).await.expect("rename");
+    client
+        .rename(&file, &format!("{root}/a/moved.bin"))
+        .await
+        .expect("rename");
     assert!(!client.exists(&file).await.expect("exists"));
-    assert!(client.exists(&format!("{root}/a/moved.bin")).await.expect("exists"));
+    assert!(client
+        .exists(&format!("{root}/a/moved.bin"))
+        .await
+        .expect("exists"));
 
-    assert_eq!(kind(client.remove(&format!("{root}/a"), false).await), Some(ErrorKind::DirectoryNotEmpty));
-    client.remove(&format!("{root}/a"), true).await.expect("rm -r");
+    assert_eq!(
+        kind(client.remove(&format!("{root}/a"), false).await),
+        Some(ErrorKind::DirectoryNotEmpty)
+    );
+    client
+        .remove(&format!("{root}/a"), true)
+        .await
+        .expect("rm -r");
     assert!(!client.exists(&format!("{root}/a")).await.expect("exists"));
 }
 
@@ -53,16 +96,47 @@ async fn errors_are_typed() {
     let (_agent, client) = start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let root = dir.path().to_string_lossy().into_owned();
-    assert_eq!(kind(client.read_file(&format!("{root}/missing"), 10).await), Some(ErrorKind::NotFound));
-    assert_eq!(kind(client.read_file(&root, 10).await), Some(ErrorKind::IsADirectory));
-    assert_eq!(kind(client.write_file(&root, b"x").await), Some(ErrorKind::IsADirectory));
-    assert_eq!(kind(client.write_file(&format!("{root}/no/parent"), b"x").await), Some(ErrorKind::NotFound));
-    assert_eq!(kind(client.stat(&format!("{root}/missing")).await), Some(ErrorKind::NotFound));
-    assert_eq!(kind(client.list(&format!("{root}/missing"), 1).await), Some(ErrorKind::NotFound));
-    assert_eq!(kind(client.rename(&format!("{root}/missing"), &format!("{root}/x")).await), Some(ErrorKind::NotFound));
-    assert_eq!(kind(client.stat("").await), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        kind(client.read_file(&format!("{root}/missing"), 10).await),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(
+        kind(client.read_file(&root, 10).await),
+        Some(ErrorKind::IsADirectory)
+    );
+    assert_eq!(
+        kind(client.write_file(&root, b"x").await),
+        Some(ErrorKind::IsADirectory)
+    );
+    assert_eq!(
+        kind(client.write_file(&format!("{root}/no/parent"), b"x").await),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(
+        kind(client.stat(&format!("{root}/missing")).await),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(
+        kind(client.list(&format!("{root}/missing"), 1).await),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(
+        kind(
+            client
+                .rename(&format!("{root}/missing"), &format!("{root}/x"))
+                .await
+        ),
+        Some(ErrorKind::NotFound)
+    );
+    assert_eq!(
+        kind(client.stat("").await),
+        Some(ErrorKind::InvalidArgument)
+    );
     std::fs::write(dir.path().join("big"), vec![0u8; 5000]).expect("write");
-    assert_eq!(kind(client.read_file(&format!("{root}/big"), 4999).await), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        kind(client.read_file(&format!("{root}/big"), 4999).await),
+        Some(ErrorKind::InvalidArgument)
+    );
 }
 
 /// A write that fails part-way leaves the old content in place and no temporary file.
@@ -94,20 +168,38 @@ async fn interrupted_write_changes_nothing() {
         user: None,
         create_parents: false,
     };
-    let err = client.write_file_from(start, &mut FailingReader(50)).await.expect_err("source fails");
-    assert!(matches!(err, kiln_agent_client::ClientError::LocalIo(_) | kiln_agent_client::ClientError::Agent(_)), "{err:?}");
+    let err = client
+        .write_file_from(start, &mut FailingReader(50))
+        .await
+        .expect_err("source fails");
+    assert!(
+        matches!(
+            err,
+            kiln_agent_client::ClientError::LocalIo(_) | kiln_agent_client::ClientError::Agent(_)
+        ),
+        "{err:?}"
+    );
     // The agent cleans up once it sees the stream end without its end frame.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("readdir").map(|e| e.expect("entry").file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
         if names.len() == 1 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "temporary file left behind: {names:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "temporary file left behind: {names:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(std::fs::read(&path).expect("read"), b"original");
     // And the file is still writable through the agent afterwards.
-    client.write_file(&path.to_string_lossy(), b"new").await.expect("write");
+    client
+        .write_file(&path.to_string_lossy(), b"new")
+        .await
+        .expect("write");
     assert_eq!(std::fs::read(&path).expect("read"), b"new");
 }

@@ -39,7 +39,10 @@ async fn init_sets_defaults_and_waits_for_the_start_command() {
         env: [("APP_MODE".to_owned(), "test".to_owned())].into(),
         workdir: Some(workdir.clone()),
         start: Some(StartCommand {
-            command: Command::Shell(format!("sleep 0.3; touch {}; exec sleep 300", marker.display())),
+            command: Command::Shell(format!(
+                "sleep 0.3; touch {}; exec sleep 300",
+                marker.display()
+            )),
             readiness: Some(ReadinessCheck::Exec {
                 command: Command::Shell(format!("test -f {}", marker.display())),
             }),
@@ -49,10 +52,16 @@ async fn init_sets_defaults_and_waits_for_the_start_command() {
         ..InitRequest::default()
     };
     let response = client.init(&request).await.expect("init");
-    assert!(marker.exists(), "init returned before the start command was ready");
+    assert!(
+        marker.exists(),
+        "init returned before the start command was ready"
+    );
     let start_pid = response.start_pid.expect("start pid");
     let listed = client.processes().await.expect("list");
-    let start = listed.iter().find(|p| p.pid == start_pid).expect("start command listed");
+    let start = listed
+        .iter()
+        .find(|p| p.pid == start_pid)
+        .expect("start command listed");
     assert_eq!(start.tag.as_deref(), Some("start"));
     assert!(start.exit.is_none());
 
@@ -77,19 +86,33 @@ async fn init_fails_when_the_start_command_dies_or_never_gets_ready() {
         ..InitRequest::default()
     };
     let err = client.init(&dies).await.expect_err("start command died");
-    assert!(err.to_string().contains("exited before it was ready"), "{err}");
+    assert!(
+        err.to_string().contains("exited before it was ready"),
+        "{err}"
+    );
     let never = InitRequest {
         start: Some(StartCommand {
             command: Command::Shell("exec sleep 300".into()),
-            readiness: Some(ReadinessCheck::Exec { command: Command::Shell("false".into()) }),
+            readiness: Some(ReadinessCheck::Exec {
+                command: Command::Shell("false".into()),
+            }),
             timeout_ms: 300,
             interval_ms: 20,
         }),
         ..InitRequest::default()
     };
-    assert_eq!(client.init(&never).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::Timeout));
-    let bad = InitRequest { workdir: Some("relative".into()), ..InitRequest::default() };
-    assert_eq!(client.init(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        client.init(&never).await.err().and_then(|e| e.agent_kind()),
+        Some(ErrorKind::Timeout)
+    );
+    let bad = InitRequest {
+        workdir: Some("relative".into()),
+        ..InitRequest::default()
+    };
+    assert_eq!(
+        client.init(&bad).await.err().and_then(|e| e.agent_kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
 }
 
 #[tokio::test]
@@ -104,9 +127,28 @@ async fn post_restore_without_init_duties_skips_clock_and_rng_but_keeps_metadata
     let response = client.post_restore(&request).await.expect("post-restore");
     assert_eq!(response.applied, ["metadata"]);
     assert_eq!(response.skipped, ["clock", "rng", "hostname"]);
-    assert_eq!(client.info().await.expect("info").metadata.get("sandbox").map(String::as_str), Some("sb-1"));
-    let bad = PostRestoreRequest { entropy_hex: "xyz".into(), ..PostRestoreRequest::default() };
-    assert_eq!(client.post_restore(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        client
+            .info()
+            .await
+            .expect("info")
+            .metadata
+            .get("sandbox")
+            .map(String::as_str),
+        Some("sb-1")
+    );
+    let bad = PostRestoreRequest {
+        entropy_hex: "xyz".into(),
+        ..PostRestoreRequest::default()
+    };
+    assert_eq!(
+        client
+            .post_restore(&bad)
+            .await
+            .err()
+            .and_then(|e| e.agent_kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
 }
 
 /// Hostname and network duties run for real, in the agent's own UTS and network namespaces.
@@ -140,14 +182,24 @@ async fn hostname_and_network_duties_configure_the_namespace() {
     assert!(out.contains("\n1400\n"), "{out}");
     assert!(out.contains("UP"), "lo is up: {out}");
 
-    let bad = InitRequest { hostname: Some("bad name".into()), ..InitRequest::default() };
-    assert_eq!(client.init(&bad).await.err().and_then(|e| e.agent_kind()), Some(ErrorKind::InvalidArgument));
+    let bad = InitRequest {
+        hostname: Some("bad name".into()),
+        ..InitRequest::default()
+    };
+    assert_eq!(
+        client.init(&bad).await.err().and_then(|e| e.agent_kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
 }
 
 /// Without the duties enabled, the same init call changes nothing and says so.
 #[tokio::test]
 async fn disabled_duties_are_skipped() {
-    let (_agent, client) = start_with(LocalAgentOptions { new_netns: true, ..Default::default() }).await;
+    let (_agent, client) = start_with(LocalAgentOptions {
+        new_netns: true,
+        ..Default::default()
+    })
+    .await;
     let before = text(&run(&client, "hostname").await);
     let request = InitRequest {
         hostname: Some("changed".into()),
@@ -171,7 +223,10 @@ async fn disabled_duties_are_skipped() {
 struct SwitchableConnector(Mutex<PathBuf>);
 
 impl Connector for SwitchableConnector {
-    fn connect(&self) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxedTransport>> + Send + '_>> {
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<BoxedTransport>> + Send + '_>>
+    {
         let path = self.0.lock().expect("lock").clone();
         Box::pin(async move {
             Ok(Box::pin(tokio::net::UnixStream::connect(path).await?) as BoxedTransport)
@@ -181,7 +236,9 @@ impl Connector for SwitchableConnector {
 
 #[tokio::test]
 async fn client_reconnects_after_the_agent_goes_away() {
-    let first = LocalAgent::start(agent_binary(), LocalAgentOptions::default()).await.expect("agent");
+    let first = LocalAgent::start(agent_binary(), LocalAgentOptions::default())
+        .await
+        .expect("agent");
     let connector = Arc::new(SwitchableConnector(Mutex::new(first.socket().to_owned())));
     let client = AgentClient::new(connector.clone(), ClientConfig::default());
     let first_boot = client.info().await.expect("info").boot_id;
@@ -190,11 +247,16 @@ async fn client_reconnects_after_the_agent_goes_away() {
     let err = client.info().await.expect_err("agent is gone");
     assert!(err.is_connection_error(), "{err:?}");
 
-    let second = LocalAgent::start(agent_binary(), LocalAgentOptions::default()).await.expect("agent");
+    let second = LocalAgent::start(agent_binary(), LocalAgentOptions::default())
+        .await
+        .expect("agent");
     *connector.0.lock().expect("lock") = second.socket().to_owned();
     let info = client.info().await.expect("reconnected");
     assert_ne!(info.boot_id, first_boot);
-    let result = client.run(common::sh("echo back"), 100).await.expect("exec after reconnect");
+    let result = client
+        .run(common::sh("echo back"), 100)
+        .await
+        .expect("exec after reconnect");
     assert_eq!(result.stdout, b"back\n");
     drop(second);
     let _ = ClientError::Disconnected(String::new());

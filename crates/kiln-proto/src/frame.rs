@@ -70,7 +70,10 @@ impl Frame {
     pub fn control<T: Serialize>(message: &T) -> Frame {
         // The protocol's message types are plain data; serializing them cannot fail.
         let json = serde_json::to_vec(message).unwrap_or_default();
-        Frame { kind: FrameKind::Control, payload: Bytes::from(json) }
+        Frame {
+            kind: FrameKind::Control,
+            payload: Bytes::from(json),
+        }
     }
 
     /// Decodes a control frame's JSON payload.
@@ -136,7 +139,10 @@ impl Default for FrameDecoder {
 impl FrameDecoder {
     /// A decoder that accepts payloads up to `max_payload` bytes.
     pub fn new(max_payload: usize) -> FrameDecoder {
-        FrameDecoder { buf: BytesMut::new(), max_payload }
+        FrameDecoder {
+            buf: BytesMut::new(),
+            max_payload,
+        }
     }
 
     /// Appends received bytes.
@@ -156,7 +162,10 @@ impl FrameDecoder {
         }
         let payload_len = declared - 1;
         if payload_len > self.max_payload {
-            return Err(FrameError::TooLarge { declared: payload_len, limit: self.max_payload });
+            return Err(FrameError::TooLarge {
+                declared: payload_len,
+                limit: self.max_payload,
+            });
         }
         let kind = FrameKind::from_byte(self.buf[4]).ok_or(FrameError::UnknownKind(self.buf[4]))?;
         if self.buf.len() < HEADER_LEN + payload_len {
@@ -218,11 +227,17 @@ mod tests {
         decoder.push(&[0, 0, 1, 0, 1]);
         assert_eq!(
             decoder.next_frame(),
-            Err(FrameError::TooLarge { declared: 255, limit: 16 })
+            Err(FrameError::TooLarge {
+                declared: 255,
+                limit: 16
+            })
         );
         let mut decoder = FrameDecoder::default();
         decoder.push(&[0xff, 0xff, 0xff, 0xff, 0]);
-        assert!(matches!(decoder.next_frame(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -246,8 +261,14 @@ mod tests {
             frame.parse_control::<ExecEvent>(),
             Err(FrameError::UnexpectedKind(FrameKind::Stdout))
         ));
-        let frame = Frame::new(FrameKind::Control, Bytes::from_static(b"{\"type\":\"nope\"}"));
-        assert!(matches!(frame.parse_control::<ExecInput>(), Err(FrameError::BadControl(_))));
+        let frame = Frame::new(
+            FrameKind::Control,
+            Bytes::from_static(b"{\"type\":\"nope\"}"),
+        );
+        assert!(matches!(
+            frame.parse_control::<ExecInput>(),
+            Err(FrameError::BadControl(_))
+        ));
     }
 
     proptest! {

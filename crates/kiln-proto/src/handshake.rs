@@ -52,13 +52,19 @@ impl Hello {
         if parts.next().is_some() || !is_valid_nonce(nonce) {
             return None;
         }
-        Some(Hello { version, nonce: nonce.to_owned() })
+        Some(Hello {
+            version,
+            nonce: nonce.to_owned(),
+        })
     }
 }
 
 /// Whether `nonce` has the shape of a session nonce.
 pub fn is_valid_nonce(nonce: &str) -> bool {
-    nonce.len() == NONCE_HEX_LEN && nonce.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    nonce.len() == NONCE_HEX_LEN
+        && nonce
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Encodes 16 random bytes as a nonce.
@@ -196,7 +202,10 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let hello = Hello { version: 7, nonce: nonce_from_bytes([0xab; 16]) };
+        let hello = Hello {
+            version: 7,
+            nonce: nonce_from_bytes([0xab; 16]),
+        };
         let line = hello.to_line();
         assert!(line.ends_with('\n'));
         assert_eq!(Hello::parse(line.trim_end().as_bytes()), Some(hello));
@@ -205,10 +214,22 @@ mod tests {
     #[test]
     fn hello_rejects_bad_nonces_and_extra_fields() {
         assert_eq!(Hello::parse(b"KILN-HELLO 1 abc"), None);
-        assert_eq!(Hello::parse(b"KILN-HELLO 1 0123456789ABCDEF0123456789abcdef"), None);
-        assert_eq!(Hello::parse(b"KILN-HELLO 1 0123456789abcdef0123456789abcdef x"), None);
-        assert_eq!(Hello::parse(b"KILN-HELLO x 0123456789abcdef0123456789abcdef"), None);
-        assert_eq!(Hello::parse(b"HELLO 1 0123456789abcdef0123456789abcdef"), None);
+        assert_eq!(
+            Hello::parse(b"KILN-HELLO 1 0123456789ABCDEF0123456789abcdef"),
+            None
+        );
+        assert_eq!(
+            Hello::parse(b"KILN-HELLO 1 0123456789abcdef0123456789abcdef x"),
+            None
+        );
+        assert_eq!(
+            Hello::parse(b"KILN-HELLO x 0123456789abcdef0123456789abcdef"),
+            None
+        );
+        assert_eq!(
+            Hello::parse(b"HELLO 1 0123456789abcdef0123456789abcdef"),
+            None
+        );
     }
 
     #[test]
@@ -220,7 +241,10 @@ mod tests {
         assert_eq!(Welcome::parse(b"something else"), None);
         let mut bad = welcome();
         bad.nonce = "zz".into();
-        assert!(matches!(Welcome::parse(bad.to_line().trim_end().as_bytes()), Some(Err(_))));
+        assert!(matches!(
+            Welcome::parse(bad.to_line().trim_end().as_bytes()),
+            Some(Err(_))
+        ));
     }
 
     #[test]

@@ -234,7 +234,10 @@ pub struct AgentError {
 impl AgentError {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> AgentError {
-        AgentError { kind, message: message.into() }
+        AgentError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -620,7 +623,10 @@ mod tests {
         let minimal: ExecInput =
             serde_json::from_str(r#"{"type":"start","command":{"argv":["ls"]}}"#)
                 .expect("defaults fill the rest");
-        assert_eq!(minimal, ExecInput::Start(ExecRequest::new(Command::Argv(vec!["ls".into()]))));
+        assert_eq!(
+            minimal,
+            ExecInput::Start(ExecRequest::new(Command::Argv(vec!["ls".into()])))
+        );
     }
 
     #[test]
@@ -632,6 +638,9 @@ mod tests {
 
     #[test]
     fn shell_command_runs_through_sh() {
-        assert_eq!(Command::Shell("echo hi".into()).to_argv(), ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(
+            Command::Shell("echo hi".into()).to_argv(),
+            ["/bin/sh", "-c", "echo hi"]
+        );
     }
 }

@@ -61,7 +61,9 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
     }
 }
 
@@ -91,7 +93,11 @@ where
 {
     /// Reads `body`, accepting frames up to `max_payload` bytes.
     pub fn new(body: B, max_payload: usize) -> FrameReader<B> {
-        FrameReader { body, decoder: FrameDecoder::new(max_payload), done: false }
+        FrameReader {
+            body,
+            decoder: FrameDecoder::new(max_payload),
+            done: false,
+        }
     }
 
     /// The next frame; `Ok(None)` at a clean end of the body.
@@ -127,7 +133,10 @@ pub struct Prefixed<S> {
 impl<S> Prefixed<S> {
     /// Reads `prefix` first, then `inner`.
     pub fn new(prefix: impl Into<Bytes>, inner: S) -> Prefixed<S> {
-        Prefixed { prefix: prefix.into(), inner }
+        Prefixed {
+            prefix: prefix.into(),
+            inner,
+        }
     }
 }
 
@@ -176,7 +185,10 @@ mod tests {
         let inner: &[u8] = b" world";
         let mut stream = Prefixed::new(Bytes::from_static(b"hello"), inner);
         let mut out = String::new();
-        stream.read_to_string(&mut out).await.expect("in-memory read");
+        stream
+            .read_to_string(&mut out)
+            .await
+            .expect("in-memory read");
         assert_eq!(out, "hello world");
     }
 
@@ -185,7 +197,8 @@ mod tests {
         let (tx, body) = frame_channel(2);
         let sender = tokio::spawn(async move {
             for i in 0..10u8 {
-                tx.send(&Frame::new(FrameKind::Stdout, Bytes::from(vec![i; 3]))).await?;
+                tx.send(&Frame::new(FrameKind::Stdout, Bytes::from(vec![i; 3])))
+                    .await?;
             }
             Ok::<_, StreamClosed>(())
         });
@@ -195,6 +208,9 @@ mod tests {
             assert_eq!(frame.payload, vec![i; 3]);
         }
         assert!(reader.next().await.expect("clean end").is_none());
-        sender.await.expect("no panic").expect("reader kept the body");
+        sender
+            .await
+            .expect("no panic")
+            .expect("reader kept the body");
     }
 }

@@ -20,7 +20,9 @@ pub async fn start() -> (LocalAgent, AgentClient) {
 
 /// Starts an agent with `options`.
 pub async fn start_with(options: LocalAgentOptions) -> (LocalAgent, AgentClient) {
-    let agent = LocalAgent::start(agent_binary(), options).await.expect("agent starts");
+    let agent = LocalAgent::start(agent_binary(), options)
+        .await
+        .expect("agent starts");
     let client = agent.client();
     (agent, client)
 }
@@ -32,7 +34,10 @@ pub fn sh(script: &str) -> ExecRequest {
 
 /// Runs `script` to completion with a 16 MiB output limit.
 pub async fn run(client: &AgentClient, script: &str) -> ExecResult {
-    client.run(sh(script), 16 << 20).await.expect("exec succeeds")
+    client
+        .run(sh(script), 16 << 20)
+        .await
+        .expect("exec succeeds")
 }
 
 /// Stdout as text.

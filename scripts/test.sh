@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check and test of kiln: formatting, clippy, unit, property-based and
+# end-to-end tests. Installs missing Debian packages first.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+cd "$KILN_ROOT"
+started=$SECONDS
+
+require_root
+require_cargo
+install_missing_tools
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --locked --workspace
+
+printf '\nall checks passed in %d s\n' "$((SECONDS - started))"
