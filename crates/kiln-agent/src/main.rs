@@ -37,7 +37,16 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    // As PID 1 the kernel passes unknown command-line words to init as arguments; an agent
+    // that exited over them would panic the kernel, so it runs with its defaults instead.
+    let args = if std::process::id() == 1 {
+        Args::try_parse().unwrap_or_else(|e| {
+            eprintln!("kiln-agent: ignoring arguments: {e}");
+            Args::parse_from(["kiln-agent"])
+        })
+    } else {
+        Args::parse()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
