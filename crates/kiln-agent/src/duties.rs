@@ -163,20 +163,21 @@ fn is_mount_point(path: &str) -> bool {
     mounts.lines().any(|l| l.split(' ').nth(4) == Some(path))
 }
 
-/// Loads the modules listed (one path per line, in dependency order) in `list`.
+/// Loads the modules listed (one path per line, in dependency order) in `list`, each with
+/// the parameters the kernel command line gives it (`virtio_mmio.device=...`), as modprobe
+/// would: the kernel applies command-line parameters only to built-in modules.
 pub fn load_modules(list: &Path) -> io::Result<()> {
     let text = std::fs::read_to_string(list)?;
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let file = std::fs::File::open(line)?;
-        let params = CString::default();
+        let params = CString::new(module_params(&cmdline, &module_name(line)))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: finit_module reads a module from an open descriptor and a NUL-terminated
         // parameter string; both are valid for the duration of the call.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+        let rc = unsafe {
+            libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0)
+        };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -185,6 +186,24 @@ pub fn load_modules(list: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `virtio-mmio.ko.xz` -> `virtio_mmio`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// The `name.param=value` words of the command line for `module`, as `param=value ...`.
+fn module_params(cmdline: &str, module: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| {
+            let (name, param) = word.split_once('.')?;
+            (name.replace('-', "_") == module && param.contains('=')).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Root-disk settings from the kernel command line (`kiln.root=/dev/vda`,
@@ -225,9 +244,7 @@ impl RootSpec {
 /// failure or when there is nothing to switch to.
 pub fn switch_root_if_needed() -> io::Result<()> {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(spec) = RootSpec::from_cmdline(&cmdline) else {
-        return Ok(());
-    };
+    let spec = RootSpec::from_cmdline(&cmdline);
     let fs = nix::sys::statfs::statfs("/")?;
     // RAMFS_MAGIC is not in libc; the initramfs is ramfs or tmpfs.
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
@@ -236,10 +253,14 @@ pub fn switch_root_if_needed() -> io::Result<()> {
     if !on_initramfs {
         return Ok(());
     }
+    // Drivers are needed on an initramfs-only guest too (the agent's port is virtio-serial).
     let list = Path::new("/kiln/modules.list");
     if list.exists() {
         load_modules(list)?;
     }
+    let Some(spec) = spec else {
+        return Ok(());
+    };
     // Block devices appear asynchronously once their driver has probed.
     let device = Path::new(&spec.device);
     for _ in 0..500 {
@@ -257,7 +278,7 @@ pub fn switch_root_if_needed() -> io::Result<()> {
         MsFlags::empty(),
         data,
     )?;
-    for dir in ["/dev", "/proc", "/sys", "/run"] {
+    for dir in ["/dev", "/proc", "/sys", "/run", "/tmp"] {
         let target = format!("/sysroot{dir}");
         let _ = std::fs::create_dir_all(&target);
         mount(
@@ -268,6 +289,11 @@ pub fn switch_root_if_needed() -> io::Result<()> {
             None::<&str>,
         )?;
     }
+    // Free the initramfs: its files live in RAM for as long as they exist, and nothing can
+    // reach them once the root disk is moved over "/" (what switch_root(8) does too).
+    use std::os::unix::fs::MetadataExt;
+    let root_dev = std::fs::symlink_metadata("/")?.dev();
+    remove_tree_on_device(Path::new("/"), root_dev);
     std::env::set_current_dir("/sysroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
     nix::unistd::chroot(".")?;
@@ -278,6 +304,30 @@ pub fn switch_root_if_needed() -> io::Result<()> {
         .collect();
     nix::unistd::execv(&init, &args)?;
     Ok(())
+}
+
+/// Removes everything under `dir` that is on device `dev`, without crossing into other
+/// filesystems (the root disk mounted on /sysroot, moved pseudo filesystems).
+fn remove_tree_on_device(dir: &Path, dev: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree_on_device(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// Validates and sets the hostname.
@@ -518,6 +568,17 @@ pub fn shutdown(action: ShutdownAction) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_parameters_come_from_the_command_line() {
+        let cmdline = "console=hvc0 virtio_mmio.device=512@0xfeb00e00:12 virtio-mmio.device=512@0xfeb00c00:11 ext4.x=1 kiln.root=/dev/vda";
+        assert_eq!(
+            module_params(cmdline, "virtio_mmio"),
+            "device=512@0xfeb00e00:12 device=512@0xfeb00c00:11"
+        );
+        assert_eq!(module_params(cmdline, "virtio_blk"), "");
+        assert_eq!(module_name("/kiln/modules/virtio-mmio.ko"), "virtio_mmio");
+    }
 
     #[test]
     fn root_spec_from_cmdline() {

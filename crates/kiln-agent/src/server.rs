@@ -112,7 +112,7 @@ impl Agent {
                 tracing::info!(path = %path.display(), "agent serving on virtio-serial port");
                 loop {
                     port.wait_host().await?;
-                    self.clone().serve_session(port.stream()).await;
+                    self.clone().serve_session(port.stream()?).await;
                 }
             }
         }

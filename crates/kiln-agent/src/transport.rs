@@ -5,7 +5,6 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -35,8 +34,28 @@ impl std::str::FromStr for ListenAddr {
     }
 }
 
-/// Finds the `/dev/vportNpM` device of the virtio-serial port called `name`.
+/// Finds the `/dev/vportNpM` device of the virtio-serial port called `name`, waiting up to
+/// 10 s for it: virtio_console creates ports and learns their names from the host
+/// asynchronously, after its module has loaded, and devtmpfs adds the node after that.
 pub fn find_serial_port(name: &str) -> io::Result<PathBuf> {
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs(10);
+    loop {
+        match find_serial_port_once(name) {
+            Ok(path) if path.exists() => {
+                tracing::debug!(waited = ?start.elapsed(), "found the agent's port");
+                return Ok(path);
+            }
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(path) => return Ok(path),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn find_serial_port_once(name: &str) -> io::Result<PathBuf> {
     let class = Path::new("/sys/class/virtio-ports");
     for entry in std::fs::read_dir(class)? {
         let entry = entry?;
@@ -54,13 +73,22 @@ pub fn find_serial_port(name: &str) -> io::Result<PathBuf> {
 /// A virtio-serial port.
 ///
 /// In Linux's virtio_console a read returns 0 and poll reports `POLLHUP` while no host is
-/// connected, so "connected" is not a readiness state one can simply wait for. The port
-/// wakes its waiters when the host connects, which reaches epoll as a readiness edge: the
-/// agent waits on that edge and re-checks `POLLHUP`, with a slow re-check as a safety net,
-/// and never spins.
+/// connected, so "connected" is not a readiness state one can simply wait for. Worse, tokio
+/// treats `POLLHUP` as final: once an `AsyncFd` has seen it, it stays "read closed" and "write
+/// closed" forever and every readiness future resolves at once, so waiting on such an
+/// `AsyncFd` spins (a full CPU while no host is connected, and a read loop that never yields
+/// inside a session). Hence:
+///
+/// * waiting for the host uses a private edge-triggered epoll instance watching the port (the
+///   port wakes its waiters when the host connects, which is an edge there), itself registered
+///   with tokio; it never reports `POLLHUP`, so it does not poison anything;
+/// * each session registers a fresh duplicate of the descriptor with tokio once the host is
+///   connected, and ends (EOF) if it ever sees "closed" readiness with nothing to read, so the
+///   next session starts with a clean registration.
 #[derive(Debug)]
 pub struct SerialPort {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: OwnedFd,
+    waiter: AsyncFd<OwnedFd>,
 }
 
 impl SerialPort {
@@ -73,13 +101,37 @@ impl SerialPort {
         )?;
         // SAFETY: `open` returned a fresh descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: plain epoll_create1; the result is checked before use.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `ep` is a fresh descriptor that nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: both descriptors are open; `event` is valid for the call.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &raw mut event,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(SerialPort {
-            fd: Arc::new(crate::process::async_fd(fd)?),
+            fd,
+            waiter: crate::process::async_fd(ep)?,
         })
     }
 
     fn host_connected(&self) -> bool {
-        let mut fds = [PollFd::new(self.fd.get_ref().as_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
             Ok(_) => !fds[0]
                 .revents()
@@ -88,31 +140,51 @@ impl SerialPort {
         }
     }
 
-    /// Waits until a host has the port open.
+    /// Consumes the edges queued on the private epoll instance.
+    fn drain_edges(&self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        loop {
+            // SAFETY: `events` is valid for 4 entries; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(self.waiter.get_ref().as_raw_fd(), events.as_mut_ptr(), 4, 0)
+            };
+            if n <= 0 {
+                return;
+            }
+        }
+    }
+
+    /// Waits until a host has the port open, without spinning.
     pub async fn wait_host(&self) -> io::Result<()> {
         loop {
             if self.host_connected() {
                 return Ok(());
             }
-            match tokio::time::timeout(Duration::from_secs(1), self.fd.readable()).await {
-                Ok(guard) => guard?.clear_ready(),
-                Err(_elapsed) => {}
+            // Slow re-check as a safety net against a missed edge.
+            if let Ok(guard) =
+                tokio::time::timeout(Duration::from_secs(1), self.waiter.readable()).await
+            {
+                let mut guard = guard?;
+                self.drain_edges();
+                guard.clear_ready();
             }
         }
     }
 
-    /// A stream over the port for one session.
-    pub fn stream(&self) -> SerialStream {
-        SerialStream {
-            fd: self.fd.clone(),
-        }
+    /// A stream over the port for one session: a fresh tokio registration of a duplicate of
+    /// the port's descriptor. Call after [`SerialPort::wait_host`].
+    pub fn stream(&self) -> io::Result<SerialStream> {
+        let fd = self.fd.try_clone()?;
+        Ok(SerialStream {
+            fd: crate::process::async_fd(fd)?,
+        })
     }
 }
 
 /// One session's view of a [`SerialPort`]; a read of 0 bytes means the host went away.
 #[derive(Debug)]
 pub struct SerialStream {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: AsyncFd<OwnedFd>,
 }
 
 impl AsyncRead for SerialStream {
@@ -123,6 +195,9 @@ impl AsyncRead for SerialStream {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            // tokio never clears "closed": a read that would block after a hang-up means the
+            // host left and came back; end the session so the next one registers afresh.
+            let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| {
                 nix::unistd::read(fd.get_ref().as_raw_fd(), unfilled).map_err(io::Error::from)
@@ -132,6 +207,7 @@ impl AsyncRead for SerialStream {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) if closed => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -146,9 +222,16 @@ impl AsyncWrite for SerialStream {
     ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
             {
                 Ok(result) => return Poll::Ready(result),
+                Err(_would_block) if closed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the host closed the port",
+                    )))
+                }
                 Err(_would_block) => continue,
             }
         }
