@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod stats;
+mod template_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +27,11 @@ enum Commands {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Build and manage templates (kernel, root filesystem, runtime defaults).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Measure kiln's performance.
     Bench {
         #[command(subcommand)]
@@ -41,6 +47,25 @@ enum AgentCommand {
         /// Agent binary (default: $KILN_AGENT_BIN, or kiln-agent next to this binary).
         #[arg(long)]
         agent: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Build a template's images into the cache (only what changed is rebuilt).
+    ///
+    /// TEMPLATE is a spec file, a directory holding template.toml, or the name of a template
+    /// under $KILN_TEMPLATES_DIR, ./templates or /usr/share/kiln/templates (`base`, `python`).
+    Build {
+        /// Template spec, directory or name.
+        #[arg(default_value = kiln_image::template::DEFAULT_TEMPLATE)]
+        template: String,
+        /// Static agent binary to install (default: $KILN_AGENT_BIN or this checkout's build).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Artefact cache directory.
+        #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
     },
 }
 
@@ -71,6 +96,11 @@ async fn main() -> ExitCode {
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,
+        Commands::Template { command: TemplateCommand::Build { template, agent, cache_dir } } => {
+            tokio::task::spawn_blocking(move || template_cmd::build(&template, agent, &cache_dir))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("template build panicked: {e}")))
+        }
         Commands::Bench {
             command:
                 BenchCommand::Agent {

@@ -1,0 +1,111 @@
+//! Progress reporting for long builds.
+
+use std::time::Duration;
+
+/// What a build reports as it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildEvent {
+    /// A step started.
+    Step {
+        /// What is being built (`kernel`, `rootfs python`, ...).
+        artefact: String,
+        /// Step name.
+        name: String,
+    },
+    /// The step finished.
+    StepDone {
+        /// What is being built.
+        artefact: String,
+        /// Step name.
+        name: String,
+        /// How long it took.
+        elapsed: Duration,
+        /// Result detail (a size, a count).
+        detail: Option<String>,
+    },
+    /// An artefact was found in the cache.
+    Cached {
+        /// What.
+        artefact: String,
+        /// Where.
+        path: String,
+    },
+}
+
+/// Receives build events.
+pub trait Progress: Send + Sync {
+    /// Called for every event.
+    fn event(&self, event: BuildEvent);
+}
+
+/// Prints events as lines on stderr.
+#[derive(Debug, Default)]
+pub struct PrintProgress;
+
+impl Progress for PrintProgress {
+    fn event(&self, event: BuildEvent) {
+        match event {
+            BuildEvent::Step { artefact, name } => eprintln!("  [{artefact}] {name} ..."),
+            BuildEvent::StepDone { artefact, name, elapsed, detail } => {
+                let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
+                eprintln!("  [{artefact}] {name}: done in {:.1} s{detail}", elapsed.as_secs_f64());
+            }
+            BuildEvent::Cached { artefact, path } => eprintln!("  [{artefact}] cached at {path}"),
+        }
+    }
+}
+
+/// Discards events.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn event(&self, _event: BuildEvent) {}
+}
+
+/// Runs `f` as a named step, reporting start and end.
+pub fn step<T, E>(
+    progress: &dyn Progress,
+    artefact: &str,
+    name: &str,
+    f: impl FnOnce() -> Result<(T, Option<String>), E>,
+) -> Result<T, E> {
+    progress.event(BuildEvent::Step { artefact: artefact.to_owned(), name: name.to_owned() });
+    let started = std::time::Instant::now();
+    let (value, detail) = f()?;
+    progress.event(BuildEvent::StepDone {
+        artefact: artefact.to_owned(),
+        name: name.to_owned(),
+        elapsed: started.elapsed(),
+        detail,
+    });
+    Ok(value)
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(200 << 20), "200.0 MiB");
+    }
+}

@@ -1,0 +1,81 @@
+//! A template's images: its kernel (with the agent's initramfs) and its root filesystem.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::cache::{Cache, Origin};
+use crate::elf::is_static_executable;
+use crate::error::{ImageError, IoContext};
+use crate::kernel::{build_kernel, KernelArtefact};
+use crate::progress::{human_bytes, Progress};
+use crate::rootfs::{build_rootfs, RootfsArtefact};
+use crate::spec::TemplateSpec;
+
+/// The template built when none is named.
+pub const DEFAULT_TEMPLATE: &str = "python";
+
+/// Everything a template needs to boot.
+#[derive(Debug, Clone)]
+pub struct TemplateImages {
+    /// The validated spec.
+    pub spec: TemplateSpec,
+    /// Kernel and initramfs.
+    pub kernel: KernelArtefact,
+    /// Root filesystem and runtime defaults.
+    pub rootfs: RootfsArtefact,
+}
+
+impl TemplateImages {
+    /// A one-line summary for people.
+    pub fn summary(&self, elapsed_secs: f64) -> String {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let allocated = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+        };
+        let origin = |o: Origin| if o == Origin::Cached { "cached" } else { "built" };
+        format!(
+            "template {}: kernel {} ({}, vmlinux {}, initramfs {}), rootfs {} ({} used of a {} disk) in {:.1} s",
+            self.spec.name,
+            self.kernel.release,
+            origin(self.kernel.origin),
+            human_bytes(size(&self.kernel.vmlinux)),
+            human_bytes(size(&self.kernel.initramfs)),
+            origin(self.rootfs.origin),
+            human_bytes(allocated(&self.rootfs.image)),
+            human_bytes(size(&self.rootfs.image)),
+            elapsed_secs,
+        )
+    }
+}
+
+/// Builds (or takes from the cache) every image of the template at `spec_path`.
+pub fn build_template(
+    spec_path: &Path,
+    agent: &Path,
+    cache: &Cache,
+    progress: &dyn Progress,
+) -> Result<TemplateImages, ImageError> {
+    let spec = TemplateSpec::from_file(spec_path)?;
+    let agent_bytes = std::fs::read(agent).context(|| format!("reading the agent {}", agent.display()))?;
+    if !is_static_executable(&agent_bytes) {
+        return Err(ImageError::AgentNotStatic { path: agent.to_owned() });
+    }
+    let spec_dir = spec_path.parent().map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let kernel = build_kernel(agent, cache, progress)?;
+    let rootfs = build_rootfs(&spec, &spec_dir, agent, cache, progress)?;
+    Ok(TemplateImages { spec, kernel, rootfs })
+}
+
+/// Builds a template and returns it with a summary line.
+pub fn build_template_with_summary(
+    spec_path: &Path,
+    agent: &Path,
+    cache: &Cache,
+    progress: &dyn Progress,
+) -> Result<(TemplateImages, String), ImageError> {
+    let started = Instant::now();
+    let images = build_template(spec_path, agent, cache, progress)?;
+    let summary = images.summary(started.elapsed().as_secs_f64());
+    Ok((images, summary))
+}

@@ -1,0 +1,147 @@
+//! Every default template boots under QEMU (TCG here) to a working agent: the agent runs as
+//! PID 1 from the initramfs, loads the guest modules, switches to the root disk, serves on
+//! the virtio-serial port, and runs commands; its init duties (hostname, clock, RNG,
+//! power-off) run for real.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
+use kiln_image::cache::Cache;
+use kiln_image::progress::PrintProgress;
+use kiln_image::template::{build_template, TemplateImages};
+use kiln_proto::messages::{Command, ExecRequest, InitRequest, PostRestoreRequest, ShutdownAction};
+use kiln_vmm::accel::{resolve, AccelChoice};
+use kiln_vmm::qemu::{BootConfig, QemuProcess};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The static agent: `$KILN_AGENT_BIN`, or built here.
+fn static_agent() -> PathBuf {
+    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "-p", "kiln-agent"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(repo_root())
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building the static agent failed");
+    repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
+}
+
+fn build(name: &str) -> TemplateImages {
+    let cache = Cache::new(std::env::var_os("KILN_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from));
+    let spec = repo_root().join("templates").join(name).join("template.toml");
+    build_template(&spec, &static_agent(), &cache, &PrintProgress).expect("template builds")
+}
+
+async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
+    let result = client
+        .run(ExecRequest::new(Command::Shell(script.to_owned())), 1 << 20)
+        .await
+        .expect("exec through the agent");
+    let out = String::from_utf8_lossy(&result.stdout).into_owned();
+    let err = String::from_utf8_lossy(&result.stderr).into_owned();
+    (result.status.code.unwrap_or(-1), format!("{out}{err}"))
+}
+
+/// Boots `images`, checks the agent, runs `check`, powers off.
+async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
+    let run_dir = tempfile::tempdir().expect("run dir");
+    let accel = resolve(AccelChoice::Auto);
+    let config = BootConfig {
+        accel: accel.accel,
+        vcpus: images.spec.resources.vcpus,
+        memory_mib: images.spec.resources.memory_mib,
+        kernel: images.kernel.vmlinux.clone(),
+        initramfs: images.kernel.initramfs.clone(),
+        root_disk: images.rootfs.image.clone(),
+        root_disk_snapshot: true,
+        extra_cmdline: Vec::new(),
+        run_dir: run_dir.path().to_owned(),
+    };
+    let started = Instant::now();
+    let mut qemu = QemuProcess::spawn(Path::new("qemu-system-x86_64"), config).expect("QEMU starts");
+    qemu.wait_for_agent_socket(Duration::from_secs(30)).expect("agent socket");
+    let client = AgentClient::new(
+        Arc::new(UnixConnector::new(qemu.config().agent_socket())),
+        ClientConfig { handshake_timeout: Duration::from_secs(120), ..ClientConfig::default() },
+    );
+    let welcome = match client.connect().await {
+        Ok(welcome) => welcome,
+        Err(e) => panic!("agent did not answer: {e}\nconsole:\n{}", qemu.console_tail(40)),
+    };
+    let boot = started.elapsed();
+    eprintln!("{}: agent ready {:.2} s after QEMU start ({}: {})", images.spec.name, boot.as_secs_f64(), accel.accel.qemu_name(), accel.reason);
+    assert!(!welcome.initialized);
+
+    let init = client
+        .init(&InitRequest {
+            hostname: Some(format!("{}-boot-test", images.spec.name)),
+            env: images.rootfs.config.env.clone(),
+            workdir: images.rootfs.config.workdir.clone(),
+            ..InitRequest::default()
+        })
+        .await
+        .expect("init");
+    assert_eq!(init.applied, ["hostname"]);
+
+    let (code, out) = exec(&client, "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; grep ' / ' /proc/mounts; uname -r; grep VERSION_CODENAME /etc/os-release; pwd").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("/init") || out.starts_with("/sbin/kiln-agent"), "PID 1 is the agent: {out}");
+    assert!(out.contains(&format!("{}-boot-test", images.spec.name)), "hostname set: {out}");
+    assert!(out.contains("/dev/vda / ext4"), "root is the disk: {out}");
+    assert!(out.contains(&images.kernel.release), "kernel release: {out}");
+    assert!(out.contains("bookworm"), "{out}");
+
+    let (code, out) = exec(&client, check).await;
+    assert_eq!(code, 0, "{check}: {out}");
+    assert!(out.contains(expect), "{check}: {out}");
+
+    // Post-restore duties run for real in the guest: the clock jumps to what the host says.
+    let target_ns: u64 = 2_000_000_000 * 1_000_000_000;
+    let restored = client
+        .post_restore(&PostRestoreRequest {
+            wall_clock_ns: target_ns,
+            entropy_hex: "ab".repeat(64),
+            hostname: None,
+            metadata: None,
+        })
+        .await
+        .expect("post-restore");
+    assert_eq!(restored.applied, ["clock", "rng"]);
+    let (_, out) = exec(&client, "date -u +%Y").await;
+    assert_eq!(out.trim(), "2033", "guest clock set from the host");
+
+    client.shutdown(ShutdownAction::PowerOff).await.expect("shutdown accepted");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if qemu.try_wait().expect("wait").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "guest did not power off:\n{}", qemu.console_tail(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_template_boots_to_a_working_agent() {
+    let images = tokio::task::spawn_blocking(|| build("base")).await.expect("build task");
+    boot_and_check(&images, "ip -V; ps -e | wc -l", "iproute2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_template_boots_to_a_working_agent() {
+    let images = tokio::task::spawn_blocking(|| build("python")).await.expect("build task");
+    boot_and_check(
+        &images,
+        "python3 -c 'import json, sqlite3, ssl, venv, numpy, pandas; print(\"py-ok\", numpy.__version__, pandas.__version__)' && pip --version",
+        "py-ok",
+    )
+    .await;
+}
