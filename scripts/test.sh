@@ -16,7 +16,11 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
-step "cargo test"
+step "building the static guest agent (the boot tests install it in templates)"
+KILN_AGENT_BIN=$(build_static_agent)
+export KILN_AGENT_BIN
+
+step "cargo test (the boot tests build the base and python templates on first run)"
 cargo test --locked --workspace
 
 printf '\nall checks passed in %d s\n' "$((SECONDS - started))"

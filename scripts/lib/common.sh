@@ -13,6 +13,15 @@ KILN_TOOLS=(
   "stty:coreutils"
   "hostname:hostname"
   "cc:gcc"
+  "readelf:binutils"
+  "qemu-system-x86_64:qemu-system-x86"
+  "mmdebstrap:mmdebstrap"
+  "mkfs.ext4:e2fsprogs"
+  "debugfs:e2fsprogs"
+  "depmod:kmod"
+  "xz:xz-utils"
+  "zstd:zstd"
+  "cpio:cpio"
 )
 
 require_root() {
@@ -31,11 +40,17 @@ install_missing_tools() {
     pkg=${entry#*:}
     command -v "$tool" >/dev/null 2>&1 || missing+=("$pkg")
   done
-  [ "${#missing[@]}" -eq 0 ] && return 0
-  command -v apt-get >/dev/null 2>&1 || die "missing packages ${missing[*]} and no apt-get to install them"
-  step "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  if [ "${#missing[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "missing packages ${missing[*]} and no apt-get to install them"
+    step "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+  # The kernel is fetched with apt-get download, which needs package lists.
+  if ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
+    step "apt-get update (package lists for the guest kernel)"
+    apt-get update -qq
+  fi
 }
 
 # Builds the static guest agent; prints its path.

@@ -98,13 +98,7 @@ pub fn build_kernel(agent: &Path, cache: &Cache, progress: &dyn Progress) -> Res
         let detail = Some(format!("{} {}", package.name, package.version));
         Ok::<_, ImageError>((package, detail))
     })?;
-    let mut inputs = Inputs::new("kernel");
-    inputs
-        .add("package", package.name.as_str())
-        .add("version", package.version.as_str())
-        .add("deb-sha256", package.sha256.as_str())
-        .add("modules", GUEST_MODULES.join(","))
-        .add("agent", sha256_file(agent).context(|| format!("reading {}", agent.display()))?);
+    let inputs = kernel_inputs(&package, agent)?;
     let (dir, origin) = cache.get_or_build("kernel", &inputs, |out| build_into(&package, agent, out, progress))?;
     if origin == Origin::Cached {
         progress.event(BuildEvent::Cached { artefact: "kernel".into(), path: dir.display().to_string() });
@@ -117,6 +111,19 @@ pub fn build_kernel(agent: &Path, cache: &Cache, progress: &dyn Progress) -> Res
         dir,
         origin,
     })
+}
+
+/// The cache inputs of a kernel artefact: the exact package, the module set and the agent
+/// (it is the initramfs's `/init`).
+pub fn kernel_inputs(package: &KernelPackage, agent: &Path) -> Result<Inputs, ImageError> {
+    let mut inputs = Inputs::new("kernel");
+    inputs
+        .add("package", package.name.as_str())
+        .add("version", package.version.as_str())
+        .add("deb-sha256", package.sha256.as_str())
+        .add("modules", GUEST_MODULES.join(","))
+        .add("agent", sha256_file(agent).context(|| format!("reading {}", agent.display()))?);
+    Ok(inputs)
 }
 
 fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn Progress) -> Result<(), ImageError> {
@@ -329,6 +336,21 @@ mod tests {
         );
         assert_eq!(module_file_name("kernel/drivers/virtio/virtio-mmio.ko.xz"), "virtio_mmio.ko");
         assert!(module_load_order(dep, &["nope"]).is_err());
+    }
+
+    #[test]
+    fn every_input_changes_the_kernel_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"v1").expect("write");
+        let package = KernelPackage { name: "linux-image-6.1.0-1-amd64".into(), version: "6.1.1-1".into(), sha256: "aa".into() };
+        let key = |p: &KernelPackage| kernel_inputs(p, &agent).expect("inputs").key();
+        let original = key(&package);
+        assert_ne!(original, key(&KernelPackage { version: "6.1.1-2".into(), ..package.clone() }));
+        assert_ne!(original, key(&KernelPackage { sha256: "bb".into(), ..package.clone() }));
+        assert_ne!(original, key(&KernelPackage { name: "linux-image-6.1.0-2-amd64".into(), ..package.clone() }));
+        std::fs::write(&agent, b"v2").expect("write");
+        assert_ne!(original, key(&package), "the agent is part of the initramfs");
     }
 
     #[test]

@@ -425,6 +425,38 @@ mod tests {
         assert!(install_file(&src, root, "/loop/x", 0o644).is_err());
     }
 
+    /// Every input of a root filesystem is part of its cache key: changing any of them
+    /// selects a different artefact, so it is rebuilt.
+    #[test]
+    fn every_input_changes_the_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, b"agent v1").expect("write");
+        std::fs::write(dir.path().join("f.txt"), b"file v1").expect("write");
+        let text = "name = \"t\"\npackages = [\"vim\"]\n[base]\nsuite = \"bookworm\"\n[[files]]\nsrc = \"f.txt\"\ndest = \"/f\"\n";
+        let spec = TemplateSpec::parse(text, "t").expect("valid");
+        let packages = vec!["vim=2:9.0".to_owned()];
+        let key = |spec: &TemplateSpec, packages: &[String]| {
+            rootfs_inputs(spec, dir.path(), &agent, packages).expect("inputs").key()
+        };
+        let original = key(&spec, &packages);
+        assert_eq!(original, key(&spec, &packages), "stable");
+
+        let mut changed = spec.clone();
+        changed.resources.disk_mib += 1;
+        assert_ne!(original, key(&changed, &packages), "spec");
+        assert_ne!(original, key(&spec, &["vim=2:9.1".to_owned()]), "resolved package versions");
+        std::fs::write(dir.path().join("f.txt"), b"file v2").expect("write");
+        let after_file = key(&spec, &packages);
+        assert_ne!(original, after_file, "copied file contents");
+        std::fs::write(&agent, b"agent v2").expect("write");
+        assert_ne!(after_file, key(&spec, &packages), "agent binary");
+
+        let mut other_builder = Inputs::new("rootfs");
+        other_builder.add("builder", "2");
+        assert_ne!(Inputs::new("rootfs").key(), other_builder.key(), "builder version");
+    }
+
     #[test]
     fn spec_overrides_image_config() {
         let spec = TemplateSpec::parse(
