@@ -169,15 +169,18 @@ fn is_mount_point(path: &str) -> bool {
 pub fn load_modules(list: &Path) -> io::Result<()> {
     let text = std::fs::read_to_string(list)?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let file = std::fs::File::open(line)?;
         let params = CString::new(module_params(&cmdline, &module_name(line)))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: finit_module reads a module from an open descriptor and a NUL-terminated
         // parameter string; both are valid for the duration of the call.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0)
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {

@@ -96,11 +96,16 @@ async fn main() -> ExitCode {
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,
-        Commands::Template { command: TemplateCommand::Build { template, agent, cache_dir } } => {
-            tokio::task::spawn_blocking(move || template_cmd::build(&template, agent, &cache_dir))
-                .await
-                .unwrap_or_else(|e| Err(anyhow::anyhow!("template build panicked: {e}")))
-        }
+        Commands::Template {
+            command:
+                TemplateCommand::Build {
+                    template,
+                    agent,
+                    cache_dir,
+                },
+        } => tokio::task::spawn_blocking(move || template_cmd::build(&template, agent, &cache_dir))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("template build panicked: {e}"))),
         Commands::Bench {
             command:
                 BenchCommand::Agent {

@@ -33,7 +33,10 @@ pub fn resolve_spec(template: &str) -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    let searched: Vec<String> = templates_dirs().iter().map(|d| d.display().to_string()).collect();
+    let searched: Vec<String> = templates_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
     bail!(
         "template `{template}` not found: give a spec file, a directory with template.toml, or a name under {}",
         searched.join(", ")
@@ -48,7 +51,11 @@ pub fn build(template: &str, agent: Option<PathBuf>, cache_dir: &Path) -> Result
         None => static_agent()?,
     };
     let cache = Cache::new(cache_dir);
-    eprintln!("building template {} (cache {})", spec.display(), cache_dir.display());
+    eprintln!(
+        "building template {} (cache {})",
+        spec.display(),
+        cache_dir.display()
+    );
     let (images, summary) = build_template_with_summary(&spec, &agent, &cache, &PrintProgress)
         .with_context(|| format!("building {}", spec.display()))?;
     println!("{summary}");

@@ -148,8 +148,8 @@ impl Cache {
             return Ok((target, Origin::Cached));
         }
         let lock_file = File::create(dir.join(format!("{key}.lock")))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io::Error::from(e))?;
+        let _lock =
+            Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
         // Someone else may have built it while this builder waited for the lock.
         if target.join(MANIFEST).is_file() {
             return Ok((target, Origin::Cached));
@@ -158,7 +158,9 @@ impl Cache {
             // Left over from an interrupted publish; it has no manifest, so it is not valid.
             std::fs::remove_dir_all(&target)?;
         }
-        let staging = tempfile::Builder::new().prefix(&format!(".{key}-")).tempdir_in(&dir)?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{key}-"))
+            .tempdir_in(&dir)?;
         let started = std::time::Instant::now();
         build(staging.path())?;
         let manifest = Manifest {
@@ -178,7 +180,10 @@ impl Cache {
     pub fn manifest(artefact: &Path) -> io::Result<Manifest> {
         let bytes = std::fs::read(artefact.join(MANIFEST))?;
         if bytes.len() > 1 << 20 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "manifest too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "manifest too large",
+            ));
         }
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }

@@ -26,7 +26,11 @@ pub struct CpioWriter<W: Write> {
 impl<W: Write> CpioWriter<W> {
     /// Starts an archive on `out`.
     pub fn new(out: W) -> CpioWriter<W> {
-        CpioWriter { out, written: 0, next_inode: 1 }
+        CpioWriter {
+            out,
+            written: 0,
+            next_inode: 1,
+        }
     }
 
     fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -47,7 +51,11 @@ impl<W: Write> CpioWriter<W> {
         let name = name.trim_start_matches('/');
         let inode = self.next_inode;
         self.next_inode += 1;
-        let nlink = if mode & S_IFDIR == S_IFDIR && mode & S_IFREG != S_IFREG { 2 } else { 1 };
+        let nlink = if mode & S_IFDIR == S_IFDIR && mode & S_IFREG != S_IFREG {
+            2
+        } else {
+            1
+        };
         let fields = [
             inode,
             mode,
@@ -110,7 +118,11 @@ mod tests {
     /// The archive unpacks with GNU cpio to exactly what was written.
     #[test]
     fn gnu_cpio_reads_it_back() {
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             eprintln!("cpio not installed; skipping the cross-check");
             return;
         }
@@ -132,7 +144,14 @@ mod tests {
             })
             .expect("cpio runs");
         let text = String::from_utf8_lossy(&listing.stdout);
-        assert!(text.contains("dir/file") && text.contains("link -> dir/file"), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("-rw-r-----") && l.contains("dir/file")), "{text}");
+        assert!(
+            text.contains("dir/file") && text.contains("link -> dir/file"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("-rw-r-----") && l.contains("dir/file")),
+            "{text}"
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// A tool the build needs is not installed.
-    #[error("`{tool}` not found: install the Debian package `{package}` (apt-get install {package})")]
+    #[error(
+        "`{tool}` not found: install the Debian package `{package}` (apt-get install {package})"
+    )]
     MissingTool {
         /// The command.
         tool: String,
@@ -56,7 +58,9 @@ pub enum ImageError {
         path: PathBuf,
     },
     /// A file named by the spec is missing.
-    #[error("template file {path} does not exist (paths in `files` are relative to the spec file)")]
+    #[error(
+        "template file {path} does not exist (paths in `files` are relative to the spec file)"
+    )]
     MissingFile {
         /// The missing path.
         path: PathBuf,
@@ -65,7 +69,10 @@ pub enum ImageError {
 
 impl From<std::io::Error> for ImageError {
     fn from(source: std::io::Error) -> Self {
-        ImageError::Io { context: "I/O error".into(), source }
+        ImageError::Io {
+            context: "I/O error".into(),
+            source,
+        }
     }
 }
 
@@ -77,6 +84,9 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T, ImageError> {
-        self.map_err(|source| ImageError::Io { context: context(), source })
+        self.map_err(|source| ImageError::Io {
+            context: context(),
+            source,
+        })
     }
 }

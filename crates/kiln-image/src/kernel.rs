@@ -22,8 +22,14 @@ use crate::tool::run;
 pub const KERNEL_META_PACKAGE: &str = "linux-image-amd64";
 
 /// Modules a kiln guest needs (with their dependencies), in Debian's naming.
-pub const GUEST_MODULES: &[&str] =
-    &["virtio_mmio", "virtio_console", "virtio_blk", "virtio_net", "crc32c_generic", "ext4"];
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_net",
+    "crc32c_generic",
+    "ext4",
+];
 
 /// A kernel ready to boot.
 #[derive(Debug, Clone)]
@@ -81,29 +87,56 @@ pub fn resolve_kernel_package() -> Result<KernelPackage, ImageError> {
     let depends = meta.get("Depends").cloned().unwrap_or_default();
     let name = depends
         .split(',')
-        .map(|d| d.trim().split([' ', '(']).next().unwrap_or_default().to_owned())
+        .map(|d| {
+            d.trim()
+                .split([' ', '('])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
         .find(|d| d.starts_with("linux-image-"))
-        .ok_or_else(|| ImageError::Kernel(format!("{KERNEL_META_PACKAGE} depends on no linux-image package: {depends}")))?;
+        .ok_or_else(|| {
+            ImageError::Kernel(format!(
+                "{KERNEL_META_PACKAGE} depends on no linux-image package: {depends}"
+            ))
+        })?;
     let package = apt_show(&name)?;
     let field = |key: &str| {
-        package.get(key).cloned().ok_or_else(|| ImageError::Kernel(format!("{name} has no {key} field")))
+        package
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ImageError::Kernel(format!("{name} has no {key} field")))
     };
-    Ok(KernelPackage { version: field("Version")?, sha256: field("SHA256")?, name })
+    Ok(KernelPackage {
+        version: field("Version")?,
+        sha256: field("SHA256")?,
+        name,
+    })
 }
 
 /// Builds (or finds in the cache) the kernel and the initramfs for `agent`.
-pub fn build_kernel(agent: &Path, cache: &Cache, progress: &dyn Progress) -> Result<KernelArtefact, ImageError> {
+pub fn build_kernel(
+    agent: &Path,
+    cache: &Cache,
+    progress: &dyn Progress,
+) -> Result<KernelArtefact, ImageError> {
     let package = step(progress, "kernel", "resolve package", || {
         let package = resolve_kernel_package()?;
         let detail = Some(format!("{} {}", package.name, package.version));
         Ok::<_, ImageError>((package, detail))
     })?;
     let inputs = kernel_inputs(&package, agent)?;
-    let (dir, origin) = cache.get_or_build("kernel", &inputs, |out| build_into(&package, agent, out, progress))?;
+    let (dir, origin) = cache.get_or_build("kernel", &inputs, |out| {
+        build_into(&package, agent, out, progress)
+    })?;
     if origin == Origin::Cached {
-        progress.event(BuildEvent::Cached { artefact: "kernel".into(), path: dir.display().to_string() });
+        progress.event(BuildEvent::Cached {
+            artefact: "kernel".into(),
+            path: dir.display().to_string(),
+        });
     }
-    let release = std::fs::read_to_string(dir.join("release")).context(|| "reading the kernel release".into())?;
+    let release = std::fs::read_to_string(dir.join("release"))
+        .context(|| "reading the kernel release".into())?;
     Ok(KernelArtefact {
         vmlinux: dir.join("vmlinux"),
         initramfs: dir.join("initramfs.cpio"),
@@ -122,16 +155,30 @@ pub fn kernel_inputs(package: &KernelPackage, agent: &Path) -> Result<Inputs, Im
         .add("version", package.version.as_str())
         .add("deb-sha256", package.sha256.as_str())
         .add("modules", GUEST_MODULES.join(","))
-        .add("agent", sha256_file(agent).context(|| format!("reading {}", agent.display()))?);
+        .add(
+            "agent",
+            sha256_file(agent).context(|| format!("reading {}", agent.display()))?,
+        );
     Ok(inputs)
 }
 
-fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn Progress) -> Result<(), ImageError> {
+fn build_into(
+    package: &KernelPackage,
+    agent: &Path,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<(), ImageError> {
     let work = out.join("work");
     std::fs::create_dir_all(&work).context(|| format!("creating {}", work.display()))?;
     let deb = step(progress, "kernel", "download", || {
         run(
-            Command::new("apt-get").args(["download", "-q", &format!("{}={}", package.name, package.version)]).current_dir(&work),
+            Command::new("apt-get")
+                .args([
+                    "download",
+                    "-q",
+                    &format!("{}={}", package.name, package.version),
+                ])
+                .current_dir(&work),
             &format!("apt-get download {}", package.name),
         )?;
         let deb = std::fs::read_dir(&work)
@@ -141,14 +188,20 @@ fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn 
             .find(|p| p.extension().is_some_and(|e| e == "deb"))
             .ok_or_else(|| ImageError::Kernel("apt-get download produced no .deb".into()))?;
         if sha256_file(&deb).context(|| "hashing the .deb".into())? != package.sha256 {
-            return Err(ImageError::Kernel(format!("{} does not match the archive's SHA256", deb.display())));
+            return Err(ImageError::Kernel(format!(
+                "{} does not match the archive's SHA256",
+                deb.display()
+            )));
         }
         let size = std::fs::metadata(&deb).map(|m| m.len()).unwrap_or(0);
         Ok::<_, ImageError>((deb, Some(human_bytes(size))))
     })?;
     let root = work.join("pkg");
     step(progress, "kernel", "unpack", || {
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root), "dpkg-deb -x")?;
+        run(
+            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+            "dpkg-deb -x",
+        )?;
         Ok::<_, ImageError>(((), None))
     })?;
     let release = package.name.trim_start_matches("linux-image-").to_owned();
@@ -157,7 +210,9 @@ fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn 
         let image = std::fs::read(&bzimage).context(|| format!("reading {}", bzimage.display()))?;
         let vmlinux = extract_vmlinux(&image)?;
         if !has_pvh_entry(&vmlinux) {
-            return Err(ImageError::Kernel("vmlinux has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)".into()));
+            return Err(ImageError::Kernel(
+                "vmlinux has no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY)".into(),
+            ));
         }
         std::fs::write(out.join("vmlinux"), &vmlinux).context(|| "writing vmlinux".into())?;
         Ok::<_, ImageError>(((), Some(human_bytes(vmlinux.len() as u64))))
@@ -165,8 +220,12 @@ fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn 
     let modules_dir = root.join(format!("lib/modules/{release}"));
     let modules = step(progress, "kernel", "collect modules", || {
         // The package does not ship modules.dep; depmod makes it, as on installation.
-        run(Command::new("depmod").arg("-b").arg(&root).arg(&release), "depmod")?;
-        let dep = std::fs::read_to_string(modules_dir.join("modules.dep")).context(|| "reading modules.dep".into())?;
+        run(
+            Command::new("depmod").arg("-b").arg(&root).arg(&release),
+            "depmod",
+        )?;
+        let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
+            .context(|| "reading modules.dep".into())?;
         let order = module_load_order(&dep, GUEST_MODULES)?;
         let mut loaded = Vec::new();
         for relative in &order {
@@ -177,15 +236,20 @@ fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn 
         Ok::<_, ImageError>((loaded, detail))
     })?;
     step(progress, "kernel", "write initramfs", || {
-        let agent_bytes = std::fs::read(agent).context(|| format!("reading {}", agent.display()))?;
-        let archive = initramfs(&agent_bytes, &modules).context(|| "writing the initramfs".into())?;
-        std::fs::write(out.join("initramfs.cpio"), &archive).context(|| "writing the initramfs".into())?;
+        let agent_bytes =
+            std::fs::read(agent).context(|| format!("reading {}", agent.display()))?;
+        let archive =
+            initramfs(&agent_bytes, &modules).context(|| "writing the initramfs".into())?;
+        std::fs::write(out.join("initramfs.cpio"), &archive)
+            .context(|| "writing the initramfs".into())?;
         Ok::<_, ImageError>(((), Some(human_bytes(archive.len() as u64))))
     })?;
     if let Ok(config) = std::fs::read(root.join(format!("boot/config-{release}"))) {
-        std::fs::write(out.join("config"), config).context(|| "writing the kernel config".into())?;
+        std::fs::write(out.join("config"), config)
+            .context(|| "writing the kernel config".into())?;
     }
-    std::fs::write(out.join("release"), format!("{release}\n")).context(|| "writing release".into())?;
+    std::fs::write(out.join("release"), format!("{release}\n"))
+        .context(|| "writing release".into())?;
     std::fs::remove_dir_all(&work).context(|| "removing the unpacked package".into())?;
     Ok(())
 }
@@ -194,7 +258,16 @@ fn build_into(package: &KernelPackage, agent: &Path, out: &Path, progress: &dyn 
 /// order in `/kiln/modules.list`.
 pub fn initramfs(agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
     let mut cpio = CpioWriter::new(Vec::new());
-    for dir in ["dev", "proc", "sys", "run", "tmp", "sysroot", "kiln", "kiln/modules"] {
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "sysroot",
+        "kiln",
+        "kiln/modules",
+    ] {
         cpio.dir(dir, 0o755)?;
     }
     cpio.char_device("dev/console", 0o600, 5, 1)?;
@@ -224,13 +297,23 @@ pub fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<Strin
     let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut by_name: BTreeMap<String, String> = BTreeMap::new();
     for line in modules_dep.lines() {
-        let Some((module, rest)) = line.split_once(':') else { continue };
+        let Some((module, rest)) = line.split_once(':') else {
+            continue;
+        };
         by_name.insert(module_name(module), module.to_owned());
-        deps.insert(module.to_owned(), rest.split_whitespace().map(str::to_owned).collect());
+        deps.insert(
+            module.to_owned(),
+            rest.split_whitespace().map(str::to_owned).collect(),
+        );
     }
     let mut order = Vec::new();
     let mut seen = HashSet::new();
-    fn visit(module: &str, deps: &BTreeMap<String, Vec<String>>, seen: &mut HashSet<String>, order: &mut Vec<String>) {
+    fn visit(
+        module: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        seen: &mut HashSet<String>,
+        order: &mut Vec<String>,
+    ) {
         if !seen.insert(module.to_owned()) {
             return;
         }
@@ -240,9 +323,11 @@ pub fn module_load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<Strin
         order.push(module.to_owned());
     }
     for name in wanted {
-        let module = by_name
-            .get(&name.replace('-', "_"))
-            .ok_or_else(|| ImageError::Kernel(format!("module {name} is not in modules.dep (built in, or missing?)")))?;
+        let module = by_name.get(&name.replace('-', "_")).ok_or_else(|| {
+            ImageError::Kernel(format!(
+                "module {name} is not in modules.dep (built in, or missing?)"
+            ))
+        })?;
         visit(module, &deps, &mut seen, &mut order);
     }
     Ok(order)
@@ -258,7 +343,10 @@ fn decompress_module(path: &Path) -> Result<Vec<u8>, ImageError> {
     } else {
         return std::fs::read(path).context(|| format!("reading {name}"));
     };
-    let output = run(Command::new(tool).args(["-d", "-c"]).arg(path), &format!("decompressing {name}"))?;
+    let output = run(
+        Command::new(tool).args(["-d", "-c"]).arg(path),
+        &format!("decompressing {name}"),
+    )?;
     Ok(output.stdout)
 }
 
@@ -282,7 +370,9 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>, ImageError> {
             from = pos + 1;
         }
     }
-    Err(ImageError::Kernel("no compressed ELF kernel found in the bzImage".into()))
+    Err(ImageError::Kernel(
+        "no compressed ELF kernel found in the bzImage".into(),
+    ))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -334,7 +424,10 @@ mod tests {
                 "kernel/fs/ext4/ext4.ko.xz"
             ]
         );
-        assert_eq!(module_file_name("kernel/drivers/virtio/virtio-mmio.ko.xz"), "virtio_mmio.ko");
+        assert_eq!(
+            module_file_name("kernel/drivers/virtio/virtio-mmio.ko.xz"),
+            "virtio_mmio.ko"
+        );
         assert!(module_load_order(dep, &["nope"]).is_err());
     }
 
@@ -343,14 +436,40 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let agent = dir.path().join("agent");
         std::fs::write(&agent, b"v1").expect("write");
-        let package = KernelPackage { name: "linux-image-6.1.0-1-amd64".into(), version: "6.1.1-1".into(), sha256: "aa".into() };
+        let package = KernelPackage {
+            name: "linux-image-6.1.0-1-amd64".into(),
+            version: "6.1.1-1".into(),
+            sha256: "aa".into(),
+        };
         let key = |p: &KernelPackage| kernel_inputs(p, &agent).expect("inputs").key();
         let original = key(&package);
-        assert_ne!(original, key(&KernelPackage { version: "6.1.1-2".into(), ..package.clone() }));
-        assert_ne!(original, key(&KernelPackage { sha256: "bb".into(), ..package.clone() }));
-        assert_ne!(original, key(&KernelPackage { name: "linux-image-6.1.0-2-amd64".into(), ..package.clone() }));
+        assert_ne!(
+            original,
+            key(&KernelPackage {
+                version: "6.1.1-2".into(),
+                ..package.clone()
+            })
+        );
+        assert_ne!(
+            original,
+            key(&KernelPackage {
+                sha256: "bb".into(),
+                ..package.clone()
+            })
+        );
+        assert_ne!(
+            original,
+            key(&KernelPackage {
+                name: "linux-image-6.1.0-2-amd64".into(),
+                ..package.clone()
+            })
+        );
         std::fs::write(&agent, b"v2").expect("write");
-        assert_ne!(original, key(&package), "the agent is part of the initramfs");
+        assert_ne!(
+            original,
+            key(&package),
+            "the agent is part of the initramfs"
+        );
     }
 
     #[test]
@@ -363,10 +482,17 @@ mod tests {
     #[test]
     fn extracts_a_compressed_elf_after_a_header() {
         let elf = b"\x7fELF\x02 pretend kernel".repeat(100);
-        let Ok(out) = Command::new("sh").arg("-c").arg("xz -c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().and_then(|mut c| {
-            c.stdin.take().expect("stdin").write_all(&elf)?;
-            c.wait_with_output()
-        }) else {
+        let Ok(out) = Command::new("sh")
+            .arg("-c")
+            .arg("xz -c")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().expect("stdin").write_all(&elf)?;
+                c.wait_with_output()
+            })
+        else {
             return;
         };
         let mut bz = b"MZ setup code ...".to_vec();

@@ -46,9 +46,17 @@ impl Progress for PrintProgress {
     fn event(&self, event: BuildEvent) {
         match event {
             BuildEvent::Step { artefact, name } => eprintln!("  [{artefact}] {name} ..."),
-            BuildEvent::StepDone { artefact, name, elapsed, detail } => {
+            BuildEvent::StepDone {
+                artefact,
+                name,
+                elapsed,
+                detail,
+            } => {
                 let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
-                eprintln!("  [{artefact}] {name}: done in {:.1} s{detail}", elapsed.as_secs_f64());
+                eprintln!(
+                    "  [{artefact}] {name}: done in {:.1} s{detail}",
+                    elapsed.as_secs_f64()
+                );
             }
             BuildEvent::Cached { artefact, path } => eprintln!("  [{artefact}] cached at {path}"),
         }
@@ -70,7 +78,10 @@ pub fn step<T, E>(
     name: &str,
     f: impl FnOnce() -> Result<(T, Option<String>), E>,
 ) -> Result<T, E> {
-    progress.event(BuildEvent::Step { artefact: artefact.to_owned(), name: name.to_owned() });
+    progress.event(BuildEvent::Step {
+        artefact: artefact.to_owned(),
+        name: name.to_owned(),
+    });
     let started = std::time::Instant::now();
     let (value, detail) = f()?;
     progress.event(BuildEvent::StepDone {

@@ -56,15 +56,22 @@ const PACKAGES_FILE: &str = "packages.txt";
 /// Resolves the exact package set mmdebstrap would install (`name=version` lines, sorted),
 /// so the cache key changes whenever the archive would give a different image.
 pub fn resolve_packages(spec: &TemplateSpec) -> Result<Vec<String>, ImageError> {
-    let Some(suite) = &spec.base.suite else { return Ok(Vec::new()) };
+    let Some(suite) = &spec.base.suite else {
+        return Ok(Vec::new());
+    };
     let mut command = Command::new("mmdebstrap");
-    command.args(["--simulate", "--verbose", &format!("--variant={}", spec.base.variant)]);
+    command.args([
+        "--simulate",
+        "--verbose",
+        &format!("--variant={}", spec.base.variant),
+    ]);
     if !spec.packages.is_empty() {
         command.arg(format!("--include={}", spec.packages.join(",")));
     }
     command.args([suite.as_str(), "/dev/null"]);
     let output = run(&mut command, "resolving packages (mmdebstrap --simulate)")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
     let mut packages: Vec<String> = text
         .lines()
         .filter_map(|line| {
@@ -99,18 +106,27 @@ pub fn rootfs_inputs(
         source: std::io::Error::other(e),
     })?;
     inputs.add_bytes("spec", &spec_json);
-    inputs.add("agent", sha256_file(agent).context(|| format!("reading agent {}", agent.display()))?);
+    inputs.add(
+        "agent",
+        sha256_file(agent).context(|| format!("reading agent {}", agent.display()))?,
+    );
     inputs.add_bytes("packages", packages.join("\n").as_bytes());
     if let Some(image) = &spec.base.image {
         let path = spec_dir.join(image);
-        inputs.add("image", sha256_file(&path).context(|| format!("reading image archive {}", path.display()))?);
+        inputs.add(
+            "image",
+            sha256_file(&path).context(|| format!("reading image archive {}", path.display()))?,
+        );
     }
     for (i, file) in spec.files.iter().enumerate() {
         let path = spec_dir.join(&file.src);
         if !path.is_file() {
             return Err(ImageError::MissingFile { path });
         }
-        inputs.add(&format!("file{i}"), sha256_file(&path).context(|| format!("reading {}", path.display()))?);
+        inputs.add(
+            &format!("file{i}"),
+            sha256_file(&path).context(|| format!("reading {}", path.display()))?,
+        );
     }
     Ok(inputs)
 }
@@ -134,14 +150,23 @@ pub fn build_rootfs(
         build_into(spec, spec_dir, agent, &packages, out, &artefact, progress)
     })?;
     if origin == Origin::Cached {
-        progress.event(BuildEvent::Cached { artefact, path: dir.display().to_string() });
+        progress.event(BuildEvent::Cached {
+            artefact,
+            path: dir.display().to_string(),
+        });
     }
-    let config_bytes = std::fs::read(dir.join(CONFIG_FILE)).context(|| format!("reading {}", dir.display()))?;
+    let config_bytes =
+        std::fs::read(dir.join(CONFIG_FILE)).context(|| format!("reading {}", dir.display()))?;
     let config = serde_json::from_slice(&config_bytes).map_err(|e| ImageError::Io {
         context: format!("parsing {}", dir.join(CONFIG_FILE).display()),
         source: std::io::Error::other(e),
     })?;
-    Ok(RootfsArtefact { image: dir.join(IMAGE_FILE), dir, config, origin })
+    Ok(RootfsArtefact {
+        image: dir.join(IMAGE_FILE),
+        dir,
+        config,
+        origin,
+    })
 }
 
 fn build_into(
@@ -155,8 +180,11 @@ fn build_into(
 ) -> Result<(), ImageError> {
     let tree = out.join("tree");
     let image_config = match (&spec.base.suite, &spec.base.image) {
-        (Some(suite), _) => {
-            step(progress, artefact, &format!("mmdebstrap {suite} ({})", spec.base.variant), || {
+        (Some(suite), _) => step(
+            progress,
+            artefact,
+            &format!("mmdebstrap {suite} ({})", spec.base.variant),
+            || {
                 let mut command = Command::new("mmdebstrap");
                 command.args(["--quiet", &format!("--variant={}", spec.base.variant)]);
                 if !spec.packages.is_empty() {
@@ -165,8 +193,8 @@ fn build_into(
                 command.arg(suite).arg(&tree);
                 run(&mut command, "mmdebstrap")?;
                 Ok::<_, ImageError>((None, Some(format!("{} packages", packages.len()))))
-            })?
-        }
+            },
+        )?,
         (None, Some(image)) => step(progress, artefact, "unpack image archive", || {
             std::fs::create_dir_all(&tree).context(|| format!("creating {}", tree.display()))?;
             let config = crate::oci::unpack_image_archive(&spec_dir.join(image), &tree)?;
@@ -185,19 +213,30 @@ fn build_into(
         }
         install_file(agent, &tree, AGENT_PATH, 0o755)?;
         for file in &spec.files {
-            install_file(&spec_dir.join(&file.src), &tree, &file.dest, file.mode.unwrap_or(0o644))?;
+            install_file(
+                &spec_dir.join(&file.src),
+                &tree,
+                &file.dest,
+                file.mode.unwrap_or(0o644),
+            )?;
         }
-        let hostname = tempfile::NamedTempFile::new().context(|| "creating a temporary file".into())?;
+        let hostname =
+            tempfile::NamedTempFile::new().context(|| "creating a temporary file".into())?;
         std::fs::write(hostname.path(), "kiln\n").context(|| "writing /etc/hostname".into())?;
         install_file(hostname.path(), &tree, "/etc/hostname", 0o644)?;
         Ok::<_, ImageError>(((), Some(format!("{} files", spec.files.len() + 1))))
     })?;
 
     for (i, command) in spec.run.iter().enumerate() {
-        step(progress, artefact, &format!("run[{i}]: {}", first_line(command)), || {
-            run_in_chroot(&tree, command)?;
-            Ok::<_, ImageError>(((), None))
-        })?;
+        step(
+            progress,
+            artefact,
+            &format!("run[{i}]: {}", first_line(command)),
+            || {
+                run_in_chroot(&tree, command)?;
+                Ok::<_, ImageError>(((), None))
+            },
+        )?;
     }
 
     let size = step(progress, artefact, "make ext4 image", || {
@@ -205,7 +244,10 @@ fn build_into(
         // ext4 needs room for its own metadata and the journal on top of the content.
         let needed_mib = (content + content / 8 + (48 << 20)) >> 20;
         if needed_mib > u64::from(spec.resources.disk_mib) {
-            return Err(ImageError::DiskTooSmall { needed_mib, disk_mib: spec.resources.disk_mib });
+            return Err(ImageError::DiskTooSmall {
+                needed_mib,
+                disk_mib: spec.resources.disk_mib,
+            });
         }
         let image = out.join(IMAGE_FILE);
         run(
@@ -216,7 +258,14 @@ fn build_into(
                 .arg(format!("{}M", spec.resources.disk_mib)),
             "mkfs.ext4",
         )?;
-        Ok::<_, ImageError>((content, Some(format!("{} of files in a {} MiB disk", human_bytes(content), spec.resources.disk_mib))))
+        Ok::<_, ImageError>((
+            content,
+            Some(format!(
+                "{} of files in a {} MiB disk",
+                human_bytes(content),
+                spec.resources.disk_mib
+            )),
+        ))
     })?;
     tracing::debug!(size, "root filesystem content");
     std::fs::remove_dir_all(&tree).context(|| format!("removing {}", tree.display()))?;
@@ -227,14 +276,18 @@ fn build_into(
         source: std::io::Error::other(e),
     })?;
     std::fs::write(out.join(CONFIG_FILE), json).context(|| "writing config.json".into())?;
-    std::fs::write(out.join(PACKAGES_FILE), packages.join("\n") + "\n").context(|| "writing packages.txt".into())?;
+    std::fs::write(out.join(PACKAGES_FILE), packages.join("\n") + "\n")
+        .context(|| "writing packages.txt".into())?;
     Ok(())
 }
 
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or_default();
     if line.len() > 60 {
-        format!("{}...", &line[..line.char_indices().nth(57).map_or(line.len(), |(i, _)| i)])
+        format!(
+            "{}...",
+            &line[..line.char_indices().nth(57).map_or(line.len(), |(i, _)| i)]
+        )
     } else {
         line.to_owned()
     }
@@ -249,12 +302,15 @@ fn resolve_dir_in_root(tree: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
         context: format!("resolving {} in the image", dir.display()),
         source: std::io::Error::other(message),
     };
-    let mut pending: Vec<std::ffi::OsString> =
-        dir.components().rev().filter_map(|c| match c {
+    let mut pending: Vec<std::ffi::OsString> = dir
+        .components()
+        .rev()
+        .filter_map(|c| match c {
             std::path::Component::Normal(name) => Some(name.to_owned()),
             std::path::Component::ParentDir => Some("..".into()),
             _ => None,
-        }).collect();
+        })
+        .collect();
     let mut current: Vec<std::ffi::OsString> = Vec::new();
     let mut hops = 0;
     while let Some(name) = pending.pop() {
@@ -262,14 +318,18 @@ fn resolve_dir_in_root(tree: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
             current.pop();
             continue;
         }
-        let candidate = current.iter().fold(tree.to_owned(), |p, c| p.join(c)).join(&name);
+        let candidate = current
+            .iter()
+            .fold(tree.to_owned(), |p, c| p.join(c))
+            .join(&name);
         match std::fs::symlink_metadata(&candidate) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 hops += 1;
                 if hops > 40 {
                     return Err(fail("too many levels of symbolic links".into()));
                 }
-                let target = std::fs::read_link(&candidate).context(|| format!("reading link {}", candidate.display()))?;
+                let target = std::fs::read_link(&candidate)
+                    .context(|| format!("reading link {}", candidate.display()))?;
                 if target.is_absolute() {
                     current.clear();
                 }
@@ -284,7 +344,8 @@ fn resolve_dir_in_root(tree: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
             Ok(meta) if meta.is_dir() => current.push(name),
             Ok(_) => return Err(fail(format!("{} is not a directory", candidate.display()))),
             Err(_) => {
-                std::fs::create_dir(&candidate).context(|| format!("creating {}", candidate.display()))?;
+                std::fs::create_dir(&candidate)
+                    .context(|| format!("creating {}", candidate.display()))?;
                 current.push(name);
             }
         }
@@ -297,7 +358,9 @@ fn resolve_dir_in_root(tree: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
 /// written through.
 fn install_file(src: &Path, tree: &Path, dest: &str, mode: u32) -> Result<(), ImageError> {
     if !src.is_file() {
-        return Err(ImageError::MissingFile { path: src.to_owned() });
+        return Err(ImageError::MissingFile {
+            path: src.to_owned(),
+        });
     }
     let dest_path = Path::new(dest);
     let name = dest_path.file_name().ok_or_else(|| ImageError::Io {
@@ -332,7 +395,18 @@ fn run_in_chroot(tree: &Path, command: &str) -> Result<(), ImageError> {
     );
     run(
         Command::new("unshare")
-            .args(["--mount", "--pid", "--net", "--fork", "--kill-child", "--propagation", "private", "sh", "-c", &script])
+            .args([
+                "--mount",
+                "--pid",
+                "--net",
+                "--fork",
+                "--kill-child",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ])
             .env("PATH", crate::BUILD_PATH)
             .env("HOME", "/root"),
         &format!("build step `{}`", first_line(command)),
@@ -359,14 +433,18 @@ fn tree_size(dir: &Path) -> std::io::Result<u64> {
 
 /// The runtime defaults: the spec's, over the image's.
 fn template_config(spec: &TemplateSpec, image: Option<&crate::oci::ImageConfig>) -> TemplateConfig {
-    let mut env: BTreeMap<String, String> = image.map(|i| i.env.iter().cloned().collect()).unwrap_or_default();
+    let mut env: BTreeMap<String, String> = image
+        .map(|i| i.env.iter().cloned().collect())
+        .unwrap_or_default();
     env.extend(spec.env.clone());
     let start = match &spec.start {
         Some(start) => Some(StartCommand {
             command: AgentCommand::Shell(start.command.clone()),
             readiness: start.readiness.as_ref().map(|r| match r {
                 ReadinessSpec::TcpPort(port) => ReadinessCheck::TcpPort { port: *port },
-                ReadinessSpec::Exec(command) => ReadinessCheck::Exec { command: AgentCommand::Shell(command.clone()) },
+                ReadinessSpec::Exec(command) => ReadinessCheck::Exec {
+                    command: AgentCommand::Shell(command.clone()),
+                },
             }),
             timeout_ms: start.timeout_secs * 1000,
             interval_ms: 100,
@@ -384,8 +462,14 @@ fn template_config(spec: &TemplateSpec, image: Option<&crate::oci::ImageConfig>)
     TemplateConfig {
         name: spec.name.clone(),
         env,
-        workdir: spec.workdir.clone().or_else(|| image.and_then(|i| i.workdir.clone())),
-        user: spec.user.clone().or_else(|| image.and_then(|i| i.user.clone())),
+        workdir: spec
+            .workdir
+            .clone()
+            .or_else(|| image.and_then(|i| i.workdir.clone())),
+        user: spec
+            .user
+            .clone()
+            .or_else(|| image.and_then(|i| i.user.clone())),
         start,
         resources: spec.resources.clone(),
     }
@@ -413,8 +497,15 @@ mod tests {
         install_file(&src, root, "/evil/file", 0o644).expect("absolute link is re-rooted");
         install_file(&src, root, "/up/file2", 0o644).expect("`..` stops at the root");
         assert!(root.join("file2").is_file());
-        let outside_entries: Vec<_> = std::fs::read_dir(outside.path()).expect("dir").map(|e| e.expect("entry").file_name()).collect();
-        assert_eq!(outside_entries, vec![std::ffi::OsString::from("src")], "nothing written outside");
+        let outside_entries: Vec<_> = std::fs::read_dir(outside.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            outside_entries,
+            vec![std::ffi::OsString::from("src")],
+            "nothing written outside"
+        );
         // A symlink at the destination is replaced, not written through.
         std::os::unix::fs::symlink("/etc/passwd", root.join("dest")).expect("symlink");
         install_file(&src, root, "/dest", 0o600).expect("install");
@@ -437,7 +528,9 @@ mod tests {
         let spec = TemplateSpec::parse(text, "t").expect("valid");
         let packages = vec!["vim=2:9.0".to_owned()];
         let key = |spec: &TemplateSpec, packages: &[String]| {
-            rootfs_inputs(spec, dir.path(), &agent, packages).expect("inputs").key()
+            rootfs_inputs(spec, dir.path(), &agent, packages)
+                .expect("inputs")
+                .key()
         };
         let original = key(&spec, &packages);
         assert_eq!(original, key(&spec, &packages), "stable");
@@ -445,7 +538,11 @@ mod tests {
         let mut changed = spec.clone();
         changed.resources.disk_mib += 1;
         assert_ne!(original, key(&changed, &packages), "spec");
-        assert_ne!(original, key(&spec, &["vim=2:9.1".to_owned()]), "resolved package versions");
+        assert_ne!(
+            original,
+            key(&spec, &["vim=2:9.1".to_owned()]),
+            "resolved package versions"
+        );
         std::fs::write(dir.path().join("f.txt"), b"file v2").expect("write");
         let after_file = key(&spec, &packages);
         assert_ne!(original, after_file, "copied file contents");
@@ -454,7 +551,11 @@ mod tests {
 
         let mut other_builder = Inputs::new("rootfs");
         other_builder.add("builder", "2");
-        assert_ne!(Inputs::new("rootfs").key(), other_builder.key(), "builder version");
+        assert_ne!(
+            Inputs::new("rootfs").key(),
+            other_builder.key(),
+            "builder version"
+        );
     }
 
     #[test]
@@ -478,7 +579,10 @@ mod tests {
         assert_eq!(config.user.as_deref(), Some("1000"));
         assert_eq!(
             config.start.map(|s| s.command),
-            Some(AgentCommand::Argv(vec!["/app/run".into(), "--serve".into()]))
+            Some(AgentCommand::Argv(vec![
+                "/app/run".into(),
+                "--serve".into()
+            ]))
         );
     }
 }

@@ -163,7 +163,11 @@ fn default_disk() -> u32 {
 
 impl Default for Resources {
     fn default() -> Self {
-        Resources { vcpus: default_vcpus(), memory_mib: default_memory(), disk_mib: default_disk() }
+        Resources {
+            vcpus: default_vcpus(),
+            memory_mib: default_memory(),
+            disk_mib: default_disk(),
+        }
     }
 }
 
@@ -202,8 +206,10 @@ pub enum SpecError {
 impl TemplateSpec {
     /// Reads and validates a spec file.
     pub fn from_file(path: &Path) -> Result<TemplateSpec, SpecError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SpecError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         TemplateSpec::parse(&text, &path.display().to_string())
     }
 
@@ -213,11 +219,12 @@ impl TemplateSpec {
             origin: origin.to_owned(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        spec.validate().map_err(|(field, message)| SpecError::Invalid {
-            origin: origin.to_owned(),
-            field,
-            message,
-        })?;
+        spec.validate()
+            .map_err(|(field, message)| SpecError::Invalid {
+                origin: origin.to_owned(),
+                field,
+                message,
+            })?;
         Ok(spec)
     }
 
@@ -231,32 +238,60 @@ impl TemplateSpec {
         }
         match (&self.base.suite, &self.base.image) {
             (Some(_), Some(_)) => return fail("base", "set either `suite` or `image`, not both"),
-            (None, None) => return fail("base", "set `suite` (a Debian suite) or `image` (an image archive)"),
+            (None, None) => {
+                return fail(
+                    "base",
+                    "set `suite` (a Debian suite) or `image` (an image archive)",
+                )
+            }
             (Some(suite), None) if !valid_word(suite) => {
                 return fail("base.suite", "a Debian suite name such as `bookworm`")
             }
             _ => {}
         }
-        if !matches!(self.base.variant.as_str(), "minbase" | "essential" | "apt" | "required" | "important" | "standard") {
-            return fail("base.variant", "one of minbase, essential, apt, required, important, standard");
+        if !matches!(
+            self.base.variant.as_str(),
+            "minbase" | "essential" | "apt" | "required" | "important" | "standard"
+        ) {
+            return fail(
+                "base.variant",
+                "one of minbase, essential, apt, required, important, standard",
+            );
         }
         if self.base.image.is_some() && !self.packages.is_empty() {
-            return fail("packages", "packages can only be installed on a Debian `suite` base");
+            return fail(
+                "packages",
+                "packages can only be installed on a Debian `suite` base",
+            );
         }
         for (i, package) in self.packages.iter().enumerate() {
             if !valid_package(package) {
-                return fail(&format!("packages[{i}]"), &format!("`{package}` is not a Debian package name"));
+                return fail(
+                    &format!("packages[{i}]"),
+                    &format!("`{package}` is not a Debian package name"),
+                );
             }
         }
         for (i, file) in self.files.iter().enumerate() {
-            if file.src.is_absolute() || file.src.components().any(|c| c == std::path::Component::ParentDir) {
-                return fail(&format!("files[{i}].src"), "a path inside the spec's directory (relative, no `..`)");
+            if file.src.is_absolute()
+                || file
+                    .src
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return fail(
+                    &format!("files[{i}].src"),
+                    "a path inside the spec's directory (relative, no `..`)",
+                );
             }
             if !is_clean_absolute(&file.dest) {
                 return fail(&format!("files[{i}].dest"), "an absolute path without `..`");
             }
             if file.mode.is_some_and(|m| m > 0o7777) {
-                return fail(&format!("files[{i}].mode"), "permission bits, at most 0o7777");
+                return fail(
+                    &format!("files[{i}].mode"),
+                    "permission bits, at most 0o7777",
+                );
             }
         }
         for (i, step) in self.run.iter().enumerate() {
@@ -266,7 +301,10 @@ impl TemplateSpec {
         }
         for key in self.env.keys() {
             if key.is_empty() || key.contains(['=', '\0']) {
-                return fail(&format!("env.{key}"), "variable names must be non-empty without `=`");
+                return fail(
+                    &format!("env.{key}"),
+                    "variable names must be non-empty without `=`",
+                );
             }
         }
         if let Some(workdir) = &self.workdir {
@@ -274,7 +312,11 @@ impl TemplateSpec {
                 return fail("workdir", "an absolute path without `..`");
             }
         }
-        if self.user.as_ref().is_some_and(|u| u.is_empty() || u.contains([' ', '\0'])) {
+        if self
+            .user
+            .as_ref()
+            .is_some_and(|u| u.is_empty() || u.contains([' ', '\0']))
+        {
             return fail("user", "a user name, uid or uid:gid");
         }
         if let Some(start) = &self.start {
@@ -307,26 +349,38 @@ fn valid_name(name: &str) -> bool {
     !bytes.is_empty()
         && bytes.len() <= 63
         && bytes[0].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.iter().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
 }
 
 fn valid_word(word: &str) -> bool {
-    !word.is_empty() && word.len() <= 64 && word.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    !word.is_empty()
+        && word.len() <= 64
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// Debian policy: lowercase letters, digits, `+`, `-`, `.`; at least two characters,
 /// starting with a letter or digit. An `:arch` suffix is allowed.
 fn valid_package(name: &str) -> bool {
-    let base = name.split_once(':').map_or(name, |(b, arch)| if valid_word(arch) { b } else { "" });
+    let base = name
+        .split_once(':')
+        .map_or(name, |(b, arch)| if valid_word(arch) { b } else { "" });
     let bytes = base.as_bytes();
     bytes.len() >= 2
         && bytes[0].is_ascii_alphanumeric()
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.'))
+        && bytes.iter().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
+        })
 }
 
 fn is_clean_absolute(path: &str) -> bool {
     let p = Path::new(path);
-    p.is_absolute() && !p.components().any(|c| c == std::path::Component::ParentDir) && !path.contains('\0')
+    p.is_absolute()
+        && !p.components().any(|c| c == std::path::Component::ParentDir)
+        && !path.contains('\0')
 }
 
 #[cfg(test)]
@@ -367,14 +421,25 @@ disk_mib = 2048
         assert_eq!(spec.base.suite.as_deref(), Some("bookworm"));
         assert_eq!(spec.base.variant, "minbase");
         assert_eq!(spec.files[0].mode, Some(0o755));
-        assert_eq!(spec.start.as_ref().and_then(|s| s.readiness.clone()), Some(ReadinessSpec::TcpPort(8000)));
+        assert_eq!(
+            spec.start.as_ref().and_then(|s| s.readiness.clone()),
+            Some(ReadinessSpec::TcpPort(8000))
+        );
         assert_eq!(spec.start.as_ref().map(|s| s.timeout_secs), Some(60));
-        assert_eq!(spec.resources, Resources { vcpus: 2, memory_mib: 512, disk_mib: 2048 });
+        assert_eq!(
+            spec.resources,
+            Resources {
+                vcpus: 2,
+                memory_mib: 512,
+                disk_mib: 2048
+            }
+        );
     }
 
     #[test]
     fn minimal_spec_gets_defaults() {
-        let spec = TemplateSpec::parse("name = \"base\"\n[base]\nsuite = \"bookworm\"\n", "t").expect("valid");
+        let spec = TemplateSpec::parse("name = \"base\"\n[base]\nsuite = \"bookworm\"\n", "t")
+            .expect("valid");
         assert_eq!(spec.resources, Resources::default());
         assert!(spec.packages.is_empty() && spec.start.is_none());
     }
@@ -389,33 +454,74 @@ disk_mib = 2048
     #[test]
     fn errors_name_the_field() {
         let base = "[base]\nsuite = \"bookworm\"\n";
-        assert_eq!(invalid_field(&format!("name = \"Bad Name\"\n{base}")), "name");
+        assert_eq!(
+            invalid_field(&format!("name = \"Bad Name\"\n{base}")),
+            "name"
+        );
         assert_eq!(invalid_field("name = \"x\"\n[base]\n"), "base");
-        assert_eq!(invalid_field("name = \"x\"\n[base]\nsuite = \"b\"\nimage = \"i.tar\"\n"), "base");
-        assert_eq!(invalid_field(&format!("name = \"x\"\npackages = [\"ok\", \"NOT OK\"]\n{base}")), "packages[1]");
+        assert_eq!(
+            invalid_field("name = \"x\"\n[base]\nsuite = \"b\"\nimage = \"i.tar\"\n"),
+            "base"
+        );
+        assert_eq!(
+            invalid_field(&format!(
+                "name = \"x\"\npackages = [\"ok\", \"NOT OK\"]\n{base}"
+            )),
+            "packages[1]"
+        );
         assert_eq!(
             invalid_field(&format!("name = \"x\"\n{base}[[files]]\nsrc = \"a\"\ndest = \"/a\"\n[[files]]\nsrc = \"../x\"\ndest = \"/b\"\n")),
             "files[1].src"
         );
-        assert_eq!(invalid_field(&format!("name = \"x\"\n{base}[[files]]\nsrc = \"a\"\ndest = \"rel\"\n")), "files[0].dest");
-        assert_eq!(invalid_field(&format!("name = \"x\"\nworkdir = \"/a/../b\"\n{base}")), "workdir");
-        assert_eq!(invalid_field(&format!("name = \"x\"\n{base}[resources]\nmemory_mib = 16\n")), "resources.memory_mib");
-        assert_eq!(invalid_field(&format!("name = \"x\"\n{base}[start]\ncommand = \"  \"\n")), "start.command");
         assert_eq!(
-            invalid_field(&format!("name = \"x\"\n{base}[start]\ncommand = \"a\"\nreadiness = {{ tcp_port = 0 }}\n")),
+            invalid_field(&format!(
+                "name = \"x\"\n{base}[[files]]\nsrc = \"a\"\ndest = \"rel\"\n"
+            )),
+            "files[0].dest"
+        );
+        assert_eq!(
+            invalid_field(&format!("name = \"x\"\nworkdir = \"/a/../b\"\n{base}")),
+            "workdir"
+        );
+        assert_eq!(
+            invalid_field(&format!(
+                "name = \"x\"\n{base}[resources]\nmemory_mib = 16\n"
+            )),
+            "resources.memory_mib"
+        );
+        assert_eq!(
+            invalid_field(&format!("name = \"x\"\n{base}[start]\ncommand = \"  \"\n")),
+            "start.command"
+        );
+        assert_eq!(
+            invalid_field(&format!(
+                "name = \"x\"\n{base}[start]\ncommand = \"a\"\nreadiness = {{ tcp_port = 0 }}\n"
+            )),
             "start.readiness.tcp_port"
         );
-        assert_eq!(invalid_field("name = \"x\"\npackages = [\"vim\"]\n[base]\nimage = \"i.tar\"\n"), "packages");
+        assert_eq!(
+            invalid_field("name = \"x\"\npackages = [\"vim\"]\n[base]\nimage = \"i.tar\"\n"),
+            "packages"
+        );
     }
 
     #[test]
     fn unknown_keys_and_wrong_types_point_at_the_line() {
-        let err = TemplateSpec::parse("name = \"x\"\nmemory = 5\n[base]\nsuite = \"bookworm\"\n", "t.toml")
-            .expect_err("unknown key");
+        let err = TemplateSpec::parse(
+            "name = \"x\"\nmemory = 5\n[base]\nsuite = \"bookworm\"\n",
+            "t.toml",
+        )
+        .expect_err("unknown key");
         let text = err.to_string();
-        assert!(text.contains("t.toml") && text.contains("memory") && text.contains("line 2"), "{text}");
-        let err = TemplateSpec::parse("name = \"x\"\n[base]\nsuite = \"bookworm\"\n[resources]\nvcpus = \"two\"\n", "t.toml")
-            .expect_err("wrong type");
+        assert!(
+            text.contains("t.toml") && text.contains("memory") && text.contains("line 2"),
+            "{text}"
+        );
+        let err = TemplateSpec::parse(
+            "name = \"x\"\n[base]\nsuite = \"bookworm\"\n[resources]\nvcpus = \"two\"\n",
+            "t.toml",
+        )
+        .expect_err("wrong type");
         assert!(err.to_string().contains("vcpus"), "{err}");
     }
 }

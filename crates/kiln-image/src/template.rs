@@ -33,7 +33,13 @@ impl TemplateImages {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
         };
-        let origin = |o: Origin| if o == Origin::Cached { "cached" } else { "built" };
+        let origin = |o: Origin| {
+            if o == Origin::Cached {
+                "cached"
+            } else {
+                "built"
+            }
+        };
         format!(
             "template {}: kernel {} ({}, vmlinux {}, initramfs {}), rootfs {} ({} used of a {} disk) in {:.1} s",
             self.spec.name,
@@ -57,14 +63,23 @@ pub fn build_template(
     progress: &dyn Progress,
 ) -> Result<TemplateImages, ImageError> {
     let spec = TemplateSpec::from_file(spec_path)?;
-    let agent_bytes = std::fs::read(agent).context(|| format!("reading the agent {}", agent.display()))?;
+    let agent_bytes =
+        std::fs::read(agent).context(|| format!("reading the agent {}", agent.display()))?;
     if !is_static_executable(&agent_bytes) {
-        return Err(ImageError::AgentNotStatic { path: agent.to_owned() });
+        return Err(ImageError::AgentNotStatic {
+            path: agent.to_owned(),
+        });
     }
-    let spec_dir = spec_path.parent().map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let spec_dir = spec_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned);
     let kernel = build_kernel(agent, cache, progress)?;
     let rootfs = build_rootfs(&spec, &spec_dir, agent, cache, progress)?;
-    Ok(TemplateImages { spec, kernel, rootfs })
+    Ok(TemplateImages {
+        spec,
+        kernel,
+        rootfs,
+    })
 }
 
 /// Builds a template and returns it with a summary line.

@@ -26,16 +26,26 @@ pub fn run(command: &mut Command, what: &str) -> Result<Output, ImageError> {
     let program = command.get_program().to_string_lossy().into_owned();
     let output = command.stdin(Stdio::null()).output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ImageError::MissingTool { package: package_of(&program).to_owned(), tool: program.clone() }
+            ImageError::MissingTool {
+                package: package_of(&program).to_owned(),
+                tool: program.clone(),
+            }
         } else {
-            ImageError::Io { context: format!("running {program}"), source: e }
+            ImageError::Io {
+                context: format!("running {program}"),
+                source: e,
+            }
         }
     })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let lines: Vec<&str> = stderr.lines().collect();
         let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        return Err(ImageError::CommandFailed { what: what.to_owned(), status: output.status.to_string(), stderr: tail });
+        return Err(ImageError::CommandFailed {
+            what: what.to_owned(),
+            status: output.status.to_string(),
+            stderr: tail,
+        });
     }
     Ok(output)
 }
@@ -53,15 +63,26 @@ mod tests {
     fn missing_tools_name_their_package() {
         let err = run(&mut Command::new("mkfs.ext4-does-not-exist"), "x").expect_err("missing");
         assert!(matches!(err, ImageError::MissingTool { .. }));
-        let err = run(Command::new("sh").args(["-c", "echo bad >&2; exit 3"]), "failing step").expect_err("fails");
+        let err = run(
+            Command::new("sh").args(["-c", "echo bad >&2; exit 3"]),
+            "failing step",
+        )
+        .expect_err("fails");
         let text = err.to_string();
-        assert!(text.contains("failing step") && text.contains("bad"), "{text}");
+        assert!(
+            text.contains("failing step") && text.contains("bad"),
+            "{text}"
+        );
     }
 
     #[test]
     fn quoting_survives_the_shell() {
         let tricky = "it's a \"test\" $HOME `x`";
-        let out = run(Command::new("sh").args(["-c", &format!("printf %s {}", shell_quote(tricky))]), "q").expect("runs");
+        let out = run(
+            Command::new("sh").args(["-c", &format!("printf %s {}", shell_quote(tricky))]),
+            "q",
+        )
+        .expect("runs");
         assert_eq!(String::from_utf8_lossy(&out.stdout), tricky);
     }
 }

@@ -17,7 +17,9 @@ fn tar_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode:
     header.set_gid(0);
     header.set_entry_type(tar::EntryType::Regular);
     header.set_mtime(1_700_000_000);
-    builder.append_data(&mut header, path, data).expect("append");
+    builder
+        .append_data(&mut header, path, data)
+        .expect("append");
 }
 
 fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
@@ -28,7 +30,9 @@ fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
     header.set_gid(0);
     header.set_mtime(1_700_000_000);
     header.set_entry_type(tar::EntryType::Directory);
-    builder.append_data(&mut header, path, &[][..]).expect("append");
+    builder
+        .append_data(&mut header, path, &[][..])
+        .expect("append");
 }
 
 /// A two-layer `docker save` archive; the second layer deletes a file of the first.
@@ -54,10 +58,20 @@ fn docker_archive(path: &Path) {
     });
     let manifest = serde_json::json!([{ "Config": "config.json", "RepoTags": ["app:latest"], "Layers": ["l1/layer.tar", "l2/layer.tar"] }]);
     let mut archive = tar::Builder::new(Vec::new());
-    tar_entry(&mut archive, "config.json", config.to_string().as_bytes(), 0o644);
+    tar_entry(
+        &mut archive,
+        "config.json",
+        config.to_string().as_bytes(),
+        0o644,
+    );
     tar_entry(&mut archive, "l1/layer.tar", &layer1, 0o644);
     tar_entry(&mut archive, "l2/layer.tar", &layer2, 0o644);
-    tar_entry(&mut archive, "manifest.json", manifest.to_string().as_bytes(), 0o644);
+    tar_entry(
+        &mut archive,
+        "manifest.json",
+        manifest.to_string().as_bytes(),
+        0o644,
+    );
     std::fs::write(path, archive.into_inner().expect("archive")).expect("write archive");
 }
 
@@ -87,16 +101,34 @@ fn image_archive_becomes_a_root_filesystem_with_its_config() {
 
     let built = build_rootfs(&spec, dir.path(), &agent, &cache, &NoProgress).expect("builds");
     assert_eq!(built.origin, Origin::Built);
-    assert_eq!(debugfs(&built.image, "cat /etc/app.conf"), "greeting=hello\n");
-    assert_eq!(debugfs(&built.image, "cat /etc/extra.txt"), "added by the spec\n");
-    assert_eq!(debugfs(&built.image, "cat /sbin/kiln-agent").as_bytes(), b"\x7fELF stand-in for the agent");
+    assert_eq!(
+        debugfs(&built.image, "cat /etc/app.conf"),
+        "greeting=hello\n"
+    );
+    assert_eq!(
+        debugfs(&built.image, "cat /etc/extra.txt"),
+        "added by the spec\n"
+    );
+    assert_eq!(
+        debugfs(&built.image, "cat /sbin/kiln-agent").as_bytes(),
+        b"\x7fELF stand-in for the agent"
+    );
     assert!(debugfs(&built.image, "ls -l /etc").contains("app.conf"));
-    assert!(!debugfs(&built.image, "ls -l /etc").contains("old.conf"), "whiteout honoured");
+    assert!(
+        !debugfs(&built.image, "ls -l /etc").contains("old.conf"),
+        "whiteout honoured"
+    );
     assert!(debugfs(&built.image, "stat /app/run").contains("Mode:  0755"));
 
     let config = &built.config;
-    assert_eq!(config.env.get("GREETING").map(String::as_str), Some("from-spec"));
-    assert_eq!(config.env.get("PATH").map(String::as_str), Some("/usr/bin:/bin"));
+    assert_eq!(
+        config.env.get("GREETING").map(String::as_str),
+        Some("from-spec")
+    );
+    assert_eq!(
+        config.env.get("PATH").map(String::as_str),
+        Some("/usr/bin:/bin")
+    );
     assert_eq!(config.workdir.as_deref(), Some("/app"));
     assert_eq!(config.user.as_deref(), Some("1000:1000"));
     assert_eq!(
@@ -105,10 +137,17 @@ fn image_archive_becomes_a_root_filesystem_with_its_config() {
     );
 
     let again = build_rootfs(&spec, dir.path(), &agent, &cache, &NoProgress).expect("cached");
-    assert_eq!((again.origin, again.dir), (Origin::Cached, built.dir.clone()));
+    assert_eq!(
+        (again.origin, again.dir),
+        (Origin::Cached, built.dir.clone())
+    );
     std::fs::write(dir.path().join("extra.txt"), b"changed\n").expect("write");
     let rebuilt = build_rootfs(&spec, dir.path(), &agent, &cache, &NoProgress).expect("rebuilds");
-    assert_eq!(rebuilt.origin, Origin::Built, "a changed input file causes a rebuild");
+    assert_eq!(
+        rebuilt.origin,
+        Origin::Built,
+        "a changed input file causes a rebuild"
+    );
     assert_eq!(debugfs(&rebuilt.image, "cat /etc/extra.txt"), "changed\n");
 }
 
@@ -118,9 +157,18 @@ fn too_small_a_disk_is_a_clear_error() {
     docker_archive(&dir.path().join("app.tar"));
     let agent = dir.path().join("agent-binary");
     std::fs::write(&agent, vec![0u8; 80 << 20]).expect("write a large stand-in agent");
-    let spec = TemplateSpec::parse("name = \"app\"\n[base]\nimage = \"app.tar\"\n[resources]\ndisk_mib = 64\n", "t")
-        .expect("valid spec");
-    let err = build_rootfs(&spec, dir.path(), &agent, &Cache::new(dir.path().join("cache")), &NoProgress)
-        .expect_err("does not fit");
+    let spec = TemplateSpec::parse(
+        "name = \"app\"\n[base]\nimage = \"app.tar\"\n[resources]\ndisk_mib = 64\n",
+        "t",
+    )
+    .expect("valid spec");
+    let err = build_rootfs(
+        &spec,
+        dir.path(),
+        &agent,
+        &Cache::new(dir.path().join("cache")),
+        &NoProgress,
+    )
+    .expect_err("does not fit");
     assert!(err.to_string().contains("disk_mib"), "{err}");
 }

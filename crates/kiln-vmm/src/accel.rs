@@ -40,7 +40,9 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Fixed(Accel::Kvm)),
             "tcg" => Ok(AccelChoice::Fixed(Accel::Tcg)),
-            other => Err(format!("unknown accelerator `{other}`: use auto, kvm or tcg")),
+            other => Err(format!(
+                "unknown accelerator `{other}`: use auto, kvm or tcg"
+            )),
         }
     }
 }
@@ -58,22 +60,36 @@ pub struct AccelDecision {
 /// and the host's KVM is not PVM (`kvm_pvm` runs only PVM-enlightened guest kernels, which
 /// kiln's stock Debian kernel is not).
 pub fn resolve(choice: AccelChoice) -> AccelDecision {
-    resolve_on(choice, Path::new("/dev/kvm"), Path::new("/sys/module/kvm_pvm"))
+    resolve_on(
+        choice,
+        Path::new("/dev/kvm"),
+        Path::new("/sys/module/kvm_pvm"),
+    )
 }
 
 fn resolve_on(choice: AccelChoice, kvm: &Path, pvm_module: &Path) -> AccelDecision {
     match choice {
-        AccelChoice::Fixed(accel) => AccelDecision { accel, reason: "requested".into() },
+        AccelChoice::Fixed(accel) => AccelDecision {
+            accel,
+            reason: "requested".into(),
+        },
         AccelChoice::Auto => {
             if pvm_module.exists() {
                 return AccelDecision {
                     accel: Accel::Tcg,
-                    reason: "KVM here is PVM (kvm_pvm), which cannot run a standard guest kernel".into(),
+                    reason: "KVM here is PVM (kvm_pvm), which cannot run a standard guest kernel"
+                        .into(),
                 };
             }
             match std::fs::OpenOptions::new().read(true).write(true).open(kvm) {
-                Ok(_) => AccelDecision { accel: Accel::Kvm, reason: "/dev/kvm is usable".into() },
-                Err(e) => AccelDecision { accel: Accel::Tcg, reason: format!("/dev/kvm unusable: {e}") },
+                Ok(_) => AccelDecision {
+                    accel: Accel::Kvm,
+                    reason: "/dev/kvm is usable".into(),
+                },
+                Err(e) => AccelDecision {
+                    accel: Accel::Tcg,
+                    reason: format!("/dev/kvm unusable: {e}"),
+                },
             }
         }
     }
@@ -95,7 +111,10 @@ mod tests {
         let decision = resolve_on(AccelChoice::Auto, &kvm, &pvm);
         assert_eq!(decision.accel, Accel::Tcg);
         assert!(decision.reason.contains("PVM"));
-        assert_eq!(resolve_on(AccelChoice::Fixed(Accel::Kvm), &kvm, &pvm).accel, Accel::Kvm);
+        assert_eq!(
+            resolve_on(AccelChoice::Fixed(Accel::Kvm), &kvm, &pvm).accel,
+            Accel::Kvm
+        );
         assert_eq!("tcg".parse(), Ok(AccelChoice::Fixed(Accel::Tcg)));
         assert!("xen".parse::<AccelChoice>().is_err());
     }

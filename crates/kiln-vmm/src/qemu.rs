@@ -78,7 +78,10 @@ impl BootConfig {
             Accel::Kvm => "host",
             Accel::Tcg => "max",
         };
-        let mut drive = format!("id=root,file={},format=raw,if=none,cache=unsafe", path(&self.root_disk));
+        let mut drive = format!(
+            "id=root,file={},format=raw,if=none,cache=unsafe",
+            path(&self.root_disk)
+        );
         if self.root_disk_snapshot {
             drive.push_str(",snapshot=on");
         }
@@ -109,7 +112,10 @@ impl BootConfig {
             "-device".into(),
             "virtio-serial-device".into(),
             "-chardev".into(),
-            format!("socket,id=agent,path={},server=on,wait=off", path(&self.agent_socket())),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path(&self.agent_socket())
+            ),
             "-device".into(),
             format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
             "-drive".into(),
@@ -142,7 +148,13 @@ impl QemuProcess {
             .spawn()
             .map_err(|e| {
                 if e.kind() == io::ErrorKind::NotFound {
-                    io::Error::new(e.kind(), format!("{} not found: apt-get install qemu-system-x86", qemu.display()))
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{} not found: apt-get install qemu-system-x86",
+                            qemu.display()
+                        ),
+                    )
                 } else {
                     e
                 }
@@ -169,10 +181,16 @@ impl QemuProcess {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                return Err(io::Error::other(format!("QEMU exited ({status}): {}", self.stderr_tail())));
+                return Err(io::Error::other(format!(
+                    "QEMU exited ({status}): {}",
+                    self.stderr_tail()
+                )));
             }
             if std::time::Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "QEMU did not create the agent socket"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "QEMU did not create the agent socket",
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -253,6 +271,9 @@ mod tests {
         assert!(cmdline.contains("kiln.root=/dev/vda") && cmdline.contains("tsc_early_khz"));
         assert!(cmdline.ends_with("KILN_AGENT_LOG=debug"));
         assert!(!config(Accel::Kvm).cmdline().contains("tsc_early_khz"));
-        assert!(config(Accel::Kvm).args().join(" ").contains("-accel kvm -cpu host"));
+        assert!(config(Accel::Kvm)
+            .args()
+            .join(" ")
+            .contains("-accel kvm -cpu host"));
     }
 }

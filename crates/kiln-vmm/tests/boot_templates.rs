@@ -24,19 +24,33 @@ fn static_agent() -> PathBuf {
     if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
         return PathBuf::from(path);
     }
-    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "-p", "kiln-agent"])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(repo_root())
-        .status()
-        .expect("cargo runs");
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "-p",
+                "kiln-agent",
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo runs");
     assert!(status.success(), "building the static agent failed");
     repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
 }
 
 fn build(name: &str) -> TemplateImages {
-    let cache = Cache::new(std::env::var_os("KILN_CACHE_DIR").map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from));
-    let spec = repo_root().join("templates").join(name).join("template.toml");
+    let cache = Cache::new(
+        std::env::var_os("KILN_CACHE_DIR")
+            .map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from),
+    );
+    let spec = repo_root()
+        .join("templates")
+        .join(name)
+        .join("template.toml");
     build_template(&spec, &static_agent(), &cache, &PrintProgress).expect("template builds")
 }
 
@@ -66,18 +80,32 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         run_dir: run_dir.path().to_owned(),
     };
     let started = Instant::now();
-    let mut qemu = QemuProcess::spawn(Path::new("qemu-system-x86_64"), config).expect("QEMU starts");
-    qemu.wait_for_agent_socket(Duration::from_secs(30)).expect("agent socket");
+    let mut qemu =
+        QemuProcess::spawn(Path::new("qemu-system-x86_64"), config).expect("QEMU starts");
+    qemu.wait_for_agent_socket(Duration::from_secs(30))
+        .expect("agent socket");
     let client = AgentClient::new(
         Arc::new(UnixConnector::new(qemu.config().agent_socket())),
-        ClientConfig { handshake_timeout: Duration::from_secs(120), ..ClientConfig::default() },
+        ClientConfig {
+            handshake_timeout: Duration::from_secs(120),
+            ..ClientConfig::default()
+        },
     );
     let welcome = match client.connect().await {
         Ok(welcome) => welcome,
-        Err(e) => panic!("agent did not answer: {e}\nconsole:\n{}", qemu.console_tail(40)),
+        Err(e) => panic!(
+            "agent did not answer: {e}\nconsole:\n{}",
+            qemu.console_tail(40)
+        ),
     };
     let boot = started.elapsed();
-    eprintln!("{}: agent ready {:.2} s after QEMU start ({}: {})", images.spec.name, boot.as_secs_f64(), accel.accel.qemu_name(), accel.reason);
+    eprintln!(
+        "{}: agent ready {:.2} s after QEMU start ({}: {})",
+        images.spec.name,
+        boot.as_secs_f64(),
+        accel.accel.qemu_name(),
+        accel.reason
+    );
     assert!(!welcome.initialized);
 
     let init = client
@@ -93,10 +121,19 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
 
     let (code, out) = exec(&client, "cat /proc/1/cmdline | tr '\\0' ' '; echo; hostname; grep ' / ' /proc/mounts; uname -r; grep VERSION_CODENAME /etc/os-release; pwd").await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.starts_with("/init") || out.starts_with("/sbin/kiln-agent"), "PID 1 is the agent: {out}");
-    assert!(out.contains(&format!("{}-boot-test", images.spec.name)), "hostname set: {out}");
+    assert!(
+        out.starts_with("/init") || out.starts_with("/sbin/kiln-agent"),
+        "PID 1 is the agent: {out}"
+    );
+    assert!(
+        out.contains(&format!("{}-boot-test", images.spec.name)),
+        "hostname set: {out}"
+    );
     assert!(out.contains("/dev/vda / ext4"), "root is the disk: {out}");
-    assert!(out.contains(&images.kernel.release), "kernel release: {out}");
+    assert!(
+        out.contains(&images.kernel.release),
+        "kernel release: {out}"
+    );
     assert!(out.contains("bookworm"), "{out}");
 
     let (code, out) = exec(&client, check).await;
@@ -118,26 +155,37 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
     let (_, out) = exec(&client, "date -u +%Y").await;
     assert_eq!(out.trim(), "2033", "guest clock set from the host");
 
-    client.shutdown(ShutdownAction::PowerOff).await.expect("shutdown accepted");
+    client
+        .shutdown(ShutdownAction::PowerOff)
+        .await
+        .expect("shutdown accepted");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if qemu.try_wait().expect("wait").is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "guest did not power off:\n{}", qemu.console_tail(20));
+        assert!(
+            Instant::now() < deadline,
+            "guest did not power off:\n{}",
+            qemu.console_tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_template_boots_to_a_working_agent() {
-    let images = tokio::task::spawn_blocking(|| build("base")).await.expect("build task");
+    let images = tokio::task::spawn_blocking(|| build("base"))
+        .await
+        .expect("build task");
     boot_and_check(&images, "ip -V; ps -e | wc -l", "iproute2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_template_boots_to_a_working_agent() {
-    let images = tokio::task::spawn_blocking(|| build("python")).await.expect("build task");
+    let images = tokio::task::spawn_blocking(|| build("python"))
+        .await
+        .expect("build task");
     boot_and_check(
         &images,
         "python3 -c 'import json, sqlite3, ssl, venv, numpy, pandas; print(\"py-ok\", numpy.__version__, pandas.__version__)' && pip --version",
