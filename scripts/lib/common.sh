@@ -15,6 +15,7 @@ KILN_TOOLS=(
   "cc:gcc"
   "readelf:binutils"
   "qemu-system-x86_64:qemu-system-x86"
+  "qemu-img:qemu-utils"
   "mmdebstrap:mmdebstrap"
   "mkfs.ext4:e2fsprogs"
   "debugfs:e2fsprogs"

@@ -167,7 +167,10 @@ mod tests {
         let mut lines = LineBuffer::new();
         let mut buf = [0u8; 256];
         loop {
-            if let Some(line) = lines.next_line() {
+            while let Some(line) = lines.next_line() {
+                if line.is_empty() {
+                    continue;
+                }
                 return Hello::parse(&line).expect("a hello");
             }
             let n = agent.read(&mut buf).await.expect("read");

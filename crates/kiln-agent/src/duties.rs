@@ -514,7 +514,8 @@ pub fn set_clock(ns: u64) -> Result<i64, AgentError> {
     Ok(skew_ms)
 }
 
-/// Mixes `entropy` into the kernel RNG and credits it (RNDADDENTROPY).
+/// Mixes `entropy` into the kernel RNG, credits it (RNDADDENTROPY) and reseeds the CRNG
+/// from it (RNDRESEEDCRNG).
 pub fn add_entropy(entropy: &[u8]) -> Result<(), AgentError> {
     #[repr(C)]
     struct RandPoolInfo {
@@ -546,6 +547,19 @@ pub fn add_entropy(entropy: &[u8]) -> Result<(), AgentError> {
         return Err(err(
             ErrorKind::Io,
             "RNDADDENTROPY",
+            io::Error::last_os_error(),
+        ));
+    }
+    // Crediting entropy does not rekey an initialised CRNG: without an explicit reseed,
+    // every VM restored from one snapshot would keep producing the same random bytes until
+    // the next scheduled reseed. RNDRESEEDCRNG = _IO('R', 0x07).
+    const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc < 0 {
+        return Err(err(
+            ErrorKind::Io,
+            "RNDRESEEDCRNG",
             io::Error::last_os_error(),
         ));
     }

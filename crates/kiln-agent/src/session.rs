@@ -100,12 +100,18 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let n = host.read(&mut buf).await.expect("welcome");
         lines.push(&buf[..n]);
-        let welcome = Welcome::parse(&lines.next_line().expect("a line")).expect("welcome");
-        assert_eq!(welcome.expect("valid").nonce, hello.nonce);
-        assert!(
-            lines.next_line().is_none(),
-            "duplicate hello must not be answered twice"
+        let mut welcomes = Vec::new();
+        while let Some(line) = lines.next_line() {
+            if let Some(welcome) = Welcome::parse(&line) {
+                welcomes.push(welcome.expect("valid"));
+            }
+        }
+        assert_eq!(
+            welcomes.len(),
+            1,
+            "a duplicate hello must not be answered twice"
         );
+        assert_eq!(welcomes[0].nonce, hello.nonce);
     }
 
     #[tokio::test]

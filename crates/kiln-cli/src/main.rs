@@ -1,6 +1,7 @@
 //! `kiln`: the command line of the kiln sandbox platform.
 
 mod agent_cmd;
+mod bench_create;
 mod stats;
 mod template_cmd;
 
@@ -71,6 +72,37 @@ enum TemplateCommand {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Create latency by snapshot restore (sequential and concurrent), a cold boot of the
+    /// same template for comparison, bake time and idle memory per sandbox.
+    Create {
+        /// Template (spec, directory or name).
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// Sequential creates.
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+        /// Creates per concurrent batch.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Concurrent batches.
+        #[arg(long, default_value_t = 5)]
+        batches: usize,
+        /// Cold boots for the comparison.
+        #[arg(long, default_value_t = 3)]
+        cold_boots: usize,
+        /// Sandboxes kept running for the idle-memory figure.
+        #[arg(long, default_value_t = 20)]
+        idle: usize,
+        /// Artefact cache directory.
+        #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Accelerator: auto, kvm or tcg.
+        #[arg(long, default_value = "auto")]
+        accel: kiln_vmm::accel::AccelChoice,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -106,6 +138,33 @@ async fn main() -> ExitCode {
         } => tokio::task::spawn_blocking(move || template_cmd::build(&template, agent, &cache_dir))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("template build panicked: {e}"))),
+        Commands::Bench {
+            command:
+                BenchCommand::Create {
+                    template,
+                    iterations,
+                    concurrency,
+                    batches,
+                    cold_boots,
+                    idle,
+                    cache_dir,
+                    accel,
+                    json,
+                },
+        } => {
+            bench_create::run(bench_create::BenchOptions {
+                template,
+                iterations,
+                concurrency,
+                batches,
+                cold_boots,
+                idle,
+                cache_dir,
+                accel,
+                json,
+            })
+            .await
+        }
         Commands::Bench {
             command:
                 BenchCommand::Agent {

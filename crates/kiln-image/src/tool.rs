@@ -16,6 +16,7 @@ fn package_of(tool: &str) -> &'static str {
         "depmod" => "kmod",
         "zstd" => "zstd",
         "qemu-system-x86_64" => "qemu-system-x86",
+        "qemu-img" => "qemu-utils",
         _ => "the package that provides it",
     }
 }

@@ -37,14 +37,17 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// Encodes the hello line, newline included.
+    /// Encodes the hello line. It starts with a newline too, so that it is a line of its own
+    /// even right after stale bytes.
     pub fn to_line(&self) -> String {
-        format!("{HELLO_PREFIX}{} {}\n", self.version, self.nonce)
+        format!("\n{HELLO_PREFIX}{} {}\n", self.version, self.nonce)
     }
 
-    /// Parses a line (without newline). Returns `None` for anything that is not a valid hello.
+    /// Parses a line (without newline). The hello may follow garbage on the same line (the
+    /// tail of a stale session). Returns `None` for anything that is not a valid hello.
     pub fn parse(line: &[u8]) -> Option<Hello> {
-        let text = std::str::from_utf8(line).ok()?;
+        let at = find_last(line, HELLO_PREFIX.as_bytes())?;
+        let text = std::str::from_utf8(&line[at..]).ok()?;
         let rest = text.strip_prefix(HELLO_PREFIX)?;
         let mut parts = rest.split(' ');
         let version = parts.next()?.parse().ok()?;
@@ -57,6 +60,11 @@ impl Hello {
             nonce: nonce.to_owned(),
         })
     }
+}
+
+/// Position of the last occurrence of `needle` in `haystack`.
+fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
 }
 
 /// Whether `nonce` has the shape of a session nonce.
@@ -89,17 +97,20 @@ pub struct Welcome {
 }
 
 impl Welcome {
-    /// Encodes the welcome line, newline included.
+    /// Encodes the welcome line. It starts with a newline too: the agent may have written
+    /// part of an old session's HTTP/2 frames just before it.
     pub fn to_line(&self) -> String {
         // Serializing a struct of strings, integers and bools cannot fail.
         let json = serde_json::to_string(self).unwrap_or_default();
-        format!("{WELCOME_PREFIX}{json}\n")
+        format!("\n{WELCOME_PREFIX}{json}\n")
     }
 
-    /// Parses a line (without newline). `None` if it is not a welcome line at all;
-    /// `Some(Err)` if it claims to be one but is malformed.
+    /// Parses a line (without newline); the welcome may follow garbage on the same line.
+    /// `None` if it is not a welcome line at all; `Some(Err)` if it claims to be one but is
+    /// malformed.
     pub fn parse(line: &[u8]) -> Option<Result<Welcome, WelcomeError>> {
-        let rest = line.strip_prefix(WELCOME_PREFIX.as_bytes())?;
+        let at = find_last(line, WELCOME_PREFIX.as_bytes())?;
+        let rest = &line[at + WELCOME_PREFIX.len()..];
         Some(
             serde_json::from_slice::<Welcome>(rest)
                 .map_err(|e| WelcomeError::Malformed(e.to_string()))
@@ -207,8 +218,12 @@ mod tests {
             nonce: nonce_from_bytes([0xab; 16]),
         };
         let line = hello.to_line();
-        assert!(line.ends_with('\n'));
-        assert_eq!(Hello::parse(line.trim_end().as_bytes()), Some(hello));
+        assert!(line.starts_with('\n') && line.ends_with('\n'));
+        assert_eq!(Hello::parse(line.trim().as_bytes()), Some(hello.clone()));
+        // After stale binary bytes on the same line, as after a restore.
+        let mut dirty = b"\x00\x00\x08\x07\x00garbage".to_vec();
+        dirty.extend_from_slice(line.trim().as_bytes());
+        assert_eq!(Hello::parse(&dirty), Some(hello));
     }
 
     #[test]
@@ -235,8 +250,11 @@ mod tests {
     #[test]
     fn welcome_round_trips_and_reports_malformed() {
         let line = welcome().to_line();
-        let parsed = Welcome::parse(line.trim_end().as_bytes());
+        let parsed = Welcome::parse(line.trim().as_bytes());
         assert_eq!(parsed, Some(Ok(welcome())));
+        let mut dirty = b"\x00\x00\x08\x07GOAWAY".to_vec();
+        dirty.extend_from_slice(line.trim().as_bytes());
+        assert_eq!(Welcome::parse(&dirty), Some(Ok(welcome())));
         assert!(matches!(Welcome::parse(b"KILN-WELCOME {"), Some(Err(_))));
         assert_eq!(Welcome::parse(b"something else"), None);
         let mut bad = welcome();

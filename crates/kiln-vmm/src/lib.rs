@@ -3,3 +3,4 @@
 
 pub mod accel;
 pub mod qemu;
+pub mod qmp;

@@ -10,12 +10,50 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::os::fd::AsFd;
+
 use crate::accel::Accel;
+use crate::qmp::{Qmp, QmpError};
 
 /// Name of the virtio-serial port the agent serves on.
 pub const AGENT_PORT_NAME: &str = "kiln.agent";
 
-/// Everything a cold boot needs.
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Anonymous memory (a plain cold boot).
+    Anonymous,
+    /// A file: `shared` for a template being baked (RAM is written to the file), private
+    /// (MAP_PRIVATE, copy-on-write) for VMs restored from it.
+    File {
+        /// The memory file.
+        path: PathBuf,
+        /// `share=on` (bake) or `share=off` (restore).
+        shared: bool,
+    },
+}
+
+/// Format of the root disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Raw image (the built rootfs, or a reflinked copy).
+    Raw,
+    /// qcow2 overlay on a read-only base.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Everything a VM needs.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     /// Accelerator.
@@ -28,14 +66,20 @@ pub struct BootConfig {
     pub kernel: PathBuf,
     /// Initramfs with the agent as `/init`.
     pub initramfs: PathBuf,
-    /// Root disk image (raw ext4).
+    /// Root disk image.
     pub root_disk: PathBuf,
+    /// Its format.
+    pub root_disk_format: DiskFormat,
     /// Discard writes to the root disk (QEMU keeps them in a temporary overlay).
     pub root_disk_snapshot: bool,
     /// Extra kernel command-line words.
     pub extra_cmdline: Vec<String>,
     /// Directory for the VM's sockets and logs.
     pub run_dir: PathBuf,
+    /// Where guest RAM lives.
+    pub memory: MemoryBacking,
+    /// Start paused, waiting for device state (`-incoming defer`).
+    pub incoming: bool,
 }
 
 impl BootConfig {
@@ -79,15 +123,28 @@ impl BootConfig {
             Accel::Tcg => "max",
         };
         let mut drive = format!(
-            "id=root,file={},format=raw,if=none,cache=unsafe",
-            path(&self.root_disk)
+            "id=root,file={},format={},if=none,cache=unsafe,discard=unmap",
+            path(&self.root_disk),
+            self.root_disk_format.qemu_name()
         );
         if self.root_disk_snapshot {
             drive.push_str(",snapshot=on");
         }
-        vec![
+        let mut machine = "microvm,pit=on,pic=on,rtc=on".to_owned();
+        let mut memory = Vec::new();
+        if let MemoryBacking::File { path: file, shared } = &self.memory {
+            machine.push_str(",memory-backend=mem");
+            memory.push("-object".to_owned());
+            memory.push(format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                self.memory_mib,
+                path(file),
+                if *shared { "on" } else { "off" }
+            ));
+        }
+        let mut args: Vec<String> = vec![
             "-M".into(),
-            "microvm,pit=on,pic=on,rtc=on".into(),
+            machine,
             "-accel".into(),
             self.accel.qemu_name().into(),
             "-cpu".into(),
@@ -124,8 +181,70 @@ impl BootConfig {
             "virtio-blk-device,drive=root".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&self.qmp_socket())),
-        ]
+        ];
+        args.extend(memory);
+        if self.incoming {
+            args.push("-incoming".into());
+            args.push("defer".into());
+        }
+        args
     }
+
+    /// The parts of the command line a snapshot's device state depends on, with per-VM paths
+    /// left out: two configurations with the same signature can restore each other's state.
+    pub fn device_signature(&self) -> String {
+        let mut normalised = self.clone();
+        normalised.kernel = PathBuf::from("K");
+        normalised.initramfs = PathBuf::from("I");
+        normalised.root_disk = PathBuf::from("D");
+        normalised.root_disk_format = DiskFormat::Raw;
+        normalised.root_disk_snapshot = false;
+        normalised.run_dir = PathBuf::from("R");
+        normalised.incoming = false;
+        if let MemoryBacking::File { .. } = normalised.memory {
+            normalised.memory = MemoryBacking::File {
+                path: PathBuf::from("M"),
+                shared: false,
+            };
+        }
+        normalised.args().join(" ")
+    }
+}
+
+/// How long each phase of a snapshot or restore took.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PhaseTimings {
+    /// Phase name and duration in milliseconds, in order.
+    pub phases: Vec<(String, f64)>,
+}
+
+impl PhaseTimings {
+    fn record(&mut self, name: &str, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.phases
+            .push((name.to_owned(), (now - since).as_secs_f64() * 1000.0));
+        now
+    }
+}
+
+/// Errors of snapshot and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A QMP command failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// A file could not be opened.
+    #[error("snapshot file {path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM was not in the expected state.
+    #[error("unexpected VM state `{0}` after restore")]
+    State(String),
 }
 
 /// A QEMU process this crate started; killed (by its own pid only) and reaped on drop.
@@ -133,6 +252,7 @@ impl BootConfig {
 pub struct QemuProcess {
     child: Child,
     config: BootConfig,
+    qmp: Option<Qmp>,
 }
 
 impl QemuProcess {
@@ -159,7 +279,84 @@ impl QemuProcess {
                     e
                 }
             })?;
-        Ok(QemuProcess { child, config })
+        Ok(QemuProcess {
+            child,
+            config,
+            qmp: None,
+        })
+    }
+
+    /// The QMP session (connected on first use).
+    pub fn qmp(&mut self) -> Result<&mut Qmp, QmpError> {
+        if self.qmp.is_none() {
+            self.qmp = Some(Qmp::connect(
+                &self.config.qmp_socket(),
+                Duration::from_secs(30),
+            )?);
+        }
+        self.qmp
+            .as_mut()
+            .ok_or_else(|| QmpError::Protocol("no QMP session".into()))
+    }
+
+    /// Pauses the VM and writes its device state to `state` (RAM stays in the shared memory
+    /// file: `x-ignore-shared`). The VM stays paused.
+    pub fn snapshot_to(&mut self, state: &Path) -> Result<PhaseTimings, SnapshotError> {
+        let mut timings = PhaseTimings::default();
+        let start = std::time::Instant::now();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(state)
+            .map_err(|source| SnapshotError::File {
+                path: state.to_owned(),
+                source,
+            })?;
+        let qmp = self.qmp()?;
+        qmp.execute("stop", None)?;
+        let at = timings.record("stop", start);
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))?;
+        qmp.execute_with_fd(
+            "getfd",
+            Some(serde_json::json!({ "fdname": "state" })),
+            file.as_fd(),
+        )?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": "fd:state" })))?;
+        qmp.wait_migration(Duration::from_secs(120))?;
+        timings.record("save device state", at);
+        file.sync_all().map_err(|source| SnapshotError::File {
+            path: state.to_owned(),
+            source,
+        })?;
+        Ok(timings)
+    }
+
+    /// Loads device state from `state` (read from its current position) into a VM started
+    /// with `incoming`, and resumes it.
+    pub fn restore_from(&mut self, state: &std::fs::File) -> Result<PhaseTimings, SnapshotError> {
+        let mut timings = PhaseTimings::default();
+        let start = std::time::Instant::now();
+        let file = state;
+        let qmp = self.qmp()?;
+        let at = timings.record("QMP ready", start);
+        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))?;
+        qmp.execute_with_fd(
+            "getfd",
+            Some(serde_json::json!({ "fdname": "state" })),
+            file.as_fd(),
+        )?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": "fd:state" })),
+        )?;
+        let state_now = qmp.wait_incoming(Duration::from_secs(60))?;
+        if state_now != "paused" && state_now != "postmigrate" && state_now != "prelaunch" {
+            return Err(SnapshotError::State(state_now));
+        }
+        let at = timings.record("load device state", at);
+        qmp.execute("cont", None)?;
+        timings.record("resume", at);
+        Ok(timings)
     }
 
     /// Its pid.
@@ -229,6 +426,10 @@ impl Drop for QemuProcess {
     }
 }
 
+fn ignore_shared() -> serde_json::Value {
+    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -247,9 +448,12 @@ mod tests {
             kernel: "/k/vmlinux".into(),
             initramfs: "/k/initramfs.cpio".into(),
             root_disk: "/r/rootfs.ext4".into(),
+            root_disk_format: DiskFormat::Raw,
             root_disk_snapshot: true,
             extra_cmdline: vec!["KILN_AGENT_LOG=debug".into()],
             run_dir: "/run/kiln/vm1".into(),
+            memory: MemoryBacking::Anonymous,
+            incoming: false,
         }
     }
 
@@ -262,7 +466,7 @@ mod tests {
             "-nodefaults",
             "virtserialport,chardev=agent,name=kiln.agent",
             "socket,id=agent,path=/run/kiln/vm1/agent.sock,server=on,wait=off",
-            "file=/r/rootfs.ext4,format=raw,if=none,cache=unsafe,snapshot=on",
+            "file=/r/rootfs.ext4,format=raw,if=none,cache=unsafe,discard=unmap,snapshot=on",
             "-serial file:/run/kiln/vm1/console.log",
         ] {
             assert!(args.contains(expected), "missing `{expected}` in {args}");

@@ -13,7 +13,7 @@ use kiln_image::progress::PrintProgress;
 use kiln_image::template::{build_template, TemplateImages};
 use kiln_proto::messages::{Command, ExecRequest, InitRequest, PostRestoreRequest, ShutdownAction};
 use kiln_vmm::accel::{resolve, AccelChoice};
-use kiln_vmm::qemu::{BootConfig, QemuProcess};
+use kiln_vmm::qemu::{BootConfig, DiskFormat, MemoryBacking, QemuProcess};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -75,9 +75,12 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         kernel: images.kernel.vmlinux.clone(),
         initramfs: images.kernel.initramfs.clone(),
         root_disk: images.rootfs.image.clone(),
+        root_disk_format: DiskFormat::Raw,
         root_disk_snapshot: true,
         extra_cmdline: Vec::new(),
         run_dir: run_dir.path().to_owned(),
+        memory: MemoryBacking::Anonymous,
+        incoming: false,
     };
     let started = Instant::now();
     let mut qemu =

@@ -1,0 +1,264 @@
+//! `kiln bench create`: create latency by snapshot restore, against a cold boot of the same
+//! template measured in the same run, plus bake time and idle memory per sandbox.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
+use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
+use kiln_image::cache::Cache;
+use kiln_image::progress::PrintProgress;
+use kiln_proto::messages::{Command, ExecRequest};
+use kiln_vmm::accel::AccelChoice;
+use kiln_vmm::qemu::{DiskFormat, MemoryBacking, QemuProcess};
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+/// Options of the benchmark.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Template to measure.
+    pub template: String,
+    /// Sequential creates.
+    pub iterations: usize,
+    /// Creates per concurrent batch.
+    pub concurrency: usize,
+    /// Concurrent batches.
+    pub batches: usize,
+    /// Cold boots for the comparison.
+    pub cold_boots: usize,
+    /// Sandboxes kept idle for the memory figure.
+    pub idle: usize,
+    /// Artefact cache.
+    pub cache_dir: PathBuf,
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// Print JSON.
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    template: String,
+    accel: String,
+    bake_ms: f64,
+    bake_phases_ms: Vec<(String, f64)>,
+    cold_boot: Summary,
+    create_sequential: Summary,
+    create_concurrent: Summary,
+    concurrency: usize,
+    cold_boot_to_create_ratio_p50: f64,
+    create_phases_p50_ms: BTreeMap<String, f64>,
+    idle_sandboxes: usize,
+    idle_pss_mib_mean: f64,
+    idle_pss_mib_max: f64,
+}
+
+async fn exec_true(agent: &AgentClient) -> Result<()> {
+    let result = agent
+        .run(ExecRequest::new(Command::Argv(vec!["true".into()])), 1024)
+        .await?;
+    ensure!(
+        result.status.code == Some(0),
+        "true failed: {:?}",
+        result.status
+    );
+    Ok(())
+}
+
+/// One create, timed from the engine call until `true` has exited through the agent.
+async fn timed_create(
+    engine: &Engine,
+    template: &kiln_engine::BakedTemplate,
+) -> Result<(Duration, Sandbox)> {
+    let start = Instant::now();
+    let sandbox = engine.create(template, CreateOptions::default()).await?;
+    exec_true(sandbox.agent()).await?;
+    Ok((start.elapsed(), sandbox))
+}
+
+fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Runs the benchmark.
+pub async fn run(options: BenchOptions) -> Result<()> {
+    let spec = crate::template_cmd::resolve_spec(&options.template)?;
+    let agent = crate::template_cmd::static_agent()?;
+    let cache = Cache::new(&options.cache_dir);
+    let images = tokio::task::spawn_blocking({
+        let (spec, agent, cache) = (spec.clone(), agent.clone(), cache.clone());
+        move || kiln_image::template::build_template(&spec, &agent, &cache, &PrintProgress)
+    })
+    .await??;
+    let data = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let engine = Engine::new(EngineConfig {
+        data_dir: data.path().to_owned(),
+        qemu: PathBuf::from("qemu-system-x86_64"),
+        accel: options.accel,
+        guest_log: std::env::var("KILN_GUEST_LOG").ok(),
+    })?;
+    eprintln!(
+        "accelerator: {} ({})",
+        engine.accel().accel.qemu_name(),
+        engine.accel().reason
+    );
+
+    eprintln!("baking {} ...", images.spec.name);
+    let start = Instant::now();
+    let template = engine.bake(&images).await.context("bake")?;
+    let bake_ms = start.elapsed().as_secs_f64() * 1000.0;
+
+    eprintln!("cold boots ({}) ...", options.cold_boots);
+    let mut cold = Vec::new();
+    for _ in 0..options.cold_boots {
+        cold.push(cold_boot(&images, engine.accel().accel, data.path()).await?);
+    }
+
+    eprintln!("sequential creates ({}) ...", options.iterations);
+    let mut sequential = Vec::new();
+    let mut phases: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    for _ in 0..options.iterations {
+        let (elapsed, sandbox) = timed_create(&engine, &template).await?;
+        sequential.push(elapsed);
+        for (name, ms) in &sandbox.timings().phases {
+            phases
+                .entry(name.clone())
+                .or_default()
+                .push(Duration::from_secs_f64(ms / 1000.0));
+        }
+        sandbox.destroy().await?;
+    }
+
+    eprintln!(
+        "concurrent creates ({} x {}) ...",
+        options.batches, options.concurrency
+    );
+    let engine = Arc::new(engine);
+    let template = Arc::new(template);
+    let mut concurrent = Vec::new();
+    for _ in 0..options.batches {
+        let mut tasks = Vec::new();
+        for _ in 0..options.concurrency {
+            let (engine, template) = (engine.clone(), template.clone());
+            tasks.push(tokio::spawn(async move {
+                timed_create(&engine, &template).await
+            }));
+        }
+        for task in tasks {
+            let (elapsed, sandbox) = task.await??;
+            concurrent.push(elapsed);
+            sandbox.destroy().await?;
+        }
+    }
+
+    eprintln!("idle memory ({} sandboxes) ...", options.idle);
+    let mut idle = Vec::new();
+    for _ in 0..options.idle {
+        idle.push(engine.create(&template, CreateOptions::default()).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pss: Vec<f64> = idle
+        .iter()
+        .filter_map(|s| pss_bytes(s.pid()))
+        .map(|b| b as f64 / (1 << 20) as f64)
+        .collect();
+    for sandbox in idle {
+        sandbox.destroy().await?;
+    }
+
+    let cold_summary = Summary::of(&cold);
+    let sequential_summary = Summary::of(&sequential);
+    let report = Report {
+        template: images.spec.name.clone(),
+        accel: engine.accel().accel.qemu_name().into(),
+        bake_ms,
+        bake_phases_ms: template.meta.timings.clone(),
+        cold_boot_to_create_ratio_p50: cold_summary.p50_ms / sequential_summary.p50_ms,
+        cold_boot: cold_summary,
+        create_sequential: sequential_summary,
+        create_concurrent: Summary::of(&concurrent),
+        concurrency: options.concurrency,
+        create_phases_p50_ms: phases
+            .iter()
+            .map(|(k, v)| (k.clone(), Summary::of(v).p50_ms))
+            .collect(),
+        idle_sandboxes: pss.len(),
+        idle_pss_mib_mean: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
+        idle_pss_mib_max: pss.iter().copied().fold(0.0, f64::max),
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("template {} ({})", report.template, report.accel);
+        println!("bake: {:.0} ms", report.bake_ms);
+        println!("cold boot to first exec:   {}", report.cold_boot);
+        println!("create (sequential):       {}", report.create_sequential);
+        println!(
+            "create ({} concurrent):     {}",
+            report.concurrency, report.create_concurrent
+        );
+        println!(
+            "cold boot / create (p50):  {:.1}x",
+            report.cold_boot_to_create_ratio_p50
+        );
+        println!(
+            "create phases (p50, ms):   {:?}",
+            report.create_phases_p50_ms
+        );
+        println!(
+            "idle PSS per sandbox ({}): mean {:.1} MiB, max {:.1} MiB",
+            report.idle_sandboxes, report.idle_pss_mib_mean, report.idle_pss_mib_max
+        );
+    }
+    Ok(())
+}
+
+/// A cold boot of the same template, timed from QEMU start until `true` has exited.
+async fn cold_boot(
+    images: &kiln_image::template::TemplateImages,
+    accel: kiln_vmm::accel::Accel,
+    data: &Path,
+) -> Result<Duration> {
+    let run_dir = tempfile::tempdir_in(data)?;
+    let config = kiln_engine::bake::MachineShape::of(images).boot_config(
+        accel,
+        run_dir.path(),
+        &images.rootfs.image,
+        DiskFormat::Raw,
+        MemoryBacking::Anonymous,
+        false,
+    );
+    let config = kiln_vmm::qemu::BootConfig {
+        root_disk_snapshot: true,
+        ..config
+    };
+    let start = Instant::now();
+    let mut qemu = QemuProcess::spawn(Path::new("qemu-system-x86_64"), config)?;
+    qemu.wait_for_agent_socket(Duration::from_secs(30))?;
+    let agent = AgentClient::new(
+        Arc::new(UnixConnector::new(qemu.config().agent_socket())),
+        ClientConfig {
+            hello_interval: Duration::from_millis(20),
+            handshake_timeout: Duration::from_secs(120),
+            ..ClientConfig::default()
+        },
+    );
+    exec_true(&agent).await?;
+    let elapsed = start.elapsed();
+    qemu.kill()?;
+    Ok(elapsed)
+}
