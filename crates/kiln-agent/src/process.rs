@@ -344,29 +344,37 @@ pub fn spawn(
     }
     let with_tty = pty.is_some();
     let ids = user.map(|u| (u.uid, u.gid, u.groups));
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls; it allocates nothing (the group list is prepared).
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                    || libc::setgid(*gid) < 0
-                    || libc::setuid(*uid) < 0
-                {
+    if with_tty || ids.is_some() {
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls; it allocates nothing (the group list is prepared).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            Ok(())
-        });
+                if with_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some((uid, gid, groups)) = &ids {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                        || libc::setgid(*gid) < 0
+                        || libc::setuid(*uid) < 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+    } else {
+        // Without a terminal or a user switch, a process group of its own is all a process
+        // needs (signals and timeouts address the group), and without a pre-exec hook std
+        // spawns with posix_spawn (vfork), which skips copying the agent's page tables: much
+        // cheaper, above all under TCG. The signal mask is reset by std.
+        command.process_group(0);
     }
 
     let (mut child, exit) = reaper

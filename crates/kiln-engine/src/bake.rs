@@ -17,6 +17,14 @@ use crate::EngineError;
 /// Version of the baked-template metadata format.
 const META_VERSION: u32 = 1;
 
+/// Options of a bake.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BakeOptions {
+    /// Take the snapshot while the host's agent session is still open. Restores must work
+    /// either way; tests bake both ways to prove it.
+    pub keep_agent_connected: bool,
+}
+
 /// What a restore needs, saved next to the snapshot files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BakedMeta {
@@ -190,6 +198,7 @@ pub(crate) async fn bake_into(
     inputs: &Inputs,
     init: &InitRequest,
     out: &Path,
+    options: BakeOptions,
 ) -> Result<BakedTemplate, EngineError> {
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
@@ -252,12 +261,16 @@ pub(crate) async fn bake_into(
         "init and sync".into(),
         phase.elapsed().as_secs_f64() * 1000.0,
     ));
-    // Snapshot with the host disconnected: restored agents then see a fresh connection.
-    client.disconnect().await;
-    drop(client);
+    // Normally the snapshot is taken with the host disconnected: restored agents then see a
+    // fresh connection. (A session left open is handled too: the agent drops it when the
+    // first hello arrives.)
+    if !options.keep_agent_connected {
+        client.disconnect().await;
+    }
     phase = Instant::now();
     let state = out.join("state");
     let snapshot = tokio::task::block_in_place(|| qemu.snapshot_to(&state))?;
+    drop(client);
     timings.phases.extend(snapshot.phases);
     qemu.kill()
         .map_err(|e| EngineError::io("stopping the bake VM", e))?;

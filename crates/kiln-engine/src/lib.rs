@@ -16,7 +16,7 @@ use kiln_proto::messages::InitRequest;
 use kiln_vmm::accel::{AccelChoice, AccelDecision};
 use kiln_vmm::qemu::MemoryBacking;
 
-pub use bake::BakedTemplate;
+pub use bake::{BakeOptions, BakedTemplate};
 pub use sandbox::{CreateOptions, Sandbox};
 
 /// Errors of the engine.
@@ -131,6 +131,15 @@ impl Engine {
     /// exactly these inputs (a changed kernel, rootfs, QEMU, accelerator or device
     /// configuration means a new key, so a re-bake).
     pub async fn bake(&self, images: &TemplateImages) -> Result<BakedTemplate, EngineError> {
+        self.bake_with(images, BakeOptions::default()).await
+    }
+
+    /// [`Engine::bake`] with options.
+    pub async fn bake_with(
+        &self,
+        images: &TemplateImages,
+        options: BakeOptions,
+    ) -> Result<BakedTemplate, EngineError> {
         let init = InitRequest {
             env: images.rootfs.config.env.clone(),
             workdir: images.rootfs.config.workdir.clone(),
@@ -185,6 +194,7 @@ impl Engine {
             &inputs,
             &init,
             staging.path(),
+            options,
         )
         .await?;
         let staged = staging.keep();

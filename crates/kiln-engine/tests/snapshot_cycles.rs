@@ -1,0 +1,116 @@
+//! The agent channel across snapshots: 50 bake/restore cycles, half with the host's agent
+//! session open at snapshot time and half without; every restored agent must answer.
+
+use std::path::{Path, PathBuf};
+
+use kiln_engine::{BakeOptions, CreateOptions, Engine, EngineConfig};
+use kiln_image::cache::Cache;
+use kiln_proto::messages::{Command, ExecRequest};
+use kiln_vmm::accel::AccelChoice;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn static_agent() -> PathBuf {
+    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "-p",
+                "kiln-agent",
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo runs");
+    assert!(status.success(), "building the static agent failed");
+    repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_bake_restore_cycles_always_answer() {
+    let cycles: usize = std::env::var("KILN_SNAPSHOT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let cache = Cache::new(
+        std::env::var_os("KILN_CACHE_DIR")
+            .map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from),
+    );
+    let spec = repo_root().join("templates/base/template.toml");
+    let images = tokio::task::spawn_blocking(move || {
+        kiln_engine::build_images(&spec, &static_agent(), &cache)
+    })
+    .await
+    .expect("build task")
+    .expect("images");
+    let mut failures = Vec::new();
+    for cycle in 0..cycles {
+        let connected = cycle % 2 == 1;
+        // A fresh data directory forces a fresh bake every cycle.
+        let data = tempfile::tempdir().expect("data dir");
+        let engine = Engine::new(EngineConfig {
+            data_dir: data.path().to_owned(),
+            qemu: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            guest_log: None,
+        })
+        .expect("engine");
+        let template = engine
+            .bake_with(
+                &images,
+                BakeOptions {
+                    keep_agent_connected: connected,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: bake failed: {e}"));
+        match engine.create(&template, CreateOptions::default()).await {
+            Ok(sandbox) => {
+                let result = sandbox
+                    .agent()
+                    .run(
+                        ExecRequest::new(Command::Argv(vec![
+                            "echo".into(),
+                            format!("cycle-{cycle}"),
+                        ])),
+                        1024,
+                    )
+                    .await;
+                match result {
+                    Ok(r) if r.stdout == format!("cycle-{cycle}\n").as_bytes() => {}
+                    other => failures.push(format!(
+                        "cycle {cycle} (connected: {connected}): exec {other:?}"
+                    )),
+                }
+                let handshake = sandbox
+                    .timings()
+                    .phases
+                    .iter()
+                    .find(|(n, _)| n == "agent handshake")
+                    .map(|(_, ms)| *ms);
+                eprintln!(
+                    "cycle {cycle:2} connected={connected:5} handshake {:.0} ms",
+                    handshake.unwrap_or(-1.0)
+                );
+                sandbox.destroy().await.expect("destroy");
+            }
+            Err(e) => failures.push(format!(
+                "cycle {cycle} (connected: {connected}): create {e}"
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {cycles} restores failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
