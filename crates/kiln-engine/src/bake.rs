@@ -189,17 +189,31 @@ pub fn bake_inputs(
     inputs
 }
 
-/// Boots the template cold and snapshots it into `out`.
-pub(crate) async fn bake_into(
-    shape: MachineShape,
-    images: &TemplateImages,
-    qemu_binary: &Path,
-    accel: kiln_vmm::accel::Accel,
-    inputs: &Inputs,
-    init: &InitRequest,
-    out: &Path,
-    options: BakeOptions,
-) -> Result<BakedTemplate, EngineError> {
+/// Everything one bake needs.
+#[derive(Debug)]
+pub(crate) struct BakeJob<'a> {
+    pub(crate) shape: MachineShape,
+    pub(crate) images: &'a TemplateImages,
+    pub(crate) qemu_binary: &'a Path,
+    pub(crate) accel: kiln_vmm::accel::Accel,
+    pub(crate) inputs: &'a Inputs,
+    pub(crate) init: &'a InitRequest,
+    pub(crate) out: &'a Path,
+    pub(crate) options: BakeOptions,
+}
+
+/// Boots the template cold and snapshots it into `job.out`.
+pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineError> {
+    let BakeJob {
+        shape,
+        images,
+        qemu_binary,
+        accel,
+        inputs,
+        init,
+        out,
+        options,
+    } = job;
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let disk = out.join("disk.qcow2");

@@ -186,16 +186,16 @@ impl Engine {
             .prefix(&format!(".bake-{}-", images.spec.name))
             .tempdir_in(self.config.data_dir.join("templates"))
             .map_err(|e| EngineError::io("creating the bake directory", e))?;
-        let baked = bake::bake_into(
+        let baked = bake::bake_into(bake::BakeJob {
             shape,
             images,
-            &self.config.qemu,
-            self.accel.accel,
-            &inputs,
-            &init,
-            staging.path(),
+            qemu_binary: &self.config.qemu,
+            accel: self.accel.accel,
+            inputs: &inputs,
+            init: &init,
+            out: staging.path(),
             options,
-        )
+        })
         .await?;
         let staged = staging.keep();
         std::fs::rename(&staged, &dir)
