@@ -7,8 +7,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -372,74 +371,6 @@ pub fn write_dns(dns: &DnsConfig, hostname: Option<&str>) -> Result<(), AgentErr
     std::fs::write("/etc/hosts", hosts).map_err(|e| err(ErrorKind::Io, "/etc/hosts", e))
 }
 
-/// A socket for interface ioctls.
-fn ioctl_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0', ' ']) {
-        return Err(AgentError::new(
-            ErrorKind::InvalidArgument,
-            format!("invalid interface `{name}`"),
-        ));
-    }
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    Ok(req)
-}
-
-fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr have the same size; the kernel reads it as AF_INET.
-    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-fn ioctl(
-    sock: &OwnedFd,
-    request: libc::Ioctl,
-    arg: *mut libc::c_void,
-    what: &str,
-) -> Result<(), AgentError> {
-    // SAFETY: every caller passes a pointer to the structure `request` expects, valid for
-    // the duration of the call.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        let kind = match e.raw_os_error() {
-            Some(libc::ENODEV) => ErrorKind::NotFound,
-            Some(libc::EPERM) => ErrorKind::PermissionDenied,
-            _ => ErrorKind::Io,
-        };
-        return Err(err(kind, what, e));
-    }
-    Ok(())
-}
-
-fn link_up(sock: &OwnedFd, name: &str) -> Result<(), AgentError> {
-    let mut req = ifreq(name)?;
-    ioctl(sock, libc::SIOCGIFFLAGS, (&raw mut req).cast(), name)?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    ioctl(sock, libc::SIOCSIFFLAGS, (&raw mut req).cast(), name)
-}
-
 /// Brings up `lo` and configures the guest interface: address, prefix, MTU, default route.
 pub fn configure_network(config: &NetworkConfig) -> Result<(), AgentError> {
     if config.prefix_len > 32 {
@@ -448,55 +379,27 @@ pub fn configure_network(config: &NetworkConfig) -> Result<(), AgentError> {
             "prefix_len must be at most 32",
         ));
     }
-    let sock = ioctl_socket().map_err(|e| err(ErrorKind::Io, "socket", e))?;
-    link_up(&sock, "lo")?;
-    let name = config.interface.as_str();
-    let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_addr = sockaddr(config.address);
-    ioctl(
-        &sock,
-        libc::SIOCSIFADDR,
-        (&raw mut req).cast(),
-        "set address",
-    )?;
-    let mask = if config.prefix_len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(config.prefix_len))
-    };
-    let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
-    ioctl(
-        &sock,
-        libc::SIOCSIFNETMASK,
-        (&raw mut req).cast(),
-        "set netmask",
-    )?;
-    if let Some(mtu) = config.mtu {
-        let mut req = ifreq(name)?;
-        req.ifr_ifru.ifru_mtu = i32::try_from(mtu)
-            .map_err(|_| AgentError::new(ErrorKind::InvalidArgument, "mtu out of range"))?;
-        ioctl(&sock, libc::SIOCSIFMTU, (&raw mut req).cast(), "set mtu")?;
+    if kiln_net::iface::ifreq(&config.interface).is_err() {
+        return Err(AgentError::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid interface `{}`", config.interface),
+        ));
     }
-    link_up(&sock, name)?;
-    if let Some(gateway) = config.gateway {
-        // SAFETY: rtentry is plain data; all-zero is a valid value.
-        let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
-        route.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
-        route.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
-        route.rt_gateway = sockaddr(gateway);
-        route.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-        match ioctl(
-            &sock,
-            libc::SIOCADDRT,
-            (&raw mut route).cast(),
-            "add default route",
-        ) {
-            Err(e) if e.message.contains("File exists") => {}
-            other => other?,
-        }
-    }
-    Ok(())
+    kiln_net::iface::configure(&kiln_net::iface::InterfaceConfig {
+        name: config.interface.clone(),
+        address: config.address,
+        prefix_len: config.prefix_len,
+        mtu: config.mtu,
+        gateway: config.gateway,
+    })
+    .map_err(|e| {
+        let kind = match e.raw_os_error() {
+            Some(libc::ENODEV) => ErrorKind::NotFound,
+            Some(libc::EPERM) => ErrorKind::PermissionDenied,
+            _ => ErrorKind::Io,
+        };
+        err(kind, &format!("configuring {}", config.interface), e)
+    })
 }
 
 /// Sets the wall clock; returns the guest clock's offset from `ns` before it was set.
@@ -618,9 +521,6 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(ifreq("eth0").is_ok());
-        assert!(ifreq("").is_err());
-        assert!(ifreq("averyveryverylongname").is_err());
         assert_eq!(
             add_entropy(&[]).map_err(|e| e.kind),
             Err(ErrorKind::InvalidArgument)

@@ -130,6 +130,9 @@ pub struct MachineShape {
     /// Extra kernel command-line words (e.g. `KILN_AGENT_LOG=debug`).
     #[serde(default)]
     pub extra_cmdline: Vec<String>,
+    /// MAC address of the guest NIC (the same in every clone).
+    #[serde(default)]
+    pub nic_mac: Option<String>,
 }
 
 impl MachineShape {
@@ -141,6 +144,7 @@ impl MachineShape {
             vcpus: images.spec.resources.vcpus,
             memory_mib: images.spec.resources.memory_mib,
             extra_cmdline: Vec::new(),
+            nic_mac: Some(kiln_net::GUEST_MAC.to_owned()),
         }
     }
 
@@ -167,7 +171,47 @@ impl MachineShape {
             run_dir: run_dir.to_owned(),
             memory,
             incoming,
+            // The descriptor number is filled in by whoever starts QEMU (see `attach_tap`).
+            nic: self
+                .nic_mac
+                .clone()
+                .map(|mac| kiln_vmm::qemu::GuestNic { mac, tap_fd: -1 }),
         }
+    }
+}
+
+/// A network namespace with the guest's tap, and the matching QEMU attachments.
+pub(crate) fn sandbox_network(
+    name: &str,
+    config: &mut BootConfig,
+) -> Result<(kiln_net::netns::NetNs, kiln_vmm::qemu::Attachments), EngineError> {
+    use std::os::fd::AsRawFd;
+    let ns = kiln_net::netns::NetNs::create(name)
+        .map_err(|e| EngineError::io("creating the network namespace", e))?;
+    let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
+    if let Some(nic) = &mut config.nic {
+        nic.tap_fd = tap.as_raw_fd();
+    }
+    let netns = ns
+        .open()
+        .map_err(|e| EngineError::io("opening the network namespace", e))?;
+    Ok((
+        ns,
+        kiln_vmm::qemu::Attachments {
+            netns: Some(netns),
+            tap: Some(tap),
+        },
+    ))
+}
+
+/// The guest's network configuration (the same in every clone).
+pub fn guest_network() -> kiln_proto::messages::NetworkConfig {
+    kiln_proto::messages::NetworkConfig {
+        interface: "eth0".into(),
+        address: kiln_net::GUEST_ADDRESS,
+        prefix_len: kiln_net::PREFIX_LEN,
+        gateway: Some(kiln_net::GATEWAY_ADDRESS),
+        mtu: None,
     }
 }
 
@@ -223,9 +267,11 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         path: out.join("memory"),
         shared: true,
     };
-    let config = shape.boot_config(accel, &run_dir, &disk, DiskFormat::Qcow2, memory, false);
-    let mut qemu =
-        QemuProcess::spawn(qemu_binary, config).map_err(|e| EngineError::io("starting QEMU", e))?;
+    let mut config = shape.boot_config(accel, &run_dir, &disk, DiskFormat::Qcow2, memory, false);
+    let ns_name = format!("kiln-bake-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let (netns, attachments) = sandbox_network(&ns_name, &mut config)?;
+    let mut qemu = QemuProcess::spawn_with(qemu_binary, config, attachments)
+        .map_err(|e| EngineError::io("starting QEMU", e))?;
     qemu.wait_for_agent_socket(Duration::from_secs(30))
         .map_err(|e| EngineError::io("waiting for QEMU", e))?;
     let client = AgentClient::new(
@@ -237,7 +283,8 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     );
     if let Err(e) = client.connect().await {
         return Err(EngineError::Boot(format!(
-            "{e}; console:\n{}",
+            "{e}; QEMU: {}; console:\n{}",
+            qemu.stderr_tail(),
             qemu.console_tail(30)
         )));
     }
@@ -289,6 +336,9 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     qemu.kill()
         .map_err(|e| EngineError::io("stopping the bake VM", e))?;
     drop(qemu);
+    netns
+        .remove()
+        .map_err(|e| EngineError::io("removing the bake's network namespace", e))?;
     let _ = std::fs::remove_dir_all(&run_dir);
     timings
         .phases

@@ -146,6 +146,7 @@ impl Engine {
             user: images.rootfs.config.user.clone(),
             start: images.rootfs.config.start.clone(),
             hostname: Some(images.spec.name.clone()),
+            network: Some(bake::guest_network()),
             ..InitRequest::default()
         };
         let mut shape = bake::MachineShape::of(images);

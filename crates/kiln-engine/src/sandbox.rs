@@ -40,6 +40,7 @@ pub struct Sandbox {
     qemu: QemuProcess,
     client: AgentClient,
     timings: PhaseTimings,
+    netns: Option<kiln_net::netns::NetNs>,
 }
 
 impl Sandbox {
@@ -68,12 +69,23 @@ impl Sandbox {
         &self.timings
     }
 
-    /// Stops the VM and removes everything the sandbox had on disk.
+    /// Name of its network namespace.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_ref().map(kiln_net::netns::NetNs::name)
+    }
+
+    /// Stops the VM and removes everything the sandbox had: its QEMU process, its network
+    /// namespace and its files.
     pub async fn destroy(mut self) -> Result<(), EngineError> {
         self.client.disconnect().await;
         self.qemu
             .kill()
             .map_err(|e| EngineError::io("stopping QEMU", e))?;
+        if let Some(netns) = self.netns.take() {
+            netns
+                .remove()
+                .map_err(|e| EngineError::io("removing the network namespace", e))?;
+        }
         std::fs::remove_dir_all(&self.dir)
             .map_err(|e| EngineError::io("removing the sandbox directory", e))
     }
@@ -115,7 +127,7 @@ pub(crate) async fn create(
         path: template.memory(),
         shared: false,
     };
-    let config = template.meta.machine.boot_config(
+    let mut config = template.meta.machine.boot_config(
         template.meta.accel,
         &dir.join("run"),
         &disk,
@@ -123,7 +135,8 @@ pub(crate) async fn create(
         memory,
         true,
     );
-    let mut qemu = QemuProcess::spawn(engine.qemu(), config)
+    let (netns, attachments) = crate::bake::sandbox_network(&format!("kiln-{id}"), &mut config)?;
+    let mut qemu = QemuProcess::spawn_with(engine.qemu(), config, attachments)
         .map_err(|e| EngineError::io("starting QEMU", e))?;
     record(&mut timings, "spawn", &mut phase);
     let restore = tokio::task::block_in_place(|| qemu.restore_from(&state_file))?;
@@ -140,7 +153,8 @@ pub(crate) async fn create(
     );
     if let Err(e) = client.connect().await {
         return Err(EngineError::Boot(format!(
-            "restored agent did not answer: {e}; console:\n{}",
+            "restored agent did not answer: {e}; QEMU: {}; console:\n{}",
+            qemu.stderr_tail(),
             qemu.console_tail(20)
         )));
     }
@@ -166,6 +180,7 @@ pub(crate) async fn create(
         .push(("total".into(), started.elapsed().as_secs_f64() * 1000.0));
     cleanup.disarm();
     Ok(Sandbox {
+        netns: Some(netns),
         id,
         dir,
         qemu,

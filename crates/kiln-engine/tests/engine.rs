@@ -116,6 +116,39 @@ async fn bake_create_isolate_reseed_and_destroy() {
         assert_eq!(sh(sandbox, "hostname").await, sandbox.id());
     }
 
+    // Each sandbox has its own network namespace; the guest reaches its gateway (the tap in
+    // that namespace) and nothing else exists there.
+    let netns = sandboxes[0]
+        .netns()
+        .expect("a network namespace")
+        .to_owned();
+    assert_eq!(
+        sh(&sandboxes[0], "ip -4 -o addr show eth0 | awk '{print $4}'").await,
+        "172.31.255.2/30"
+    );
+    let listener = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns, "python3", "-c"])
+        .arg("import socket; s=socket.socket(); s.bind(('172.31.255.1', 8471)); s.listen(1); c,_=s.accept(); print(c.recv(64).decode().strip())")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("listener in the sandbox namespace");
+    let mut sent = false;
+    for _ in 0..50 {
+        let script = "bash -c 'echo hello-gateway > /dev/tcp/172.31.255.1/8471' 2>/dev/null && echo sent || echo retry";
+        if sh(&sandboxes[0], script).await == "sent" {
+            sent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sent, "the guest could not reach its gateway");
+    let heard = listener.wait_with_output().expect("listener");
+    assert_eq!(
+        String::from_utf8_lossy(&heard.stdout).trim(),
+        "hello-gateway"
+    );
+    assert_ne!(sandboxes[0].netns(), sandboxes[1].netns());
+
     // Disks are isolated: a file written in one is absent in the others and the template.
     for (i, sandbox) in sandboxes.iter().enumerate() {
         sh(sandbox, &format!("echo {i} > /root/marker-{i} && sync")).await;
@@ -176,6 +209,10 @@ async fn bake_create_isolate_reseed_and_destroy() {
     let mut all = sandboxes;
     all.extend([fresh, x, y]);
     let all_pids: Vec<u32> = all.iter().map(Sandbox::pid).collect();
+    let namespaces: Vec<String> = all
+        .iter()
+        .filter_map(|s| s.netns().map(str::to_owned))
+        .collect();
     for sandbox in all {
         sandbox.destroy().await.expect("destroy");
     }
@@ -183,6 +220,12 @@ async fn bake_create_isolate_reseed_and_destroy() {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
             "QEMU {pid} still running"
+        );
+    }
+    for name in &namespaces {
+        assert!(
+            !Path::new("/run/netns").join(name).exists(),
+            "network namespace {name} left"
         );
     }
     let left: Vec<_> = std::fs::read_dir(data.path().join("sandboxes"))

@@ -80,6 +80,26 @@ pub struct BootConfig {
     pub memory: MemoryBacking,
     /// Start paused, waiting for device state (`-incoming defer`).
     pub incoming: bool,
+    /// The guest NIC (virtio-net on a tap handed over as a descriptor), if any.
+    pub nic: Option<GuestNic>,
+}
+
+/// The guest's network card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNic {
+    /// MAC address.
+    pub mac: String,
+    /// Descriptor number of the tap in QEMU (see [`Attachments`]).
+    pub tap_fd: i32,
+}
+
+/// Descriptors a QEMU process is started with.
+#[derive(Debug, Default)]
+pub struct Attachments {
+    /// Network namespace QEMU runs in.
+    pub netns: Option<std::os::fd::OwnedFd>,
+    /// The guest's tap; its number goes into [`GuestNic::tap_fd`].
+    pub tap: Option<std::os::fd::OwnedFd>,
 }
 
 impl BootConfig {
@@ -183,6 +203,12 @@ impl BootConfig {
             format!("unix:{},server=on,wait=off", path(&self.qmp_socket())),
         ];
         args.extend(memory);
+        if let Some(nic) = &self.nic {
+            args.push("-netdev".into());
+            args.push(format!("tap,id=net0,fd={}", nic.tap_fd));
+            args.push("-device".into());
+            args.push(format!("virtio-net-device,netdev=net0,mac={}", nic.mac));
+        }
         if self.incoming {
             args.push("-incoming".into());
             args.push("defer".into());
@@ -201,6 +227,9 @@ impl BootConfig {
         normalised.root_disk_snapshot = false;
         normalised.run_dir = PathBuf::from("R");
         normalised.incoming = false;
+        if let Some(nic) = &mut normalised.nic {
+            nic.tap_fd = 0;
+        }
         if let MemoryBacking::File { .. } = normalised.memory {
             normalised.memory = MemoryBacking::File {
                 path: PathBuf::from("M"),
@@ -258,9 +287,51 @@ pub struct QemuProcess {
 impl QemuProcess {
     /// Starts QEMU for `config`.
     pub fn spawn(qemu: &Path, config: BootConfig) -> io::Result<QemuProcess> {
+        QemuProcess::spawn_with(qemu, config, Attachments::default())
+    }
+
+    /// Starts QEMU for `config` inside `attachments.netns`, with the tap inherited.
+    pub fn spawn_with(
+        qemu: &Path,
+        config: BootConfig,
+        attachments: Attachments,
+    ) -> io::Result<QemuProcess> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         std::fs::create_dir_all(&config.run_dir)?;
         let stderr = std::fs::File::create(config.run_dir.join("qemu.stderr"))?;
-        let child = Command::new(qemu)
+        if let (Some(nic), Some(tap)) = (&config.nic, &attachments.tap) {
+            if nic.tap_fd != tap.as_raw_fd() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "GuestNic::tap_fd must be the tap's descriptor",
+                ));
+            }
+        }
+        let netns = attachments.netns.as_ref().map(AsRawFd::as_raw_fd);
+        let tap = attachments.tap.as_ref().map(AsRawFd::as_raw_fd);
+        let mut command = Command::new(qemu);
+        if netns.is_some() || tap.is_some() {
+            // SAFETY: runs in the child between fork and exec; setns and fcntl are
+            // async-signal-safe and the descriptors are open in the parent until spawn returns.
+            unsafe {
+                command.pre_exec(move || {
+                    if let Some(ns) = netns {
+                        if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    if let Some(tap) = tap {
+                        // Keep the tap across exec under its own number.
+                        if libc::fcntl(tap, libc::F_SETFD, 0) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -454,6 +525,7 @@ mod tests {
             run_dir: "/run/kiln/vm1".into(),
             memory: MemoryBacking::Anonymous,
             incoming: false,
+            nic: None,
         }
     }
 

@@ -260,6 +260,9 @@ mod tests {
                 }
                 stream.write_all(reply.as_bytes()).expect("reply");
             }
+            // Then stay connected and silent until the client goes away.
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest);
         });
         (dir, handle)
     }
@@ -281,6 +284,7 @@ mod tests {
             matches!(err, QmpError::Command { ref class, .. } if class == "GenericError"),
             "{err}"
         );
+        drop(qmp);
         server.join().expect("server");
     }
 

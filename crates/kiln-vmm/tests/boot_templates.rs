@@ -81,6 +81,7 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         run_dir: run_dir.path().to_owned(),
         memory: MemoryBacking::Anonymous,
         incoming: false,
+        nic: None,
     };
     let started = Instant::now();
     let mut qemu =

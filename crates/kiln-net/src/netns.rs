@@ -1,0 +1,143 @@
+//! Named network namespaces, compatible with `ip netns` (bind-mounted under /run/netns).
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+/// Where named namespaces live.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// A named network namespace, removed on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    path: PathBuf,
+    removed: bool,
+}
+
+impl NetNs {
+    /// Creates the namespace `name` (it must not exist).
+    pub fn create(name: &str) -> io::Result<NetNs> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid namespace name `{name}`"),
+            ));
+        }
+        std::fs::create_dir_all(NETNS_DIR)?;
+        let path = PathBuf::from(NETNS_DIR).join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let ns = NetNs {
+            name: name.to_owned(),
+            path: path.clone(),
+            removed: false,
+        };
+        // unshare affects only the calling thread: do it on a thread of its own, pin the new
+        // namespace with a bind mount, and let the thread end.
+        std::thread::spawn(move || -> io::Result<()> {
+            unshare(CloneFlags::CLONE_NEWNET)?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))??;
+        Ok(ns)
+    }
+
+    /// Its name (as `ip netns list` shows it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens the namespace, e.g. to `setns` into it before exec.
+    pub fn open(&self) -> io::Result<OwnedFd> {
+        Ok(std::fs::File::open(&self.path)?.into())
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let fd = self.open()?;
+        std::thread::spawn(move || {
+            setns(&fd, CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| io::Error::other("namespace thread panicked"))?
+    }
+
+    /// Removes the namespace (it lives on while processes are still in it).
+    pub fn remove(mut self) -> io::Result<()> {
+        self.remove_inner()
+    }
+
+    fn remove_inner(&mut self) -> io::Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        match umount2(&self.path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = self.remove_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(name: &str) -> bool {
+        std::path::Path::new(NETNS_DIR).join(name).exists()
+    }
+
+    /// Needs root (as the whole suite does).
+    #[test]
+    fn create_enter_and_remove() {
+        let name = format!("kiln-test-{}", std::process::id());
+        let ns = NetNs::create(&name).expect("create");
+        assert!(listed(&name));
+        assert!(NetNs::create(&name).is_err(), "names are unique");
+        let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
+        let inside = ns
+            .run_in(|| std::fs::read_link("/proc/thread-self/ns/net"))
+            .expect("enter");
+        assert_ne!(own, inside, "a different namespace");
+        let links = ns
+            .run_in(|| Ok(std::fs::read_dir("/sys/class/net")?.count()))
+            .expect("enter");
+        assert!(links >= 1);
+        ns.remove().expect("remove");
+        assert!(!listed(&name));
+        assert!(NetNs::create("bad/name").is_err());
+    }
+}
