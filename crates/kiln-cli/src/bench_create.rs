@@ -256,12 +256,14 @@ async fn cold_boot(
         MemoryBacking::Anonymous,
         false,
     );
-    let config = kiln_vmm::qemu::BootConfig {
+    let mut config = kiln_vmm::qemu::BootConfig {
         root_disk_snapshot: true,
         ..config
     };
     let start = Instant::now();
-    let mut qemu = QemuProcess::spawn(Path::new("qemu-system-x86_64"), config)?;
+    let ns_name = format!("kiln-bench-{}", std::process::id());
+    let (netns, attachments) = kiln_engine::bake::sandbox_network(&ns_name, &mut config)?;
+    let mut qemu = QemuProcess::spawn_with(Path::new("qemu-system-x86_64"), config, attachments)?;
     qemu.wait_for_agent_socket(Duration::from_secs(30))?;
     let agent = AgentClient::new(
         Arc::new(UnixConnector::new(qemu.config().agent_socket())),
@@ -274,5 +276,6 @@ async fn cold_boot(
     exec_true(&agent).await?;
     let elapsed = start.elapsed();
     qemu.kill()?;
+    netns.remove()?;
     Ok(elapsed)
 }

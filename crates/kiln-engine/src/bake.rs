@@ -181,7 +181,7 @@ impl MachineShape {
 }
 
 /// A network namespace with the guest's tap, and the matching QEMU attachments.
-pub(crate) fn sandbox_network(
+pub fn sandbox_network(
     name: &str,
     config: &mut BootConfig,
 ) -> Result<(kiln_net::netns::NetNs, kiln_vmm::qemu::Attachments), EngineError> {
