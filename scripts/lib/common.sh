@@ -23,6 +23,7 @@ KILN_TOOLS=(
   "xz:xz-utils"
   "zstd:zstd"
   "cpio:cpio"
+  "python3:python3"
 )
 
 require_root() {

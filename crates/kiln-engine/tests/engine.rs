@@ -100,6 +100,22 @@ async fn bake_create_isolate_reseed_and_destroy() {
         "not re-baked"
     );
 
+    // Negative control for the RNG, right after the bake: without the post-restore call two
+    // clones produce the same random bytes. (Taken first because the guest kernel reseeds on
+    // its own once its reseed interval has passed since the bake's reseed.)
+    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let raw = CreateOptions {
+        post_restore: false,
+        ..CreateOptions::default()
+    };
+    let x = engine.create(&template, raw.clone()).await.expect("create");
+    let y = engine.create(&template, raw.clone()).await.expect("create");
+    let (rx, ry) = (sh(&x, random).await, sh(&y, random).await);
+    assert_eq!(
+        rx, ry,
+        "without a reseed clones share the RNG (negative control)"
+    );
+
     let mut sandboxes = Vec::new();
     for _ in 0..5 {
         let sandbox = engine
@@ -172,7 +188,6 @@ async fn bake_create_isolate_reseed_and_destroy() {
     );
 
     // The RNG differs between sandboxes restored from the same snapshot...
-    let random = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
     let a = sh(&sandboxes[0], random).await;
     let b = sh(&sandboxes[1], random).await;
     assert_ne!(a, b, "restored sandboxes must not share random state");
@@ -184,22 +199,12 @@ async fn bake_create_isolate_reseed_and_destroy() {
         - host_now();
     assert!(skew.abs() < 1.0, "guest clock off by {skew:.3} s");
 
-    // Negative controls: without the post-restore call, two clones produce the same random
-    // bytes and the clock still shows the moment of the snapshot.
+    // Negative control for the clock: without the post-restore call the guest clock still
+    // shows the moment of the snapshot.
     let wait = (baked_at + 2.0 - host_now()).max(0.0);
     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-    let raw = CreateOptions {
-        post_restore: false,
-        ..CreateOptions::default()
-    };
-    let x = engine.create(&template, raw.clone()).await.expect("create");
-    let y = engine.create(&template, raw).await.expect("create");
-    let (rx, ry) = (sh(&x, random).await, sh(&y, random).await);
-    assert_eq!(
-        rx, ry,
-        "without a reseed clones share the RNG (negative control)"
-    );
-    let stale = sh(&x, "date +%s.%N").await.parse::<f64>().expect("a time") - host_now();
+    let z = engine.create(&template, raw.clone()).await.expect("create");
+    let stale = sh(&z, "date +%s.%N").await.parse::<f64>().expect("a time") - host_now();
     assert!(
         stale < -1.0,
         "without a clock update the guest lags the host (skew {stale:.3} s)"
@@ -207,7 +212,7 @@ async fn bake_create_isolate_reseed_and_destroy() {
 
     // Destroy everything: no QEMU, no files.
     let mut all = sandboxes;
-    all.extend([fresh, x, y]);
+    all.extend([fresh, x, y, z]);
     let all_pids: Vec<u32> = all.iter().map(Sandbox::pid).collect();
     let namespaces: Vec<String> = all
         .iter()
