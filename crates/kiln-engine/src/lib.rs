@@ -10,7 +10,6 @@ pub mod sandbox;
 
 use std::path::{Path, PathBuf};
 
-use kiln_image::cache::Cache;
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::InitRequest;
 use kiln_vmm::accel::{AccelChoice, AccelDecision};
@@ -243,18 +242,4 @@ impl Engine {
     pub(crate) fn qemu(&self) -> &Path {
         &self.config.qemu
     }
-}
-
-/// Builds a template's images with `cache` (a convenience for tests and tools).
-pub fn build_images(
-    spec: &Path,
-    agent: &Path,
-    cache: &Cache,
-) -> Result<TemplateImages, EngineError> {
-    Ok(kiln_image::template::build_template(
-        spec,
-        agent,
-        cache,
-        &kiln_image::progress::NoProgress,
-    )?)
 }

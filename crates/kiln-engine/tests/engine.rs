@@ -2,39 +2,12 @@
 //! it, prove their disks are isolated, their RNGs differ and their clocks match the host's
 //! (each with a negative control), then destroy them and prove nothing is left.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
-use kiln_image::cache::Cache;
 use kiln_proto::messages::{Command, ExecRequest};
 use kiln_vmm::accel::AccelChoice;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn static_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
-        return PathBuf::from(path);
-    }
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "-p",
-                "kiln-agent",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo runs");
-    assert!(status.success(), "building the static agent failed");
-    repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
-}
 
 fn engine(data_dir: &Path) -> Engine {
     Engine::new(EngineConfig {
@@ -44,18 +17,6 @@ fn engine(data_dir: &Path) -> Engine {
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
     })
     .expect("engine")
-}
-
-fn images(name: &str) -> kiln_image::template::TemplateImages {
-    let cache = Cache::new(
-        std::env::var_os("KILN_CACHE_DIR")
-            .map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from),
-    );
-    let spec = repo_root()
-        .join("templates")
-        .join(name)
-        .join("template.toml");
-    kiln_engine::build_images(&spec, &static_agent(), &cache).expect("images")
 }
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
@@ -84,7 +45,7 @@ fn host_now() -> f64 {
 async fn bake_create_isolate_reseed_and_destroy() {
     let data = tempfile::tempdir().expect("data dir");
     let engine = engine(data.path());
-    let images = tokio::task::spawn_blocking(|| images("base"))
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
         .await
         .expect("build");
     let template = engine.bake(&images).await.expect("bake");

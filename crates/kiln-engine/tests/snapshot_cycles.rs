@@ -1,38 +1,9 @@
 //! The agent channel across snapshots: 50 bake/restore cycles, half with the host's agent
 //! session open at snapshot time and half without; every restored agent must answer.
 
-use std::path::{Path, PathBuf};
-
 use kiln_engine::{BakeOptions, CreateOptions, Engine, EngineConfig};
-use kiln_image::cache::Cache;
 use kiln_proto::messages::{Command, ExecRequest};
 use kiln_vmm::accel::AccelChoice;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn static_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
-        return PathBuf::from(path);
-    }
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "-p",
-                "kiln-agent",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo runs");
-    assert!(status.success(), "building the static agent failed");
-    repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_bake_restore_cycles_always_answer() {
@@ -40,17 +11,9 @@ async fn fifty_bake_restore_cycles_always_answer() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let cache = Cache::new(
-        std::env::var_os("KILN_CACHE_DIR")
-            .map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from),
-    );
-    let spec = repo_root().join("templates/base/template.toml");
-    let images = tokio::task::spawn_blocking(move || {
-        kiln_engine::build_images(&spec, &static_agent(), &cache)
-    })
-    .await
-    .expect("build task")
-    .expect("images");
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build task");
     let mut failures = Vec::new();
     for cycle in 0..cycles {
         let connected = cycle % 2 == 1;

@@ -3,56 +3,15 @@
 //! the virtio-serial port, and runs commands; its init duties (hostname, clock, RNG,
 //! power-off) run for real.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
-use kiln_image::cache::Cache;
-use kiln_image::progress::PrintProgress;
-use kiln_image::template::{build_template, TemplateImages};
+use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest, PostRestoreRequest, ShutdownAction};
 use kiln_vmm::accel::{resolve, AccelChoice};
 use kiln_vmm::qemu::{BootConfig, DiskFormat, MemoryBacking, QemuProcess};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The static agent: `$KILN_AGENT_BIN`, or built here.
-fn static_agent() -> PathBuf {
-    if let Some(path) = std::env::var_os("KILN_AGENT_BIN") {
-        return PathBuf::from(path);
-    }
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "-p",
-                "kiln-agent",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo runs");
-    assert!(status.success(), "building the static agent failed");
-    repo_root().join("target/x86_64-unknown-linux-gnu/release/kiln-agent")
-}
-
-fn build(name: &str) -> TemplateImages {
-    let cache = Cache::new(
-        std::env::var_os("KILN_CACHE_DIR")
-            .map_or_else(|| PathBuf::from("/var/cache/kiln"), PathBuf::from),
-    );
-    let spec = repo_root()
-        .join("templates")
-        .join(name)
-        .join("template.toml");
-    build_template(&spec, &static_agent(), &cache, &PrintProgress).expect("template builds")
-}
 
 async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
     let result = client
@@ -179,7 +138,7 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn base_template_boots_to_a_working_agent() {
-    let images = tokio::task::spawn_blocking(|| build("base"))
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
         .await
         .expect("build task");
     boot_and_check(&images, "ip -V; ps -e | wc -l", "iproute2").await;
@@ -187,7 +146,7 @@ async fn base_template_boots_to_a_working_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_template_boots_to_a_working_agent() {
-    let images = tokio::task::spawn_blocking(|| build("python"))
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("python"))
         .await
         .expect("build task");
     boot_and_check(
