@@ -304,20 +304,16 @@ where
     if start.create_parents {
         mkdir(parent.clone(), None, owner.clone()).await?;
     }
-    if let Ok(meta) = tokio::fs::metadata(&path).await {
-        if meta.is_dir() {
-            return Err(AgentError::new(
-                ErrorKind::IsADirectory,
-                format!("{} is a directory", path.display()),
-            ));
-        }
+    let existing = tokio::fs::metadata(&path).await.ok();
+    if existing.as_ref().is_some_and(|meta| meta.is_dir()) {
+        return Err(AgentError::new(
+            ErrorKind::IsADirectory,
+            format!("{} is a directory", path.display()),
+        ));
     }
     let mode = match start.mode {
         Some(mode) => mode & 0o7777,
-        None => tokio::fs::metadata(&path)
-            .await
-            .map(|m| m.mode() & 0o7777)
-            .unwrap_or(0o644),
+        None => existing.map_or(0o644, |meta| meta.mode() & 0o7777),
     };
     let ids = owner
         .map(|o| resolve_user(Path::new("/"), &o))

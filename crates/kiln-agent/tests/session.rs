@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{agent_binary, run, start, start_with, text};
 use kiln_agent_client::local::{LocalAgent, LocalAgentOptions};
-use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, ClientError, Connector};
+use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, Connector};
 use kiln_proto::messages::{
     Command, ErrorKind, InitRequest, NetworkConfig, PostRestoreRequest, ReadinessCheck,
     StartCommand,
@@ -259,5 +259,4 @@ async fn client_reconnects_after_the_agent_goes_away() {
         .expect("exec after reconnect");
     assert_eq!(result.stdout, b"back\n");
     drop(second);
-    let _ = ClientError::Disconnected(String::new());
 }

@@ -386,13 +386,8 @@ impl QemuProcess {
         let qmp = self.qmp()?;
         qmp.execute("stop", None)?;
         let at = timings.record("stop", start);
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))?;
-        qmp.execute_with_fd(
-            "getfd",
-            Some(serde_json::json!({ "fdname": "state" })),
-            file.as_fd(),
-        )?;
-        qmp.execute("migrate", Some(serde_json::json!({ "uri": "fd:state" })))?;
+        hand_over_state(qmp, &file)?;
+        qmp.execute("migrate", Some(serde_json::json!({ "uri": STATE_URI })))?;
         qmp.wait_migration(Duration::from_secs(120))?;
         timings.record("save device state", at);
         file.sync_all().map_err(|source| SnapshotError::File {
@@ -410,15 +405,10 @@ impl QemuProcess {
         let file = state;
         let qmp = self.qmp()?;
         let at = timings.record("QMP ready", start);
-        qmp.execute("migrate-set-capabilities", Some(ignore_shared()))?;
-        qmp.execute_with_fd(
-            "getfd",
-            Some(serde_json::json!({ "fdname": "state" })),
-            file.as_fd(),
-        )?;
+        hand_over_state(qmp, file)?;
         qmp.execute(
             "migrate-incoming",
-            Some(serde_json::json!({ "uri": "fd:state" })),
+            Some(serde_json::json!({ "uri": STATE_URI })),
         )?;
         let state_now = qmp.wait_incoming(Duration::from_secs(60))?;
         if state_now != "paused" && state_now != "postmigrate" && state_now != "prelaunch" {
@@ -497,8 +487,24 @@ impl Drop for QemuProcess {
     }
 }
 
-fn ignore_shared() -> serde_json::Value {
-    serde_json::json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+/// Migration URI of the device-state file handed over with [`hand_over_state`].
+const STATE_URI: &str = "fd:state";
+
+/// Common to save and load: RAM stays in the shared memory file (`x-ignore-shared`), and the
+/// state file goes to QEMU as a descriptor (`-sandbox spawn=deny` forbids `exec:` URIs).
+fn hand_over_state(qmp: &mut Qmp, file: &std::fs::File) -> Result<(), QmpError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        })),
+    )?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(serde_json::json!({ "fdname": "state" })),
+        file.as_fd(),
+    )?;
+    Ok(())
 }
 
 fn tail(path: &Path, lines: usize) -> String {
