@@ -147,6 +147,18 @@ impl OutputLog {
         self.lock().finish
     }
 
+    /// Waits until the process has ended, without holding back its output as a reader would.
+    pub async fn wait_finished(&self) -> Finish {
+        let mut produced = self.produced.subscribe();
+        loop {
+            if let Some(finish) = self.finished() {
+                return finish;
+            }
+            // The log owns the sender, so `changed` cannot report a closed channel.
+            let _ = produced.changed().await;
+        }
+    }
+
     /// Attaches a reader at the oldest kept chunk.
     pub fn subscribe(&self) -> Subscription {
         let mut state = self.lock();
@@ -262,6 +274,21 @@ mod tests {
         }
         assert_eq!(sub.next().await, Next::Finished(DONE));
         writer.await.expect("writer finished");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_finish_does_not_hold_back_output() {
+        let log = OutputLog::with_capacity(4);
+        let waiter = tokio::spawn({
+            let log = log.clone();
+            async move { log.wait_finished().await }
+        });
+        for _ in 0..10 {
+            log.push(out("abc")).await;
+        }
+        assert!(!waiter.is_finished());
+        log.finish(DONE);
+        assert_eq!(waiter.await.expect("waiter finished"), DONE);
     }
 
     #[tokio::test]

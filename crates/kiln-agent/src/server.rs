@@ -448,6 +448,8 @@ impl Agent {
                 if !completed {
                     // The host went away: a foreground process does not outlive its stream.
                     let _ = process.signal(libc::SIGKILL);
+                    // Listed until reaped, so a listing never misses a process still alive.
+                    process.output.wait_finished().await;
                 }
                 self.processes.remove(&process);
             }
