@@ -2,18 +2,17 @@
 //! template measured in the same run, plus bake time and idle memory per sandbox.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
+use kiln_agent_client::AgentClient;
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
 use kiln_image::cache::Cache;
 use kiln_image::progress::PrintProgress;
 use kiln_proto::messages::{Command, ExecRequest};
 use kiln_vmm::accel::AccelChoice;
-use kiln_vmm::qemu::{DiskFormat, MemoryBacking, QemuProcess};
 use serde::Serialize;
 
 use crate::stats::Summary;
@@ -75,7 +74,7 @@ async fn exec_true(agent: &AgentClient) -> Result<()> {
 async fn timed_create(
     engine: &Engine,
     template: &kiln_engine::BakedTemplate,
-) -> Result<(Duration, Sandbox, Duration, Duration)> {
+) -> Result<(Duration, Arc<Sandbox>, Duration, Duration)> {
     let start = Instant::now();
     let sandbox = engine.create(template, CreateOptions::default()).await?;
     let exec_start = Instant::now();
@@ -112,10 +111,9 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     .await??;
     let data = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let engine = Engine::new(EngineConfig {
-        data_dir: data.path().to_owned(),
-        qemu: PathBuf::from("qemu-system-x86_64"),
         accel: options.accel,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
+        ..EngineConfig::new(data.path())
     })?;
     eprintln!(
         "accelerator: {} ({})",
@@ -131,7 +129,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     eprintln!("cold boots ({}) ...", options.cold_boots);
     let mut cold = Vec::new();
     for _ in 0..options.cold_boots {
-        cold.push(cold_boot(&images, engine.accel().accel, data.path()).await?);
+        cold.push(engine.measure_cold_boot(&images).await?);
     }
 
     eprintln!("sequential creates ({}) ...", options.iterations);
@@ -161,7 +159,6 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         "concurrent creates ({} x {}) ...",
         options.batches, options.concurrency
     );
-    let engine = Arc::new(engine);
     let template = Arc::new(template);
     let mut concurrent = Vec::new();
     for _ in 0..options.batches {
@@ -187,7 +184,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pss: Vec<f64> = idle
         .iter()
-        .filter_map(|s| pss_bytes(s.pid()))
+        .filter_map(|s| s.pid().and_then(pss_bytes))
         .map(|b| b as f64 / (1 << 20) as f64)
         .collect();
     for sandbox in idle {
@@ -239,43 +236,4 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A cold boot of the same template, timed from QEMU start until `true` has exited.
-async fn cold_boot(
-    images: &kiln_image::template::TemplateImages,
-    accel: kiln_vmm::accel::Accel,
-    data: &Path,
-) -> Result<Duration> {
-    let run_dir = tempfile::tempdir_in(data)?;
-    let config = kiln_engine::bake::MachineShape::of(images).boot_config(
-        accel,
-        run_dir.path(),
-        &images.rootfs.image,
-        DiskFormat::Raw,
-        MemoryBacking::Anonymous,
-        false,
-    );
-    let mut config = kiln_vmm::qemu::BootConfig {
-        root_disk_snapshot: true,
-        ..config
-    };
-    let start = Instant::now();
-    let ns_name = format!("kiln-bench-{}", std::process::id());
-    let (netns, attachments) = kiln_engine::bake::sandbox_network(&ns_name, &mut config)?;
-    let mut qemu = QemuProcess::spawn_with(Path::new("qemu-system-x86_64"), config, attachments)?;
-    qemu.wait_for_agent_socket(Duration::from_secs(30))?;
-    let agent = AgentClient::new(
-        Arc::new(UnixConnector::new(qemu.config().agent_socket())),
-        ClientConfig {
-            hello_interval: Duration::from_millis(20),
-            handshake_timeout: Duration::from_secs(120),
-            ..ClientConfig::default()
-        },
-    );
-    exec_true(&agent).await?;
-    let elapsed = start.elapsed();
-    qemu.kill()?;
-    netns.remove()?;
-    Ok(elapsed)
 }

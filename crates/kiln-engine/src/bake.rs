@@ -1,6 +1,7 @@
 //! Baking a template: boot it cold, run its start command, sync, and snapshot it (RAM in a
 //! shared memory file, device state through migration with `x-ignore-shared`).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,8 @@ use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_image::cache::{sha256_file, Inputs};
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest};
-use kiln_vmm::qemu::{BootConfig, DiskFormat, MemoryBacking, PhaseTimings, QemuProcess};
+use kiln_vmm::driver::{Hypervisor, VmSpec};
+use kiln_vmm::qemu::{DiskFormat, MemoryBacking, PhaseTimings};
 use serde::{Deserialize, Serialize};
 
 use crate::persist;
@@ -46,6 +48,9 @@ pub struct BakedMeta {
     pub state_sha256: String,
     /// SHA-256 of the memory file, checked at bake and when the engine opens the template.
     pub memory_sha256: String,
+    /// Size of the root disk as the guest sees it (sandboxes may grow it, never shrink it).
+    #[serde(default)]
+    pub disk_bytes: u64,
     /// How long the bake's phases took.
     pub timings: Vec<(String, f64)>,
     /// Default environment, workdir and user of the template's processes.
@@ -148,60 +153,29 @@ impl MachineShape {
         }
     }
 
-    /// A boot configuration of this shape.
-    pub fn boot_config(
+    /// A VM of this shape.
+    pub fn vm_spec(
         &self,
-        accel: kiln_vmm::accel::Accel,
         run_dir: &Path,
         disk: &Path,
         disk_format: DiskFormat,
         memory: MemoryBacking,
         incoming: bool,
-    ) -> BootConfig {
-        BootConfig {
-            accel,
+    ) -> VmSpec {
+        VmSpec {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
+            extra_cmdline: self.extra_cmdline.clone(),
             root_disk: disk.to_owned(),
             root_disk_format: disk_format,
-            root_disk_snapshot: false,
-            extra_cmdline: self.extra_cmdline.clone(),
-            run_dir: run_dir.to_owned(),
             memory,
             incoming,
-            // The descriptor number is filled in by whoever starts QEMU (see `attach_tap`).
-            nic: self
-                .nic_mac
-                .clone()
-                .map(|mac| kiln_vmm::qemu::GuestNic { mac, tap_fd: -1 }),
+            nic_mac: self.nic_mac.clone(),
+            run_dir: run_dir.to_owned(),
         }
     }
-}
-
-/// A network namespace with the guest's tap, and the matching QEMU attachments.
-pub fn sandbox_network(
-    name: &str,
-    config: &mut BootConfig,
-) -> Result<(kiln_net::netns::NetNs, kiln_vmm::qemu::Attachments), EngineError> {
-    use std::os::fd::AsRawFd;
-    let ns = kiln_net::netns::NetNs::create(name)
-        .map_err(|e| EngineError::io("creating the network namespace", e))?;
-    let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
-    if let Some(nic) = &mut config.nic {
-        nic.tap_fd = tap.as_raw_fd();
-    }
-    let netns = ns
-        .open()
-        .map_err(|e| EngineError::io("opening the network namespace", e))?;
-    Ok((
-        ns,
-        kiln_vmm::qemu::Attachments {
-            netns: Some(netns),
-            tap: Some(tap),
-        },
-    ))
 }
 
 /// The guest's network configuration (the same in every clone).
@@ -218,17 +192,17 @@ pub fn guest_network() -> kiln_proto::messages::NetworkConfig {
 /// The inputs a restore depends on.
 pub fn bake_inputs(
     images: &TemplateImages,
-    config: &BootConfig,
-    qemu_version: &str,
+    driver: &dyn Hypervisor,
+    spec: &VmSpec,
     init: &InitRequest,
 ) -> Inputs {
     let mut inputs = Inputs::new("baked-template");
     inputs
         .add("kernel", images.kernel.dir.display().to_string())
         .add("rootfs", images.rootfs.dir.display().to_string())
-        .add("qemu", qemu_version)
-        .add("accel", config.accel.qemu_name())
-        .add("devices", config.device_signature())
+        .add("vmm", format!("{} {}", driver.name(), driver.version()))
+        .add("accel", driver.accel().accel.qemu_name())
+        .add("devices", driver.restore_signature(spec))
         .add("init", serde_json::to_string(init).unwrap_or_default());
     inputs
 }
@@ -238,8 +212,7 @@ pub fn bake_inputs(
 pub(crate) struct BakeJob<'a> {
     pub(crate) shape: MachineShape,
     pub(crate) images: &'a TemplateImages,
-    pub(crate) qemu_binary: &'a Path,
-    pub(crate) accel: kiln_vmm::accel::Accel,
+    pub(crate) engine: &'a std::sync::Arc<crate::Inner>,
     pub(crate) inputs: &'a Inputs,
     pub(crate) init: &'a InitRequest,
     pub(crate) out: &'a Path,
@@ -251,8 +224,7 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     let BakeJob {
         shape,
         images,
-        qemu_binary,
-        accel,
+        engine,
         inputs,
         init,
         out,
@@ -260,22 +232,31 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     } = job;
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
-    let disk = out.join("disk.qcow2");
-    crate::disk::qcow2_overlay(&images.rootfs.image, DiskFormat::Raw, &disk)?;
+    // The bake VM writes the template's disk: a private copy of the root filesystem where
+    // sandbox disks will be reflinks of it, else an overlay on the (read-only) image.
+    let (disk, disk_format) = if engine.reflink {
+        let disk = out.join("disk.raw");
+        crate::disk::clone_or_copy(&images.rootfs.image, &disk)?;
+        (disk, DiskFormat::Raw)
+    } else {
+        let disk = out.join("disk.qcow2");
+        crate::disk::qcow2_overlay(&images.rootfs.image, DiskFormat::Raw, &disk)?;
+        (disk, DiskFormat::Qcow2)
+    };
     let run_dir = out.join("run");
     let memory = MemoryBacking::File {
         path: out.join("memory"),
         shared: true,
     };
-    let mut config = shape.boot_config(accel, &run_dir, &disk, DiskFormat::Qcow2, memory, false);
-    let ns_name = format!("kiln-bake-{}", hex::encode(rand::random::<[u8; 4]>()));
-    let (netns, attachments) = sandbox_network(&ns_name, &mut config)?;
-    let mut qemu = QemuProcess::spawn_with(qemu_binary, config, attachments)
-        .map_err(|e| EngineError::io("starting QEMU", e))?;
-    qemu.wait_for_agent_socket(Duration::from_secs(30))
-        .map_err(|e| EngineError::io("waiting for QEMU", e))?;
+    let spec = shape.vm_spec(&run_dir, &disk, disk_format, memory, false);
+    let name = format!("bake-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let limits = crate::sandbox::default_limits(&shape);
+    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits)?;
+    resources.grant(&[&disk])?;
+    let mut qemu = engine.driver.launch(spec, confinement)?;
+    qemu.wait_started(Duration::from_secs(30))?;
     let client = AgentClient::new(
-        std::sync::Arc::new(UnixConnector::new(qemu.config().agent_socket())),
+        std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
         ClientConfig {
             handshake_timeout: Duration::from_secs(180),
             ..ClientConfig::default()
@@ -283,8 +264,8 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     );
     if let Err(e) = client.connect().await {
         return Err(EngineError::Boot(format!(
-            "{e}; QEMU: {}; console:\n{}",
-            qemu.stderr_tail(),
+            "{e}; VMM: {}; console:\n{}",
+            qemu.diagnostics(),
             qemu.console_tail(30)
         )));
     }
@@ -330,16 +311,17 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     }
     phase = Instant::now();
     let state = out.join("state");
-    let snapshot = tokio::task::block_in_place(|| qemu.snapshot_to(&state))?;
+    let snapshot = tokio::task::block_in_place(|| qemu.snapshot(&state))?;
     drop(client);
     timings.phases.extend(snapshot.phases);
-    qemu.kill()
-        .map_err(|e| EngineError::io("stopping the bake VM", e))?;
+    qemu.kill()?;
     drop(qemu);
-    netns
-        .remove()
-        .map_err(|e| EngineError::io("removing the bake's network namespace", e))?;
+    resources.release()?;
     let _ = std::fs::remove_dir_all(&run_dir);
+    // From now on the disk is a read-only base: back to root, readable by VMM users.
+    std::os::unix::fs::chown(&disk, Some(0), Some(0))
+        .and_then(|()| std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o644)))
+        .map_err(|e| EngineError::io("sealing the template disk", e))?;
     timings
         .phases
         .push(("snapshot".into(), phase.elapsed().as_secs_f64() * 1000.0));
@@ -361,10 +343,13 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         inputs: inputs.entries().to_vec(),
         machine: shape,
         rootfs: images.rootfs.image.clone(),
-        disk_format: DiskFormat::Qcow2,
-        accel,
+        disk_format,
+        accel: engine.driver.accel().accel,
         state_sha256,
         memory_sha256,
+        disk_bytes: std::fs::metadata(&images.rootfs.image)
+            .map_err(|e| EngineError::io("reading the root filesystem's size", e))?
+            .len(),
         timings: timings.phases,
         init: init.clone(),
     };
@@ -373,4 +358,60 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         dir: out.to_owned(),
         meta,
     })
+}
+
+/// See [`crate::Engine::measure_cold_boot`].
+pub(crate) async fn cold_boot(
+    engine: &std::sync::Arc<crate::Inner>,
+    images: &TemplateImages,
+) -> Result<Duration, EngineError> {
+    let mut shape = MachineShape::of(images);
+    if let Some(filter) = &engine.config.guest_log {
+        shape.extra_cmdline.push(format!("KILN_AGENT_LOG={filter}"));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(".cold-")
+        .tempdir_in(engine.config.data_dir.join("sandboxes"))
+        .map_err(|e| EngineError::io("creating the cold-boot directory", e))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| EngineError::io("creating the cold-boot directory", e))?;
+    let disk = dir.path().join("disk.qcow2");
+    crate::disk::qcow2_overlay(&images.rootfs.image, DiskFormat::Raw, &disk)?;
+    let spec = shape.vm_spec(
+        &dir.path().join("run"),
+        &disk,
+        DiskFormat::Qcow2,
+        MemoryBacking::Anonymous,
+        false,
+    );
+    let name = format!("cold-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let limits = crate::sandbox::default_limits(&shape);
+    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits)?;
+    resources.grant(&[&disk])?;
+    let start = Instant::now();
+    let mut vm = engine.driver.launch(spec, confinement)?;
+    vm.wait_started(Duration::from_secs(30))?;
+    let client = AgentClient::new(
+        std::sync::Arc::new(UnixConnector::new(vm.agent_socket())),
+        ClientConfig {
+            hello_interval: Duration::from_millis(20),
+            handshake_timeout: Duration::from_secs(180),
+            ..ClientConfig::default()
+        },
+    );
+    let result = client
+        .run(ExecRequest::new(Command::Argv(vec!["true".into()])), 1024)
+        .await?;
+    let elapsed = start.elapsed();
+    if result.status.code != Some(0) {
+        return Err(EngineError::Boot(format!(
+            "`true` failed: {:?}",
+            result.status
+        )));
+    }
+    client.disconnect().await;
+    vm.kill()?;
+    drop(vm);
+    resources.release()?;
+    Ok(elapsed)
 }

@@ -78,6 +78,71 @@ pub fn reflink(src: &Path, dst: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Copies `src` to `dst`: a reflink where the filesystem allows it, else a copy of the data
+/// regions only (holes stay holes, so a sparse 1 GiB image with 250 MiB of data costs 250 MiB).
+pub fn clone_or_copy(src: &Path, dst: &Path) -> Result<(), DiskError> {
+    if reflink(src, dst).is_ok() {
+        return Ok(());
+    }
+    sparse_copy(src, dst).map_err(|source| DiskError::Io {
+        context: format!("copying {} to {}", src.display(), dst.display()),
+        source,
+    })
+}
+
+fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsRawFd;
+    let from = std::fs::File::open(src)?;
+    let to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    let result = (|| {
+        let len = from.metadata()?.len();
+        to.set_len(len)?;
+        let mut offset = 0i64;
+        let end = i64::try_from(len).map_err(std::io::Error::other)?;
+        while offset < end {
+            let data = match lseek(from.as_raw_fd(), offset, Whence::SeekData) {
+                Ok(at) => at,
+                // No data after `offset`: the rest is a hole.
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let hole =
+                lseek(from.as_raw_fd(), data, Whence::SeekHole).map_err(std::io::Error::from)?;
+            let mut at = data;
+            while at < hole {
+                let (mut off_in, mut off_out) = (at, at);
+                let want = usize::try_from(hole - at)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
+                let copied = nix::fcntl::copy_file_range(
+                    &from,
+                    Some(&mut off_in),
+                    &to,
+                    Some(&mut off_out),
+                    want,
+                )?;
+                if copied == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "source shrank while copying",
+                    ));
+                }
+                at += copied as i64;
+            }
+            offset = hole;
+        }
+        to.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
 /// Whether files in `dir` can be reflinked (tries it on two small files).
 pub fn supports_reflink(dir: &Path) -> bool {
     let Ok(probe) = tempfile::Builder::new()
@@ -120,6 +185,32 @@ mod tests {
             &dir.path().join("x.qcow2")
         )
         .is_err());
+    }
+
+    #[test]
+    fn copies_keep_holes_and_data() {
+        let dir = tempfile::tempdir().expect("dir");
+        let src = dir.path().join("sparse");
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut file = std::fs::File::create(&src).expect("create");
+            file.set_len(64 << 20).expect("size");
+            file.seek(SeekFrom::Start(32 << 20)).expect("seek");
+            file.write_all(&[9u8; 1 << 20]).expect("write");
+        }
+        let dst = dir.path().join("copy");
+        clone_or_copy(&src, &dst).expect("copy");
+        assert_eq!(
+            std::fs::read(&src).expect("read"),
+            std::fs::read(&dst).expect("read")
+        );
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&dst).expect("stat").blocks() * 512;
+        assert!(
+            allocated < 8 << 20,
+            "holes were filled: {allocated} bytes allocated"
+        );
+        assert!(clone_or_copy(&src, &dst).is_err(), "never overwrites");
     }
 
     #[test]

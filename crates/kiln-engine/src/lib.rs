@@ -4,19 +4,24 @@
 //! The daemon drives this library; it holds no HTTP or CLI concerns.
 
 pub mod bake;
+pub mod cgroup;
 pub mod disk;
 pub mod persist;
 pub mod sandbox;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::InitRequest;
 use kiln_vmm::accel::{AccelChoice, AccelDecision};
-use kiln_vmm::qemu::MemoryBacking;
+use kiln_vmm::driver::Hypervisor;
+use kiln_vmm::qemu::{MemoryBacking, QemuDriver};
 
 pub use bake::{BakeOptions, BakedTemplate};
-pub use sandbox::{CreateOptions, Sandbox};
+pub use cgroup::{CgroupLimits, Cgroups};
+pub use sandbox::{CreateOptions, Sandbox, SandboxInfo, SandboxState};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,29 @@ pub enum EngineError {
     /// The VM did not boot to a working agent.
     #[error("boot failed: {0}")]
     Boot(String),
+    /// The VMM driver failed.
+    #[error(transparent)]
+    Driver(#[from] kiln_vmm::driver::DriverError),
+    /// Cgroups could not be set up.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// A request asked for something impossible (e.g. more CPU than the template has).
+    #[error("{0}")]
+    Invalid(String),
+    /// No sandbox has this id.
+    #[error("no sandbox `{0}`")]
+    NotFound(String),
+    /// A limited resource ran out.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The sandbox is not running.
+    #[error("sandbox `{id}` is {state}")]
+    NotRunning {
+        /// The sandbox.
+        id: String,
+        /// Its state.
+        state: String,
+    },
 }
 
 impl EngineError {
@@ -58,6 +86,34 @@ impl EngineError {
         EngineError::Io {
             context: context.to_owned(),
             source,
+        }
+    }
+}
+
+/// How sandbox VMM processes are confined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfinementConfig {
+    /// First of 65536 user and group ids that VMM processes run as, one per sandbox; `None`
+    /// leaves them running as the daemon's user.
+    pub vm_uid_base: Option<u32>,
+    /// Filter the VMM's system calls.
+    pub seccomp: bool,
+    /// Put every VMM in its own cgroup with CPU and memory limits.
+    pub cgroups: bool,
+}
+
+/// Default first VMM uid: far above login users and the usual subordinate-id ranges.
+pub const DEFAULT_VM_UID_BASE: u32 = 2_000_000_000;
+
+/// Number of VMM uids, so of sandboxes (and bakes) that can run at once.
+pub const VM_UID_COUNT: u32 = 65_536;
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        ConfinementConfig {
+            vm_uid_base: Some(DEFAULT_VM_UID_BASE),
+            seccomp: true,
+            cgroups: true,
         }
     }
 }
@@ -73,57 +129,150 @@ pub struct EngineConfig {
     pub accel: AccelChoice,
     /// The guest agent's log filter (`KILN_AGENT_LOG`, logged to the VM console).
     pub guest_log: Option<String>,
+    /// Confinement of the VMM processes.
+    pub confinement: ConfinementConfig,
 }
 
-/// The engine.
-#[derive(Debug)]
+impl EngineConfig {
+    /// The defaults, with data in `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            qemu: "qemu-system-x86_64".into(),
+            accel: AccelChoice::Auto,
+            guest_log: None,
+            confinement: ConfinementConfig::default(),
+        }
+    }
+}
+
+/// The engine: a cheap handle, clone it freely.
+#[derive(Debug, Clone)]
 pub struct Engine {
-    config: EngineConfig,
-    accel: AccelDecision,
-    qemu_version: String,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    pub(crate) driver: Arc<dyn Hypervisor>,
+    pub(crate) cgroups: Option<Cgroups>,
+    /// Sandbox disks are reflinked raw images (XFS, btrfs) rather than qcow2 overlays.
+    pub(crate) reflink: bool,
+    pub(crate) sandboxes: Mutex<BTreeMap<String, Arc<Sandbox>>>,
+    uids: Mutex<BTreeSet<u32>>,
+}
+
+/// A VMM uid (and gid) taken from the engine's range, given back on drop.
+#[derive(Debug)]
+pub(crate) struct VmUid {
+    pub(crate) id: u32,
+    engine: std::sync::Weak<Inner>,
+}
+
+impl Drop for VmUid {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.upgrade() {
+            lock(&engine.uids).remove(&self.id);
+        }
+    }
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Inner {
+    /// Takes the lowest free VMM uid, if VMMs run unprivileged.
+    pub(crate) fn take_uid(self: &Arc<Self>) -> Result<Option<VmUid>, EngineError> {
+        let Some(base) = self.config.confinement.vm_uid_base else {
+            return Ok(None);
+        };
+        let mut taken = lock(&self.uids);
+        let id = (base..base.saturating_add(VM_UID_COUNT))
+            .find(|uid| !taken.contains(uid))
+            .ok_or_else(|| {
+                EngineError::Exhausted(format!("all {VM_UID_COUNT} VMM user ids are in use"))
+            })?;
+        taken.insert(id);
+        Ok(Some(VmUid {
+            id,
+            engine: Arc::downgrade(self),
+        }))
+    }
 }
 
 impl Engine {
-    /// Opens the engine: resolves the accelerator and QEMU's version.
+    /// Opens the engine: resolves the accelerator, QEMU's version and the cgroup layout.
     pub fn new(config: EngineConfig) -> Result<Engine, EngineError> {
-        let accel = kiln_vmm::accel::resolve(config.accel);
+        let driver = QemuDriver::new(&config.qemu, config.accel)?;
+        let accel = driver.accel();
         tracing::info!(accel = accel.accel.qemu_name(), reason = %accel.reason, "accelerator chosen");
-        let output = std::process::Command::new(&config.qemu)
-            .arg("--version")
-            .output()
-            .map_err(|e| {
-                EngineError::io(
-                    &format!(
-                        "running {} (apt-get install qemu-system-x86)",
-                        config.qemu.display()
-                    ),
-                    e,
-                )
-            })?;
-        let qemu_version = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        for dir in ["templates", "sandboxes"] {
-            std::fs::create_dir_all(config.data_dir.join(dir))
+        let cgroups = if config.confinement.cgroups {
+            let cgroups = Cgroups::detect()?;
+            tracing::info!(version = cgroups.version(), "sandbox cgroups");
+            Some(cgroups)
+        } else {
+            None
+        };
+        // VMMs run as other users: they may pass through these directories (to their own
+        // sandbox's files and the templates they restore) but not list them.
+        for dir in ["", "templates", "sandboxes"] {
+            let dir = config.data_dir.join(dir);
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+                })
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
         }
+        let reflink = disk::supports_reflink(&config.data_dir.join("templates"));
+        tracing::info!(
+            disks = if reflink { "reflink" } else { "qcow2 overlay" },
+            "sandbox disks"
+        );
         Ok(Engine {
-            config,
-            accel,
-            qemu_version,
+            inner: Arc::new(Inner {
+                config,
+                driver: Arc::new(driver),
+                cgroups,
+                reflink,
+                sandboxes: Mutex::new(BTreeMap::new()),
+                uids: Mutex::new(BTreeSet::new()),
+            }),
         })
     }
 
     /// The accelerator in use and why.
     pub fn accel(&self) -> &AccelDecision {
-        &self.accel
+        self.inner.driver.accel()
+    }
+
+    /// The VMM driver.
+    pub fn driver(&self) -> &dyn Hypervisor {
+        self.inner.driver.as_ref()
+    }
+
+    /// The cgroup version sandboxes are limited with, if any.
+    pub fn cgroup_version(&self) -> Option<&'static str> {
+        self.inner.cgroups.as_ref().map(Cgroups::version)
+    }
+
+    /// How sandbox disks are made: `reflink` (raw copies sharing extents, where the data
+    /// directory is on XFS or btrfs) or `qcow2` (overlays on a read-only base).
+    pub fn disk_strategy(&self) -> &'static str {
+        if self.inner.reflink {
+            "reflink"
+        } else {
+            "qcow2"
+        }
     }
 
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
-        &self.config.data_dir
+        &self.inner.config.data_dir
     }
 
     /// Returns the baked snapshot of `images`, baking it first when there is none for
@@ -148,12 +297,12 @@ impl Engine {
             network: Some(bake::guest_network()),
             ..InitRequest::default()
         };
+        let config = &self.inner.config;
         let mut shape = bake::MachineShape::of(images);
-        if let Some(filter) = &self.config.guest_log {
+        if let Some(filter) = &config.guest_log {
             shape.extra_cmdline.push(format!("KILN_AGENT_LOG={filter}"));
         }
-        let probe = shape.boot_config(
-            self.accel.accel,
+        let probe = shape.vm_spec(
             Path::new("R"),
             Path::new("D"),
             kiln_vmm::qemu::DiskFormat::Qcow2,
@@ -163,10 +312,9 @@ impl Engine {
             },
             false,
         );
-        let inputs = bake::bake_inputs(images, &probe, &self.qemu_version, &init);
+        let inputs = bake::bake_inputs(images, self.driver(), &probe, &init);
         let key = inputs.key();
-        let dir = self
-            .config
+        let dir = config
             .data_dir
             .join("templates")
             .join(format!("{}-{key}", images.spec.name));
@@ -184,13 +332,12 @@ impl Engine {
         }
         let staging = tempfile::Builder::new()
             .prefix(&format!(".bake-{}-", images.spec.name))
-            .tempdir_in(self.config.data_dir.join("templates"))
+            .tempdir_in(config.data_dir.join("templates"))
             .map_err(|e| EngineError::io("creating the bake directory", e))?;
         let baked = bake::bake_into(bake::BakeJob {
             shape,
             images,
-            qemu_binary: &self.config.qemu,
-            accel: self.accel.accel,
+            engine: &self.inner,
             inputs: &inputs,
             init: &init,
             out: staging.path(),
@@ -198,6 +345,11 @@ impl Engine {
         })
         .await?;
         let staged = staging.keep();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| EngineError::io("publishing the baked template", e))?;
+        }
         std::fs::rename(&staged, &dir)
             .map_err(|e| EngineError::io("publishing the baked template", e))?;
         Ok(BakedTemplate {
@@ -208,7 +360,7 @@ impl Engine {
 
     /// Describes how an earlier bake of `name` differs from `inputs`, if there is one.
     fn previous_bake(&self, name: &str, inputs: &kiln_image::cache::Inputs) -> Option<String> {
-        let entries = std::fs::read_dir(self.config.data_dir.join("templates")).ok()?;
+        let entries = std::fs::read_dir(self.data_dir().join("templates")).ok()?;
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
             if !file_name.starts_with(&format!("{name}-")) {
@@ -230,16 +382,41 @@ impl Engine {
         None
     }
 
+    /// Boots `images` cold (no snapshot), confined like a sandbox, runs `true` through the
+    /// agent and tears the VM down: the baseline that restores are compared with. Returns
+    /// the time from the VMM's launch until `true` exited.
+    pub async fn measure_cold_boot(
+        &self,
+        images: &TemplateImages,
+    ) -> Result<std::time::Duration, EngineError> {
+        bake::cold_boot(&self.inner, images).await
+    }
+
     /// Creates a sandbox by restoring `template`.
     pub async fn create(
         &self,
         template: &BakedTemplate,
         options: CreateOptions,
-    ) -> Result<Sandbox, EngineError> {
-        sandbox::create(self, template, options).await
+    ) -> Result<Arc<Sandbox>, EngineError> {
+        sandbox::create(&self.inner, template, options).await
     }
 
-    pub(crate) fn qemu(&self) -> &Path {
-        &self.config.qemu
+    /// The sandbox `id`.
+    pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, EngineError> {
+        lock(&self.inner.sandboxes)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+    }
+
+    /// Every sandbox (running or failed), by id.
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let sandboxes: Vec<Arc<Sandbox>> = lock(&self.inner.sandboxes).values().cloned().collect();
+        sandboxes.iter().map(|s| s.info()).collect()
+    }
+
+    /// Destroys the sandbox `id`: its VMM, network namespace, cgroup and files.
+    pub async fn destroy(&self, id: &str) -> Result<(), EngineError> {
+        self.get(id)?.destroy().await
     }
 }

@@ -1,17 +1,28 @@
-//! Sandboxes: created by restoring a baked template into a new QEMU process, with a
-//! copy-on-write disk, then reseeded and re-clocked through the agent.
+//! Sandboxes: created by restoring a baked template into a new, confined VMM process with a
+//! copy-on-write disk, then reseeded and re-clocked through the agent; watched for crashes
+//! and for the end of their time to live.
 
 use std::collections::BTreeMap;
 use std::io::{Seek, Write};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
-use kiln_proto::messages::PostRestoreRequest;
-use kiln_vmm::qemu::{DiskFormat, MemoryBacking, PhaseTimings, QemuProcess};
+use kiln_proto::messages::{Command, ExecRequest, PostRestoreRequest};
+use kiln_vmm::driver::{Confinement, Vm};
+use kiln_vmm::qemu::{DiskFormat, MemoryBacking, PhaseTimings};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 
-use crate::{BakedTemplate, Engine, EngineError};
+use crate::bake::MachineShape;
+use crate::cgroup::{CgroupLimits, SandboxCgroup};
+use crate::{lock, BakedTemplate, EngineError, Inner, VmUid};
+
+/// Memory the VMM process may use beyond the guest's RAM (its own heap, device buffers and,
+/// under TCG, translated code).
+const VMM_OVERHEAD_MIB: u64 = 256;
 
 /// Options of a create.
 #[derive(Debug, Clone)]
@@ -21,6 +32,15 @@ pub struct CreateOptions {
     /// Run the post-restore call (clock, RNG reseed, identity). Only tests turn this off, to
     /// show what goes wrong without it.
     pub post_restore: bool,
+    /// Destroy the sandbox this long after it was created.
+    pub ttl: Option<Duration>,
+    /// CPU quota in cores, at most the template's vCPUs (which a snapshot fixes).
+    pub cpus: Option<f64>,
+    /// Memory limit of the whole VMM process in MiB, at most the template's memory plus the
+    /// VMM's own allowance.
+    pub memory_mib: Option<u64>,
+    /// Root disk size in MiB, at least the template's (the filesystem is grown to fill it).
+    pub disk_mib: Option<u64>,
 }
 
 impl Default for CreateOptions {
@@ -28,19 +48,176 @@ impl Default for CreateOptions {
         CreateOptions {
             metadata: BTreeMap::new(),
             post_restore: true,
+            ttl: None,
+            cpus: None,
+            memory_mib: None,
+            disk_mib: None,
         }
     }
 }
 
-/// A running sandbox.
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Its VM runs.
+    Running,
+    /// Its VM ended without being asked to.
+    Failed {
+        /// What the VMM or the guest console said.
+        reason: String,
+    },
+    /// It was destroyed (by request or because its time to live ran out).
+    Destroyed,
+}
+
+impl SandboxState {
+    /// `running`, `failed` or `destroyed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SandboxState::Running => "running",
+            SandboxState::Failed { .. } => "failed",
+            SandboxState::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// A sandbox as listed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SandboxInfo {
+    /// Its id.
+    pub id: String,
+    /// The template it was restored from.
+    pub template: String,
+    /// Its state.
+    #[serde(flatten)]
+    pub state: SandboxState,
+    /// VMM process id while it runs.
+    pub pid: Option<u32>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When it will be destroyed, ms since the epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Host resources a VMM runs in; released on drop (best effort) or by [`VmResources::release`].
+#[derive(Debug)]
+pub(crate) struct VmResources {
+    netns: Option<kiln_net::netns::NetNs>,
+    cgroup: Option<SandboxCgroup>,
+    uid: Option<VmUid>,
+}
+
+impl VmResources {
+    /// Hands `paths` to the VMM's user: files it must open for writing after it dropped
+    /// privileges (QEMU re-opens its disks when an incoming VM starts).
+    pub(crate) fn grant(&self, paths: &[&Path]) -> Result<(), EngineError> {
+        let Some(uid) = &self.uid else { return Ok(()) };
+        for path in paths {
+            std::os::unix::fs::chown(path, Some(uid.id), Some(uid.id)).map_err(|e| {
+                EngineError::io(&format!("handing {} to the VMM user", path.display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the network namespace and the cgroup, and gives the uid back. The VMM process
+    /// must be gone.
+    pub(crate) fn release(mut self) -> Result<(), EngineError> {
+        self.release_now()
+    }
+
+    fn release_now(&mut self) -> Result<(), EngineError> {
+        let mut first_error = None;
+        if let Some(netns) = self.netns.take() {
+            if let Err(e) = netns.remove() {
+                first_error.get_or_insert(EngineError::io("removing the network namespace", e));
+            }
+        }
+        if let Some(cgroup) = self.cgroup.take() {
+            if let Err(e) = cgroup.remove() {
+                first_error.get_or_insert(e.into());
+            }
+        }
+        self.uid = None;
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for VmResources {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_now() {
+            tracing::warn!(error = %e, "releasing a VM's resources");
+        }
+    }
+}
+
+/// The limits a template's VM gets unless a create asks for less.
+pub(crate) fn default_limits(shape: &MachineShape) -> CgroupLimits {
+    CgroupLimits {
+        cpus: f64::from(shape.vcpus),
+        memory_mib: u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB,
+    }
+}
+
+/// Makes the network namespace (with the guest's tap), the cgroup and the uid of VM `name`,
+/// and the confinement that hands them to the driver.
+pub(crate) fn confine(
+    engine: &Arc<Inner>,
+    name: &str,
+    limits: CgroupLimits,
+) -> Result<(Confinement, VmResources), EngineError> {
+    let mut resources = VmResources {
+        netns: None,
+        cgroup: None,
+        uid: engine.take_uid()?,
+    };
+    let ns = kiln_net::netns::NetNs::create(&format!("kiln-{name}"))
+        .map_err(|e| EngineError::io("creating the network namespace", e))?;
+    let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
+    let netns = ns
+        .open()
+        .map_err(|e| EngineError::io("opening the network namespace", e))?;
+    resources.netns = Some(ns);
+    let mut cgroups = Vec::new();
+    if let Some(hierarchy) = &engine.cgroups {
+        let cgroup = hierarchy.create(name, limits)?;
+        cgroups = cgroup.procs_files()?;
+        resources.cgroup = Some(cgroup);
+    }
+    Ok((
+        Confinement {
+            netns: Some(netns),
+            tap: Some(tap),
+            cgroups,
+            run_as: resources.uid.as_ref().map(|uid| (uid.id, uid.id)),
+            seccomp: engine.config.confinement.seccomp,
+        },
+        resources,
+    ))
+}
+
+/// What changes over a sandbox's life.
+#[derive(Debug)]
+struct Runtime {
+    state: SandboxState,
+    vm: Option<Box<dyn Vm>>,
+    resources: Option<VmResources>,
+}
+
+/// A sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
     id: String,
+    template: String,
     dir: PathBuf,
-    qemu: QemuProcess,
     client: AgentClient,
     timings: PhaseTimings,
-    netns: Option<kiln_net::netns::NetNs>,
+    created_at: SystemTime,
+    netns: Option<String>,
+    runtime: Mutex<Runtime>,
+    expires_at: watch::Sender<Option<SystemTime>>,
+    engine: Weak<Inner>,
 }
 
 impl Sandbox {
@@ -54,13 +231,18 @@ impl Sandbox {
         &self.client
     }
 
-    /// Pid of its QEMU process.
-    pub fn pid(&self) -> u32 {
-        self.qemu.pid()
+    /// Pid of its VMM process while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.runtime).vm.as_ref().map(|vm| vm.pid())
+    }
+
+    /// Its state.
+    pub fn state(&self) -> SandboxState {
+        lock(&self.runtime).state.clone()
     }
 
     /// Its directory (disk, sockets, logs).
-    pub fn dir(&self) -> &std::path::Path {
+    pub fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -71,23 +253,111 @@ impl Sandbox {
 
     /// Name of its network namespace.
     pub fn netns(&self) -> Option<&str> {
-        self.netns.as_ref().map(kiln_net::netns::NetNs::name)
+        self.netns.as_deref()
     }
 
-    /// Stops the VM and removes everything the sandbox had: its QEMU process, its network
-    /// namespace and its files.
-    pub async fn destroy(mut self) -> Result<(), EngineError> {
-        self.client.disconnect().await;
-        self.qemu
-            .kill()
-            .map_err(|e| EngineError::io("stopping QEMU", e))?;
-        if let Some(netns) = self.netns.take() {
-            netns
-                .remove()
-                .map_err(|e| EngineError::io("removing the network namespace", e))?;
+    /// Its cgroup directories, while it runs.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        lock(&self.runtime)
+            .resources
+            .as_ref()
+            .and_then(|r| r.cgroup.as_ref())
+            .map(|c| c.dirs().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The user id its VMM runs as, if not the daemon's.
+    pub fn vm_uid(&self) -> Option<u32> {
+        lock(&self.runtime)
+            .resources
+            .as_ref()
+            .and_then(|r| r.uid.as_ref())
+            .map(|u| u.id)
+    }
+
+    /// The guest console's last lines.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join("run/console.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// How it is listed.
+    pub fn info(&self) -> SandboxInfo {
+        let ms = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let runtime = lock(&self.runtime);
+        SandboxInfo {
+            id: self.id.clone(),
+            template: self.template.clone(),
+            state: runtime.state.clone(),
+            pid: runtime.vm.as_ref().map(|vm| vm.pid()),
+            created_at_ms: ms(self.created_at),
+            expires_at_ms: self.expires_at.borrow().map(ms),
         }
-        std::fs::remove_dir_all(&self.dir)
-            .map_err(|e| EngineError::io("removing the sandbox directory", e))
+    }
+
+    /// Sets (or, with `None`, clears) its time to live, counted from now.
+    pub fn set_ttl(&self, ttl: Option<Duration>) {
+        self.expires_at
+            .send_replace(ttl.map(|ttl| SystemTime::now() + ttl));
+    }
+
+    /// Stops the VM and removes everything the sandbox had: its VMM process, its network
+    /// namespace, its cgroup and its files. Destroying twice is not an error.
+    pub async fn destroy(&self) -> Result<(), EngineError> {
+        if let Some(engine) = self.engine.upgrade() {
+            lock(&engine.sandboxes).remove(&self.id);
+        }
+        self.client.disconnect().await;
+        let (vm, resources) = {
+            let mut runtime = lock(&self.runtime);
+            if runtime.state == SandboxState::Destroyed {
+                return Ok(());
+            }
+            runtime.state = SandboxState::Destroyed;
+            (runtime.vm.take(), runtime.resources.take())
+        };
+        if let Some(mut vm) = vm {
+            vm.kill()?;
+        }
+        if let Some(resources) = resources {
+            resources.release()?;
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(EngineError::io("removing the sandbox directory", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The VMM process ended: mark the sandbox failed (unless it was being destroyed) and free
+    /// what only a running VM needs.
+    fn vm_exited(&self) {
+        let mut runtime = lock(&self.runtime);
+        if runtime.state != SandboxState::Running {
+            return;
+        }
+        let Some(vm) = runtime.vm.as_mut() else {
+            return;
+        };
+        let reason = match vm.exited() {
+            Ok(Some(report)) => report.reason,
+            // Readable pidfd but not reaped yet cannot happen; be safe anyway.
+            Ok(None) => return,
+            Err(e) => format!("VMM ended, status unknown: {e}"),
+        };
+        tracing::warn!(sandbox = %self.id, %reason, "sandbox failed");
+        runtime.state = SandboxState::Failed { reason };
+        runtime.vm = None;
+        if let Some(resources) = runtime.resources.take() {
+            if let Err(e) = resources.release() {
+                tracing::warn!(sandbox = %self.id, error = %e, "releasing a failed sandbox");
+            }
+        }
     }
 }
 
@@ -96,24 +366,151 @@ fn new_id() -> String {
     format!("sb-{}", hex::encode(bytes))
 }
 
+/// A descriptor that becomes readable when process `pid` exits.
+fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd stays open and unchanged until it is dropped together with the
+    // AsyncFd that owns it.
+    unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}
+
+/// Watches one sandbox: marks it failed when its VMM exits, destroys it when its time to
+/// live runs out.
+async fn watch_sandbox(
+    sandbox: Weak<Sandbox>,
+    exit: AsyncFd<OwnedFd>,
+    mut expires_at: watch::Receiver<Option<SystemTime>>,
+) {
+    loop {
+        let deadline = *expires_at.borrow_and_update();
+        let expiry = async {
+            match deadline {
+                Some(at) => {
+                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = exit.readable() => {
+                if let Some(sandbox) = sandbox.upgrade() {
+                    sandbox.vm_exited();
+                }
+                // Keep watching the time to live of a failed sandbox: it still holds files.
+                loop {
+                    let deadline = *expires_at.borrow_and_update();
+                    if let Some(at) = deadline {
+                        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::select! {
+                            () = tokio::time::sleep(left) => break,
+                            changed = expires_at.changed() => if changed.is_err() { return },
+                        }
+                    } else if expires_at.changed().await.is_err() {
+                        return;
+                    }
+                }
+                expire(&sandbox).await;
+                return;
+            }
+            () = expiry => {
+                expire(&sandbox).await;
+                return;
+            }
+            changed = expires_at.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn expire(sandbox: &Weak<Sandbox>) {
+    if let Some(sandbox) = sandbox.upgrade() {
+        tracing::info!(sandbox = %sandbox.id, "time to live ran out");
+        if let Err(e) = sandbox.destroy().await {
+            tracing::warn!(sandbox = %sandbox.id, error = %e, "destroying an expired sandbox");
+        }
+    }
+}
+
+/// Checks a create's resource requests against the template.
+fn limits_for(
+    template: &BakedTemplate,
+    options: &CreateOptions,
+) -> Result<CgroupLimits, EngineError> {
+    let mut limits = default_limits(&template.meta.machine);
+    if let Some(cpus) = options.cpus {
+        if !(cpus > 0.0 && cpus <= limits.cpus) {
+            return Err(EngineError::Invalid(format!(
+                "cpus must be more than 0 and at most the template's {} vCPUs (got {cpus})",
+                limits.cpus
+            )));
+        }
+        limits.cpus = cpus;
+    }
+    if let Some(memory) = options.memory_mib {
+        if !(64..=limits.memory_mib).contains(&memory) {
+            return Err(EngineError::Invalid(format!(
+                "memory_mib must be between 64 and {} (the template's {} MiB plus {VMM_OVERHEAD_MIB} MiB for the VMM; got {memory})",
+                limits.memory_mib, template.meta.machine.memory_mib
+            )));
+        }
+        limits.memory_mib = memory;
+    }
+    if let Some(disk) = options.disk_mib {
+        let template_mib = template.meta.disk_bytes.div_ceil(1 << 20);
+        if template.meta.disk_bytes == 0 || disk < template_mib || disk > 1 << 20 {
+            return Err(EngineError::Invalid(format!(
+                "disk_mib must be between the template's {template_mib} MiB and 1 TiB (got {disk})"
+            )));
+        }
+    }
+    Ok(limits)
+}
+
 /// Restores `template` into a new sandbox.
 pub(crate) async fn create(
-    engine: &Engine,
+    engine: &Arc<Inner>,
     template: &BakedTemplate,
     options: CreateOptions,
-) -> Result<Sandbox, EngineError> {
+) -> Result<Arc<Sandbox>, EngineError> {
+    let limits = limits_for(template, &options)?;
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let id = new_id();
-    let dir = engine.data_dir().join("sandboxes").join(&id);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
-    let cleanup = scopeguard(&dir);
+    let dir = engine.config.data_dir.join("sandboxes").join(&id);
+    std::fs::create_dir(&dir).map_err(|e| EngineError::io("creating the sandbox directory", e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
+    }
+    let cleanup = DirGuard(Some(dir.clone()));
 
     let mut phase = Instant::now();
-    let disk = dir.join("disk.qcow2");
-    crate::disk::qcow2_overlay(&template.disk(), template.meta.disk_format, &disk)?;
-    // The verified bytes go to QEMU through an anonymous file: what was checked is what loads.
+    let (disk, disk_format) = match template.meta.disk_format {
+        // The template's raw disk lives where reflinks work: share its extents.
+        DiskFormat::Raw => {
+            let disk = dir.join("disk.raw");
+            crate::disk::reflink(&template.disk(), &disk)?;
+            (disk, DiskFormat::Raw)
+        }
+        DiskFormat::Qcow2 => {
+            let disk = dir.join("disk.qcow2");
+            crate::disk::qcow2_overlay(&template.disk(), DiskFormat::Qcow2, &disk)?;
+            (disk, DiskFormat::Qcow2)
+        }
+    };
+    // The verified bytes go to the VMM through an anonymous file: what was checked is what
+    // loads.
     let state = template.read_state()?;
     let mut state_file =
         tempfile::tempfile_in(&dir).map_err(|e| EngineError::io("staging the device state", e))?;
@@ -127,24 +524,22 @@ pub(crate) async fn create(
         path: template.memory(),
         shared: false,
     };
-    let mut config = template.meta.machine.boot_config(
-        template.meta.accel,
-        &dir.join("run"),
-        &disk,
-        DiskFormat::Qcow2,
-        memory,
-        true,
-    );
-    let (netns, attachments) = crate::bake::sandbox_network(&format!("kiln-{id}"), &mut config)?;
-    let mut qemu = QemuProcess::spawn_with(engine.qemu(), config, attachments)
-        .map_err(|e| EngineError::io("starting QEMU", e))?;
+    let spec = template
+        .meta
+        .machine
+        .vm_spec(&dir.join("run"), &disk, disk_format, memory, true);
+    let (confinement, resources) = confine(engine, &id, limits)?;
+    resources.grant(&[&dir, &disk])?;
+    record(&mut timings, "confinement", &mut phase);
+    let mut vm = engine.driver.launch(spec, confinement)?;
+    let exit = pidfd(vm.pid()).map_err(|e| EngineError::io("watching the VMM process", e))?;
     record(&mut timings, "spawn", &mut phase);
-    let restore = tokio::task::block_in_place(|| qemu.restore_from(&state_file))?;
+    let restore = tokio::task::block_in_place(|| vm.restore(&state_file))?;
     timings.phases.extend(restore.phases);
     phase = Instant::now();
 
     let client = AgentClient::new(
-        Arc::new(UnixConnector::new(qemu.config().agent_socket())),
+        Arc::new(UnixConnector::new(vm.agent_socket())),
         ClientConfig {
             hello_interval: Duration::from_millis(20),
             handshake_timeout: Duration::from_secs(30),
@@ -153,9 +548,9 @@ pub(crate) async fn create(
     );
     if let Err(e) = client.connect().await {
         return Err(EngineError::Boot(format!(
-            "restored agent did not answer: {e}; QEMU: {}; console:\n{}",
-            qemu.stderr_tail(),
-            qemu.console_tail(20)
+            "restored agent did not answer: {e}; VMM: {}; console:\n{}",
+            vm.diagnostics(),
+            vm.console_tail(20)
         )));
     }
     record(&mut timings, "agent handshake", &mut phase);
@@ -170,23 +565,62 @@ pub(crate) async fn create(
                 wall_clock_ns: now,
                 entropy_hex: hex::encode(entropy),
                 hostname: Some(id.clone()),
-                metadata: Some(options.metadata),
+                metadata: Some(options.metadata.clone()),
             })
             .await?;
         record(&mut timings, "post-restore", &mut phase);
+    }
+    if let Some(disk_mib) = options.disk_mib {
+        grow_disk(vm.as_mut(), &client, disk_mib).await?;
+        record(&mut timings, "grow disk", &mut phase);
     }
     timings
         .phases
         .push(("total".into(), started.elapsed().as_secs_f64() * 1000.0));
     cleanup.disarm();
-    Ok(Sandbox {
-        netns: Some(netns),
-        id,
+    let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
+    let (expires_at, expiry_watch) = watch::channel(options.ttl.map(|ttl| SystemTime::now() + ttl));
+    let sandbox = Arc::new(Sandbox {
+        id: id.clone(),
+        template: template.meta.name.clone(),
         dir,
-        qemu,
         client,
         timings,
-    })
+        created_at: SystemTime::now(),
+        netns,
+        runtime: Mutex::new(Runtime {
+            state: SandboxState::Running,
+            vm: Some(vm),
+            resources: Some(resources),
+        }),
+        expires_at,
+        engine: Arc::downgrade(engine),
+    });
+    lock(&engine.sandboxes).insert(id, sandbox.clone());
+    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
+    Ok(sandbox)
+}
+
+/// Grows the root disk to `disk_mib` and the guest's filesystem with it.
+async fn grow_disk(
+    vm: &mut dyn Vm,
+    client: &AgentClient,
+    disk_mib: u64,
+) -> Result<(), EngineError> {
+    tokio::task::block_in_place(|| vm.resize_root_disk(disk_mib << 20))?;
+    let result = client
+        .run(
+            ExecRequest::new(Command::Argv(vec!["resize2fs".into(), "/dev/vda".into()])),
+            16 << 10,
+        )
+        .await?;
+    if result.status.code != Some(0) {
+        return Err(EngineError::Boot(format!(
+            "growing the guest filesystem failed: {}",
+            String::from_utf8_lossy(&result.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 fn record(timings: &mut PhaseTimings, name: &str, since: &mut Instant) {
@@ -198,10 +632,6 @@ fn record(timings: &mut PhaseTimings, name: &str, since: &mut Instant) {
 
 /// Removes a half-created sandbox directory unless disarmed.
 struct DirGuard(Option<PathBuf>);
-
-fn scopeguard(dir: &std::path::Path) -> DirGuard {
-    DirGuard(Some(dir.to_owned()))
-}
 
 impl DirGuard {
     fn disarm(mut self) {

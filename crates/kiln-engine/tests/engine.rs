@@ -5,18 +5,30 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
 use kiln_proto::messages::{Command, ExecRequest};
-use kiln_vmm::accel::AccelChoice;
 
 fn engine(data_dir: &Path) -> Engine {
     Engine::new(EngineConfig {
-        data_dir: data_dir.to_owned(),
-        qemu: "qemu-system-x86_64".into(),
-        accel: AccelChoice::Auto,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
+        ..EngineConfig::new(data_dir)
     })
     .expect("engine")
+}
+
+/// A `Name:` line of /proc/PID/status.
+fn status_field(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("process status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
 }
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
@@ -86,7 +98,48 @@ async fn bake_create_isolate_reseed_and_destroy() {
         eprintln!("create {}: {:?}", sandbox.id(), sandbox.timings().phases);
         sandboxes.push(sandbox);
     }
-    let pids: Vec<u32> = sandboxes.iter().map(Sandbox::pid).collect();
+    let pids: Vec<u32> = sandboxes.iter().filter_map(|s| s.pid()).collect();
+    assert_eq!(pids.len(), sandboxes.len());
+    assert_eq!(
+        engine.list().len(),
+        sandboxes.len() + 2,
+        "listed: {:?}",
+        engine.list()
+    );
+
+    // Confinement: every VMM runs as its own unprivileged user, without capabilities, under
+    // a seccomp filter, in its own cgroups with the template's limits.
+    let mut uids = BTreeSet::new();
+    let mut cgroup_dirs = Vec::new();
+    for sandbox in &sandboxes {
+        let pid = sandbox.pid().expect("running");
+        let uid = sandbox.vm_uid().expect("an unprivileged VMM user");
+        assert_ne!(uid, 0);
+        assert_eq!(
+            status_field(pid, "Uid"),
+            format!("{uid}\t{uid}\t{uid}\t{uid}")
+        );
+        assert_eq!(
+            status_field(pid, "Gid"),
+            format!("{uid}\t{uid}\t{uid}\t{uid}")
+        );
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2", "seccomp filter mode");
+        uids.insert(uid);
+        let dirs = sandbox.cgroup_dirs();
+        assert!(!dirs.is_empty(), "a cgroup per sandbox");
+        for dir in &dirs {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
+            assert!(
+                procs.lines().any(|l| l.trim() == pid.to_string()),
+                "QEMU {pid} not in {}",
+                dir.display()
+            );
+        }
+        cgroup_dirs.extend(dirs);
+    }
+    assert_eq!(uids.len(), sandboxes.len(), "one user per sandbox");
 
     // Every sandbox answers, with its own identity.
     for sandbox in &sandboxes {
@@ -174,7 +227,8 @@ async fn bake_create_isolate_reseed_and_destroy() {
     // Destroy everything: no QEMU, no files.
     let mut all = sandboxes;
     all.extend([fresh, x, y, z]);
-    let all_pids: Vec<u32> = all.iter().map(Sandbox::pid).collect();
+    let all_pids: Vec<u32> = all.iter().filter_map(|s| s.pid()).collect();
+    let all: Vec<Arc<Sandbox>> = all;
     let namespaces: Vec<String> = all
         .iter()
         .filter_map(|s| s.netns().map(str::to_owned))
@@ -194,6 +248,14 @@ async fn bake_create_isolate_reseed_and_destroy() {
             "network namespace {name} left"
         );
     }
+    for dir in &cgroup_dirs {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
+    assert!(
+        engine.list().is_empty(),
+        "still listed: {:?}",
+        engine.list()
+    );
     let left: Vec<_> = std::fs::read_dir(data.path().join("sandboxes"))
         .expect("dir")
         .collect();

@@ -3,7 +3,6 @@
 
 use kiln_engine::{BakeOptions, CreateOptions, Engine, EngineConfig};
 use kiln_proto::messages::{Command, ExecRequest};
-use kiln_vmm::accel::AccelChoice;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_bake_restore_cycles_always_answer() {
@@ -19,13 +18,7 @@ async fn fifty_bake_restore_cycles_always_answer() {
         let connected = cycle % 2 == 1;
         // A fresh data directory forces a fresh bake every cycle.
         let data = tempfile::tempdir().expect("data dir");
-        let engine = Engine::new(EngineConfig {
-            data_dir: data.path().to_owned(),
-            qemu: "qemu-system-x86_64".into(),
-            accel: AccelChoice::Auto,
-            guest_log: None,
-        })
-        .expect("engine");
+        let engine = Engine::new(EngineConfig::new(data.path())).expect("engine");
         let template = engine
             .bake_with(
                 &images,

@@ -1,6 +1,7 @@
-//! kiln's VMM drivers. Today: QEMU's `microvm` machine, cold boot. The engine issue adds the
-//! driver trait, snapshot bake and restore, confinement and Firecracker.
+//! kiln's VMM drivers behind one interface ([`driver::Hypervisor`], [`driver::Vm`]): QEMU's
+//! `microvm` machine today (cold boot, snapshot, restore, confinement), Firecracker later.
 
 pub mod accel;
+pub mod driver;
 pub mod qemu;
 pub mod qmp;

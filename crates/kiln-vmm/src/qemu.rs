@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use std::os::fd::AsFd;
 
-use crate::accel::Accel;
+use crate::accel::{Accel, AccelChoice, AccelDecision};
+use crate::driver::{
+    AgentTransport, Capabilities, Confinement, DriverError, ExitReport, Hypervisor, Vm, VmSpec,
+};
 use crate::qmp::{Qmp, QmpError};
 
 /// Name of the virtio-serial port the agent serves on.
@@ -82,6 +85,10 @@ pub struct BootConfig {
     pub incoming: bool,
     /// The guest NIC (virtio-net on a tap handed over as a descriptor), if any.
     pub nic: Option<GuestNic>,
+    /// Drop to this user and group once initialised (`-runas`), before any guest code runs.
+    pub run_as: Option<(u32, u32)>,
+    /// Filter QEMU's system calls (`-sandbox on` with the deny options).
+    pub seccomp: bool,
 }
 
 /// The guest's network card.
@@ -100,9 +107,35 @@ pub struct Attachments {
     pub netns: Option<std::os::fd::OwnedFd>,
     /// The guest's tap; its number goes into [`GuestNic::tap_fd`].
     pub tap: Option<std::os::fd::OwnedFd>,
+    /// `cgroup.procs` files QEMU joins before it execs.
+    pub cgroups: Vec<std::os::fd::OwnedFd>,
 }
 
 impl BootConfig {
+    /// The QEMU rendering of `spec`, with the confinement options that go on the command line
+    /// and the tap's descriptor number.
+    pub fn from_spec(accel: Accel, spec: VmSpec, confinement: &Confinement) -> BootConfig {
+        use std::os::fd::AsRawFd;
+        let tap_fd = confinement.tap.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        BootConfig {
+            accel,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel,
+            initramfs: spec.initramfs,
+            root_disk: spec.root_disk,
+            root_disk_format: spec.root_disk_format,
+            root_disk_snapshot: false,
+            extra_cmdline: spec.extra_cmdline,
+            run_dir: spec.run_dir,
+            memory: spec.memory,
+            incoming: spec.incoming,
+            nic: spec.nic_mac.map(|mac| GuestNic { mac, tap_fd }),
+            run_as: confinement.run_as,
+            seccomp: confinement.seccomp,
+        }
+    }
+
     /// The agent's socket.
     pub fn agent_socket(&self) -> PathBuf {
         self.run_dir.join("agent.sock")
@@ -213,6 +246,24 @@ impl BootConfig {
             args.push("-incoming".into());
             args.push("defer".into());
         }
+        if self.seccomp {
+            // QEMU 7.2 applies the filter before `-runas` drops privileges, so the set*id
+            // calls must stay allowed when it does; without CAP_SETUID (dropped with root)
+            // and with no_new_privs (set by the filter) they cannot raise privileges.
+            let elevate = if self.run_as.is_some() {
+                "allow"
+            } else {
+                "deny"
+            };
+            args.push("-sandbox".into());
+            args.push(format!(
+                "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+            ));
+        }
+        if let Some((uid, gid)) = self.run_as {
+            args.push("-runas".into());
+            args.push(format!("{uid}:{gid}"));
+        }
         args
     }
 
@@ -227,6 +278,8 @@ impl BootConfig {
         normalised.root_disk_snapshot = false;
         normalised.run_dir = PathBuf::from("R");
         normalised.incoming = false;
+        normalised.run_as = None;
+        normalised.seccomp = false;
         if let Some(nic) = &mut normalised.nic {
             nic.tap_fd = 0;
         }
@@ -310,12 +363,21 @@ impl QemuProcess {
         }
         let netns = attachments.netns.as_ref().map(AsRawFd::as_raw_fd);
         let tap = attachments.tap.as_ref().map(AsRawFd::as_raw_fd);
+        let cgroups: Vec<i32> = attachments.cgroups.iter().map(AsRawFd::as_raw_fd).collect();
         let mut command = Command::new(qemu);
-        if netns.is_some() || tap.is_some() {
-            // SAFETY: runs in the child between fork and exec; setns and fcntl are
-            // async-signal-safe and the descriptors are open in the parent until spawn returns.
+        if netns.is_some() || tap.is_some() || !cgroups.is_empty() {
+            // SAFETY: runs in the child between fork and exec; write, setns and fcntl are
+            // async-signal-safe, nothing is allocated, and the descriptors are open in the
+            // parent until spawn returns.
             unsafe {
                 command.pre_exec(move || {
+                    // Join the cgroups first: everything QEMU allocates is charged to them.
+                    for &procs in &cgroups {
+                        // "0" moves the writing process.
+                        if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
                     if let Some(ns) = netns {
                         if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
                             return Err(io::Error::last_os_error());
@@ -487,6 +549,170 @@ impl Drop for QemuProcess {
     }
 }
 
+/// The QEMU driver.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    binary: PathBuf,
+    accel: AccelDecision,
+    version: String,
+}
+
+impl QemuDriver {
+    /// Resolves the accelerator and asks `binary` for its version.
+    pub fn new(binary: &Path, accel: AccelChoice) -> Result<QemuDriver, DriverError> {
+        let accel = crate::accel::resolve(accel);
+        let output = Command::new(binary)
+            .arg("--version")
+            .output()
+            .map_err(|e| DriverError::Launch {
+                driver: "qemu",
+                source: io::Error::new(
+                    e.kind(),
+                    format!(
+                        "running {} (apt-get install qemu-system-x86)",
+                        binary.display()
+                    ),
+                ),
+            })?;
+        let version = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(QemuDriver {
+            binary: binary.to_owned(),
+            accel,
+            version,
+        })
+    }
+}
+
+impl Hypervisor for QemuDriver {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn accel(&self) -> &AccelDecision {
+        &self.accel
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            snapshot: true,
+            private_memory_restore: true,
+            pause: true,
+            tap_descriptor: true,
+            seccomp: true,
+            run_as: true,
+            agent_transport: AgentTransport::VirtioSerial,
+        }
+    }
+
+    fn restore_signature(&self, spec: &VmSpec) -> String {
+        BootConfig::from_spec(self.accel.accel, spec.clone(), &Confinement::default())
+            .device_signature()
+    }
+
+    fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError> {
+        let config = BootConfig::from_spec(self.accel.accel, spec, &confinement);
+        let attachments = Attachments {
+            netns: confinement.netns,
+            tap: confinement.tap,
+            cgroups: confinement.cgroups,
+        };
+        let process =
+            QemuProcess::spawn_with(&self.binary, config, attachments).map_err(|source| {
+                DriverError::Launch {
+                    driver: "qemu",
+                    source,
+                }
+            })?;
+        Ok(Box::new(QemuVm { process }))
+    }
+}
+
+/// A VM run by [`QemuDriver`].
+#[derive(Debug)]
+pub struct QemuVm {
+    process: QemuProcess,
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.process.config().agent_socket()
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.process.config().console_log()
+    }
+
+    fn wait_started(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        Ok(self.process.wait_for_agent_socket(timeout)?)
+    }
+
+    fn restore(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.restore_from(state)?)
+    }
+
+    fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.snapshot_to(state)?)
+    }
+
+    fn pause(&mut self) -> Result<(), DriverError> {
+        self.process.qmp()?.execute("stop", None)?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), DriverError> {
+        self.process.qmp()?.execute("cont", None)?;
+        Ok(())
+    }
+
+    fn resize_root_disk(&mut self, bytes: u64) -> Result<(), DriverError> {
+        self.process.qmp()?.execute(
+            "block_resize",
+            Some(serde_json::json!({ "device": "root", "size": bytes })),
+        )?;
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Result<Option<ExitReport>, DriverError> {
+        let Some(status) = self.process.try_wait()? else {
+            return Ok(None);
+        };
+        let stderr = self.process.stderr_tail();
+        let reason = if stderr.trim().is_empty() {
+            format!(
+                "QEMU exited ({status}); guest console:\n{}",
+                self.process.console_tail(10)
+            )
+        } else {
+            format!("QEMU exited ({status}): {}", stderr.trim())
+        };
+        Ok(Some(ExitReport { status, reason }))
+    }
+
+    fn kill(&mut self) -> Result<(), DriverError> {
+        Ok(self.process.kill()?)
+    }
+
+    fn diagnostics(&self) -> String {
+        self.process.stderr_tail()
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        self.process.console_tail(lines)
+    }
+}
+
 /// Migration URI of the device-state file handed over with [`hand_over_state`].
 const STATE_URI: &str = "fd:state";
 
@@ -517,6 +743,24 @@ fn tail(path: &Path, lines: usize) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn confinement_goes_on_the_command_line_but_not_into_the_signature() {
+        let mut confined = config(Accel::Tcg);
+        confined.seccomp = true;
+        confined.run_as = Some((2_000_000_007, 2_000_000_007));
+        let args = confined.args().join(" ");
+        assert!(args.contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+        ));
+        assert!(args.contains("-runas 2000000007:2000000007"));
+        assert_eq!(
+            confined.device_signature(),
+            config(Accel::Tcg).device_signature()
+        );
+        confined.run_as = None;
+        assert!(confined.args().join(" ").contains("elevateprivileges=deny"));
+    }
+
     fn config(accel: Accel) -> BootConfig {
         BootConfig {
             accel,
@@ -532,6 +776,8 @@ mod tests {
             memory: MemoryBacking::Anonymous,
             incoming: false,
             nic: None,
+            run_as: None,
+            seccomp: false,
         }
     }
 
@@ -553,6 +799,7 @@ mod tests {
         assert!(cmdline.contains("kiln.root=/dev/vda") && cmdline.contains("tsc_early_khz"));
         assert!(cmdline.ends_with("KILN_AGENT_LOG=debug"));
         assert!(!config(Accel::Kvm).cmdline().contains("tsc_early_khz"));
+        assert!(!args.contains("-sandbox") && !args.contains("-runas"));
         assert!(config(Accel::Kvm)
             .args()
             .join(" ")

@@ -41,6 +41,9 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         memory: MemoryBacking::Anonymous,
         incoming: false,
         nic: None,
+        run_as: None,
+        // The strictest filter (no set*id at all) holds for a plain boot.
+        seccomp: true,
     };
     let started = Instant::now();
     let mut qemu =

@@ -1,0 +1,401 @@
+//! Per-sandbox cgroups with CPU and memory limits, on cgroup v2 where the host has its
+//! controllers there, on the v1 `cpu` and `memory` hierarchies otherwise.
+//!
+//! Sandbox cgroups live under the engine's own cgroup (`<own>/kiln/<sandbox>`), so whatever
+//! limits the host puts on the daemon also bound its sandboxes. QEMU joins its cgroup before
+//! it execs (see [`SandboxCgroup::procs_files`]), so everything it allocates is charged there.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Name of the directory that holds the sandbox cgroups under the engine's cgroup.
+const PARENT: &str = "kiln";
+
+/// CFS period used for CPU quotas.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Limits of one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgroupLimits {
+    /// CPU time per wall-clock time, in cores (1.5 = one and a half CPUs).
+    pub cpus: f64,
+    /// Memory of the whole VMM process (guest RAM it touched plus its own), in MiB.
+    pub memory_mib: u64,
+}
+
+/// Which cgroup layout the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Layout {
+    /// Unified hierarchy with the cpu and memory controllers.
+    V2 {
+        /// The engine's cgroup's directory.
+        own: PathBuf,
+    },
+    /// Separate v1 hierarchies.
+    V1 {
+        /// The engine's cgroup's directory in the cpu hierarchy.
+        cpu: PathBuf,
+        /// The engine's cgroup's directory in the memory hierarchy.
+        memory: PathBuf,
+    },
+}
+
+/// Errors of cgroup set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// Neither a v2 hierarchy with cpu and memory nor v1 cpu and memory hierarchies exist.
+    #[error("no usable cgroup hierarchy with the cpu and memory controllers under {0}")]
+    Unavailable(PathBuf),
+    /// A cgroup file could not be read or written.
+    #[error("{path}")]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn file_error(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where sandbox cgroups are made.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    layout: Layout,
+}
+
+impl Cgroups {
+    /// Finds the host's cgroup layout and this process's place in it.
+    pub fn detect() -> Result<Cgroups, CgroupError> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(file_error(Path::new("/proc/self/cgroup")))?;
+        Cgroups::detect_in(Path::new("/sys/fs/cgroup"), &own)
+    }
+
+    /// [`Cgroups::detect`] against a cgroup mount at `root` and a `/proc/self/cgroup` text.
+    fn detect_in(root: &Path, proc_self_cgroup: &str) -> Result<Cgroups, CgroupError> {
+        let own_path = |wanted: &str| {
+            proc_self_cgroup.lines().find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                let matches = if wanted.is_empty() {
+                    controllers.is_empty()
+                } else {
+                    controllers.split(',').any(|c| c == wanted)
+                };
+                matches.then(|| path.trim_start_matches('/').to_owned())
+            })
+        };
+        if let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) {
+            let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+            if has("cpu") && has("memory") {
+                let own = root.join(own_path("").unwrap_or_default());
+                return Ok(Cgroups {
+                    layout: Layout::V2 { own },
+                });
+            }
+        }
+        let cpu = root.join("cpu");
+        let memory = root.join("memory");
+        if cpu.join("cpu.cfs_quota_us").is_file() && memory.join("memory.limit_in_bytes").is_file()
+        {
+            return Ok(Cgroups {
+                layout: Layout::V1 {
+                    cpu: cpu.join(own_path("cpu").unwrap_or_default()),
+                    memory: memory.join(own_path("memory").unwrap_or_default()),
+                },
+            });
+        }
+        Err(CgroupError::Unavailable(root.to_owned()))
+    }
+
+    /// `v1` or `v2`.
+    pub fn version(&self) -> &'static str {
+        match self.layout {
+            Layout::V1 { .. } => "v1",
+            Layout::V2 { .. } => "v2",
+        }
+    }
+
+    /// The directories that hold sandbox cgroups.
+    fn parents(&self) -> Vec<PathBuf> {
+        match &self.layout {
+            Layout::V2 { own } => vec![own.join(PARENT)],
+            Layout::V1 { cpu, memory } => vec![cpu.join(PARENT), memory.join(PARENT)],
+        }
+    }
+
+    /// Makes the cgroup of sandbox `name` with `limits`.
+    pub fn create(&self, name: &str, limits: CgroupLimits) -> Result<SandboxCgroup, CgroupError> {
+        if let Layout::V2 { own } = &self.layout {
+            prepare_v2_parent(own)?;
+        }
+        let dirs: Vec<PathBuf> = self.parents().iter().map(|p| p.join(name)).collect();
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).map_err(file_error(dir))?;
+        }
+        let cgroup = SandboxCgroup {
+            layout: self.layout.clone(),
+            dirs,
+        };
+        // From here on a failure removes what was made (SandboxCgroup is removed on drop
+        // only through `remove`, so do it explicitly).
+        if let Err(e) = cgroup.set_limits(limits) {
+            let _ = cgroup.remove();
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    /// The cgroup of sandbox `name`, if it exists (to re-adopt or clean it up).
+    pub fn existing(&self, name: &str) -> Option<SandboxCgroup> {
+        let dirs: Vec<PathBuf> = self.parents().iter().map(|p| p.join(name)).collect();
+        dirs.iter().any(|d| d.is_dir()).then(|| SandboxCgroup {
+            layout: self.layout.clone(),
+            dirs,
+        })
+    }
+}
+
+/// On v2 a cgroup's controllers must be enabled in every ancestor's `subtree_control`, and a
+/// cgroup that has processes cannot enable them for its children; the engine's cgroup keeps
+/// its processes and only `kiln/` below it (process-free) hands the controllers on.
+fn prepare_v2_parent(own: &Path) -> Result<(), CgroupError> {
+    let parent = own.join(PARENT);
+    std::fs::create_dir_all(&parent).map_err(file_error(&parent))?;
+    for dir in [own, parent.as_path()] {
+        let control = dir.join("cgroup.subtree_control");
+        let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+        if enabled.split_whitespace().any(|c| c == "cpu")
+            && enabled.split_whitespace().any(|c| c == "memory")
+        {
+            continue;
+        }
+        std::fs::write(&control, "+cpu +memory").map_err(|source| CgroupError::File {
+            path: control.clone(),
+            source: io::Error::new(
+                source.kind(),
+                format!(
+                    "{source}: enabling cpu and memory for kiln's cgroups (under systemd run \
+                     the daemon with Delegate=yes)"
+                ),
+            ),
+        })?;
+    }
+    Ok(())
+}
+
+/// One sandbox's cgroup (a directory per hierarchy on v1).
+#[derive(Debug)]
+pub struct SandboxCgroup {
+    layout: Layout,
+    dirs: Vec<PathBuf>,
+}
+
+impl SandboxCgroup {
+    fn set_limits(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+        let quota_us = (limits.cpus * CPU_PERIOD_US as f64).round().max(1000.0) as u64;
+        let memory_bytes = limits.memory_mib.saturating_mul(1 << 20);
+        let writes: Vec<(PathBuf, String)> = match &self.layout {
+            Layout::V2 { .. } => vec![
+                (
+                    self.dirs[0].join("cpu.max"),
+                    format!("{quota_us} {CPU_PERIOD_US}"),
+                ),
+                (self.dirs[0].join("memory.max"), memory_bytes.to_string()),
+                // No swap: a sandbox over its limit is reclaimed or killed, not swapped.
+                (self.dirs[0].join("memory.swap.max"), "0".into()),
+            ],
+            Layout::V1 { .. } => vec![
+                (
+                    self.dirs[0].join("cpu.cfs_period_us"),
+                    CPU_PERIOD_US.to_string(),
+                ),
+                (self.dirs[0].join("cpu.cfs_quota_us"), quota_us.to_string()),
+                (
+                    self.dirs[1].join("memory.limit_in_bytes"),
+                    memory_bytes.to_string(),
+                ),
+            ],
+        };
+        for (path, value) in writes {
+            match std::fs::write(&path, &value) {
+                Ok(()) => {}
+                // memory.swap.max is absent where the host has no swap accounting.
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound && path.ends_with("memory.swap.max") => {
+                }
+                Err(e) => return Err(file_error(&path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Its directories (one on v2; cpu and memory on v1).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Open `cgroup.procs` files: a process that writes `0` to each joins the cgroup.
+    pub fn procs_files(&self) -> Result<Vec<OwnedFd>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(file_error(&path))
+            })
+            .collect()
+    }
+
+    /// The pids in it.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(dir) = self.dirs.first() else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// Reads one of its files (e.g. `memory.limit_in_bytes`), from whichever directory has it.
+    pub fn read(&self, file: &str) -> Option<String> {
+        self.dirs
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Removes it. Its processes must be gone; the kernel may take a moment to notice an
+    /// exit, so a busy cgroup is retried briefly.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            let mut attempts = 0;
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempts < 100 => {
+                        attempts += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(file_error(dir)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1_SELF: &str = "9:name=systemd:/\n4:memory:/outer/inner\n1:cpu:/\n0::/\n";
+
+    fn v1_root() -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("tempdir");
+        let cpu = root.path().join("cpu");
+        let memory = root.path().join("memory/outer/inner");
+        std::fs::create_dir_all(&cpu).expect("mkdir");
+        std::fs::create_dir_all(&memory).expect("mkdir");
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), "-1").expect("write");
+        std::fs::write(
+            root.path().join("memory").join("memory.limit_in_bytes"),
+            "max",
+        )
+        .expect("write");
+        root
+    }
+
+    #[test]
+    fn v1_limits_go_under_the_engines_own_cgroups() {
+        let root = v1_root();
+        let cgroups = Cgroups::detect_in(root.path(), V1_SELF).expect("v1");
+        assert_eq!(cgroups.version(), "v1");
+        let cgroup = cgroups
+            .create(
+                "sb-1",
+                CgroupLimits {
+                    cpus: 1.5,
+                    memory_mib: 300,
+                },
+            )
+            .expect("create");
+        let cpu = root.path().join("cpu/kiln/sb-1");
+        let memory = root.path().join("memory/outer/inner/kiln/sb-1");
+        assert_eq!(cgroup.dirs(), [cpu.clone(), memory.clone()]);
+        let read = |p: PathBuf| std::fs::read_to_string(p).expect("read");
+        assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "150000");
+        assert_eq!(read(cpu.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(
+            read(memory.join("memory.limit_in_bytes")),
+            (300u64 << 20).to_string()
+        );
+        assert!(cgroups.existing("sb-1").is_some());
+        assert!(cgroups.existing("sb-2").is_none());
+    }
+
+    #[test]
+    fn v2_enables_controllers_down_to_the_sandbox() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            root.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids",
+        )
+        .expect("write");
+        let own = root.path().join("daemon.service");
+        std::fs::create_dir_all(&own).expect("mkdir");
+        let cgroups = Cgroups::detect_in(root.path(), "0::/daemon.service\n").expect("v2");
+        assert_eq!(cgroups.version(), "v2");
+        let cgroup = cgroups
+            .create(
+                "sb-1",
+                CgroupLimits {
+                    cpus: 0.25,
+                    memory_mib: 128,
+                },
+            )
+            .expect("create");
+        let dir = own.join("kiln/sb-1");
+        assert_eq!(cgroup.dirs(), std::slice::from_ref(&dir));
+        let read = |p: PathBuf| std::fs::read_to_string(p).expect("read");
+        assert_eq!(read(own.join("cgroup.subtree_control")), "+cpu +memory");
+        assert_eq!(
+            read(own.join("kiln/cgroup.subtree_control")),
+            "+cpu +memory"
+        );
+        assert_eq!(read(dir.join("cpu.max")), "25000 100000");
+        assert_eq!(read(dir.join("memory.max")), (128u64 << 20).to_string());
+    }
+
+    #[test]
+    fn hybrid_without_v2_controllers_uses_v1_and_nothing_is_an_error() {
+        let root = v1_root();
+        std::fs::write(root.path().join("cgroup.controllers"), "").expect("write");
+        assert_eq!(
+            Cgroups::detect_in(root.path(), V1_SELF)
+                .expect("v1")
+                .version(),
+            "v1"
+        );
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            Cgroups::detect_in(empty.path(), V1_SELF),
+            Err(CgroupError::Unavailable(_))
+        ));
+    }
+}

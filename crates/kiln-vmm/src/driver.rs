@@ -1,0 +1,174 @@
+//! The VMM driver interface: a [`Hypervisor`] launches [`Vm`]s from an engine-neutral
+//! [`VmSpec`]. QEMU implements it today ([`crate::qemu::QemuDriver`]); Firecracker will be a
+//! second implementation. Abilities a driver lacks are reported in its [`Capabilities`] and
+//! refused with [`DriverError::Unsupported`], never faked.
+
+use std::fmt::Debug;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+
+use crate::accel::AccelDecision;
+use crate::qemu::{DiskFormat, MemoryBacking, PhaseTimings, SnapshotError};
+
+/// The machine to run, independent of the VMM that runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Uncompressed ELF kernel.
+    pub kernel: PathBuf,
+    /// Initramfs with the agent as `/init`.
+    pub initramfs: PathBuf,
+    /// Extra kernel command-line words.
+    pub extra_cmdline: Vec<String>,
+    /// Root disk image.
+    pub root_disk: PathBuf,
+    /// Its format.
+    pub root_disk_format: DiskFormat,
+    /// Where guest RAM lives.
+    pub memory: MemoryBacking,
+    /// Start without running the guest, waiting for saved state ([`Vm::restore`]).
+    pub incoming: bool,
+    /// MAC address of the guest NIC; the tap comes with the [`Confinement`].
+    pub nic_mac: Option<String>,
+    /// Directory for the VM's sockets and logs.
+    pub run_dir: PathBuf,
+}
+
+/// What isolates a VM process from the host, handed over as descriptors the caller opened
+/// with its own privileges.
+#[derive(Debug, Default)]
+pub struct Confinement {
+    /// Network namespace the VMM runs in.
+    pub netns: Option<OwnedFd>,
+    /// The guest's tap (opened in that namespace).
+    pub tap: Option<OwnedFd>,
+    /// `cgroup.procs` files of the cgroups the VMM joins before it runs any code.
+    pub cgroups: Vec<OwnedFd>,
+    /// Unprivileged user and group the VMM runs guest code as.
+    pub run_as: Option<(u32, u32)>,
+    /// Confine the VMM's system calls (QEMU: `-sandbox on` with the deny options).
+    pub seccomp: bool,
+}
+
+/// How the host reaches the guest agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentTransport {
+    /// A virtio-serial port on a unix-socket chardev (QEMU).
+    VirtioSerial,
+    /// A vsock port behind a unix socket (Firecracker).
+    Vsock,
+}
+
+/// What a driver can do on this host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// Save a paused VM's device state and restore it in a new process.
+    pub snapshot: bool,
+    /// Restore guest RAM copy-on-write (MAP_PRIVATE) from a template's memory file.
+    pub private_memory_restore: bool,
+    /// Pause and resume a running VM.
+    pub pause: bool,
+    /// Take the guest's tap as an open descriptor (otherwise the driver opens it by name).
+    pub tap_descriptor: bool,
+    /// System-call filtering of the VMM process.
+    pub seccomp: bool,
+    /// Run the VMM process as an unprivileged user.
+    pub run_as: bool,
+    /// Agent transport.
+    pub agent_transport: AgentTransport,
+}
+
+/// How a VM process ended.
+#[derive(Debug, Clone)]
+pub struct ExitReport {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// What it said about it: the VMM's last error lines, else the guest console's last lines.
+    pub reason: String,
+}
+
+/// Errors of a driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The VMM process could not be started.
+    #[error("starting {driver}")]
+    Launch {
+        /// The driver.
+        driver: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process failed an operation.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Snapshot or restore failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A control command (pause, resume) failed.
+    #[error(transparent)]
+    Control(#[from] crate::qmp::QmpError),
+    /// The driver cannot do this.
+    #[error("{driver} does not support {what}")]
+    Unsupported {
+        /// The driver.
+        driver: &'static str,
+        /// The missing ability.
+        what: &'static str,
+    },
+}
+
+/// A VMM: launches VMs. One per engine, shared.
+pub trait Hypervisor: Send + Sync + Debug {
+    /// Short name (`qemu`).
+    fn name(&self) -> &'static str;
+    /// The VMM's version, part of every snapshot's key.
+    fn version(&self) -> &str;
+    /// The accelerator it uses and why.
+    fn accel(&self) -> &AccelDecision;
+    /// What it can do.
+    fn capabilities(&self) -> Capabilities;
+    /// The parts of `spec` (as this driver renders it) that saved device state depends on,
+    /// with per-VM paths and descriptors left out: two specs with the same signature can
+    /// restore each other's snapshots.
+    fn restore_signature(&self, spec: &VmSpec) -> String;
+    /// Starts a VM process for `spec`, confined by `confinement`.
+    fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError>;
+}
+
+/// A running VM process, killed and reaped when dropped.
+pub trait Vm: Send + Debug {
+    /// The VMM process id (owned: it is not reaped before [`Vm::exited`] or [`Vm::kill`]).
+    fn pid(&self) -> u32;
+    /// The unix socket that leads to the guest agent.
+    fn agent_socket(&self) -> PathBuf;
+    /// The guest console log.
+    fn console_log(&self) -> PathBuf;
+    /// Waits until the VMM accepts connections to the agent socket.
+    fn wait_started(&mut self, timeout: std::time::Duration) -> Result<(), DriverError>;
+    /// Loads saved device state (read from the file's position) into a VM launched with
+    /// [`VmSpec::incoming`], and runs it.
+    fn restore(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
+    /// Pauses the VM and saves its device state into a new file at `state`.
+    fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
+    /// Pauses the guest's CPUs.
+    fn pause(&mut self) -> Result<(), DriverError>;
+    /// Resumes a paused guest.
+    fn resume(&mut self) -> Result<(), DriverError>;
+    /// Grows the root disk to `bytes` while the guest runs (the guest is told; growing its
+    /// filesystem is up to it).
+    fn resize_root_disk(&mut self, bytes: u64) -> Result<(), DriverError>;
+    /// How the process ended, once it has (reaps it).
+    fn exited(&mut self) -> Result<Option<ExitReport>, DriverError>;
+    /// Kills the process (only this one, by its own handle) and reaps it.
+    fn kill(&mut self) -> Result<(), DriverError>;
+    /// The last lines of the VMM's own error output.
+    fn diagnostics(&self) -> String;
+    /// The last `lines` lines of the guest console.
+    fn console_tail(&self, lines: usize) -> String;
+}
