@@ -689,13 +689,17 @@ impl Vm for QemuVm {
             return Ok(None);
         };
         let stderr = self.process.stderr_tail();
-        let reason = if stderr.trim().is_empty() {
+        let console = self.process.console_tail(200);
+        let reason = if !stderr.trim().is_empty() {
+            format!("QEMU exited ({status}): {}", stderr.trim())
+        } else if let Some(panic) = guest_crash_line(&console) {
+            format!("QEMU exited ({status}): the guest kernel crashed: {panic}")
+        } else {
+            let tail: Vec<&str> = console.lines().collect();
             format!(
                 "QEMU exited ({status}); guest console:\n{}",
-                self.process.console_tail(10)
+                tail[tail.len().saturating_sub(10)..].join("\n")
             )
-        } else {
-            format!("QEMU exited ({status}): {}", stderr.trim())
         };
         Ok(Some(ExitReport { status, reason }))
     }
@@ -711,6 +715,18 @@ impl Vm for QemuVm {
     fn console_tail(&self, lines: usize) -> String {
         self.process.console_tail(lines)
     }
+}
+
+/// The line of a guest console that says why its kernel died, without the timestamp.
+fn guest_crash_line(console: &str) -> Option<&str> {
+    console
+        .lines()
+        .rev()
+        .find(|line| line.contains("Kernel panic") || line.contains("kernel BUG"))
+        .map(|line| match line.find("] ") {
+            Some(at) if line.starts_with('[') => &line[at + 2..],
+            _ => line,
+        })
 }
 
 /// Migration URI of the device-state file handed over with [`hand_over_state`].
@@ -742,6 +758,16 @@ fn tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_kernel_panic_is_found_in_the_console() {
+        let console = "[    1.0] ok\n[    3.1] Kernel panic - not syncing: sysrq triggered crash\n[    3.2] CPU: 0 PID: 1\n[    3.3] Kernel Offset: disabled\n";
+        assert_eq!(
+            guest_crash_line(console),
+            Some("Kernel panic - not syncing: sysrq triggered crash")
+        );
+        assert_eq!(guest_crash_line("[ 1.0] all fine\n"), None);
+    }
 
     #[test]
     fn confinement_goes_on_the_command_line_but_not_into_the_signature() {

@@ -1,0 +1,294 @@
+//! Sandbox lifecycle under QEMU (TCG here): resource limits, crash detection (the VMM killed
+//! from outside, a guest kernel panic), time to live, and bad requests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, SandboxState};
+use kiln_proto::messages::{Command, ExecRequest};
+
+async fn sh(sandbox: &Sandbox, script: &str) -> String {
+    let result = sandbox
+        .agent()
+        .run(ExecRequest::new(Command::Shell(script.to_owned())), 1 << 20)
+        .await
+        .expect("exec");
+    assert_eq!(
+        result.status.code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    String::from_utf8_lossy(&result.stdout).trim().to_owned()
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+fn failure_reason(sandbox: &Sandbox) -> Option<String> {
+    match sandbox.state() {
+        SandboxState::Failed { reason } => Some(reason),
+        _ => None,
+    }
+}
+
+/// A cgroup setting of `sandbox`, whichever cgroup version holds it.
+fn cgroup_value(sandbox: &Sandbox, v1: &str, v2: &str) -> String {
+    sandbox
+        .cgroup_dirs()
+        .iter()
+        .find_map(|dir| {
+            std::fs::read_to_string(dir.join(v1))
+                .or_else(|_| std::fs::read_to_string(dir.join(v2)))
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("neither {v1} nor {v2} in {:?}", sandbox.cgroup_dirs()))
+        .trim()
+        .to_owned()
+}
+
+/// Everything a dead sandbox must not hold any more.
+fn assert_released(netns: &str, cgroups: &[std::path::PathBuf], pid: u32) {
+    assert!(
+        !Path::new("/run/netns").join(netns).exists(),
+        "network namespace {netns} left"
+    );
+    for dir in cgroups {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "VMM {pid} still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_crashes_and_time_to_live() {
+    let data = tempfile::tempdir().expect("data dir");
+    let engine = Engine::new(EngineConfig {
+        guest_log: std::env::var("KILN_GUEST_LOG").ok(),
+        ..EngineConfig::new(data.path())
+    })
+    .expect("engine");
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build");
+    let template = engine.bake(&images).await.expect("bake");
+    let vcpus = f64::from(template.meta.machine.vcpus);
+    let template_disk_mib = template.meta.disk_bytes >> 20;
+
+    // Bad requests are refused before anything is made.
+    let bad = [
+        CreateOptions {
+            cpus: Some(0.0),
+            ..CreateOptions::default()
+        },
+        CreateOptions {
+            cpus: Some(vcpus + 1.0),
+            ..CreateOptions::default()
+        },
+        CreateOptions {
+            memory_mib: Some(10),
+            ..CreateOptions::default()
+        },
+        CreateOptions {
+            memory_mib: Some(1 << 30),
+            ..CreateOptions::default()
+        },
+        CreateOptions {
+            disk_mib: Some(template_disk_mib - 1),
+            ..CreateOptions::default()
+        },
+    ];
+    for options in bad {
+        let asked = format!("{options:?}");
+        match engine.create(&template, options).await {
+            Err(EngineError::Invalid(message)) => eprintln!("refused: {message}"),
+            other => panic!("{asked}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(data.path().join("sandboxes"))
+            .expect("dir")
+            .count(),
+        0,
+        "a refused create leaves nothing"
+    );
+    assert!(matches!(
+        engine.get("sb-000000000000"),
+        Err(EngineError::NotFound(_))
+    ));
+    assert!(matches!(
+        engine.destroy("sb-000000000000").await,
+        Err(EngineError::NotFound(_))
+    ));
+
+    // Limits: a CPU quota and a memory limit below the template's, a bigger disk.
+    let disk_mib = template_disk_mib + 512;
+    let limited = engine
+        .create(
+            &template,
+            CreateOptions {
+                cpus: Some(0.5),
+                memory_mib: Some(320),
+                disk_mib: Some(disk_mib),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .expect("create with limits");
+    let quota = cgroup_value(&limited, "cpu.cfs_quota_us", "cpu.max");
+    assert!(
+        quota == "50000" || quota == "50000 100000",
+        "cpu quota {quota}"
+    );
+    assert_eq!(
+        cgroup_value(&limited, "memory.limit_in_bytes", "memory.max"),
+        (320u64 << 20).to_string()
+    );
+    let sectors: u64 = sh(&limited, "cat /sys/block/vda/size")
+        .await
+        .parse()
+        .expect("sectors");
+    assert_eq!(
+        sectors * 512,
+        disk_mib << 20,
+        "the guest sees the bigger disk"
+    );
+    let fs_mib: u64 = sh(&limited, "df -m / | awk 'NR==2 {print $2}'")
+        .await
+        .parse()
+        .expect("size");
+    assert!(
+        fs_mib > template_disk_mib + 400,
+        "root filesystem grown to {fs_mib} MiB (disk {disk_mib} MiB)"
+    );
+    limited.destroy().await.expect("destroy");
+
+    // Crash: the VMM killed from outside. The sandbox is marked failed with QEMU's reason, its
+    // network namespace and cgroup are gone, it stays listed until destroyed.
+    let victim = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+    let pid = victim.pid().expect("running");
+    let netns = victim.netns().expect("netns").to_owned();
+    let cgroups = victim.cgroup_dirs();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the sandbox's own VMM");
+    assert!(
+        wait_until(Duration::from_secs(10), || failure_reason(&victim)
+            .is_some())
+        .await,
+        "not marked failed: {:?}",
+        victim.state()
+    );
+    let reason = failure_reason(&victim).expect("failed");
+    assert!(reason.contains("signal: 9"), "reason: {reason}");
+    assert_released(&netns, &cgroups, pid);
+    let listed = engine.list();
+    assert!(
+        listed
+            .iter()
+            .any(|s| s.id == victim.id() && s.state.name() == "failed" && s.pid.is_none()),
+        "{listed:?}"
+    );
+    let exec = tokio::time::timeout(
+        Duration::from_secs(30),
+        victim
+            .agent()
+            .run(ExecRequest::new(Command::Argv(vec!["true".into()])), 64),
+    )
+    .await
+    .expect("an exec in a dead sandbox fails, it does not hang");
+    assert!(exec.is_err(), "exec in a dead sandbox: {exec:?}");
+    engine.destroy(victim.id()).await.expect("destroy");
+    assert!(!victim.dir().exists());
+    assert!(engine.get(victim.id()).is_err());
+
+    // Crash: the guest kernel panics. The reason comes from the guest console.
+    let panicking = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+    let pid = panicking.pid().expect("running");
+    let cgroups = panicking.cgroup_dirs();
+    let trigger = {
+        let panicking = Arc::clone(&panicking);
+        tokio::spawn(async move {
+            let _ = panicking
+                .agent()
+                .run(
+                    ExecRequest::new(Command::Shell("echo c > /proc/sysrq-trigger".into())),
+                    64,
+                )
+                .await;
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || failure_reason(&panicking)
+            .is_some())
+        .await,
+        "not marked failed: {:?}",
+        panicking.state()
+    );
+    let reason = failure_reason(&panicking).expect("failed");
+    assert!(reason.contains("Kernel panic"), "reason: {reason}");
+    let _ = tokio::time::timeout(Duration::from_secs(30), trigger).await;
+    assert_released(panicking.netns().expect("netns"), &cgroups, pid);
+    panicking.destroy().await.expect("destroy");
+
+    // Time to live: given at create, or set later; the engine destroys the sandbox itself.
+    let resources = |sandbox: &Sandbox| {
+        (
+            sandbox.pid().expect("running"),
+            sandbox.netns().expect("netns").to_owned(),
+            sandbox.cgroup_dirs(),
+        )
+    };
+    let later = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+    let later_resources = resources(&later);
+    let short = engine
+        .create(
+            &template,
+            CreateOptions {
+                ttl: Some(Duration::from_secs(2)),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .expect("create");
+    let short_resources = resources(&short);
+    assert!(short.info().expires_at_ms.is_some());
+    assert!(later.info().expires_at_ms.is_none());
+    later.set_ttl(Some(Duration::from_millis(500)));
+    assert!(later.info().expires_at_ms.is_some());
+    for (sandbox, (pid, netns, cgroups)) in [(&short, short_resources), (&later, later_resources)] {
+        assert!(
+            wait_until(Duration::from_secs(20), || !sandbox.dir().exists()).await,
+            "{} outlived its time to live: {:?}",
+            sandbox.id(),
+            sandbox.state()
+        );
+        assert_eq!(sandbox.state(), SandboxState::Destroyed);
+        assert!(engine.get(sandbox.id()).is_err());
+        assert_released(&netns, &cgroups, pid);
+    }
+    assert!(engine.list().is_empty(), "{:?}", engine.list());
+}
