@@ -112,27 +112,7 @@ fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
             };
             let hole =
                 lseek(from.as_raw_fd(), data, Whence::SeekHole).map_err(std::io::Error::from)?;
-            let mut at = data;
-            while at < hole {
-                let (mut off_in, mut off_out) = (at, at);
-                let want = usize::try_from(hole - at)
-                    .unwrap_or(usize::MAX)
-                    .min(1 << 30);
-                let copied = nix::fcntl::copy_file_range(
-                    &from,
-                    Some(&mut off_in),
-                    &to,
-                    Some(&mut off_out),
-                    want,
-                )?;
-                if copied == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "source shrank while copying",
-                    ));
-                }
-                at += copied as i64;
-            }
+            copy_range(&from, &to, data, hole)?;
             offset = hole;
         }
         to.sync_all()
@@ -141,6 +121,50 @@ fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
         let _ = std::fs::remove_file(dst);
     }
     result
+}
+
+/// Copies bytes `start..end` from `from` to the same offsets of `to`: in the kernel where it
+/// can (same filesystem), through a buffer otherwise.
+fn copy_range(
+    from: &std::fs::File,
+    to: &std::fs::File,
+    start: i64,
+    end: i64,
+) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use std::os::unix::fs::FileExt;
+    let short = || {
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "source shrank while copying",
+        )
+    };
+    let mut at = start;
+    while at < end {
+        let (mut off_in, mut off_out) = (at, at);
+        let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(1 << 30);
+        match nix::fcntl::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want) {
+            Ok(0) => return Err(short()),
+            Ok(n) => at += n as i64,
+            // Across filesystems (or where unsupported) copy through user space.
+            Err(Errno::EXDEV | Errno::ENOSYS | Errno::EOPNOTSUPP) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut buffer = vec![0u8; 1 << 20];
+    while at < end {
+        let want = usize::try_from(end - at)
+            .unwrap_or(usize::MAX)
+            .min(buffer.len());
+        let offset = u64::try_from(at).map_err(std::io::Error::other)?;
+        let n = from.read_at(&mut buffer[..want], offset)?;
+        if n == 0 {
+            return Err(short());
+        }
+        to.write_all_at(&buffer[..n], offset)?;
+        at += n as i64;
+    }
+    Ok(())
 }
 
 /// Whether files in `dir` can be reflinked (tries it on two small files).
