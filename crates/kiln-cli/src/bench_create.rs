@@ -55,6 +55,12 @@ struct Report {
     idle_sandboxes: usize,
     idle_pss_mib_mean: f64,
     idle_pss_mib_max: f64,
+    /// PSS of the VMMs kept pre-started (no guest state), which the density figure includes.
+    prestarted_pss_mib: f64,
+    /// (PSS of the idle sandboxes + PSS of the pre-started VMMs) / idle sandboxes.
+    footprint_mib_per_sandbox: f64,
+    /// Sequential creates that took a pre-started VMM.
+    sequential_prestarted: usize,
 }
 
 async fn exec_true(agent: &AgentClient) -> Result<()> {
@@ -125,6 +131,8 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     let start = Instant::now();
     let template = engine.bake(&images).await.context("bake")?;
     let bake_ms = start.elapsed().as_secs_f64() * 1000.0;
+    // As the daemon does once a template is ready.
+    engine.prestart(&template);
 
     eprintln!("cold boots ({}) ...", options.cold_boots);
     let mut cold = Vec::new();
@@ -135,9 +143,18 @@ pub async fn run(options: BenchOptions) -> Result<()> {
     eprintln!("sequential creates ({}) ...", options.iterations);
     let mut sequential = Vec::new();
     let mut phases: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
+    let mut sequential_prestarted = 0;
     for _ in 0..options.iterations {
         let (elapsed, sandbox, first_exec, second_exec) = timed_create(&engine, &template).await?;
         sequential.push(elapsed);
+        if sandbox
+            .timings()
+            .phases
+            .iter()
+            .any(|(name, _)| name == "take pre-started VMM")
+        {
+            sequential_prestarted += 1;
+        }
         phases
             .entry("first exec (true)".into())
             .or_default()
@@ -187,6 +204,12 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         .filter_map(|s| s.pid().and_then(pss_bytes))
         .map(|b| b as f64 / (1 << 20) as f64)
         .collect();
+    let prestarted_pss_mib: f64 = engine
+        .prestarted_pids()
+        .into_iter()
+        .filter_map(pss_bytes)
+        .map(|b| b as f64 / (1 << 20) as f64)
+        .sum();
     for sandbox in idle {
         sandbox.destroy().await?;
     }
@@ -210,14 +233,22 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         idle_sandboxes: pss.len(),
         idle_pss_mib_mean: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
         idle_pss_mib_max: pss.iter().copied().fold(0.0, f64::max),
+        prestarted_pss_mib,
+        footprint_mib_per_sandbox: (pss.iter().sum::<f64>() + prestarted_pss_mib)
+            / pss.len().max(1) as f64,
+        sequential_prestarted,
     };
+    engine.shutdown_prestarted().await;
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("template {} ({})", report.template, report.accel);
         println!("bake: {:.0} ms", report.bake_ms);
         println!("cold boot to first exec:   {}", report.cold_boot);
-        println!("create (sequential):       {}", report.create_sequential);
+        println!(
+            "create (sequential):       {} ({} of them on a pre-started VMM)",
+            report.create_sequential, report.sequential_prestarted
+        );
         println!(
             "create ({} concurrent):     {}",
             report.concurrency, report.create_concurrent
@@ -233,6 +264,10 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         println!(
             "idle PSS per sandbox ({}): mean {:.1} MiB, max {:.1} MiB",
             report.idle_sandboxes, report.idle_pss_mib_mean, report.idle_pss_mib_max
+        );
+        println!(
+            "footprint per sandbox:     {:.1} MiB (pre-started VMMs: {:.1} MiB in all)",
+            report.footprint_mib_per_sandbox, report.prestarted_pss_mib
         );
     }
     Ok(())

@@ -201,7 +201,8 @@ pub struct SandboxCgroup {
 }
 
 impl SandboxCgroup {
-    fn set_limits(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+    /// Sets its CPU quota and memory limit.
+    pub fn set_limits(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
         let quota_us = (limits.cpus * CPU_PERIOD_US as f64).round().max(1000.0) as u64;
         let memory_bytes = limits.memory_mib.saturating_mul(1 << 20);
         let writes: Vec<(PathBuf, String)> = match &self.layout {

@@ -131,7 +131,13 @@ pub struct EngineConfig {
     pub guest_log: Option<String>,
     /// Confinement of the VMM processes.
     pub confinement: ConfinementConfig,
+    /// VMMs kept started per template, waiting for device state, so that a create skips the
+    /// VMM's start-up (at most [`MAX_PRESTART`]; they hold no guest state).
+    pub prestart: usize,
 }
+
+/// Most VMMs kept pre-started per template.
+pub const MAX_PRESTART: usize = 2;
 
 impl EngineConfig {
     /// The defaults, with data in `data_dir`.
@@ -142,6 +148,7 @@ impl EngineConfig {
             accel: AccelChoice::Auto,
             guest_log: None,
             confinement: ConfinementConfig::default(),
+            prestart: 1,
         }
     }
 }
@@ -160,6 +167,11 @@ pub(crate) struct Inner {
     /// Sandbox disks are reflinked raw images (XFS, btrfs) rather than qcow2 overlays.
     pub(crate) reflink: bool,
     pub(crate) sandboxes: Mutex<BTreeMap<String, Arc<Sandbox>>>,
+    /// Pre-started VMMs by template key.
+    pub(crate) prestarted: Mutex<std::collections::HashMap<String, sandbox::PrestartPool>>,
+    /// VMMs being pre-started right now; none start once the engine shuts down.
+    pub(crate) prestarting: tokio::sync::watch::Sender<usize>,
+    pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     uids: Mutex<BTreeSet<u32>>,
 }
 
@@ -207,6 +219,12 @@ impl Inner {
 impl Engine {
     /// Opens the engine: resolves the accelerator, QEMU's version and the cgroup layout.
     pub fn new(config: EngineConfig) -> Result<Engine, EngineError> {
+        if config.prestart > MAX_PRESTART {
+            return Err(EngineError::Invalid(format!(
+                "prestart is at most {MAX_PRESTART} per template (got {})",
+                config.prestart
+            )));
+        }
         let driver = QemuDriver::new(&config.qemu, config.accel)?;
         let accel = driver.accel();
         tracing::info!(accel = accel.accel.qemu_name(), reason = %accel.reason, "accelerator chosen");
@@ -240,6 +258,9 @@ impl Engine {
                 cgroups,
                 reflink,
                 sandboxes: Mutex::new(BTreeMap::new()),
+                prestarted: Mutex::new(std::collections::HashMap::new()),
+                prestarting: tokio::sync::watch::Sender::new(0),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
                 uids: Mutex::new(BTreeSet::new()),
             }),
         })
@@ -399,6 +420,32 @@ impl Engine {
         options: CreateOptions,
     ) -> Result<Arc<Sandbox>, EngineError> {
         sandbox::create(&self.inner, template, options).await
+    }
+
+    /// Starts VMMs for `template` in the background, up to the configured number, so that its
+    /// next creates skip the VMM's start-up (creates also do this after they take one).
+    pub fn prestart(&self, template: &BakedTemplate) {
+        sandbox::refill(&self.inner, template);
+    }
+
+    /// Stops pre-starting, waits for VMMs being pre-started and removes every pre-started one
+    /// (their processes, namespaces, cgroups and directories). Sandboxes are left alone.
+    pub async fn shutdown_prestarted(&self) {
+        self.inner
+            .shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut in_flight = self.inner.prestarting.subscribe();
+        let _ = in_flight.wait_for(|n| *n == 0).await;
+        let pools = std::mem::take(&mut *lock(&self.inner.prestarted));
+        tokio::task::block_in_place(|| drop(pools));
+    }
+
+    /// Pids of the pre-started VMMs (their memory counts toward the sandboxes' footprint).
+    pub fn prestarted_pids(&self) -> Vec<u32> {
+        lock(&self.inner.prestarted)
+            .values()
+            .flat_map(|pool| pool.pids())
+            .collect()
     }
 
     /// The sandbox `id`.

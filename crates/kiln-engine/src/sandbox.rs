@@ -476,26 +476,34 @@ fn limits_for(
     Ok(limits)
 }
 
-/// Restores `template` into a new sandbox.
-pub(crate) async fn create(
+/// A VMM started ahead of a create: confined, with the sandbox's directory and disk, waiting
+/// for the template's device state. It holds no guest state (no guest code has run).
+#[derive(Debug)]
+pub(crate) struct Prestarted {
+    id: String,
+    dir: PathBuf,
+    vm: Box<dyn Vm>,
+    resources: VmResources,
+    // Declared last: the directory goes after the VMM using it.
+    cleanup: DirGuard,
+}
+
+/// Starts a VMM for `template` that waits for its device state (blocking).
+pub(crate) fn prestart(
     engine: &Arc<Inner>,
     template: &BakedTemplate,
-    options: CreateOptions,
-) -> Result<Arc<Sandbox>, EngineError> {
-    let limits = limits_for(template, &options)?;
-    let started = Instant::now();
-    let mut timings = PhaseTimings::default();
+    timings: &mut PhaseTimings,
+) -> Result<Prestarted, EngineError> {
+    let mut phase = Instant::now();
     let id = new_id();
     let dir = engine.config.data_dir.join("sandboxes").join(&id);
     std::fs::create_dir(&dir).map_err(|e| EngineError::io("creating the sandbox directory", e))?;
+    let cleanup = DirGuard(Some(dir.clone()));
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
     }
-    let cleanup = DirGuard(Some(dir.clone()));
-
-    let mut phase = Instant::now();
     let (disk, disk_format) = match template.meta.disk_format {
         // The template's raw disk lives where reflinks work: share its extents.
         DiskFormat::Raw => {
@@ -509,17 +517,7 @@ pub(crate) async fn create(
             (disk, DiskFormat::Qcow2)
         }
     };
-    // The verified bytes go to the VMM through an anonymous file: what was checked is what
-    // loads.
-    let state = template.read_state()?;
-    let mut state_file =
-        tempfile::tempfile_in(&dir).map_err(|e| EngineError::io("staging the device state", e))?;
-    state_file
-        .write_all(&state)
-        .and_then(|()| state_file.rewind())
-        .map_err(|e| EngineError::io("staging the device state", e))?;
-    record(&mut timings, "disk and state", &mut phase);
-
+    record(timings, "disk", &mut phase);
     let memory = MemoryBacking::File {
         path: template.memory(),
         shared: false,
@@ -528,18 +526,132 @@ pub(crate) async fn create(
         .meta
         .machine
         .vm_spec(&dir.join("run"), &disk, disk_format, memory, true);
-    let (confinement, resources) = confine(engine, &id, limits)?;
+    let (confinement, resources) = confine(engine, &id, default_limits(&template.meta.machine))?;
     resources.grant(&[&dir, &disk])?;
-    record(&mut timings, "confinement", &mut phase);
+    record(timings, "confinement", &mut phase);
     let mut vm = engine.driver.launch(spec, confinement)?;
-    let exit = pidfd(vm.pid()).map_err(|e| EngineError::io("watching the VMM process", e))?;
-    record(&mut timings, "spawn", &mut phase);
-    let restore = tokio::task::block_in_place(|| vm.restore(&state_file))?;
+    record(timings, "spawn", &mut phase);
+    vm.wait_started(Duration::from_secs(30))?;
+    record(timings, "VMM ready", &mut phase);
+    Ok(Prestarted {
+        id,
+        dir,
+        vm,
+        resources,
+        cleanup,
+    })
+}
+
+/// VMMs started ahead of creates, per template key.
+#[derive(Debug, Default)]
+pub(crate) struct PrestartPool {
+    ready: Vec<Prestarted>,
+    starting: usize,
+}
+
+impl PrestartPool {
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.ready.iter().map(|p| p.vm.pid()).collect()
+    }
+}
+
+/// Takes a pre-started VMM for `template` if one is ready and still alive.
+fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> Option<Prestarted> {
+    loop {
+        let mut taken = lock(&engine.prestarted)
+            .get_mut(&template.meta.key)?
+            .ready
+            .pop()?;
+        match taken.vm.exited() {
+            Ok(None) => return Some(taken),
+            Ok(Some(report)) => {
+                tracing::warn!(reason = %report.reason, "a pre-started VMM died while waiting");
+            }
+            Err(e) => tracing::warn!(error = %e, "checking a pre-started VMM"),
+        }
+    }
+}
+
+/// Starts VMMs in the background until `template` has as many waiting as configured.
+pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
+    let target = engine.config.prestart;
+    let key = template.meta.key.clone();
+    {
+        let mut pools = lock(&engine.prestarted);
+        if engine
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let pool = pools.entry(key.clone()).or_default();
+        if pool.ready.len() + pool.starting >= target {
+            return;
+        }
+        pool.starting += 1;
+        engine.prestarting.send_modify(|n| *n += 1);
+    }
+    let engine = Arc::clone(engine);
+    let template = template.clone();
+    tokio::task::spawn_blocking(move || {
+        let result = prestart(&engine, &template, &mut PhaseTimings::default());
+        {
+            let mut pools = lock(&engine.prestarted);
+            let pool = pools.entry(key).or_default();
+            pool.starting -= 1;
+            match result {
+                Ok(prestarted) => pool.ready.push(prestarted),
+                Err(e) => {
+                    tracing::warn!(template = %template.meta.name, error = %e, "pre-starting a VMM");
+                }
+            }
+        }
+        engine.prestarting.send_modify(|n| *n -= 1);
+    });
+}
+
+/// Restores `template` into a new sandbox.
+pub(crate) async fn create(
+    engine: &Arc<Inner>,
+    template: &BakedTemplate,
+    options: CreateOptions,
+) -> Result<Arc<Sandbox>, EngineError> {
+    let limits = limits_for(template, &options)?;
+    let started = Instant::now();
+    let mut timings = PhaseTimings::default();
+    let mut phase = Instant::now();
+    let prestarted = match take_prestarted(engine, template) {
+        Some(prestarted) => {
+            record(&mut timings, "take pre-started VMM", &mut phase);
+            prestarted
+        }
+        None => tokio::task::block_in_place(|| prestart(engine, template, &mut timings))?,
+    };
+    phase = Instant::now();
+    // Dropped whole on an error below: the VMM dies before its resources and directory go.
+    let mut slot = prestarted;
+    if limits != default_limits(&template.meta.machine) {
+        if let Some(cgroup) = &slot.resources.cgroup {
+            cgroup.set_limits(limits)?;
+        }
+    }
+    let exit = pidfd(slot.vm.pid()).map_err(|e| EngineError::io("watching the VMM process", e))?;
+    // The verified bytes go to the VMM through an anonymous file: what was checked is what
+    // loads.
+    let state = template.read_state()?;
+    let mut state_file = tempfile::tempfile_in(&slot.dir)
+        .map_err(|e| EngineError::io("staging the device state", e))?;
+    state_file
+        .write_all(&state)
+        .and_then(|()| state_file.rewind())
+        .map_err(|e| EngineError::io("staging the device state", e))?;
+    record(&mut timings, "limits and state", &mut phase);
+    let restore = tokio::task::block_in_place(|| slot.vm.restore(&state_file))?;
     timings.phases.extend(restore.phases);
     phase = Instant::now();
 
     let client = AgentClient::new(
-        Arc::new(UnixConnector::new(vm.agent_socket())),
+        Arc::new(UnixConnector::new(slot.vm.agent_socket())),
         ClientConfig {
             hello_interval: Duration::from_millis(20),
             handshake_timeout: Duration::from_secs(30),
@@ -549,8 +661,8 @@ pub(crate) async fn create(
     if let Err(e) = client.connect().await {
         return Err(EngineError::Boot(format!(
             "restored agent did not answer: {e}; VMM: {}; console:\n{}",
-            vm.diagnostics(),
-            vm.console_tail(20)
+            slot.vm.diagnostics(),
+            slot.vm.console_tail(20)
         )));
     }
     record(&mut timings, "agent handshake", &mut phase);
@@ -564,19 +676,26 @@ pub(crate) async fn create(
             .post_restore(&PostRestoreRequest {
                 wall_clock_ns: now,
                 entropy_hex: hex::encode(entropy),
-                hostname: Some(id.clone()),
+                hostname: Some(slot.id.clone()),
                 metadata: Some(options.metadata.clone()),
             })
             .await?;
         record(&mut timings, "post-restore", &mut phase);
     }
     if let Some(disk_mib) = options.disk_mib {
-        grow_disk(vm.as_mut(), &client, disk_mib).await?;
+        grow_disk(slot.vm.as_mut(), &client, disk_mib).await?;
         record(&mut timings, "grow disk", &mut phase);
     }
     timings
         .phases
         .push(("total".into(), started.elapsed().as_secs_f64() * 1000.0));
+    let Prestarted {
+        id,
+        dir,
+        vm,
+        resources,
+        cleanup,
+    } = slot;
     cleanup.disarm();
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
     let (expires_at, expiry_watch) = watch::channel(options.ttl.map(|ttl| SystemTime::now() + ttl));
@@ -598,6 +717,8 @@ pub(crate) async fn create(
     });
     lock(&engine.sandboxes).insert(id, sandbox.clone());
     tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
+    // Start the next create's VMM now that this one no longer competes for the CPU.
+    refill(engine, template);
     Ok(sandbox)
 }
 
@@ -631,6 +752,7 @@ fn record(timings: &mut PhaseTimings, name: &str, since: &mut Instant) {
 }
 
 /// Removes a half-created sandbox directory unless disarmed.
+#[derive(Debug)]
 struct DirGuard(Option<PathBuf>);
 
 impl DirGuard {

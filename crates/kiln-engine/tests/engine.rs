@@ -256,6 +256,16 @@ async fn bake_create_isolate_reseed_and_destroy() {
         "still listed: {:?}",
         engine.list()
     );
+    // The pre-started VMM (no guest state) goes with the engine.
+    let prestarted = engine.prestarted_pids();
+    assert!(prestarted.len() <= kiln_engine::MAX_PRESTART);
+    engine.shutdown_prestarted().await;
+    for pid in &prestarted {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pre-started VMM {pid} outlived the engine"
+        );
+    }
     let left: Vec<_> = std::fs::read_dir(data.path().join("sandboxes"))
         .expect("dir")
         .collect();

@@ -291,4 +291,6 @@ async fn limits_crashes_and_time_to_live() {
         assert_released(&netns, &cgroups, pid);
     }
     assert!(engine.list().is_empty(), "{:?}", engine.list());
+    engine.shutdown_prestarted().await;
+    assert!(engine.prestarted_pids().is_empty());
 }

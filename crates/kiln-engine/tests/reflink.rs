@@ -154,5 +154,7 @@ async fn sandbox_disks_are_reflinks_on_xfs() {
         template_disk,
         "the template's disk changed"
     );
+    // Nothing may keep the filesystem busy when it is unmounted.
+    engine.shutdown_prestarted().await;
     drop(engine);
 }

@@ -62,6 +62,7 @@ async fn fifty_bake_restore_cycles_always_answer() {
                 "cycle {cycle} (connected: {connected}): create {e}"
             )),
         }
+        engine.shutdown_prestarted().await;
     }
     assert!(
         failures.is_empty(),

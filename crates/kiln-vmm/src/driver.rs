@@ -149,7 +149,7 @@ pub trait Vm: Send + Debug {
     fn agent_socket(&self) -> PathBuf;
     /// The guest console log.
     fn console_log(&self) -> PathBuf;
-    /// Waits until the VMM accepts connections to the agent socket.
+    /// Waits until the VMM accepts commands and connections to the agent socket.
     fn wait_started(&mut self, timeout: std::time::Duration) -> Result<(), DriverError>;
     /// Loads saved device state (read from the file's position) into a VM launched with
     /// [`VmSpec::incoming`], and runs it.
