@@ -89,6 +89,8 @@ pub struct BootConfig {
     pub run_as: Option<(u32, u32)>,
     /// Filter QEMU's system calls (`-sandbox on` with the deny options).
     pub seccomp: bool,
+    /// Do not run the guest until told to (`-S`, then QMP `cont`).
+    pub start_paused: bool,
 }
 
 /// The guest's network card.
@@ -133,6 +135,9 @@ impl BootConfig {
             nic: spec.nic_mac.map(|mac| GuestNic { mac, tap_fd }),
             run_as: confinement.run_as,
             seccomp: confinement.seccomp,
+            // QEMU starts vCPUs before `-runas` drops privileges: with a privilege drop a cold
+            // boot starts paused and the guest runs only once QMP answers (see `wait_started`).
+            start_paused: !spec.incoming && confinement.run_as.is_some(),
         }
     }
 
@@ -246,6 +251,9 @@ impl BootConfig {
             args.push("-incoming".into());
             args.push("defer".into());
         }
+        if self.start_paused {
+            args.push("-S".into());
+        }
         if self.seccomp {
             // QEMU 7.2 applies the filter before `-runas` drops privileges, so the set*id
             // calls must stay allowed when it does; without CAP_SETUID (dropped with root)
@@ -280,6 +288,7 @@ impl BootConfig {
         normalised.incoming = false;
         normalised.run_as = None;
         normalised.seccomp = false;
+        normalised.start_paused = false;
         if let Some(nic) = &mut normalised.nic {
             nic.tap_fd = 0;
         }
@@ -655,7 +664,15 @@ impl Vm for QemuVm {
     }
 
     fn wait_started(&mut self, timeout: Duration) -> Result<(), DriverError> {
-        Ok(self.process.wait_for_agent_socket(timeout)?)
+        self.process.wait_for_agent_socket(timeout)?;
+        // QMP answers once QEMU's main loop runs (after `-runas` dropped privileges): from
+        // then on it takes commands at once.
+        let paused = self.process.config().start_paused;
+        let qmp = self.process.qmp()?;
+        if paused {
+            qmp.execute("cont", None)?;
+        }
+        Ok(())
     }
 
     fn restore(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError> {
@@ -804,6 +821,7 @@ mod tests {
             nic: None,
             run_as: None,
             seccomp: false,
+            start_paused: false,
         }
     }
 

@@ -44,6 +44,7 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         run_as: None,
         // The strictest filter (no set*id at all) holds for a plain boot.
         seccomp: true,
+        start_paused: false,
     };
     let started = Instant::now();
     let mut qemu =
