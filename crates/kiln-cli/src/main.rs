@@ -2,6 +2,9 @@
 
 mod agent_cmd;
 mod bench_create;
+mod client_cmd;
+mod keys_cmd;
+mod serve_cmd;
 mod stats;
 mod template_cmd;
 
@@ -12,17 +15,58 @@ use clap::{Parser, Subcommand};
 
 /// kiln runs untrusted code in hardware-isolated microVMs.
 ///
-/// Today this binary drives the guest agent on this host (self-test, benchmarks); the
-/// daemon, sandboxes and templates arrive with the engine and API.
+/// Start the daemon with `kiln serve`, make an API key with `kiln keys create --save`, then
+/// `kiln run -- python3 -c 'print(1)'`. Commands that talk to the daemon use --url /
+/// KILN_URL and --api-key / KILN_API_KEY, else the file `kiln keys create --save` wrote.
 #[derive(Debug, Parser)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    client: client_cmd::ClientArgs,
     #[command(subcommand)]
     command: Commands,
 }
 
 #[derive(Debug, Subcommand)]
 enum Commands {
+    /// Run the daemon: the REST API over the engine, state in SQLite (until SIGTERM/SIGINT,
+    /// which destroys its sandboxes).
+    Serve(serve_cmd::ServeArgs),
+    /// Create, list, inspect and destroy sandboxes.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with the command's code.
+    ///
+    /// Example: kiln exec sb-1234 -- ls -la /
+    Exec {
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        exec: client_cmd::ExecArgs,
+    },
+    /// Create a sandbox, run one command in it and destroy it; exits with the command's code.
+    ///
+    /// Example: kiln run --template python -- python3 -c 'print(6 * 7)'
+    Run {
+        #[command(flatten)]
+        create: client_cmd::CreateArgs,
+        #[command(flatten)]
+        exec: client_cmd::ExecArgs,
+    },
+    /// Files in a sandbox.
+    Fs {
+        #[command(subcommand)]
+        command: FsCommand,
+    },
+    /// API keys in this host's daemon database (root); the first key is made here.
+    Keys {
+        #[command(flatten)]
+        store: keys_cmd::StoreArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Work with the guest agent directly.
     Agent {
         #[command(subcommand)]
@@ -52,7 +96,121 @@ enum AgentCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox and print its id.
+    Create {
+        #[command(flatten)]
+        create: client_cmd::CreateArgs,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sandboxes.
+    Ls {
+        /// Only `running` or `failed` ones.
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a sandbox as JSON.
+    Get {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FsCommand {
+    /// List a directory.
+    Ls {
+        /// Sandbox id.
+        id: String,
+        /// Absolute path.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Levels to descend.
+        #[arg(long, default_value_t = 1)]
+        depth: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file.
+    Cat {
+        /// Sandbox id.
+        id: String,
+        /// Absolute path.
+        path: String,
+    },
+    /// Copy a file out of a sandbox.
+    Get {
+        /// Sandbox id.
+        id: String,
+        /// Absolute path in the sandbox.
+        remote: String,
+        /// Local file.
+        local: PathBuf,
+    },
+    /// Copy a file into a sandbox (atomically: whole or not at all).
+    Put {
+        /// Sandbox id.
+        id: String,
+        /// Local file.
+        local: PathBuf,
+        /// Absolute path in the sandbox.
+        remote: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make an API key and print its secret (shown only once).
+    Create {
+        /// Tenant the key acts for.
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// A label.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The key may manage keys through the API.
+        #[arg(long)]
+        admin: bool,
+        /// Also save the key and the daemon's URL as this user's CLI config.
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "http://127.0.0.1:7070")]
+        save: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (never their secrets).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key.
+    Revoke {
+        /// Key id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TemplateCommand {
+    /// List the daemon's templates.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a template's images into the cache (only what changed is rebuilt).
     ///
     /// TEMPLATE is a spec file, a directory holding template.toml, or the name of a template
@@ -121,10 +279,86 @@ enum BenchCommand {
     },
 }
 
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs a command that talks to the daemon.
+async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> anyhow::Result<u8> {
+    let client = client_cmd::Client::new(args)?;
+    match command {
+        Commands::Sandbox { command } => match command {
+            SandboxCommand::Create { create, json } => {
+                client_cmd::create(&client, &create, json).await?
+            }
+            SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
+            SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
+            SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+        },
+        Commands::Exec { id, exec } => return client_cmd::exec(&client, &id, &exec).await,
+        Commands::Run { create, exec } => return client_cmd::run(&client, &create, &exec).await,
+        Commands::Fs { command } => match command {
+            FsCommand::Ls {
+                id,
+                path,
+                depth,
+                json,
+            } => client_cmd::fs_list(&client, &id, &path, depth, json).await?,
+            FsCommand::Cat { id, path } => client_cmd::fs_get(&client, &id, &path, None).await?,
+            FsCommand::Get { id, remote, local } => {
+                client_cmd::fs_get(&client, &id, &remote, Some(&local)).await?
+            }
+            FsCommand::Put { id, local, remote } => {
+                client_cmd::fs_put(&client, &id, &local, &remote).await?
+            }
+        },
+        Commands::Template {
+            command: TemplateCommand::Ls { json },
+        } => client_cmd::templates(&client, json).await?,
+        _ => anyhow::bail!("not a client command"),
+    }
+    Ok(0)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Commands::Serve(args) => {
+            init_logging();
+            serve_cmd::serve(args).await
+        }
+        Commands::Keys { store, command } => match command {
+            KeysCommand::Create {
+                tenant,
+                name,
+                admin,
+                save,
+                json,
+            } => keys_cmd::create(&store, &tenant, &name, admin, save.as_deref(), json),
+            KeysCommand::Ls { json } => keys_cmd::list(&store, json),
+            KeysCommand::Revoke { id } => keys_cmd::revoke(&store, &id),
+        },
+        command @ (Commands::Sandbox { .. }
+        | Commands::Exec { .. }
+        | Commands::Run { .. }
+        | Commands::Fs { .. }
+        | Commands::Template {
+            command: TemplateCommand::Ls { .. },
+        }) => {
+            return match client_command(&cli.client, command).await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,

@@ -153,6 +153,33 @@ impl EngineConfig {
     }
 }
 
+/// A change in a sandbox's life, as the engine's subscribers see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SandboxEvent {
+    /// It was created and answers.
+    Created {
+        /// The sandbox.
+        id: String,
+        /// Its template.
+        template: String,
+    },
+    /// Its VM ended without being asked to.
+    Failed {
+        /// The sandbox.
+        id: String,
+        /// What the VMM or the guest console said.
+        reason: String,
+    },
+    /// It was destroyed.
+    Destroyed {
+        /// The sandbox.
+        id: String,
+        /// Because its time to live ran out (else on request).
+        expired: bool,
+    },
+}
+
 /// The engine: a cheap handle, clone it freely.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -172,6 +199,7 @@ pub(crate) struct Inner {
     /// VMMs being pre-started right now; none start once the engine shuts down.
     pub(crate) prestarting: tokio::sync::watch::Sender<usize>,
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
+    pub(crate) events: tokio::sync::broadcast::Sender<SandboxEvent>,
     uids: Mutex<BTreeSet<u32>>,
 }
 
@@ -261,6 +289,7 @@ impl Engine {
                 prestarted: Mutex::new(std::collections::HashMap::new()),
                 prestarting: tokio::sync::watch::Sender::new(0),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                events: tokio::sync::broadcast::Sender::new(1024),
                 uids: Mutex::new(BTreeSet::new()),
             }),
         })
@@ -448,6 +477,12 @@ impl Engine {
             .collect()
     }
 
+    /// Lifecycle events of every sandbox from now on. A subscriber that falls more than 1024
+    /// events behind gets `Lagged` and should re-read [`Engine::list`].
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<SandboxEvent> {
+        self.inner.events.subscribe()
+    }
+
     /// The sandbox `id`.
     pub fn get(&self, id: &str) -> Result<Arc<Sandbox>, EngineError> {
         lock(&self.inner.sandboxes)
@@ -460,6 +495,33 @@ impl Engine {
     pub fn list(&self) -> Vec<SandboxInfo> {
         let sandboxes: Vec<Arc<Sandbox>> = lock(&self.inner.sandboxes).values().cloned().collect();
         sandboxes.iter().map(|s| s.info()).collect()
+    }
+
+    /// Removes what a sandbox `id` of an earlier run of the daemon left behind: its network
+    /// namespace, cgroup and directory (its VMM must already be gone). A live sandbox of this
+    /// engine is left alone.
+    pub fn remove_leftovers(&self, id: &str) -> Result<(), EngineError> {
+        if lock(&self.inner.sandboxes).contains_key(id) {
+            return Err(EngineError::Invalid(format!("sandbox `{id}` is live")));
+        }
+        if id.is_empty() || id.contains('/') || id.contains("..") {
+            return Err(EngineError::Invalid(format!("`{id}` is not a sandbox id")));
+        }
+        if let Some(netns) = kiln_net::netns::NetNs::existing(&format!("kiln-{id}")) {
+            netns
+                .remove()
+                .map_err(|e| EngineError::io("removing a leftover network namespace", e))?;
+        }
+        if let Some(cgroup) = self.inner.cgroups.as_ref().and_then(|c| c.existing(id)) {
+            cgroup.remove()?;
+        }
+        let dir = self.data_dir().join("sandboxes").join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(EngineError::io("removing a leftover sandbox directory", e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Destroys the sandbox `id`: its VMM, network namespace, cgroup and files.

@@ -308,8 +308,18 @@ impl Sandbox {
     /// Stops the VM and removes everything the sandbox had: its VMM process, its network
     /// namespace, its cgroup and its files. Destroying twice is not an error.
     pub async fn destroy(&self) -> Result<(), EngineError> {
+        self.destroy_because(false).await
+    }
+
+    async fn destroy_because(&self, expired: bool) -> Result<(), EngineError> {
         if let Some(engine) = self.engine.upgrade() {
             lock(&engine.sandboxes).remove(&self.id);
+            if lock(&self.runtime).state != SandboxState::Destroyed {
+                let _ = engine.events.send(crate::SandboxEvent::Destroyed {
+                    id: self.id.clone(),
+                    expired,
+                });
+            }
         }
         self.client.disconnect().await;
         let (vm, resources) = {
@@ -351,6 +361,12 @@ impl Sandbox {
             Err(e) => format!("VMM ended, status unknown: {e}"),
         };
         tracing::warn!(sandbox = %self.id, %reason, "sandbox failed");
+        if let Some(engine) = self.engine.upgrade() {
+            let _ = engine.events.send(crate::SandboxEvent::Failed {
+                id: self.id.clone(),
+                reason: reason.clone(),
+            });
+        }
         runtime.state = SandboxState::Failed { reason };
         runtime.vm = None;
         if let Some(resources) = runtime.resources.take() {
@@ -435,7 +451,7 @@ async fn watch_sandbox(
 async fn expire(sandbox: &Weak<Sandbox>) {
     if let Some(sandbox) = sandbox.upgrade() {
         tracing::info!(sandbox = %sandbox.id, "time to live ran out");
-        if let Err(e) = sandbox.destroy().await {
+        if let Err(e) = sandbox.destroy_because(true).await {
             tracing::warn!(sandbox = %sandbox.id, error = %e, "destroying an expired sandbox");
         }
     }
@@ -715,7 +731,11 @@ pub(crate) async fn create(
         expires_at,
         engine: Arc::downgrade(engine),
     });
-    lock(&engine.sandboxes).insert(id, sandbox.clone());
+    lock(&engine.sandboxes).insert(id.clone(), sandbox.clone());
+    let _ = engine.events.send(crate::SandboxEvent::Created {
+        id,
+        template: template.meta.name.clone(),
+    });
     tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
     // Start the next create's VMM now that this one no longer competes for the CPU.
     refill(engine, template);

@@ -61,6 +61,16 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The existing namespace `name`, if there is one (to clean up or re-adopt it).
+    pub fn existing(name: &str) -> Option<NetNs> {
+        let path = PathBuf::from(NETNS_DIR).join(name);
+        (!name.contains('/') && path.exists()).then(|| NetNs {
+            name: name.to_owned(),
+            path,
+            removed: false,
+        })
+    }
+
     /// Its name (as `ip netns list` shows it).
     pub fn name(&self) -> &str {
         &self.name
@@ -136,8 +146,11 @@ mod tests {
             .run_in(|| Ok(std::fs::read_dir("/sys/class/net")?.count()))
             .expect("enter");
         assert!(links >= 1);
-        ns.remove().expect("remove");
+        let again = NetNs::existing(&name).expect("found by name");
+        std::mem::forget(ns);
+        again.remove().expect("remove");
         assert!(!listed(&name));
+        assert!(NetNs::existing(&name).is_none());
         assert!(NetNs::create("bad/name").is_err());
     }
 }

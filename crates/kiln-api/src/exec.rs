@@ -1,0 +1,266 @@
+//! Running commands: to completion (JSON), streamed (newline-delimited JSON), in the
+//! background (listed, attached, signalled).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use kiln_agent_client::{ExecOutput, ExecSession};
+use kiln_proto::messages::{Command, ExecRequest, ProcessSelector};
+
+use crate::handlers::ndjson;
+use crate::types::{
+    CommandBody, ErrorBody, ExecBody, ExecEventBody, ExecResultBody, ProcessBody, SignalBody,
+    StartedBody,
+};
+use crate::{ApiError, AppState, Caller, Json, Path};
+
+/// Default and largest output a run returns.
+const DEFAULT_OUTPUT: usize = 1 << 20;
+const MAX_OUTPUT: usize = 16 << 20;
+
+fn request(
+    body: &ExecBody,
+    sandbox_env: std::collections::BTreeMap<String, String>,
+) -> Result<ExecRequest, ApiError> {
+    let command = match &body.command {
+        CommandBody::Shell(line) if line.trim().is_empty() => {
+            return Err(ApiError::invalid("command is empty"))
+        }
+        CommandBody::Argv(argv) if argv.is_empty() || argv[0].is_empty() => {
+            return Err(ApiError::invalid("command argv is empty"))
+        }
+        CommandBody::Shell(line) => Command::Shell(line.clone()),
+        CommandBody::Argv(argv) => Command::Argv(argv.clone()),
+    };
+    let mut env = sandbox_env;
+    env.extend(body.env.clone());
+    let mut request = ExecRequest::new(command);
+    request.env = env;
+    request.cwd = body.cwd.clone();
+    request.user = body.user.clone();
+    request.timeout_ms = body.timeout_ms;
+    request.stdin = body.stdin.is_some();
+    request.background = body.background;
+    request.tag = body.tag.clone();
+    Ok(request)
+}
+
+/// Starts `body` in sandbox `id` and feeds its stdin.
+async fn start(
+    state: &AppState,
+    who: &kiln_control::Principal,
+    id: &str,
+    body: &ExecBody,
+) -> Result<(Arc<kiln_engine::Sandbox>, ExecSession), ApiError> {
+    let (sandbox, env) = state.control.agent(who, id)?;
+    let session = sandbox.agent().exec(request(body, env)?).await?;
+    if let Some(stdin) = &body.stdin {
+        let input = session.input();
+        input.stdin(stdin.as_bytes()).await?;
+        input.close_stdin().await?;
+    }
+    Ok((sandbox, session))
+}
+
+/// Runs a command to completion and returns its output (or, with `background`, starts it and
+/// returns its pid at once).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecBody,
+    responses((status = 200, body = ExecResultBody),
+              (status = 202, body = StartedBody, description = "Started in the background"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox failed")))]
+pub(crate) async fn run(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<ExecBody>,
+) -> Result<Response, ApiError> {
+    let limit = body.max_output_bytes.unwrap_or(DEFAULT_OUTPUT);
+    if limit > MAX_OUTPUT {
+        return Err(ApiError::invalid(format!(
+            "max_output_bytes is at most {MAX_OUTPUT}"
+        )));
+    }
+    let started = Instant::now();
+    let (_sandbox, session) = start(&state, &who, &id, &body).await?;
+    if body.background {
+        let started = StartedBody {
+            pid: session.pid(),
+            tag: body.tag.clone(),
+        };
+        return Ok((StatusCode::ACCEPTED, Json(started)).into_response());
+    }
+    let result = session.collect(limit).await?;
+    Ok(Json(ExecResultBody {
+        exit_code: result.status.code,
+        signal: result.status.signal,
+        stdout: String::from_utf8_lossy(&result.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&result.stderr).into_owned(),
+        truncated: result.truncated,
+        timed_out: result.timed_out,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+    .into_response())
+}
+
+fn data_event(bytes: &[u8], stdout: bool) -> ExecEventBody {
+    let (data, data_b64) = match std::str::from_utf8(bytes) {
+        Ok(text) => (Some(text.to_owned()), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    };
+    if stdout {
+        ExecEventBody::Stdout { data, data_b64 }
+    } else {
+        ExecEventBody::Stderr { data, data_b64 }
+    }
+}
+
+/// The events of `session` as a newline-delimited JSON body. Dropping the body (the client
+/// went away) drops the session, which ends a foreground command.
+fn event_stream(sandbox: Arc<kiln_engine::Sandbox>, session: ExecSession) -> Response {
+    let first = ExecEventBody::Start { pid: session.pid() };
+    let state = (Some(first), Some(session), sandbox);
+    let stream = futures_util::stream::unfold(state, |(first, session, sandbox)| async move {
+        if let Some(first) = first {
+            return Some((
+                Ok::<_, std::io::Error>(ndjson(&first)),
+                (None, session, sandbox),
+            ));
+        }
+        let mut session = session?;
+        let event = match session.next().await {
+            Ok(Some(ExecOutput::Stdout(bytes))) => data_event(&bytes, true),
+            Ok(Some(ExecOutput::Stderr(bytes))) => data_event(&bytes, false),
+            Ok(Some(ExecOutput::Dropped(bytes))) => ExecEventBody::Dropped { bytes },
+            Ok(Some(ExecOutput::Exited { status, timed_out })) => {
+                let exit = ExecEventBody::Exit {
+                    exit_code: status.code,
+                    signal: status.signal,
+                    timed_out,
+                };
+                return Some((Ok(ndjson(&exit)), (None, None, sandbox)));
+            }
+            Ok(None) => return None,
+            Err(e) => {
+                let e = ApiError::from(e);
+                let error = ExecEventBody::Error {
+                    code: e.code().to_owned(),
+                    message: e.message().to_owned(),
+                };
+                return Some((Ok(ndjson(&error)), (None, None, sandbox)));
+            }
+        };
+        Some((Ok(ndjson(&event)), (None, Some(session), sandbox)))
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Runs a command and streams its output as newline-delimited JSON events (`start`,
+/// `stdout`, `stderr`, then `exit` or `error`). Closing the connection kills a foreground
+/// command.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecBody,
+    responses((status = 200, content_type = "application/x-ndjson", body = ExecEventBody),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn stream(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<ExecBody>,
+) -> Result<Response, ApiError> {
+    let (sandbox, session) = start(&state, &who, &id, &body).await?;
+    Ok(event_stream(sandbox, session))
+}
+
+/// Processes started in the sandbox through the API (running, and recently finished).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = Vec<ProcessBody>), (status = 404, body = ErrorBody)))]
+pub(crate) async fn list_processes(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ProcessBody>>, ApiError> {
+    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let processes = sandbox.agent().processes().await?;
+    Ok(Json(
+        processes
+            .into_iter()
+            .map(|p| ProcessBody {
+                pid: p.pid,
+                tag: p.tag,
+                argv: p.argv,
+                background: p.background,
+                running: p.exit.is_none(),
+                exit_code: p.exit.and_then(|e| e.code),
+                signal: p.exit.and_then(|e| e.signal),
+            })
+            .collect(),
+    ))
+}
+
+fn selector(text: &str) -> ProcessSelector {
+    match text.parse() {
+        Ok(pid) => ProcessSelector::Pid(pid),
+        Err(_) => ProcessSelector::Tag(text.to_owned()),
+    }
+}
+
+/// Attaches to a process by pid or tag: replays the output it kept (up to 1 MiB), then
+/// streams the rest like `exec/stream`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{process}/stream", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("process" = String, Path, description = "Pid or tag")),
+    responses((status = 200, content_type = "application/x-ndjson", body = ExecEventBody),
+              (status = 404, body = ErrorBody)))]
+pub(crate) async fn attach(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((id, process)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let session = sandbox.agent().attach(selector(&process)).await?;
+    Ok(event_stream(sandbox, session))
+}
+
+/// Sends a signal to a process (its whole process group) by pid or tag.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{process}/signal", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("process" = String, Path, description = "Pid or tag")),
+    request_body = SignalBody,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn signal(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((id, process)): Path<(String, String)>,
+    Json(body): Json<SignalBody>,
+) -> Result<StatusCode, ApiError> {
+    if !(1..=64).contains(&body.signal) {
+        return Err(ApiError::invalid("signal must be between 1 and 64"));
+    }
+    let (sandbox, _) = state.control.agent(&who, &id)?;
+    sandbox
+        .agent()
+        .signal(selector(&process), body.signal)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,308 @@
+//! Handlers of sandboxes, templates, keys and the daemon itself.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kiln_control::{CreateSandbox, SandboxFilter};
+
+use crate::types::{
+    CreateKeyBody, CreateSandboxBody, ErrorBody, HealthBody, KeyBody, KeyList, SandboxBody,
+    SandboxList, TemplateBody, TemplateList, UpdateSandboxBody,
+};
+use crate::{ApiError, AppState, Caller, Json, Path, Query};
+
+/// The daemon answers.
+#[utoipa::path(get, path = "/v1/health", tag = "system",
+    responses((status = 200, body = HealthBody)))]
+pub(crate) async fn health(State(state): State<AppState>) -> Json<HealthBody> {
+    Json(HealthBody {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        accel: state.control.engine().accel().accel.qemu_name().into(),
+    })
+}
+
+/// Templates the caller can create sandboxes from.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", security(("api_key" = [])),
+    responses((status = 200, body = TemplateList), (status = 401, body = ErrorBody)))]
+pub(crate) async fn list_templates(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Json<TemplateList> {
+    Json(TemplateList {
+        templates: state
+            .control
+            .list_templates(&who)
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    })
+}
+
+/// One template.
+#[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates", security(("api_key" = [])),
+    params(("name" = String, Path, description = "Template name")),
+    responses((status = 200, body = TemplateBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_template(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+) -> Result<Json<TemplateBody>, ApiError> {
+    Ok(Json(state.control.get_template(&who, &name)?.into()))
+}
+
+/// Creates a sandbox by restoring its template's snapshot. The first create of a template
+/// that is not ready builds and bakes it first (a minute or more).
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    request_body = CreateSandboxBody,
+    responses((status = 201, body = SandboxBody), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "No such template"),
+              (status = 503, body = ErrorBody)))]
+pub(crate) async fn create_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Json(body): Json<CreateSandboxBody>,
+) -> Result<(StatusCode, Json<SandboxBody>), ApiError> {
+    let record = state
+        .control
+        .create_sandbox(
+            &who,
+            CreateSandbox {
+                template: body.template,
+                ttl: body.ttl_secs.map(Duration::from_secs),
+                metadata: body.metadata,
+                env: body.env,
+                cpus: body.cpus,
+                memory_mib: body.memory_mib,
+                disk_mib: body.disk_mib,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// Lists the caller's sandboxes, oldest first. Filters: `state=running|failed`,
+/// `metadata.<key>=<value>` (repeatable); paging: `limit` (default 100, at most 500) and
+/// `cursor` from the previous page.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = [])),
+    params(
+        ("state" = Option<String>, Query, description = "`running` or `failed`"),
+        ("limit" = Option<usize>, Query, description = "Page size (default 100, at most 500)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses((status = 200, body = SandboxList), (status = 400, body = ErrorBody)))]
+pub(crate) async fn list_sandboxes(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<SandboxList>, ApiError> {
+    let mut filter = SandboxFilter::default();
+    let mut limit = 100;
+    let mut cursor = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "state" => {
+                if value != "running" && value != "failed" {
+                    return Err(ApiError::invalid("state is `running` or `failed`"));
+                }
+                filter.state = Some(value.into_owned());
+            }
+            "limit" => {
+                limit = value
+                    .parse()
+                    .map_err(|_| ApiError::invalid("limit must be a number"))?;
+            }
+            "cursor" => cursor = Some(value.into_owned()),
+            other => match other.strip_prefix("metadata.") {
+                Some(name) if !name.is_empty() => {
+                    filter.metadata.insert(name.to_owned(), value.into_owned());
+                }
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "unknown query parameter `{other}` (state, limit, cursor, metadata.<key>)"
+                    )))
+                }
+            },
+        }
+    }
+    let (page, next_cursor) =
+        state
+            .control
+            .list_sandboxes(&who, &filter, cursor.as_deref(), limit)?;
+    Ok(Json(SandboxList {
+        sandboxes: page.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+/// One sandbox.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    Ok(Json(state.control.get_sandbox(&who, &id)?.into()))
+}
+
+/// Sets a sandbox's time to live, counted from now.
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = UpdateSandboxBody,
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox failed")))]
+pub(crate) async fn update_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateSandboxBody>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    let record = state
+        .control
+        .set_ttl(&who, &id, Duration::from_secs(body.ttl_secs))?;
+    Ok(Json(record.into()))
+}
+
+/// Destroys a sandbox: its VM, disk and everything else it had.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub(crate) async fn delete_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.control.delete_sandbox(&who, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Restarts a sandbox's time to live with its current length.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/keepalive", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn keepalive(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    Ok(Json(state.control.keepalive(&who, &id)?.into()))
+}
+
+/// Query of the console log.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct LogQuery {
+    #[serde(default = "default_lines")]
+    lines: usize,
+}
+
+fn default_lines() -> usize {
+    200
+}
+
+/// The last lines of the sandbox's guest console (kernel and agent messages).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("lines" = Option<usize>, Query, description = "How many (default 200)")),
+    responses((status = 200, content_type = "text/plain", body = String),
+              (status = 404, body = ErrorBody)))]
+pub(crate) async fn console_log(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Result<String, ApiError> {
+    Ok(state.control.console_log(&who, &id, query.lines)?)
+}
+
+/// Lifecycle events of the caller's sandboxes from now on, as newline-delimited JSON:
+/// `{"event": "created" | "failed" | "destroyed", "id": ..., ...}`; a subscriber that falls
+/// far behind gets `{"event": "lagged", "missed": N}` and should re-list.
+#[utoipa::path(get, path = "/v1/events", tag = "sandboxes", security(("api_key" = [])),
+    responses((status = 200, content_type = "application/x-ndjson", body = String)))]
+pub(crate) async fn events(State(state): State<AppState>, Caller(who): Caller) -> Response {
+    let receiver = state.control.events();
+    let stream = futures_util::stream::unfold(receiver, move |mut receiver| {
+        let tenant = who.tenant.clone();
+        async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(event) if event.tenant == tenant => {
+                        return Some((Ok::<_, std::io::Error>(ndjson(&event.event)), receiver));
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let line = serde_json::json!({"event": "lagged", "missed": missed});
+                        return Some((Ok(ndjson(&line)), receiver));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+pub(crate) fn ndjson<T: serde::Serialize>(value: &T) -> bytes::Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    line.push(b'\n');
+    line.into()
+}
+
+/// Makes an API key (admin keys only). The secret is in this response only.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", security(("api_key" = [])),
+    request_body = CreateKeyBody,
+    responses((status = 201, body = KeyBody), (status = 403, body = ErrorBody)))]
+pub(crate) async fn create_key(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Json(body): Json<CreateKeyBody>,
+) -> Result<(StatusCode, Json<KeyBody>), ApiError> {
+    let tenant = body.tenant.unwrap_or_else(|| who.tenant.clone());
+    let (record, secret) = state
+        .control
+        .create_key(&who, &tenant, &body.name, body.admin)?;
+    let mut key = KeyBody::from(record);
+    key.secret = Some(secret);
+    Ok((StatusCode::CREATED, Json(key)))
+}
+
+/// The caller's tenant's API keys (admin keys only).
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", security(("api_key" = [])),
+    responses((status = 200, body = KeyList), (status = 403, body = ErrorBody)))]
+pub(crate) async fn list_keys(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<KeyList>, ApiError> {
+    Ok(Json(KeyList {
+        keys: state
+            .control
+            .list_keys(&who)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+/// Revokes an API key of the caller's tenant (admin keys only).
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn revoke_key(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.control.revoke_key(&who, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

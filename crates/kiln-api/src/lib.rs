@@ -1,0 +1,328 @@
+//! kiln's HTTP API under `/v1`: an axum router over [`kiln_control::Control`]. Handlers parse,
+//! authenticate, call the control plane and map the result; control-plane errors become HTTP
+//! statuses in exactly one place ([`ApiError`]). The OpenAPI document is generated from the
+//! handlers and types ([`ApiDoc`]) and served at `/v1/openapi.json`.
+
+mod exec;
+mod files;
+mod handlers;
+pub mod types;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
+use axum::http::{request::Parts, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use kiln_control::{Control, ControlError, Principal};
+use utoipa::OpenApi;
+
+use types::ErrorBody;
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest file upload, in bytes.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_upload_bytes: 4 << 30,
+        }
+    }
+}
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The control plane.
+    pub control: Control,
+    /// Settings.
+    pub config: ApiConfig,
+}
+
+/// An error response: `{code, message}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// The error code, for streamed errors.
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The message.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let (status, code) = match &e {
+            ControlError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ControlError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ControlError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ControlError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ControlError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %e, "internal error");
+        }
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<kiln_agent_client::ClientError> for ApiError {
+    fn from(e: kiln_agent_client::ClientError) -> Self {
+        ControlError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        let status = rejection.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            _ => "invalid_request",
+        };
+        ApiError::new(status, code, rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::invalid(rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::invalid(rejection.body_text())
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Query` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+/// `axum::extract::Path` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+/// The authenticated caller (`Authorization: Bearer <key>`).
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let secret = header.strip_prefix("Bearer ").unwrap_or_default().trim();
+        if secret.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send an API key as `Authorization: Bearer <key>` (`kiln keys create` makes one)",
+            ));
+        }
+        Ok(Caller(state.control.authenticate(secret)?))
+    }
+}
+
+/// The OpenAPI document.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "kiln",
+        description = "Sandboxes in microVMs: create from templates, run commands, move files.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        handlers::health,
+        handlers::list_templates,
+        handlers::get_template,
+        handlers::create_sandbox,
+        handlers::list_sandboxes,
+        handlers::get_sandbox,
+        handlers::update_sandbox,
+        handlers::delete_sandbox,
+        handlers::keepalive,
+        handlers::console_log,
+        handlers::events,
+        exec::run,
+        exec::stream,
+        exec::list_processes,
+        exec::attach,
+        exec::signal,
+        files::read,
+        files::write,
+        files::list,
+        files::stat,
+        files::mkdir,
+        files::remove,
+        files::rename,
+        handlers::create_key,
+        handlers::list_keys,
+        handlers::revoke_key,
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sandboxes", description = "Create, list, inspect and destroy sandboxes"),
+        (name = "exec", description = "Run commands in a sandbox"),
+        (name = "files", description = "Files in a sandbox"),
+        (name = "templates", description = "What sandboxes are made from"),
+        (name = "keys", description = "API keys (admin keys only)"),
+        (name = "system", description = "The daemon itself"),
+    )
+)]
+pub struct ApiDoc;
+
+#[derive(Debug)]
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key from `kiln keys create`"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document as JSON.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; GET /v1/openapi.json lists them",
+    )
+}
+
+/// The API's router.
+pub fn router(control: Control, config: ApiConfig) -> Router {
+    let state = AppState { control, config };
+    let uploads = Router::new()
+        .route(
+            "/v1/sandboxes/{id}/files/content",
+            get(files::read).put(files::write),
+        )
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .route("/v1/health", get(handlers::health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/templates", get(handlers::list_templates))
+        .route("/v1/templates/{name}", get(handlers::get_template))
+        .route(
+            "/v1/sandboxes",
+            get(handlers::list_sandboxes).post(handlers::create_sandbox),
+        )
+        .route(
+            "/v1/sandboxes/{id}",
+            get(handlers::get_sandbox)
+                .patch(handlers::update_sandbox)
+                .delete(handlers::delete_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/keepalive", post(handlers::keepalive))
+        .route("/v1/sandboxes/{id}/logs", get(handlers::console_log))
+        .route("/v1/events", get(handlers::events))
+        .route("/v1/sandboxes/{id}/exec", post(exec::run))
+        .route("/v1/sandboxes/{id}/exec/stream", post(exec::stream))
+        .route("/v1/sandboxes/{id}/processes", get(exec::list_processes))
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/stream",
+            get(exec::attach),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/signal",
+            post(exec::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::list).delete(files::remove),
+        )
+        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/files/rename", post(files::rename))
+        .route(
+            "/v1/keys",
+            get(handlers::list_keys).post(handlers::create_key),
+        )
+        .route("/v1/keys/{id}", axum::routing::delete(handlers::revoke_key))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .merge(uploads)
+        .fallback(not_found)
+        .with_state(state)
+}

@@ -1,0 +1,410 @@
+//! The API's request and response bodies (the public contract; the OpenAPI document is
+//! generated from these).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// An error.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable: `unauthenticated`, `forbidden`, `not_found`, `invalid_request`,
+    /// `conflict`, `too_large`, `unavailable`, `timeout`, `internal`.
+    pub code: String,
+    /// What went wrong and, where it helps, what to do.
+    pub message: String,
+}
+
+/// A sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxBody {
+    /// Its id.
+    pub id: String,
+    /// Its template.
+    pub template: String,
+    /// `running` or `failed`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Labels given at create.
+    pub metadata: BTreeMap<String, String>,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// When it will be destroyed, ms since the Unix epoch.
+    pub expires_at_ms: Option<i64>,
+    /// Its time to live in seconds (what a keepalive restarts).
+    pub ttl_secs: Option<u64>,
+}
+
+impl From<kiln_control::SandboxRecord> for SandboxBody {
+    fn from(record: kiln_control::SandboxRecord) -> Self {
+        SandboxBody {
+            id: record.id,
+            template: record.template,
+            state: record.state,
+            reason: record.reason,
+            metadata: record.metadata,
+            created_at_ms: record.created_at_ms,
+            expires_at_ms: record.expires_at_ms,
+            ttl_secs: record.ttl_ms.map(|ms| (ms / 1000) as u64),
+        }
+    }
+}
+
+/// A page of sandboxes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxList {
+    /// The sandboxes, oldest first.
+    pub sandboxes: Vec<SandboxBody>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Create a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxBody {
+    /// Template name (the server's default, `python`, if absent).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Time to live in seconds (the server's default if absent).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Labels to list by.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Environment added to every command run in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// CPU quota in cores, at most the template's vCPUs.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit of the VM process in MiB, at most the template's memory plus 256.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Root disk size in MiB, at least the template's.
+    #[serde(default)]
+    pub disk_mib: Option<u64>,
+}
+
+/// Change a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSandboxBody {
+    /// New time to live in seconds, counted from now.
+    pub ttl_secs: u64,
+}
+
+/// A command: a shell command line (run by `/bin/sh -c`) or an argv array.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum CommandBody {
+    /// Run by `/bin/sh -c`.
+    Shell(String),
+    /// Executed directly; `argv[0]` is looked up in `PATH`.
+    Argv(Vec<String>),
+}
+
+/// Run a command.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// What to run.
+    pub command: CommandBody,
+    /// Environment on top of the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (the template's if absent).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// `name`, `uid` or `uid:gid` (the template's user if absent).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Kill the command after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Text written to the command's stdin, which is then closed (else stdin is empty).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Most bytes of stdout and of stderr returned (default 1 MiB, at most 16 MiB); the
+    /// result says when output was cut.
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
+    /// Start it in the background and return at once; list, attach and signal it through
+    /// `/processes`.
+    #[serde(default)]
+    pub background: bool,
+    /// A name to find a background command by.
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// The result of a command run to completion.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResultBody {
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+    /// Stdout (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Stderr (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// Output was longer than `max_output_bytes` (or the agent dropped some).
+    pub truncated: bool,
+    /// It was killed because `timeout_ms` passed.
+    pub timed_out: bool,
+    /// Wall-clock time from the request to the exit, in ms.
+    pub duration_ms: f64,
+}
+
+/// A background command that was started.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StartedBody {
+    /// Its pid in the sandbox.
+    pub pid: u32,
+    /// Its tag.
+    pub tag: Option<String>,
+}
+
+/// One line of a streamed exec or attach (newline-delimited JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEventBody {
+    /// The command started.
+    Start {
+        /// Its pid.
+        pid: u32,
+    },
+    /// Output on stdout: `data` when it is valid UTF-8, else `data_b64`.
+    Stdout {
+        /// Text.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        /// Bytes, base64.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    /// Output on stderr, like `stdout`.
+    Stderr {
+        /// Text.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        /// Bytes, base64.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_b64: Option<String>,
+    },
+    /// This many bytes of output were dropped before an attach.
+    Dropped {
+        /// Bytes.
+        bytes: u64,
+    },
+    /// The command ended; nothing follows.
+    Exit {
+        /// Exit code, if it exited.
+        exit_code: Option<i32>,
+        /// Signal number, if a signal ended it.
+        signal: Option<i32>,
+        /// Killed on timeout.
+        timed_out: bool,
+    },
+    /// The stream broke; nothing follows.
+    Error {
+        /// As in error responses.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A process started through the API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessBody {
+    /// Its pid.
+    pub pid: u32,
+    /// Its tag.
+    pub tag: Option<String>,
+    /// Its argv.
+    pub argv: Vec<String>,
+    /// Started in the background.
+    pub background: bool,
+    /// Still running.
+    pub running: bool,
+    /// Exit code, once it exited.
+    pub exit_code: Option<i32>,
+    /// Signal number, if a signal ended it.
+    pub signal: Option<i32>,
+}
+
+/// Send a signal.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// Signal number (default 15, SIGTERM).
+    #[serde(default = "default_signal")]
+    pub signal: i32,
+}
+
+fn default_signal() -> i32 {
+    15
+}
+
+/// A file or directory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileBody {
+    /// Absolute path.
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, ms since the Unix epoch.
+    pub modified_ms: i64,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileListBody {
+    /// Entries, depth first.
+    pub entries: Vec<FileBody>,
+    /// The listing stopped at the entry limit.
+    pub truncated: bool,
+}
+
+/// Bytes written.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WrittenBody {
+    /// Path written.
+    pub path: String,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Make a directory and its missing parents.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirBody {
+    /// Absolute path.
+    pub path: String,
+}
+
+/// Rename a file or directory.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameBody {
+    /// Absolute source path.
+    pub from: String,
+    /// Absolute destination path.
+    pub to: String,
+}
+
+/// A template.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateBody {
+    /// Its name.
+    pub name: String,
+    /// What it is.
+    pub description: Option<String>,
+    /// Virtual CPUs of its sandboxes.
+    pub vcpus: u32,
+    /// Guest memory of its sandboxes, MiB.
+    pub memory_mib: u32,
+    /// Root disk of its sandboxes, MiB.
+    pub disk_mib: u64,
+    /// Baked and ready (else the next create builds and bakes it first, which takes long).
+    pub ready: bool,
+    /// Shared by every tenant.
+    pub global: bool,
+}
+
+impl From<kiln_control::TemplateInfo> for TemplateBody {
+    fn from(info: kiln_control::TemplateInfo) -> Self {
+        TemplateBody {
+            name: info.name,
+            description: info.description,
+            vcpus: info.vcpus,
+            memory_mib: info.memory_mib,
+            disk_mib: info.disk_mib,
+            ready: info.ready,
+            global: info.global,
+        }
+    }
+}
+
+/// Templates.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    /// By name.
+    pub templates: Vec<TemplateBody>,
+}
+
+/// Make an API key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyBody {
+    /// Tenant the key acts for (the caller's if absent).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// A label.
+    #[serde(default)]
+    pub name: String,
+    /// May manage keys.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// An API key (its secret only in the response that created it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyBody {
+    /// Its id.
+    pub id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its label.
+    pub name: String,
+    /// May manage keys.
+    pub admin: bool,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Revocation time.
+    pub revoked_at_ms: Option<i64>,
+    /// The secret to send as `Authorization: Bearer <secret>`; shown once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl From<kiln_control::KeyRecord> for KeyBody {
+    fn from(record: kiln_control::KeyRecord) -> Self {
+        KeyBody {
+            id: record.id,
+            tenant: record.tenant,
+            name: record.name,
+            admin: record.admin,
+            created_at_ms: record.created_at_ms,
+            revoked_at_ms: record.revoked_at_ms,
+            secret: None,
+        }
+    }
+}
+
+/// API keys.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    /// Oldest first.
+    pub keys: Vec<KeyBody>,
+}
+
+/// The daemon's health.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthBody {
+    /// `ok`.
+    pub status: String,
+    /// kiln's version.
+    pub version: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+}

@@ -1,0 +1,497 @@
+//! Commands that talk to a kiln daemon over its HTTP API: sandboxes, exec, run, files,
+//! templates.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use kiln_api::types::{
+    CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody, FileListBody, SandboxBody,
+    SandboxList, TemplateList, WrittenBody,
+};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+
+/// Where the daemon is and how to authenticate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The daemon's URL [default: the CLI config file's, else http://127.0.0.1:7070].
+    #[arg(long, env = "KILN_URL", global = true)]
+    pub url: Option<String>,
+    /// API key [default: the CLI config file's].
+    #[arg(long, env = "KILN_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// The CLI's own config file (`kiln keys create --save` writes it).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    /// The daemon's URL.
+    pub url: Option<String>,
+    /// API key.
+    pub api_key: Option<String>,
+}
+
+/// `$XDG_CONFIG_HOME/kiln/cli.toml` or `~/.config/kiln/cli.toml`.
+pub fn cli_config_path() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))
+        .map(|dir| dir.join("kiln").join("cli.toml"))
+}
+
+fn read_cli_config() -> Result<CliConfig> {
+    let Some(path) = cli_config_path() else {
+        return Ok(CliConfig::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// An API client.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    key: Option<String>,
+}
+
+impl Client {
+    /// From flags, environment and the CLI config file.
+    pub fn new(args: &ClientArgs) -> Result<Client> {
+        let file = read_cli_config()?;
+        let url = args
+            .url
+            .clone()
+            .or(file.url)
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        Ok(Client {
+            http: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+            key: args.api_key.clone().or(file.api_key),
+        })
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.url));
+        match &self.key {
+            Some(key) => builder.bearer_auth(key),
+            None => builder,
+        }
+    }
+
+    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = builder.send().await.with_context(|| {
+            format!(
+                "cannot reach the kiln daemon at {} (start it with `kiln serve`, or set --url / KILN_URL)",
+                self.url
+            )
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(error) if error.code == "unauthenticated" => bail!(
+                "{} (set KILN_API_KEY or --api-key; `kiln keys create --save` makes and stores one)",
+                error.message
+            ),
+            Ok(error) => bail!("{} ({}, HTTP {})", error.message, error.code, status.as_u16()),
+            Err(_) => bail!("HTTP {status}: {}", text.trim()),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, builder: reqwest::RequestBuilder) -> Result<T> {
+        let response = self.send(builder).await?;
+        response.json().await.context("malformed response")
+    }
+}
+
+fn parse_pairs(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("{what} `{pair}` is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn when(ms: Option<i64>) -> String {
+    let Some(ms) = ms else { return "never".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let secs = (ms - now) / 1000;
+    if secs <= 0 {
+        "now".into()
+    } else if secs < 120 {
+        format!("in {secs}s")
+    } else {
+        format!("in {}m", secs / 60)
+    }
+}
+
+/// Options of `kiln sandbox create` and `kiln run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateArgs {
+    /// Template [default: the daemon's, `python`].
+    #[arg(long, short)]
+    pub template: Option<String>,
+    /// Time to live in seconds [default: the daemon's].
+    #[arg(long)]
+    pub ttl: Option<u64>,
+    /// Metadata KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    /// Environment KEY=VALUE for every command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// CPU quota in cores.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit of the VM process in MiB.
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// Root disk size in MiB.
+    #[arg(long)]
+    pub disk_mib: Option<u64>,
+}
+
+impl CreateArgs {
+    fn body(&self) -> Result<CreateSandboxBody> {
+        Ok(CreateSandboxBody {
+            template: self.template.clone(),
+            ttl_secs: self.ttl,
+            metadata: parse_pairs(&self.metadata, "metadata")?,
+            env: parse_pairs(&self.env, "env")?,
+            cpus: self.cpus,
+            memory_mib: self.memory_mib,
+            disk_mib: self.disk_mib,
+        })
+    }
+}
+
+/// Creates a sandbox; prints its id (or JSON).
+pub async fn create(client: &Client, args: &CreateArgs, json: bool) -> Result<()> {
+    let sandbox = create_sandbox(client, args).await?;
+    if json {
+        print_json(&sandbox)
+    } else {
+        println!("{}", sandbox.id);
+        Ok(())
+    }
+}
+
+async fn create_sandbox(client: &Client, args: &CreateArgs) -> Result<SandboxBody> {
+    client
+        .json(
+            client
+                .request(Method::POST, "/v1/sandboxes")
+                .json(&args.body()?),
+        )
+        .await
+}
+
+/// Lists sandboxes.
+pub async fn list(client: &Client, state: Option<String>, json: bool) -> Result<()> {
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", "500".into())];
+        if let Some(state) = &state {
+            query.push(("state", state.clone()));
+        }
+        if let Some(cursor) = &cursor {
+            query.push(("cursor", cursor.clone()));
+        }
+        let page: SandboxList = client
+            .json(client.request(Method::GET, "/v1/sandboxes").query(&query))
+            .await?;
+        all.extend(page.sandboxes);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    if json {
+        return print_json(&all);
+    }
+    println!("{:<16} {:<10} {:<8} EXPIRES", "ID", "TEMPLATE", "STATE");
+    for sandbox in all {
+        println!(
+            "{:<16} {:<10} {:<8} {}",
+            sandbox.id,
+            sandbox.template,
+            sandbox.state,
+            when(sandbox.expires_at_ms)
+        );
+        if let Some(reason) = sandbox.reason {
+            println!("  {}", reason.lines().next().unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// Shows one sandbox as JSON.
+pub async fn get(client: &Client, id: &str) -> Result<()> {
+    let sandbox: SandboxBody = client
+        .json(client.request(Method::GET, &format!("/v1/sandboxes/{id}")))
+        .await?;
+    print_json(&sandbox)
+}
+
+/// Destroys sandboxes.
+pub async fn remove(client: &Client, ids: &[String]) -> Result<()> {
+    for id in ids {
+        client
+            .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
+            .await?;
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// Options of `kiln exec` and `kiln run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExecArgs {
+    /// Run the words as one shell command line (`sh -c`).
+    #[arg(long)]
+    pub shell: bool,
+    /// Working directory.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// User (`name`, `uid` or `uid:gid`).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Environment KEY=VALUE for this command (repeatable).
+    #[arg(long = "exec-env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Send this process's stdin (read to the end first) to the command.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl ExecArgs {
+    fn body(&self) -> Result<ExecBody> {
+        let command = if self.shell {
+            CommandBody::Shell(self.command.join(" "))
+        } else {
+            CommandBody::Argv(self.command.clone())
+        };
+        let stdin = if self.stdin {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading stdin (text only; use `kiln fs put` for binary data)")?;
+            Some(text)
+        } else {
+            None
+        };
+        Ok(ExecBody {
+            command,
+            env: parse_pairs(&self.env, "env")?,
+            cwd: self.cwd.clone(),
+            user: self.user.clone(),
+            timeout_ms: self.timeout.map(|s| s * 1000),
+            stdin,
+            max_output_bytes: None,
+            background: false,
+            tag: None,
+        })
+    }
+}
+
+/// Runs a command in a sandbox, streaming its output; returns its exit code (128 + signal
+/// when a signal ended it).
+pub async fn exec(client: &Client, id: &str, args: &ExecArgs) -> Result<u8> {
+    let response = client
+        .send(
+            client
+                .request(Method::POST, &format!("/v1/sandboxes/{id}/exec/stream"))
+                .json(&args.body()?),
+        )
+        .await?;
+    let mut stream = response.bytes_stream();
+    let mut pending = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.context("the output stream broke")?);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: ExecEventBody =
+                serde_json::from_slice(&line).context("malformed event from the daemon")?;
+            if let Some(code) = print_event(event)? {
+                return Ok(code);
+            }
+        }
+    }
+    bail!("the output stream ended before the command exited")
+}
+
+fn write_data(out: &mut dyn Write, data: Option<String>, data_b64: Option<String>) -> Result<()> {
+    use base64::Engine as _;
+    if let Some(text) = data {
+        out.write_all(text.as_bytes())?;
+    } else if let Some(encoded) = data_b64 {
+        out.write_all(&base64::engine::general_purpose::STANDARD.decode(encoded)?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Prints one event; the exit code once the command ended.
+fn print_event(event: ExecEventBody) -> Result<Option<u8>> {
+    match event {
+        ExecEventBody::Start { .. } => {}
+        ExecEventBody::Stdout { data, data_b64 } => {
+            write_data(&mut std::io::stdout().lock(), data, data_b64)?;
+        }
+        ExecEventBody::Stderr { data, data_b64 } => {
+            write_data(&mut std::io::stderr().lock(), data, data_b64)?;
+        }
+        ExecEventBody::Dropped { bytes } => eprintln!("[kiln: {bytes} bytes of output dropped]"),
+        ExecEventBody::Exit {
+            exit_code,
+            signal,
+            timed_out,
+        } => {
+            if timed_out {
+                eprintln!("[kiln: killed after its timeout]");
+            }
+            let code = match (exit_code, signal) {
+                (Some(code), _) => code.clamp(0, 255) as u8,
+                (None, Some(signal)) => 128u8.saturating_add(signal.clamp(0, 127) as u8),
+                (None, None) => 255,
+            };
+            return Ok(Some(code));
+        }
+        ExecEventBody::Error { code, message } => bail!("{message} ({code})"),
+    }
+    Ok(None)
+}
+
+/// Creates a sandbox, runs one command in it, destroys it; returns the command's exit code.
+pub async fn run(client: &Client, create: &CreateArgs, args: &ExecArgs) -> Result<u8> {
+    let sandbox = create_sandbox(client, create).await?;
+    let result = exec(client, &sandbox.id, args).await;
+    let removed = client
+        .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{}", sandbox.id)))
+        .await;
+    let code = result?;
+    removed.with_context(|| format!("destroying {}", sandbox.id))?;
+    Ok(code)
+}
+
+/// Lists templates.
+pub async fn templates(client: &Client, json: bool) -> Result<()> {
+    let list: TemplateList = client
+        .json(client.request(Method::GET, "/v1/templates"))
+        .await?;
+    if json {
+        return print_json(&list);
+    }
+    println!(
+        "{:<12} {:>5} {:>8} {:>8} {:<6} DESCRIPTION",
+        "NAME", "VCPUS", "MEMORY", "DISK", "READY"
+    );
+    for t in list.templates {
+        println!(
+            "{:<12} {:>5} {:>6}Mi {:>6}Mi {:<6} {}",
+            t.name,
+            t.vcpus,
+            t.memory_mib,
+            t.disk_mib,
+            if t.ready { "yes" } else { "no" },
+            t.description.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `kiln fs ls`.
+pub async fn fs_list(client: &Client, id: &str, path: &str, depth: u32, json: bool) -> Result<()> {
+    let list: FileListBody = client
+        .json(
+            client
+                .request(Method::GET, &format!("/v1/sandboxes/{id}/files"))
+                .query(&[("path", path), ("depth", &depth.to_string())]),
+        )
+        .await?;
+    if json {
+        return print_json(&list);
+    }
+    for entry in list.entries {
+        let suffix = if entry.kind == "dir" { "/" } else { "" };
+        println!(
+            "{:>10} {:o} {}{suffix}",
+            entry.size,
+            entry.mode & 0o7777,
+            entry.path
+        );
+    }
+    if list.truncated {
+        eprintln!("[kiln: listing truncated]");
+    }
+    Ok(())
+}
+
+/// `kiln fs cat` / `kiln fs get`: streams a file to stdout or to a local file.
+pub async fn fs_get(client: &Client, id: &str, path: &str, local: Option<&Path>) -> Result<()> {
+    let response = client
+        .send(
+            client
+                .request(Method::GET, &format!("/v1/sandboxes/{id}/files/content"))
+                .query(&[("path", path)]),
+        )
+        .await?;
+    let mut out: Box<dyn Write> = match local {
+        Some(local) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(local)
+                .with_context(|| format!("creating {}", local.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk.context("the transfer broke: the copy is incomplete")?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `kiln fs put`: streams a local file into the sandbox.
+pub async fn fs_put(client: &Client, id: &str, local: &Path, path: &str) -> Result<()> {
+    let file = tokio::fs::File::open(local)
+        .await
+        .with_context(|| format!("opening {}", local.display()))?;
+    let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+    let written: WrittenBody = client
+        .json(
+            client
+                .request(Method::PUT, &format!("/v1/sandboxes/{id}/files/content"))
+                .query(&[("path", path)])
+                .body(body),
+        )
+        .await?;
+    println!("{} bytes -> {}", written.bytes, written.path);
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! `kiln serve`: the daemon. Settings come from flags, `KILN_*` environment variables and a
+//! TOML config file, in that order of precedence; all are checked before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use kiln_control::{Control, ControlConfig};
+use kiln_engine::EngineConfig;
+use kiln_vmm::accel::AccelChoice;
+
+/// Default config file, read when it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/kiln/config.toml";
+
+/// Flags of `kiln serve` (each also settable in the config file under the same name, with
+/// `-` written `_`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Config file (TOML).
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "KILN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// State: database, baked templates, sandboxes [default: /var/lib/kiln].
+    #[arg(long, env = "KILN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Image artefact cache [default: /var/cache/kiln].
+    #[arg(long, env = "KILN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Directory of template specs (`<name>/template.toml`); repeatable [default:
+    /// $KILN_TEMPLATES_DIR, ./templates, /usr/share/kiln/templates].
+    #[arg(long)]
+    pub templates_dir: Vec<PathBuf>,
+    /// The static guest agent [default: $KILN_AGENT_BIN or this checkout's build].
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Accelerator: auto, kvm or tcg [default: auto].
+    #[arg(long, env = "KILN_ACCEL")]
+    pub accel: Option<AccelChoice>,
+    /// Template of creates that name none [default: python].
+    #[arg(long)]
+    pub default_template: Option<String>,
+    /// Time to live of creates that give none, in seconds [default: 1800].
+    #[arg(long)]
+    pub default_ttl_secs: Option<u64>,
+    /// Longest time to live, in seconds [default: 86400].
+    #[arg(long)]
+    pub max_ttl_secs: Option<u64>,
+    /// VMMs kept pre-started per template, 0 to 2 [default: 1].
+    #[arg(long)]
+    pub prestart: Option<usize>,
+    /// Largest file upload in bytes [default: 4 GiB].
+    #[arg(long)]
+    pub max_upload_bytes: Option<u64>,
+}
+
+/// The config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    templates_dirs: Option<Vec<PathBuf>>,
+    agent: Option<PathBuf>,
+    accel: Option<String>,
+    default_template: Option<String>,
+    default_ttl_secs: Option<u64>,
+    max_ttl_secs: Option<u64>,
+    prestart: Option<usize>,
+    max_upload_bytes: Option<u64>,
+}
+
+/// Everything `kiln serve` runs with, checked.
+#[derive(Debug)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The control plane's configuration.
+    pub control: ControlConfig,
+    /// The API's.
+    pub api: kiln_api::ApiConfig,
+}
+
+fn read_file_config(path: &Path, required: bool) -> Result<FileConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => toml_config(&text).with_context(|| format!("config file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+            Ok(FileConfig::default())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading config file {}", path.display())),
+    }
+}
+
+fn toml_config(text: &str) -> Result<FileConfig> {
+    toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))
+}
+
+/// Resolves and checks the settings.
+pub fn settings(args: ServeArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => read_file_config(path, true)?,
+        None => read_file_config(Path::new(DEFAULT_CONFIG), false)?,
+    };
+    let accel = match (args.accel, file.accel) {
+        (Some(accel), _) => accel,
+        (None, Some(text)) => text
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("config `accel`: {e}"))?,
+        (None, None) => AccelChoice::Auto,
+    };
+    let templates_dirs = if !args.templates_dir.is_empty() {
+        args.templates_dir
+    } else if let Some(dirs) = file.templates_dirs {
+        dirs
+    } else {
+        crate::template_cmd::templates_dirs()
+    };
+    let agent = match args.agent.or(file.agent) {
+        Some(agent) => agent,
+        None => crate::template_cmd::static_agent()?,
+    };
+    if !agent.is_file() {
+        bail!("setting `agent`: {} is not a file", agent.display());
+    }
+    let default_template = args
+        .default_template
+        .or(file.default_template)
+        .unwrap_or_else(|| kiln_image::template::DEFAULT_TEMPLATE.to_owned());
+    if !kiln_control::templates::valid_name(&default_template) {
+        bail!("setting `default_template`: `{default_template}` is not a template name");
+    }
+    let default_ttl = args
+        .default_ttl_secs
+        .or(file.default_ttl_secs)
+        .unwrap_or(1800);
+    let max_ttl = args.max_ttl_secs.or(file.max_ttl_secs).unwrap_or(86_400);
+    if default_ttl == 0 || default_ttl > max_ttl {
+        bail!("setting `default_ttl_secs`: must be between 1 and max_ttl_secs ({max_ttl})");
+    }
+    let prestart = args.prestart.or(file.prestart).unwrap_or(1);
+    if prestart > kiln_engine::MAX_PRESTART {
+        bail!(
+            "setting `prestart`: at most {} (got {prestart})",
+            kiln_engine::MAX_PRESTART
+        );
+    }
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"));
+    let engine = EngineConfig {
+        accel,
+        guest_log: std::env::var("KILN_GUEST_LOG").ok(),
+        prestart,
+        ..EngineConfig::new(&data_dir)
+    };
+    Ok(Settings {
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+        control: ControlConfig {
+            data_dir,
+            cache_dir: args
+                .cache_dir
+                .or(file.cache_dir)
+                .unwrap_or_else(|| PathBuf::from(kiln_image::cache::DEFAULT_CACHE_DIR)),
+            templates_dirs,
+            agent_binary: agent,
+            engine,
+            default_template,
+            default_ttl: Duration::from_secs(default_ttl),
+            max_ttl: Duration::from_secs(max_ttl),
+        },
+        api: kiln_api::ApiConfig {
+            max_upload_bytes: args
+                .max_upload_bytes
+                .or(file.max_upload_bytes)
+                .unwrap_or(4 << 30),
+        },
+    })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let settings = settings(args)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let control = Control::open(settings.control)
+        .await
+        .context("starting the control plane")?;
+    tracing::info!(
+        listen = %settings.listen,
+        accel = control.engine().accel().accel.qemu_name(),
+        disks = control.engine().disk_strategy(),
+        cgroups = control.engine().cgroup_version().unwrap_or("off"),
+        "kiln is serving"
+    );
+    let app = kiln_api::router(control.clone(), settings.api);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("shutting down: destroying sandboxes");
+    control.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot watch for SIGTERM/SIGINT");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_malformed_settings_are_named() {
+        let unknown = toml_config("listne = \"127.0.0.1:1\"").expect_err("unknown key");
+        assert!(unknown.to_string().contains("listne"), "{unknown}");
+        let bad = toml_config("listen = \"not an address\"").expect_err("bad address");
+        assert!(bad.to_string().contains("listen"), "{bad}");
+        let good = toml_config("listen = \"127.0.0.1:9000\"\nprestart = 2\n").expect("valid");
+        assert_eq!(good.prestart, Some(2));
+    }
+}

@@ -1,0 +1,762 @@
+//! kiln's control plane: the one place where every operation of the daemon exists, as a
+//! typed function that takes the caller's [`Principal`]. The HTTP API and the CLI are thin
+//! front ends over it; nothing here knows about HTTP.
+//!
+//! State: the engine owns live VMs; the [`store::Store`] (SQLite) records who owns which
+//! sandbox, its metadata and time to live, and API keys (hashed).
+
+pub mod store;
+pub mod templates;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kiln_agent_client::ClientError;
+use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, SandboxEvent};
+use kiln_proto::messages::ErrorKind;
+use sha2::Digest;
+
+pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord};
+pub use templates::TemplateInfo;
+
+/// Errors of the control plane, each with a meaning a front end can map (HTTP status codes
+/// are chosen in exactly one place, the API crate).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No valid credentials.
+    #[error("missing or invalid API key")]
+    Unauthenticated,
+    /// Valid credentials without the right.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The thing does not exist (or belongs to another tenant).
+    #[error("{what} `{id}` not found")]
+    NotFound {
+        /// Kind of thing.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The request is malformed or asks for the impossible.
+    #[error("{0}")]
+    Invalid(String),
+    /// The request conflicts with the current state (e.g. a failed sandbox).
+    #[error("{0}")]
+    Conflict(String),
+    /// Too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The sandbox or a resource is unavailable right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The operation timed out.
+    #[error("{0}")]
+    Timeout(String),
+    /// A bug or a broken host.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<store::StoreError> for ControlError {
+    fn from(e: store::StoreError) -> Self {
+        ControlError::Internal(chain(&e))
+    }
+}
+
+impl From<EngineError> for ControlError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(message) => ControlError::Invalid(message),
+            EngineError::NotFound(id) => ControlError::NotFound {
+                what: "sandbox",
+                id,
+            },
+            EngineError::Exhausted(message) => ControlError::Unavailable(message),
+            EngineError::NotRunning { id, state } => {
+                ControlError::Conflict(format!("sandbox `{id}` is {state}"))
+            }
+            other => ControlError::Internal(chain(&other)),
+        }
+    }
+}
+
+impl From<ClientError> for ControlError {
+    fn from(e: ClientError) -> Self {
+        match &e {
+            ClientError::Agent(agent) => match agent.kind {
+                ErrorKind::NotFound => ControlError::NotFound {
+                    what: "path",
+                    id: agent.message.clone(),
+                },
+                ErrorKind::InvalidArgument
+                | ErrorKind::InvalidRequest
+                | ErrorKind::IsADirectory
+                | ErrorKind::NotADirectory => ControlError::Invalid(agent.message.clone()),
+                ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
+                    ControlError::Conflict(agent.message.clone())
+                }
+                ErrorKind::PermissionDenied => ControlError::Forbidden(agent.message.clone()),
+                ErrorKind::NoSpace => ControlError::TooLarge(agent.message.clone()),
+                ErrorKind::Timeout => ControlError::Timeout(agent.message.clone()),
+                _ => ControlError::Internal(format!("sandbox agent: {}", agent.message)),
+            },
+            ClientError::Timeout { .. } => ControlError::Timeout(chain(&e)),
+            _ if e.is_connection_error() => {
+                ControlError::Unavailable(format!("the sandbox does not answer: {}", chain(&e)))
+            }
+            _ => ControlError::Internal(chain(&e)),
+        }
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Their tenant: they see its sandboxes and nothing of other tenants.
+    pub tenant: String,
+    /// The key they used.
+    pub key_id: String,
+    /// May manage keys.
+    pub admin: bool,
+}
+
+/// A lifecycle event of one tenant's sandbox.
+#[derive(Debug, Clone)]
+pub struct TenantEvent {
+    /// Whose sandbox.
+    pub tenant: String,
+    /// What happened.
+    pub event: SandboxEvent,
+}
+
+/// Configuration of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// State: the database, baked templates, sandboxes (`/var/lib/kiln`).
+    pub data_dir: PathBuf,
+    /// Image artefact cache (`/var/cache/kiln`).
+    pub cache_dir: PathBuf,
+    /// Directories with `<name>/template.toml` specs: the global templates.
+    pub templates_dirs: Vec<PathBuf>,
+    /// The static guest agent built into images.
+    pub agent_binary: PathBuf,
+    /// The engine's settings (its data directory is `data_dir`).
+    pub engine: EngineConfig,
+    /// Template of a create that names none.
+    pub default_template: String,
+    /// Time to live of a create that gives none.
+    pub default_ttl: Duration,
+    /// Longest time to live a create or keepalive may ask for.
+    pub max_ttl: Duration,
+}
+
+/// What a create asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateSandbox {
+    /// Template name (the default template if absent).
+    pub template: Option<String>,
+    /// Time to live (the default if absent).
+    pub ttl: Option<Duration>,
+    /// Free-form labels to list by.
+    pub metadata: BTreeMap<String, String>,
+    /// Environment added to every command run in the sandbox.
+    pub env: BTreeMap<String, String>,
+    /// CPU quota in cores.
+    pub cpus: Option<f64>,
+    /// Memory limit of the VM process in MiB.
+    pub memory_mib: Option<u64>,
+    /// Root disk size in MiB.
+    pub disk_mib: Option<u64>,
+}
+
+/// Limits on what a create may carry.
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_LABEL_BYTES: usize = 256;
+
+/// The control plane; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ControlConfig,
+    engine: Engine,
+    store: store::Store,
+    templates: templates::Templates,
+    /// Environment of each sandbox's commands, by sandbox id.
+    env: std::sync::Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Lifecycle events with their tenant.
+    events: tokio::sync::broadcast::Sender<TenantEvent>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Opens only the database under `data_dir`: for local administration (`kiln keys`) without a
+/// running daemon's engine.
+pub fn open_store(data_dir: &std::path::Path) -> Result<store::Store, ControlError> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| ControlError::Internal(format!("creating {}: {e}", data_dir.display())))?;
+    Ok(store::Store::open(&data_dir.join("kiln.db"))?)
+}
+
+/// Mints an API key for `tenant` in `store`; returns the record and the secret (shown once,
+/// stored only as a hash).
+pub fn mint_key(
+    store: &store::Store,
+    tenant: &str,
+    name: &str,
+    admin: bool,
+) -> Result<(KeyRecord, String), ControlError> {
+    if !templates::valid_name(tenant) {
+        return Err(ControlError::Invalid(format!(
+            "`{tenant}` is not a tenant name (lowercase letters, digits, `-` and `_`)"
+        )));
+    }
+    if name.len() > MAX_LABEL_BYTES {
+        return Err(ControlError::Invalid("key name too long".into()));
+    }
+    let secret = format!("kiln_{}", hex::encode(rand::random::<[u8; 24]>()));
+    let record = KeyRecord {
+        id: format!("key_{}", hex::encode(rand::random::<[u8; 6]>())),
+        tenant: tenant.to_owned(),
+        name: name.to_owned(),
+        admin,
+        created_at_ms: now_ms(),
+        revoked_at_ms: None,
+    };
+    store.insert_key(&record, &sha256_hex(&secret))?;
+    Ok((record, secret))
+}
+
+/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`):
+/// with the pid, it identifies a process safely across pid reuse.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills process `pid` if it is still the process that started at `start_ticks`.
+fn kill_if_same(pid: u32, start_ticks: u64) {
+    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
+    let fd = unsafe { libc_pidfd_open(pid) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // Checked after the pidfd exists: the pidfd now pins this very process.
+    if process_start_ticks(pid) == Some(start_ticks) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal takes a pidfd, a signal, no siginfo and no flags.
+        unsafe { libc_pidfd_kill(fd.as_raw_fd()) };
+        tracing::info!(pid, "killed a VMM left by an earlier run");
+    }
+}
+
+unsafe fn libc_pidfd_open(pid: u32) -> i32 {
+    // SAFETY: the caller checks the result; the syscall has no memory arguments.
+    unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32 }
+}
+
+unsafe fn libc_pidfd_kill(fd: i32) {
+    // SAFETY: a null siginfo is allowed; the syscall has no other memory arguments.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+impl Control {
+    /// Opens the control plane: the database, the engine, the templates. Sandboxes recorded
+    /// by an earlier run that are not live (the engine does not re-adopt VMs yet) are marked
+    /// failed and what they left behind is removed; then the default template is made ready
+    /// in the background.
+    pub async fn open(config: ControlConfig) -> Result<Control, ControlError> {
+        let store = open_store(&config.data_dir)?;
+        let mut engine_config = config.engine.clone();
+        engine_config.data_dir = config.data_dir.clone();
+        let engine = Engine::new(engine_config)?;
+        let templates = templates::Templates::new(
+            config.templates_dirs.clone(),
+            kiln_image::cache::Cache::new(&config.cache_dir),
+            config.agent_binary.clone(),
+        );
+        let control = Control {
+            inner: Arc::new(Inner {
+                config,
+                engine,
+                store,
+                templates,
+                env: std::sync::Mutex::new(BTreeMap::new()),
+                events: tokio::sync::broadcast::Sender::new(1024),
+            }),
+        };
+        control.reconcile()?;
+        control.follow_engine();
+        let warm = control.clone();
+        tokio::spawn(async move {
+            let name = warm.inner.config.default_template.clone();
+            if let Err(e) = warm.inner.templates.baked(&warm.inner.engine, &name).await {
+                tracing::warn!(template = %name, error = %e, "preparing the default template");
+            }
+        });
+        Ok(control)
+    }
+
+    fn reconcile(&self) -> Result<(), ControlError> {
+        for record in self.inner.store.all_sandboxes()? {
+            if record.state != "running" {
+                continue;
+            }
+            if let Some((pid, ticks)) = record.vmm {
+                kill_if_same(pid, ticks);
+            }
+            self.inner.store.mark_failed(
+                &record.id,
+                "the daemon restarted while it ran (sandboxes are not re-adopted yet)",
+            )?;
+            // The VMM may take a moment to die: cleaning is retried on the next start.
+            if let Err(e) = self.inner.engine.remove_leftovers(&record.id) {
+                tracing::warn!(sandbox = %record.id, error = %e, "removing leftovers");
+            }
+        }
+        Ok(())
+    }
+
+    /// Mirrors the engine's lifecycle events (failures, expiries) into the store.
+    fn follow_engine(&self) {
+        let mut events = self.inner.engine.subscribe();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let event = events.recv().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let result = match event {
+                    Ok(event @ SandboxEvent::Failed { .. }) => {
+                        let SandboxEvent::Failed { id, reason } = &event else {
+                            continue;
+                        };
+                        inner.publish(id, event.clone());
+                        inner.store.mark_failed(id, reason)
+                    }
+                    Ok(event @ SandboxEvent::Destroyed { .. }) => {
+                        let SandboxEvent::Destroyed { id, .. } = &event else {
+                            continue;
+                        };
+                        inner.publish(id, event.clone());
+                        inner
+                            .env
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(id);
+                        inner.store.delete_sandbox(id)
+                    }
+                    // Published by `create_sandbox` once the owner is recorded.
+                    Ok(SandboxEvent::Created { .. }) => Ok(()),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "engine events lagged; re-reading the engine");
+                        resync(&inner)
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "recording a sandbox event");
+                }
+            }
+        });
+    }
+
+    /// The engine (for benchmarks and tests).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControlConfig {
+        &self.inner.config
+    }
+
+    /// The principal holding API key `secret`.
+    pub fn authenticate(&self, secret: &str) -> Result<Principal, ControlError> {
+        if !secret.starts_with("kiln_") || secret.len() > 128 {
+            return Err(ControlError::Unauthenticated);
+        }
+        let key = self
+            .inner
+            .store
+            .key_by_secret_hash(&sha256_hex(secret))?
+            .ok_or(ControlError::Unauthenticated)?;
+        Ok(Principal {
+            tenant: key.tenant,
+            key_id: key.id,
+            admin: key.admin,
+        })
+    }
+
+    fn require_admin(who: &Principal) -> Result<(), ControlError> {
+        if who.admin {
+            Ok(())
+        } else {
+            Err(ControlError::Forbidden(
+                "managing keys needs an admin key".into(),
+            ))
+        }
+    }
+
+    /// Mints a key for `tenant` (admins only).
+    pub fn create_key(
+        &self,
+        who: &Principal,
+        tenant: &str,
+        name: &str,
+        admin: bool,
+    ) -> Result<(KeyRecord, String), ControlError> {
+        Control::require_admin(who)?;
+        mint_key(&self.inner.store, tenant, name, admin)
+    }
+
+    /// Keys of the caller's tenant (admins only).
+    pub fn list_keys(&self, who: &Principal) -> Result<Vec<KeyRecord>, ControlError> {
+        Control::require_admin(who)?;
+        Ok(self.inner.store.list_keys(Some(&who.tenant))?)
+    }
+
+    /// Revokes a key of the caller's tenant (admins only).
+    pub fn revoke_key(&self, who: &Principal, id: &str) -> Result<(), ControlError> {
+        Control::require_admin(who)?;
+        if self.inner.store.revoke_key(id, Some(&who.tenant))? {
+            Ok(())
+        } else {
+            Err(ControlError::NotFound {
+                what: "key",
+                id: id.to_owned(),
+            })
+        }
+    }
+
+    /// Templates the caller can use.
+    pub fn list_templates(&self, _who: &Principal) -> Vec<TemplateInfo> {
+        self.inner.templates.list()
+    }
+
+    /// Template `name`.
+    pub fn get_template(&self, _who: &Principal, name: &str) -> Result<TemplateInfo, ControlError> {
+        self.inner.templates.get(name)
+    }
+
+    fn check_ttl(&self, ttl: Duration) -> Result<(), ControlError> {
+        let max = self.inner.config.max_ttl;
+        if ttl.is_zero() || ttl > max {
+            return Err(ControlError::Invalid(format!(
+                "ttl must be between 1 s and {} s (got {} s)",
+                max.as_secs(),
+                ttl.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_labels(map: &BTreeMap<String, String>, what: &str) -> Result<(), ControlError> {
+        if map.len() > MAX_METADATA_ENTRIES {
+            return Err(ControlError::Invalid(format!(
+                "at most {MAX_METADATA_ENTRIES} {what} entries"
+            )));
+        }
+        for (k, v) in map {
+            if k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > 4 * MAX_LABEL_BYTES {
+                return Err(ControlError::Invalid(format!(
+                    "{what} keys are 1 to {MAX_LABEL_BYTES} bytes and values at most {} bytes",
+                    4 * MAX_LABEL_BYTES
+                )));
+            }
+            if k.contains('\0') || v.contains('\0') {
+                return Err(ControlError::Invalid(format!("{what} may not contain NUL")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a sandbox for the caller.
+    pub async fn create_sandbox(
+        &self,
+        who: &Principal,
+        request: CreateSandbox,
+    ) -> Result<SandboxRecord, ControlError> {
+        let ttl = request.ttl.unwrap_or(self.inner.config.default_ttl);
+        self.check_ttl(ttl)?;
+        Control::check_labels(&request.metadata, "metadata")?;
+        Control::check_labels(&request.env, "env")?;
+        let name = request
+            .template
+            .clone()
+            .unwrap_or_else(|| self.inner.config.default_template.clone());
+        let template = self
+            .inner
+            .templates
+            .baked(&self.inner.engine, &name)
+            .await?;
+        let sandbox = self
+            .inner
+            .engine
+            .create(
+                &template,
+                CreateOptions {
+                    metadata: request.metadata.clone(),
+                    ttl: Some(ttl),
+                    cpus: request.cpus,
+                    memory_mib: request.memory_mib,
+                    disk_mib: request.disk_mib,
+                    ..CreateOptions::default()
+                },
+            )
+            .await?;
+        let info = sandbox.info();
+        let record = SandboxRecord {
+            id: info.id.clone(),
+            tenant: who.tenant.clone(),
+            template: name,
+            state: "running".into(),
+            reason: None,
+            metadata: request.metadata,
+            ttl_ms: Some(ttl.as_millis() as i64),
+            created_at_ms: info.created_at_ms as i64,
+            expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
+            vmm: sandbox
+                .pid()
+                .and_then(|pid| process_start_ticks(pid).map(|ticks| (pid, ticks))),
+        };
+        self.inner.store.ensure_tenant(&who.tenant)?;
+        if let Err(e) = self.inner.store.insert_sandbox(&record) {
+            let _ = sandbox.destroy().await;
+            return Err(e.into());
+        }
+        self.inner
+            .env
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(record.id.clone(), request.env);
+        let _ = self.inner.events.send(TenantEvent {
+            tenant: who.tenant.clone(),
+            event: SandboxEvent::Created {
+                id: record.id.clone(),
+                template: record.template.clone(),
+            },
+        });
+        Ok(record)
+    }
+
+    /// The caller's sandboxes, oldest first; returns the page and the cursor of the next.
+    pub fn list_sandboxes(
+        &self,
+        who: &Principal,
+        filter: &SandboxFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<SandboxRecord>, Option<String>), ControlError> {
+        let limit = limit.clamp(1, 500);
+        let cursor = match cursor {
+            Some(text) => Some(
+                Cursor::decode(text)
+                    .ok_or_else(|| ControlError::Invalid("malformed cursor".into()))?,
+            ),
+            None => None,
+        };
+        let page = self
+            .inner
+            .store
+            .list_sandboxes(&who.tenant, filter, cursor.as_ref(), limit)?;
+        let next = (page.len() == limit).then(|| {
+            let last = &page[page.len() - 1];
+            Cursor {
+                created_at_ms: last.created_at_ms,
+                id: last.id.clone(),
+            }
+            .encode()
+        });
+        Ok((page, next))
+    }
+
+    /// The caller's sandbox `id` (another tenant's is not found).
+    pub fn get_sandbox(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
+        self.inner
+            .store
+            .sandbox(id, Some(&who.tenant))?
+            .ok_or_else(|| ControlError::NotFound {
+                what: "sandbox",
+                id: id.to_owned(),
+            })
+    }
+
+    /// The caller's running sandbox `id`, with its live handle.
+    fn live(&self, who: &Principal, id: &str) -> Result<Arc<Sandbox>, ControlError> {
+        let record = self.get_sandbox(who, id)?;
+        if record.state != "running" {
+            return Err(ControlError::Conflict(format!(
+                "sandbox `{id}` is {}: {}",
+                record.state,
+                record.reason.unwrap_or_default()
+            )));
+        }
+        Ok(self.inner.engine.get(id)?)
+    }
+
+    /// Destroys the caller's sandbox `id`.
+    pub async fn delete_sandbox(&self, who: &Principal, id: &str) -> Result<(), ControlError> {
+        self.get_sandbox(who, id)?;
+        match self.inner.engine.get(id) {
+            Ok(sandbox) => sandbox.destroy().await?,
+            // A failed sandbox of an earlier run: only its record and leftovers remain.
+            Err(EngineError::NotFound(_)) => self.inner.engine.remove_leftovers(id)?,
+            Err(e) => return Err(e.into()),
+        }
+        // Published here too (events are delivered at least once): the engine's event may be
+        // handled after the record below is gone, when its owner is no longer known.
+        self.inner.publish(
+            id,
+            SandboxEvent::Destroyed {
+                id: id.to_owned(),
+                expired: false,
+            },
+        );
+        self.inner.store.delete_sandbox(id)?;
+        Ok(())
+    }
+
+    /// Sets the time to live of the caller's sandbox `id`, counted from now.
+    pub fn set_ttl(
+        &self,
+        who: &Principal,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<SandboxRecord, ControlError> {
+        self.check_ttl(ttl)?;
+        let sandbox = self.live(who, id)?;
+        sandbox.set_ttl(Some(ttl));
+        self.inner.store.set_expiry(
+            id,
+            Some(ttl.as_millis() as i64),
+            sandbox.info().expires_at_ms.map(|ms| ms as i64),
+        )?;
+        self.get_sandbox(who, id)
+    }
+
+    /// Restarts the time to live of the caller's sandbox `id` with its current length.
+    pub fn keepalive(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
+        let record = self.get_sandbox(who, id)?;
+        let ttl = record.ttl_ms.map_or(self.inner.config.default_ttl, |ms| {
+            Duration::from_millis(ms as u64)
+        });
+        self.set_ttl(who, id, ttl)
+    }
+
+    /// The last `lines` lines of the sandbox's guest console.
+    pub fn console_log(
+        &self,
+        who: &Principal,
+        id: &str,
+        lines: usize,
+    ) -> Result<String, ControlError> {
+        self.get_sandbox(who, id)?;
+        Ok(self.inner.engine.get(id)?.console_tail(lines.min(10_000)))
+    }
+
+    /// The agent of the caller's running sandbox `id`, and the environment its commands get.
+    pub fn agent(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(Arc<Sandbox>, BTreeMap<String, String>), ControlError> {
+        let sandbox = self.live(who, id)?;
+        let env = self
+            .inner
+            .env
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .unwrap_or_default();
+        Ok((sandbox, env))
+    }
+
+    /// Lifecycle events of every tenant's sandboxes from now on (filter by
+    /// [`TenantEvent::tenant`]).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<TenantEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Destroys every sandbox and stops pre-started VMMs (a daemon's shutdown that does not
+    /// leave sandboxes behind).
+    pub async fn shutdown(&self) {
+        self.inner.engine.shutdown_prestarted().await;
+        for info in self.inner.engine.list() {
+            if let Ok(sandbox) = self.inner.engine.get(&info.id) {
+                if let Err(e) = sandbox.destroy().await {
+                    tracing::warn!(sandbox = %info.id, error = %e, "destroying at shutdown");
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Publishes `event` of sandbox `id` to its tenant (looked up before the record goes).
+    fn publish(&self, id: &str, event: SandboxEvent) {
+        if let Ok(Some(record)) = self.store.sandbox(id, None) {
+            let _ = self.events.send(TenantEvent {
+                tenant: record.tenant,
+                event,
+            });
+        }
+    }
+}
+
+/// Brings the store in line with the engine after missed events.
+fn resync(inner: &Inner) -> Result<(), store::StoreError> {
+    let live: BTreeMap<String, kiln_engine::SandboxInfo> = inner
+        .engine
+        .list()
+        .into_iter()
+        .map(|info| (info.id.clone(), info))
+        .collect();
+    for record in inner.store.all_sandboxes()? {
+        match live.get(&record.id).map(|info| &info.state) {
+            Some(kiln_engine::SandboxState::Failed { reason }) if record.state == "running" => {
+                inner.store.mark_failed(&record.id, reason)?;
+            }
+            None if record.state == "running" => inner.store.delete_sandbox(&record.id)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}

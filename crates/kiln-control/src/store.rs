@@ -1,0 +1,528 @@
+//! The daemon's records in SQLite (WAL): tenants, API keys (hashed) and sandboxes.
+//!
+//! Queries are small and indexed, so they run inline under one connection's lock.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Schema version this build writes; older databases are migrated on open.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    name TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    admin INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+);
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    template TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    metadata TEXT NOT NULL,
+    ttl_ms INTEGER,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER,
+    vmm_pid INTEGER,
+    vmm_start_ticks INTEGER
+);
+CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
+";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not parse.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database is newer than this build.
+    #[error(
+        "database schema {found} is newer than this kiln (schema {SCHEMA_VERSION}): upgrade kiln"
+    )]
+    TooNew {
+        /// The database's version.
+        found: i64,
+    },
+}
+
+/// An API key as stored (never the secret itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyRecord {
+    /// Public id (`key_…`).
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// A label.
+    pub name: String,
+    /// May manage keys.
+    pub admin: bool,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A sandbox as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxRecord {
+    /// Its id.
+    pub id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its template.
+    pub template: String,
+    /// `running`, `failed`.
+    pub state: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// User metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Time to live it was created (or last kept alive) with.
+    pub ttl_ms: Option<i64>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// When the engine destroys it.
+    pub expires_at_ms: Option<i64>,
+    /// Its VMM process: pid and start time in clock ticks since boot (together they identify
+    /// the process safely; a bare pid may have been reused).
+    pub vmm: Option<(u32, u64)>,
+}
+
+/// Which sandboxes to list.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    /// Only in this state.
+    pub state: Option<String>,
+    /// Only those whose metadata has all these pairs.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A page position: list after this (created_at_ms, id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Creation time of the last item seen.
+    pub created_at_ms: i64,
+    /// Its id.
+    pub id: String,
+}
+
+impl Cursor {
+    /// Opaque text form.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at_ms, self.id)
+    }
+
+    /// Parses [`Cursor::encode`]'s output.
+    pub fn decode(text: &str) -> Option<Cursor> {
+        let (ms, id) = text.split_once('.')?;
+        Some(Cursor {
+            created_at_ms: ms.parse().ok()?,
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// The database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Store {
+    /// Opens (creating or migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew { found: version });
+        }
+        if version < 1 {
+            conn.execute_batch(SCHEMA_V1)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Creates tenant `id` unless it exists.
+    pub fn ensure_tenant(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO tenants (id, created_at_ms) VALUES (?1, ?2)",
+            params![id, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a key whose secret hashes to `secret_sha256`.
+    pub fn insert_key(&self, key: &KeyRecord, secret_sha256: &str) -> Result<(), StoreError> {
+        self.ensure_tenant(&key.tenant)?;
+        self.conn().execute(
+            "INSERT INTO api_keys (id, tenant_id, name, secret_sha256, admin, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                key.id,
+                key.tenant,
+                key.name,
+                secret_sha256,
+                key.admin,
+                key.created_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn key_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+        Ok(KeyRecord {
+            id: row.get(0)?,
+            tenant: row.get(1)?,
+            name: row.get(2)?,
+            admin: row.get(3)?,
+            created_at_ms: row.get(4)?,
+            revoked_at_ms: row.get(5)?,
+        })
+    }
+
+    /// The unrevoked key whose secret hashes to `secret_sha256`.
+    pub fn key_by_secret_hash(&self, secret_sha256: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, tenant_id, name, admin, created_at_ms, revoked_at_ms FROM api_keys
+                 WHERE secret_sha256 = ?1 AND revoked_at_ms IS NULL",
+                params![secret_sha256],
+                Store::key_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Keys, of one tenant or of all.
+    pub fn list_keys(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT id, tenant_id, name, admin, created_at_ms, revoked_at_ms FROM api_keys
+             WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY created_at_ms, id",
+        )?;
+        let keys = statement
+            .query_map(params![tenant], Store::key_from_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    /// Revokes key `id` (of `tenant`, when given); false if there is no such unrevoked key.
+    pub fn revoke_key(&self, id: &str, tenant: Option<&str>) -> Result<bool, StoreError> {
+        let changed = self.conn().execute(
+            "UPDATE api_keys SET revoked_at_ms = ?1
+             WHERE id = ?2 AND (?3 IS NULL OR tenant_id = ?3) AND revoked_at_ms IS NULL",
+            params![now_ms(), id, tenant],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// Records a new sandbox.
+    pub fn insert_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError> {
+        let metadata = serde_json::to_string(&record.metadata)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
+                                    created_at_ms, expires_at_ms, vmm_pid, vmm_start_ticks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                record.id,
+                record.tenant,
+                record.template,
+                record.state,
+                record.reason,
+                metadata,
+                record.ttl_ms,
+                record.created_at_ms,
+                record.expires_at_ms,
+                record.vmm.map(|(pid, _)| pid),
+                record.vmm.map(|(_, ticks)| ticks as i64)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
+        Ok((
+            SandboxRecord {
+                id: row.get(0)?,
+                tenant: row.get(1)?,
+                template: row.get(2)?,
+                state: row.get(3)?,
+                reason: row.get(4)?,
+                metadata: BTreeMap::new(),
+                ttl_ms: row.get(6)?,
+                created_at_ms: row.get(7)?,
+                expires_at_ms: row.get(8)?,
+                vmm: match (
+                    row.get::<_, Option<u32>>(9)?,
+                    row.get::<_, Option<i64>>(10)?,
+                ) {
+                    (Some(pid), Some(ticks)) => Some((pid, ticks as u64)),
+                    _ => None,
+                },
+            },
+            row.get::<_, String>(5)?,
+        ))
+    }
+
+    fn finish(raw: (SandboxRecord, String)) -> Result<SandboxRecord, StoreError> {
+        let (mut record, metadata) = raw;
+        record.metadata = serde_json::from_str(&metadata)
+            .map_err(|e| StoreError::Corrupt(format!("metadata of {}: {e}", record.id)))?;
+        Ok(record)
+    }
+
+    const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
+                                           ttl_ms, created_at_ms, expires_at_ms, vmm_pid, \
+                                           vmm_start_ticks";
+
+    /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
+    pub fn sandbox(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        let raw = self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {} FROM sandboxes WHERE id = ?1 AND (?2 IS NULL OR tenant_id = ?2)",
+                    Store::SANDBOX_COLUMNS
+                ),
+                params![id, tenant],
+                Store::sandbox_from_row,
+            )
+            .optional()?;
+        raw.map(Store::finish).transpose()
+    }
+
+    /// Up to `limit` sandboxes of `tenant` after `cursor`, oldest first.
+    pub fn list_sandboxes(
+        &self,
+        tenant: &str,
+        filter: &SandboxFilter,
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {} FROM sandboxes
+             WHERE tenant_id = ?1 AND (?2 IS NULL OR state = ?2)
+               AND (?3 IS NULL OR (created_at_ms, id) > (?3, ?4))
+             ORDER BY created_at_ms, id",
+            Store::SANDBOX_COLUMNS
+        ))?;
+        let rows = statement.query_map(
+            params![
+                tenant,
+                filter.state,
+                cursor.map(|c| c.created_at_ms),
+                cursor.map(|c| c.id.as_str()).unwrap_or_default()
+            ],
+            Store::sandbox_from_row,
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let record = Store::finish(row?)?;
+            let matches = filter
+                .metadata
+                .iter()
+                .all(|(k, v)| record.metadata.get(k) == Some(v));
+            if matches {
+                out.push(record);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every sandbox of every tenant (for start-up reconciliation).
+    pub fn all_sandboxes(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(&format!(
+            "SELECT {} FROM sandboxes ORDER BY created_at_ms, id",
+            Store::SANDBOX_COLUMNS
+        ))?;
+        let rows = statement.query_map([], Store::sandbox_from_row)?;
+        rows.map(|row| Store::finish(row?)).collect()
+    }
+
+    /// Marks sandbox `id` failed.
+    pub fn mark_failed(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'failed', reason = ?2, expires_at_ms = expires_at_ms
+             WHERE id = ?1",
+            params![id, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Sets the time to live of sandbox `id`.
+    pub fn set_expiry(
+        &self,
+        id: &str,
+        ttl_ms: Option<i64>,
+        expires_at_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET ttl_ms = ?2, expires_at_ms = ?3 WHERE id = ?1",
+            params![id, ttl_ms, expires_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets sandbox `id`.
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, tenant: &str, at: i64, team: &str) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            template: "base".into(),
+            state: "running".into(),
+            reason: None,
+            metadata: BTreeMap::from([("team".to_owned(), team.to_owned())]),
+            ttl_ms: Some(60_000),
+            created_at_ms: at,
+            expires_at_ms: Some(at + 60_000),
+            vmm: Some((42, 4242)),
+        }
+    }
+
+    #[test]
+    fn keys_are_found_by_hash_until_revoked() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("kiln.db")).expect("open");
+        let key = KeyRecord {
+            id: "key_1".into(),
+            tenant: "acme".into(),
+            name: "laptop".into(),
+            admin: true,
+            created_at_ms: 1,
+            revoked_at_ms: None,
+        };
+        store.insert_key(&key, "hash-1").expect("insert");
+        assert_eq!(
+            store.key_by_secret_hash("hash-1").expect("query"),
+            Some(key)
+        );
+        assert_eq!(store.key_by_secret_hash("hash-2").expect("query"), None);
+        assert!(!store.revoke_key("key_1", Some("other")).expect("revoke"));
+        assert!(store.revoke_key("key_1", Some("acme")).expect("revoke"));
+        assert!(!store.revoke_key("key_1", None).expect("revoke twice"));
+        assert_eq!(store.key_by_secret_hash("hash-1").expect("query"), None);
+        assert_eq!(store.list_keys(Some("acme")).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn sandboxes_are_listed_per_tenant_filtered_and_paged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("kiln.db");
+        let store = Store::open(&path).expect("open");
+        for tenant in ["a", "b"] {
+            store.ensure_tenant(tenant).expect("tenant");
+        }
+        for i in 0..5 {
+            let team = if i % 2 == 0 { "red" } else { "blue" };
+            store
+                .insert_sandbox(&record(&format!("sb-a{i}"), "a", 100 + i, team))
+                .expect("insert");
+        }
+        store
+            .insert_sandbox(&record("sb-b0", "b", 100, "red"))
+            .expect("insert");
+        let all = SandboxFilter::default();
+        let page = store.list_sandboxes("a", &all, None, 2).expect("list");
+        assert_eq!(
+            page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["sb-a0", "sb-a1"]
+        );
+        let cursor = Cursor::decode(
+            &Cursor {
+                created_at_ms: page[1].created_at_ms,
+                id: page[1].id.clone(),
+            }
+            .encode(),
+        )
+        .expect("cursor");
+        let next = store
+            .list_sandboxes("a", &all, Some(&cursor), 10)
+            .expect("list");
+        assert_eq!(next.len(), 3);
+        let red = SandboxFilter {
+            metadata: BTreeMap::from([("team".to_owned(), "red".to_owned())]),
+            ..SandboxFilter::default()
+        };
+        assert_eq!(
+            store
+                .list_sandboxes("a", &red, None, 10)
+                .expect("list")
+                .len(),
+            3
+        );
+        store.mark_failed("sb-a0", "boom").expect("fail");
+        let failed = SandboxFilter {
+            state: Some("failed".into()),
+            ..SandboxFilter::default()
+        };
+        let failed = store.list_sandboxes("a", &failed, None, 10).expect("list");
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].reason.as_deref(), Some("boom"));
+        assert!(
+            store.sandbox("sb-b0", Some("a")).expect("get").is_none(),
+            "tenant b's"
+        );
+        assert!(store.sandbox("sb-b0", Some("b")).expect("get").is_some());
+        store.delete_sandbox("sb-b0").expect("delete");
+        assert!(store.sandbox("sb-b0", None).expect("get").is_none());
+        drop(store);
+        // Reopening keeps everything and does not re-run the schema.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(store.all_sandboxes().expect("all").len(), 5);
+    }
+}
