@@ -1,0 +1,719 @@
+//! The HTTP API in-process (the router driven with `tower::ServiceExt::oneshot`) over a real
+//! control plane: real SQLite, real engine, real VMs of the `base` template under QEMU.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use kiln_control::{Control, ControlConfig};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Api {
+    app: Router,
+    control: Control,
+    _data: tempfile::TempDir,
+}
+
+async fn api() -> Api {
+    let data = tempfile::tempdir().expect("data dir");
+    let config = ControlConfig {
+        data_dir: data.path().to_owned(),
+        cache_dir: kiln_testinfra::cache().root().to_owned(),
+        templates_dirs: vec![kiln_testinfra::repo_root().join("templates")],
+        agent_binary: kiln_testinfra::static_agent(),
+        engine: kiln_engine::EngineConfig::new(data.path()),
+        default_template: "base".into(),
+        default_ttl: Duration::from_secs(600),
+        max_ttl: Duration::from_secs(3600),
+    };
+    let control = Control::open(config).await.expect("control plane");
+    let app = kiln_api::router(
+        control.clone(),
+        kiln_api::ApiConfig {
+            max_upload_bytes: 8 << 20,
+        },
+    );
+    Api {
+        app,
+        control,
+        _data: data,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// An error reply: the status, and a `{code, message}` body.
+    fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let body = self.json();
+        assert_eq!(body["code"], code, "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+}
+
+impl Api {
+    async fn call(&self, method: Method, uri: &str, key: Option<&str>, body: Body) -> Reply {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let request = request
+            .header("content-type", "application/json")
+            .body(body)
+            .expect("request");
+        let response = self.app.clone().oneshot(request).await.expect("response");
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec();
+        Reply { status, body }
+    }
+
+    async fn json(&self, method: Method, uri: &str, key: &str, body: Value) -> Reply {
+        self.call(method, uri, Some(key), Body::from(body.to_string()))
+            .await
+    }
+
+    async fn get(&self, uri: &str, key: &str) -> Reply {
+        self.call(Method::GET, uri, Some(key), Body::empty()).await
+    }
+
+    fn key(&self, tenant: &str, admin: bool) -> String {
+        let store = kiln_control::open_store(&self.control.config().data_dir).expect("store");
+        kiln_control::mint_key(&store, tenant, "test", admin)
+            .expect("key")
+            .1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_exec_files_tenants_and_bad_input() {
+    let api = api().await;
+    let alice = api.key("alice", false);
+    let bob = api.key("bob", false);
+
+    // Open routes and the OpenAPI document, which matches the one in the repository.
+    let health = api
+        .call(Method::GET, "/v1/health", None, Body::empty())
+        .await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.json()["status"], "ok");
+    let openapi = api
+        .call(Method::GET, "/v1/openapi.json", None, Body::empty())
+        .await;
+    assert_eq!(openapi.status, StatusCode::OK);
+    let document = openapi.json();
+    assert!(document["paths"]["/v1/sandboxes/{id}/exec"].is_object());
+    let committed = kiln_testinfra::repo_root().join("docs/openapi.json");
+    if std::env::var_os("KILN_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&committed, kiln_api::openapi_json()).expect("write");
+    }
+    let committed: Value =
+        serde_json::from_str(&std::fs::read_to_string(&committed).expect("docs/openapi.json"))
+            .expect("JSON");
+    assert_eq!(
+        document, committed,
+        "the API changed: run with KILN_UPDATE_OPENAPI=1 and commit docs/openapi.json"
+    );
+
+    // Authentication.
+    api.call(Method::GET, "/v1/sandboxes", None, Body::empty())
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    api.get("/v1/sandboxes", "kiln_not-a-key")
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    api.get("/v1/nowhere", &alice)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Bad create requests are refused before anything starts.
+    for (body, status, code) in [
+        (
+            json!({"template": "no-such"}),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            json!({"template": "../etc"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"ttl_secs": 0}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"ttl_secs": 999999}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"cpus": 64}),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            json!({"surprise": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            json!([1, 2]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+    ] {
+        api.json(Method::POST, "/v1/sandboxes", &alice, body.clone())
+            .await
+            .assert_error(status, code);
+    }
+    api.call(
+        Method::POST,
+        "/v1/sandboxes",
+        Some(&alice),
+        Body::from("{not json"),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    let huge = format!("{{\"metadata\": {{\"a\": \"{}\"}}}}", "x".repeat(2 << 20));
+    api.call(
+        Method::POST,
+        "/v1/sandboxes",
+        Some(&alice),
+        Body::from(huge),
+    )
+    .await
+    .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+
+    // Create, get, list with filters and pages.
+    let created = api
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            json!({"metadata": {"team": "red"}, "env": {"GREETING": "hello"}, "ttl_secs": 300}),
+        )
+        .await;
+    assert_eq!(
+        created.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let sandbox = created.json();
+    let id = sandbox["id"].as_str().expect("id").to_owned();
+    assert_eq!(sandbox["state"], "running");
+    assert_eq!(sandbox["template"], "base");
+    assert_eq!(sandbox["ttl_secs"], 300);
+    let second = api
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            json!({"metadata": {"team": "blue"}}),
+        )
+        .await
+        .json();
+    let second_id = second["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{id}"), &alice).await.json()["id"],
+        id
+    );
+    let red = api
+        .get("/v1/sandboxes?metadata.team=red", &alice)
+        .await
+        .json();
+    assert_eq!(red["sandboxes"].as_array().expect("list").len(), 1);
+    let page = api.get("/v1/sandboxes?limit=1", &alice).await.json();
+    assert_eq!(page["sandboxes"][0]["id"], id);
+    let cursor = page["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let page = api
+        .get(&format!("/v1/sandboxes?limit=1&cursor={cursor}"), &alice)
+        .await
+        .json();
+    assert_eq!(page["sandboxes"][0]["id"], second_id);
+    api.get("/v1/sandboxes?cursor=garbage", &alice)
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.get("/v1/sandboxes?state=sleeping", &alice)
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+
+    // Tenants: bob sees nothing of alice's, and gets 404 (not 403) for everything.
+    assert_eq!(
+        api.get("/v1/sandboxes", &bob).await.json()["sandboxes"],
+        json!([])
+    );
+    let exec_echo = json!({"command": "echo $GREETING; echo oops >&2; exit 3"});
+    for (method, uri, body) in [
+        (Method::GET, format!("/v1/sandboxes/{id}"), Value::Null),
+        (
+            Method::POST,
+            format!("/v1/sandboxes/{id}/exec"),
+            exec_echo.clone(),
+        ),
+        (
+            Method::GET,
+            format!("/v1/sandboxes/{id}/files?path=/"),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            format!("/v1/sandboxes/{id}/keepalive"),
+            Value::Null,
+        ),
+        (Method::DELETE, format!("/v1/sandboxes/{id}"), Value::Null),
+    ] {
+        let body = if body.is_null() {
+            Body::empty()
+        } else {
+            Body::from(body.to_string())
+        };
+        api.call(method, &uri, Some(&bob), body)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
+
+    // Exec to completion: output, exit code, the sandbox's env, stdin, limits, timeouts.
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            exec_echo,
+        )
+        .await
+        .json();
+    assert_eq!(run["stdout"], "hello\n");
+    assert_eq!(run["stderr"], "oops\n");
+    assert_eq!(run["exit_code"], 3);
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": ["wc", "-c"], "stdin": "12345"}),
+        )
+        .await
+        .json();
+    assert_eq!(run["stdout"].as_str().map(str::trim), Some("5"));
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": "head -c 100000 /dev/zero | tr '\\0' a", "max_output_bytes": 1000}),
+        )
+        .await
+        .json();
+    assert_eq!(run["truncated"], true);
+    assert_eq!(run["stdout"].as_str().map(str::len), Some(1000));
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": "sleep 30", "timeout_ms": 300}),
+        )
+        .await
+        .json();
+    assert_eq!(run["timed_out"], true);
+    for bad in [
+        json!({"command": ""}),
+        json!({"command": []}),
+        json!({"command": 7}),
+    ] {
+        let reply = api
+            .json(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                &alice,
+                bad,
+            )
+            .await;
+        assert!(reply.status.is_client_error(), "{}", reply.status);
+    }
+    let missing = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": ["/no/such/binary"]}),
+        )
+        .await;
+    assert!(missing.status.is_client_error(), "{}", missing.status);
+
+    // Streamed exec: newline-delimited events in order.
+    let streamed = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec/stream"),
+            &alice,
+            json!({"command": "echo one; echo two >&2; exit 4"}),
+        )
+        .await;
+    assert_eq!(streamed.status, StatusCode::OK);
+    let events: Vec<Value> = String::from_utf8_lossy(&streamed.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    assert_eq!(events.first().expect("start")["type"], "start");
+    assert_eq!(events.last().expect("exit")["type"], "exit");
+    assert_eq!(events.last().expect("exit")["exit_code"], 4);
+    let text = |kind: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .filter_map(|e| e["data"].as_str())
+            .collect()
+    };
+    assert_eq!(text("stdout"), "one\n");
+    assert_eq!(text("stderr"), "two\n");
+
+    // Background commands: started, listed, attached (history replayed), signalled.
+    let started = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": "trap 'echo bye; exit 0' TERM; echo ready; touch /tmp/ready; while true; do sleep 0.1; done", "background": true, "tag": "server"}),
+        )
+        .await;
+    assert_eq!(started.status, StatusCode::ACCEPTED);
+    let pid = started.json()["pid"].as_u64().expect("pid");
+    let processes = api
+        .get(&format!("/v1/sandboxes/{id}/processes"), &alice)
+        .await
+        .json();
+    assert!(processes
+        .as_array()
+        .expect("list")
+        .iter()
+        .any(|p| p["pid"] == pid && p["running"] == true && p["tag"] == "server"));
+    // Signal only once the trap is set.
+    let mut ready = false;
+    for _ in 0..200 {
+        let stat = api
+            .get(
+                &format!("/v1/sandboxes/{id}/files/stat?path=/tmp/ready"),
+                &alice,
+            )
+            .await;
+        if stat.status == StatusCode::OK {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the background command never got ready");
+    let signalled = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/processes/server/signal"),
+            &alice,
+            json!({"signal": 15}),
+        )
+        .await;
+    assert_eq!(signalled.status, StatusCode::NO_CONTENT);
+    let attached = api
+        .get(
+            &format!("/v1/sandboxes/{id}/processes/{pid}/stream"),
+            &alice,
+        )
+        .await;
+    let replay = String::from_utf8_lossy(&attached.body);
+    assert!(
+        replay.contains("ready") && replay.contains("bye") && replay.contains("\"exit_code\":0"),
+        "{replay}"
+    );
+    api.json(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/processes/server/signal"),
+        &alice,
+        json!({"signal": 99}),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+
+    // Files: upload, download, stat, list, mkdir, rename, remove; bad paths.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let uploaded = api
+        .call(
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/files/content?path=/root/data/blob.bin"),
+            Some(&alice),
+            Body::from(payload.clone()),
+        )
+        .await;
+    assert_eq!(
+        uploaded.status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&uploaded.body)
+    );
+    assert_eq!(uploaded.json()["bytes"], payload.len());
+    let downloaded = api
+        .get(
+            &format!("/v1/sandboxes/{id}/files/content?path=/root/data/blob.bin"),
+            &alice,
+        )
+        .await;
+    assert_eq!(downloaded.status, StatusCode::OK);
+    assert!(downloaded.body == payload, "downloaded bytes differ");
+    let stat = api
+        .get(
+            &format!("/v1/sandboxes/{id}/files/stat?path=/root/data/blob.bin"),
+            &alice,
+        )
+        .await
+        .json();
+    assert_eq!(stat["kind"], "file");
+    assert_eq!(stat["size"], payload.len());
+    assert_eq!(
+        api.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/files/mkdir"),
+            &alice,
+            json!({"path": "/root/a/b/c"})
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/files/rename"),
+            &alice,
+            json!({"from": "/root/data/blob.bin", "to": "/root/a/blob.bin"})
+        )
+        .await
+        .status,
+        StatusCode::NO_CONTENT
+    );
+    let listing = api
+        .get(
+            &format!("/v1/sandboxes/{id}/files?path=/root/a&depth=2"),
+            &alice,
+        )
+        .await
+        .json();
+    let paths: Vec<&str> = listing["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert!(
+        paths.contains(&"/root/a/blob.bin") && paths.contains(&"/root/a/b/c"),
+        "{paths:?}"
+    );
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/content?path=/root/data/blob.bin"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/content?path=/root/a"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/stat?path=relative/path"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.get(
+        &format!("/v1/sandboxes/{id}/files?path=/root&depth=99"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    let removed = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}/files?path=/root/a&recursive=true"),
+            Some(&alice),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    // An upload over the limit writes nothing.
+    api.call(
+        Method::PUT,
+        &format!("/v1/sandboxes/{id}/files/content?path=/root/big.bin"),
+        Some(&alice),
+        Body::from(vec![0u8; 9 << 20]),
+    )
+    .await
+    .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/stat?path=/root/big.bin"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Time to live.
+    let kept = api
+        .json(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &alice,
+            json!({"ttl_secs": 1200}),
+        )
+        .await
+        .json();
+    assert_eq!(kept["ttl_secs"], 1200);
+    let alive = api
+        .call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/keepalive"),
+            Some(&alice),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(alive.status, StatusCode::OK);
+    let logs = api
+        .get(&format!("/v1/sandboxes/{id}/logs?lines=5"), &alice)
+        .await;
+    assert_eq!(logs.status, StatusCode::OK);
+
+    // A crashed sandbox: failed with a reason, exec refused with a conflict, still deletable.
+    let pid = api
+        .control
+        .engine()
+        .get(&second_id)
+        .expect("live")
+        .pid()
+        .expect("running");
+    nix_kill(pid);
+    let mut failed = Value::Null;
+    for _ in 0..100 {
+        failed = api
+            .get(&format!("/v1/sandboxes/{second_id}"), &alice)
+            .await
+            .json();
+        if failed["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("signal")),
+        "{failed}"
+    );
+    api.json(
+        Method::POST,
+        &format!("/v1/sandboxes/{second_id}/exec"),
+        &alice,
+        json!({"command": "true"}),
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "conflict");
+
+    // Keys: only admins manage them; a revoked key stops working.
+    api.json(Method::POST, "/v1/keys", &alice, json!({"name": "x"}))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let admin = api.key("alice", true);
+    let made = api
+        .json(Method::POST, "/v1/keys", &admin, json!({"name": "ci"}))
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED);
+    let made = made.json();
+    let secret = made["secret"]
+        .as_str()
+        .expect("secret shown once")
+        .to_owned();
+    assert_eq!(
+        api.get("/v1/sandboxes", &secret).await.status,
+        StatusCode::OK
+    );
+    let listed = api.get("/v1/keys", &admin).await.json();
+    assert!(listed["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .all(|k| k.get("secret").is_none()));
+    let revoked = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/keys/{}", made["id"].as_str().expect("id")),
+            Some(&admin),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    api.get("/v1/sandboxes", &secret)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+
+    // Delete: gone from the API and from the host.
+    let netns = format!("/run/netns/kiln-{id}");
+    assert!(std::path::Path::new(&netns).exists());
+    for sandbox in [&id, &second_id] {
+        let deleted = api
+            .call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{sandbox}"),
+                Some(&alice),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+        api.get(&format!("/v1/sandboxes/{sandbox}"), &alice)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
+    assert!(
+        !std::path::Path::new(&netns).exists(),
+        "network namespace left"
+    );
+    assert_eq!(
+        api.get("/v1/sandboxes", &alice).await.json()["sandboxes"],
+        json!([])
+    );
+    api.control.shutdown().await;
+}
+
+fn nix_kill(pid: u32) {
+    // SAFETY: kill takes a pid and a signal; the pid is the VMM of a sandbox this test made.
+    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}");
+}
