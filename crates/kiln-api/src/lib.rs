@@ -88,6 +88,7 @@ impl From<ControlError> for ApiError {
             ControlError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ControlError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ControlError::Guest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "guest_error"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -263,6 +264,14 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; GET /v1/openapi.json lists them",
+    )
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -324,5 +333,6 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(uploads)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }

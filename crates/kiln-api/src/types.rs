@@ -10,7 +10,8 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable: `unauthenticated`, `forbidden`, `not_found`, `invalid_request`,
-    /// `conflict`, `too_large`, `unavailable`, `timeout`, `internal`.
+    /// `conflict`, `too_large`, `unavailable`, `timeout`, `guest_error`, `method_not_allowed`,
+    /// `internal`.
     pub code: String,
     /// What went wrong and, where it helps, what to do.
     pub message: String,

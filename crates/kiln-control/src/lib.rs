@@ -54,6 +54,9 @@ pub enum ControlError {
     /// The operation timed out.
     #[error("{0}")]
     Timeout(String),
+    /// The guest could not do what was asked (its own failure, never the host's).
+    #[error("{0}")]
+    Guest(String),
     /// A bug or a broken host.
     #[error("{0}")]
     Internal(String),
@@ -100,12 +103,14 @@ impl From<ClientError> for ControlError {
                 ErrorKind::PermissionDenied => ControlError::Forbidden(agent.message.clone()),
                 ErrorKind::NoSpace => ControlError::TooLarge(agent.message.clone()),
                 ErrorKind::Timeout => ControlError::Timeout(agent.message.clone()),
-                _ => ControlError::Internal(format!("sandbox agent: {}", agent.message)),
+                _ => ControlError::Guest(format!("in the sandbox: {}", agent.message)),
             },
             ClientError::Timeout { .. } => ControlError::Timeout(chain(&e)),
             _ if e.is_connection_error() => {
                 ControlError::Unavailable(format!("the sandbox does not answer: {}", chain(&e)))
             }
+            // A protocol violation is the guest's doing: the host stays healthy.
+            ClientError::Protocol(_) => ControlError::Guest(chain(&e)),
             _ => ControlError::Internal(chain(&e)),
         }
     }
