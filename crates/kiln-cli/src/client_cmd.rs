@@ -283,7 +283,7 @@ pub struct ExecArgs {
     pub timeout: Option<u64>,
     /// Environment KEY=VALUE for this command (repeatable).
     #[arg(long = "exec-env", value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
+    pub exec_env: Vec<String>,
     /// Send this process's stdin (read to the end first) to the command.
     #[arg(long, short = 'i')]
     pub stdin: bool,
@@ -309,7 +309,7 @@ impl ExecArgs {
         };
         Ok(ExecBody {
             command,
-            env: parse_pairs(&self.env, "env")?,
+            env: parse_pairs(&self.exec_env, "env")?,
             cwd: self.cwd.clone(),
             user: self.user.clone(),
             timeout_ms: self.timeout.map(|s| s * 1000),

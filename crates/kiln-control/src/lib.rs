@@ -257,56 +257,11 @@ pub fn mint_key(
     Ok((record, secret))
 }
 
-/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`):
-/// with the pid, it identifies a process safely across pid reuse.
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Kills process `pid` if it is still the process that started at `start_ticks`.
-fn kill_if_same(pid: u32, start_ticks: u64) {
-    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
-    let fd = unsafe { libc_pidfd_open(pid) };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: `fd` is a new descriptor nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // Checked after the pidfd exists: the pidfd now pins this very process.
-    if process_start_ticks(pid) == Some(start_ticks) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal takes a pidfd, a signal, no siginfo and no flags.
-        unsafe { libc_pidfd_kill(fd.as_raw_fd()) };
-        tracing::info!(pid, "killed a VMM left by an earlier run");
-    }
-}
-
-unsafe fn libc_pidfd_open(pid: u32) -> i32 {
-    // SAFETY: the caller checks the result; the syscall has no memory arguments.
-    unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as i32 }
-}
-
-unsafe fn libc_pidfd_kill(fd: i32) {
-    // SAFETY: a null siginfo is allowed; the syscall has no other memory arguments.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd,
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
-    }
-}
-
 impl Control {
     /// Opens the control plane: the database, the engine, the templates. Sandboxes recorded
-    /// by an earlier run that are not live (the engine does not re-adopt VMs yet) are marked
-    /// failed and what they left behind is removed; then the default template is made ready
-    /// in the background.
+    /// by an earlier run are marked failed (the engine does not re-adopt VMs yet; opening it
+    /// removed their VMMs, namespaces, cgroups and files); then the default template is made
+    /// ready in the background.
     pub async fn open(config: ControlConfig) -> Result<Control, ControlError> {
         let store = open_store(&config.data_dir)?;
         let mut engine_config = config.engine.clone();
@@ -344,17 +299,10 @@ impl Control {
             if record.state != "running" {
                 continue;
             }
-            if let Some((pid, ticks)) = record.vmm {
-                kill_if_same(pid, ticks);
-            }
             self.inner.store.mark_failed(
                 &record.id,
                 "the daemon restarted while it ran (sandboxes are not re-adopted yet)",
             )?;
-            // The VMM may take a moment to die: cleaning is retried on the next start.
-            if let Err(e) = self.inner.engine.remove_leftovers(&record.id) {
-                tracing::warn!(sandbox = %record.id, error = %e, "removing leftovers");
-            }
         }
         Ok(())
     }
@@ -557,9 +505,6 @@ impl Control {
             ttl_ms: Some(ttl.as_millis() as i64),
             created_at_ms: info.created_at_ms as i64,
             expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
-            vmm: sandbox
-                .pid()
-                .and_then(|pid| process_start_ticks(pid).map(|ticks| (pid, ticks))),
         };
         self.inner.store.ensure_tenant(&who.tenant)?;
         if let Err(e) = self.inner.store.insert_sandbox(&record) {

@@ -34,9 +34,7 @@ CREATE TABLE sandboxes (
     metadata TEXT NOT NULL,
     ttl_ms INTEGER,
     created_at_ms INTEGER NOT NULL,
-    expires_at_ms INTEGER,
-    vmm_pid INTEGER,
-    vmm_start_ticks INTEGER
+    expires_at_ms INTEGER
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
@@ -98,9 +96,6 @@ pub struct SandboxRecord {
     pub created_at_ms: i64,
     /// When the engine destroys it.
     pub expires_at_ms: Option<i64>,
-    /// Its VMM process: pid and start time in clock ticks since boot (together they identify
-    /// the process safely; a bare pid may have been reused).
-    pub vmm: Option<(u32, u64)>,
 }
 
 /// Which sandboxes to list.
@@ -256,8 +251,8 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
-                                    created_at_ms, expires_at_ms, vmm_pid, vmm_start_ticks)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                    created_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 record.id,
                 record.tenant,
@@ -267,9 +262,7 @@ impl Store {
                 metadata,
                 record.ttl_ms,
                 record.created_at_ms,
-                record.expires_at_ms,
-                record.vmm.map(|(pid, _)| pid),
-                record.vmm.map(|(_, ticks)| ticks as i64)
+                record.expires_at_ms
             ],
         )?;
         Ok(())
@@ -287,13 +280,6 @@ impl Store {
                 ttl_ms: row.get(6)?,
                 created_at_ms: row.get(7)?,
                 expires_at_ms: row.get(8)?,
-                vmm: match (
-                    row.get::<_, Option<u32>>(9)?,
-                    row.get::<_, Option<i64>>(10)?,
-                ) {
-                    (Some(pid), Some(ticks)) => Some((pid, ticks as u64)),
-                    _ => None,
-                },
             },
             row.get::<_, String>(5)?,
         ))
@@ -307,8 +293,7 @@ impl Store {
     }
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
-                                           ttl_ms, created_at_ms, expires_at_ms, vmm_pid, \
-                                           vmm_start_ticks";
+                                           ttl_ms, created_at_ms, expires_at_ms";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -430,7 +415,6 @@ mod tests {
             ttl_ms: Some(60_000),
             created_at_ms: at,
             expires_at_ms: Some(at + 60_000),
-            vmm: Some((42, 4242)),
         }
     }
 

@@ -254,6 +254,8 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     let (confinement, resources) = crate::sandbox::confine(engine, &name, limits)?;
     resources.grant(&[&disk])?;
     let mut qemu = engine.driver.launch(spec, confinement)?;
+    crate::leftovers::write_pid_file(out, qemu.pid(), &name)
+        .map_err(|e| EngineError::io("recording the VMM", e))?;
     qemu.wait_started(Duration::from_secs(30))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
@@ -390,6 +392,8 @@ pub(crate) async fn cold_boot(
     resources.grant(&[&disk])?;
     let start = Instant::now();
     let mut vm = engine.driver.launch(spec, confinement)?;
+    crate::leftovers::write_pid_file(dir.path(), vm.pid(), &name)
+        .map_err(|e| EngineError::io("recording the VMM", e))?;
     vm.wait_started(Duration::from_secs(30))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(vm.agent_socket())),

@@ -6,6 +6,7 @@
 pub mod bake;
 pub mod cgroup;
 pub mod disk;
+pub mod leftovers;
 pub mod persist;
 pub mod sandbox;
 
@@ -273,6 +274,18 @@ impl Engine {
                     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
                 })
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
+        }
+        // Nothing of an earlier run is live in this engine: whatever it left is removed.
+        for (dir, prefix) in [("sandboxes", ""), ("templates", ".bake-")] {
+            let entries = std::fs::read_dir(config.data_dir.join(dir))
+                .map_err(|e| EngineError::io("reading the data directory", e))?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix) && entry.path().is_dir() {
+                    tracing::info!(dir = %entry.path().display(), "removing what an earlier run left");
+                    leftovers::remove_vm_dir(&entry.path(), cgroups.as_ref());
+                }
+            }
         }
         let reflink = disk::supports_reflink(&config.data_dir.join("templates"));
         tracing::info!(

@@ -546,6 +546,8 @@ pub(crate) fn prestart(
     resources.grant(&[&dir, &disk])?;
     record(timings, "confinement", &mut phase);
     let mut vm = engine.driver.launch(spec, confinement)?;
+    crate::leftovers::write_pid_file(&dir, vm.pid(), &id)
+        .map_err(|e| EngineError::io("recording the VMM", e))?;
     record(timings, "spawn", &mut phase);
     vm.wait_started(Duration::from_secs(30))?;
     record(timings, "VMM ready", &mut phase);

@@ -1,0 +1,332 @@
+//! The real daemon and the real CLI, as a user runs them: `kiln serve` as a process, a key
+//! from `kiln keys create`, then `kiln run`, `kiln sandbox`, `kiln exec`, `kiln fs`; then the
+//! daemon killed with SIGKILL while a sandbox runs and started again (the sandbox is marked
+//! failed, its VMM and resources are gone), and a graceful stop that leaves nothing behind.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+
+/// The daemon and everything it made; killed and cleaned on drop, also when a test fails.
+struct Daemon {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    url: String,
+    port: u16,
+    sandboxes: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Daemon {
+    fn new() -> Daemon {
+        let port = free_port();
+        let mut daemon = Daemon {
+            child: None,
+            data: tempfile::tempdir().expect("data dir"),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            sandboxes: Vec::new(),
+        };
+        daemon.start();
+        daemon
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("daemon.log"))
+            .expect("log file");
+        let child = Command::new(KILN)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.data.path().join("state"))
+            .arg("--cache-dir")
+            .arg(kiln_testinfra::cache().root())
+            .arg("--templates-dir")
+            .arg(kiln_testinfra::repo_root().join("templates"))
+            .arg("--agent")
+            .arg(kiln_testinfra::static_agent())
+            .args(["--default-template", "base"])
+            .env("KILN_CONFIG", self.config_file())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("kiln serve starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kiln serve exited ({status}):\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("kiln serve did not listen:\n{}", self.log());
+    }
+
+    /// An empty config file, so that no host config (`/etc/kiln/config.toml`) applies.
+    fn config_file(&self) -> PathBuf {
+        let path = self.data.path().join("config.toml");
+        std::fs::write(&path, "# defaults and flags only\n").expect("config file");
+        path
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    fn kiln(&self, key: Option<&str>, args: &[&str]) -> Output {
+        let mut command = Command::new(KILN);
+        command
+            .args(args)
+            .env("KILN_URL", &self.url)
+            .env("KILN_DATA_DIR", self.data.path().join("state"))
+            .env("HOME", self.data.path())
+            .env_remove("KILN_API_KEY");
+        if let Some(key) = key {
+            command.env("KILN_API_KEY", key);
+        }
+        command.output().expect("kiln runs")
+    }
+
+    fn kiln_ok(&self, key: Option<&str>, args: &[&str]) -> String {
+        let output = self.kiln(key, args);
+        assert!(
+            output.status.success(),
+            "kiln {args:?} failed ({}): {}\ndaemon log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Pids of VMMs whose command line names this daemon's data directory (so VMMs this
+    /// daemon started, whoever their parent is now).
+    fn vmm_pids(&self) -> Vec<u32> {
+        let marker = self.data.path().to_string_lossy().into_owned();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                    .unwrap_or(false)
+            })
+            .filter(|pid| Some(*pid) != self.child.as_ref().map(Child::id))
+            .collect()
+    }
+
+    fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn stop_daemon(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill takes a pid and a signal; the pid is our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("daemon exits")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        for pid in self.vmm_pids() {
+            // SAFETY: as above; these VMMs were started by this test's daemon.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for id in &self.sandboxes {
+            let netns = Path::new("/run/netns").join(format!("kiln-{id}"));
+            if netns.exists() {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &format!("kiln-{id}")])
+                    .status();
+            }
+            for dir in cgroup_dirs(id) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+}
+
+/// Where sandbox `id`'s cgroups would be (v1 cpu and memory, or v2).
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            continue;
+        };
+        let base = match controllers {
+            "" => PathBuf::from("/sys/fs/cgroup"),
+            c if c.split(',').any(|c| c == "cpu") => PathBuf::from("/sys/fs/cgroup/cpu"),
+            c if c.split(',').any(|c| c == "memory") => PathBuf::from("/sys/fs/cgroup/memory"),
+            _ => continue,
+        };
+        dirs.push(
+            base.join(path.trim_start_matches('/'))
+                .join("kiln")
+                .join(id),
+        );
+    }
+    dirs
+}
+
+fn assert_no_leftovers(daemon: &Daemon, ids: &[String]) {
+    assert!(
+        daemon.vmm_pids().is_empty(),
+        "VMMs left: {:?}",
+        daemon.vmm_pids()
+    );
+    for id in ids {
+        assert!(
+            !Path::new("/run/netns").join(format!("kiln-{id}")).exists(),
+            "network namespace of {id} left"
+        );
+        for dir in cgroup_dirs(id) {
+            assert!(!dir.exists(), "cgroup {} left", dir.display());
+        }
+        assert!(
+            !daemon.data.path().join("state/sandboxes").join(id).exists(),
+            "files of {id} left"
+        );
+    }
+}
+
+#[test]
+fn serve_use_crash_restart_and_stop() {
+    let mut daemon = Daemon::new();
+
+    // Without a key the CLI says what to do.
+    let refused = daemon.kiln(None, &["sandbox", "ls"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("kiln keys create"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let key = daemon.kiln_ok(None, &["keys", "create", "--tenant", "e2e"]);
+    assert!(key.starts_with("kiln_"), "{key}");
+    let key = Some(key.as_str());
+
+    // `kiln run`: create, exec, destroy; the exit code is the command's.
+    let run = daemon.kiln(
+        key,
+        &[
+            "run",
+            "--template",
+            "base",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; echo err >&2; exit 7",
+        ],
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "hi\n");
+    assert!(String::from_utf8_lossy(&run.stderr).contains("err"));
+    let listed = daemon.kiln_ok(key, &["sandbox", "ls", "--json"]);
+    assert_eq!(listed, "[]", "kiln run leaves no sandbox");
+
+    // A sandbox used step by step.
+    let id = daemon.kiln_ok(key, &["sandbox", "create", "--meta", "who=e2e"]);
+    daemon.sandboxes.push(id.clone());
+    assert_eq!(daemon.kiln_ok(key, &["exec", &id, "--", "hostname"]), id);
+    let local = daemon.data.path().join("upload.txt");
+    std::fs::write(&local, "payload\n").expect("write");
+    daemon.kiln_ok(
+        key,
+        &[
+            "fs",
+            "put",
+            &id,
+            local.to_str().expect("utf-8"),
+            "/root/upload.txt",
+        ],
+    );
+    assert_eq!(
+        daemon.kiln_ok(key, &["fs", "cat", &id, "/root/upload.txt"]),
+        "payload"
+    );
+    let templates = daemon.kiln_ok(key, &["template", "ls"]);
+    assert!(templates.contains("base"), "{templates}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "ls", "--json"])).expect("JSON");
+    assert_eq!(ls[0]["id"], id.as_str());
+    assert_eq!(ls[0]["metadata"]["who"], "e2e");
+    let vmms = daemon.vmm_pids();
+    assert!(!vmms.is_empty(), "the sandbox's VMM runs");
+
+    // SIGKILL the daemon: its VMMs outlive it. Started again, it marks the sandbox failed
+    // and removes the VMM, namespace and cgroup it left.
+    daemon.kill_daemon();
+    for pid in &vmms {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "VMM {pid} outlived the daemon"
+        );
+    }
+    daemon.start();
+    let got: serde_json::Value =
+        serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "get", &id])).expect("JSON");
+    assert_eq!(got["state"], "failed", "{got}");
+    assert!(
+        got["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarted")),
+        "{got}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vmms
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(Instant::now() < deadline, "the old VMM was not removed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let exec = daemon.kiln(key, &["exec", &id, "--", "true"]);
+    assert!(!exec.status.success());
+    assert!(String::from_utf8_lossy(&exec.stderr).contains("failed"));
+    daemon.kiln_ok(key, &["sandbox", "rm", &id]);
+
+    // A graceful stop destroys what runs and exits cleanly.
+    let second = daemon.kiln_ok(key, &["sandbox", "create"]);
+    daemon.sandboxes.push(second.clone());
+    let status = daemon.stop_daemon();
+    assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
+    let ids = daemon.sandboxes.clone();
+    assert_no_leftovers(&daemon, &ids);
+}

@@ -1,0 +1,132 @@
+//! What an earlier run of the engine left behind when it was killed: VMM processes (they
+//! outlive their parent), network namespaces, cgroups and directories.
+//!
+//! Every VM directory gets a `vmm.pid` file when its VMM starts: pid, start time in clock
+//! ticks since boot (together they identify the process even if the pid was reused) and
+//! the name its namespace and cgroup were made under.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Name of the file that identifies a directory's VMM.
+pub const PID_FILE: &str = "vmm.pid";
+
+/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Records the VMM `pid` of the VM in `dir`, made under resource name `name`.
+pub fn write_pid_file(dir: &Path, pid: u32, name: &str) -> std::io::Result<()> {
+    let ticks = process_start_ticks(pid).unwrap_or_default();
+    std::fs::write(dir.join(PID_FILE), format!("{pid} {ticks} {name}\n"))
+}
+
+/// The VMM recorded in `dir`: pid, start ticks, resource name.
+fn read_pid_file(dir: &Path) -> Option<(u32, u64, String)> {
+    let text = std::fs::read_to_string(dir.join(PID_FILE)).ok()?;
+    let mut words = text.split_whitespace();
+    let pid = words.next()?.parse().ok()?;
+    let ticks = words.next()?.parse().ok()?;
+    let name = words.next()?.to_owned();
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid.then_some((pid, ticks, name))
+}
+
+/// Kills process `pid` if it still is the process that started at `ticks`, and waits (up to
+/// `timeout`) for it to be gone.
+pub fn kill_if_same(pid: u32, ticks: u64, timeout: Duration) {
+    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: the syscall returned a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Checked once the pidfd exists: from now on it refers to this very process.
+    if process_start_ticks(pid) != Some(ticks) {
+        return;
+    }
+    // SAFETY: pidfd_send_signal takes a pidfd, a signal, a null siginfo and no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+    tracing::info!(pid, "killed a VMM left by an earlier run");
+    let deadline = Instant::now() + timeout;
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while Instant::now() < deadline {
+        // SAFETY: one valid pollfd; a pidfd becomes readable when its process exits.
+        if unsafe { libc::poll(&mut poll, 1, 100) } > 0 {
+            break;
+        }
+    }
+}
+
+/// Removes what the VM in `dir` left: its VMM (if still the same process), its network
+/// namespace `kiln-<name>`, its cgroup `<name>`, and the directory.
+pub(crate) fn remove_vm_dir(dir: &Path, cgroups: Option<&crate::cgroup::Cgroups>) {
+    if let Some((pid, ticks, name)) = read_pid_file(dir) {
+        kill_if_same(pid, ticks, Duration::from_secs(5));
+        if let Some(netns) = kiln_net::netns::NetNs::existing(&format!("kiln-{name}")) {
+            if let Err(e) = netns.remove() {
+                tracing::warn!(%name, error = %e, "removing a leftover network namespace");
+            }
+        }
+        if let Some(cgroup) = cgroups.and_then(|c| c.existing(&name)) {
+            if let Err(e) = cgroup.remove() {
+                tracing::warn!(%name, error = %e, "removing a leftover cgroup");
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a leftover directory");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_file_names_its_process_and_a_reused_pid_is_spared() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        write_pid_file(dir.path(), pid, "sb-test").expect("write");
+        let (read_pid, ticks, name) = read_pid_file(dir.path()).expect("read");
+        assert_eq!((read_pid, name.as_str()), (pid, "sb-test"));
+        // A different start time means a different process: left alone.
+        kill_if_same(pid, ticks + 1, Duration::from_millis(100));
+        assert!(child.try_wait().expect("status").is_none(), "spared");
+        kill_if_same(pid, ticks, Duration::from_secs(5));
+        let status = child.wait().expect("reaped");
+        assert!(!status.success(), "killed: {status}");
+        std::fs::write(dir.path().join(PID_FILE), "1 2 ../../etc\n").expect("write");
+        assert!(
+            read_pid_file(dir.path()).is_none(),
+            "hostile names are refused"
+        );
+    }
+}
