@@ -26,6 +26,7 @@ KILN_TOOLS=(
   "xz:xz-utils"
   "zstd:zstd"
   "cpio:cpio"
+  "curl:curl"
   "python3:python3"
 )
 
@@ -63,4 +64,26 @@ build_static_agent() {
   RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --locked --target x86_64-unknown-linux-gnu -p kiln-agent >&2
   echo "$KILN_ROOT/target/x86_64-unknown-linux-gnu/release/kiln-agent"
+}
+
+# Where scripts/up.sh keeps the daemon's pid and log.
+KILN_PID_FILE=${KILN_PID_FILE:-/run/kiln/kiln.pid}
+KILN_LOG_FILE=${KILN_LOG_FILE:-/var/log/kiln/daemon.log}
+
+# Stops the daemon recorded in $KILN_PID_FILE, if that pid still is a kiln daemon (a pid
+# alone may have been reused: its command line must be `kiln serve`).
+stop_daemon() {
+  [ -s "$KILN_PID_FILE" ] || return 0
+  local pid
+  pid=$(cat "$KILN_PID_FILE")
+  if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kiln serve"; then
+    step "stopping the daemon (pid $pid)"
+    kill -TERM "$pid"
+    for _ in $(seq 1 300); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && die "the daemon (pid $pid) did not stop; see $KILN_LOG_FILE"
+  fi
+  rm -f "$KILN_PID_FILE"
 }

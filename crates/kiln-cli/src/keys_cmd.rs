@@ -40,10 +40,15 @@ pub fn create(
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
         eprintln!(
-            "key {} for tenant `{}`{}; its secret (shown only now):",
+            "key {} for tenant `{}`{}; its secret{}:",
             record.id,
             record.tenant,
-            if record.admin { " (admin)" } else { "" }
+            if record.admin { " (admin)" } else { "" },
+            if save.is_some() {
+                ""
+            } else {
+                " (shown only now)"
+            }
         );
         println!("{secret}");
     }

@@ -166,31 +166,46 @@ impl Cgroups {
 }
 
 /// On v2 a cgroup's controllers must be enabled in every ancestor's `subtree_control`, and a
-/// cgroup that has processes cannot enable them for its children; the engine's cgroup keeps
-/// its processes and only `kiln/` below it (process-free) hands the controllers on.
+/// cgroup that has processes cannot enable them for its children ("no internal processes").
+/// The engine's cgroup enables them for `kiln/` (process-free); if the engine's cgroup holds
+/// processes (a systemd service with `Delegate=yes`), the engine first moves itself into a
+/// leaf `daemon/` beside `kiln/`.
 fn prepare_v2_parent(own: &Path) -> Result<(), CgroupError> {
     let parent = own.join(PARENT);
     std::fs::create_dir_all(&parent).map_err(file_error(&parent))?;
-    for dir in [own, parent.as_path()] {
-        let control = dir.join("cgroup.subtree_control");
-        let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-        if enabled.split_whitespace().any(|c| c == "cpu")
-            && enabled.split_whitespace().any(|c| c == "memory")
-        {
-            continue;
+    if let Err(e) = enable_controllers(own) {
+        let busy = matches!(&e, CgroupError::File { source, .. } if source.raw_os_error() == Some(libc::EBUSY));
+        if !busy {
+            return Err(e);
         }
-        std::fs::write(&control, "+cpu +memory").map_err(|source| CgroupError::File {
-            path: control.clone(),
-            source: io::Error::new(
-                source.kind(),
-                format!(
-                    "{source}: enabling cpu and memory for kiln's cgroups (under systemd run \
-                     the daemon with Delegate=yes)"
-                ),
-            ),
-        })?;
+        let leaf = own.join("daemon");
+        std::fs::create_dir_all(&leaf).map_err(file_error(&leaf))?;
+        let procs = leaf.join("cgroup.procs");
+        std::fs::write(&procs, "0").map_err(file_error(&procs))?;
+        tracing::info!(cgroup = %leaf.display(), "moved the daemon into a leaf cgroup");
+        enable_controllers(own)?;
     }
-    Ok(())
+    enable_controllers(&parent)
+}
+
+fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
+    let control = dir.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&control).unwrap_or_default();
+    if enabled.split_whitespace().any(|c| c == "cpu")
+        && enabled.split_whitespace().any(|c| c == "memory")
+    {
+        return Ok(());
+    }
+    std::fs::write(&control, "+cpu +memory").map_err(|source| CgroupError::File {
+        path: control.clone(),
+        source: io::Error::new(
+            source.kind(),
+            format!(
+                "{source}: enabling cpu and memory for kiln's cgroups (under systemd run the \
+                 daemon with Delegate=yes)"
+            ),
+        ),
+    })
 }
 
 /// One sandbox's cgroup (a directory per hierarchy on v1).
