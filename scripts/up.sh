@@ -32,7 +32,7 @@ KILN_AGENT_BIN="$agent" "$kiln" template build python
 listen=${KILN_LISTEN:-127.0.0.1:7070}
 url="http://$listen"
 step "starting the daemon on $listen"
-stop_daemon
+stop_daemon keep
 mkdir -p "$(dirname "$KILN_PID_FILE")" "$(dirname "$KILN_LOG_FILE")"
 KILN_AGENT_BIN="$agent" KILN_TEMPLATES_DIR="$KILN_ROOT/templates" KILN_LISTEN="$listen" \
   setsid "$kiln" serve --agent "$agent" >>"$KILN_LOG_FILE" 2>&1 </dev/null &

@@ -71,14 +71,17 @@ KILN_PID_FILE=${KILN_PID_FILE:-/run/kiln/kiln.pid}
 KILN_LOG_FILE=${KILN_LOG_FILE:-/var/log/kiln/daemon.log}
 
 # Stops the daemon recorded in $KILN_PID_FILE, if that pid still is a kiln daemon (a pid
-# alone may have been reused: its command line must be `kiln serve`).
+# alone may have been reused: its command line must be `kiln serve`). With `keep` its
+# sandboxes keep running (SIGTERM; the next start re-adopts them), else they are destroyed
+# (SIGINT).
 stop_daemon() {
   [ -s "$KILN_PID_FILE" ] || return 0
-  local pid
+  local pid signal=INT
+  [ "${1:-}" = keep ] && signal=TERM
   pid=$(cat "$KILN_PID_FILE")
   if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kiln serve"; then
-    step "stopping the daemon (pid $pid)"
-    kill -TERM "$pid"
+    step "stopping the daemon (pid $pid, SIG$signal)"
+    kill -"$signal" "$pid"
     for _ in $(seq 1 300); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.1

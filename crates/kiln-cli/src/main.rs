@@ -29,8 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the daemon: the REST API over the engine, state in SQLite (until SIGTERM/SIGINT,
-    /// which destroys its sandboxes).
+    /// Run the daemon: the REST API over the engine, state in SQLite. SIGTERM stops it and
+    /// leaves its sandboxes running (the next start re-adopts them); SIGINT (Ctrl-C) stops it
+    /// and destroys them.
     Serve(serve_cmd::ServeArgs),
     /// Create, list, inspect and destroy sandboxes.
     Sandbox {

@@ -201,16 +201,43 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         "kiln is serving"
     );
     let app = kiln_api::router(control.clone(), settings.api);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+    let signals = tokio::spawn(async move {
+        let stop = shutdown_signal().await;
+        let _ = stop_tx.send(Some(stop));
+    });
+    let mut stopped = stop_rx.clone();
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(Option::is_some).await;
+        })
         .await
         .context("serving")?;
-    tracing::info!("shutting down: destroying sandboxes");
-    control.shutdown().await;
+    signals.abort();
+    let stop = stop_rx.borrow().unwrap_or(Stop::Detach);
+    match stop {
+        Stop::Detach => {
+            tracing::info!("SIGTERM: stopping; sandboxes keep running for the next start");
+            control.detach().await;
+        }
+        Stop::Destroy => {
+            tracing::info!("SIGINT: stopping and destroying every sandbox");
+            control.shutdown().await;
+        }
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// How the daemon stops.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// SIGTERM (`systemctl stop`, upgrades): sandboxes keep running and are re-adopted.
+    Detach,
+    /// SIGINT (Ctrl-C, `scripts/down.sh`): sandboxes are destroyed.
+    Destroy,
+}
+
+async fn shutdown_signal() -> Stop {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -220,8 +247,8 @@ async fn shutdown_signal() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        _ = term.recv() => Stop::Detach,
+        _ = int.recv() => Stop::Destroy,
     }
 }
 

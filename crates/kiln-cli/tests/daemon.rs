@@ -1,7 +1,9 @@
 //! The real daemon and the real CLI, as a user runs them: `kiln serve` as a process, a key
 //! from `kiln keys create`, then `kiln run`, `kiln sandbox`, `kiln exec`, `kiln fs`; then the
-//! daemon killed with SIGKILL while a sandbox runs and started again (the sandbox is marked
-//! failed, its VMM and resources are gone), and a graceful stop that leaves nothing behind.
+//! daemon killed with SIGKILL while a sandbox runs and started again (the sandbox is
+//! re-adopted), stopped with SIGTERM (the sandbox keeps running, adopted again), restarted
+//! after the sandbox's VMM died (marked failed, nothing left), and stopped with SIGINT
+//! (everything destroyed, nothing left).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -145,11 +147,15 @@ impl Daemon {
         }
     }
 
-    fn stop_daemon(&mut self) -> std::process::ExitStatus {
+    fn stop_daemon(&mut self, signal: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill takes a pid and a signal; the pid is our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         child.wait().expect("daemon exits")
+    }
+
+    fn state_of(&self, key: Option<&str>, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.kiln_ok(key, &["sandbox", "get", id])).expect("JSON")
     }
 }
 
@@ -260,6 +266,7 @@ fn serve_use_crash_restart_and_stop() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("err"));
     let listed = daemon.kiln_ok(key, &["sandbox", "ls", "--json"]);
     assert_eq!(listed, "[]", "kiln run leaves no sandbox");
+    let vmms_before = daemon.vmm_pids();
 
     // A sandbox used step by step.
     let id = daemon.kiln_ok(key, &["sandbox", "create", "--meta", "who=e2e"]);
@@ -287,45 +294,81 @@ fn serve_use_crash_restart_and_stop() {
         serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "ls", "--json"])).expect("JSON");
     assert_eq!(ls[0]["id"], id.as_str());
     assert_eq!(ls[0]["metadata"]["who"], "e2e");
-    let vmms = daemon.vmm_pids();
-    assert!(!vmms.is_empty(), "the sandbox's VMM runs");
+    assert!(
+        daemon.vmm_pids().len() > vmms_before.len().saturating_sub(1),
+        "the sandbox's VMM runs"
+    );
 
-    // SIGKILL the daemon: its VMMs outlive it. Started again, it marks the sandbox failed
-    // and removes the VMM, namespace and cgroup it left.
+    // SIGKILL the daemon: its VMMs outlive it, and the next start re-adopts the sandbox: the
+    // same VM (same process, same files), answering again.
+    let vmm_of = |daemon: &Daemon, id: &str| -> Vec<u32> {
+        daemon
+            .vmm_pids()
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(id))
+                    .unwrap_or(false)
+            })
+            .collect()
+    };
+    let vmm = vmm_of(&daemon, &id);
+    assert_eq!(vmm.len(), 1, "one VMM for {id}: {vmm:?}");
     daemon.kill_daemon();
-    for pid in &vmms {
-        assert!(
-            Path::new(&format!("/proc/{pid}")).exists(),
-            "VMM {pid} outlived the daemon"
-        );
+    assert!(
+        Path::new(&format!("/proc/{}", vmm[0])).exists(),
+        "the VMM outlived the daemon"
+    );
+    daemon.start();
+    let got = daemon.state_of(key, &id);
+    assert_eq!(got["state"], "running", "{got}\n{}", daemon.log());
+    assert_eq!(vmm_of(&daemon, &id), vmm, "the same VMM process");
+    assert_eq!(
+        daemon.kiln_ok(key, &["fs", "cat", &id, "/root/upload.txt"]),
+        "payload"
+    );
+    assert_eq!(daemon.kiln_ok(key, &["exec", &id, "--", "hostname"]), id);
+
+    // SIGTERM stops the daemon and leaves the sandbox running; the next start adopts it.
+    let status = daemon.stop_daemon(libc::SIGTERM);
+    assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
+    assert_eq!(vmm_of(&daemon, &id), vmm, "still running after SIGTERM");
+    daemon.start();
+    assert_eq!(daemon.state_of(key, &id)["state"], "running");
+    assert_eq!(
+        daemon.kiln_ok(key, &["exec", &id, "--", "cat", "/root/upload.txt"]),
+        "payload"
+    );
+
+    // A sandbox whose VMM dies while the daemon is down is marked failed, and what it left
+    // is removed.
+    daemon.kill_daemon();
+    // SAFETY: kill takes a pid and a signal; this VMM was started by this test's daemon.
+    unsafe { libc::kill(vmm[0] as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", vmm[0])).exists() {
+        assert!(Instant::now() < deadline, "VMM {} did not die", vmm[0]);
+        std::thread::sleep(Duration::from_millis(20));
     }
     daemon.start();
-    let got: serde_json::Value =
-        serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "get", &id])).expect("JSON");
+    let got = daemon.state_of(key, &id);
     assert_eq!(got["state"], "failed", "{got}");
     assert!(
         got["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("restarted")),
+            .is_some_and(|r| r.contains("daemon was down")),
         "{got}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vmms
-        .iter()
-        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
-    {
-        assert!(Instant::now() < deadline, "the old VMM was not removed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_no_leftovers(&daemon, std::slice::from_ref(&id));
     let exec = daemon.kiln(key, &["exec", &id, "--", "true"]);
     assert!(!exec.status.success());
     assert!(String::from_utf8_lossy(&exec.stderr).contains("failed"));
     daemon.kiln_ok(key, &["sandbox", "rm", &id]);
 
-    // A graceful stop destroys what runs and exits cleanly.
+    // SIGINT (Ctrl-C, scripts/down.sh) stops the daemon and destroys what runs.
     let second = daemon.kiln_ok(key, &["sandbox", "create"]);
     daemon.sandboxes.push(second.clone());
-    let status = daemon.stop_daemon();
+    let status = daemon.stop_daemon(libc::SIGINT);
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
     let ids = daemon.sandboxes.clone();
     assert_no_leftovers(&daemon, &ids);

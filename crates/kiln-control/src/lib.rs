@@ -204,8 +204,6 @@ struct Inner {
     engine: Engine,
     store: store::Store,
     templates: templates::Templates,
-    /// Environment of each sandbox's commands, by sandbox id.
-    env: std::sync::Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// Lifecycle events with their tenant.
     events: tokio::sync::broadcast::Sender<TenantEvent>,
 }
@@ -258,10 +256,10 @@ pub fn mint_key(
 }
 
 impl Control {
-    /// Opens the control plane: the database, the engine, the templates. Sandboxes recorded
-    /// by an earlier run are marked failed (the engine does not re-adopt VMs yet; opening it
-    /// removed their VMMs, namespaces, cgroups and files); then the default template is made
-    /// ready in the background.
+    /// Opens the control plane: the database, the engine, the templates. Sandboxes an earlier
+    /// run left running are re-adopted (their agents answer again); those that cannot be are
+    /// marked failed and what they left is removed. Then the default template is made ready
+    /// in the background.
     pub async fn open(config: ControlConfig) -> Result<Control, ControlError> {
         let store = open_store(&config.data_dir)?;
         let mut engine_config = config.engine.clone();
@@ -278,12 +276,11 @@ impl Control {
                 engine,
                 store,
                 templates,
-                env: std::sync::Mutex::new(BTreeMap::new()),
                 events: tokio::sync::broadcast::Sender::new(1024),
             }),
         };
-        control.reconcile()?;
         control.follow_engine();
+        control.reconcile().await?;
         let warm = control.clone();
         tokio::spawn(async move {
             let name = warm.inner.config.default_template.clone();
@@ -294,15 +291,28 @@ impl Control {
         Ok(control)
     }
 
-    fn reconcile(&self) -> Result<(), ControlError> {
-        for record in self.inner.store.all_sandboxes()? {
-            if record.state != "running" {
-                continue;
+    async fn reconcile(&self) -> Result<(), ControlError> {
+        let wanted: Vec<kiln_engine::AdoptRequest> = self
+            .inner
+            .store
+            .all_sandboxes()?
+            .into_iter()
+            .filter(|record| record.state == "running")
+            .map(|record| kiln_engine::AdoptRequest {
+                id: record.id,
+                template: record.template,
+                created_at_ms: record.created_at_ms.max(0) as u64,
+                expires_at_ms: record.expires_at_ms.map(|ms| ms.max(0) as u64),
+            })
+            .collect();
+        for (id, result) in self.inner.engine.recover(wanted).await {
+            match result {
+                Ok(_) => tracing::info!(sandbox = %id, "re-adopted after a restart"),
+                Err(e) => self.inner.store.mark_failed(
+                    &id,
+                    &format!("lost while the daemon was down: {}", chain(&e)),
+                )?,
             }
-            self.inner.store.mark_failed(
-                &record.id,
-                "the daemon restarted while it ran (sandboxes are not re-adopted yet)",
-            )?;
         }
         Ok(())
     }
@@ -328,11 +338,6 @@ impl Control {
                             continue;
                         };
                         inner.publish(id, event.clone());
-                        inner
-                            .env
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(id);
                         inner.store.delete_sandbox(id)
                     }
                     // Published by `create_sandbox` once the owner is recorded.
@@ -502,6 +507,7 @@ impl Control {
             state: "running".into(),
             reason: None,
             metadata: request.metadata,
+            env: request.env,
             ttl_ms: Some(ttl.as_millis() as i64),
             created_at_ms: info.created_at_ms as i64,
             expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
@@ -511,11 +517,6 @@ impl Control {
             let _ = sandbox.destroy().await;
             return Err(e.into());
         }
-        self.inner
-            .env
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(record.id.clone(), request.env);
         let _ = self.inner.events.send(TenantEvent {
             tenant: who.tenant.clone(),
             event: SandboxEvent::Created {
@@ -569,16 +570,20 @@ impl Control {
     }
 
     /// The caller's running sandbox `id`, with its live handle.
-    fn live(&self, who: &Principal, id: &str) -> Result<Arc<Sandbox>, ControlError> {
+    fn live(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(Arc<Sandbox>, SandboxRecord), ControlError> {
         let record = self.get_sandbox(who, id)?;
         if record.state != "running" {
             return Err(ControlError::Conflict(format!(
                 "sandbox `{id}` is {}: {}",
                 record.state,
-                record.reason.unwrap_or_default()
+                record.reason.clone().unwrap_or_default()
             )));
         }
-        Ok(self.inner.engine.get(id)?)
+        Ok((self.inner.engine.get(id)?, record))
     }
 
     /// Destroys the caller's sandbox `id`.
@@ -611,7 +616,7 @@ impl Control {
         ttl: Duration,
     ) -> Result<SandboxRecord, ControlError> {
         self.check_ttl(ttl)?;
-        let sandbox = self.live(who, id)?;
+        let (sandbox, _) = self.live(who, id)?;
         sandbox.set_ttl(Some(ttl));
         self.inner.store.set_expiry(
             id,
@@ -647,16 +652,8 @@ impl Control {
         who: &Principal,
         id: &str,
     ) -> Result<(Arc<Sandbox>, BTreeMap<String, String>), ControlError> {
-        let sandbox = self.live(who, id)?;
-        let env = self
-            .inner
-            .env
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-            .unwrap_or_default();
-        Ok((sandbox, env))
+        let (sandbox, record) = self.live(who, id)?;
+        Ok((sandbox, record.env))
     }
 
     /// Lifecycle events of every tenant's sandboxes from now on (filter by
@@ -665,8 +662,14 @@ impl Control {
         self.inner.events.subscribe()
     }
 
-    /// Destroys every sandbox and stops pre-started VMMs (a daemon's shutdown that does not
-    /// leave sandboxes behind).
+    /// Stops the daemon's work, leaving its sandboxes running for the next start to re-adopt
+    /// (pre-started VMMs are removed).
+    pub async fn detach(&self) {
+        self.inner.engine.detach_all().await;
+    }
+
+    /// Destroys every sandbox and stops pre-started VMMs (a daemon's shutdown that leaves
+    /// nothing behind).
     pub async fn shutdown(&self) {
         self.inner.engine.shutdown_prestarted().await;
         for info in self.inner.engine.list() {

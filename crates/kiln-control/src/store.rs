@@ -32,6 +32,7 @@ CREATE TABLE sandboxes (
     state TEXT NOT NULL,
     reason TEXT,
     metadata TEXT NOT NULL,
+    env TEXT NOT NULL,
     ttl_ms INTEGER,
     created_at_ms INTEGER NOT NULL,
     expires_at_ms INTEGER
@@ -90,6 +91,8 @@ pub struct SandboxRecord {
     pub reason: Option<String>,
     /// User metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Environment of every command run in it.
+    pub env: BTreeMap<String, String>,
     /// Time to live it was created (or last kept alive) with.
     pub ttl_ms: Option<i64>,
     /// Creation time, ms since the epoch.
@@ -249,10 +252,12 @@ impl Store {
     pub fn insert_sandbox(&self, record: &SandboxRecord) -> Result<(), StoreError> {
         let metadata = serde_json::to_string(&record.metadata)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let env =
+            serde_json::to_string(&record.env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
-                                    created_at_ms, expires_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                    created_at_ms, expires_at_ms, env)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 record.id,
                 record.tenant,
@@ -262,13 +267,16 @@ impl Store {
                 metadata,
                 record.ttl_ms,
                 record.created_at_ms,
-                record.expires_at_ms
+                record.expires_at_ms,
+                env
             ],
         )?;
         Ok(())
     }
 
-    fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(SandboxRecord, String)> {
+    fn sandbox_from_row(
+        row: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<(SandboxRecord, String, String)> {
         Ok((
             SandboxRecord {
                 id: row.get(0)?,
@@ -277,23 +285,27 @@ impl Store {
                 state: row.get(3)?,
                 reason: row.get(4)?,
                 metadata: BTreeMap::new(),
+                env: BTreeMap::new(),
                 ttl_ms: row.get(6)?,
                 created_at_ms: row.get(7)?,
                 expires_at_ms: row.get(8)?,
             },
             row.get::<_, String>(5)?,
+            row.get::<_, String>(9)?,
         ))
     }
 
-    fn finish(raw: (SandboxRecord, String)) -> Result<SandboxRecord, StoreError> {
-        let (mut record, metadata) = raw;
+    fn finish(raw: (SandboxRecord, String, String)) -> Result<SandboxRecord, StoreError> {
+        let (mut record, metadata, env) = raw;
         record.metadata = serde_json::from_str(&metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata of {}: {e}", record.id)))?;
+        record.env = serde_json::from_str(&env)
+            .map_err(|e| StoreError::Corrupt(format!("env of {}: {e}", record.id)))?;
         Ok(record)
     }
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
-                                           ttl_ms, created_at_ms, expires_at_ms";
+                                           ttl_ms, created_at_ms, expires_at_ms, env";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -412,6 +424,7 @@ mod tests {
             state: "running".into(),
             reason: None,
             metadata: BTreeMap::from([("team".to_owned(), team.to_owned())]),
+            env: BTreeMap::from([("A".to_owned(), "1".to_owned())]),
             ttl_ms: Some(60_000),
             created_at_ms: at,
             expires_at_ms: Some(at + 60_000),

@@ -12,13 +12,7 @@ use std::time::{Duration, Instant};
 /// Name of the file that identifies a directory's VMM.
 pub const PID_FILE: &str = "vmm.pid";
 
-/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`).
-pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let after = stat.get(stat.rfind(')')? + 2..)?;
-    after.split_whitespace().nth(19)?.parse().ok()
-}
+pub use kiln_vmm::process_start_ticks;
 
 /// Records the VMM `pid` of the VM in `dir`, made under resource name `name`.
 pub fn write_pid_file(dir: &Path, pid: u32, name: &str) -> std::io::Result<()> {
@@ -27,7 +21,7 @@ pub fn write_pid_file(dir: &Path, pid: u32, name: &str) -> std::io::Result<()> {
 }
 
 /// The VMM recorded in `dir`: pid, start ticks, resource name.
-fn read_pid_file(dir: &Path) -> Option<(u32, u64, String)> {
+pub(crate) fn read_pid_file(dir: &Path) -> Option<(u32, u64, String)> {
     let text = std::fs::read_to_string(dir.join(PID_FILE)).ok()?;
     let mut words = text.split_whitespace();
     let pid = words.next()?.parse().ok()?;

@@ -22,7 +22,7 @@ use kiln_vmm::qemu::{MemoryBacking, QemuDriver};
 
 pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
-pub use sandbox::{CreateOptions, Sandbox, SandboxInfo, SandboxState};
+pub use sandbox::{AdoptRequest, CreateOptions, Sandbox, SandboxInfo, SandboxState};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +226,18 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// Claims `uid` for an adopted VMM, if it is one of the engine's and free.
+    pub(crate) fn claim_uid(self: &Arc<Self>, uid: u32) -> Option<VmUid> {
+        let base = self.config.confinement.vm_uid_base?;
+        if !(base..base.saturating_add(VM_UID_COUNT)).contains(&uid) {
+            return None;
+        }
+        lock(&self.uids).insert(uid).then(|| VmUid {
+            id: uid,
+            engine: Arc::downgrade(self),
+        })
+    }
+
     /// Takes the lowest free VMM uid, if VMMs run unprivileged.
     pub(crate) fn take_uid(self: &Arc<Self>) -> Result<Option<VmUid>, EngineError> {
         let Some(base) = self.config.confinement.vm_uid_base else {
@@ -274,18 +286,6 @@ impl Engine {
                     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
                 })
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
-        }
-        // Nothing of an earlier run is live in this engine: whatever it left is removed.
-        for (dir, prefix) in [("sandboxes", ""), ("templates", ".bake-")] {
-            let entries = std::fs::read_dir(config.data_dir.join(dir))
-                .map_err(|e| EngineError::io("reading the data directory", e))?;
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(prefix) && entry.path().is_dir() {
-                    tracing::info!(dir = %entry.path().display(), "removing what an earlier run left");
-                    leftovers::remove_vm_dir(&entry.path(), cgroups.as_ref());
-                }
-            }
         }
         let reflink = disk::supports_reflink(&config.data_dir.join("templates"));
         tracing::info!(
@@ -508,6 +508,61 @@ impl Engine {
     pub fn list(&self) -> Vec<SandboxInfo> {
         let sandboxes: Vec<Arc<Sandbox>> = lock(&self.inner.sandboxes).values().cloned().collect();
         sandboxes.iter().map(|s| s.info()).collect()
+    }
+
+    /// Takes over the sandboxes of an earlier run that `wanted` names and whose VMMs still
+    /// run (their agents answer again), then removes everything else that run left: VMMs,
+    /// network namespaces, cgroups and directories of sandboxes not adopted, pre-started
+    /// VMMs, interrupted bakes. Call once, right after [`Engine::new`].
+    pub async fn recover(
+        &self,
+        wanted: Vec<sandbox::AdoptRequest>,
+    ) -> Vec<(String, Result<Arc<Sandbox>, EngineError>)> {
+        let mut results = Vec::new();
+        for request in wanted {
+            let id = request.id.clone();
+            let result = sandbox::adopt(&self.inner, request).await;
+            if let Err(e) = &result {
+                tracing::warn!(sandbox = %id, error = %e, "not re-adopted");
+            }
+            results.push((id, result));
+        }
+        let adopted: std::collections::HashSet<String> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let data_dir = self.data_dir().to_owned();
+        let cgroups = self.inner.cgroups.clone();
+        tokio::task::block_in_place(|| {
+            for (dir, prefix) in [("sandboxes", ""), ("templates", ".bake-")] {
+                let Ok(entries) = std::fs::read_dir(data_dir.join(dir)) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(prefix) && entry.path().is_dir() && !adopted.contains(&name)
+                    {
+                        tracing::info!(dir = %entry.path().display(), "removing what an earlier run left");
+                        leftovers::remove_vm_dir(&entry.path(), cgroups.as_ref());
+                    }
+                }
+            }
+        });
+        results
+    }
+
+    /// Lets every sandbox run on without this engine (their VMMs, namespaces, cgroups and
+    /// files stay, for the next run to adopt with [`Engine::recover`]); pre-started VMMs are
+    /// removed.
+    pub async fn detach_all(&self) {
+        self.shutdown_prestarted().await;
+        let sandboxes: Vec<Arc<Sandbox>> = std::mem::take(&mut *lock(&self.inner.sandboxes))
+            .into_values()
+            .collect();
+        for sandbox in sandboxes {
+            sandbox.detach();
+        }
     }
 
     /// Removes what a sandbox `id` of an earlier run of the daemon left behind: its network

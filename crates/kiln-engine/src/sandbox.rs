@@ -127,6 +127,14 @@ impl VmResources {
         self.release_now()
     }
 
+    /// Leaves the namespace and cgroup in place for a later run of the daemon.
+    fn detach(mut self) {
+        if let Some(netns) = self.netns.take() {
+            netns.detach();
+        }
+        self.cgroup = None;
+    }
+
     fn release_now(&mut self) -> Result<(), EngineError> {
         let mut first_error = None;
         if let Some(netns) = self.netns.take() {
@@ -342,6 +350,18 @@ impl Sandbox {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Lets the VM run on without this engine (see [`crate::Engine::detach_all`]).
+    pub(crate) fn detach(&self) {
+        let mut runtime = lock(&self.runtime);
+        if let Some(vm) = runtime.vm.take() {
+            vm.detach();
+        }
+        if let Some(resources) = runtime.resources.take() {
+            resources.detach();
+        }
+        runtime.state = SandboxState::Destroyed;
     }
 
     /// The VMM process ended: mark the sandbox failed (unless it was being destroyed) and free
@@ -626,6 +646,93 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
         }
         engine.prestarting.send_modify(|n| *n -= 1);
     });
+}
+
+/// A sandbox of an earlier run to take over (what the daemon recorded about it).
+#[derive(Debug, Clone)]
+pub struct AdoptRequest {
+    /// Its id.
+    pub id: String,
+    /// Its template.
+    pub template: String,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When it expires, ms since the epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+fn from_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Takes over a sandbox of an earlier run whose VMM still runs.
+pub(crate) async fn adopt(
+    engine: &Arc<Inner>,
+    request: AdoptRequest,
+) -> Result<Arc<Sandbox>, EngineError> {
+    let id = request.id.clone();
+    let dir = engine.config.data_dir.join("sandboxes").join(&id);
+    let (pid, ticks, name) = crate::leftovers::read_pid_file(&dir)
+        .ok_or_else(|| EngineError::Invalid(format!("no VMM recorded for `{id}`")))?;
+    if name != id {
+        return Err(EngineError::Invalid(format!(
+            "the VMM recorded in {} is not `{id}`'s",
+            dir.display()
+        )));
+    }
+    let vm = engine.driver.adopt(&dir.join("run"), pid, ticks)?;
+    let exit = pidfd(pid).map_err(|e| EngineError::io("watching the VMM process", e))?;
+    if kiln_vmm::process_start_ticks(pid) != Some(ticks) {
+        return Err(EngineError::Invalid(format!(
+            "the VMM of `{id}` just ended"
+        )));
+    }
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("Uid:")
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+        })
+        .and_then(|uid| engine.claim_uid(uid));
+    let resources = VmResources {
+        netns: kiln_net::netns::NetNs::existing(&format!("kiln-{id}")),
+        cgroup: engine.cgroups.as_ref().and_then(|c| c.existing(&id)),
+        uid,
+    };
+    let client = AgentClient::new(
+        Arc::new(UnixConnector::new(vm.agent_socket())),
+        ClientConfig {
+            hello_interval: Duration::from_millis(50),
+            handshake_timeout: Duration::from_secs(10),
+            ..ClientConfig::default()
+        },
+    );
+    client.connect().await?;
+    let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
+    let (expires_at, expiry_watch) = watch::channel(request.expires_at_ms.map(from_ms));
+    let sandbox = Arc::new(Sandbox {
+        id: id.clone(),
+        template: request.template,
+        dir,
+        client,
+        timings: PhaseTimings::default(),
+        created_at: from_ms(request.created_at_ms),
+        netns,
+        runtime: Mutex::new(Runtime {
+            state: SandboxState::Running,
+            vm: Some(vm),
+            resources: Some(resources),
+        }),
+        expires_at,
+        engine: Arc::downgrade(engine),
+    });
+    lock(&engine.sandboxes).insert(id.clone(), sandbox.clone());
+    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
+    tracing::info!(sandbox = %id, pid, "re-adopted");
+    Ok(sandbox)
 }
 
 /// Restores `template` into a new sandbox.

@@ -95,6 +95,12 @@ impl NetNs {
         .map_err(|_| io::Error::other("namespace thread panicked"))?
     }
 
+    /// Stops managing the namespace: it stays when this handle goes (for a later run of the
+    /// daemon to adopt by name).
+    pub fn detach(mut self) {
+        self.removed = true;
+    }
+
     /// Removes the namespace (it lives on while processes are still in it).
     pub fn remove(mut self) -> io::Result<()> {
         self.remove_inner()

@@ -86,8 +86,8 @@ pub struct Capabilities {
 /// How a VM process ended.
 #[derive(Debug, Clone)]
 pub struct ExitReport {
-    /// Its exit status.
-    pub status: ExitStatus,
+    /// Its exit status (unknown for an adopted process, which is not a child).
+    pub status: Option<ExitStatus>,
     /// What it said about it: the VMM's last error lines, else the guest console's last lines.
     pub reason: String,
 }
@@ -139,6 +139,20 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn restore_signature(&self, spec: &VmSpec) -> String;
     /// Starts a VM process for `spec`, confined by `confinement`.
     fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError>;
+    /// Takes over VM process `pid` (started by an earlier run, with its sockets and logs in
+    /// `run_dir`) if it still is the process that started at `start_ticks`.
+    fn adopt(
+        &self,
+        run_dir: &Path,
+        pid: u32,
+        start_ticks: u64,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        let _ = (run_dir, pid, start_ticks);
+        Err(DriverError::Unsupported {
+            driver: self.name(),
+            what: "adopting a running VM",
+        })
+    }
 }
 
 /// A running VM process, killed and reaped when dropped.
@@ -167,6 +181,8 @@ pub trait Vm: Send + Debug {
     fn exited(&mut self) -> Result<Option<ExitReport>, DriverError>;
     /// Kills the process (only this one, by its own handle) and reaps it.
     fn kill(&mut self) -> Result<(), DriverError>;
+    /// Lets the process run on when this handle goes (a later run adopts it).
+    fn detach(self: Box<Self>);
     /// The last lines of the VMM's own error output.
     fn diagnostics(&self) -> String;
     /// The last `lines` lines of the guest console.

@@ -5,3 +5,12 @@ pub mod accel;
 pub mod driver;
 pub mod qemu;
 pub mod qmp;
+
+/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`):
+/// with the pid, it identifies a process safely across pid reuse.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after = stat.get(stat.rfind(')')? + 2..)?;
+    after.split_whitespace().nth(19)?.parse().ok()
+}

@@ -338,10 +338,99 @@ pub enum SnapshotError {
     State(String),
 }
 
-/// A QEMU process this crate started; killed (by its own pid only) and reaped on drop.
+/// How this process holds its QEMU.
+#[derive(Debug)]
+enum Handle {
+    /// Started by this process: a child, reaped here.
+    Child(Child),
+    /// Started by an earlier run of the daemon and adopted: not a child (its parent died),
+    /// held by a pidfd, which keeps referring to this very process.
+    Adopted {
+        pid: u32,
+        pidfd: std::os::fd::OwnedFd,
+    },
+}
+
+impl Handle {
+    fn pid(&self) -> u32 {
+        match self {
+            Handle::Child(child) => child.id(),
+            Handle::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// The exit status once the process ended (`None` inside: ended, status unknown).
+    fn try_wait(&mut self) -> io::Result<Option<Option<std::process::ExitStatus>>> {
+        match self {
+            Handle::Child(child) => Ok(child.try_wait()?.map(Some)),
+            Handle::Adopted { pidfd, .. } => Ok(pidfd_exited(pidfd, 0)?.then_some(None)),
+        }
+    }
+
+    fn kill(&mut self) -> io::Result<()> {
+        match self {
+            Handle::Child(child) => {
+                if child.try_wait()?.is_none() {
+                    child.kill()?;
+                    child.wait()?;
+                }
+            }
+            Handle::Adopted { pidfd, .. } => {
+                use std::os::fd::AsRawFd;
+                if !pidfd_exited(pidfd, 0)? {
+                    // SAFETY: pidfd_send_signal takes a pidfd, a signal, a null siginfo and
+                    // no flags.
+                    let rc = unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            pidfd.as_raw_fd(),
+                            libc::SIGKILL,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                    if rc < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.raw_os_error() != Some(libc::ESRCH) {
+                            return Err(e);
+                        }
+                    }
+                    // Its parent (init) reaps it; wait until it has ended.
+                    if !pidfd_exited(pidfd, 10_000)? {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "QEMU did not end after SIGKILL",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the process of `pidfd` has ended, waiting up to `timeout_ms`.
+fn pidfd_exited(pidfd: &std::os::fd::OwnedFd, timeout_ms: i32) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n > 0)
+}
+
+/// A QEMU process this crate started (or adopted); killed (by its own handle only) on drop
+/// unless detached.
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    child: Handle,
+    detached: bool,
     config: BootConfig,
     qmp: Option<Qmp>,
 }
@@ -422,7 +511,8 @@ impl QemuProcess {
                 }
             })?;
         Ok(QemuProcess {
-            child,
+            child: Handle::Child(child),
+            detached: false,
             config,
             qmp: None,
         })
@@ -493,7 +583,7 @@ impl QemuProcess {
 
     /// Its pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// The configuration it was started with.
@@ -510,6 +600,7 @@ impl QemuProcess {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
+                let status = status.map_or_else(|| "status unknown".into(), |s| s.to_string());
                 return Err(io::Error::other(format!(
                     "QEMU exited ({status}): {}",
                     self.stderr_tail()
@@ -525,8 +616,9 @@ impl QemuProcess {
         }
     }
 
-    /// Whether QEMU has exited.
-    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
+    /// Whether QEMU has exited, and how (`Some(None)`: exited, status unknown because the
+    /// process was adopted rather than started here).
+    pub fn try_wait(&mut self) -> io::Result<Option<Option<std::process::ExitStatus>>> {
         self.child.try_wait()
     }
 
@@ -542,18 +634,67 @@ impl QemuProcess {
 
     /// Kills QEMU and reaps it.
     pub fn kill(&mut self) -> io::Result<()> {
-        if self.child.try_wait()?.is_none() {
-            self.child.kill()?;
-            self.child.wait()?;
+        self.child.kill()
+    }
+
+    /// Adopts QEMU process `pid`, started by an earlier run with its sockets and logs in
+    /// `run_dir`, if it still is the process that started at `start_ticks` (clock ticks since
+    /// boot, as in `/proc/PID/stat`). The configuration it knows is its directory only.
+    pub fn adopt(run_dir: &Path, pid: u32, start_ticks: u64) -> io::Result<QemuProcess> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(())
+        // SAFETY: the syscall returned a new descriptor nothing else owns.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after the pidfd exists: it pins this very process.
+        if crate::process_start_ticks(pid) != Some(start_ticks) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} is not the VMM that was recorded"),
+            ));
+        }
+        let config = BootConfig {
+            accel: Accel::Tcg,
+            vcpus: 0,
+            memory_mib: 0,
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            root_disk: PathBuf::new(),
+            root_disk_format: DiskFormat::Raw,
+            root_disk_snapshot: false,
+            extra_cmdline: Vec::new(),
+            run_dir: run_dir.to_owned(),
+            memory: MemoryBacking::Anonymous,
+            incoming: false,
+            nic: None,
+            run_as: None,
+            seccomp: false,
+            start_paused: false,
+        };
+        Ok(QemuProcess {
+            child: Handle::Adopted { pid, pidfd },
+            detached: false,
+            config,
+            qmp: None,
+        })
+    }
+
+    /// Lets QEMU run on when this handle is dropped (for a later run to adopt it).
+    pub fn detach(mut self) {
+        self.detached = true;
     }
 }
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if let Err(e) = self.kill() {
-            tracing::warn!(pid = self.child.id(), error = %e, "could not kill QEMU");
+            tracing::warn!(pid = self.child.pid(), error = %e, "could not kill QEMU");
         }
     }
 }
@@ -624,6 +765,16 @@ impl Hypervisor for QemuDriver {
     fn restore_signature(&self, spec: &VmSpec) -> String {
         BootConfig::from_spec(self.accel.accel, spec.clone(), &Confinement::default())
             .device_signature()
+    }
+
+    fn adopt(
+        &self,
+        run_dir: &Path,
+        pid: u32,
+        start_ticks: u64,
+    ) -> Result<Box<dyn Vm>, DriverError> {
+        let process = QemuProcess::adopt(run_dir, pid, start_ticks)?;
+        Ok(Box::new(QemuVm { process }))
     }
 
     fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError> {
@@ -705,16 +856,18 @@ impl Vm for QemuVm {
         let Some(status) = self.process.try_wait()? else {
             return Ok(None);
         };
+        let status_text =
+            status.map_or_else(|| "exit status unknown".to_owned(), |s| s.to_string());
         let stderr = self.process.stderr_tail();
         let console = self.process.console_tail(200);
         let reason = if !stderr.trim().is_empty() {
-            format!("QEMU exited ({status}): {}", stderr.trim())
+            format!("QEMU exited ({status_text}): {}", stderr.trim())
         } else if let Some(panic) = guest_crash_line(&console) {
-            format!("QEMU exited ({status}): the guest kernel crashed: {panic}")
+            format!("QEMU exited ({status_text}): the guest kernel crashed: {panic}")
         } else {
             let tail: Vec<&str> = console.lines().collect();
             format!(
-                "QEMU exited ({status}); guest console:\n{}",
+                "QEMU exited ({status_text}); guest console:\n{}",
                 tail[tail.len().saturating_sub(10)..].join("\n")
             )
         };
@@ -723,6 +876,10 @@ impl Vm for QemuVm {
 
     fn kill(&mut self) -> Result<(), DriverError> {
         Ok(self.process.kill()?)
+    }
+
+    fn detach(self: Box<Self>) {
+        self.process.detach();
     }
 
     fn diagnostics(&self) -> String {
