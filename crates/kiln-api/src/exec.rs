@@ -110,7 +110,7 @@ pub(crate) async fn run(
     .into_response())
 }
 
-fn data_event(bytes: &[u8], stdout: bool) -> ExecEventBody {
+pub(crate) fn data_event(bytes: &[u8], stdout: bool) -> ExecEventBody {
     let (data, data_b64) = match std::str::from_utf8(bytes) {
         Ok(text) => (Some(text.to_owned()), None),
         Err(_) => (

@@ -6,6 +6,7 @@
 mod exec;
 mod files;
 mod handlers;
+mod interactive;
 pub mod types;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
@@ -205,6 +206,7 @@ impl FromRequestParts<AppState> for Caller {
         handlers::events,
         exec::run,
         exec::stream,
+        interactive::open,
         exec::list_processes,
         exec::attach,
         exec::signal,
@@ -309,6 +311,7 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .route("/v1/events", get(handlers::events))
         .route("/v1/sandboxes/{id}/exec", post(exec::run))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec::stream))
+        .route("/v1/sandboxes/{id}/exec/ws", get(interactive::open))
         .route("/v1/sandboxes/{id}/processes", get(exec::list_processes))
         .route(
             "/v1/sandboxes/{id}/processes/{process}/stream",

@@ -409,3 +409,66 @@ pub struct HealthBody {
     /// `kvm` or `tcg`.
     pub accel: String,
 }
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// The first message of an interactive session (`/exec/ws`): start a command, or attach to
+/// a running one.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InteractiveStartBody {
+    /// What to run (absent when attaching).
+    #[serde(default)]
+    pub command: Option<CommandBody>,
+    /// A process to attach to instead, by pid or tag.
+    #[serde(default)]
+    pub attach: Option<String>,
+    /// Run in a terminal of this size (stdout and stderr merged).
+    #[serde(default)]
+    pub pty: Option<TerminalSize>,
+    /// Environment on top of the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// User.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Kill the command after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What a client sends during an interactive session (binary messages are stdin bytes).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InteractiveInputBody {
+    /// Text for stdin.
+    Stdin {
+        /// The text.
+        data: String,
+    },
+    /// End of stdin.
+    CloseStdin,
+    /// The terminal changed size.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Send a signal to the process group.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+}

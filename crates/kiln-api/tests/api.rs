@@ -135,10 +135,20 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     let committed: Value =
         serde_json::from_str(&std::fs::read_to_string(&committed).expect("docs/openapi.json"))
             .expect("JSON");
-    assert_eq!(
-        document, committed,
-        "the API changed: run with KILN_UPDATE_OPENAPI=1 and commit docs/openapi.json"
-    );
+    if document != committed {
+        let paths = |d: &Value| -> Vec<String> {
+            d["paths"]
+                .as_object()
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        panic!(
+            "the API changed: run with KILN_UPDATE_OPENAPI=1 and commit docs/openapi.json \
+             (served paths {:?}, committed {:?})",
+            paths(&document),
+            paths(&committed)
+        );
+    }
 
     // Authentication.
     api.call(Method::GET, "/v1/sandboxes", None, Body::empty())
@@ -585,6 +595,103 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     )
     .await
     .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Interactive sessions over a WebSocket (a real server on loopback): stdin, a terminal
+    // and its resize, bad control messages reported without ending the session.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let app = api.app.clone();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let connect = |key: String| {
+            let url = format!("ws://{address}/v1/sandboxes/{id}/exec/ws");
+            async move {
+                let mut request = url.into_client_request().expect("request");
+                request.headers_mut().insert(
+                    "authorization",
+                    format!("Bearer {key}").parse().expect("header"),
+                );
+                tokio_tungstenite::connect_async(request).await
+            }
+        };
+        // Until `exit`: the events' text on stdout, and the exit code.
+        async fn collect(
+            rx: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+                      + Unpin),
+        ) -> (String, Vec<Value>, Option<i64>) {
+            let (mut out, mut errors) = (String::new(), Vec::new());
+            while let Some(Ok(message)) = rx.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let event: Value = serde_json::from_str(&text).expect("JSON event");
+                match event["type"].as_str() {
+                    Some("stdout") => out.push_str(event["data"].as_str().unwrap_or_default()),
+                    Some("error") => errors.push(event),
+                    Some("exit") => return (out, errors, event["exit_code"].as_i64()),
+                    _ => {}
+                }
+            }
+            (out, errors, None)
+        }
+        let (socket, _) = connect(alice.clone()).await.expect("connect");
+        let (mut tx, mut rx) = socket.split();
+        tx.send(Message::Text(json!({"command": ["cat"]}).to_string()))
+            .await
+            .expect("start");
+        tx.send(Message::Binary(b"hello over ws\n".to_vec()))
+            .await
+            .expect("stdin");
+        tx.send(Message::Text(
+            json!({"type": "signal", "signal": 0}).to_string(),
+        ))
+        .await
+        .expect("bad");
+        tx.send(Message::Text(json!({"type": "close_stdin"}).to_string()))
+            .await
+            .expect("eof");
+        let (out, errors, code) = collect(&mut rx).await;
+        assert_eq!(out, "hello over ws\n");
+        assert_eq!(code, Some(0));
+        assert_eq!(errors.len(), 1, "the bad signal is reported: {errors:?}");
+
+        let (socket, _) = connect(alice.clone()).await.expect("connect");
+        let (mut tx, mut rx) = socket.split();
+        let start = json!({"command": "sh", "pty": {"rows": 24, "cols": 80}});
+        tx.send(Message::Text(start.to_string()))
+            .await
+            .expect("start");
+        tx.send(Message::Text(
+            json!({"type": "resize", "rows": 40, "cols": 100}).to_string(),
+        ))
+        .await
+        .expect("resize");
+        tx.send(Message::Text(
+            json!({"type": "stdin", "data": "stty size; exit 3\n"}).to_string(),
+        ))
+        .await
+        .expect("stdin");
+        let (out, _, code) = collect(&mut rx).await;
+        assert!(
+            out.contains("40 100"),
+            "terminal size after resize: {out:?}"
+        );
+        assert_eq!(code, Some(3));
+
+        // Another tenant cannot open one.
+        match connect(bob.clone()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 404)
+            }
+            other => panic!("bob got a session: {:?}", other.map(|_| ())),
+        }
+        server.abort();
+    }
 
     // Time to live.
     let kept = api

@@ -495,3 +495,155 @@ pub async fn fs_put(client: &Client, id: &str, local: &Path, path: &str) -> Resu
     println!("{} bytes -> {}", written.bytes, written.path);
     Ok(())
 }
+
+/// The local terminal's size, if stdin is one.
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ fills the winsize it is given; fd 0 is stdin.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_row > 0).then_some((size.ws_row, size.ws_col))
+}
+
+/// Puts the local terminal in raw mode until dropped.
+struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use nix::sys::termios;
+        let stdin = std::io::stdin();
+        let Ok(saved) = termios::tcgetattr(&stdin) else {
+            return RawMode { saved: None };
+        };
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        if termios::tcsetattr(&stdin, termios::SetArg::TCSANOW, &raw).is_err() {
+            return RawMode { saved: None };
+        }
+        RawMode { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// `kiln shell`: an interactive terminal in the sandbox over the API's WebSocket; returns
+/// the shell's exit code.
+pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = format!(
+        "{}/v1/sandboxes/{id}/exec/ws",
+        client.url.replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request()?;
+    if let Some(key) = &client.key {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {key}").parse()?);
+    }
+    let (socket, _) = match tokio_tungstenite::connect_async(request).await {
+        Ok(connected) => connected,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(error) => bail!("{} ({})", error.message, error.code),
+                Err(_) => bail!("HTTP {}", response.status()),
+            }
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot reach the kiln daemon at {}", client.url))
+        }
+    };
+    let (mut tx, mut rx) = socket.split();
+    let (rows, cols) = terminal_size().unwrap_or((24, 80));
+    let command = if command.is_empty() {
+        CommandBody::Shell(
+            "if command -v bash >/dev/null; then exec bash -l; else exec sh -l; fi".into(),
+        )
+    } else {
+        CommandBody::Argv(command.to_vec())
+    };
+    let mut env = BTreeMap::new();
+    env.insert(
+        "TERM".to_owned(),
+        std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+    );
+    let start = serde_json::json!({
+        "command": command,
+        "pty": {"rows": rows, "cols": cols},
+        "env": env,
+    });
+    tx.send(Message::Text(start.to_string())).await?;
+
+    let _raw = RawMode::enter();
+    // Stdin is read on a thread of its own (blocking reads), forwarded as binary messages.
+    let (input_tx, mut input_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut resized =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            input = input_rx.recv(), if stdin_open => match input {
+                Some(bytes) => tx.send(Message::Binary(bytes)).await?,
+                None => {
+                    stdin_open = false;
+                    tx.send(Message::Text(r#"{"type":"close_stdin"}"#.to_owned())).await?;
+                }
+            },
+            _ = resized.recv() => {
+                if let Some((rows, cols)) = terminal_size() {
+                    let resize = serde_json::json!({"type": "resize", "rows": rows, "cols": cols});
+                    tx.send(Message::Text(resize.to_string())).await?;
+                }
+            }
+            message = rx.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let event: ExecEventBody = serde_json::from_str(&text)
+                        .context("malformed event from the daemon")?;
+                    if let Some(code) = print_event(event)? {
+                        return Ok(code);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e).context("the session broke"),
+                None => bail!("the session ended before the shell exited"),
+            },
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! `kiln`: the command line of the kiln sandbox platform.
 
 mod agent_cmd;
+mod bench_api;
 mod bench_create;
 mod client_cmd;
 mod keys_cmd;
@@ -55,6 +56,16 @@ enum Commands {
         create: client_cmd::CreateArgs,
         #[command(flatten)]
         exec: client_cmd::ExecArgs,
+    },
+    /// An interactive terminal in a sandbox (a login shell unless a command is given).
+    ///
+    /// Example: kiln shell sb-1234    or    kiln shell sb-1234 -- python3
+    Shell {
+        /// Sandbox id.
+        id: String,
+        /// The command to run in the terminal.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Files in a sandbox.
     Fs {
@@ -262,6 +273,38 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon through its HTTP API (started in this process on a loopback port): create
+    /// latency sequential and with concurrent clients, exec round trip, sustained creates and
+    /// destroys, memory after.
+    Api {
+        /// Template.
+        #[arg(long, default_value = "base")]
+        template: String,
+        /// Sequential creates.
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Creates per concurrent client.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Exec round trips.
+        #[arg(long, default_value_t = 200)]
+        execs: usize,
+        /// Seconds of sustained creates and destroys.
+        #[arg(long, default_value_t = 60)]
+        sustain_secs: u64,
+        /// Workers creating and destroying in the sustained phase.
+        #[arg(long, default_value_t = 4)]
+        sustain_workers: usize,
+        /// Artefact cache directory.
+        #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
+        cache_dir: PathBuf,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -303,6 +346,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
         },
         Commands::Exec { id, exec } => return client_cmd::exec(&client, &id, &exec).await,
+        Commands::Shell { id, command } => return client_cmd::shell(&client, &id, &command).await,
         Commands::Run { create, exec } => return client_cmd::run(&client, &create, &exec).await,
         Commands::Fs { command } => match command {
             FsCommand::Ls {
@@ -348,6 +392,7 @@ async fn main() -> ExitCode {
         },
         command @ (Commands::Sandbox { .. }
         | Commands::Exec { .. }
+        | Commands::Shell { .. }
         | Commands::Run { .. }
         | Commands::Fs { .. }
         | Commands::Template {
@@ -397,6 +442,33 @@ async fn main() -> ExitCode {
                 idle,
                 cache_dir,
                 accel,
+                json,
+            })
+            .await
+        }
+        Commands::Bench {
+            command:
+                BenchCommand::Api {
+                    template,
+                    iterations,
+                    clients,
+                    rounds,
+                    execs,
+                    sustain_secs,
+                    sustain_workers,
+                    cache_dir,
+                    json,
+                },
+        } => {
+            bench_api::run(bench_api::ApiBenchOptions {
+                template,
+                iterations,
+                clients,
+                rounds,
+                execs,
+                sustain: std::time::Duration::from_secs(sustain_secs),
+                sustain_workers,
+                cache_dir,
                 json,
             })
             .await

@@ -288,6 +288,18 @@ fn serve_use_crash_restart_and_stop() {
         daemon.kiln_ok(key, &["fs", "cat", &id, "/root/upload.txt"]),
         "payload"
     );
+    // `kiln shell` over the WebSocket (stdin is not a terminal here: it ends at once).
+    let shell = daemon.kiln(
+        key,
+        &["shell", &id, "--", "sh", "-c", "echo from-shell; exit 4"],
+    );
+    assert_eq!(
+        shell.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&shell.stderr)
+    );
+    assert!(String::from_utf8_lossy(&shell.stdout).contains("from-shell"));
     let templates = daemon.kiln_ok(key, &["template", "ls"]);
     assert!(templates.contains("base"), "{templates}");
     let ls: serde_json::Value =

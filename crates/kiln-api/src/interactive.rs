@@ -1,0 +1,180 @@
+//! Interactive commands over a WebSocket: stdin, a terminal with resizes, signals; output
+//! comes back as the same JSON events as `exec/stream`.
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use kiln_agent_client::ExecOutput;
+use kiln_proto::messages::{Command, ExecRequest, ProcessSelector, PtySize};
+
+use crate::types::{
+    CommandBody, ErrorBody, ExecEventBody, InteractiveInputBody, InteractiveStartBody,
+};
+use crate::{ApiError, AppState, Caller, Path};
+
+/// Largest message a client may send.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Opens an interactive session. The client's first message (text) is an
+/// `InteractiveStartBody`; then binary messages are stdin bytes and text messages are
+/// `InteractiveInputBody` controls. The server sends `ExecEventBody` events as text and
+/// closes after `exit` or `error`. Closing the socket kills a command started here.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn open(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (sandbox, env) = state.control.agent(&who, &id)?;
+    Ok(upgrade
+        .max_message_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| session(socket, sandbox, env)))
+}
+
+fn event_text(event: &ExecEventBody) -> Message {
+    Message::Text(
+        serde_json::to_string(event)
+            .unwrap_or_else(|_| "{}".into())
+            .into(),
+    )
+}
+
+fn error_event(code: &str, message: impl Into<String>) -> Message {
+    event_text(&ExecEventBody::Error {
+        code: code.into(),
+        message: message.into(),
+    })
+}
+
+async fn session(
+    socket: WebSocket,
+    sandbox: std::sync::Arc<kiln_engine::Sandbox>,
+    sandbox_env: std::collections::BTreeMap<String, String>,
+) {
+    let (mut tx, mut rx) = socket.split();
+    let start: InteractiveStartBody = match rx.next().await {
+        Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
+            Ok(start) => start,
+            Err(e) => {
+                let _ = tx.send(error_event("invalid_request", e.to_string())).await;
+                return;
+            }
+        },
+        _ => {
+            let _ = tx
+                .send(error_event(
+                    "invalid_request",
+                    "the first message is a JSON start message",
+                ))
+                .await;
+            return;
+        }
+    };
+    let agent = sandbox.agent();
+    let started = match (&start.command, &start.attach) {
+        (Some(command), None) => {
+            let command = match command {
+                CommandBody::Shell(line) => Command::Shell(line.clone()),
+                CommandBody::Argv(argv) => Command::Argv(argv.clone()),
+            };
+            let mut request = ExecRequest::new(command);
+            request.env = sandbox_env;
+            request.env.extend(start.env.clone());
+            request.cwd = start.cwd.clone();
+            request.user = start.user.clone();
+            request.timeout_ms = start.timeout_ms;
+            request.stdin = true;
+            request.pty = start.pty.map(|size| PtySize {
+                rows: size.rows,
+                cols: size.cols,
+            });
+            agent.exec(request).await
+        }
+        (None, Some(process)) => {
+            let selector = match process.parse() {
+                Ok(pid) => ProcessSelector::Pid(pid),
+                Err(_) => ProcessSelector::Tag(process.clone()),
+            };
+            agent.attach(selector).await
+        }
+        _ => {
+            let _ = tx
+                .send(error_event(
+                    "invalid_request",
+                    "give exactly one of `command` and `attach`",
+                ))
+                .await;
+            return;
+        }
+    };
+    let mut session = match started {
+        Ok(session) => session,
+        Err(e) => {
+            let e = ApiError::from(e);
+            let _ = tx.send(error_event(e.code(), e.message())).await;
+            return;
+        }
+    };
+    let input = session.input();
+    if tx
+        .send(event_text(&ExecEventBody::Start { pid: session.pid() }))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        tokio::select! {
+            message = rx.next() => {
+                let result = match message {
+                    Some(Ok(Message::Binary(bytes))) => input.stdin(&bytes).await.map_err(ApiError::from),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<InteractiveInputBody>(&text) {
+                        Ok(InteractiveInputBody::Stdin { data }) => input.stdin(data.as_bytes()).await.map_err(ApiError::from),
+                        Ok(InteractiveInputBody::CloseStdin) => input.close_stdin().await.map_err(ApiError::from),
+                        Ok(InteractiveInputBody::Resize { rows, cols }) => input.resize(PtySize { rows, cols }).await.map_err(ApiError::from),
+                        Ok(InteractiveInputBody::Signal { signal }) if (1..=64).contains(&signal) => input.signal(signal).await.map_err(ApiError::from),
+                        Ok(InteractiveInputBody::Signal { .. }) => Err(ApiError::invalid("signal must be between 1 and 64")),
+                        Err(e) => Err(ApiError::invalid(e.to_string())),
+                    },
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+                    // The client went away: dropping the session ends a command started here.
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                };
+                if let Err(e) = result {
+                    // A bad control message is reported; the session goes on.
+                    if tx.send(error_event(e.code(), e.message())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            output = session.next() => {
+                let (event, last) = match output {
+                    Ok(Some(ExecOutput::Stdout(bytes))) => (crate::exec::data_event(&bytes, true), false),
+                    Ok(Some(ExecOutput::Stderr(bytes))) => (crate::exec::data_event(&bytes, false), false),
+                    Ok(Some(ExecOutput::Dropped(bytes))) => (ExecEventBody::Dropped { bytes }, false),
+                    Ok(Some(ExecOutput::Exited { status, timed_out })) => (
+                        ExecEventBody::Exit { exit_code: status.code, signal: status.signal, timed_out },
+                        true,
+                    ),
+                    Ok(None) => return,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        (ExecEventBody::Error { code: e.code().into(), message: e.message().into() }, true)
+                    }
+                };
+                if tx.send(event_text(&event)).await.is_err() {
+                    return;
+                }
+                if last {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
