@@ -28,9 +28,15 @@ pub(crate) async fn open(
     State(state): State<AppState>,
     Caller(who): Caller,
     Path(id): Path<String>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let (sandbox, env) = state.control.agent(&who, &id)?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::invalid(format!(
+            "{}: open this route as a WebSocket",
+            rejection.body_text()
+        ))
+    })?;
     Ok(upgrade
         .max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| session(socket, sandbox, env)))

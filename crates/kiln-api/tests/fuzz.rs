@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sandboxes/{id}/logs"),
     ("POST", "/v1/sandboxes/{id}/exec"),
     ("POST", "/v1/sandboxes/{id}/exec/stream"),
+    ("GET", "/v1/sandboxes/{id}/exec/ws"),
     ("GET", "/v1/sandboxes/{id}/processes"),
     ("GET", "/v1/sandboxes/{id}/processes/{process}/stream"),
     ("POST", "/v1/sandboxes/{id}/processes/{process}/signal"),
