@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use kiln_control::{CreateSandbox, SandboxFilter};
 
 use crate::types::{
-    CreateKeyBody, CreateSandboxBody, ErrorBody, HealthBody, KeyBody, KeyList, SandboxBody,
-    SandboxList, TemplateBody, TemplateList, UpdateSandboxBody,
+    BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, ErrorBody, HealthBody,
+    KeyBody, KeyList, SandboxBody, SandboxList, TemplateBody, TemplateList, UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -52,6 +52,101 @@ pub(crate) async fn get_template(
     Path(name): Path<String>,
 ) -> Result<Json<TemplateBody>, ApiError> {
     Ok(Json(state.control.get_template(&who, &name)?.into()))
+}
+
+/// Forwards build events into a channel.
+struct ChannelProgress(tokio::sync::mpsc::UnboundedSender<BuildEventBody>);
+
+impl kiln_image::progress::Progress for ChannelProgress {
+    fn event(&self, event: kiln_image::progress::BuildEvent) {
+        use kiln_image::progress::BuildEvent;
+        let body = match event {
+            BuildEvent::Step { artefact, name } => BuildEventBody::Step { artefact, name },
+            BuildEvent::StepDone {
+                artefact,
+                name,
+                elapsed,
+                detail,
+            } => BuildEventBody::StepDone {
+                artefact,
+                name,
+                elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+                detail,
+            },
+            BuildEvent::Cached { artefact, .. } => BuildEventBody::Cached { artefact },
+        };
+        let _ = self.0.send(body);
+    }
+}
+
+/// Builds and bakes a template and streams its progress as newline-delimited JSON (`step`,
+/// `step_done`, `cached`, then `ready` or `error`). With `spec`, the spec is checked and
+/// stored as one of the caller's templates first (a bad spec is a 400 before any stream);
+/// with `name`, an existing template is made ready. A build from nothing takes minutes;
+/// closing the connection does not stop it.
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", security(("api_key" = [])),
+    request_body = BuildTemplateBody,
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildEventBody),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "A global template has this name")))]
+pub(crate) async fn build_template(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Json(body): Json<BuildTemplateBody>,
+) -> Result<Response, ApiError> {
+    let name = match (&body.spec, &body.name) {
+        (Some(spec), None) => state.control.save_template(&who, spec)?,
+        (None, Some(name)) => {
+            state.control.get_template(&who, name)?;
+            name.clone()
+        }
+        _ => return Err(ApiError::invalid("give exactly one of `spec` and `name`")),
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let progress: std::sync::Arc<dyn kiln_image::progress::Progress> =
+        std::sync::Arc::new(ChannelProgress(tx.clone()));
+    let control = state.control.clone();
+    tokio::spawn(async move {
+        let last = match control
+            .build_template(&who, None, Some(&name), Some(progress))
+            .await
+        {
+            Ok(info) => BuildEventBody::Ready {
+                template: info.into(),
+            },
+            Err(e) => {
+                let e = ApiError::from(e);
+                BuildEventBody::Error {
+                    code: e.code().into(),
+                    message: e.message().into(),
+                }
+            }
+        };
+        let _ = tx.send(last);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        Some((Ok::<_, std::io::Error>(ndjson(&event)), rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Deletes one of the caller's own templates (global ones are read-only; sandboxes made
+/// from it keep running).
+#[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates", security(("api_key" = [])),
+    params(("name" = String, Path, description = "Template name")),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn delete_template(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.control.delete_template(&who, &name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Creates a sandbox by restoring its template's snapshot. The first create of a template

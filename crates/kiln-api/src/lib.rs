@@ -196,6 +196,8 @@ impl FromRequestParts<AppState> for Caller {
         handlers::health,
         handlers::list_templates,
         handlers::get_template,
+        handlers::build_template,
+        handlers::delete_template,
         handlers::create_sandbox,
         handlers::list_sandboxes,
         handlers::get_sandbox,
@@ -294,8 +296,14 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
     Router::new()
         .route("/v1/health", get(handlers::health))
         .route("/v1/openapi.json", get(openapi))
-        .route("/v1/templates", get(handlers::list_templates))
-        .route("/v1/templates/{name}", get(handlers::get_template))
+        .route(
+            "/v1/templates",
+            get(handlers::list_templates).post(handlers::build_template),
+        )
+        .route(
+            "/v1/templates/{name}",
+            get(handlers::get_template).delete(handlers::delete_template),
+        )
         .route(
             "/v1/sandboxes",
             get(handlers::list_sandboxes).post(handlers::create_sandbox),

@@ -472,3 +472,57 @@ pub enum InteractiveInputBody {
         signal: i32,
     },
 }
+
+/// Build a template: a spec of the caller's own, or an existing template by name.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildTemplateBody {
+    /// A template spec (TOML, as in `templates/*/template.toml`; no `files` or `base.image`):
+    /// stored as one of the caller's templates, then built.
+    #[serde(default)]
+    pub spec: Option<String>,
+    /// An existing template (global or the caller's) to build and bake now.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// One line of a template build's progress (newline-delimited JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEventBody {
+    /// A step started.
+    Step {
+        /// What is being built (`kernel`, `rootfs python`).
+        artefact: String,
+        /// The step.
+        name: String,
+    },
+    /// A step finished.
+    StepDone {
+        /// What is being built.
+        artefact: String,
+        /// The step.
+        name: String,
+        /// How long it took.
+        elapsed_ms: f64,
+        /// A size or a count.
+        detail: Option<String>,
+    },
+    /// An artefact came from the cache.
+    Cached {
+        /// What.
+        artefact: String,
+    },
+    /// Built and baked; nothing follows.
+    Ready {
+        /// The template.
+        template: TemplateBody,
+    },
+    /// The build failed; nothing follows.
+    Error {
+        /// As in error responses.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+}

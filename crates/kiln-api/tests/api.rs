@@ -693,6 +693,112 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         server.abort();
     }
 
+    // Templates of one's own: built from a spec in the request with streamed progress, used,
+    // invisible to other tenants, deletable; global ones are read-only.
+    let spec = "name = \"mine\"\ndescription = \"alice's\"\n[base]\nsuite = \"bookworm\"\n[resources]\ndisk_mib = 768\n";
+    let build = api
+        .json(Method::POST, "/v1/templates", &alice, json!({"spec": spec}))
+        .await;
+    assert_eq!(
+        build.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&build.body)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&build.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "ready", "{events:?}");
+    assert_eq!(last["template"]["global"], false);
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "step" || e["type"] == "cached"));
+    api.json(
+        Method::POST,
+        "/v1/templates",
+        &alice,
+        json!({"spec": "name = \"x\""}),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.json(
+        Method::POST,
+        "/v1/templates",
+        &alice,
+        json!({"spec": spec.replace("\"mine\"", "\"base\"")}),
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "conflict");
+    let mine = api
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            json!({"template": "mine"}),
+        )
+        .await
+        .json();
+    let mine_id = mine["id"].as_str().expect("id").to_owned();
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{mine_id}/exec"),
+            &alice,
+            json!({"command": "df -m / | awk 'NR==2 {print $2}'"}),
+        )
+        .await
+        .json();
+    let mib: u64 = run["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("size");
+    assert!(
+        (600..=768).contains(&mib),
+        "the template's own disk size: {mib} MiB"
+    );
+    api.get("/v1/templates/mine", &bob)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    api.json(
+        Method::POST,
+        "/v1/sandboxes",
+        &bob,
+        json!({"template": "mine"}),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    api.call(
+        Method::DELETE,
+        "/v1/templates/base",
+        Some(&alice),
+        Body::empty(),
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let deleted = api
+        .call(
+            Method::DELETE,
+            "/v1/templates/mine",
+            Some(&alice),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    api.get("/v1/templates/mine", &alice)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    api.call(
+        Method::DELETE,
+        &format!("/v1/sandboxes/{mine_id}"),
+        Some(&alice),
+        Body::empty(),
+    )
+    .await;
+
     // Time to live.
     let kept = api
         .json(

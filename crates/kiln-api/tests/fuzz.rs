@@ -19,6 +19,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/openapi.json"),
     ("GET", "/v1/templates"),
     ("GET", "/v1/templates/{name}"),
+    ("POST", "/v1/templates"),
+    ("DELETE", "/v1/templates/{name}"),
     ("GET", "/v1/sandboxes"),
     ("POST", "/v1/sandboxes"),
     ("GET", "/v1/sandboxes/{id}"),

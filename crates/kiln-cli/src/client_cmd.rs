@@ -647,3 +647,67 @@ pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> 
         }
     }
 }
+
+/// `kiln template create`: sends a spec to the daemon, which stores it as one of this
+/// tenant's templates and builds it; progress is printed as it comes.
+pub async fn template_create(client: &Client, spec: &Path, json: bool) -> Result<()> {
+    use kiln_api::types::BuildEventBody;
+    let text =
+        std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let response = client
+        .send(
+            client
+                .request(Method::POST, "/v1/templates")
+                .json(&serde_json::json!({ "spec": text })),
+        )
+        .await?;
+    let mut stream = response.bytes_stream();
+    let mut pending = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.context("the progress stream broke")?);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let event: BuildEventBody =
+                serde_json::from_slice(&line).context("malformed event from the daemon")?;
+            if json {
+                println!("{}", String::from_utf8_lossy(&line).trim_end());
+            }
+            match event {
+                BuildEventBody::Step { artefact, name } if !json => {
+                    eprintln!("  [{artefact}] {name} ...");
+                }
+                BuildEventBody::StepDone {
+                    artefact,
+                    name,
+                    elapsed_ms,
+                    detail,
+                } if !json => eprintln!(
+                    "  [{artefact}] {name}: done in {:.1} s{}",
+                    elapsed_ms / 1000.0,
+                    detail.map(|d| format!(", {d}")).unwrap_or_default()
+                ),
+                BuildEventBody::Cached { artefact } if !json => {
+                    eprintln!("  [{artefact}] cached");
+                }
+                BuildEventBody::Ready { template } => {
+                    if !json {
+                        println!("{} is ready", template.name);
+                    }
+                    return Ok(());
+                }
+                BuildEventBody::Error { code, message } => bail!("{message} ({code})"),
+                _ => {}
+            }
+        }
+    }
+    bail!("the progress stream ended before the build did")
+}
+
+/// `kiln template rm`.
+pub async fn template_remove(client: &Client, name: &str) -> Result<()> {
+    client
+        .send(client.request(Method::DELETE, &format!("/v1/templates/{name}")))
+        .await?;
+    println!("{name}");
+    Ok(())
+}

@@ -84,7 +84,8 @@ enum Commands {
         #[command(subcommand)]
         command: AgentCommand,
     },
-    /// Build and manage templates (kernel, root filesystem, runtime defaults).
+    /// Templates: build locally into the cache (`build`), or list, create and delete them on
+    /// the daemon (`ls`, `create`, `rm`).
     Template {
         #[command(subcommand)]
         command: TemplateCommand,
@@ -222,6 +223,20 @@ enum TemplateCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Send a template spec to the daemon: stored as one of your templates and built there
+    /// (progress is shown; a build from nothing takes minutes).
+    Create {
+        /// The spec (TOML; see templates/*/template.toml; no `files` or `base.image`).
+        spec: PathBuf,
+        /// Print the progress events as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one of your templates from the daemon.
+    Rm {
+        /// Template name.
+        name: String,
     },
     /// Build a template's images into the cache (only what changed is rebuilt).
     ///
@@ -366,6 +381,12 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
         Commands::Template {
             command: TemplateCommand::Ls { json },
         } => client_cmd::templates(&client, json).await?,
+        Commands::Template {
+            command: TemplateCommand::Create { spec, json },
+        } => client_cmd::template_create(&client, &spec, json).await?,
+        Commands::Template {
+            command: TemplateCommand::Rm { name },
+        } => client_cmd::template_remove(&client, &name).await?,
         _ => anyhow::bail!("not a client command"),
     }
     Ok(0)
@@ -396,7 +417,8 @@ async fn main() -> ExitCode {
         | Commands::Run { .. }
         | Commands::Fs { .. }
         | Commands::Template {
-            command: TemplateCommand::Ls { .. },
+            command:
+                TemplateCommand::Ls { .. } | TemplateCommand::Create { .. } | TemplateCommand::Rm { .. },
         }) => {
             return match client_command(&cli.client, command).await {
                 Ok(code) => ExitCode::from(code),

@@ -267,6 +267,7 @@ impl Control {
         let engine = Engine::new(engine_config)?;
         let templates = templates::Templates::new(
             config.templates_dirs.clone(),
+            config.data_dir.join("tenant-templates"),
             kiln_image::cache::Cache::new(&config.cache_dir),
             config.agent_binary.clone(),
         );
@@ -284,7 +285,12 @@ impl Control {
         let warm = control.clone();
         tokio::spawn(async move {
             let name = warm.inner.config.default_template.clone();
-            if let Err(e) = warm.inner.templates.baked(&warm.inner.engine, &name).await {
+            let baked = warm
+                .inner
+                .templates
+                .baked(&warm.inner.engine, "", &name, None)
+                .await;
+            if let Err(e) = baked {
                 tracing::warn!(template = %name, error = %e, "preparing the default template");
             }
         });
@@ -424,13 +430,49 @@ impl Control {
     }
 
     /// Templates the caller can use.
-    pub fn list_templates(&self, _who: &Principal) -> Vec<TemplateInfo> {
-        self.inner.templates.list()
+    pub fn list_templates(&self, who: &Principal) -> Vec<TemplateInfo> {
+        self.inner.templates.list(&who.tenant)
     }
 
     /// Template `name`.
-    pub fn get_template(&self, _who: &Principal, name: &str) -> Result<TemplateInfo, ControlError> {
-        self.inner.templates.get(name)
+    pub fn get_template(&self, who: &Principal, name: &str) -> Result<TemplateInfo, ControlError> {
+        self.inner.templates.get(&who.tenant, name)
+    }
+
+    /// Builds and bakes a template for the caller: `spec` (TOML) stored as one of the
+    /// caller's own templates first, or else the existing template `name`; `progress` sees
+    /// the image build's events (none if it was built before).
+    pub async fn build_template(
+        &self,
+        who: &Principal,
+        spec: Option<&str>,
+        name: Option<&str>,
+        progress: Option<Arc<dyn kiln_image::progress::Progress>>,
+    ) -> Result<TemplateInfo, ControlError> {
+        let name = match (spec, name) {
+            (Some(spec), None) => self.inner.templates.save(&who.tenant, spec)?.name,
+            (None, Some(name)) => name.to_owned(),
+            _ => {
+                return Err(ControlError::Invalid(
+                    "give exactly one of `spec` and `name`".into(),
+                ))
+            }
+        };
+        self.inner
+            .templates
+            .baked(&self.inner.engine, &who.tenant, &name, progress)
+            .await?;
+        self.inner.templates.get(&who.tenant, &name)
+    }
+
+    /// Stores `spec` (TOML) as one of the caller's own templates, without building it.
+    pub fn save_template(&self, who: &Principal, spec: &str) -> Result<String, ControlError> {
+        Ok(self.inner.templates.save(&who.tenant, spec)?.name)
+    }
+
+    /// Deletes one of the caller's own templates (sandboxes made from it keep running).
+    pub fn delete_template(&self, who: &Principal, name: &str) -> Result<(), ControlError> {
+        self.inner.templates.delete(&who.tenant, name)
     }
 
     fn check_ttl(&self, ttl: Duration) -> Result<(), ControlError> {
@@ -482,7 +524,7 @@ impl Control {
         let template = self
             .inner
             .templates
-            .baked(&self.inner.engine, &name)
+            .baked(&self.inner.engine, &who.tenant, &name, None)
             .await?;
         let sandbox = self
             .inner

@@ -1,5 +1,6 @@
-//! Templates the daemon serves: specs found in its template directories, built into images
-//! (cached by `kiln-image`) and baked by the engine the first time a sandbox needs them.
+//! Templates the daemon serves: global specs found in its template directories, and each
+//! tenant's own specs submitted through the API; built into images (cached by `kiln-image`)
+//! and baked by the engine the first time a sandbox needs them (or when built on request).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,32 +28,43 @@ pub struct TemplateInfo {
     pub disk_mib: u64,
     /// Baked and ready to restore (else the next create builds and bakes it).
     pub ready: bool,
-    /// Visible to every tenant.
+    /// Visible to every tenant (else the caller's own).
     pub global: bool,
 }
 
-/// Logs image-build progress.
-#[derive(Debug)]
-struct LogProgress;
+/// Logs image-build progress (and forwards it, when someone is watching).
+struct Forward(Option<Arc<dyn Progress>>);
 
-impl Progress for LogProgress {
+impl Progress for Forward {
     fn event(&self, event: BuildEvent) {
         tracing::info!(?event, "template build");
+        if let Some(sink) = &self.0 {
+            sink.event(event);
+        }
     }
 }
 
 type BakeCell = Arc<tokio::sync::OnceCell<BakedTemplate>>;
 
+/// Where a template's spec lives, and whose it is.
+#[derive(Debug, Clone)]
+struct Located {
+    spec: PathBuf,
+    /// `None` for a global template.
+    tenant: Option<String>,
+}
+
 /// The template registry.
 #[derive(Debug)]
 pub struct Templates {
     dirs: Vec<PathBuf>,
+    tenant_root: PathBuf,
     cache: Cache,
     agent: PathBuf,
-    baked: Mutex<HashMap<String, BakeCell>>,
+    baked: Mutex<HashMap<(Option<String>, String), BakeCell>>,
 }
 
-/// Whether `name` can name a template (and so a directory).
+/// Whether `name` can name a template, a tenant (and so a directory).
 pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
@@ -63,67 +75,106 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'_')
 }
 
+fn check_name(name: &str) -> Result<(), ControlError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ControlError::Invalid(format!(
+            "`{name}` is not a template name (lowercase letters, digits, `-` and `_`)"
+        )))
+    }
+}
+
 impl Templates {
-    /// Templates from `dirs` (each holding `<name>/template.toml`), built with `agent` into
-    /// `cache`.
-    pub fn new(dirs: Vec<PathBuf>, cache: Cache, agent: PathBuf) -> Templates {
+    /// Global templates from `dirs` (each holding `<name>/template.toml`), tenants' own under
+    /// `tenant_root/<tenant>/<name>/`, built with `agent` into `cache`.
+    pub fn new(
+        dirs: Vec<PathBuf>,
+        tenant_root: PathBuf,
+        cache: Cache,
+        agent: PathBuf,
+    ) -> Templates {
         Templates {
             dirs,
+            tenant_root,
             cache,
             agent,
             baked: Mutex::new(HashMap::new()),
         }
     }
 
-    fn spec_path(&self, name: &str) -> Result<PathBuf, ControlError> {
-        if !valid_name(name) {
-            return Err(ControlError::Invalid(format!(
-                "`{name}` is not a template name (lowercase letters, digits, `-` and `_`)"
-            )));
-        }
+    fn global(&self, name: &str) -> Option<PathBuf> {
         self.dirs
             .iter()
             .map(|dir| dir.join(name).join("template.toml"))
             .find(|path| path.is_file())
+    }
+
+    fn own(&self, tenant: &str, name: &str) -> PathBuf {
+        self.tenant_root
+            .join(tenant)
+            .join(name)
+            .join("template.toml")
+    }
+
+    /// The template `name` as `tenant` sees it: its own first, then the global one.
+    fn locate(&self, tenant: &str, name: &str) -> Result<Located, ControlError> {
+        check_name(name)?;
+        let own = self.own(tenant, name);
+        if own.is_file() {
+            return Ok(Located {
+                spec: own,
+                tenant: Some(tenant.to_owned()),
+            });
+        }
+        self.global(name)
+            .map(|spec| Located { spec, tenant: None })
             .ok_or_else(|| ControlError::NotFound {
                 what: "template",
                 id: name.to_owned(),
             })
     }
 
-    fn cell(&self, name: &str) -> BakeCell {
+    fn cell(&self, located: &Located, name: &str) -> BakeCell {
         self.baked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_owned())
+            .entry((located.tenant.clone(), name.to_owned()))
             .or_default()
             .clone()
     }
 
-    /// Every template.
-    pub fn list(&self) -> Vec<TemplateInfo> {
-        let mut names: Vec<String> = self
-            .dirs
-            .iter()
-            .filter_map(|dir| std::fs::read_dir(dir).ok())
+    fn names_in(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
             .flatten()
             .flatten()
             .filter(|entry| entry.path().join("template.toml").is_file())
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
             .filter(|name| valid_name(name))
+            .collect()
+    }
+
+    /// Every template `tenant` can use.
+    pub fn list(&self, tenant: &str) -> Vec<TemplateInfo> {
+        let mut names: Vec<String> = self
+            .dirs
+            .iter()
+            .flat_map(|d| Templates::names_in(d))
             .collect();
+        names.extend(Templates::names_in(&self.tenant_root.join(tenant)));
         names.sort();
         names.dedup();
         names
             .iter()
-            .filter_map(|name| self.get(name).ok())
+            .filter_map(|name| self.get(tenant, name).ok())
             .collect()
     }
 
-    /// Template `name`.
-    pub fn get(&self, name: &str) -> Result<TemplateInfo, ControlError> {
-        let path = self.spec_path(name)?;
-        let spec = TemplateSpec::from_file(&path)
+    /// Template `name` as `tenant` sees it.
+    pub fn get(&self, tenant: &str, name: &str) -> Result<TemplateInfo, ControlError> {
+        let located = self.locate(tenant, name)?;
+        let spec = TemplateSpec::from_file(&located.spec)
             .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
         Ok(TemplateInfo {
             name: name.to_owned(),
@@ -131,26 +182,93 @@ impl Templates {
             vcpus: spec.resources.vcpus,
             memory_mib: spec.resources.memory_mib,
             disk_mib: u64::from(spec.resources.disk_mib),
-            ready: self.cell(name).initialized(),
-            global: true,
+            ready: self.cell(&located, name).initialized(),
+            global: located.tenant.is_none(),
         })
     }
 
-    /// The baked snapshot of `name`: built and baked on first use (concurrent callers wait for
-    /// the same bake), then kept; a failed bake is retried by the next call.
-    pub async fn baked(&self, engine: &Engine, name: &str) -> Result<BakedTemplate, ControlError> {
-        let path = self.spec_path(name)?;
-        let cell = self.cell(name);
+    /// Stores `spec_text` (a TOML template spec) as one of `tenant`'s templates, replacing an
+    /// earlier one of the same name. Specs from the API may not reach into the server's
+    /// files: no `files` and no `base.image`.
+    pub fn save(&self, tenant: &str, spec_text: &str) -> Result<TemplateSpec, ControlError> {
+        check_name(tenant)?;
+        let spec = TemplateSpec::parse(spec_text, "the request's spec")
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        check_name(&spec.name)?;
+        if !spec.files.is_empty() || spec.base.image.is_some() {
+            return Err(ControlError::Invalid(
+                "a spec sent through the API cannot copy files from the server (`files`, \
+                 `base.image`): install packages and use `run` steps instead"
+                    .into(),
+            ));
+        }
+        if self.global(&spec.name).is_some() {
+            return Err(ControlError::Conflict(format!(
+                "`{}` is a global template; give yours another name",
+                spec.name
+            )));
+        }
+        let path = self.own(tenant, &spec.name);
+        let dir = path
+            .parent()
+            .ok_or_else(|| ControlError::Internal("template path without a parent".into()))?;
+        std::fs::create_dir_all(dir)
+            .and_then(|()| {
+                let staged = dir.join(".template.toml.new");
+                std::fs::write(&staged, spec_text)?;
+                std::fs::rename(&staged, &path)
+            })
+            .map_err(|e| ControlError::Internal(format!("saving the template: {e}")))?;
+        // A changed spec is a new template: forget any earlier bake of this name.
+        self.baked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(Some(tenant.to_owned()), spec.name.clone()));
+        Ok(spec)
+    }
+
+    /// Deletes `tenant`'s template `name` (global templates are read-only).
+    pub fn delete(&self, tenant: &str, name: &str) -> Result<(), ControlError> {
+        let located = self.locate(tenant, name)?;
+        if located.tenant.is_none() {
+            return Err(ControlError::Forbidden(format!(
+                "`{name}` is a global template: it cannot be deleted through the API"
+            )));
+        }
+        let dir = self.tenant_root.join(tenant).join(name);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| ControlError::Internal(format!("deleting the template: {e}")))?;
+        self.baked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(Some(tenant.to_owned()), name.to_owned()));
+        Ok(())
+    }
+
+    /// The baked snapshot of `name` as `tenant` sees it: built and baked on first use
+    /// (concurrent callers wait for the same bake; `progress` sees the events of a build this
+    /// call runs), then kept; a failed bake is retried by the next call.
+    pub async fn baked(
+        &self,
+        engine: &Engine,
+        tenant: &str,
+        name: &str,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<BakedTemplate, ControlError> {
+        let located = self.locate(tenant, name)?;
+        let cell = self.cell(&located, name);
         let baked = cell
             .get_or_try_init(|| async {
                 tracing::info!(template = name, "building and baking");
                 let (cache, agent) = (self.cache.clone(), self.agent.clone());
+                let spec = located.spec.clone();
+                let forward = Forward(progress);
                 let images = tokio::task::spawn_blocking(move || {
-                    kiln_image::template::build_template(&path, &agent, &cache, &LogProgress)
+                    kiln_image::template::build_template(&spec, &agent, &cache, &forward)
                 })
                 .await
                 .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
-                .map_err(|e| ControlError::Internal(format!("building template `{name}`: {e}")))?;
+                .map_err(|e| ControlError::Invalid(format!("building template `{name}`: {e}")))?;
                 let baked = engine.bake(&images).await.map_err(|e| {
                     ControlError::Internal(format!("baking template `{name}`: {e}"))
                 })?;
@@ -187,32 +305,60 @@ mod tests {
         }
     }
 
+    const TINY: &str = "name = \"tiny\"\ndescription = \"small\"\n[base]\nsuite = \"bookworm\"\n[resources]\nvcpus = 1\nmemory_mib = 128\ndisk_mib = 512\n";
+
     #[test]
-    fn templates_are_found_in_the_directories() {
+    fn global_and_tenant_templates() {
         let dir = tempfile::tempdir().expect("dir");
-        std::fs::create_dir_all(dir.path().join("tiny")).expect("mkdir");
-        std::fs::write(
-            dir.path().join("tiny/template.toml"),
-            "name = \"tiny\"\ndescription = \"small\"\n[base]\nsuite = \"bookworm\"\n[resources]\nvcpus = 1\nmemory_mib = 128\ndisk_mib = 512\n",
-        )
-        .expect("write");
-        std::fs::create_dir_all(dir.path().join("not-a-template")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("global/tiny")).expect("mkdir");
+        std::fs::write(dir.path().join("global/tiny/template.toml"), TINY).expect("write");
+        std::fs::create_dir_all(dir.path().join("global/not-a-template")).expect("mkdir");
         let templates = Templates::new(
-            vec![dir.path().to_owned()],
+            vec![dir.path().join("global")],
+            dir.path().join("tenants"),
             Cache::new(dir.path().join("cache")),
             dir.path().join("agent"),
         );
-        let listed = templates.list();
+        let listed = templates.list("acme");
         assert_eq!(listed.len(), 1, "{listed:?}");
         assert_eq!(listed[0].name, "tiny");
-        assert!(!listed[0].ready);
+        assert!(listed[0].global && !listed[0].ready);
         assert!(matches!(
-            templates.get("missing"),
+            templates.get("acme", "missing"),
             Err(ControlError::NotFound { .. })
         ));
         assert!(matches!(
-            templates.get("../tiny"),
+            templates.get("acme", "../tiny"),
             Err(ControlError::Invalid(_))
         ));
+
+        // A tenant's own template: seen by that tenant only, deletable by it.
+        let own = TINY.replace("\"tiny\"", "\"mine\"");
+        templates.save("acme", &own).expect("save");
+        assert!(templates.get("acme", "mine").is_ok_and(|t| !t.global));
+        assert!(matches!(
+            templates.get("other", "mine"),
+            Err(ControlError::NotFound { .. })
+        ));
+        assert_eq!(templates.list("acme").len(), 2);
+        assert!(matches!(
+            templates.save("acme", TINY),
+            Err(ControlError::Conflict(_))
+        ));
+        assert!(matches!(
+            templates.save("acme", "name = \"x\""),
+            Err(ControlError::Invalid(_))
+        ));
+        let with_files = format!("{own}\n[[files]]\nsrc = \"/etc/shadow\"\ndest = \"/x\"\n");
+        assert!(matches!(
+            templates.save("acme", &with_files),
+            Err(ControlError::Invalid(_))
+        ));
+        assert!(matches!(
+            templates.delete("acme", "tiny"),
+            Err(ControlError::Forbidden(_))
+        ));
+        templates.delete("acme", "mine").expect("delete");
+        assert!(templates.get("acme", "mine").is_err());
     }
 }
