@@ -198,6 +198,17 @@ pub async fn create(client: &Client, args: &CreateArgs, json: bool) -> Result<()
 }
 
 async fn create_sandbox(client: &Client, args: &CreateArgs) -> Result<SandboxBody> {
+    // A template that is not baked yet is built first, with its progress shown (the create
+    // would otherwise wait silently for minutes).
+    if let Some(name) = &args.template {
+        let template: kiln_api::types::TemplateBody = client
+            .json(client.request(Method::GET, &format!("/v1/templates/{name}")))
+            .await?;
+        if !template.ready {
+            eprintln!("template {name} is not ready yet: building it (minutes the first time)");
+            build_progress(client, serde_json::json!({ "name": name }), false).await?;
+        }
+    }
     client
         .json(
             client
@@ -651,15 +662,20 @@ pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> 
 /// `kiln template create`: sends a spec to the daemon, which stores it as one of this
 /// tenant's templates and builds it; progress is printed as it comes.
 pub async fn template_create(client: &Client, spec: &Path, json: bool) -> Result<()> {
-    use kiln_api::types::BuildEventBody;
     let text =
         std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
+    let name = build_progress(client, serde_json::json!({ "spec": text }), json).await?;
+    if !json {
+        println!("{name} is ready");
+    }
+    Ok(())
+}
+
+/// Asks the daemon to build a template and shows the progress; returns its name.
+async fn build_progress(client: &Client, body: serde_json::Value, json: bool) -> Result<String> {
+    use kiln_api::types::BuildEventBody;
     let response = client
-        .send(
-            client
-                .request(Method::POST, "/v1/templates")
-                .json(&serde_json::json!({ "spec": text })),
-        )
+        .send(client.request(Method::POST, "/v1/templates").json(&body))
         .await?;
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
@@ -689,12 +705,7 @@ pub async fn template_create(client: &Client, spec: &Path, json: bool) -> Result
                 BuildEventBody::Cached { artefact } if !json => {
                     eprintln!("  [{artefact}] cached");
                 }
-                BuildEventBody::Ready { template } => {
-                    if !json {
-                        println!("{} is ready", template.name);
-                    }
-                    return Ok(());
-                }
+                BuildEventBody::Ready { template } => return Ok(template.name),
                 BuildEventBody::Error { code, message } => bail!("{message} ({code})"),
                 _ => {}
             }
