@@ -9,9 +9,10 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const SCHEMA_V1: &str = "
+/// The current schema, for a new database.
+const SCHEMA: &str = "
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     created_at_ms INTEGER NOT NULL
@@ -39,6 +40,13 @@ CREATE TABLE sandboxes (
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
+
+/// Migrations from each older version to the next: `MIGRATIONS[v - 1]` takes version `v` to
+/// `v + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1 -> 2: every command of a sandbox gets the env given at create.
+    "ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';",
+];
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -155,13 +163,22 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let mut version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew { found: version });
         }
-        if version < 1 {
-            conn.execute_batch(SCHEMA_V1)?;
+        if version == 0 {
+            conn.execute_batch(SCHEMA)?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            version = SCHEMA_VERSION;
+        }
+        for from in version..SCHEMA_VERSION {
+            let migration = MIGRATIONS[usize::try_from(from - 1).unwrap_or_default()];
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", from + 1)?;
+            tx.commit()?;
+            tracing::info!(from, to = from + 1, "database migrated");
         }
         Ok(Store {
             conn: Mutex::new(conn),
@@ -429,6 +446,45 @@ mod tests {
             created_at_ms: at,
             expires_at_ms: Some(at + 60_000),
         }
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("kiln.db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE tenants (id TEXT PRIMARY KEY, created_at_ms INTEGER NOT NULL);
+                 CREATE TABLE api_keys (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL,
+                     name TEXT NOT NULL, secret_sha256 TEXT NOT NULL UNIQUE,
+                     admin INTEGER NOT NULL, created_at_ms INTEGER NOT NULL,
+                     revoked_at_ms INTEGER);
+                 CREATE TABLE sandboxes (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL,
+                     template TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
+                     metadata TEXT NOT NULL, ttl_ms INTEGER, created_at_ms INTEGER NOT NULL,
+                     expires_at_ms INTEGER);
+                 INSERT INTO tenants VALUES ('a', 1);
+                 INSERT INTO sandboxes VALUES ('sb-old', 'a', 'base', 'running', NULL, '{}',
+                     NULL, 1, NULL);
+                 PRAGMA user_version = 1;",
+            )
+            .expect("a version 1 database");
+        }
+        let store = Store::open(&path).expect("migrated");
+        let old = store.sandbox("sb-old", None).expect("read").expect("kept");
+        assert!(old.env.is_empty());
+        store
+            .insert_sandbox(&record("sb-new", "a", 2, "red"))
+            .expect("insert");
+        drop(store);
+        let store = Store::open(&path).expect("reopened");
+        assert_eq!(store.all_sandboxes().expect("all").len(), 2);
+        let conn = Connection::open(&path).expect("open");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]
