@@ -341,6 +341,12 @@ pub(crate) async fn events(State(state): State<AppState>, Caller(who): Caller) -
             }
         }
     });
+    // The stream ends when the daemon stops, so that it does not hold the shutdown up.
+    let mut closing = state.control.closing();
+    let stop = async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    };
+    let stream = futures_util::StreamExt::take_until(stream, stop);
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),

@@ -723,6 +723,15 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     )
     .await
     .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    let with_run = spec.replace("[base]", "run = [\"id\"]\n[base]");
+    api.json(
+        Method::POST,
+        "/v1/templates",
+        &alice,
+        json!({"spec": with_run}),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
     api.json(
         Method::POST,
         "/v1/templates",
@@ -865,6 +874,14 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
     let admin = api.key("alice", true);
+    api.json(
+        Method::POST,
+        "/v1/keys",
+        &admin,
+        json!({"tenant": "bob", "admin": true}),
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "forbidden");
     let made = api
         .json(Method::POST, "/v1/keys", &admin, json!({"name": "ci"}))
         .await;

@@ -398,7 +398,12 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Serve(args) => {
             init_logging();
-            serve_cmd::serve(args).await
+            match serve_cmd::serve(args).await {
+                // Sandboxes are detached or destroyed by now; a template build still running
+                // on a blocking thread must not keep the process alive.
+                Ok(()) => std::process::exit(0),
+                Err(e) => Err(e),
+            }
         }
         Commands::Keys { store, command } => match command {
             KeysCommand::Create {

@@ -202,17 +202,27 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     );
     let app = kiln_api::router(control.clone(), settings.api);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
+    let signalled = control.clone();
     let signals = tokio::spawn(async move {
         let stop = shutdown_signal().await;
+        signalled.begin_shutdown();
         let _ = stop_tx.send(Some(stop));
     });
     let mut stopped = stop_rx.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(Option::is_some).await;
-        })
-        .await
-        .context("serving")?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stopped.wait_for(Option::is_some).await;
+    });
+    // Requests in flight get a grace period; long streams (a command's output, an
+    // interactive session) do not hold the stop up beyond it.
+    let mut stopped = stop_rx.clone();
+    let grace = async move {
+        let _ = stopped.wait_for(Option::is_some).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served.context("serving")?,
+        () = grace => tracing::warn!("connections still open after the grace period: closing them"),
+    }
     signals.abort();
     let stop = stop_rx.borrow().unwrap_or(Stop::Detach);
     match stop {
@@ -227,6 +237,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long requests in flight may take once a stop signal arrived.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How the daemon stops.
 #[derive(Debug, Clone, Copy)]

@@ -206,6 +206,8 @@ struct Inner {
     templates: templates::Templates,
     /// Lifecycle events with their tenant.
     events: tokio::sync::broadcast::Sender<TenantEvent>,
+    /// Set when the daemon stops.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 fn now_ms() -> i64 {
@@ -278,6 +280,7 @@ impl Control {
                 store,
                 templates,
                 events: tokio::sync::broadcast::Sender::new(1024),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         };
         control.follow_engine();
@@ -407,6 +410,13 @@ impl Control {
         admin: bool,
     ) -> Result<(KeyRecord, String), ControlError> {
         Control::require_admin(who)?;
+        if tenant != who.tenant {
+            return Err(ControlError::Forbidden(
+                "an admin key makes keys for its own tenant only (`kiln keys create` on the \
+                 daemon's host makes them for any)"
+                    .into(),
+            ));
+        }
         mint_key(&self.inner.store, tenant, name, admin)
     }
 
@@ -521,6 +531,7 @@ impl Control {
             .template
             .clone()
             .unwrap_or_else(|| self.inner.config.default_template.clone());
+        self.inner.store.ensure_tenant(&who.tenant)?;
         let template = self
             .inner
             .templates
@@ -554,7 +565,6 @@ impl Control {
             created_at_ms: info.created_at_ms as i64,
             expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
         };
-        self.inner.store.ensure_tenant(&who.tenant)?;
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
             return Err(e.into());
@@ -630,11 +640,15 @@ impl Control {
 
     /// Destroys the caller's sandbox `id`.
     pub async fn delete_sandbox(&self, who: &Principal, id: &str) -> Result<(), ControlError> {
-        self.get_sandbox(who, id)?;
+        let record = self.get_sandbox(who, id)?;
         match self.inner.engine.get(id) {
             Ok(sandbox) => sandbox.destroy().await?,
             // A failed sandbox of an earlier run: only its record and leftovers remain.
-            Err(EngineError::NotFound(_)) => self.inner.engine.remove_leftovers(id)?,
+            Err(EngineError::NotFound(_)) if record.state == "failed" => {
+                self.inner.engine.remove_leftovers(id)?;
+            }
+            // Being destroyed right now (a concurrent delete, its time to live): done.
+            Err(EngineError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
         // Published here too (events are delivered at least once): the engine's event may be
@@ -702,6 +716,16 @@ impl Control {
     /// [`TenantEvent::tenant`]).
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<TenantEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// Ends long-lived event streams (the daemon is stopping).
+    pub fn begin_shutdown(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Becomes true when the daemon stops.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 
     /// Stops the daemon's work, leaving its sandboxes running for the next start to re-adopt

@@ -198,7 +198,16 @@ impl Templates {
         if !spec.files.is_empty() || spec.base.image.is_some() {
             return Err(ControlError::Invalid(
                 "a spec sent through the API cannot copy files from the server (`files`, \
-                 `base.image`): install packages and use `run` steps instead"
+                 `base.image`): install packages instead"
+                    .into(),
+            ));
+        }
+        if !spec.run.is_empty() {
+            // Build steps run in a chroot on the host as root: only the operator's own specs
+            // (in the daemon's template directories) may have them.
+            return Err(ControlError::Invalid(
+                "a spec sent through the API cannot have `run` steps (they would run on the \
+                 host): install packages, and do setup in `start` or in the sandbox"
                     .into(),
             ));
         }
@@ -275,7 +284,11 @@ impl Templates {
                 baked
                     .verify_memory()
                     .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
-                engine.prestart(&baked);
+                // VMMs are kept pre-started for the shared templates only: a tenant's own
+                // templates must not hold host resources between creates.
+                if located.tenant.is_none() {
+                    engine.prestart(&baked);
+                }
                 Ok::<_, ControlError>(baked)
             })
             .await?;
@@ -352,6 +365,11 @@ mod tests {
         let with_files = format!("{own}\n[[files]]\nsrc = \"/etc/shadow\"\ndest = \"/x\"\n");
         assert!(matches!(
             templates.save("acme", &with_files),
+            Err(ControlError::Invalid(_))
+        ));
+        let with_run = own.replace("[base]", "run = [\"mount /dev/sda1 /mnt\"]\n[base]");
+        assert!(matches!(
+            templates.save("acme", &with_run),
             Err(ControlError::Invalid(_))
         ));
         assert!(matches!(

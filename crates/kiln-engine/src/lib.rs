@@ -473,9 +473,13 @@ impl Engine {
     /// Stops pre-starting, waits for VMMs being pre-started and removes every pre-started one
     /// (their processes, namespaces, cgroups and directories). Sandboxes are left alone.
     pub async fn shutdown_prestarted(&self) {
-        self.inner
-            .shutting_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            // Under the pool's lock: a refill either saw the flag or is counted as in flight.
+            let _pools = lock(&self.inner.prestarted);
+            self.inner
+                .shutting_down
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let mut in_flight = self.inner.prestarting.subscribe();
         let _ = in_flight.wait_for(|n| *n == 0).await;
         let pools = std::mem::take(&mut *lock(&self.inner.prestarted));

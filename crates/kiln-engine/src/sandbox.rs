@@ -283,11 +283,9 @@ impl Sandbox {
             .map(|u| u.id)
     }
 
-    /// The guest console's last lines.
+    /// The guest console's last lines (of its last 256 KiB: the guest writes what it likes).
     pub fn console_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join("run/console.log")).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        kiln_vmm::qemu::tail_lines(&self.dir.join("run/console.log"), lines)
     }
 
     /// How it is listed.
@@ -320,16 +318,8 @@ impl Sandbox {
     }
 
     async fn destroy_because(&self, expired: bool) -> Result<(), EngineError> {
-        if let Some(engine) = self.engine.upgrade() {
-            lock(&engine.sandboxes).remove(&self.id);
-            if lock(&self.runtime).state != SandboxState::Destroyed {
-                let _ = engine.events.send(crate::SandboxEvent::Destroyed {
-                    id: self.id.clone(),
-                    expired,
-                });
-            }
-        }
-        self.client.disconnect().await;
+        // Only the first caller tears down; the sandbox stays listed until that is done, so a
+        // concurrent destroy finds it (already destroyed) rather than leftovers under a live VM.
         let (vm, resources) = {
             let mut runtime = lock(&self.runtime);
             if runtime.state == SandboxState::Destroyed {
@@ -338,6 +328,26 @@ impl Sandbox {
             runtime.state = SandboxState::Destroyed;
             (runtime.vm.take(), runtime.resources.take())
         };
+        let engine = self.engine.upgrade();
+        if let Some(engine) = &engine {
+            let _ = engine.events.send(crate::SandboxEvent::Destroyed {
+                id: self.id.clone(),
+                expired,
+            });
+        }
+        let result = self.tear_down(vm, resources).await;
+        if let Some(engine) = &engine {
+            lock(&engine.sandboxes).remove(&self.id);
+        }
+        result
+    }
+
+    async fn tear_down(
+        &self,
+        vm: Option<Box<dyn Vm>>,
+        resources: Option<VmResources>,
+    ) -> Result<(), EngineError> {
+        self.client.disconnect().await;
         if let Some(mut vm) = vm {
             vm.kill()?;
         }
@@ -537,7 +547,8 @@ pub(crate) fn prestart(
     let cleanup = DirGuard(Some(dir.clone()));
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        // Root's; the VMM user may pass through to its disk.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
     }
     let (disk, disk_format) = match template.meta.disk_format {
@@ -563,7 +574,10 @@ pub(crate) fn prestart(
         .machine
         .vm_spec(&dir.join("run"), &disk, disk_format, memory, true);
     let (confinement, resources) = confine(engine, &id, default_limits(&template.meta.machine))?;
-    resources.grant(&[&dir, &disk])?;
+    // Only the disk is the VMM user's (QEMU re-opens it when an incoming VM starts): the
+    // directory, its pid record and the console log stay root's, out of a compromised
+    // VMM's reach.
+    resources.grant(&[&disk])?;
     record(timings, "confinement", &mut phase);
     let mut vm = engine.driver.launch(spec, confinement)?;
     crate::leftovers::write_pid_file(&dir, vm.pid(), &id)

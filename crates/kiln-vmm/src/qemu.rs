@@ -924,7 +924,29 @@ fn hand_over_state(qmp: &mut Qmp, file: &std::fs::File) -> Result<(), QmpError> 
 }
 
 fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    tail_lines(path, lines)
+}
+
+/// The last `lines` lines of the last 256 KiB of `path` (invalid UTF-8 replaced): bounded
+/// whatever the file's size, as a guest's console log may be anything.
+pub fn tail_lines(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const WINDOW: u64 = 256 << 10;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(WINDOW)))
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if file.take(WINDOW).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -932,6 +954,18 @@ fn tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tails_are_bounded_and_lossy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("console.log");
+        let mut text = vec![0xffu8; 1 << 20];
+        text.extend_from_slice(b"\nlast line\n");
+        std::fs::write(&path, &text).expect("write");
+        assert_eq!(tail_lines(&path, 1), "last line");
+        assert!(tail_lines(&path, 1000).len() < 1 << 20);
+        assert_eq!(tail_lines(&dir.path().join("missing"), 5), "");
+    }
 
     #[test]
     fn a_guest_kernel_panic_is_found_in_the_console() {
