@@ -5,9 +5,10 @@
 //! ticks since boot (together they identify the process even if the pid was reused) and
 //! the name its namespace and cgroup were made under.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::EngineError;
 
 /// Name of the file that identifies a directory's VMM.
 pub const PID_FILE: &str = "vmm.pid";
@@ -37,63 +38,52 @@ pub(crate) fn read_pid_file(dir: &Path) -> Option<(u32, u64, String)> {
 /// Kills process `pid` if it still is the process that started at `ticks`, and waits (up to
 /// `timeout`) for it to be gone.
 pub fn kill_if_same(pid: u32, ticks: u64, timeout: Duration) {
-    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
+    let Ok(fd) = kiln_vmm::pidfd::open_if_same(pid, ticks) else {
         return;
-    }
-    // SAFETY: the syscall returned a new descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // Checked once the pidfd exists: from now on it refers to this very process.
-    if process_start_ticks(pid) != Some(ticks) {
+    };
+    if let Err(e) = kiln_vmm::pidfd::kill(&fd) {
+        tracing::warn!(pid, error = %e, "killing a VMM left by an earlier run");
         return;
-    }
-    // SAFETY: pidfd_send_signal takes a pidfd, a signal, a null siginfo and no flags.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        );
     }
     tracing::info!(pid, "killed a VMM left by an earlier run");
-    let deadline = Instant::now() + timeout;
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    while Instant::now() < deadline {
-        // SAFETY: one valid pollfd; a pidfd becomes readable when its process exits.
-        if unsafe { libc::poll(&mut poll, 1, 100) } > 0 {
-            break;
-        }
-    }
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let _ = kiln_vmm::pidfd::exited(&fd, timeout_ms);
 }
 
-/// Removes what the VM in `dir` left: its VMM (if still the same process), its network
-/// namespace `kiln-<name>`, its cgroup `<name>`, and the directory.
-pub(crate) fn remove_vm_dir(dir: &Path, cgroups: Option<&crate::cgroup::Cgroups>) {
-    if let Some((pid, ticks, name)) = read_pid_file(dir) {
+/// Removes what the VM in `dir` left: its VMM (if still the same process, per its pid
+/// record), its network namespace `kiln-<name>`, its cgroup `<name>`, and the directory.
+/// `name` comes from the pid record, else `default_name`. Every part is tried; the first
+/// failure is returned.
+pub(crate) fn remove_vm_dir(
+    dir: &Path,
+    default_name: Option<&str>,
+    cgroups: Option<&crate::cgroup::Cgroups>,
+) -> Result<(), EngineError> {
+    let mut name = default_name.map(str::to_owned);
+    if let Some((pid, ticks, recorded)) = read_pid_file(dir) {
         kill_if_same(pid, ticks, Duration::from_secs(5));
+        name = Some(recorded);
+    }
+    let mut first_error = None;
+    if let Some(name) = &name {
         if let Some(netns) = kiln_net::netns::NetNs::existing(&format!("kiln-{name}")) {
             if let Err(e) = netns.remove() {
-                tracing::warn!(%name, error = %e, "removing a leftover network namespace");
+                first_error
+                    .get_or_insert(EngineError::io("removing a leftover network namespace", e));
             }
         }
-        if let Some(cgroup) = cgroups.and_then(|c| c.existing(&name)) {
+        if let Some(cgroup) = cgroups.and_then(|c| c.existing(name)) {
             if let Err(e) = cgroup.remove() {
-                tracing::warn!(%name, error = %e, "removing a leftover cgroup");
+                first_error.get_or_insert(e.into());
             }
         }
     }
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "removing a leftover directory");
+            first_error.get_or_insert(EngineError::io("removing a leftover directory", e));
         }
     }
+    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

@@ -548,7 +548,11 @@ impl Engine {
                     if name.starts_with(prefix) && entry.path().is_dir() && !adopted.contains(&name)
                     {
                         tracing::info!(dir = %entry.path().display(), "removing what an earlier run left");
-                        leftovers::remove_vm_dir(&entry.path(), cgroups.as_ref());
+                        if let Err(e) =
+                            leftovers::remove_vm_dir(&entry.path(), None, cgroups.as_ref())
+                        {
+                            tracing::warn!(dir = %entry.path().display(), error = %e, "removing leftovers");
+                        }
                     }
                 }
             }
@@ -579,21 +583,8 @@ impl Engine {
         if id.is_empty() || id.contains('/') || id.contains("..") {
             return Err(EngineError::Invalid(format!("`{id}` is not a sandbox id")));
         }
-        if let Some(netns) = kiln_net::netns::NetNs::existing(&format!("kiln-{id}")) {
-            netns
-                .remove()
-                .map_err(|e| EngineError::io("removing a leftover network namespace", e))?;
-        }
-        if let Some(cgroup) = self.inner.cgroups.as_ref().and_then(|c| c.existing(id)) {
-            cgroup.remove()?;
-        }
         let dir = self.data_dir().join("sandboxes").join(id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(EngineError::io("removing a leftover sandbox directory", e))
-            }
-            _ => Ok(()),
-        }
+        leftovers::remove_vm_dir(&dir, Some(id), self.inner.cgroups.as_ref())
     }
 
     /// Destroys the sandbox `id`: its VMM, network namespace, cgroup and files.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Seek, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -213,6 +213,16 @@ struct Runtime {
     resources: Option<VmResources>,
 }
 
+impl Runtime {
+    fn running(vm: Box<dyn Vm>, resources: VmResources) -> Mutex<Runtime> {
+        Mutex::new(Runtime {
+            state: SandboxState::Running,
+            vm: Some(vm),
+            resources: Some(resources),
+        })
+    }
+}
+
 /// A sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -414,13 +424,7 @@ fn new_id() -> String {
 
 /// A descriptor that becomes readable when process `pid` exits.
 fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = kiln_vmm::pidfd::open(pid)?;
     // SAFETY: the OwnedFd stays open and unchanged until it is dropped together with the
     // AsyncFd that owns it.
     unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
@@ -662,6 +666,15 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
     });
 }
 
+/// Lists `sandbox` in the engine and starts watching its VMM and its time to live.
+fn register(engine: &Arc<Inner>, sandbox: Sandbox, exit: AsyncFd<OwnedFd>) -> Arc<Sandbox> {
+    let expiry = sandbox.expires_at.subscribe();
+    let sandbox = Arc::new(sandbox);
+    lock(&engine.sandboxes).insert(sandbox.id.clone(), sandbox.clone());
+    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry));
+    sandbox
+}
+
 /// A sandbox of an earlier run to take over (what the daemon recorded about it).
 #[derive(Debug, Clone)]
 pub struct AdoptRequest {
@@ -726,25 +739,23 @@ pub(crate) async fn adopt(
     );
     client.connect().await?;
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
-    let (expires_at, expiry_watch) = watch::channel(request.expires_at_ms.map(from_ms));
-    let sandbox = Arc::new(Sandbox {
-        id: id.clone(),
-        template: request.template,
-        dir,
-        client,
-        timings: PhaseTimings::default(),
-        created_at: from_ms(request.created_at_ms),
-        netns,
-        runtime: Mutex::new(Runtime {
-            state: SandboxState::Running,
-            vm: Some(vm),
-            resources: Some(resources),
-        }),
-        expires_at,
-        engine: Arc::downgrade(engine),
-    });
-    lock(&engine.sandboxes).insert(id.clone(), sandbox.clone());
-    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
+    let expires_at = watch::Sender::new(request.expires_at_ms.map(from_ms));
+    let sandbox = register(
+        engine,
+        Sandbox {
+            id: id.clone(),
+            template: request.template,
+            dir,
+            client,
+            timings: PhaseTimings::default(),
+            created_at: from_ms(request.created_at_ms),
+            netns,
+            runtime: Runtime::running(vm, resources),
+            expires_at,
+            engine: Arc::downgrade(engine),
+        },
+        exit,
+    );
     tracing::info!(sandbox = %id, pid, "re-adopted");
     Ok(sandbox)
 }
@@ -837,29 +848,27 @@ pub(crate) async fn create(
     } = slot;
     cleanup.disarm();
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
-    let (expires_at, expiry_watch) = watch::channel(options.ttl.map(|ttl| SystemTime::now() + ttl));
-    let sandbox = Arc::new(Sandbox {
-        id: id.clone(),
-        template: template.meta.name.clone(),
-        dir,
-        client,
-        timings,
-        created_at: SystemTime::now(),
-        netns,
-        runtime: Mutex::new(Runtime {
-            state: SandboxState::Running,
-            vm: Some(vm),
-            resources: Some(resources),
-        }),
-        expires_at,
-        engine: Arc::downgrade(engine),
-    });
-    lock(&engine.sandboxes).insert(id.clone(), sandbox.clone());
+    let expires_at = watch::Sender::new(options.ttl.map(|ttl| SystemTime::now() + ttl));
+    let sandbox = register(
+        engine,
+        Sandbox {
+            id: id.clone(),
+            template: template.meta.name.clone(),
+            dir,
+            client,
+            timings,
+            created_at: SystemTime::now(),
+            netns,
+            runtime: Runtime::running(vm, resources),
+            expires_at,
+            engine: Arc::downgrade(engine),
+        },
+        exit,
+    );
     let _ = engine.events.send(crate::SandboxEvent::Created {
         id,
         template: template.meta.name.clone(),
     });
-    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry_watch));
     // Start the next create's VMM now that this one no longer competes for the CPU.
     refill(engine, template);
     Ok(sandbox)

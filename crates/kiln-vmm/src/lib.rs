@@ -3,6 +3,7 @@
 
 pub mod accel;
 pub mod driver;
+pub mod pidfd;
 pub mod qemu;
 pub mod qmp;
 

@@ -363,7 +363,7 @@ impl Handle {
     fn try_wait(&mut self) -> io::Result<Option<Option<std::process::ExitStatus>>> {
         match self {
             Handle::Child(child) => Ok(child.try_wait()?.map(Some)),
-            Handle::Adopted { pidfd, .. } => Ok(pidfd_exited(pidfd, 0)?.then_some(None)),
+            Handle::Adopted { pidfd, .. } => Ok(crate::pidfd::exited(pidfd, 0)?.then_some(None)),
         }
     }
 
@@ -376,27 +376,10 @@ impl Handle {
                 }
             }
             Handle::Adopted { pidfd, .. } => {
-                use std::os::fd::AsRawFd;
-                if !pidfd_exited(pidfd, 0)? {
-                    // SAFETY: pidfd_send_signal takes a pidfd, a signal, a null siginfo and
-                    // no flags.
-                    let rc = unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            pidfd.as_raw_fd(),
-                            libc::SIGKILL,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        )
-                    };
-                    if rc < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.raw_os_error() != Some(libc::ESRCH) {
-                            return Err(e);
-                        }
-                    }
+                if !crate::pidfd::exited(pidfd, 0)? {
+                    crate::pidfd::kill(pidfd)?;
                     // Its parent (init) reaps it; wait until it has ended.
-                    if !pidfd_exited(pidfd, 10_000)? {
+                    if !crate::pidfd::exited(pidfd, 10_000)? {
                         return Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "QEMU did not end after SIGKILL",
@@ -407,22 +390,6 @@ impl Handle {
         }
         Ok(())
     }
-}
-
-/// Whether the process of `pidfd` has ended, waiting up to `timeout_ms`.
-fn pidfd_exited(pidfd: &std::os::fd::OwnedFd, timeout_ms: i32) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut poll, 1, timeout_ms) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n > 0)
 }
 
 /// A QEMU process this crate started (or adopted); killed (by its own handle only) on drop
@@ -641,21 +608,7 @@ impl QemuProcess {
     /// `run_dir`, if it still is the process that started at `start_ticks` (clock ticks since
     /// boot, as in `/proc/PID/stat`). The configuration it knows is its directory only.
     pub fn adopt(run_dir: &Path, pid: u32, start_ticks: u64) -> io::Result<QemuProcess> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the syscall returned a new descriptor nothing else owns.
-        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-        // Checked after the pidfd exists: it pins this very process.
-        if crate::process_start_ticks(pid) != Some(start_ticks) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("process {pid} is not the VMM that was recorded"),
-            ));
-        }
+        let pidfd = crate::pidfd::open_if_same(pid, start_ticks)?;
         let config = BootConfig {
             accel: Accel::Tcg,
             vcpus: 0,
