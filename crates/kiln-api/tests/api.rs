@@ -1,13 +1,15 @@
 //! The HTTP API in-process (the router driven with `tower::ServiceExt::oneshot`) over a real
 //! control plane: real SQLite, real engine, real VMs of the `base` template under QEMU.
 
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use kiln_control::{Control, ControlConfig};
+use kiln_control::Control;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -19,16 +21,7 @@ struct Api {
 
 async fn api() -> Api {
     let data = tempfile::tempdir().expect("data dir");
-    let config = ControlConfig {
-        data_dir: data.path().to_owned(),
-        cache_dir: kiln_testinfra::cache().root().to_owned(),
-        templates_dirs: vec![kiln_testinfra::repo_root().join("templates")],
-        agent_binary: kiln_testinfra::static_agent(),
-        engine: kiln_engine::EngineConfig::new(data.path()),
-        default_template: "base".into(),
-        default_ttl: Duration::from_secs(600),
-        max_ttl: Duration::from_secs(3600),
-    };
+    let config = common::control_config(data.path());
     let control = Control::open(config).await.expect("control plane");
     let app = kiln_api::router(
         control.clone(),

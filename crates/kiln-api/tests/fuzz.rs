@@ -3,12 +3,14 @@
 //! against a real control plane with a live sandbox. No request may get a 5xx, every error
 //! must be a JSON `{code, message}`, and the daemon must keep answering.
 
+mod common;
+
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use kiln_control::{Control, ControlConfig};
+use kiln_control::Control;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{json, Value};
@@ -175,16 +177,7 @@ fn random_requests_never_get_a_server_error() {
         .expect("runtime");
     let data = tempfile::tempdir().expect("data dir");
     let (app, control, key, id) = runtime.block_on(async {
-        let config = ControlConfig {
-            data_dir: data.path().to_owned(),
-            cache_dir: kiln_testinfra::cache().root().to_owned(),
-            templates_dirs: vec![kiln_testinfra::repo_root().join("templates")],
-            agent_binary: kiln_testinfra::static_agent(),
-            engine: kiln_engine::EngineConfig::new(data.path()),
-            default_template: "base".into(),
-            default_ttl: Duration::from_secs(600),
-            max_ttl: Duration::from_secs(3600),
-        };
+        let config = common::control_config(data.path());
         let control = Control::open(config).await.expect("control plane");
         let store = kiln_control::open_store(data.path()).expect("store");
         let (_, key) = kiln_control::mint_key(&store, "fuzz", "fuzz", true).expect("key");

@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
-use kiln_proto::messages::{Command, ExecRequest};
 
 fn engine(data_dir: &Path) -> Engine {
     Engine::new(EngineConfig {
@@ -32,18 +31,7 @@ fn status_field(pid: u32, name: &str) -> String {
 }
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
-    let result = sandbox
-        .agent()
-        .run(ExecRequest::new(Command::Shell(script.to_owned())), 1 << 20)
-        .await
-        .expect("exec");
-    assert_eq!(
-        result.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    String::from_utf8_lossy(&result.stdout).trim().to_owned()
+    kiln_testinfra::sh(sandbox.agent(), script).await
 }
 
 fn host_now() -> f64 {

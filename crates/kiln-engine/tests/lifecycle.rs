@@ -9,18 +9,7 @@ use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, San
 use kiln_proto::messages::{Command, ExecRequest};
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
-    let result = sandbox
-        .agent()
-        .run(ExecRequest::new(Command::Shell(script.to_owned())), 1 << 20)
-        .await
-        .expect("exec");
-    assert_eq!(
-        result.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    String::from_utf8_lossy(&result.stdout).trim().to_owned()
+    kiln_testinfra::sh(sandbox.agent(), script).await
 }
 
 /// Polls `check` until it holds or `timeout` passes.

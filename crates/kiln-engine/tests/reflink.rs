@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
-use kiln_proto::messages::{Command as GuestCommand, ExecRequest};
 use kiln_vmm::qemu::DiskFormat;
 
 /// An XFS filesystem on a loop device, unmounted and detached on drop.
@@ -70,21 +69,7 @@ impl Drop for XfsMount {
 }
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
-    let result = sandbox
-        .agent()
-        .run(
-            ExecRequest::new(GuestCommand::Shell(script.to_owned())),
-            1 << 20,
-        )
-        .await
-        .expect("exec");
-    assert_eq!(
-        result.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    String::from_utf8_lossy(&result.stdout).trim().to_owned()
+    kiln_testinfra::sh(sandbox.agent(), script).await
 }
 
 /// Whether `filefrag` reports extents of `file` shared with another file.

@@ -50,3 +50,20 @@ pub fn template_images(name: &str) -> TemplateImages {
         .join("template.toml");
     build_template(&spec, &static_agent(), &cache(), &PrintProgress).expect("template images build")
 }
+
+/// Runs `script` with `sh -c` through `agent`, requires exit code 0, returns the trimmed
+/// stdout.
+pub async fn sh(agent: &kiln_agent_client::AgentClient, script: &str) -> String {
+    use kiln_proto::messages::{Command, ExecRequest};
+    let result = agent
+        .run(ExecRequest::new(Command::Shell(script.to_owned())), 1 << 20)
+        .await
+        .expect("exec");
+    assert_eq!(
+        result.status.code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    String::from_utf8_lossy(&result.stdout).trim().to_owned()
+}
