@@ -688,7 +688,23 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
 
     // Templates of one's own: built from a spec in the request with streamed progress, used,
     // invisible to other tenants, deletable; global ones are read-only.
-    let spec = "name = \"mine\"\ndescription = \"alice's\"\n[base]\nsuite = \"bookworm\"\n[resources]\ndisk_mib = 768\n";
+    // Its start command (a web server) runs before the bake's snapshot, as the template's
+    // user, with its environment, and is running in every sandbox made from it.
+    let spec = r#"name = "mine"
+description = "alice's"
+packages = ["busybox"]
+env = { GREETING = "hello from the spec" }
+workdir = "/srv"
+user = "nobody"
+[base]
+suite = "bookworm"
+[start]
+command = "mkdir -p /tmp/www && printf '%s as %s\n' \"$GREETING\" \"$(id -un)\" > /tmp/www/index.html && exec busybox httpd -f -p 8080 -h /tmp/www"
+readiness = { tcp_port = 8080 }
+timeout_secs = 60
+[resources]
+disk_mib = 768
+"#;
     let build = api
         .json(Method::POST, "/v1/templates", &alice, json!({"spec": spec}))
         .await;
@@ -761,6 +777,19 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     assert!(
         (600..=768).contains(&mib),
         "the template's own disk size: {mib} MiB"
+    );
+    let run = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{mine_id}/exec"),
+            &alice,
+            json!({"command": "busybox wget -qO- http://127.0.0.1:8080/index.html; id -un; pwd"}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        run["stdout"], "hello from the spec as nobody\nnobody\n/srv\n",
+        "{run}"
     );
     api.get("/v1/templates/mine", &bob)
         .await

@@ -31,9 +31,14 @@ pub struct Inputs {
 impl Inputs {
     /// Starts a key for an artefact of `kind`; the builder version is always included.
     pub fn new(kind: &str) -> Inputs {
+        Inputs::for_builder(kind, BUILDER_VERSION)
+    }
+
+    /// Starts a key for an artefact of `kind` made by builder version `builder`.
+    fn for_builder(kind: &str, builder: &str) -> Inputs {
         let mut inputs = Inputs::default();
         inputs.add("kind", kind);
-        inputs.add("builder", BUILDER_VERSION);
+        inputs.add("builder", builder);
         inputs
     }
 
@@ -205,6 +210,23 @@ mod tests {
         assert_ne!(a.key(), c.key(), "length prefixes keep boundaries apart");
         assert_ne!(Inputs::new("kernel").key(), Inputs::new("rootfs").key());
         assert_eq!(a.key(), a.clone().key());
+    }
+
+    /// A new builder version (bumped when the builder's output changes) rebuilds everything.
+    #[test]
+    fn builder_version_is_part_of_every_key() {
+        let current = Inputs::new("rootfs");
+        assert!(current
+            .entries()
+            .contains(&("builder".to_owned(), BUILDER_VERSION.to_owned())));
+        assert_eq!(
+            current.key(),
+            Inputs::for_builder("rootfs", BUILDER_VERSION).key()
+        );
+        assert_ne!(
+            current.key(),
+            Inputs::for_builder("rootfs", &format!("{BUILDER_VERSION}.next")).key()
+        );
     }
 
     #[test]

@@ -57,11 +57,17 @@ pub enum ImageError {
         /// The binary.
         path: PathBuf,
     },
+    /// The package archive changed between resolving the package set and installing it.
+    #[error("the package archive changed during the build (installed and resolved differ in {differing}); build again")]
+    PackagesChanged {
+        /// Some of the packages that differ.
+        differing: String,
+    },
     /// A file named by the spec is missing.
-    #[error(
-        "template file {path} does not exist (paths in `files` are relative to the spec file)"
-    )]
+    #[error("`{field}`: {path} is not a file (paths in a spec are relative to the spec file)")]
     MissingFile {
+        /// The spec field that names it (`files[0].src`, `base.image`).
+        field: String,
         /// The missing path.
         path: PathBuf,
     },

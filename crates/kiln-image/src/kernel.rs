@@ -125,7 +125,7 @@ pub fn build_kernel(
         let detail = Some(format!("{} {}", package.name, package.version));
         Ok::<_, ImageError>((package, detail))
     })?;
-    let inputs = kernel_inputs(&package, agent)?;
+    let inputs = kernel_inputs(&package, GUEST_MODULES, agent)?;
     let (dir, origin) = cache.get_or_build("kernel", &inputs, |out| {
         build_into(&package, agent, out, progress)
     })?;
@@ -148,13 +148,17 @@ pub fn build_kernel(
 
 /// The cache inputs of a kernel artefact: the exact package, the module set and the agent
 /// (it is the initramfs's `/init`).
-pub fn kernel_inputs(package: &KernelPackage, agent: &Path) -> Result<Inputs, ImageError> {
+pub fn kernel_inputs(
+    package: &KernelPackage,
+    modules: &[&str],
+    agent: &Path,
+) -> Result<Inputs, ImageError> {
     let mut inputs = Inputs::new("kernel");
     inputs
         .add("package", package.name.as_str())
         .add("version", package.version.as_str())
         .add("deb-sha256", package.sha256.as_str())
-        .add("modules", GUEST_MODULES.join(","))
+        .add("modules", modules.join(","))
         .add(
             "agent",
             sha256_file(agent).context(|| format!("reading {}", agent.display()))?,
@@ -441,8 +445,27 @@ mod tests {
             version: "6.1.1-1".into(),
             sha256: "aa".into(),
         };
-        let key = |p: &KernelPackage| kernel_inputs(p, &agent).expect("inputs").key();
+        let key = |p: &KernelPackage| {
+            kernel_inputs(p, GUEST_MODULES, &agent)
+                .expect("inputs")
+                .key()
+        };
         let original = key(&package);
+        assert!(
+            kernel_inputs(&package, GUEST_MODULES, &agent)
+                .expect("inputs")
+                .entries()
+                .contains(&("builder".into(), crate::cache::BUILDER_VERSION.into())),
+            "builder version"
+        );
+        let fewer_modules = &GUEST_MODULES[1..];
+        assert_ne!(
+            original,
+            kernel_inputs(&package, fewer_modules, &agent)
+                .expect("inputs")
+                .key(),
+            "module set"
+        );
         assert_ne!(
             original,
             key(&KernelPackage {

@@ -44,21 +44,32 @@ pub struct PrintProgress;
 
 impl Progress for PrintProgress {
     fn event(&self, event: BuildEvent) {
-        match event {
-            BuildEvent::Step { artefact, name } => eprintln!("  [{artefact}] {name} ..."),
+        eprintln!("{}", event.line());
+    }
+}
+
+impl BuildEvent {
+    /// The event as one line for people: artefact, step, and when done the time it took
+    /// and its result.
+    pub fn line(&self) -> String {
+        match self {
+            BuildEvent::Step { artefact, name } => format!("  [{artefact}] {name} ..."),
             BuildEvent::StepDone {
                 artefact,
                 name,
                 elapsed,
                 detail,
             } => {
-                let detail = detail.map(|d| format!(", {d}")).unwrap_or_default();
-                eprintln!(
+                let detail = detail
+                    .as_ref()
+                    .map(|d| format!(", {d}"))
+                    .unwrap_or_default();
+                format!(
                     "  [{artefact}] {name}: done in {:.1} s{detail}",
                     elapsed.as_secs_f64()
-                );
+                )
             }
-            BuildEvent::Cached { artefact, path } => eprintln!("  [{artefact}] cached at {path}"),
+            BuildEvent::Cached { artefact, path } => format!("  [{artefact}] cached at {path}"),
         }
     }
 }
@@ -112,6 +123,42 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steps_report_their_time_and_result() {
+        struct Lines(std::sync::Mutex<Vec<String>>);
+        impl Progress for Lines {
+            fn event(&self, event: BuildEvent) {
+                self.0.lock().expect("not poisoned").push(event.line());
+            }
+        }
+        let lines = Lines(std::sync::Mutex::new(Vec::new()));
+        let value = step(&lines, "rootfs base", "make ext4 image", || {
+            std::thread::sleep(Duration::from_millis(120));
+            Ok::<_, ()>((7, Some("1.5 MiB of files".to_owned())))
+        });
+        assert_eq!(value, Ok(7));
+        let failed = step(&lines, "kernel", "fetch", || Err::<((), _), _>("offline"));
+        assert_eq!(failed, Err("offline"));
+        let lines = lines.0.into_inner().expect("not poisoned");
+        assert_eq!(lines[0], "  [rootfs base] make ext4 image ...");
+        assert!(
+            lines[1].starts_with("  [rootfs base] make ext4 image: done in 0.")
+                && lines[1].ends_with(" s, 1.5 MiB of files"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(lines[2], "  [kernel] fetch ...");
+        assert_eq!(lines.len(), 3, "a failed step reports no completion");
+        assert_eq!(
+            BuildEvent::Cached {
+                artefact: "kernel".into(),
+                path: "/var/cache/kiln/kernel/ab".into()
+            }
+            .line(),
+            "  [kernel] cached at /var/cache/kiln/kernel/ab"
+        );
+    }
 
     #[test]
     fn human_sizes() {

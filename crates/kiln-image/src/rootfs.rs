@@ -72,6 +72,19 @@ pub fn resolve_packages(spec: &TemplateSpec) -> Result<Vec<String>, ImageError> 
     let output = run(&mut command, "resolving packages (mmdebstrap --simulate)")?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
+    let packages = parse_simulated_installs(&text);
+    if packages.is_empty() {
+        return Err(ImageError::CommandFailed {
+            what: "resolving packages".into(),
+            status: "no packages listed".into(),
+            stderr: text.lines().rev().take(10).collect::<Vec<_>>().join("\n"),
+        });
+    }
+    Ok(packages)
+}
+
+/// The `Inst name (version ...)` lines of an apt simulation as sorted `name=version` pairs.
+fn parse_simulated_installs(text: &str) -> Vec<String> {
     let mut packages: Vec<String> = text
         .lines()
         .filter_map(|line| {
@@ -83,13 +96,29 @@ pub fn resolve_packages(spec: &TemplateSpec) -> Result<Vec<String>, ImageError> 
         .collect();
     packages.sort();
     packages.dedup();
-    if packages.is_empty() {
-        return Err(ImageError::CommandFailed {
-            what: "resolving packages".into(),
-            status: "no packages listed".into(),
-            stderr: text.lines().rev().take(10).collect::<Vec<_>>().join("\n"),
-        });
-    }
+    packages
+}
+
+/// The packages installed in a root filesystem `tree`, from its dpkg status, as sorted
+/// `name=version` pairs.
+fn installed_packages(tree: &Path) -> Result<Vec<String>, ImageError> {
+    let path = tree.join("var/lib/dpkg/status");
+    let text = std::fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+    let mut packages: Vec<String> = text
+        .split("\n\n")
+        .filter_map(|stanza| {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                    .map(str::trim)
+            };
+            (field("Status")? == "install ok installed")
+                .then(|| Some(format!("{}={}", field("Package")?, field("Version")?)))?
+        })
+        .collect();
+    packages.sort();
+    packages.dedup();
     Ok(packages)
 }
 
@@ -113,6 +142,12 @@ pub fn rootfs_inputs(
     inputs.add_bytes("packages", packages.join("\n").as_bytes());
     if let Some(image) = &spec.base.image {
         let path = spec_dir.join(image);
+        if !path.is_file() {
+            return Err(ImageError::MissingFile {
+                field: "base.image".into(),
+                path,
+            });
+        }
         inputs.add(
             "image",
             sha256_file(&path).context(|| format!("reading image archive {}", path.display()))?,
@@ -121,7 +156,10 @@ pub fn rootfs_inputs(
     for (i, file) in spec.files.iter().enumerate() {
         let path = spec_dir.join(&file.src);
         if !path.is_file() {
-            return Err(ImageError::MissingFile { path });
+            return Err(ImageError::MissingFile {
+                field: format!("files[{i}].src"),
+                path,
+            });
         }
         inputs.add(
             &format!("file{i}"),
@@ -192,6 +230,20 @@ fn build_into(
                 }
                 command.arg(suite).arg(&tree);
                 run(&mut command, "mmdebstrap")?;
+                // The key names the versions resolved before the build; if the archive
+                // changed in between, the tree holds others and must not be cached under it.
+                let installed = installed_packages(&tree)?;
+                if installed != packages {
+                    let differing: Vec<&String> = installed
+                        .iter()
+                        .filter(|p| !packages.contains(p))
+                        .chain(packages.iter().filter(|p| !installed.contains(p)))
+                        .take(6)
+                        .collect();
+                    return Err(ImageError::PackagesChanged {
+                        differing: format!("{differing:?}"),
+                    });
+                }
                 Ok::<_, ImageError>((None, Some(format!("{} packages", packages.len()))))
             },
         )?,
@@ -233,7 +285,11 @@ fn build_into(
             artefact,
             &format!("run[{i}]: {}", first_line(command)),
             || {
-                run_in_chroot(&tree, command)?;
+                run_in_chroot(
+                    &tree,
+                    command,
+                    &format!("run[{i}] `{}`", first_line(command)),
+                )?;
                 Ok::<_, ImageError>(((), None))
             },
         )?;
@@ -358,8 +414,9 @@ fn resolve_dir_in_root(tree: &Path, dir: &Path) -> Result<PathBuf, ImageError> {
 /// written through.
 fn install_file(src: &Path, tree: &Path, dest: &str, mode: u32) -> Result<(), ImageError> {
     if !src.is_file() {
-        return Err(ImageError::MissingFile {
-            path: src.to_owned(),
+        return Err(ImageError::Io {
+            context: format!("installing {dest}"),
+            source: std::io::Error::other(format!("{} is not a file", src.display())),
         });
     }
     let dest_path = Path::new(dest);
@@ -380,7 +437,7 @@ fn install_file(src: &Path, tree: &Path, dest: &str, mode: u32) -> Result<(), Im
 
 /// Runs a build step in a chroot of `tree`, in private mount, PID and network namespaces:
 /// the step gets /proc and /dev, no network, and leaves no mounts behind.
-fn run_in_chroot(tree: &Path, command: &str) -> Result<(), ImageError> {
+fn run_in_chroot(tree: &Path, command: &str, what: &str) -> Result<(), ImageError> {
     if !tree.join("bin/sh").exists() {
         return Err(ImageError::Io {
             context: "running build steps".into(),
@@ -409,7 +466,7 @@ fn run_in_chroot(tree: &Path, command: &str) -> Result<(), ImageError> {
             ])
             .env("PATH", crate::BUILD_PATH)
             .env("HOME", "/root"),
-        &format!("build step `{}`", first_line(command)),
+        what,
     )?;
     Ok(())
 }
@@ -548,14 +605,101 @@ mod tests {
         assert_ne!(original, after_file, "copied file contents");
         std::fs::write(&agent, b"agent v2").expect("write");
         assert_ne!(after_file, key(&spec, &packages), "agent binary");
-
-        let mut other_builder = Inputs::new("rootfs");
-        other_builder.add("builder", "2");
-        assert_ne!(
-            Inputs::new("rootfs").key(),
-            other_builder.key(),
+        assert!(
+            rootfs_inputs(&spec, dir.path(), &agent, &packages)
+                .expect("inputs")
+                .entries()
+                .contains(&("builder".into(), crate::cache::BUILDER_VERSION.into())),
             "builder version"
         );
+
+        std::fs::write(dir.path().join("image.tar"), b"archive v1").expect("write");
+        let image_spec = TemplateSpec::parse("name = \"i\"\n[base]\nimage = \"image.tar\"\n", "i")
+            .expect("valid");
+        let before = key(&image_spec, &[]);
+        std::fs::write(dir.path().join("image.tar"), b"archive v2").expect("write");
+        assert_ne!(before, key(&image_spec, &[]), "image archive contents");
+        std::fs::remove_file(dir.path().join("image.tar")).expect("remove");
+        let err = rootfs_inputs(&image_spec, dir.path(), &agent, &[]).expect_err("missing archive");
+        assert!(err.to_string().contains("`base.image`"), "{err}");
+        std::fs::remove_file(dir.path().join("f.txt")).expect("remove");
+        let err = rootfs_inputs(&spec, dir.path(), &agent, &packages).expect_err("missing file");
+        assert!(err.to_string().contains("`files[0].src`"), "{err}");
+    }
+
+    #[test]
+    fn simulated_installs_parse_into_sorted_name_version_pairs() {
+        let text = "I: running apt-get\n\
+Inst libc6 (2.36-9+deb12u4 Debian:12.5/stable [amd64])\n\
+Conf libc6 (2.36-9+deb12u4 Debian:12.5/stable [amd64])\n\
+Inst base-files (12.4+deb12u5 Debian:12.5/stable [amd64])\n\
+Inst python3.11-minimal (3.11.2-6 Debian:12.5/stable [amd64]) []\n\
+Inst libc6 (2.36-9+deb12u4 Debian:12.5/stable [amd64])\n\
+Inst broken-line-without-version\n";
+        assert_eq!(
+            parse_simulated_installs(text),
+            vec![
+                "base-files=12.4+deb12u5".to_owned(),
+                "libc6=2.36-9+deb12u4".to_owned(),
+                "python3.11-minimal=3.11.2-6".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn installed_packages_are_read_from_the_dpkg_status() {
+        let tree = tempfile::tempdir().expect("tree");
+        let status = tree.path().join("var/lib/dpkg");
+        std::fs::create_dir_all(&status).expect("mkdir");
+        std::fs::write(
+            status.join("status"),
+            "Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.36-9\n\n\
+Package: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n\n\
+Package: base-files\nStatus: install ok installed\nVersion: 12.4\n",
+        )
+        .expect("write");
+        assert_eq!(
+            installed_packages(tree.path()).expect("read"),
+            vec!["base-files=12.4".to_owned(), "libc6=2.36-9".to_owned()]
+        );
+    }
+
+    #[test]
+    fn spec_start_command_becomes_the_agents_start_command() {
+        let base = "name = \"x\"\nenv = { A = \"1\" }\nworkdir = \"/srv\"\nuser = \"app\"\n[base]\nsuite = \"bookworm\"\n";
+        let spec = TemplateSpec::parse(
+            &format!("{base}[start]\ncommand = \"serve --port 8080\"\nreadiness = {{ tcp_port = 8080 }}\ntimeout_secs = 20\n"),
+            "t",
+        )
+        .expect("valid");
+        let config = template_config(&spec, None);
+        assert_eq!(
+            config.start,
+            Some(StartCommand {
+                command: AgentCommand::Shell("serve --port 8080".into()),
+                readiness: Some(ReadinessCheck::TcpPort { port: 8080 }),
+                timeout_ms: 20_000,
+                interval_ms: 100,
+            })
+        );
+        assert_eq!(config.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(config.workdir.as_deref(), Some("/srv"));
+        assert_eq!(config.user.as_deref(), Some("app"));
+
+        let spec = TemplateSpec::parse(
+            &format!("{base}[start]\ncommand = \"serve\"\nreadiness = {{ exec = \"test -e /run/ready\" }}\n"),
+            "t",
+        )
+        .expect("valid");
+        let start = template_config(&spec, None).start.expect("a start command");
+        assert_eq!(
+            start.readiness,
+            Some(ReadinessCheck::Exec {
+                command: AgentCommand::Shell("test -e /run/ready".into())
+            })
+        );
+        let no_start = TemplateSpec::parse(base, "t").expect("valid");
+        assert_eq!(template_config(&no_start, None).start, None);
     }
 
     #[test]

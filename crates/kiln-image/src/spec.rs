@@ -247,6 +247,12 @@ impl TemplateSpec {
             (Some(suite), None) if !valid_word(suite) => {
                 return fail("base.suite", "a Debian suite name such as `bookworm`")
             }
+            (None, Some(image)) if !is_relative_inside(image) => {
+                return fail(
+                    "base.image",
+                    "a path inside the spec's directory (relative, no `..`)",
+                )
+            }
             _ => {}
         }
         if !matches!(
@@ -273,12 +279,7 @@ impl TemplateSpec {
             }
         }
         for (i, file) in self.files.iter().enumerate() {
-            if file.src.is_absolute()
-                || file
-                    .src
-                    .components()
-                    .any(|c| c == std::path::Component::ParentDir)
-            {
+            if !is_relative_inside(&file.src) {
                 return fail(
                     &format!("files[{i}].src"),
                     "a path inside the spec's directory (relative, no `..`)",
@@ -373,6 +374,17 @@ fn valid_package(name: &str) -> bool {
         && bytes[0].is_ascii_alphanumeric()
         && bytes.iter().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
+        })
+}
+
+/// A relative path that stays inside its base directory.
+fn is_relative_inside(path: &Path) -> bool {
+    !path.as_os_str().is_empty()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
         })
 }
 
@@ -503,6 +515,32 @@ disk_mib = 2048
             invalid_field("name = \"x\"\npackages = [\"vim\"]\n[base]\nimage = \"i.tar\"\n"),
             "packages"
         );
+        let cases = [
+            ("[base]\nsuite = \"../etc\"\n", "base.suite"),
+            ("[base]\nsuite = \"bookworm\"\nvariant = \"huge\"\n", "base.variant"),
+            (
+                "[base]\nsuite = \"bookworm\"\n[[files]]\nsrc = \"a\"\ndest = \"/a\"\nmode = 0o17777\n",
+                "files[0].mode",
+            ),
+            ("run = [\"true\", \" \"]\n[base]\nsuite = \"bookworm\"\n", "run[1]"),
+            ("env = { \"A=B\" = \"x\" }\n[base]\nsuite = \"bookworm\"\n", "env.A=B"),
+            ("[base]\nimage = \"../x.tar\"\n", "base.image"),
+            ("[base]\nimage = \"/x.tar\"\n", "base.image"),
+            ("user = \"a b\"\n[base]\nsuite = \"bookworm\"\n", "user"),
+            (
+                "[base]\nsuite = \"bookworm\"\n[start]\ncommand = \"a\"\ntimeout_secs = 0\n",
+                "start.timeout_secs",
+            ),
+            ("[base]\nsuite = \"bookworm\"\n[resources]\nvcpus = 0\n", "resources.vcpus"),
+            ("[base]\nsuite = \"bookworm\"\n[resources]\ndisk_mib = 8\n", "resources.disk_mib"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(
+                invalid_field(&format!("name = \"x\"\n{text}")),
+                field,
+                "{text}"
+            );
+        }
     }
 
     #[test]

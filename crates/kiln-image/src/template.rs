@@ -94,3 +94,50 @@ pub fn build_template_with_summary(
     let summary = images.summary(started.elapsed().as_secs_f64());
     Ok((images, summary))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::TemplateConfig;
+
+    #[test]
+    fn summary_names_origins_and_sizes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = |name: &str, len: usize| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![1u8; len]).expect("write");
+            path
+        };
+        let spec = TemplateSpec::parse("name = \"base\"\n[base]\nsuite = \"bookworm\"\n", "t")
+            .expect("valid");
+        let image = file("rootfs.ext4", 3 << 20);
+        let images = TemplateImages {
+            kernel: KernelArtefact {
+                dir: dir.path().to_owned(),
+                vmlinux: file("vmlinux", 40 << 20),
+                initramfs: file("initramfs", 2 << 20),
+                release: "6.1.0-1-amd64".into(),
+                origin: Origin::Cached,
+            },
+            rootfs: RootfsArtefact {
+                dir: dir.path().to_owned(),
+                image,
+                config: TemplateConfig {
+                    name: "base".into(),
+                    env: Default::default(),
+                    workdir: None,
+                    user: None,
+                    start: None,
+                    resources: spec.resources.clone(),
+                },
+                origin: Origin::Built,
+            },
+            spec,
+        };
+        assert_eq!(
+            images.summary(12.34),
+            "template base: kernel 6.1.0-1-amd64 (cached, vmlinux 40.0 MiB, initramfs 2.0 MiB), \
+             rootfs built (3.0 MiB used of a 3.0 MiB disk) in 12.3 s"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use kiln_image::cache::{Cache, Origin};
-use kiln_image::progress::NoProgress;
+use kiln_image::progress::{BuildEvent, NoProgress, Progress};
 use kiln_image::rootfs::build_rootfs;
 use kiln_image::spec::TemplateSpec;
 use kiln_proto::messages::Command;
@@ -141,6 +141,13 @@ fn image_archive_becomes_a_root_filesystem_with_its_config() {
         (again.origin, again.dir),
         (Origin::Cached, built.dir.clone())
     );
+    let other = TemplateSpec::parse(
+        "name = \"other\"\n[base]\nimage = \"app.tar\"\n[resources]\ndisk_mib = 128\n",
+        "other.toml",
+    )
+    .expect("valid spec");
+    let other_built =
+        build_rootfs(&other, dir.path(), &agent, &cache, &NoProgress).expect("builds");
     std::fs::write(dir.path().join("extra.txt"), b"changed\n").expect("write");
     let rebuilt = build_rootfs(&spec, dir.path(), &agent, &cache, &NoProgress).expect("rebuilds");
     assert_eq!(
@@ -149,6 +156,13 @@ fn image_archive_becomes_a_root_filesystem_with_its_config() {
         "a changed input file causes a rebuild"
     );
     assert_eq!(debugfs(&rebuilt.image, "cat /etc/extra.txt"), "changed\n");
+    let other_again =
+        build_rootfs(&other, dir.path(), &agent, &cache, &NoProgress).expect("cached");
+    assert_eq!(
+        (other_again.origin, other_again.dir),
+        (Origin::Cached, other_built.dir),
+        "only what changed is rebuilt"
+    );
 }
 
 #[test]
@@ -171,4 +185,225 @@ fn too_small_a_disk_is_a_clear_error() {
     )
     .expect_err("does not fit");
     assert!(err.to_string().contains("disk_mib"), "{err}");
+}
+
+/// Records build events.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<BuildEvent>>);
+
+impl Progress for Recorder {
+    fn event(&self, event: BuildEvent) {
+        self.0.lock().expect("not poisoned").push(event);
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<BuildEvent> {
+        std::mem::take(&mut self.0.lock().expect("not poisoned"))
+    }
+}
+
+/// A layer with a working `/bin/sh`: the host's dash with the C library it links, so build
+/// steps can run in a chroot of the image without a Debian download.
+fn shell_layer() -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    for dir in ["bin/", "etc/", "lib/", "lib/x86_64-linux-gnu/", "lib64/"] {
+        dir_entry(&mut layer, dir);
+    }
+    for (host, image) in [
+        ("/bin/dash", "bin/sh"),
+        (
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "lib/x86_64-linux-gnu/libc.so.6",
+        ),
+        ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
+    ] {
+        let bytes = std::fs::read(host).expect("the host has dash and glibc");
+        tar_entry(&mut layer, image, &bytes, 0o755);
+    }
+    layer.into_inner().expect("layer")
+}
+
+/// An OCI image layout tarball with one layer and a config.
+fn oci_layout_archive(path: &Path, layer: Vec<u8>) {
+    let sha = |data: &[u8]| kiln_image::cache::sha256_hex(data);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "WorkingDir": "/" },
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha(&layer))]}
+    }))
+    .expect("json");
+    let descriptor = |media_type: &str, data: &[u8]| {
+        serde_json::json!({
+            "mediaType": media_type, "digest": format!("sha256:{}", sha(data)), "size": data.len()
+        })
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
+    }))
+    .expect("json");
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [descriptor("application/vnd.oci.image.manifest.v1+json", &manifest)],
+    });
+    let mut archive = tar::Builder::new(Vec::new());
+    tar_entry(
+        &mut archive,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+    );
+    tar_entry(
+        &mut archive,
+        "index.json",
+        index.to_string().as_bytes(),
+        0o644,
+    );
+    for blob in [&config, &manifest, &layer] {
+        tar_entry(
+            &mut archive,
+            &format!("blobs/sha256/{}", sha(blob)),
+            blob,
+            0o644,
+        );
+    }
+    std::fs::write(path, archive.into_inner().expect("archive")).expect("write archive");
+}
+
+fn step_names(events: &[BuildEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::StepDone { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Build steps run in order in a chroot of the image, after the spec's files are in place,
+/// as PID 1 of their own PID namespace with no network; their output lands in the disk
+/// image, which has the spec's size. A failing step fails the build, names the step and
+/// publishes nothing.
+#[test]
+fn build_steps_run_in_a_chroot_of_an_oci_layout_image() {
+    let dir = tempfile::tempdir().expect("dir");
+    oci_layout_archive(&dir.path().join("shell.tar"), shell_layer());
+    std::fs::write(dir.path().join("greeting"), b"hello from a spec file\n").expect("write");
+    let agent = dir.path().join("agent-binary");
+    std::fs::write(&agent, b"\x7fELF stand-in for the agent").expect("write");
+    let spec_text = |steps: &str| {
+        format!(
+            "name = \"steps\"\nrun = [{steps}]\n[base]\nimage = \"shell.tar\"\n\
+             [[files]]\nsrc = \"greeting\"\ndest = \"/etc/greeting\"\n[resources]\ndisk_mib = 96\n"
+        )
+    };
+    let steps = [
+        r#"read -r line < /etc/greeting; echo "step saw: $line" > /etc/step-output"#,
+        r#"while read -r line; do echo "$line"; done < /proc/net/dev > /etc/net-devices"#,
+        r#"echo $$ > /etc/step-pid"#,
+        r#"echo second >> /etc/step-output"#,
+    ];
+    let quoted: Vec<String> = steps
+        .iter()
+        .map(|s| toml::Value::String((*s).to_owned()).to_string())
+        .collect();
+    let spec = TemplateSpec::parse(&spec_text(&quoted.join(", ")), "steps.toml").expect("valid");
+    let cache = Cache::new(dir.path().join("cache"));
+    let progress = Recorder::default();
+
+    let built = build_rootfs(&spec, dir.path(), &agent, &cache, &progress).expect("builds");
+    assert_eq!(
+        debugfs(&built.image, "cat /etc/step-output"),
+        "step saw: hello from a spec file\nsecond\n",
+        "steps ran in order, after the files were installed"
+    );
+    let devices = debugfs(&built.image, "cat /etc/net-devices");
+    let interfaces: Vec<&str> = devices
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "no network in build steps: {devices}");
+    assert_eq!(debugfs(&built.image, "cat /etc/step-pid"), "1\n");
+    assert_eq!(
+        std::fs::metadata(&built.image).expect("image").len(),
+        96 << 20,
+        "the disk has the spec's size"
+    );
+    assert_eq!(
+        built.config.env.get("PATH").map(String::as_str),
+        Some("/bin")
+    );
+
+    let events = progress.take();
+    let names = step_names(&events);
+    let mut expected = vec![
+        "resolve packages".to_owned(),
+        "unpack image archive".to_owned(),
+        "install agent and files".to_owned(),
+    ];
+    expected.extend(
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("run[{i}]: {}", truncated(s))),
+    );
+    expected.push("make ext4 image".to_owned());
+    assert_eq!(names, expected);
+    let disk_detail = events.iter().find_map(|e| match e {
+        BuildEvent::StepDone { name, detail, .. } if name == "make ext4 image" => detail.clone(),
+        _ => None,
+    });
+    assert!(
+        disk_detail
+            .as_deref()
+            .is_some_and(|d| d.ends_with("of files in a 96 MiB disk")),
+        "{disk_detail:?}"
+    );
+
+    build_rootfs(&spec, dir.path(), &agent, &cache, &progress).expect("cached");
+    let events = progress.take();
+    assert!(
+        matches!(events.last(), Some(BuildEvent::Cached { path, .. }) if Path::new(path) == built.dir),
+        "{events:?}"
+    );
+    assert_eq!(
+        step_names(&events),
+        ["resolve packages"],
+        "no step runs again"
+    );
+
+    let failing = TemplateSpec::parse(
+        &spec_text("\"echo fine\", \"echo failing >&2; exit 3\""),
+        "t",
+    )
+    .expect("valid");
+    let err = build_rootfs(&failing, dir.path(), &agent, &cache, &NoProgress)
+        .expect_err("a failing step fails the build");
+    let text = err.to_string();
+    assert!(
+        text.contains("run[1]") && text.contains("exit status: 3") && text.contains("failing"),
+        "{text}"
+    );
+    let published: Vec<_> = std::fs::read_dir(cache.root().join("rootfs"))
+        .expect("cache dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert_eq!(
+        published,
+        [built.dir.file_name().expect("name").to_string_lossy()],
+        "only the good build is in the cache"
+    );
+}
+
+/// The step label as progress shows it (first line, at most 60 characters).
+fn truncated(step: &str) -> String {
+    if step.len() > 60 {
+        format!("{}...", &step[..57])
+    } else {
+        step.to_owned()
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest, PostRestoreRequest, ShutdownAction};
-use kiln_vmm::accel::{resolve, AccelChoice};
+use kiln_vmm::accel::{resolve, Accel, AccelChoice};
 use kiln_vmm::qemu::{BootConfig, DiskFormat, MemoryBacking, QemuProcess};
 
 async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
@@ -26,7 +26,8 @@ async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
 /// Boots `images`, checks the agent, runs `check`, powers off.
 async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
     let run_dir = tempfile::tempdir().expect("run dir");
-    let accel = resolve(AccelChoice::Auto);
+    // Under TCG on every host: the images must not depend on KVM to boot.
+    let accel = resolve(AccelChoice::Fixed(Accel::Tcg));
     let config = BootConfig {
         accel: accel.accel,
         vcpus: images.spec.resources.vcpus,
@@ -80,6 +81,7 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
             hostname: Some(format!("{}-boot-test", images.spec.name)),
             env: images.rootfs.config.env.clone(),
             workdir: images.rootfs.config.workdir.clone(),
+            user: images.rootfs.config.user.clone(),
             ..InitRequest::default()
         })
         .await
@@ -102,6 +104,55 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
         "kernel release: {out}"
     );
     assert!(out.contains("bookworm"), "{out}");
+
+    // The agent's init mounts, and the template's runtime defaults and VM size.
+    let (code, out) = exec(&client, "cat /proc/mounts").await;
+    assert_eq!(code, 0, "{out}");
+    for (mount_point, fs_type) in [
+        ("/proc", "proc"),
+        ("/sys", "sysfs"),
+        ("/dev", "devtmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/dev/shm", "tmpfs"),
+        ("/run", "tmpfs"),
+        ("/tmp", "tmpfs"),
+    ] {
+        assert!(
+            out.lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(1) == Some(&mount_point) && fields.get(2) == Some(&fs_type)
+            }),
+            "{mount_point} is mounted as {fs_type}:\n{out}"
+        );
+    }
+    let config = &images.rootfs.config;
+    let (_, out) = exec(&client, "pwd").await;
+    assert_eq!(
+        out.trim(),
+        config.workdir.as_deref().unwrap_or("/"),
+        "workdir"
+    );
+    for (name, value) in &config.env {
+        let (_, out) = exec(&client, &format!("printenv {name}")).await;
+        assert_eq!(out.trim_end_matches('\n'), value, "env {name}");
+    }
+    let (_, out) = exec(&client, "nproc; grep MemTotal /proc/meminfo").await;
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next().and_then(|n| n.trim().parse::<u32>().ok()),
+        Some(images.spec.resources.vcpus),
+        "vCPUs: {out}"
+    );
+    let mem_total_kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal in {out}"));
+    let memory_kib = u64::from(images.spec.resources.memory_mib) * 1024;
+    assert!(
+        mem_total_kib <= memory_kib && mem_total_kib > memory_kib * 3 / 4,
+        "memory: {mem_total_kib} KiB of {memory_kib}"
+    );
 
     let (code, out) = exec(&client, check).await;
     assert_eq!(code, 0, "{check}: {out}");
