@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod bench_api;
 mod bench_create;
+mod bench_images;
 mod client_cmd;
 mod keys_cmd;
 mod serve_cmd;
@@ -320,6 +321,25 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Template images: build time from nothing (into an empty cache, downloads included)
+    /// and from the cache, sizes, and cold boot to the first exec (p50/p99).
+    Images {
+        /// Templates (spec, directory or name); default: base and python.
+        #[arg(long = "template", default_values_t = ["base".to_owned(), "python".to_owned()])]
+        templates: Vec<String>,
+        /// Cold boots per template.
+        #[arg(long, default_value_t = 5)]
+        boots: usize,
+        /// Directory for the empty caches of the from-nothing builds (removed afterwards).
+        #[arg(long, default_value = "/var/tmp")]
+        scratch_dir: PathBuf,
+        /// Accelerator for the boots: auto, kvm or tcg.
+        #[arg(long, default_value = "auto")]
+        accel: kiln_vmm::accel::AccelChoice,
+        /// Print the results as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -496,6 +516,25 @@ async fn main() -> ExitCode {
                 sustain: std::time::Duration::from_secs(sustain_secs),
                 sustain_workers,
                 cache_dir,
+                json,
+            })
+            .await
+        }
+        Commands::Bench {
+            command:
+                BenchCommand::Images {
+                    templates,
+                    boots,
+                    scratch_dir,
+                    accel,
+                    json,
+                },
+        } => {
+            bench_images::run(bench_images::ImagesBenchOptions {
+                templates,
+                boots,
+                scratch_dir,
+                accel,
                 json,
             })
             .await

@@ -1,0 +1,176 @@
+//! `kiln bench images`: what the default templates cost to build and to boot. Each template
+//! is built from nothing into an empty artefact cache (kernel and root filesystem; package
+//! downloads included), built again from that cache, measured on disk, and cold-booted to its
+//! first exec a number of times.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use kiln_engine::{Engine, EngineConfig};
+use kiln_image::cache::Cache;
+use kiln_image::progress::{human_bytes, NoProgress, PrintProgress};
+use kiln_image::template::{build_template, TemplateImages};
+use kiln_vmm::accel::AccelChoice;
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+/// Options of the benchmark.
+#[derive(Debug, Clone)]
+pub struct ImagesBenchOptions {
+    /// Templates to measure (spec, directory or name).
+    pub templates: Vec<String>,
+    /// Cold boots per template.
+    pub boots: usize,
+    /// Where the empty caches of the from-nothing builds go (removed afterwards).
+    pub scratch_dir: PathBuf,
+    /// Accelerator for the boots.
+    pub accel: AccelChoice,
+    /// Print JSON.
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct TemplateReport {
+    template: String,
+    /// Kernel and initramfs from nothing (package download, extraction, modules, initramfs).
+    kernel_from_nothing_s: f64,
+    /// The root filesystem from nothing, with the kernel already built.
+    rootfs_from_nothing_s: f64,
+    /// Both, as a first build of the template on a fresh machine takes.
+    template_from_nothing_s: f64,
+    /// The same template again, every artefact found in the cache.
+    from_cache_s: f64,
+    vmlinux_bytes: u64,
+    initramfs_bytes: u64,
+    /// Blocks the root filesystem image occupies (it is sparse).
+    rootfs_used_bytes: u64,
+    /// The disk size the spec asks for.
+    rootfs_disk_bytes: u64,
+    cold_boot_to_first_exec: Summary,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    accel: String,
+    templates: Vec<TemplateReport>,
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+async fn build(spec: &Path, agent: &Path, cache: &Cache, quiet: bool) -> Result<TemplateImages> {
+    let (spec, agent, cache) = (spec.to_owned(), agent.to_owned(), cache.clone());
+    tokio::task::spawn_blocking(move || {
+        if quiet {
+            build_template(&spec, &agent, &cache, &NoProgress)
+        } else {
+            build_template(&spec, &agent, &cache, &PrintProgress)
+        }
+    })
+    .await?
+    .context("building the template")
+}
+
+/// Runs the benchmark.
+pub async fn run(options: ImagesBenchOptions) -> Result<()> {
+    let agent = crate::template_cmd::static_agent()?;
+    std::fs::create_dir_all(&options.scratch_dir)
+        .with_context(|| format!("creating {}", options.scratch_dir.display()))?;
+    let data = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let engine = Engine::new(EngineConfig {
+        accel: options.accel,
+        prestart: 0,
+        ..EngineConfig::new(data.path())
+    })?;
+    let accel = format!(
+        "{} ({})",
+        engine.accel().accel.qemu_name(),
+        engine.accel().reason
+    );
+    eprintln!("accelerator: {accel}");
+
+    let mut reports = Vec::new();
+    for template in &options.templates {
+        let spec = crate::template_cmd::resolve_spec(template)?;
+        let scratch = tempfile::Builder::new()
+            .prefix("kiln-empty-cache-")
+            .tempdir_in(&options.scratch_dir)?;
+        let cache = Cache::new(scratch.path());
+        eprintln!(
+            "{template}: building from nothing into {} ...",
+            scratch.path().display()
+        );
+        let started = Instant::now();
+        let (kernel_agent, kernel_cache) = (agent.clone(), cache.clone());
+        tokio::task::spawn_blocking(move || {
+            kiln_image::kernel::build_kernel(&kernel_agent, &kernel_cache, &PrintProgress)
+        })
+        .await?
+        .context("building the kernel")?;
+        let kernel_s = started.elapsed().as_secs_f64();
+        let images = build(&spec, &agent, &cache, false).await?;
+        let template_s = started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        let cached = build(&spec, &agent, &cache, true).await?;
+        let from_cache_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            cached.rootfs.dir == images.rootfs.dir,
+            "the second build did not come from the cache"
+        );
+
+        eprintln!("{template}: {} cold boots ...", options.boots);
+        let mut boots: Vec<Duration> = Vec::new();
+        for _ in 0..options.boots.max(1) {
+            boots.push(engine.measure_cold_boot(&images).await?);
+        }
+        reports.push(TemplateReport {
+            template: images.spec.name.clone(),
+            kernel_from_nothing_s: kernel_s,
+            rootfs_from_nothing_s: template_s - kernel_s,
+            template_from_nothing_s: template_s,
+            from_cache_s,
+            vmlinux_bytes: file_size(&images.kernel.vmlinux),
+            initramfs_bytes: file_size(&images.kernel.initramfs),
+            rootfs_used_bytes: allocated(&images.rootfs.image),
+            rootfs_disk_bytes: file_size(&images.rootfs.image),
+            cold_boot_to_first_exec: Summary::of(&boots),
+        });
+        // The scratch cache (a few hundred MiB) goes with `scratch`.
+    }
+
+    let report = Report {
+        accel,
+        templates: reports,
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("accelerator: {}", report.accel);
+        for t in &report.templates {
+            println!("template {}", t.template);
+            println!(
+                "  from nothing:  {:.1} s (kernel {:.1} s, rootfs {:.1} s)",
+                t.template_from_nothing_s, t.kernel_from_nothing_s, t.rootfs_from_nothing_s
+            );
+            println!("  from cache:    {:.2} s", t.from_cache_s);
+            println!(
+                "  sizes:         vmlinux {}, initramfs {}, rootfs {} used of a {} disk",
+                human_bytes(t.vmlinux_bytes),
+                human_bytes(t.initramfs_bytes),
+                human_bytes(t.rootfs_used_bytes),
+                human_bytes(t.rootfs_disk_bytes)
+            );
+            println!("  cold boot to first exec: {}", t.cold_boot_to_first_exec);
+        }
+    }
+    Ok(())
+}
