@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use kiln_engine::{Engine, EngineConfig};
 use kiln_image::cache::Cache;
 use kiln_image::progress::{human_bytes, NoProgress, PrintProgress};
-use kiln_image::template::{build_template, TemplateImages};
+use kiln_image::template::{allocated_bytes, build_template, file_bytes, TemplateImages};
 use kiln_vmm::accel::AccelChoice;
 use serde::Serialize;
 
@@ -55,15 +55,6 @@ struct TemplateReport {
 struct Report {
     accel: String,
     templates: Vec<TemplateReport>,
-}
-
-fn file_size(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 async fn build(spec: &Path, agent: &Path, cache: &Cache, quiet: bool) -> Result<TemplateImages> {
@@ -138,10 +129,10 @@ pub async fn run(options: ImagesBenchOptions) -> Result<()> {
             rootfs_from_nothing_s: template_s - kernel_s,
             template_from_nothing_s: template_s,
             from_cache_s,
-            vmlinux_bytes: file_size(&images.kernel.vmlinux),
-            initramfs_bytes: file_size(&images.kernel.initramfs),
-            rootfs_used_bytes: allocated(&images.rootfs.image),
-            rootfs_disk_bytes: file_size(&images.rootfs.image),
+            vmlinux_bytes: file_bytes(&images.kernel.vmlinux),
+            initramfs_bytes: file_bytes(&images.kernel.initramfs),
+            rootfs_used_bytes: allocated_bytes(&images.rootfs.image),
+            rootfs_disk_bytes: file_bytes(&images.rootfs.image),
             cold_boot_to_first_exec: Summary::of(&boots),
         });
         // The scratch cache (a few hundred MiB) goes with `scratch`.

@@ -28,11 +28,7 @@ pub struct TemplateImages {
 impl TemplateImages {
     /// A one-line summary for people.
     pub fn summary(&self, elapsed_secs: f64) -> String {
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let allocated = |p: &Path| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
-        };
+        let (size, allocated) = (file_bytes, allocated_bytes);
         let origin = |o: Origin| {
             if o == Origin::Cached {
                 "cached"
@@ -53,6 +49,19 @@ impl TemplateImages {
             elapsed_secs,
         )
     }
+}
+
+/// A file's length in bytes (0 if it cannot be read).
+pub fn file_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Bytes a (sparse) file occupies on disk (0 if it cannot be read).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Builds (or takes from the cache) every image of the template at `spec_path`.
