@@ -2,8 +2,12 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::start;
+use kiln_agent_client::ClientConfig;
 use kiln_proto::messages::{ErrorKind, FileReadRequest, FileType, FileWriteStart, MkdirRequest};
+use tokio::io::AsyncWriteExt;
 
 fn kind<T>(r: Result<T, kiln_agent_client::ClientError>) -> Option<ErrorKind> {
     r.err().and_then(|e| e.agent_kind())
@@ -202,4 +206,40 @@ async fn interrupted_write_changes_nothing() {
         .await
         .expect("write");
     assert_eq!(std::fs::read(&path).expect("read"), b"new");
+}
+
+/// The agent answers a write only once the whole file is on disk, so an upload that lasts
+/// longer than the client's call timeout must succeed as long as it keeps moving.
+#[tokio::test]
+async fn a_slow_upload_outlives_the_call_timeout() {
+    let (agent, _) = start().await;
+    let client = agent.client_with(ClientConfig {
+        call_timeout: Duration::from_secs(1),
+        ..ClientConfig::default()
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("slow.bin");
+    let (mut writer, mut source) = tokio::io::duplex(64 * 1024);
+    let feeder = tokio::spawn(async move {
+        for i in 0..12u8 {
+            writer.write_all(&[i; 64 * 1024]).await.expect("feed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let started = Instant::now();
+    let start = FileWriteStart {
+        path: path.to_string_lossy().into_owned(),
+        mode: None,
+        user: None,
+        create_parents: false,
+    };
+    let sent = client
+        .write_file_from(start, &mut source)
+        .await
+        .expect("a slow upload is not cut off");
+    feeder.await.expect("feeder finished");
+    assert!(started.elapsed() > Duration::from_secs(2));
+    assert_eq!(sent, 12 * 64 * 1024);
+    let expected: Vec<u8> = (0..12u8).flat_map(|i| [i; 64 * 1024]).collect();
+    assert_eq!(std::fs::read(&path).expect("read"), expected);
 }
