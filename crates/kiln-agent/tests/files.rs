@@ -5,6 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::start;
+use kiln_agent::files::{MAX_LIST_BYTES, MAX_LIST_ENTRIES};
 use kiln_agent_client::ClientConfig;
 use kiln_proto::messages::{ErrorKind, FileReadRequest, FileType, FileWriteStart, MkdirRequest};
 use tokio::io::AsyncWriteExt;
@@ -242,4 +243,73 @@ async fn a_slow_upload_outlives_the_call_timeout() {
     assert_eq!(sent, 12 * 64 * 1024);
     let expected: Vec<u8> = (0..12u8).flat_map(|i| [i; 64 * 1024]).collect();
     assert_eq!(std::fs::read(&path).expect("read"), expected);
+}
+
+/// Creates `count` empty files named by `name` in `dir`.
+fn create_files(dir: &std::path::Path, count: usize, name: impl Fn(usize) -> String) {
+    for i in 0..count {
+        std::fs::File::create(dir.join(name(i))).expect("create");
+    }
+}
+
+#[tokio::test]
+async fn a_listing_stops_at_the_entry_limit_and_says_so() {
+    let (_agent, client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().to_string_lossy().into_owned();
+    create_files(dir.path(), MAX_LIST_ENTRIES, |i| format!("f{i:05}"));
+    let full = client.list(&root, 1).await.expect("list");
+    assert_eq!(full.entries.len(), MAX_LIST_ENTRIES);
+    assert!(!full.truncated, "exactly the limit leaves nothing out");
+
+    std::fs::File::create(dir.path().join("z-one-more")).expect("create");
+    let cut = client.list(&root, 1).await.expect("list");
+    assert_eq!(cut.entries.len(), MAX_LIST_ENTRIES);
+    assert!(cut.truncated);
+    assert!(
+        cut.entries
+            .last()
+            .expect("entries")
+            .path
+            .ends_with("f09999"),
+        "sorted, and cut at the end"
+    );
+}
+
+/// Entries with long paths would make a full listing larger than the host accepts; the
+/// listing comes back truncated instead of failing.
+#[tokio::test]
+async fn a_listing_of_long_paths_is_cut_to_fit_the_response_limit() {
+    let (_agent, client) = start().await;
+    let top = tempfile::tempdir().expect("temp dir");
+    // A deep directory of long names: every entry's path is about 1.7 KB.
+    let mut dir = top.path().to_owned();
+    for level in 0..6 {
+        dir.push(format!("{level}{}", "d".repeat(239)));
+    }
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let count = 3000;
+    create_files(&dir, count, |i| format!("{i:05}{}", "f".repeat(200)));
+    let path = dir.to_string_lossy().into_owned();
+
+    let listing = client
+        .list(&path, 1)
+        .await
+        .expect("a listing too large for one response comes back truncated");
+    assert!(listing.truncated);
+    assert!(!listing.entries.is_empty() && listing.entries.len() < count);
+    let encoded = serde_json::to_vec(&listing).expect("serializable").len();
+    assert!(encoded <= MAX_LIST_BYTES + 1024, "{encoded} bytes");
+    for (i, entry) in listing.entries.iter().enumerate() {
+        assert_eq!(
+            entry.path,
+            dir.join(format!("{i:05}{}", "f".repeat(200)))
+                .to_string_lossy(),
+            "the first entries in order"
+        );
+    }
+    // A deep listing from the top is cut the same way.
+    let root = top.path().to_string_lossy().into_owned();
+    let deep = client.list(&root, 8).await.expect("deep listing");
+    assert!(deep.truncated && deep.entries.len() < count + 6);
 }
