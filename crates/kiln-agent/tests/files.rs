@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::start;
@@ -312,4 +313,66 @@ async fn a_listing_of_long_paths_is_cut_to_fit_the_response_limit() {
     let root = top.path().to_string_lossy().into_owned();
     let deep = client.list(&root, 8).await.expect("deep listing");
     assert!(deep.truncated && deep.entries.len() < count + 6);
+}
+
+#[tokio::test]
+async fn write_keeps_the_replaced_mode_and_applies_explicit_mode_and_owner() {
+    let (_agent, client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().to_string_lossy().into_owned();
+    let existing = dir.path().join("existing");
+    std::fs::write(&existing, b"old").expect("write");
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let existing = existing.to_string_lossy().into_owned();
+
+    client.write_file(&existing, b"new").await.expect("write");
+    let stat = client.stat(&existing).await.expect("stat");
+    assert_eq!(
+        (stat.mode, stat.size),
+        (0o640, 3),
+        "the replaced file's mode is kept"
+    );
+    let fresh = format!("{root}/fresh");
+    client.write_file(&fresh, b"x").await.expect("write");
+    assert_eq!(client.stat(&fresh).await.expect("stat").mode, 0o644);
+
+    let start = FileWriteStart {
+        path: existing.clone(),
+        mode: Some(0o600),
+        user: Some("65534:65533".into()),
+        create_parents: false,
+    };
+    client
+        .write_file_from(start, &mut &b"owned"[..])
+        .await
+        .expect("write");
+    let stat = client.stat(&existing).await.expect("stat");
+    assert_eq!((stat.mode, stat.uid, stat.gid), (0o600, 65534, 65533));
+
+    std::fs::create_dir(dir.path().join("pre")).expect("mkdir");
+    client
+        .mkdir(&MkdirRequest {
+            path: format!("{root}/pre/a/b"),
+            mode: Some(0o710),
+            user: Some("65534:65533".into()),
+        })
+        .await
+        .expect("mkdir -p");
+    for created in ["pre/a", "pre/a/b"] {
+        let stat = client
+            .stat(&format!("{root}/{created}"))
+            .await
+            .expect("stat");
+        assert_eq!(
+            (stat.mode, stat.uid, stat.gid),
+            (0o710, 65534, 65533),
+            "{created}"
+        );
+    }
+    let pre = client.stat(&format!("{root}/pre")).await.expect("stat");
+    assert_eq!(
+        (pre.uid, pre.gid),
+        (0, 0),
+        "an existing directory is left alone"
+    );
 }
