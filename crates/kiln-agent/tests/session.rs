@@ -11,7 +11,7 @@ use common::{agent_binary, run, start, start_with, text};
 use kiln_agent_client::local::{LocalAgent, LocalAgentOptions};
 use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, Connector};
 use kiln_proto::messages::{
-    Command, ErrorKind, InitRequest, NetworkConfig, PostRestoreRequest, ReadinessCheck,
+    Command, DnsConfig, ErrorKind, InitRequest, NetworkConfig, PostRestoreRequest, ReadinessCheck,
     StartCommand,
 };
 
@@ -27,6 +27,77 @@ async fn info_reports_health() {
     assert!(info.memory.total_bytes > 0 && info.memory.available_bytes > 0);
     assert!(info.disk.total_bytes > 0);
     assert!(!info.initialized);
+}
+
+/// Reads a host file as bytes, `None` if it does not exist.
+fn host_file(path: &str) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+/// The dns duty writes the resolver configuration and a hosts file naming the guest; in a
+/// local agent it writes private files mounted over the host's, which stay untouched.
+#[tokio::test]
+async fn dns_duty_writes_resolv_conf_and_hosts() {
+    let host_resolv = host_file("/etc/resolv.conf");
+    let host_hosts = host_file("/etc/hosts");
+    let (agent, client) = start_with(LocalAgentOptions {
+        enable_duties: vec!["dns".into(), "hostname".into()],
+        ..LocalAgentOptions::default()
+    })
+    .await;
+    let request = InitRequest {
+        hostname: Some("sandbox-dns".into()),
+        dns: Some(DnsConfig {
+            nameservers: vec![
+                "10.0.0.2".parse().expect("ip"),
+                "10.0.0.3".parse().expect("ip"),
+            ],
+            search: vec!["corp.example".into(), "example.com".into()],
+        }),
+        ..InitRequest::default()
+    };
+    let response = client.init(&request).await.expect("init");
+    assert_eq!(response.applied, ["hostname", "dns"]);
+    let resolv = "nameserver 10.0.0.2\nnameserver 10.0.0.3\nsearch corp.example example.com\n";
+    let localhost = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+    let hosts = format!("{localhost}127.0.1.1\tsandbox-dns\n");
+
+    let seen = text(&run(&client, "cat /etc/resolv.conf; echo --; cat /etc/hosts").await);
+    assert_eq!(
+        seen,
+        format!("{resolv}--\n{hosts}"),
+        "as the guest sees them"
+    );
+    let [resolv_file, hosts_file] = agent.resolver_files().expect("private resolver files");
+    assert_eq!(std::fs::read_to_string(resolv_file).expect("read"), resolv);
+    assert_eq!(std::fs::read_to_string(hosts_file).expect("read"), hosts);
+
+    // Without a hostname or search domains, neither line is written.
+    let request = InitRequest {
+        dns: Some(DnsConfig {
+            nameservers: vec!["10.0.0.9".parse().expect("ip")],
+            search: vec![],
+        }),
+        ..InitRequest::default()
+    };
+    client.init(&request).await.expect("init");
+    let seen = text(&run(&client, "cat /etc/resolv.conf; echo --; cat /etc/hosts").await);
+    assert_eq!(seen, format!("nameserver 10.0.0.9\n--\n{localhost}"));
+
+    assert_eq!(
+        host_file("/etc/resolv.conf"),
+        host_resolv,
+        "host file touched"
+    );
+    assert_eq!(host_file("/etc/hosts"), host_hosts, "host file touched");
+    drop(client);
+    agent.stop().await.expect("stop");
+    assert_eq!(
+        host_file("/etc/resolv.conf"),
+        host_resolv,
+        "host file touched"
+    );
+    assert_eq!(host_file("/etc/hosts"), host_hosts, "host file touched");
 }
 
 #[tokio::test]
