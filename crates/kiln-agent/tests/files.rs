@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::start;
 use kiln_agent::files::{MAX_LIST_BYTES, MAX_LIST_ENTRIES};
+use kiln_agent_client::local::LocalAgentOptions;
 use kiln_agent_client::ClientConfig;
 use kiln_proto::messages::{ErrorKind, FileReadRequest, FileType, FileWriteStart, MkdirRequest};
 use tokio::io::AsyncWriteExt;
@@ -374,5 +375,56 @@ async fn write_keeps_the_replaced_mode_and_applies_explicit_mode_and_owner() {
         (pre.uid, pre.gid),
         (0, 0),
         "an existing directory is left alone"
+    );
+}
+
+/// Writes into a read-only filesystem fail with a typed permission error, and change nothing.
+#[tokio::test]
+async fn writes_to_a_read_only_mount_are_permission_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).expect("mkdir");
+    std::fs::write(ro.join("existing"), b"old").expect("write");
+    let ro = ro.to_string_lossy().into_owned();
+    // Read-only in the agent's mount namespace only.
+    let (_agent, client) = common::start_with(LocalAgentOptions {
+        setup: Some(format!(
+            "mount --bind '{ro}' '{ro}' && mount -o remount,bind,ro '{ro}'"
+        )),
+        ..LocalAgentOptions::default()
+    })
+    .await;
+
+    assert_eq!(
+        kind(client.write_file(&format!("{ro}/new"), b"x").await),
+        Some(ErrorKind::PermissionDenied)
+    );
+    assert_eq!(
+        kind(client.write_file(&format!("{ro}/existing"), b"x").await),
+        Some(ErrorKind::PermissionDenied)
+    );
+    let mkdir = MkdirRequest {
+        path: format!("{ro}/sub"),
+        mode: None,
+        user: None,
+    };
+    assert_eq!(
+        kind(client.mkdir(&mkdir).await),
+        Some(ErrorKind::PermissionDenied)
+    );
+    assert_eq!(
+        kind(client.remove(&format!("{ro}/existing"), false).await),
+        Some(ErrorKind::PermissionDenied)
+    );
+    assert_eq!(
+        client
+            .read_file(&format!("{ro}/existing"), 100)
+            .await
+            .expect("reads still work"),
+        b"old"
+    );
+    assert_eq!(
+        std::fs::read(format!("{ro}/existing")).expect("read"),
+        b"old"
     );
 }
