@@ -310,7 +310,8 @@ async fn pty_mode_has_a_terminal_and_resizes() {
 }
 
 /// The PID-1 reaper must never steal the exit status of a process the agent waits for,
-/// even while orphans are being reaped all the time.
+/// even while orphans are being reaped all the time. A stolen status leaves its exec waiting
+/// forever, so the whole run is bounded in time.
 #[tokio::test]
 async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
     let (_agent, client) = start().await;
@@ -327,10 +328,15 @@ async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
             (i, result.status.code)
         }));
     }
-    for task in tasks {
-        let (i, code) = task.await.expect("no panic");
-        assert_eq!(code, Some(i), "exec {i} lost its exit code");
-    }
+    let all = async {
+        for task in tasks {
+            let (i, code) = task.await.expect("no panic");
+            assert_eq!(code, Some(i), "exec {i} lost its exit code");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("an exec never ended: its exit status was lost");
 }
 
 #[tokio::test]
