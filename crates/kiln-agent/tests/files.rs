@@ -428,3 +428,91 @@ async fn writes_to_a_read_only_mount_are_permission_errors() {
         b"old"
     );
 }
+
+/// Deterministic bytes that differ with `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// FNV-1a, enough to tell the transferred files apart.
+fn digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Uploads, downloads and execs at the same time over one session: every transfer arrives
+/// intact and every exec gets its own output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transfers_and_execs_share_one_session() {
+    const FILES: u64 = 8;
+    let size = |i: u64| (3 << 20) + i as usize * 4099;
+    let (_agent, client) = start().await;
+    let client = std::sync::Arc::new(client);
+    let session = client.connect().await.expect("handshake").nonce;
+    let dir = tempfile::tempdir().expect("temp dir");
+    for i in 0..FILES {
+        std::fs::write(
+            dir.path().join(format!("down-{i}")),
+            pattern(100 + i, size(i)),
+        )
+        .expect("write");
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..FILES {
+        let (uploader, path) = (client.clone(), dir.path().join(format!("up-{i}")));
+        tasks.spawn(async move {
+            let data = pattern(i, size(i));
+            let path = path.to_string_lossy().into_owned();
+            uploader.write_file(&path, &data).await.expect("upload");
+            let stored = std::fs::read(&path).expect("read");
+            assert_eq!(digest(&stored), digest(&data), "upload {i}");
+            assert_eq!(stored.len(), data.len(), "upload {i}");
+        });
+        let (downloader, path) = (client.clone(), dir.path().join(format!("down-{i}")));
+        tasks.spawn(async move {
+            let path = path.to_string_lossy().into_owned();
+            let data = downloader
+                .read_file(&path, 8 << 20)
+                .await
+                .expect("download");
+            let expected = pattern(100 + i, size(i));
+            assert_eq!(digest(&data), digest(&expected), "download {i}");
+            assert_eq!(data.len(), expected.len(), "download {i}");
+        });
+    }
+    for i in 0..24 {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let script = format!("echo exec-{i}; head -c 200000 /dev/zero | wc -c; exit {i}");
+            let result = client.run(common::sh(&script), 4096).await.expect("runs");
+            assert_eq!(
+                String::from_utf8_lossy(&result.stdout),
+                format!("exec-{i}\n200000\n")
+            );
+            assert_eq!(result.status.code, Some(i));
+        });
+    }
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            done.expect("task succeeded");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all)
+        .await
+        .expect("everything finished");
+    assert_eq!(
+        client.connect().await.expect("session").nonce,
+        session,
+        "all of it went over the first session"
+    );
+}
