@@ -15,9 +15,10 @@ pub enum ClientError {
     #[error("agent handshake failed: {0}")]
     Handshake(String),
     /// The agent speaks a protocol version this host does not accept.
-    #[error("agent speaks protocol version {agent}, this host accepts {current} and {previous}",
-        current = kiln_proto::PROTOCOL_VERSION,
-        previous = kiln_proto::PROTOCOL_VERSION.saturating_sub(1))]
+    #[error(
+        "agent speaks protocol version {agent}, this host accepts {}",
+        accepted_versions()
+    )]
     IncompatibleVersion {
         /// The agent's version.
         agent: u32,
@@ -62,6 +63,16 @@ impl ClientError {
     }
 }
 
+/// The versions this host accepts, for messages: `1`, or `1 and 2`.
+fn accepted_versions() -> String {
+    let versions = kiln_proto::accepted_versions();
+    if versions.start() == versions.end() {
+        format!("only {}", versions.end())
+    } else {
+        format!("{} and {}", versions.start(), versions.end())
+    }
+}
+
 impl From<hyper::Error> for ClientError {
     fn from(e: hyper::Error) -> Self {
         ClientError::Disconnected(e.to_string())
@@ -71,5 +82,23 @@ impl From<hyper::Error> for ClientError {
 impl From<kiln_proto::stream::StreamClosed> for ClientError {
     fn from(e: kiln_proto::stream::StreamClosed) -> Self {
         ClientError::Disconnected(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_error_names_only_versions_that_exist() {
+        let message = ClientError::IncompatibleVersion { agent: 9 }.to_string();
+        assert!(
+            message.contains(&kiln_proto::PROTOCOL_VERSION.to_string()),
+            "{message}"
+        );
+        assert!(
+            !message.contains(" 0"),
+            "version 0 never existed: {message}"
+        );
     }
 }

@@ -3,15 +3,18 @@
 //! [`AgentClient`] holds one session (handshake + HTTP/2) over a [`Connector`]'s transport
 //! and opens a new one when the old one is gone, so it survives agent restarts and VM
 //! restores. Every byte from the agent is treated as hostile: lines, frames and JSON bodies
-//! are size-limited, calls have timeouts, and malformed input becomes an error, never a
-//! panic.
+//! are size-limited, unary calls, the start of streams and every step of a file transfer
+//! have timeouts (see [`ClientConfig::call_timeout`]), and malformed input becomes an error,
+//! never a panic.
 
 mod error;
 pub mod local;
 mod session;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -129,8 +132,14 @@ impl AgentClient {
         Ok(Session { sender, welcome })
     }
 
-    /// Sends one request on the live session, opening one if needed.
-    async fn send(&self, route: &str, body: Body) -> Result<Response<Incoming>, ClientError> {
+    /// Queues a request on the live session, opening one if needed, and returns the future of
+    /// its response head. Waiting for room on the session is bounded by the call timeout;
+    /// waiting for the head is left to the caller, which knows when the agent can answer.
+    async fn start_request(
+        &self,
+        route: &str,
+        body: Body,
+    ) -> Result<impl Future<Output = Result<Response<Incoming>, ClientError>>, ClientError> {
         let mut sender = {
             let mut slot = self.session.lock().await;
             self.live_session(&mut slot).await?.sender.clone()
@@ -138,16 +147,19 @@ impl AgentClient {
         let request = Request::post(format!("http://agent{route}"))
             .body(body)
             .map_err(|e| ClientError::Protocol(format!("building request: {e}")))?;
-        let timeout = self.config.call_timeout;
-        tokio::time::timeout(timeout, async {
-            sender.ready().await?;
-            Ok(sender.send_request(request).await?)
+        bounded("agent call", self.config.call_timeout, async {
+            Ok(sender.ready().await?)
         })
-        .await
-        .map_err(|_| ClientError::Timeout {
-            what: "agent call",
-            after: timeout,
-        })?
+        .await?;
+        let response = sender.send_request(request);
+        Ok(async move { Ok(response.await?) })
+    }
+
+    /// Sends one request whose answer the agent gives right away (a unary call or the start
+    /// of a stream) and waits at most the call timeout for the response head.
+    async fn send(&self, route: &str, body: Body) -> Result<Response<Incoming>, ClientError> {
+        let response = self.start_request(route, body).await?;
+        bounded("agent call", self.config.call_timeout, response).await
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
@@ -160,13 +172,12 @@ impl AgentClient {
         let response = self
             .send(route, Full::new(Bytes::from(json)).boxed())
             .await?;
-        let timeout = self.config.call_timeout;
-        tokio::time::timeout(timeout, read_json(response))
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what: "agent response",
-                after: timeout,
-            })?
+        bounded(
+            "agent response",
+            self.config.call_timeout,
+            read_json(response),
+        )
+        .await
     }
 
     /// Agent version, uptime, load, memory and disk use.
@@ -228,14 +239,10 @@ impl AgentClient {
             .map_err(|e| ClientError::Disconnected(e.to_string()))?;
         let response = self.send(route, body.boxed()).await?;
         let mut output = framed_response(response).await?;
-        let timeout = self.config.call_timeout;
-        let first = tokio::time::timeout(timeout, output.next())
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what: "exec start",
-                after: timeout,
-            })?
-            .map_err(protocol_error)?;
+        let first = bounded("exec start", self.config.call_timeout, async {
+            output.next().await.map_err(protocol_error)
+        })
+        .await?;
         match first.map(|f| f.parse_control::<ExecEvent>()) {
             Some(Ok(ExecEvent::Started { pid })) => Ok(ExecSession {
                 input,
@@ -270,6 +277,10 @@ impl AgentClient {
     }
 
     /// Streams a file from the guest into `sink`; returns the bytes copied.
+    ///
+    /// The download may take as long as it needs, but each piece of it must arrive within the
+    /// call timeout: an agent that stops sending fails the call instead of hanging it. Time
+    /// spent writing into `sink` does not count.
     pub async fn read_file_to<W: AsyncWrite + Unpin>(
         &self,
         request: FileReadRequest,
@@ -281,16 +292,17 @@ impl AgentClient {
             .send(routes::FILE_READ, Full::new(Bytes::from(json)).boxed())
             .await?;
         let mut frames = framed_response(response).await?;
+        let idle = self.config.call_timeout;
         let mut received = 0u64;
         let mut opened = false;
         loop {
-            let frame = frames
-                .next()
-                .await
-                .map_err(protocol_error)?
-                .ok_or_else(|| {
-                    ClientError::Protocol("file stream ended without its end event".into())
-                })?;
+            let frame = bounded("file download progress", idle, async {
+                frames.next().await.map_err(protocol_error)
+            })
+            .await?
+            .ok_or_else(|| {
+                ClientError::Protocol("file stream ended without its end event".into())
+            })?;
             match frame.kind {
                 FrameKind::Data if opened => {
                     sink.write_all(&frame.payload)
@@ -336,45 +348,57 @@ impl AgentClient {
     }
 
     /// Streams `source` into a file in the guest, replacing it atomically once complete.
+    ///
+    /// The agent answers only once the whole file is written, so the upload as a whole has no
+    /// deadline. Its progress does: the agent must take each piece within the call timeout
+    /// (time spent reading `source` does not count), and must answer within the call timeout
+    /// once the last piece is sent.
     pub async fn write_file_from<R: AsyncRead + Unpin>(
         &self,
         start: FileWriteStart,
         source: &mut R,
     ) -> Result<u64, ClientError> {
+        let idle = self.config.call_timeout;
         let (input, body) = frame_channel(16);
-        let send = async {
-            input.send(&Frame::control(&start)).await?;
-            let mut buf = vec![0u8; DATA_CHUNK];
-            let mut size = 0u64;
-            loop {
-                let n = source.read(&mut buf).await.map_err(ClientError::LocalIo)?;
-                if n == 0 {
-                    break;
+        let response = self.start_request(routes::FILE_WRITE, body.boxed()).await?;
+        let answer = |response: Response<Incoming>| {
+            bounded(
+                "file write response",
+                idle,
+                read_json::<FileWriteResponse>(response),
+            )
+        };
+        tokio::pin!(response);
+        let upload = upload(input, &start, source, idle);
+        tokio::pin!(upload);
+        let (sent, written) = tokio::select! {
+            // Polled first: once the last frame is queued, the upload has finished.
+            biased;
+            sent = &mut upload => match sent {
+                Ok(sent) => {
+                    let response = bounded("file write response", idle, &mut response).await?;
+                    (sent, answer(response).await?)
                 }
-                input
-                    .send(&Frame::new(
-                        FrameKind::Data,
-                        Bytes::copy_from_slice(&buf[..n]),
-                    ))
-                    .await?;
-                size += n as u64;
+                // The agent closed the stream before taking all of it; its answer says why.
+                Err(closed @ ClientError::Disconnected(_)) => {
+                    if let Ok(response) = bounded("file write response", idle, response).await {
+                        answer(response).await?;
+                    }
+                    return Err(closed);
+                }
+                Err(e) => return Err(e),
+            },
+            // The agent answered before it had the whole file: normally an error that explains
+            // why it stopped reading.
+            response = &mut response => {
+                let written = answer(response?).await?;
+                (upload.await?, written)
             }
-            input.send(&Frame::control(&FileWriteEnd { size })).await?;
-            drop(input);
-            Ok::<u64, ClientError>(size)
         };
-        let receive = async {
-            let response = self.send(routes::FILE_WRITE, body.boxed()).await?;
-            read_json::<FileWriteResponse>(response).await
-        };
-        let (sent, response) = tokio::join!(send, receive);
-        // The agent's answer explains a stream it cut short, so it comes first.
-        let response = response?;
-        let sent = sent?;
-        if response.size != sent {
+        if written.size != sent {
             return Err(ClientError::Protocol(format!(
                 "agent wrote {} bytes of {sent}",
-                response.size
+                written.size
             )));
         }
         Ok(sent)
@@ -455,6 +479,51 @@ impl AgentClient {
             .await
             .map(drop)
     }
+}
+
+/// Sends a file write stream into `input`: the start frame, the bytes of `source`, the end
+/// frame. Each frame must be taken by the session within `idle`, so an agent that stops reading
+/// fails the upload while a slow one that keeps reading does not. Returns the bytes sent.
+async fn upload<R: AsyncRead + Unpin>(
+    input: FrameSender,
+    start: &FileWriteStart,
+    source: &mut R,
+    idle: Duration,
+) -> Result<u64, ClientError> {
+    let send = |frame: Frame| {
+        let input = &input;
+        bounded("file upload progress", idle, async move {
+            Ok(input.send(&frame).await?)
+        })
+    };
+    send(Frame::control(start)).await?;
+    let mut buf = vec![0u8; DATA_CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = source.read(&mut buf).await.map_err(ClientError::LocalIo)?;
+        if n == 0 {
+            break;
+        }
+        send(Frame::new(
+            FrameKind::Data,
+            Bytes::copy_from_slice(&buf[..n]),
+        ))
+        .await?;
+        size += n as u64;
+    }
+    send(Frame::control(&FileWriteEnd { size })).await?;
+    Ok(size)
+}
+
+/// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
+async fn bounded<T>(
+    what: &'static str,
+    limit: Duration,
+    future: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(limit, future)
+        .await
+        .map_err(|_| ClientError::Timeout { what, after: limit })?
 }
 
 fn protocol_error(e: impl std::fmt::Display) -> ClientError {

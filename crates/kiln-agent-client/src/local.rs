@@ -3,8 +3,9 @@
 //! The agent runs with its init duties disabled, as PID 1 of fresh mount, UTS and PID
 //! namespaces (optionally a fresh network namespace too), so nothing it does can touch the
 //! machine: it can neither mount over the host's filesystems, nor rename the host, nor see or
-//! signal the host's processes. Requires root (for the namespaces) and `unshare` from
-//! util-linux.
+//! signal the host's processes. With the `dns` duty enabled, private files are bind-mounted
+//! over `/etc/resolv.conf` and `/etc/hosts` in its mount namespace, so the duty writes those
+//! instead of the host's. Requires root (for the namespaces) and `unshare` from util-linux.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,9 @@ use crate::{AgentClient, ClientConfig, UnixConnector};
 /// Options of a [`LocalAgent`].
 #[derive(Debug, Clone, Default)]
 pub struct LocalAgentOptions {
-    /// Init duties to re-enable (`hostname`, `network`: safe only in fresh namespaces).
+    /// Init duties to re-enable: `hostname` (the UTS namespace is always fresh), `network`
+    /// (only with `new_netns`) and `dns` (writes private files, see
+    /// [`LocalAgent::resolver_files`]).
     pub enable_duties: Vec<String>,
     /// Run in a fresh network namespace (holding only `lo`).
     pub new_netns: bool,
@@ -36,6 +39,7 @@ pub struct LocalAgentOptions {
 pub struct LocalAgent {
     child: Child,
     socket: PathBuf,
+    resolver_files: Option<[PathBuf; 2]>,
     _dir: tempfile::TempDir,
 }
 
@@ -53,13 +57,32 @@ impl LocalAgent {
         for duty in &options.enable_duties {
             agent.push_str(&format!(" --enable-duty {}", shell_quote(duty)));
         }
-        let script = match &options.setup {
-            Some(setup) => format!("set -e; {setup}; {agent}"),
-            None => agent,
+        let mut prelude = Vec::new();
+        let resolver_files = if options.enable_duties.iter().any(|d| d == "dns") {
+            let files = [dir.path().join("resolv.conf"), dir.path().join("hosts")];
+            for (file, target) in files.iter().zip(["/etc/resolv.conf", "/etc/hosts"]) {
+                std::fs::write(file, "")?;
+                prelude.push(format!(
+                    "mount --bind {} {target}",
+                    shell_quote(&file.to_string_lossy())
+                ));
+            }
+            Some(files)
+        } else {
+            None
+        };
+        prelude.extend(options.setup.clone());
+        let script = if prelude.is_empty() {
+            agent
+        } else {
+            format!("set -e; {}; {agent}", prelude.join("; "))
         };
         let mut command = Command::new("unshare");
         command.args([
             "--mount",
+            // Mounts made inside must never propagate to the host.
+            "--propagation",
+            "private",
             "--uts",
             "--pid",
             "--fork",
@@ -81,6 +104,7 @@ impl LocalAgent {
         let mut local = LocalAgent {
             child,
             socket,
+            resolver_files,
             _dir: dir,
         };
         local.wait_listening(Duration::from_secs(20)).await?;
@@ -126,6 +150,14 @@ impl LocalAgent {
             std::sync::Arc::new(UnixConnector::new(&self.socket)),
             config,
         )
+    }
+
+    /// With the `dns` duty enabled, the private files that stand in for `/etc/resolv.conf` and
+    /// `/etc/hosts` (in that order) in the agent's mount namespace: what the duty writes.
+    pub fn resolver_files(&self) -> Option<[&Path; 2]> {
+        self.resolver_files
+            .as_ref()
+            .map(|[resolv, hosts]| [resolv.as_path(), hosts.as_path()])
     }
 
     /// Pid (in the host's namespace) of the `unshare` process that owns the agent.

@@ -27,7 +27,11 @@ pub struct ClientConfig {
     pub hello_interval: Duration,
     /// Bytes of non-welcome data tolerated during the handshake.
     pub max_handshake_bytes: usize,
-    /// Longest wait for a unary call or the start of a stream.
+    /// Longest wait for the answer to a unary call or the start of a stream, and for each
+    /// step of a file transfer: the agent taking the next piece of an upload, answering once
+    /// the upload is complete, or sending the next piece of a download. A transfer as a whole
+    /// may take longer, as long as it keeps moving. Exec output streams have no such bound (a
+    /// quiet process is legitimately silent); a dead peer is caught by the keep-alive.
     pub call_timeout: Duration,
     /// HTTP/2 keep-alive ping interval; a peer that does not answer is dropped.
     pub keepalive: Duration,
@@ -48,15 +52,27 @@ impl Default for ClientConfig {
 /// Sends hellos until the agent answers with a welcome for this session's nonce.
 /// Returns the stream positioned after the welcome line.
 pub async fn handshake<S>(
+    io: S,
+    config: &ClientConfig,
+) -> Result<(Prefixed<S>, Welcome), ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    handshake_as(io, config, kiln_proto::PROTOCOL_VERSION).await
+}
+
+/// [`handshake`] for a host speaking protocol `version` (tests play hosts of other versions).
+async fn handshake_as<S>(
     mut io: S,
     config: &ClientConfig,
+    version: u32,
 ) -> Result<(Prefixed<S>, Welcome), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let nonce = nonce_from_bytes(rand::random());
     let hello = Hello {
-        version: kiln_proto::PROTOCOL_VERSION,
+        version,
         nonce: nonce.clone(),
     }
     .to_line();
@@ -71,7 +87,7 @@ where
         while let Some(line) = lines.next_line() {
             match Welcome::parse(&line) {
                 Some(Ok(welcome)) if welcome.nonce == nonce => {
-                    if !kiln_proto::host_accepts_version(welcome.protocol) {
+                    if !kiln_proto::accepts_version(version, welcome.protocol) {
                         return Err(ClientError::IncompatibleVersion {
                             agent: welcome.protocol,
                         });
@@ -236,6 +252,62 @@ mod tests {
             task.await.expect("no panic"),
             Err(ClientError::IncompatibleVersion { .. })
         ));
+    }
+
+    /// Plays an agent speaking `agent` to a host speaking `host`.
+    async fn handshake_between(host: u32, agent: u32) -> Result<Welcome, ClientError> {
+        let (host_end, mut agent_end) = tokio::io::duplex(1 << 16);
+        let task =
+            tokio::spawn(async move { handshake_as(host_end, &fast(), host).await.map(|r| r.1) });
+        let hello = read_hello(&mut agent_end).await;
+        assert_eq!(hello.version, host);
+        agent_end
+            .write_all(welcome(&hello.nonce, agent).as_bytes())
+            .await
+            .expect("write");
+        task.await.expect("no panic")
+    }
+
+    #[tokio::test]
+    async fn accepts_an_agent_one_version_behind_but_not_two() {
+        // A host with two versions before it, whatever the current version is.
+        let host = kiln_proto::FIRST_PROTOCOL_VERSION + 2;
+        let welcome = handshake_between(host, host - 1)
+            .await
+            .expect("an agent one version behind is accepted");
+        assert_eq!(welcome.protocol, host - 1);
+        assert!(matches!(
+            handshake_between(host, host - 2).await,
+            Err(ClientError::IncompatibleVersion { agent }) if agent == host - 2
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_current_host_accepts_its_previous_version_if_there_is_one() {
+        let current = kiln_proto::PROTOCOL_VERSION;
+        let previous = handshake_between(current, current - 1).await;
+        if current > kiln_proto::FIRST_PROTOCOL_VERSION {
+            assert_eq!(previous.expect("previous version").protocol, current - 1);
+        } else {
+            // Nothing came before the first version: a welcome claiming one is refused.
+            assert!(matches!(
+                previous,
+                Err(ClientError::IncompatibleVersion { .. })
+            ));
+        }
+        if current >= 2 {
+            assert!(matches!(
+                handshake_between(current, current - 2).await,
+                Err(ClientError::IncompatibleVersion { .. })
+            ));
+        }
+        assert_eq!(
+            handshake_between(current, current)
+                .await
+                .expect("current version")
+                .protocol,
+            current
+        );
     }
 
     #[tokio::test]

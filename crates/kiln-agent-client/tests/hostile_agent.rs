@@ -1,6 +1,7 @@
 //! The client against agents that misbehave: garbage instead of HTTP/2, oversized frames,
-//! oversized or malformed JSON, silence, truncated streams and arbitrary bytes. Every case
-//! must end in an error within the configured time, without a panic or unbounded memory.
+//! oversized or malformed JSON, silence, stalled transfers, truncated streams and arbitrary
+//! bytes. Every case must end in an error within the configured time, without a panic or
+//! unbounded memory; and a transfer that is slow but keeps moving must not be cut off.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,9 +15,12 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_agent_client::{AgentClient, ClientConfig, ClientError, UnixConnector};
-use kiln_proto::frame::Frame;
+use kiln_proto::frame::{Frame, FrameKind, MAX_FRAME_PAYLOAD};
 use kiln_proto::handshake::{Hello, LineBuffer, Welcome};
-use kiln_proto::messages::{Command, ExecEvent, ExecRequest};
+use kiln_proto::messages::{
+    Command, ExecEvent, ExecRequest, FileReadEvent, FileWriteResponse, FileWriteStart,
+};
+use kiln_proto::stream::{frame_channel, FrameReader};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -256,6 +260,131 @@ async fn unknown_frames_and_bad_first_events_are_errors() {
         .await
         .expect_err("bad frame");
     assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
+}
+
+fn write_start() -> FileWriteStart {
+    FileWriteStart {
+        path: "/x".into(),
+        mode: None,
+        user: None,
+        create_parents: false,
+    }
+}
+
+/// Reads a file write stream to its end frame and returns the data bytes it carried.
+async fn consume_upload(req: Request<Incoming>) -> u64 {
+    let mut frames = FrameReader::new(req.into_body(), MAX_FRAME_PAYLOAD);
+    let mut size = 0;
+    let mut controls = 0;
+    while let Ok(Some(frame)) = frames.next().await {
+        match frame.kind {
+            FrameKind::Data => size += frame.payload.len() as u64,
+            // The start frame, then the end frame.
+            _ => {
+                controls += 1;
+                if controls == 2 {
+                    break;
+                }
+            }
+        }
+    }
+    size
+}
+
+fn timeout_of(err: &ClientError) -> Option<&'static str> {
+    match err {
+        ClientError::Timeout { what, .. } => Some(what),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_download_that_stalls_after_its_start_times_out() {
+    let agent = FakeAgent::start(http(|_req| async {
+        let (out, body) = frame_channel(4);
+        tokio::spawn(async move {
+            let _ = out
+                .send(&Frame::control(&FileReadEvent::Opened { size: 10 }))
+                .await;
+            let _ = out
+                .send(&Frame::new(FrameKind::Data, Bytes::from_static(b"12345")))
+                .await;
+            // Hold the stream open without sending the rest.
+            out.closed().await;
+        });
+        Response::new(body.boxed())
+    }))
+    .await;
+    let started = std::time::Instant::now();
+    let err = within(agent.client().read_file("/x", 100))
+        .await
+        .expect_err("stalled download");
+    assert_eq!(timeout_of(&err), Some("file download progress"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Yields `chunks` pieces of `chunk` bytes, one every `every`.
+fn throttled_source(chunks: usize, chunk: usize, every: Duration) -> tokio::io::DuplexStream {
+    let (mut writer, reader) = tokio::io::duplex(chunk);
+    tokio::spawn(async move {
+        for _ in 0..chunks {
+            if writer.write_all(&vec![b'x'; chunk]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    reader
+}
+
+#[tokio::test]
+async fn a_slow_upload_that_keeps_moving_outlives_the_call_timeout() {
+    let agent = FakeAgent::start(http(|req| async move {
+        let size = consume_upload(req).await;
+        ok(serde_json::to_vec(&FileWriteResponse { size }).expect("serializable"))
+    }))
+    .await;
+    let client = agent.client();
+    // 20 pieces 100 ms apart: four times the client's call timeout of 500 ms in all.
+    let mut source = throttled_source(20, 16 * 1024, Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let sent = within(client.write_file_from(write_start(), &mut source))
+        .await
+        .expect("an upload that keeps moving is not cut off");
+    assert_eq!(sent, 20 * 16 * 1024);
+    assert!(started.elapsed() > client.config().call_timeout * 3);
+}
+
+#[tokio::test]
+async fn an_upload_the_agent_stops_reading_times_out() {
+    let agent = FakeAgent::start(http(|req| async move {
+        // Keep the request (and so the stream) without reading it, and never answer.
+        let _request = req;
+        std::future::pending().await
+    }))
+    .await;
+    let mut endless = tokio::io::repeat(b'x');
+    let err = within(agent.client().write_file_from(write_start(), &mut endless))
+        .await
+        .expect_err("stalled upload");
+    assert_eq!(timeout_of(&err), Some("file upload progress"), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_agent_that_takes_an_upload_but_never_answers_times_out() {
+    let agent = FakeAgent::start(http(|req| async move {
+        consume_upload(req).await;
+        std::future::pending().await
+    }))
+    .await;
+    let err = within(
+        agent
+            .client()
+            .write_file_from(write_start(), &mut &b"hello"[..]),
+    )
+    .await
+    .expect_err("no answer");
+    assert_eq!(timeout_of(&err), Some("file write response"), "{err:?}");
 }
 
 proptest! {

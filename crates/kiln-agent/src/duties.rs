@@ -3,7 +3,9 @@
 //!
 //! Each duty can be disabled. On the host (tests, development) the agent runs with all of
 //! them off, except that a test may enable `hostname` and `network` when the agent runs in its
-//! own UTS and network namespaces, where they cannot touch the machine.
+//! own UTS and network namespaces, and `dns` when private files are bind-mounted over
+//! `/etc/resolv.conf` and `/etc/hosts` in its own mount namespace, where they cannot touch
+//! the machine.
 
 use std::ffi::CString;
 use std::io;

@@ -20,6 +20,11 @@ use crate::users::resolve_user;
 /// Most entries one listing returns.
 pub const MAX_LIST_ENTRIES: usize = 10_000;
 
+/// Most bytes the entries of one listing take once encoded as JSON. Long paths make entries
+/// large, and a listing must reach the host as a truncated answer, never as a body over the
+/// host's [`kiln_proto::MAX_JSON_BODY`]; a quarter of that is left for the envelope.
+pub const MAX_LIST_BYTES: usize = kiln_proto::MAX_JSON_BODY / 4 * 3;
+
 /// Maps an I/O error on `path` to a typed agent error.
 pub fn io_error(path: &Path, e: &io::Error) -> AgentError {
     let kind = match e.raw_os_error() {
@@ -109,29 +114,55 @@ pub async fn list(path: PathBuf, depth: u32) -> Result<ListResponse, AgentError>
                 format!("{} is not a directory", path.display()),
             ));
         }
-        let mut entries = Vec::new();
-        let truncated = walk(&path, depth, &mut entries)?;
-        Ok(ListResponse { entries, truncated })
+        let mut listing = Listing::default();
+        let truncated = walk(&path, depth, &mut listing)?;
+        Ok(ListResponse {
+            entries: listing.entries,
+            truncated,
+        })
     })
     .await
 }
 
-/// Depth-first walk; returns whether it stopped at the entry limit.
-fn walk(dir: &Path, depth: u32, out: &mut Vec<FileStat>) -> Result<bool, AgentError> {
+/// Entries gathered by a listing, bounded by [`MAX_LIST_ENTRIES`] and [`MAX_LIST_BYTES`].
+#[derive(Debug, Default)]
+struct Listing {
+    entries: Vec<FileStat>,
+    encoded_bytes: usize,
+}
+
+impl Listing {
+    /// Adds `entry` if it fits within both limits; returns false if it does not.
+    fn try_push(&mut self, entry: FileStat) -> bool {
+        if self.entries.len() >= MAX_LIST_ENTRIES {
+            return false;
+        }
+        // Its JSON and the comma before the next one.
+        let size = serde_json::to_vec(&entry).map_or(usize::MAX, |json| json.len() + 1);
+        if size > MAX_LIST_BYTES - self.encoded_bytes {
+            return false;
+        }
+        self.encoded_bytes += size;
+        self.entries.push(entry);
+        true
+    }
+}
+
+/// Depth-first walk; returns whether it stopped at a limit of the listing.
+fn walk(dir: &Path, depth: u32, out: &mut Listing) -> Result<bool, AgentError> {
     let mut children: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| io_error(dir, &e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .collect();
     children.sort();
     for child in children {
-        if out.len() >= MAX_LIST_ENTRIES {
-            return Ok(true);
-        }
         // Entries can vanish between readdir and lstat; skip them.
         let Ok(meta) = std::fs::symlink_metadata(&child) else {
             continue;
         };
-        out.push(to_stat(&child, &meta));
+        if !out.try_push(to_stat(&child, &meta)) {
+            return Ok(true);
+        }
         if depth > 1 && meta.is_dir() && walk(&child, depth - 1, out)? {
             return Ok(true);
         }

@@ -26,8 +26,9 @@ struct Args {
     #[arg(long)]
     no_init: bool,
 
-    /// With `--no-init`, re-enable one duty. Only safe for `hostname` and `network`, and only
-    /// inside fresh UTS and network namespaces.
+    /// With `--no-init`, re-enable one duty. Only safe for `hostname` and `network` inside
+    /// fresh UTS and network namespaces, and for `dns` with private files bind-mounted over
+    /// /etc/resolv.conf and /etc/hosts in a private mount namespace.
     #[arg(long, value_enum, requires = "no_init")]
     enable_duty: Vec<Duty>,
 

@@ -3,11 +3,12 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::{run, sh, start, text};
 use kiln_agent_client::ExecOutput;
-use kiln_proto::messages::{ErrorKind, ExitStatus, ProcessSelector, PtySize};
+use kiln_proto::messages::{Command, ErrorKind, ExecRequest, ExitStatus, ProcessSelector, PtySize};
 
 #[tokio::test]
 async fn exit_codes_and_signals_are_reported() {
@@ -309,7 +310,8 @@ async fn pty_mode_has_a_terminal_and_resizes() {
 }
 
 /// The PID-1 reaper must never steal the exit status of a process the agent waits for,
-/// even while orphans are being reaped all the time.
+/// even while orphans are being reaped all the time. A stolen status leaves its exec waiting
+/// forever, so the whole run is bounded in time.
 #[tokio::test]
 async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
     let (_agent, client) = start().await;
@@ -326,10 +328,48 @@ async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
             (i, result.status.code)
         }));
     }
-    for task in tasks {
-        let (i, code) = task.await.expect("no panic");
-        assert_eq!(code, Some(i), "exec {i} lost its exit code");
-    }
+    let all = async {
+        for task in tasks {
+            let (i, code) = task.await.expect("no panic");
+            assert_eq!(code, Some(i), "exec {i} lost its exit code");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("an exec never ended: its exit status was lost");
+}
+
+#[tokio::test]
+async fn exec_without_permission_is_a_permission_error() {
+    let (_agent, client) = start().await;
+    let kind = |r: Result<_, kiln_agent_client::ClientError>| r.err().and_then(|e| e.agent_kind());
+    // A directory private to root, holding a script without execute bits and one with them.
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let script = |name: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "#!/bin/sh\necho ran\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        path.to_string_lossy().into_owned()
+    };
+    let not_executable = script("plain.sh", 0o644);
+    let executable = script("run.sh", 0o755);
+    let argv = |path: &str| ExecRequest::new(Command::Argv(vec![path.to_owned()]));
+
+    assert_eq!(
+        kind(client.exec(argv(&not_executable)).await.map(drop)),
+        Some(ErrorKind::PermissionDenied),
+        "a file without execute bits"
+    );
+    let mut as_nobody = argv(&executable);
+    as_nobody.user = Some("65534:65534".into());
+    assert_eq!(
+        kind(client.exec(as_nobody).await.map(drop)),
+        Some(ErrorKind::PermissionDenied),
+        "a program in a directory the user cannot enter"
+    );
+    let result = client.run(argv(&executable), 1024).await.expect("runs");
+    assert_eq!(result.stdout, b"ran\n", "root may run it");
 }
 
 async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool

@@ -6,13 +6,14 @@ mod common;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::{agent_binary, run, start, start_with, text};
 use kiln_agent_client::local::{LocalAgent, LocalAgentOptions};
 use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, Connector};
 use kiln_proto::messages::{
-    Command, ErrorKind, InitRequest, NetworkConfig, PostRestoreRequest, ReadinessCheck,
-    StartCommand,
+    Command, DnsConfig, ErrorKind, FileWriteStart, InitRequest, MkdirRequest, NetworkConfig,
+    PostRestoreRequest, ProcessSelector, ReadinessCheck, StartCommand,
 };
 
 #[tokio::test]
@@ -27,6 +28,261 @@ async fn info_reports_health() {
     assert!(info.memory.total_bytes > 0 && info.memory.available_bytes > 0);
     assert!(info.disk.total_bytes > 0);
     assert!(!info.initialized);
+    assert!(
+        info.load.iter().all(|l| l.is_finite() && *l >= 0.0),
+        "{:?}",
+        info.load
+    );
+    assert_eq!(info.running_processes, 0);
+
+    let mut tags = Vec::new();
+    for i in 0..3 {
+        let mut request = common::sh("exec sleep 300");
+        request.background = true;
+        request.tag = Some(format!("sleeper-{i}"));
+        drop(client.exec(request).await.expect("starts"));
+        tags.push(format!("sleeper-{i}"));
+        let running = client.info().await.expect("info").running_processes;
+        assert_eq!(running, i + 1, "background processes count as running");
+    }
+    for tag in tags {
+        client
+            .signal(ProcessSelector::Tag(tag), libc::SIGKILL)
+            .await
+            .expect("kill");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.info().await.expect("info").running_processes > 0 {
+        assert!(Instant::now() < deadline, "killed processes still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads a host file as bytes, `None` if it does not exist.
+fn host_file(path: &str) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+/// The dns duty writes the resolver configuration and a hosts file naming the guest; in a
+/// local agent it writes private files mounted over the host's, which stay untouched.
+#[tokio::test]
+async fn dns_duty_writes_resolv_conf_and_hosts() {
+    let host_resolv = host_file("/etc/resolv.conf");
+    let host_hosts = host_file("/etc/hosts");
+    let (agent, client) = start_with(LocalAgentOptions {
+        enable_duties: vec!["dns".into(), "hostname".into()],
+        ..LocalAgentOptions::default()
+    })
+    .await;
+    let request = InitRequest {
+        hostname: Some("sandbox-dns".into()),
+        dns: Some(DnsConfig {
+            nameservers: vec![
+                "10.0.0.2".parse().expect("ip"),
+                "10.0.0.3".parse().expect("ip"),
+            ],
+            search: vec!["corp.example".into(), "example.com".into()],
+        }),
+        ..InitRequest::default()
+    };
+    let response = client.init(&request).await.expect("init");
+    assert_eq!(response.applied, ["hostname", "dns"]);
+    let resolv = "nameserver 10.0.0.2\nnameserver 10.0.0.3\nsearch corp.example example.com\n";
+    let localhost = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+    let hosts = format!("{localhost}127.0.1.1\tsandbox-dns\n");
+
+    let seen = text(&run(&client, "cat /etc/resolv.conf; echo --; cat /etc/hosts").await);
+    assert_eq!(
+        seen,
+        format!("{resolv}--\n{hosts}"),
+        "as the guest sees them"
+    );
+    let [resolv_file, hosts_file] = agent.resolver_files().expect("private resolver files");
+    assert_eq!(std::fs::read_to_string(resolv_file).expect("read"), resolv);
+    assert_eq!(std::fs::read_to_string(hosts_file).expect("read"), hosts);
+
+    // Without a hostname or search domains, neither line is written.
+    let request = InitRequest {
+        dns: Some(DnsConfig {
+            nameservers: vec!["10.0.0.9".parse().expect("ip")],
+            search: vec![],
+        }),
+        ..InitRequest::default()
+    };
+    client.init(&request).await.expect("init");
+    let seen = text(&run(&client, "cat /etc/resolv.conf; echo --; cat /etc/hosts").await);
+    assert_eq!(seen, format!("nameserver 10.0.0.9\n--\n{localhost}"));
+
+    assert_eq!(
+        host_file("/etc/resolv.conf"),
+        host_resolv,
+        "host file touched"
+    );
+    assert_eq!(host_file("/etc/hosts"), host_hosts, "host file touched");
+    drop(client);
+    agent.stop().await.expect("stop");
+    assert_eq!(
+        host_file("/etc/resolv.conf"),
+        host_resolv,
+        "host file touched"
+    );
+    assert_eq!(host_file("/etc/hosts"), host_hosts, "host file touched");
+}
+
+/// The init call's user is the default identity of execs and the default owner of files and
+/// directories the agent creates; a request's own user still wins.
+#[tokio::test]
+async fn init_user_is_the_default_for_execs_and_file_owners() {
+    let (_agent, client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().to_string_lossy().into_owned();
+    let request = InitRequest {
+        user: Some("65534:65534".into()),
+        ..InitRequest::default()
+    };
+    client.init(&request).await.expect("init");
+
+    assert_eq!(text(&run(&client, "id -u; id -g").await), "65534\n65534\n");
+    let mut as_root = common::sh("id -u; id -g");
+    as_root.user = Some("0:0".into());
+    let result = client.run(as_root, 1024).await.expect("runs");
+    assert_eq!(
+        text(&result),
+        "0\n0\n",
+        "an explicit user overrides the default"
+    );
+
+    client
+        .write_file(&format!("{root}/owned.txt"), b"x")
+        .await
+        .expect("write");
+    client
+        .mkdir(&MkdirRequest {
+            path: format!("{root}/sub/dir"),
+            mode: None,
+            user: None,
+        })
+        .await
+        .expect("mkdir");
+    let start = FileWriteStart {
+        path: format!("{root}/made/parents.txt"),
+        mode: None,
+        user: None,
+        create_parents: true,
+    };
+    client
+        .write_file_from(start, &mut &b"y"[..])
+        .await
+        .expect("write");
+    for path in ["owned.txt", "sub", "sub/dir", "made", "made/parents.txt"] {
+        let stat = client.stat(&format!("{root}/{path}")).await.expect("stat");
+        assert_eq!((stat.uid, stat.gid), (65534, 65534), "{path}");
+    }
+    let start = FileWriteStart {
+        path: format!("{root}/root.txt"),
+        mode: None,
+        user: Some("0:0".into()),
+        create_parents: false,
+    };
+    client
+        .write_file_from(start, &mut &b"z"[..])
+        .await
+        .expect("write");
+    let stat = client
+        .stat(&format!("{root}/root.txt"))
+        .await
+        .expect("stat");
+    assert_eq!(
+        (stat.uid, stat.gid),
+        (0, 0),
+        "an explicit owner overrides the default"
+    );
+}
+
+/// A start command whose readiness is a TCP port: init returns once the port accepts.
+#[tokio::test]
+async fn init_waits_for_the_start_command_port() {
+    let (_agent, client) = start_with(LocalAgentOptions {
+        new_netns: true,
+        setup: Some("ip link set lo up".into()),
+        ..LocalAgentOptions::default()
+    })
+    .await;
+    // The listening socket is kept in `$s`: perl closes a discarded one at once.
+    let listen = "sleep 0.5; exec perl -MIO::Socket::INET -e \
+        '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1:7070\", Listen => 16, ReuseAddr => 1) \
+         or die \"listen: $!\"; sleep 600'";
+    let request = InitRequest {
+        start: Some(StartCommand {
+            command: Command::Shell(listen.into()),
+            readiness: Some(ReadinessCheck::TcpPort { port: 7070 }),
+            timeout_ms: 20_000,
+            interval_ms: 20,
+        }),
+        ..InitRequest::default()
+    };
+    let started = Instant::now();
+    let response = client.init(&request).await.expect("init");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "init returned before the port could accept"
+    );
+    assert!(response.start_pid.is_some());
+    let probe = run(
+        &client,
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/7070' && echo open",
+    )
+    .await;
+    assert_eq!(
+        text(&probe),
+        "open\n",
+        "{:?}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}
+
+/// The local agent is PID 1 of its own PID, mount and UTS namespaces, and its hostname duty
+/// renames only its own namespace.
+#[tokio::test]
+async fn local_agent_is_pid_1_of_private_namespaces() {
+    let host_hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let (_agent, client) = start_with(LocalAgentOptions {
+        enable_duties: vec!["hostname".into()],
+        ..LocalAgentOptions::default()
+    })
+    .await;
+    let init = tr_nul(&run(&client, "cat /proc/1/cmdline").await.stdout);
+    assert!(
+        init.starts_with(&common::agent_binary().to_string_lossy().into_owned()),
+        "PID 1 is the agent: {init}"
+    );
+    for ns in ["pid", "mnt", "uts"] {
+        let inside = text(&run(&client, &format!("readlink /proc/self/ns/{ns}")).await);
+        let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("readlink");
+        assert_ne!(
+            inside.trim(),
+            host.to_string_lossy(),
+            "{ns} namespace is shared"
+        );
+    }
+
+    client
+        .init(&InitRequest {
+            hostname: Some("kiln-isolated".into()),
+            ..InitRequest::default()
+        })
+        .await
+        .expect("init");
+    assert_eq!(text(&run(&client, "hostname").await), "kiln-isolated\n");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname"),
+        host_hostname,
+        "the host was renamed"
+    );
+}
+
+fn tr_nul(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', " ")
 }
 
 #[tokio::test]

@@ -22,9 +22,26 @@ pub mod stream;
 /// Current protocol version. A host accepts this and the previous version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The first version of the protocol: no peer speaks an older one, so none is accepted.
+pub const FIRST_PROTOCOL_VERSION: u32 = 1;
+
 /// Whether a host speaking [`PROTOCOL_VERSION`] can talk to an agent speaking `version`.
 pub fn host_accepts_version(version: u32) -> bool {
-    version == PROTOCOL_VERSION || version.checked_add(1) == Some(PROTOCOL_VERSION)
+    accepts_version(PROTOCOL_VERSION, version)
+}
+
+/// Whether a host speaking `host` can talk to an agent speaking `agent`: the same version, or
+/// the one before it (an agent in a template or snapshot made before the host was upgraded),
+/// as long as that version exists.
+pub fn accepts_version(host: u32, agent: u32) -> bool {
+    agent >= FIRST_PROTOCOL_VERSION && (agent == host || agent.checked_add(1) == Some(host))
+}
+
+/// The versions a host speaking [`PROTOCOL_VERSION`] accepts, oldest first.
+pub fn accepted_versions() -> std::ops::RangeInclusive<u32> {
+    PROTOCOL_VERSION
+        .saturating_sub(1)
+        .max(FIRST_PROTOCOL_VERSION)..=PROTOCOL_VERSION
 }
 
 /// Largest JSON body (request or unary response) either side accepts.
@@ -73,11 +90,43 @@ mod tests {
     #[test]
     fn accepts_current_and_previous_version_only() {
         assert!(host_accepts_version(PROTOCOL_VERSION));
-        assert!(host_accepts_version(PROTOCOL_VERSION - 1));
         assert!(!host_accepts_version(PROTOCOL_VERSION + 1));
         assert!(!host_accepts_version(u32::MAX));
+        assert!(!host_accepts_version(0), "version 0 never existed");
+        assert_eq!(
+            host_accepts_version(PROTOCOL_VERSION - 1),
+            PROTOCOL_VERSION > FIRST_PROTOCOL_VERSION
+        );
         if PROTOCOL_VERSION >= 2 {
             assert!(!host_accepts_version(PROTOCOL_VERSION - 2));
         }
+        for version in 0..PROTOCOL_VERSION + 3 {
+            assert_eq!(
+                host_accepts_version(version),
+                accepted_versions().contains(&version),
+                "{version}"
+            );
+        }
+    }
+
+    /// The rule itself, for host versions that have a predecessor (the current version may
+    /// not have one yet).
+    #[test]
+    fn a_host_accepts_its_own_version_and_the_one_before() {
+        let host = FIRST_PROTOCOL_VERSION + 4;
+        assert!(accepts_version(host, host));
+        assert!(accepts_version(host, host - 1));
+        assert!(!accepts_version(host, host - 2));
+        assert!(!accepts_version(host, host + 1));
+        assert!(accepts_version(
+            FIRST_PROTOCOL_VERSION + 1,
+            FIRST_PROTOCOL_VERSION
+        ));
+        assert!(!accepts_version(
+            FIRST_PROTOCOL_VERSION,
+            FIRST_PROTOCOL_VERSION - 1
+        ));
+        assert!(!accepts_version(u32::MAX, u32::MAX - 2));
+        assert!(accepts_version(u32::MAX, u32::MAX - 1));
     }
 }

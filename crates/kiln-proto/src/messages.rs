@@ -563,7 +563,8 @@ fn default_depth() -> u32 {
 pub struct ListResponse {
     /// Entries, depth first, sorted by name within a directory.
     pub entries: Vec<FileStat>,
-    /// Whether the listing stopped at the agent's entry limit.
+    /// Whether the listing stopped at one of the agent's limits: a number of entries, or a
+    /// total size of entries that keeps the response well below [`crate::MAX_JSON_BODY`].
     pub truncated: bool,
 }
 
