@@ -14,14 +14,19 @@ require_root
 out=${1:-/var/tmp/kiln-minimal-kernel}
 config="$KILN_ROOT/images/kernel/minimal-6.1.config"
 
+if [ -e "$out" ] && [ ! -e "$out/.kiln-minimal-kernel" ] && [ -n "$(ls -A "$out")" ]; then
+  die "$out exists and is not an earlier output of this script; name an empty or new directory"
+fi
+
 step "installing linux-source-6.1 and the kernel's build dependencies"
+apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
   linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils >/dev/null
 
 step "unpacking into $out"
-rm -rf "$out" && mkdir -p "$out"
+rm -rf "$out" && mkdir -p "$out" && touch "$out/.kiln-minimal-kernel"
 tar -xaf /usr/src/linux-source-6.1.tar.xz -C "$out"
-src=$(echo "$out"/linux-source-6.1)
+src=$out/linux-source-6.1
 cp "$config" "$src/.config"
 make -C "$src" olddefconfig >/dev/null
 

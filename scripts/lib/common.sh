@@ -31,7 +31,7 @@ KILN_TOOLS=(
 )
 
 require_root() {
-  [ "$(id -u)" -eq 0 ] || die "run as root: the agent's tests create mount, PID, UTS and network namespaces"
+  [ "$(id -u)" -eq 0 ] || die "run as root: kiln installs packages and creates namespaces, cgroups, disks and VMs"
 }
 
 require_cargo() {

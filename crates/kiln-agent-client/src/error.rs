@@ -63,7 +63,7 @@ impl ClientError {
     }
 }
 
-/// The versions this host accepts, for messages: `1`, or `1 and 2`.
+/// The versions this host accepts, for messages: `only 1`, or `1 and 2`.
 fn accepted_versions() -> String {
     let versions = kiln_proto::accepted_versions();
     if versions.start() == versions.end() {

@@ -349,10 +349,11 @@ impl AgentClient {
 
     /// Streams `source` into a file in the guest, replacing it atomically once complete.
     ///
-    /// The agent answers only once the whole file is written, so the upload as a whole has no
-    /// deadline. Its progress does: the agent must take each piece within the call timeout
-    /// (time spent reading `source` does not count), and must answer within the call timeout
-    /// once the last piece is sent.
+    /// The agent answers only once the whole file is written and synced, so the upload as a
+    /// whole has no deadline. Its progress does: the agent must take each piece within the
+    /// call timeout (time spent reading `source` does not count), and must answer within the
+    /// call timeout plus a second per 4 MiB uploaded once the last piece is queued (the sync
+    /// of a large file takes time).
     pub async fn write_file_from<R: AsyncRead + Unpin>(
         &self,
         start: FileWriteStart,
@@ -361,13 +362,6 @@ impl AgentClient {
         let idle = self.config.call_timeout;
         let (input, body) = frame_channel(16);
         let response = self.start_request(routes::FILE_WRITE, body.boxed()).await?;
-        let answer = |response: Response<Incoming>| {
-            bounded(
-                "file write response",
-                idle,
-                read_json::<FileWriteResponse>(response),
-            )
-        };
         tokio::pin!(response);
         let upload = upload(input, &start, source, idle);
         tokio::pin!(upload);
@@ -375,23 +369,20 @@ impl AgentClient {
             // Polled first: once the last frame is queued, the upload has finished.
             biased;
             sent = &mut upload => match sent {
-                Ok(sent) => {
-                    let response = bounded("file write response", idle, &mut response).await?;
-                    (sent, answer(response).await?)
-                }
+                Ok(sent) => (sent, write_answer(&mut response, upload_answer_limit(idle, sent)).await?),
                 // The agent closed the stream before taking all of it; its answer says why.
                 Err(closed @ ClientError::Disconnected(_)) => {
-                    if let Ok(response) = bounded("file write response", idle, response).await {
-                        answer(response).await?;
-                    }
-                    return Err(closed);
+                    return Err(match write_answer(response, idle).await {
+                        Err(reason @ ClientError::Agent(_)) => reason,
+                        _ => closed,
+                    });
                 }
                 Err(e) => return Err(e),
             },
             // The agent answered before it had the whole file: normally an error that explains
             // why it stopped reading.
             response = &mut response => {
-                let written = answer(response?).await?;
+                let written = write_answer(std::future::ready(response), idle).await?;
                 (upload.await?, written)
             }
         };
@@ -516,6 +507,29 @@ async fn upload<R: AsyncRead + Unpin>(
 }
 
 /// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
+/// Throughput at which an agent is assumed, pessimistically, to get a finished upload onto its
+/// disk: the agent syncs the file before it answers, and what is still in flight or only in
+/// its page cache at the end grows with the upload.
+const UPLOAD_FLUSH_BYTES_PER_SEC: u64 = 4 << 20;
+
+/// How long the agent may take to answer once the last piece of an upload of `sent` bytes
+/// has been queued: the call timeout, plus the time to flush it at
+/// [`UPLOAD_FLUSH_BYTES_PER_SEC`].
+fn upload_answer_limit(call_timeout: Duration, sent: u64) -> Duration {
+    call_timeout + Duration::from_secs(sent / UPLOAD_FLUSH_BYTES_PER_SEC)
+}
+
+/// The agent's answer to a file write (its response head and body), within `limit`.
+async fn write_answer(
+    response: impl Future<Output = Result<Response<Incoming>, ClientError>>,
+    limit: Duration,
+) -> Result<FileWriteResponse, ClientError> {
+    bounded("file write response", limit, async {
+        read_json::<FileWriteResponse>(response.await?).await
+    })
+    .await
+}
+
 async fn bounded<T>(
     what: &'static str,
     limit: Duration,

@@ -29,7 +29,7 @@ pub struct ClientConfig {
     pub max_handshake_bytes: usize,
     /// Longest wait for the answer to a unary call or the start of a stream, and for each
     /// step of a file transfer: the agent taking the next piece of an upload, answering once
-    /// the upload is complete, or sending the next piece of a download. A transfer as a whole
+    /// the upload is complete (plus a second per 4 MiB uploaded, for its sync), or sending the next piece of a download. A transfer as a whole
     /// may take longer, as long as it keeps moving. Exec output streams have no such bound (a
     /// quiet process is legitimately silent); a dead peer is caught by the keep-alive.
     pub call_timeout: Duration,

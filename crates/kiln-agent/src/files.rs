@@ -204,12 +204,13 @@ pub async fn mkdir(
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
                 Err(e) => return Err(io_error(dir, &e)),
             }
-            let perms = std::fs::Permissions::from_mode(mode.unwrap_or(0o755));
-            std::fs::set_permissions(dir, perms).map_err(|e| io_error(dir, &e))?;
+            // Owner first, as for files: a chown may clear set-id bits of the mode.
             if let Some(ids) = &ids {
                 std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid))
                     .map_err(|e| io_error(dir, &e))?;
             }
+            let perms = std::fs::Permissions::from_mode(mode.unwrap_or(0o755));
+            std::fs::set_permissions(dir, perms).map_err(|e| io_error(dir, &e))?;
         }
         Ok(())
     })
@@ -391,12 +392,13 @@ where
     file.sync_all().await.map_err(|e| io_error(&path, &e))?;
     drop(file);
     blocking(move || {
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| io_error(&path, &e))?;
+        // Owner first: a chown clears the setuid and setgid bits that the mode may set.
         if let Some(ids) = ids {
             std::os::unix::fs::chown(&temp, Some(ids.uid), Some(ids.gid))
                 .map_err(|e| io_error(&path, &e))?;
         }
+        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io_error(&path, &e))?;
         std::fs::rename(&temp, &path).map_err(|e| io_error(&path, &e))?;
         guard.disarm();
         // Make the rename durable; a failure here does not undo the write.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_engine::{BakedTemplate, Engine};
 use kiln_image::cache::Cache;
+use kiln_image::error::ImageError;
 use kiln_image::progress::{BuildEvent, Progress};
 use kiln_image::spec::TemplateSpec;
 
@@ -277,7 +278,7 @@ impl Templates {
                 })
                 .await
                 .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
-                .map_err(|e| ControlError::Invalid(format!("building template `{name}`: {e}")))?;
+                .map_err(|e| build_error(name, e))?;
                 let baked = engine.bake(&images).await.map_err(|e| {
                     ControlError::Internal(format!("baking template `{name}`: {e}"))
                 })?;
@@ -293,6 +294,25 @@ impl Templates {
             })
             .await?;
         Ok(baked.clone())
+    }
+}
+
+/// Maps a failed template build to who can act on it: the spec's author (bad spec, archive or
+/// packages), a retry (the package archive changed mid-build), or the operator (tools,
+/// kernel, agent, local files).
+fn build_error(name: &str, error: ImageError) -> ControlError {
+    let message = format!("building template `{name}`: {error}");
+    match error {
+        ImageError::Spec(_)
+        | ImageError::Oci(_)
+        | ImageError::MissingFile { .. }
+        | ImageError::DiskTooSmall { .. }
+        | ImageError::CommandFailed { .. } => ControlError::Invalid(message),
+        ImageError::PackagesChanged { .. } => ControlError::Unavailable(message),
+        ImageError::MissingTool { .. }
+        | ImageError::Io { .. }
+        | ImageError::Kernel(_)
+        | ImageError::AgentNotStatic { .. } => ControlError::Internal(message),
     }
 }
 
@@ -378,5 +398,39 @@ mod tests {
         ));
         templates.delete("acme", "mine").expect("delete");
         assert!(templates.get("acme", "mine").is_err());
+    }
+
+    #[test]
+    fn build_failures_go_to_who_can_fix_them() {
+        let invalid = build_error(
+            "t",
+            ImageError::DiskTooSmall {
+                needed_mib: 300,
+                disk_mib: 200,
+            },
+        );
+        assert!(
+            matches!(&invalid, ControlError::Invalid(m) if m.contains("`t`") && m.contains("disk_mib")),
+            "{invalid:?}"
+        );
+        assert!(matches!(
+            build_error(
+                "t",
+                ImageError::PackagesChanged {
+                    differing: "[]".into()
+                }
+            ),
+            ControlError::Unavailable(_)
+        ));
+        assert!(matches!(
+            build_error(
+                "t",
+                ImageError::MissingTool {
+                    tool: "mmdebstrap".into(),
+                    package: "mmdebstrap".into()
+                }
+            ),
+            ControlError::Internal(_)
+        ));
     }
 }

@@ -58,7 +58,7 @@ pub enum ImageError {
         path: PathBuf,
     },
     /// The package archive changed between resolving the package set and installing it.
-    #[error("the package archive changed during the build (installed and resolved differ in {differing}); build again")]
+    #[error("the package archive changed during the build (installed and resolved versions differ: {differing}); build again")]
     PackagesChanged {
         /// Some of the packages that differ.
         differing: String,

@@ -134,7 +134,6 @@ mod tests {
         }
         let lines = Lines(std::sync::Mutex::new(Vec::new()));
         let value = step(&lines, "rootfs base", "make ext4 image", || {
-            std::thread::sleep(Duration::from_millis(120));
             Ok::<_, ()>((7, Some("1.5 MiB of files".to_owned())))
         });
         assert_eq!(value, Ok(7));
@@ -143,13 +142,23 @@ mod tests {
         let lines = lines.0.into_inner().expect("not poisoned");
         assert_eq!(lines[0], "  [rootfs base] make ext4 image ...");
         assert!(
-            lines[1].starts_with("  [rootfs base] make ext4 image: done in 0.")
+            lines[1].starts_with("  [rootfs base] make ext4 image: done in ")
                 && lines[1].ends_with(" s, 1.5 MiB of files"),
             "{}",
             lines[1]
         );
         assert_eq!(lines[2], "  [kernel] fetch ...");
         assert_eq!(lines.len(), 3, "a failed step reports no completion");
+        assert_eq!(
+            BuildEvent::StepDone {
+                artefact: "kernel".into(),
+                name: "download".into(),
+                elapsed: Duration::from_millis(1260),
+                detail: Some("67.0 MiB".into()),
+            }
+            .line(),
+            "  [kernel] download: done in 1.3 s, 67.0 MiB"
+        );
         assert_eq!(
             BuildEvent::Cached {
                 artefact: "kernel".into(),

@@ -113,13 +113,48 @@ fn installed_packages(tree: &Path) -> Result<Vec<String>, ImageError> {
                     .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
                     .map(str::trim)
             };
-            (field("Status")? == "install ok installed")
-                .then(|| Some(format!("{}={}", field("Package")?, field("Version")?)))?
+            if field("Status")? != "install ok installed" {
+                return None;
+            }
+            Some(format!("{}={}", field("Package")?, field("Version")?))
         })
         .collect();
     packages.sort();
     packages.dedup();
     Ok(packages)
+}
+
+/// The key names the package versions resolved before the build. If the tree holds others,
+/// the archive may have changed in between: resolving again tells. A changed archive fails the
+/// build (the image must not be cached under a key naming other versions); an unchanged one
+/// means the simulation and the installation differ for this spec, which is deterministic, so
+/// the difference is only logged.
+fn check_installed_packages(
+    spec: &TemplateSpec,
+    tree: &Path,
+    resolved: &[String],
+) -> Result<(), ImageError> {
+    let installed = installed_packages(tree)?;
+    if installed == resolved {
+        return Ok(());
+    }
+    let differing: Vec<&String> = installed
+        .iter()
+        .filter(|p| !resolved.contains(p))
+        .chain(resolved.iter().filter(|p| !installed.contains(p)))
+        .take(6)
+        .collect();
+    if resolve_packages(spec)? != resolved {
+        return Err(ImageError::PackagesChanged {
+            differing: format!("{differing:?}"),
+        });
+    }
+    tracing::warn!(
+        template = %spec.name,
+        ?differing,
+        "installed packages differ from mmdebstrap's simulation (archive unchanged)"
+    );
+    Ok(())
 }
 
 /// The cache inputs of a root filesystem.
@@ -140,33 +175,51 @@ pub fn rootfs_inputs(
         sha256_file(agent).context(|| format!("reading agent {}", agent.display()))?,
     );
     inputs.add_bytes("packages", packages.join("\n").as_bytes());
-    if let Some(image) = &spec.base.image {
-        let path = spec_dir.join(image);
-        if !path.is_file() {
-            return Err(ImageError::MissingFile {
-                field: "base.image".into(),
-                path,
-            });
-        }
+    check_files(spec, spec_dir)?;
+    for file in named_files(spec, spec_dir) {
+        let path = &file.path;
         inputs.add(
-            "image",
-            sha256_file(&path).context(|| format!("reading image archive {}", path.display()))?,
-        );
-    }
-    for (i, file) in spec.files.iter().enumerate() {
-        let path = spec_dir.join(&file.src);
-        if !path.is_file() {
-            return Err(ImageError::MissingFile {
-                field: format!("files[{i}].src"),
-                path,
-            });
-        }
-        inputs.add(
-            &format!("file{i}"),
-            sha256_file(&path).context(|| format!("reading {}", path.display()))?,
+            &file.input,
+            sha256_file(path).context(|| format!("reading {}", path.display()))?,
         );
     }
     Ok(inputs)
+}
+
+/// A file a spec names.
+struct NamedFile {
+    /// The spec field that names it (`base.image`, `files[0].src`).
+    field: String,
+    /// Its name among the cache inputs (`image`, `file0`).
+    input: String,
+    /// Where it is.
+    path: PathBuf,
+}
+
+/// The files a spec names: its image archive and the sources of `files`.
+fn named_files(spec: &TemplateSpec, spec_dir: &Path) -> Vec<NamedFile> {
+    let image = spec.base.image.iter().map(|image| NamedFile {
+        field: "base.image".into(),
+        input: "image".into(),
+        path: spec_dir.join(image),
+    });
+    let files = spec.files.iter().enumerate().map(|(i, file)| NamedFile {
+        field: format!("files[{i}].src"),
+        input: format!("file{i}"),
+        path: spec_dir.join(&file.src),
+    });
+    image.chain(files).collect()
+}
+
+/// Checks that every file the spec names exists, so a typo is reported before any slow step.
+pub fn check_files(spec: &TemplateSpec, spec_dir: &Path) -> Result<(), ImageError> {
+    match named_files(spec, spec_dir)
+        .into_iter()
+        .find(|file| !file.path.is_file())
+    {
+        Some(NamedFile { field, path, .. }) => Err(ImageError::MissingFile { field, path }),
+        None => Ok(()),
+    }
 }
 
 /// Builds (or finds in the cache) the root filesystem of `spec`.
@@ -177,6 +230,7 @@ pub fn build_rootfs(
     cache: &Cache,
     progress: &dyn Progress,
 ) -> Result<RootfsArtefact, ImageError> {
+    check_files(spec, spec_dir)?;
     let artefact = format!("rootfs {}", spec.name);
     let packages = step(progress, &artefact, "resolve packages", || {
         let packages = resolve_packages(spec)?;
@@ -230,20 +284,7 @@ fn build_into(
                 }
                 command.arg(suite).arg(&tree);
                 run(&mut command, "mmdebstrap")?;
-                // The key names the versions resolved before the build; if the archive
-                // changed in between, the tree holds others and must not be cached under it.
-                let installed = installed_packages(&tree)?;
-                if installed != packages {
-                    let differing: Vec<&String> = installed
-                        .iter()
-                        .filter(|p| !packages.contains(p))
-                        .chain(packages.iter().filter(|p| !installed.contains(p)))
-                        .take(6)
-                        .collect();
-                    return Err(ImageError::PackagesChanged {
-                        differing: format!("{differing:?}"),
-                    });
-                }
+                check_installed_packages(spec, &tree, packages)?;
                 Ok::<_, ImageError>((None, Some(format!("{} packages", packages.len()))))
             },
         )?,

@@ -28,7 +28,6 @@ pub struct TemplateImages {
 impl TemplateImages {
     /// A one-line summary for people.
     pub fn summary(&self, elapsed_secs: f64) -> String {
-        let (size, allocated) = (file_bytes, allocated_bytes);
         let origin = |o: Origin| {
             if o == Origin::Cached {
                 "cached"
@@ -41,11 +40,11 @@ impl TemplateImages {
             self.spec.name,
             self.kernel.release,
             origin(self.kernel.origin),
-            human_bytes(size(&self.kernel.vmlinux)),
-            human_bytes(size(&self.kernel.initramfs)),
+            human_bytes(file_bytes(&self.kernel.vmlinux)),
+            human_bytes(file_bytes(&self.kernel.initramfs)),
             origin(self.rootfs.origin),
-            human_bytes(allocated(&self.rootfs.image)),
-            human_bytes(size(&self.rootfs.image)),
+            human_bytes(allocated_bytes(&self.rootfs.image)),
+            human_bytes(file_bytes(&self.rootfs.image)),
             elapsed_secs,
         )
     }
@@ -82,6 +81,7 @@ pub fn build_template(
     let spec_dir = spec_path
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
+    crate::rootfs::check_files(&spec, &spec_dir)?;
     let kernel = build_kernel(agent, cache, progress)?;
     let rootfs = build_rootfs(&spec, &spec_dir, agent, cache, progress)?;
     Ok(TemplateImages {

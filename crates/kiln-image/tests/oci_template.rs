@@ -402,7 +402,7 @@ fn build_steps_run_in_a_chroot_of_an_oci_layout_image() {
 /// The step label as progress shows it (first line, at most 60 characters).
 fn truncated(step: &str) -> String {
     if step.len() > 60 {
-        format!("{}...", &step[..57])
+        format!("{}...", step.chars().take(57).collect::<String>())
     } else {
         step.to_owned()
     }

@@ -19,7 +19,8 @@ pub mod handshake;
 pub mod messages;
 pub mod stream;
 
-/// Current protocol version. A host accepts this and the previous version.
+/// Current protocol version. A host accepts this and the previous version, if there is one
+/// (see [`FIRST_PROTOCOL_VERSION`]).
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// The first version of the protocol: no peer speaks an older one, so none is accepted.

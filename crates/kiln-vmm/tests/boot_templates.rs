@@ -23,14 +23,15 @@ async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
     (result.status.code.unwrap_or(-1), format!("{out}{err}"))
 }
 
-/// Boots `images`, checks the agent, runs `check`, powers off.
-async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
+/// Boots `images` with `vcpus` vCPUs and the spec's memory, checks the agent, runs `check`,
+/// powers off.
+async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect: &str) {
     let run_dir = tempfile::tempdir().expect("run dir");
     // Under TCG on every host: the images must not depend on KVM to boot.
     let accel = resolve(AccelChoice::Fixed(Accel::Tcg));
     let config = BootConfig {
         accel: accel.accel,
-        vcpus: images.spec.resources.vcpus,
+        vcpus,
         memory_mib: images.spec.resources.memory_mib,
         kernel: images.kernel.vmlinux.clone(),
         initramfs: images.kernel.initramfs.clone(),
@@ -140,7 +141,7 @@ async fn boot_and_check(images: &TemplateImages, check: &str, expect: &str) {
     let mut lines = out.lines();
     assert_eq!(
         lines.next().and_then(|n| n.trim().parse::<u32>().ok()),
-        Some(images.spec.resources.vcpus),
+        Some(vcpus),
         "vCPUs: {out}"
     );
     let mem_total_kib: u64 = lines
@@ -196,7 +197,8 @@ async fn base_template_boots_to_a_working_agent() {
     let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
         .await
         .expect("build task");
-    boot_and_check(&images, "ip -V; ps -e | wc -l", "iproute2").await;
+    let vcpus = images.spec.resources.vcpus;
+    boot_and_check(&images, vcpus, "ip -V; ps -e | wc -l", "iproute2").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,8 +206,10 @@ async fn python_template_boots_to_a_working_agent() {
     let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("python"))
         .await
         .expect("build task");
+    // Two vCPUs (the spec says one, QEMU's default): the guest must see what it is given.
     boot_and_check(
         &images,
+        2,
         "python3 -c 'import json, sqlite3, ssl, venv, numpy, pandas; print(\"py-ok\", numpy.__version__, pandas.__version__)' && pip --version",
         "py-ok",
     )
