@@ -77,9 +77,6 @@ impl From<EngineError> for ControlError {
                 id,
             },
             EngineError::Exhausted(message) => ControlError::Unavailable(message),
-            EngineError::NotRunning { id, state } => {
-                ControlError::Conflict(format!("sandbox `{id}` is {state}"))
-            }
             other => ControlError::Internal(chain(&other)),
         }
     }

@@ -70,6 +70,8 @@ fn file_error(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     layout: Layout,
+    /// Set once the v2 parent has its controllers delegated (done on the first create).
+    v2_prepared: std::sync::OnceLock<()>,
 }
 
 impl Cgroups {
@@ -100,6 +102,7 @@ impl Cgroups {
                 let own = root.join(own_path("").unwrap_or_default());
                 return Ok(Cgroups {
                     layout: Layout::V2 { own },
+                    v2_prepared: std::sync::OnceLock::new(),
                 });
             }
         }
@@ -112,6 +115,7 @@ impl Cgroups {
                     cpu: cpu.join(own_path("cpu").unwrap_or_default()),
                     memory: memory.join(own_path("memory").unwrap_or_default()),
                 },
+                v2_prepared: std::sync::OnceLock::new(),
             });
         }
         Err(CgroupError::Unavailable(root.to_owned()))
@@ -136,7 +140,10 @@ impl Cgroups {
     /// Makes the cgroup of sandbox `name` with `limits`.
     pub fn create(&self, name: &str, limits: CgroupLimits) -> Result<SandboxCgroup, CgroupError> {
         if let Layout::V2 { own } = &self.layout {
-            prepare_v2_parent(own)?;
+            if self.v2_prepared.get().is_none() {
+                prepare_v2_parent(own)?;
+                let _ = self.v2_prepared.set(());
+            }
         }
         let dirs: Vec<PathBuf> = self.parents().iter().map(|p| p.join(name)).collect();
         for dir in &dirs {
@@ -273,26 +280,6 @@ impl SandboxCgroup {
                     .map_err(file_error(&path))
             })
             .collect()
-    }
-
-    /// The pids in it.
-    pub fn pids(&self) -> Vec<u32> {
-        let Some(dir) = self.dirs.first() else {
-            return Vec::new();
-        };
-        std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    /// Reads one of its files (e.g. `memory.limit_in_bytes`), from whichever directory has it.
-    pub fn read(&self, file: &str) -> Option<String> {
-        self.dirs
-            .iter()
-            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
-            .map(|s| s.trim().to_owned())
     }
 
     /// Removes it. Its processes must be gone; the kernel may take a moment to notice an

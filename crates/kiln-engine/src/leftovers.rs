@@ -13,7 +13,7 @@ use crate::EngineError;
 /// Name of the file that identifies a directory's VMM.
 pub const PID_FILE: &str = "vmm.pid";
 
-pub use kiln_vmm::process_start_ticks;
+use kiln_vmm::process_start_ticks;
 
 /// Records the VMM `pid` of the VM in `dir`, made under resource name `name`.
 pub fn write_pid_file(dir: &Path, pid: u32, name: &str) -> std::io::Result<()> {
@@ -41,13 +41,10 @@ pub fn kill_if_same(pid: u32, ticks: u64, timeout: Duration) {
     let Ok(fd) = kiln_vmm::pidfd::open_if_same(pid, ticks) else {
         return;
     };
-    if let Err(e) = kiln_vmm::pidfd::kill(&fd) {
-        tracing::warn!(pid, error = %e, "killing a VMM left by an earlier run");
-        return;
+    match kiln_vmm::pidfd::kill_and_wait(&fd, timeout) {
+        Ok(_) => tracing::info!(pid, "killed a VMM left by an earlier run"),
+        Err(e) => tracing::warn!(pid, error = %e, "killing a VMM left by an earlier run"),
     }
-    tracing::info!(pid, "killed a VMM left by an earlier run");
-    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    let _ = kiln_vmm::pidfd::exited(&fd, timeout_ms);
 }
 
 /// Removes what the VM in `dir` left: its VMM (if still the same process, per its pid
@@ -66,7 +63,7 @@ pub(crate) fn remove_vm_dir(
     }
     let mut first_error = None;
     if let Some(name) = &name {
-        if let Some(netns) = kiln_net::netns::NetNs::existing(&format!("kiln-{name}")) {
+        if let Some(netns) = kiln_net::netns::NetNs::existing(&crate::sandbox::netns_name(name)) {
             if let Err(e) = netns.remove() {
                 first_error
                     .get_or_insert(EngineError::io("removing a leftover network namespace", e));

@@ -72,14 +72,6 @@ pub enum EngineError {
     /// A limited resource ran out.
     #[error("{0}")]
     Exhausted(String),
-    /// The sandbox is not running.
-    #[error("sandbox `{id}` is {state}")]
-    NotRunning {
-        /// The sandbox.
-        id: String,
-        /// Its state.
-        state: String,
-    },
 }
 
 impl EngineError {

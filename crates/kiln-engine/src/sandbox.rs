@@ -180,7 +180,7 @@ pub(crate) fn confine(
         cgroup: None,
         uid: engine.take_uid()?,
     };
-    let ns = kiln_net::netns::NetNs::create(&format!("kiln-{name}"))
+    let ns = kiln_net::netns::NetNs::create(&netns_name(name))
         .map_err(|e| EngineError::io("creating the network namespace", e))?;
     let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
     let netns = ns
@@ -229,6 +229,8 @@ pub struct Sandbox {
     id: String,
     template: String,
     dir: PathBuf,
+    /// The guest console log, as the driver placed it (readable after the VM is gone).
+    console_log: PathBuf,
     client: AgentClient,
     timings: PhaseTimings,
     created_at: SystemTime,
@@ -295,7 +297,7 @@ impl Sandbox {
 
     /// The guest console's last lines (of its last 256 KiB: the guest writes what it likes).
     pub fn console_tail(&self, lines: usize) -> String {
-        kiln_vmm::qemu::tail_lines(&self.dir.join("run/console.log"), lines)
+        kiln_vmm::qemu::tail_lines(&self.console_log, lines)
     }
 
     /// How it is listed.
@@ -422,9 +424,13 @@ fn new_id() -> String {
     format!("sb-{}", hex::encode(bytes))
 }
 
-/// A descriptor that becomes readable when process `pid` exits.
-fn pidfd(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
-    let fd = kiln_vmm::pidfd::open(pid)?;
+/// The network namespace of the VM named `name`.
+pub(crate) fn netns_name(name: &str) -> String {
+    format!("kiln-{name}")
+}
+
+/// Registers a process descriptor, which becomes readable when its process exits.
+fn watch_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd stays open and unchanged until it is dropped together with the
     // AsyncFd that owns it.
     unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
@@ -437,6 +443,9 @@ async fn watch_sandbox(
     exit: AsyncFd<OwnedFd>,
     mut expires_at: watch::Receiver<Option<SystemTime>>,
 ) {
+    // A failed sandbox still holds files, so its time to live is watched on after its VMM
+    // exits (the descriptor stays readable from then on, hence the flag).
+    let mut exited = false;
     loop {
         let deadline = *expires_at.borrow_and_update();
         let expiry = async {
@@ -449,25 +458,11 @@ async fn watch_sandbox(
             }
         };
         tokio::select! {
-            _ = exit.readable() => {
+            _ = exit.readable(), if !exited => {
+                exited = true;
                 if let Some(sandbox) = sandbox.upgrade() {
                     sandbox.vm_exited();
                 }
-                // Keep watching the time to live of a failed sandbox: it still holds files.
-                loop {
-                    let deadline = *expires_at.borrow_and_update();
-                    if let Some(at) = deadline {
-                        let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-                        tokio::select! {
-                            () = tokio::time::sleep(left) => break,
-                            changed = expires_at.changed() => if changed.is_err() { return },
-                        }
-                    } else if expires_at.changed().await.is_err() {
-                        return;
-                    }
-                }
-                expire(&sandbox).await;
-                return;
             }
             () = expiry => {
                 expire(&sandbox).await;
@@ -708,12 +703,15 @@ pub(crate) async fn adopt(
         )));
     }
     let vm = engine.driver.adopt(&dir.join("run"), pid, ticks)?;
-    let exit = pidfd(pid).map_err(|e| EngineError::io("watching the VMM process", e))?;
-    if kiln_vmm::process_start_ticks(pid) != Some(ticks) {
-        return Err(EngineError::Invalid(format!(
-            "the VMM of `{id}` just ended"
-        )));
-    }
+    let exit = match kiln_vmm::pidfd::open_if_same(pid, ticks) {
+        Ok(fd) => watch_fd(fd).map_err(|e| EngineError::io("watching the VMM process", e))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(EngineError::Invalid(format!(
+                "the VMM of `{id}` just ended"
+            )))
+        }
+        Err(e) => return Err(EngineError::io("watching the VMM process", e)),
+    };
     let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
@@ -725,7 +723,7 @@ pub(crate) async fn adopt(
         })
         .and_then(|uid| engine.claim_uid(uid));
     let resources = VmResources {
-        netns: kiln_net::netns::NetNs::existing(&format!("kiln-{id}")),
+        netns: kiln_net::netns::NetNs::existing(&netns_name(&id)),
         cgroup: engine.cgroups.as_ref().and_then(|c| c.existing(&id)),
         uid,
     };
@@ -746,6 +744,7 @@ pub(crate) async fn adopt(
             id: id.clone(),
             template: request.template,
             dir,
+            console_log: vm.console_log(),
             client,
             timings: PhaseTimings::default(),
             created_at: from_ms(request.created_at_ms),
@@ -785,7 +784,9 @@ pub(crate) async fn create(
             cgroup.set_limits(limits)?;
         }
     }
-    let exit = pidfd(slot.vm.pid()).map_err(|e| EngineError::io("watching the VMM process", e))?;
+    let exit = kiln_vmm::pidfd::open(slot.vm.pid())
+        .and_then(watch_fd)
+        .map_err(|e| EngineError::io("watching the VMM process", e))?;
     // The verified bytes go to the VMM through an anonymous file: what was checked is what
     // loads.
     let state = template.read_state()?;
@@ -855,6 +856,7 @@ pub(crate) async fn create(
             id: id.clone(),
             template: template.meta.name.clone(),
             dir,
+            console_log: vm.console_log(),
             client,
             timings,
             created_at: SystemTime::now(),

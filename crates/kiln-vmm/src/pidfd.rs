@@ -64,3 +64,16 @@ pub fn exited(pidfd: &OwnedFd, timeout_ms: i32) -> io::Result<bool> {
     }
     Ok(n > 0)
 }
+
+/// Kills the process of `pidfd` (unless it has ended already) and waits up to `timeout` for
+/// it to be gone (its parent reaps it). Returns whether it is gone.
+pub fn kill_and_wait(pidfd: &OwnedFd, timeout: std::time::Duration) -> io::Result<bool> {
+    if exited(pidfd, 0)? {
+        return Ok(true);
+    }
+    kill(pidfd)?;
+    exited(
+        pidfd,
+        i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX),
+    )
+}

@@ -89,8 +89,6 @@ pub struct BootConfig {
     pub run_as: Option<(u32, u32)>,
     /// Filter QEMU's system calls (`-sandbox on` with the deny options).
     pub seccomp: bool,
-    /// Do not run the guest until told to (`-S`, then QMP `cont`).
-    pub start_paused: bool,
 }
 
 /// The guest's network card.
@@ -137,7 +135,6 @@ impl BootConfig {
             seccomp: confinement.seccomp,
             // QEMU starts vCPUs before `-runas` drops privileges: with a privilege drop a cold
             // boot starts paused and the guest runs only once QMP answers (see `wait_started`).
-            start_paused: !spec.incoming && confinement.run_as.is_some(),
         }
     }
 
@@ -251,7 +248,7 @@ impl BootConfig {
             args.push("-incoming".into());
             args.push("defer".into());
         }
-        if self.start_paused {
+        if self.start_paused() {
             args.push("-S".into());
         }
         if self.seccomp {
@@ -275,6 +272,12 @@ impl BootConfig {
         args
     }
 
+    /// Whether the guest waits to be told to run (`-S`, then QMP `cont`): a cold boot that
+    /// drops privileges must not run guest code before the drop.
+    pub fn start_paused(&self) -> bool {
+        !self.incoming && self.run_as.is_some()
+    }
+
     /// The parts of the command line a snapshot's device state depends on, with per-VM paths
     /// left out: two configurations with the same signature can restore each other's state.
     pub fn device_signature(&self) -> String {
@@ -288,7 +291,6 @@ impl BootConfig {
         normalised.incoming = false;
         normalised.run_as = None;
         normalised.seccomp = false;
-        normalised.start_paused = false;
         if let Some(nic) = &mut normalised.nic {
             nic.tap_fd = 0;
         }
@@ -376,15 +378,12 @@ impl Handle {
                 }
             }
             Handle::Adopted { pidfd, .. } => {
-                if !crate::pidfd::exited(pidfd, 0)? {
-                    crate::pidfd::kill(pidfd)?;
-                    // Its parent (init) reaps it; wait until it has ended.
-                    if !crate::pidfd::exited(pidfd, 10_000)? {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "QEMU did not end after SIGKILL",
-                        ));
-                    }
+                // Its parent (init) reaps it; wait until it has ended.
+                if !crate::pidfd::kill_and_wait(pidfd, std::time::Duration::from_secs(10))? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "QEMU did not end after SIGKILL",
+                    ));
                 }
             }
         }
@@ -591,12 +590,12 @@ impl QemuProcess {
 
     /// The last lines QEMU wrote to stderr.
     pub fn stderr_tail(&self) -> String {
-        tail(&self.config.run_dir.join("qemu.stderr"), 20)
+        tail_lines(&self.config.run_dir.join("qemu.stderr"), 20)
     }
 
     /// The last lines of the guest console.
     pub fn console_tail(&self, lines: usize) -> String {
-        tail(&self.config.console_log(), lines)
+        tail_lines(&self.config.console_log(), lines)
     }
 
     /// Kills QEMU and reaps it.
@@ -625,7 +624,6 @@ impl QemuProcess {
             nic: None,
             run_as: None,
             seccomp: false,
-            start_paused: false,
         };
         Ok(QemuProcess {
             child: Handle::Adopted { pid, pidfd },
@@ -771,7 +769,7 @@ impl Vm for QemuVm {
         self.process.wait_for_agent_socket(timeout)?;
         // QMP answers once QEMU's main loop runs (after `-runas` dropped privileges): from
         // then on it takes commands at once.
-        let paused = self.process.config().start_paused;
+        let paused = self.process.config().start_paused();
         let qmp = self.process.qmp()?;
         if paused {
             qmp.execute("cont", None)?;
@@ -876,10 +874,6 @@ fn hand_over_state(qmp: &mut Qmp, file: &std::fs::File) -> Result<(), QmpError> 
     Ok(())
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    tail_lines(path, lines)
-}
-
 /// The last `lines` lines of the last 256 KiB of `path` (invalid UTF-8 replaced): bounded
 /// whatever the file's size, as a guest's console log may be anything.
 pub fn tail_lines(path: &Path, lines: usize) -> String {
@@ -965,7 +959,6 @@ mod tests {
             nic: None,
             run_as: None,
             seccomp: false,
-            start_paused: false,
         }
     }
 

@@ -46,7 +46,6 @@ async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect
         run_as: None,
         // The strictest filter (no set*id at all) holds for a plain boot.
         seccomp: true,
-        start_paused: false,
     };
     let started = Instant::now();
     let mut qemu =
