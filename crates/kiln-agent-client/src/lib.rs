@@ -104,14 +104,10 @@ impl AgentClient {
     }
 
     async fn open_session(&self) -> Result<Session, ClientError> {
-        let transport =
-            tokio::time::timeout(self.config.handshake_timeout, self.connector.connect())
-                .await
-                .map_err(|_| ClientError::Timeout {
-                    what: "connect",
-                    after: self.config.handshake_timeout,
-                })?
-                .map_err(ClientError::Connect)?;
+        let transport = bounded("connect", self.config.handshake_timeout, async {
+            self.connector.connect().await.map_err(ClientError::Connect)
+        })
+        .await?;
         let (stream, welcome) = handshake(transport, &self.config).await?;
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -506,7 +502,6 @@ async fn upload<R: AsyncRead + Unpin>(
     Ok(size)
 }
 
-/// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
 /// Throughput at which an agent is assumed, pessimistically, to get a finished upload onto its
 /// disk: the agent syncs the file before it answers, and what is still in flight or only in
 /// its page cache at the end grows with the upload.
@@ -530,6 +525,7 @@ async fn write_answer(
     .await
 }
 
+/// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
 async fn bounded<T>(
     what: &'static str,
     limit: Duration,

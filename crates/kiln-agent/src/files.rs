@@ -204,13 +204,7 @@ pub async fn mkdir(
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
                 Err(e) => return Err(io_error(dir, &e)),
             }
-            // Owner first, as for files: a chown may clear set-id bits of the mode.
-            if let Some(ids) = &ids {
-                std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid))
-                    .map_err(|e| io_error(dir, &e))?;
-            }
-            let perms = std::fs::Permissions::from_mode(mode.unwrap_or(0o755));
-            std::fs::set_permissions(dir, perms).map_err(|e| io_error(dir, &e))?;
+            set_owner_then_mode(dir, ids.as_ref(), mode.unwrap_or(0o755), dir)?;
         }
         Ok(())
     })
@@ -392,13 +386,7 @@ where
     file.sync_all().await.map_err(|e| io_error(&path, &e))?;
     drop(file);
     blocking(move || {
-        // Owner first: a chown clears the setuid and setgid bits that the mode may set.
-        if let Some(ids) = ids {
-            std::os::unix::fs::chown(&temp, Some(ids.uid), Some(ids.gid))
-                .map_err(|e| io_error(&path, &e))?;
-        }
-        std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| io_error(&path, &e))?;
+        set_owner_then_mode(&temp, ids.as_ref(), mode, &path)?;
         std::fs::rename(&temp, &path).map_err(|e| io_error(&path, &e))?;
         guard.disarm();
         // Make the rename durable; a failure here does not undo the write.
@@ -434,6 +422,23 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| AgentError::new(ErrorKind::Internal, format!("file task failed: {e}")))?
+}
+
+/// Gives `target` its owner (if any), then its mode: in this order, because a chown clears
+/// the setuid and setgid bits the mode may set. Errors name `shown` (the path the caller
+/// asked for, when `target` is a temporary file beside it).
+fn set_owner_then_mode(
+    target: &Path,
+    ids: Option<&crate::users::UserIds>,
+    mode: u32,
+    shown: &Path,
+) -> Result<(), AgentError> {
+    if let Some(ids) = ids {
+        std::os::unix::fs::chown(target, Some(ids.uid), Some(ids.gid))
+            .map_err(|e| io_error(shown, &e))?;
+    }
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error(shown, &e))
 }
 
 #[cfg(test)]

@@ -107,10 +107,7 @@ pub(crate) async fn build_template(
         std::sync::Arc::new(ChannelProgress(tx.clone()));
     let control = state.control.clone();
     tokio::spawn(async move {
-        let last = match control
-            .build_template(&who, None, Some(&name), Some(progress))
-            .await
-        {
+        let last = match control.build_template(&who, &name, Some(progress)).await {
             Ok(info) => BuildEventBody::Ready {
                 template: info.into(),
             },

@@ -262,9 +262,11 @@ pub fn openapi_json() -> String {
 }
 
 async fn openapi() -> impl IntoResponse {
+    // Made once: the document is the same for the life of the process.
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(openapi_json);
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        openapi_json(),
+        DOCUMENT.as_str(),
     )
 }
 

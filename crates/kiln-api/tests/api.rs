@@ -96,7 +96,8 @@ impl Api {
     }
 
     fn key(&self, tenant: &str, admin: bool) -> String {
-        let store = kiln_control::open_store(&self.control.config().data_dir).expect("store");
+        let store =
+            kiln_control::open_store(&self.control.config().engine.data_dir).expect("store");
         kiln_control::mint_key(&store, tenant, "test", admin)
             .expect("key")
             .1

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use kiln_api::types::{ExecResultBody, SandboxBody};
+use kiln_api::types::{CreateSandboxBody, ExecResultBody, SandboxBody};
+use reqwest::Method;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::client_cmd::Client;
 use crate::stats::Summary;
 
 /// Options of the benchmark.
@@ -68,61 +70,40 @@ fn rss_mib() -> f64 {
         / 1024.0
 }
 
-/// A client of the in-process daemon.
+/// The calls the benchmark makes, over the CLI's client of the in-process daemon.
 #[derive(Debug, Clone)]
 struct Api {
-    http: reqwest::Client,
-    url: String,
-    key: String,
+    client: Client,
 }
 
 impl Api {
     async fn create(&self, template: &str) -> Result<String> {
-        let response = self
-            .http
-            .post(format!("{}/v1/sandboxes", self.url))
-            .bearer_auth(&self.key)
-            .json(&json!({"template": template}))
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "create: {}",
-            response.text().await.unwrap_or_default()
-        );
-        Ok(response.json::<SandboxBody>().await?.id)
+        let body = CreateSandboxBody {
+            template: Some(template.to_owned()),
+            ..CreateSandboxBody::default()
+        };
+        let request = self
+            .client
+            .request(Method::POST, "/v1/sandboxes")
+            .json(&body);
+        Ok(self.client.json::<SandboxBody>(request).await?.id)
     }
 
     async fn exec_true(&self, id: &str) -> Result<()> {
-        let response = self
-            .http
-            .post(format!("{}/v1/sandboxes/{id}/exec", self.url))
-            .bearer_auth(&self.key)
-            .json(&json!({"command": ["true"]}))
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "exec: {}",
-            response.status()
-        );
-        let result: ExecResultBody = response.json().await?;
+        let request = self
+            .client
+            .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+            .json(&json!({"command": ["true"]}));
+        let result: ExecResultBody = self.client.json(request).await?;
         ensure!(result.exit_code == Some(0), "true failed: {result:?}");
         Ok(())
     }
 
     async fn delete(&self, id: &str) -> Result<()> {
-        let response = self
-            .http
-            .delete(format!("{}/v1/sandboxes/{id}", self.url))
-            .bearer_auth(&self.key)
-            .send()
-            .await?;
-        ensure!(
-            response.status().is_success(),
-            "delete: {}",
-            response.status()
-        );
+        let request = self
+            .client
+            .request(Method::DELETE, &format!("/v1/sandboxes/{id}"));
+        self.client.send(request).await?;
         Ok(())
     }
 }
@@ -135,7 +116,6 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
     let agent = crate::template_cmd::static_agent()?;
     let templates_dirs = crate::template_cmd::templates_dirs();
     let control = kiln_control::Control::open(kiln_control::ControlConfig {
-        data_dir: data.path().to_owned(),
         cache_dir: options.cache_dir.clone(),
         templates_dirs,
         agent_binary: agent,
@@ -152,9 +132,7 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
     let app = kiln_api::router(control.clone(), kiln_api::ApiConfig::default());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let api = Api {
-        http: reqwest::Client::new(),
-        url,
-        key,
+        client: Client::with_key(&url, key),
     };
 
     eprintln!("preparing template {} ...", options.template);

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use kiln_api::types::{
-    CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody, FileListBody, SandboxBody,
-    SandboxList, TemplateList, WrittenBody,
+    BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
+    FileListBody, InteractiveInputBody, InteractiveStartBody, SandboxBody, SandboxList,
+    TemplateList, TerminalSize, WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -56,7 +57,7 @@ fn read_cli_config() -> Result<CliConfig> {
 }
 
 /// An API client.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     url: String,
@@ -79,7 +80,16 @@ impl Client {
         })
     }
 
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+    /// A client of the daemon at `url` acting with API key `key`.
+    pub fn with_key(url: &str, key: String) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            url: url.trim_end_matches('/').to_owned(),
+            key: Some(key),
+        }
+    }
+
+    pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.url));
         match &self.key {
             Some(key) => builder.bearer_auth(key),
@@ -87,7 +97,7 @@ impl Client {
         }
     }
 
-    async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    pub(crate) async fn send(&self, builder: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let response = builder.send().await.with_context(|| {
             format!(
                 "cannot reach the kiln daemon at {} (start it with `kiln serve`, or set --url / KILN_URL)",
@@ -109,7 +119,10 @@ impl Client {
         }
     }
 
-    async fn json<T: DeserializeOwned>(&self, builder: reqwest::RequestBuilder) -> Result<T> {
+    pub(crate) async fn json<T: DeserializeOwned>(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<T> {
         let response = self.send(builder).await?;
         response.json().await.context("malformed response")
     }
@@ -206,7 +219,15 @@ async fn create_sandbox(client: &Client, args: &CreateArgs) -> Result<SandboxBod
             .await?;
         if !template.ready {
             eprintln!("template {name} is not ready yet: building it (minutes the first time)");
-            build_progress(client, serde_json::json!({ "name": name }), false).await?;
+            build_progress(
+                client,
+                BuildTemplateBody {
+                    spec: None,
+                    name: Some(name.clone()),
+                },
+                false,
+            )
+            .await?;
         }
     }
     client
@@ -342,20 +363,34 @@ pub async fn exec(client: &Client, id: &str, args: &ExecArgs) -> Result<u8> {
                 .json(&args.body()?),
         )
         .await?;
+    let code = each_line(response, "the output stream", |event: ExecEventBody, _| {
+        print_event(event)
+    })
+    .await?;
+    code.context("the output stream ended before the command exited")
+}
+
+/// Reads a newline-delimited JSON stream from the daemon, handing each event (and its raw
+/// line) to `handle` until it returns a result; `None` if the stream ends first.
+async fn each_line<T: serde::de::DeserializeOwned, R>(
+    response: reqwest::Response,
+    what: &str,
+    mut handle: impl FnMut(T, &[u8]) -> Result<Option<R>>,
+) -> Result<Option<R>> {
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     while let Some(chunk) = stream.next().await {
-        pending.extend_from_slice(&chunk.context("the output stream broke")?);
+        pending.extend_from_slice(&chunk.with_context(|| format!("{what} broke"))?);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            let event: ExecEventBody =
+            let event: T =
                 serde_json::from_slice(&line).context("malformed event from the daemon")?;
-            if let Some(code) = print_event(event)? {
-                return Ok(code);
+            if let Some(result) = handle(event, &line)? {
+                return Ok(Some(result));
             }
         }
     }
-    bail!("the output stream ended before the command exited")
+    Ok(None)
 }
 
 fn write_data(out: &mut dyn Write, data: Option<String>, data_b64: Option<String>) -> Result<()> {
@@ -602,12 +637,17 @@ pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> 
         "TERM".to_owned(),
         std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
     );
-    let start = serde_json::json!({
-        "command": command,
-        "pty": {"rows": rows, "cols": cols},
-        "env": env,
-    });
-    tx.send(Message::Text(start.to_string())).await?;
+    let start = InteractiveStartBody {
+        command: Some(command),
+        attach: None,
+        pty: Some(TerminalSize { rows, cols }),
+        env,
+        cwd: None,
+        user: None,
+        timeout_ms: None,
+    };
+    tx.send(Message::Text(serde_json::to_string(&start)?))
+        .await?;
 
     let _raw = RawMode::enter();
     // Stdin is read on a thread of its own (blocking reads), forwarded as binary messages.
@@ -634,13 +674,14 @@ pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> 
                 Some(bytes) => tx.send(Message::Binary(bytes)).await?,
                 None => {
                     stdin_open = false;
-                    tx.send(Message::Text(r#"{"type":"close_stdin"}"#.to_owned())).await?;
+                    let close = serde_json::to_string(&InteractiveInputBody::CloseStdin)?;
+                    tx.send(Message::Text(close)).await?;
                 }
             },
             _ = resized.recv() => {
                 if let Some((rows, cols)) = terminal_size() {
-                    let resize = serde_json::json!({"type": "resize", "rows": rows, "cols": cols});
-                    tx.send(Message::Text(resize.to_string())).await?;
+                    let resize = InteractiveInputBody::Resize { rows, cols };
+                    tx.send(Message::Text(serde_json::to_string(&resize)?)).await?;
                 }
             }
             message = rx.next() => match message {
@@ -664,7 +705,15 @@ pub async fn shell(client: &Client, id: &str, command: &[String]) -> Result<u8> 
 pub async fn template_create(client: &Client, spec: &Path, json: bool) -> Result<()> {
     let text =
         std::fs::read_to_string(spec).with_context(|| format!("reading {}", spec.display()))?;
-    let name = build_progress(client, serde_json::json!({ "spec": text }), json).await?;
+    let name = build_progress(
+        client,
+        BuildTemplateBody {
+            spec: Some(text),
+            name: None,
+        },
+        json,
+    )
+    .await?;
     if !json {
         println!("{name} is ready");
     }
@@ -672,46 +721,51 @@ pub async fn template_create(client: &Client, spec: &Path, json: bool) -> Result
 }
 
 /// Asks the daemon to build a template and shows the progress; returns its name.
-async fn build_progress(client: &Client, body: serde_json::Value, json: bool) -> Result<String> {
+async fn build_progress(client: &Client, body: BuildTemplateBody, json: bool) -> Result<String> {
     use kiln_api::types::BuildEventBody;
+    use kiln_image::progress::BuildEvent;
     let response = client
         .send(client.request(Method::POST, "/v1/templates").json(&body))
         .await?;
-    let mut stream = response.bytes_stream();
-    let mut pending = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        pending.extend_from_slice(&chunk.context("the progress stream broke")?);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let event: BuildEventBody =
-                serde_json::from_slice(&line).context("malformed event from the daemon")?;
+    let name = each_line(
+        response,
+        "the progress stream",
+        |event: BuildEventBody, line| {
             if json {
-                println!("{}", String::from_utf8_lossy(&line).trim_end());
+                println!("{}", String::from_utf8_lossy(line).trim_end());
             }
-            match event {
-                BuildEventBody::Step { artefact, name } if !json => {
-                    eprintln!("  [{artefact}] {name} ...");
-                }
+            let shown = match event {
+                BuildEventBody::Step { artefact, name } => BuildEvent::Step { artefact, name },
                 BuildEventBody::StepDone {
                     artefact,
                     name,
                     elapsed_ms,
                     detail,
-                } if !json => eprintln!(
-                    "  [{artefact}] {name}: done in {:.1} s{}",
-                    elapsed_ms / 1000.0,
-                    detail.map(|d| format!(", {d}")).unwrap_or_default()
-                ),
-                BuildEventBody::Cached { artefact } if !json => {
-                    eprintln!("  [{artefact}] cached");
+                } => BuildEvent::StepDone {
+                    artefact,
+                    name,
+                    elapsed: std::time::Duration::try_from_secs_f64(elapsed_ms / 1000.0)
+                        .unwrap_or_default(),
+                    detail,
+                },
+                // The daemon does not say where its cache is.
+                BuildEventBody::Cached { artefact } => {
+                    if !json {
+                        eprintln!("  [{artefact}] cached");
+                    }
+                    return Ok(None);
                 }
-                BuildEventBody::Ready { template } => return Ok(template.name),
+                BuildEventBody::Ready { template } => return Ok(Some(template.name)),
                 BuildEventBody::Error { code, message } => bail!("{message} ({code})"),
-                _ => {}
+            };
+            if !json {
+                eprintln!("{}", shown.line());
             }
-        }
-    }
-    bail!("the progress stream ended before the build did")
+            Ok(None)
+        },
+    )
+    .await?;
+    name.context("the progress stream ended before the build did")
 }
 
 /// `kiln template rm`.

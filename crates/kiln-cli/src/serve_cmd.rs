@@ -163,7 +163,6 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
         control: ControlConfig {
-            data_dir,
             cache_dir: args
                 .cache_dir
                 .or(file.cache_dir)

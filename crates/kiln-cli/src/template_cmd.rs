@@ -24,14 +24,12 @@ pub fn resolve_spec(template: &str) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_owned());
     }
-    if path.join("template.toml").is_file() {
-        return Ok(path.join("template.toml"));
+    let in_dir = path.join(kiln_image::spec::SPEC_FILE);
+    if in_dir.is_file() {
+        return Ok(in_dir);
     }
-    for dir in templates_dirs() {
-        let candidate = dir.join(template).join("template.toml");
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
+    if let Some(spec) = kiln_image::spec::find_named(&templates_dirs(), template) {
+        return Ok(spec);
     }
     let searched: Vec<String> = templates_dirs()
         .iter()

@@ -11,7 +11,7 @@ pub mod templates;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kiln_agent_client::ClientError;
 use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, SandboxEvent};
@@ -148,15 +148,14 @@ pub struct TenantEvent {
 /// Configuration of the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// State: the database, baked templates, sandboxes (`/var/lib/kiln`).
-    pub data_dir: PathBuf,
     /// Image artefact cache (`/var/cache/kiln`).
     pub cache_dir: PathBuf,
     /// Directories with `<name>/template.toml` specs: the global templates.
     pub templates_dirs: Vec<PathBuf>,
     /// The static guest agent built into images.
     pub agent_binary: PathBuf,
-    /// The engine's settings (its data directory is `data_dir`).
+    /// The engine's settings; its data directory (`/var/lib/kiln`) holds the control plane's
+    /// state too: the database, baked templates, sandboxes, tenants' templates.
     pub engine: EngineConfig,
     /// Template of a create that names none.
     pub default_template: String,
@@ -207,12 +206,6 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn sha256_hex(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
 }
@@ -247,7 +240,7 @@ pub fn mint_key(
         tenant: tenant.to_owned(),
         name: name.to_owned(),
         admin,
-        created_at_ms: now_ms(),
+        created_at_ms: store::now_ms(),
         revoked_at_ms: None,
     };
     store.insert_key(&record, &sha256_hex(&secret))?;
@@ -260,13 +253,12 @@ impl Control {
     /// marked failed and what they left is removed. Then the default template is made ready
     /// in the background.
     pub async fn open(config: ControlConfig) -> Result<Control, ControlError> {
-        let store = open_store(&config.data_dir)?;
-        let mut engine_config = config.engine.clone();
-        engine_config.data_dir = config.data_dir.clone();
-        let engine = Engine::new(engine_config)?;
+        let data_dir = &config.engine.data_dir;
+        let store = open_store(data_dir)?;
+        let engine = Engine::new(config.engine.clone())?;
         let templates = templates::Templates::new(
             config.templates_dirs.clone(),
-            config.data_dir.join("tenant-templates"),
+            data_dir.join("tenant-templates"),
             kiln_image::cache::Cache::new(&config.cache_dir),
             config.agent_binary.clone(),
         );
@@ -332,22 +324,18 @@ impl Control {
                 let event = events.recv().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let result = match event {
-                    Ok(event @ SandboxEvent::Failed { .. }) => {
-                        let SandboxEvent::Failed { id, reason } = &event else {
-                            continue;
-                        };
-                        inner.publish(id, event.clone());
-                        inner.store.mark_failed(id, reason)
-                    }
-                    Ok(event @ SandboxEvent::Destroyed { .. }) => {
-                        let SandboxEvent::Destroyed { id, .. } = &event else {
-                            continue;
-                        };
-                        inner.publish(id, event.clone());
-                        inner.store.delete_sandbox(id)
-                    }
-                    // Published by `create_sandbox` once the owner is recorded.
-                    Ok(SandboxEvent::Created { .. }) => Ok(()),
+                    Ok(event) => match &event {
+                        SandboxEvent::Failed { id, reason } => {
+                            inner.publish(id, event.clone());
+                            inner.store.mark_failed(id, reason)
+                        }
+                        SandboxEvent::Destroyed { id, .. } => {
+                            inner.publish(id, event.clone());
+                            inner.store.delete_sandbox(id)
+                        }
+                        // Published by `create_sandbox` once the owner is recorded.
+                        SandboxEvent::Created { .. } => Ok(()),
+                    },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "engine events lagged; re-reading the engine");
                         resync(&inner)
@@ -446,30 +434,20 @@ impl Control {
         self.inner.templates.get(&who.tenant, name)
     }
 
-    /// Builds and bakes a template for the caller: `spec` (TOML) stored as one of the
-    /// caller's own templates first, or else the existing template `name`; `progress` sees
-    /// the image build's events (none if it was built before).
+    /// Builds and bakes the template `name` (global or the caller's own; store a new one with
+    /// [`Control::save_template`] first); `progress` sees the image build's events (none if it
+    /// was built before).
     pub async fn build_template(
         &self,
         who: &Principal,
-        spec: Option<&str>,
-        name: Option<&str>,
+        name: &str,
         progress: Option<Arc<dyn kiln_image::progress::Progress>>,
     ) -> Result<TemplateInfo, ControlError> {
-        let name = match (spec, name) {
-            (Some(spec), None) => self.inner.templates.save(&who.tenant, spec)?.name,
-            (None, Some(name)) => name.to_owned(),
-            _ => {
-                return Err(ControlError::Invalid(
-                    "give exactly one of `spec` and `name`".into(),
-                ))
-            }
-        };
         self.inner
             .templates
-            .baked(&self.inner.engine, &who.tenant, &name, progress)
+            .baked(&self.inner.engine, &who.tenant, name, progress)
             .await?;
-        self.inner.templates.get(&who.tenant, &name)
+        self.inner.templates.get(&who.tenant, name)
     }
 
     /// Stores `spec` (TOML) as one of the caller's own templates, without building it.
@@ -736,10 +714,10 @@ impl Control {
     pub async fn shutdown(&self) {
         self.inner.engine.shutdown_prestarted().await;
         for info in self.inner.engine.list() {
-            if let Ok(sandbox) = self.inner.engine.get(&info.id) {
-                if let Err(e) = sandbox.destroy().await {
-                    tracing::warn!(sandbox = %info.id, error = %e, "destroying at shutdown");
-                }
+            match self.inner.engine.destroy(&info.id).await {
+                // Gone meanwhile (its time to live ran out, or its VMM ended).
+                Ok(()) | Err(EngineError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(sandbox = %info.id, error = %e, "destroying at shutdown"),
             }
         }
     }

@@ -149,7 +149,8 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -400,8 +401,7 @@ impl Store {
     /// Marks sandbox `id` failed.
     pub fn mark_failed(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE sandboxes SET state = 'failed', reason = ?2, expires_at_ms = expires_at_ms
-             WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'failed', reason = ?2 WHERE id = ?1",
             params![id, reason],
         )?;
         Ok(())

@@ -105,17 +105,14 @@ impl Templates {
     }
 
     fn global(&self, name: &str) -> Option<PathBuf> {
-        self.dirs
-            .iter()
-            .map(|dir| dir.join(name).join("template.toml"))
-            .find(|path| path.is_file())
+        kiln_image::spec::find_named(&self.dirs, name)
     }
 
     fn own(&self, tenant: &str, name: &str) -> PathBuf {
         self.tenant_root
             .join(tenant)
             .join(name)
-            .join("template.toml")
+            .join(kiln_image::spec::SPEC_FILE)
     }
 
     /// The template `name` as `tenant` sees it: its own first, then the global one.
@@ -150,7 +147,7 @@ impl Templates {
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|entry| entry.path().join("template.toml").is_file())
+            .filter(|entry| entry.path().join(kiln_image::spec::SPEC_FILE).is_file())
             .map(|entry| entry.file_name().to_string_lossy().into_owned())
             .filter(|name| valid_name(name))
             .collect()

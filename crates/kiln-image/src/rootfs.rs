@@ -175,8 +175,7 @@ pub fn rootfs_inputs(
         sha256_file(agent).context(|| format!("reading agent {}", agent.display()))?,
     );
     inputs.add_bytes("packages", packages.join("\n").as_bytes());
-    check_files(spec, spec_dir)?;
-    for file in named_files(spec, spec_dir) {
+    for file in checked_files(spec, spec_dir)? {
         let path = &file.path;
         inputs.add(
             &file.input,
@@ -211,15 +210,21 @@ fn named_files(spec: &TemplateSpec, spec_dir: &Path) -> Vec<NamedFile> {
     image.chain(files).collect()
 }
 
+/// The files the spec names, each checked to exist.
+fn checked_files(spec: &TemplateSpec, spec_dir: &Path) -> Result<Vec<NamedFile>, ImageError> {
+    let files = named_files(spec, spec_dir);
+    match files.iter().find(|file| !file.path.is_file()) {
+        Some(missing) => Err(ImageError::MissingFile {
+            field: missing.field.clone(),
+            path: missing.path.clone(),
+        }),
+        None => Ok(files),
+    }
+}
+
 /// Checks that every file the spec names exists, so a typo is reported before any slow step.
 pub fn check_files(spec: &TemplateSpec, spec_dir: &Path) -> Result<(), ImageError> {
-    match named_files(spec, spec_dir)
-        .into_iter()
-        .find(|file| !file.path.is_file())
-    {
-        Some(NamedFile { field, path, .. }) => Err(ImageError::MissingFile { field, path }),
-        None => Ok(()),
-    }
+    checked_files(spec, spec_dir).map(drop)
 }
 
 /// Builds (or finds in the cache) the root filesystem of `spec`.
@@ -321,19 +326,11 @@ fn build_into(
     })?;
 
     for (i, command) in spec.run.iter().enumerate() {
-        step(
-            progress,
-            artefact,
-            &format!("run[{i}]: {}", first_line(command)),
-            || {
-                run_in_chroot(
-                    &tree,
-                    command,
-                    &format!("run[{i}] `{}`", first_line(command)),
-                )?;
-                Ok::<_, ImageError>(((), None))
-            },
-        )?;
+        let shown = first_line(command);
+        step(progress, artefact, &format!("run[{i}]: {shown}"), || {
+            run_in_chroot(&tree, command, &format!("run[{i}] `{shown}`"))?;
+            Ok::<_, ImageError>(((), None))
+        })?;
     }
 
     let size = step(progress, artefact, "make ext4 image", || {

@@ -345,6 +345,16 @@ impl TemplateSpec {
     }
 }
 
+/// The file name of a template's spec inside its directory (`templates/<name>/template.toml`).
+pub const SPEC_FILE: &str = "template.toml";
+
+/// The spec of the template `name` in the first of `dirs` that has one.
+pub fn find_named(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    dirs.iter()
+        .map(|dir| dir.join(name).join(SPEC_FILE))
+        .find(|path| path.is_file())
+}
+
 fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()

@@ -26,23 +26,26 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The first version of the protocol: no peer speaks an older one, so none is accepted.
 pub const FIRST_PROTOCOL_VERSION: u32 = 1;
 
-/// Whether a host speaking [`PROTOCOL_VERSION`] can talk to an agent speaking `version`.
-pub fn host_accepts_version(version: u32) -> bool {
-    accepts_version(PROTOCOL_VERSION, version)
-}
-
-/// Whether a host speaking `host` can talk to an agent speaking `agent`: the same version, or
+/// The agent versions a host speaking `host` can talk to, oldest first: the same version, or
 /// the one before it (an agent in a template or snapshot made before the host was upgraded),
 /// as long as that version exists.
+pub fn versions_accepted_by(host: u32) -> std::ops::RangeInclusive<u32> {
+    host.saturating_sub(1).max(FIRST_PROTOCOL_VERSION)..=host
+}
+
+/// Whether a host speaking `host` can talk to an agent speaking `agent`.
 pub fn accepts_version(host: u32, agent: u32) -> bool {
-    agent >= FIRST_PROTOCOL_VERSION && (agent == host || agent.checked_add(1) == Some(host))
+    versions_accepted_by(host).contains(&agent)
 }
 
 /// The versions a host speaking [`PROTOCOL_VERSION`] accepts, oldest first.
 pub fn accepted_versions() -> std::ops::RangeInclusive<u32> {
-    PROTOCOL_VERSION
-        .saturating_sub(1)
-        .max(FIRST_PROTOCOL_VERSION)..=PROTOCOL_VERSION
+    versions_accepted_by(PROTOCOL_VERSION)
+}
+
+/// Whether a host speaking [`PROTOCOL_VERSION`] can talk to an agent speaking `version`.
+pub fn host_accepts_version(version: u32) -> bool {
+    accepted_versions().contains(&version)
 }
 
 /// Largest JSON body (request or unary response) either side accepts.

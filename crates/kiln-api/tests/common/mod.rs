@@ -8,7 +8,6 @@ use kiln_control::ControlConfig;
 /// A control plane on `data` with the repository's templates (`base` the default).
 pub fn control_config(data: &Path) -> ControlConfig {
     ControlConfig {
-        data_dir: data.to_owned(),
         cache_dir: kiln_testinfra::cache().root().to_owned(),
         templates_dirs: vec![kiln_testinfra::repo_root().join("templates")],
         agent_binary: kiln_testinfra::static_agent(),
