@@ -34,8 +34,7 @@ fn request(
         CommandBody::Argv(argv) if argv.is_empty() || argv[0].is_empty() => {
             return Err(ApiError::invalid("command argv is empty"))
         }
-        CommandBody::Shell(line) => Command::Shell(line.clone()),
-        CommandBody::Argv(argv) => Command::Argv(argv.clone()),
+        body => command(body),
     };
     let mut env = sandbox_env;
     env.extend(body.env.clone());
@@ -110,6 +109,43 @@ pub(crate) async fn run(
     .into_response())
 }
 
+/// The agent's form of a command.
+pub(crate) fn command(body: &CommandBody) -> Command {
+    match body {
+        CommandBody::Shell(line) => Command::Shell(line.clone()),
+        CommandBody::Argv(argv) => Command::Argv(argv.clone()),
+    }
+}
+
+/// The event for the next piece of a command's output, and whether it is the last one
+/// (the exit, or an error); `None` when the output has ended.
+pub(crate) fn output_event(
+    output: Result<Option<ExecOutput>, kiln_agent_client::ClientError>,
+) -> Option<(ExecEventBody, bool)> {
+    Some(match output {
+        Ok(Some(ExecOutput::Stdout(bytes))) => (data_event(&bytes, true), false),
+        Ok(Some(ExecOutput::Stderr(bytes))) => (data_event(&bytes, false), false),
+        Ok(Some(ExecOutput::Dropped(bytes))) => (ExecEventBody::Dropped { bytes }, false),
+        Ok(Some(ExecOutput::Exited { status, timed_out })) => (
+            ExecEventBody::Exit {
+                exit_code: status.code,
+                signal: status.signal,
+                timed_out,
+            },
+            true,
+        ),
+        Ok(None) => return None,
+        Err(e) => {
+            let e = ApiError::from(e);
+            let error = ExecEventBody::Error {
+                code: e.code().to_owned(),
+                message: e.message().to_owned(),
+            };
+            (error, true)
+        }
+    })
+}
+
 pub(crate) fn data_event(bytes: &[u8], stdout: bool) -> ExecEventBody {
     let (data, data_b64) = match std::str::from_utf8(bytes) {
         Ok(text) => (Some(text.to_owned()), None),
@@ -138,29 +174,9 @@ fn event_stream(sandbox: Arc<kiln_engine::Sandbox>, session: ExecSession) -> Res
             ));
         }
         let mut session = session?;
-        let event = match session.next().await {
-            Ok(Some(ExecOutput::Stdout(bytes))) => data_event(&bytes, true),
-            Ok(Some(ExecOutput::Stderr(bytes))) => data_event(&bytes, false),
-            Ok(Some(ExecOutput::Dropped(bytes))) => ExecEventBody::Dropped { bytes },
-            Ok(Some(ExecOutput::Exited { status, timed_out })) => {
-                let exit = ExecEventBody::Exit {
-                    exit_code: status.code,
-                    signal: status.signal,
-                    timed_out,
-                };
-                return Some((Ok(ndjson(&exit)), (None, None, sandbox)));
-            }
-            Ok(None) => return None,
-            Err(e) => {
-                let e = ApiError::from(e);
-                let error = ExecEventBody::Error {
-                    code: e.code().to_owned(),
-                    message: e.message().to_owned(),
-                };
-                return Some((Ok(ndjson(&error)), (None, None, sandbox)));
-            }
-        };
-        Some((Ok(ndjson(&event)), (None, Some(session), sandbox)))
+        let (event, last) = output_event(session.next().await)?;
+        let session = (!last).then_some(session);
+        Some((Ok(ndjson(&event)), (None, session, sandbox)))
     });
     (
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
@@ -216,7 +232,8 @@ pub(crate) async fn list_processes(
     ))
 }
 
-fn selector(text: &str) -> ProcessSelector {
+/// A process by pid (a number) or else by tag.
+pub(crate) fn selector(text: &str) -> ProcessSelector {
     match text.parse() {
         Ok(pid) => ProcessSelector::Pid(pid),
         Err(_) => ProcessSelector::Tag(text.to_owned()),

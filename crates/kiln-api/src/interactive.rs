@@ -5,12 +5,9 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
-use kiln_agent_client::ExecOutput;
-use kiln_proto::messages::{Command, ExecRequest, ProcessSelector, PtySize};
+use kiln_proto::messages::{ExecRequest, PtySize};
 
-use crate::types::{
-    CommandBody, ErrorBody, ExecEventBody, InteractiveInputBody, InteractiveStartBody,
-};
+use crate::types::{ErrorBody, ExecEventBody, InteractiveInputBody, InteractiveStartBody};
 use crate::{ApiError, AppState, Caller, Path};
 
 /// Largest message a client may send.
@@ -84,11 +81,7 @@ async fn session(
     let agent = sandbox.agent();
     let started = match (&start.command, &start.attach) {
         (Some(command), None) => {
-            let command = match command {
-                CommandBody::Shell(line) => Command::Shell(line.clone()),
-                CommandBody::Argv(argv) => Command::Argv(argv.clone()),
-            };
-            let mut request = ExecRequest::new(command);
+            let mut request = ExecRequest::new(crate::exec::command(command));
             request.env = sandbox_env;
             request.env.extend(start.env.clone());
             request.cwd = start.cwd.clone();
@@ -101,13 +94,7 @@ async fn session(
             });
             agent.exec(request).await
         }
-        (None, Some(process)) => {
-            let selector = match process.parse() {
-                Ok(pid) => ProcessSelector::Pid(pid),
-                Err(_) => ProcessSelector::Tag(process.clone()),
-            };
-            agent.attach(selector).await
-        }
+        (None, Some(process)) => agent.attach(crate::exec::selector(process)).await,
         _ => {
             let _ = tx
                 .send(error_event(
@@ -159,19 +146,8 @@ async fn session(
                 }
             }
             output = session.next() => {
-                let (event, last) = match output {
-                    Ok(Some(ExecOutput::Stdout(bytes))) => (crate::exec::data_event(&bytes, true), false),
-                    Ok(Some(ExecOutput::Stderr(bytes))) => (crate::exec::data_event(&bytes, false), false),
-                    Ok(Some(ExecOutput::Dropped(bytes))) => (ExecEventBody::Dropped { bytes }, false),
-                    Ok(Some(ExecOutput::Exited { status, timed_out })) => (
-                        ExecEventBody::Exit { exit_code: status.code, signal: status.signal, timed_out },
-                        true,
-                    ),
-                    Ok(None) => return,
-                    Err(e) => {
-                        let e = ApiError::from(e);
-                        (ExecEventBody::Error { code: e.code().into(), message: e.message().into() }, true)
-                    }
+                let Some((event, last)) = crate::exec::output_event(output) else {
+                    return;
                 };
                 if tx.send(event_text(&event)).await.is_err() {
                     return;
