@@ -141,6 +141,15 @@ pub struct MachineShape {
 }
 
 impl MachineShape {
+    /// The shape of `images`, with the agent logging at `guest_log` (a filter), if given.
+    pub fn with_guest_log(images: &TemplateImages, guest_log: Option<&str>) -> MachineShape {
+        let mut shape = MachineShape::of(images);
+        if let Some(filter) = guest_log {
+            shape.extra_cmdline.push(format!("KILN_AGENT_LOG={filter}"));
+        }
+        shape
+    }
+
     /// The shape of `images`.
     pub fn of(images: &TemplateImages) -> MachineShape {
         MachineShape {
@@ -251,11 +260,8 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     let spec = shape.vm_spec(&run_dir, &disk, disk_format, memory, false);
     let name = format!("bake-{}", hex::encode(rand::random::<[u8; 4]>()));
     let limits = crate::sandbox::default_limits(&shape);
-    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits)?;
-    resources.grant(&[&disk])?;
-    let mut qemu = engine.driver.launch(spec, confinement)?;
-    crate::leftovers::write_pid_file(out, qemu.pid(), &name)
-        .map_err(|e| EngineError::io("recording the VMM", e))?;
+    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits, &[&disk])?;
+    let mut qemu = crate::sandbox::launch_recorded(engine, spec, confinement, out, &name)?;
     qemu.wait_started(Duration::from_secs(30))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
@@ -367,10 +373,7 @@ pub(crate) async fn cold_boot(
     engine: &std::sync::Arc<crate::Inner>,
     images: &TemplateImages,
 ) -> Result<Duration, EngineError> {
-    let mut shape = MachineShape::of(images);
-    if let Some(filter) = &engine.config.guest_log {
-        shape.extra_cmdline.push(format!("KILN_AGENT_LOG={filter}"));
-    }
+    let shape = MachineShape::with_guest_log(images, engine.config.guest_log.as_deref());
     let dir = tempfile::Builder::new()
         .prefix(".cold-")
         .tempdir_in(engine.config.data_dir.join("sandboxes"))
@@ -388,12 +391,9 @@ pub(crate) async fn cold_boot(
     );
     let name = format!("cold-{}", hex::encode(rand::random::<[u8; 4]>()));
     let limits = crate::sandbox::default_limits(&shape);
-    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits)?;
-    resources.grant(&[&disk])?;
+    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits, &[&disk])?;
     let start = Instant::now();
-    let mut vm = engine.driver.launch(spec, confinement)?;
-    crate::leftovers::write_pid_file(dir.path(), vm.pid(), &name)
-        .map_err(|e| EngineError::io("recording the VMM", e))?;
+    let mut vm = crate::sandbox::launch_recorded(engine, spec, confinement, dir.path(), &name)?;
     vm.wait_started(Duration::from_secs(30))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(vm.agent_socket())),

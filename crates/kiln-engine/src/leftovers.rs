@@ -61,26 +61,13 @@ pub(crate) fn remove_vm_dir(
         kill_if_same(pid, ticks, Duration::from_secs(5));
         name = Some(recorded);
     }
-    let mut first_error = None;
-    if let Some(name) = &name {
-        if let Some(netns) = kiln_net::netns::NetNs::existing(&crate::sandbox::netns_name(name)) {
-            if let Err(e) = netns.remove() {
-                first_error
-                    .get_or_insert(EngineError::io("removing a leftover network namespace", e));
-            }
-        }
-        if let Some(cgroup) = cgroups.and_then(|c| c.existing(name)) {
-            if let Err(e) = cgroup.remove() {
-                first_error.get_or_insert(e.into());
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            first_error.get_or_insert(EngineError::io("removing a leftover directory", e));
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    let released = match &name {
+        Some(name) => crate::sandbox::VmResources::existing(cgroups, name, None).release(),
+        None => Ok(()),
+    };
+    let removed = crate::sandbox::remove_dir_if_present(dir)
+        .map_err(|e| EngineError::io("removing a leftover directory", e));
+    released.and(removed)
 }
 
 #[cfg(test)]

@@ -353,10 +353,7 @@ impl Engine {
             ..InitRequest::default()
         };
         let config = &self.inner.config;
-        let mut shape = bake::MachineShape::of(images);
-        if let Some(filter) = &config.guest_log {
-            shape.extra_cmdline.push(format!("KILN_AGENT_LOG={filter}"));
-        }
+        let shape = bake::MachineShape::with_guest_log(images, config.guest_log.as_deref());
         let probe = shape.vm_spec(
             Path::new("R"),
             Path::new("D"),

@@ -109,6 +109,20 @@ pub(crate) struct VmResources {
 }
 
 impl VmResources {
+    /// The resources that VM `name` of an earlier run left (its namespace and cgroup, if they
+    /// exist), with the uid it runs as, if known.
+    pub(crate) fn existing(
+        cgroups: Option<&crate::cgroup::Cgroups>,
+        name: &str,
+        uid: Option<VmUid>,
+    ) -> VmResources {
+        VmResources {
+            netns: kiln_net::netns::NetNs::existing(&netns_name(name)),
+            cgroup: cgroups.and_then(|c| c.existing(name)),
+            uid,
+        }
+    }
+
     /// Hands `paths` to the VMM's user: files it must open for writing after it dropped
     /// privileges (QEMU re-opens its disks when an incoming VM starts).
     pub(crate) fn grant(&self, paths: &[&Path]) -> Result<(), EngineError> {
@@ -174,6 +188,7 @@ pub(crate) fn confine(
     engine: &Arc<Inner>,
     name: &str,
     limits: CgroupLimits,
+    writable: &[&Path],
 ) -> Result<(Confinement, VmResources), EngineError> {
     let mut resources = VmResources {
         netns: None,
@@ -193,6 +208,7 @@ pub(crate) fn confine(
         cgroups = cgroup.procs_files()?;
         resources.cgroup = Some(cgroup);
     }
+    resources.grant(writable)?;
     Ok((
         Confinement {
             netns: Some(netns),
@@ -203,6 +219,29 @@ pub(crate) fn confine(
         },
         resources,
     ))
+}
+
+/// Removes `dir` and everything in it; one that is already gone is fine.
+pub(crate) fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Launches a VMM and records it (pid, start time, name) in `dir`, so that a later run finds
+/// it whatever happens to this one.
+pub(crate) fn launch_recorded(
+    engine: &Arc<Inner>,
+    spec: kiln_vmm::driver::VmSpec,
+    confinement: Confinement,
+    dir: &Path,
+    name: &str,
+) -> Result<Box<dyn Vm>, EngineError> {
+    let vm = engine.driver.launch(spec, confinement)?;
+    crate::leftovers::write_pid_file(dir, vm.pid(), name)
+        .map_err(|e| EngineError::io("recording the VMM", e))?;
+    Ok(vm)
 }
 
 /// What changes over a sandbox's life.
@@ -366,12 +405,8 @@ impl Sandbox {
         if let Some(resources) = resources {
             resources.release()?;
         }
-        match std::fs::remove_dir_all(&self.dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(EngineError::io("removing the sandbox directory", e))
-            }
-            _ => Ok(()),
-        }
+        remove_dir_if_present(&self.dir)
+            .map_err(|e| EngineError::io("removing the sandbox directory", e))
     }
 
     /// Lets the VM run on without this engine (see [`crate::Engine::detach_all`]).
@@ -572,15 +607,17 @@ pub(crate) fn prestart(
         .meta
         .machine
         .vm_spec(&dir.join("run"), &disk, disk_format, memory, true);
-    let (confinement, resources) = confine(engine, &id, default_limits(&template.meta.machine))?;
     // Only the disk is the VMM user's (QEMU re-opens it when an incoming VM starts): the
     // directory, its pid record and the console log stay root's, out of a compromised
     // VMM's reach.
-    resources.grant(&[&disk])?;
+    let (confinement, resources) = confine(
+        engine,
+        &id,
+        default_limits(&template.meta.machine),
+        &[&disk],
+    )?;
     record(timings, "confinement", &mut phase);
-    let mut vm = engine.driver.launch(spec, confinement)?;
-    crate::leftovers::write_pid_file(&dir, vm.pid(), &id)
-        .map_err(|e| EngineError::io("recording the VMM", e))?;
+    let mut vm = launch_recorded(engine, spec, confinement, &dir, &id)?;
     record(timings, "spawn", &mut phase);
     vm.wait_started(Duration::from_secs(30))?;
     record(timings, "VMM ready", &mut phase);
@@ -722,11 +759,7 @@ pub(crate) async fn adopt(
             })
         })
         .and_then(|uid| engine.claim_uid(uid));
-    let resources = VmResources {
-        netns: kiln_net::netns::NetNs::existing(&netns_name(&id)),
-        cgroup: engine.cgroups.as_ref().and_then(|c| c.existing(&id)),
-        uid,
-    };
+    let resources = VmResources::existing(engine.cgroups.as_ref(), &id, uid);
     let client = AgentClient::new(
         Arc::new(UnixConnector::new(vm.agent_socket())),
         ClientConfig {
