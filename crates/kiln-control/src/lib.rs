@@ -544,13 +544,13 @@ impl Control {
             let _ = sandbox.destroy().await;
             return Err(e.into());
         }
-        let _ = self.inner.events.send(TenantEvent {
-            tenant: who.tenant.clone(),
-            event: SandboxEvent::Created {
+        self.inner.publish_to(
+            who.tenant.clone(),
+            SandboxEvent::Created {
                 id: record.id.clone(),
                 template: record.template.clone(),
             },
-        });
+        );
         Ok(record)
     }
 
@@ -628,8 +628,8 @@ impl Control {
         }
         // Published here too (events are delivered at least once): the engine's event may be
         // handled after the record below is gone, when its owner is no longer known.
-        self.inner.publish(
-            id,
+        self.inner.publish_to(
+            record.tenant,
             SandboxEvent::Destroyed {
                 id: id.to_owned(),
                 expired: false,
@@ -647,23 +647,35 @@ impl Control {
         ttl: Duration,
     ) -> Result<SandboxRecord, ControlError> {
         self.check_ttl(ttl)?;
-        let (sandbox, _) = self.live(who, id)?;
-        sandbox.set_ttl(Some(ttl));
-        self.inner.store.set_expiry(
-            id,
-            Some(ttl.as_millis() as i64),
-            sandbox.info().expires_at_ms.map(|ms| ms as i64),
-        )?;
-        self.get_sandbox(who, id)
+        let (sandbox, record) = self.live(who, id)?;
+        self.apply_ttl(&sandbox, record, ttl)
     }
 
     /// Restarts the time to live of the caller's sandbox `id` with its current length.
     pub fn keepalive(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
-        let record = self.get_sandbox(who, id)?;
+        let (sandbox, record) = self.live(who, id)?;
         let ttl = record.ttl_ms.map_or(self.inner.config.default_ttl, |ms| {
             Duration::from_millis(ms as u64)
         });
-        self.set_ttl(who, id, ttl)
+        self.check_ttl(ttl)?;
+        self.apply_ttl(&sandbox, record, ttl)
+    }
+
+    /// Gives a running sandbox time to live `ttl` from now, in the engine and the store;
+    /// returns its record as updated.
+    fn apply_ttl(
+        &self,
+        sandbox: &Sandbox,
+        mut record: SandboxRecord,
+        ttl: Duration,
+    ) -> Result<SandboxRecord, ControlError> {
+        sandbox.set_ttl(Some(ttl));
+        record.ttl_ms = Some(ttl.as_millis() as i64);
+        record.expires_at_ms = sandbox.info().expires_at_ms.map(|ms| ms as i64);
+        self.inner
+            .store
+            .set_expiry(&record.id, record.ttl_ms, record.expires_at_ms)?;
+        Ok(record)
     }
 
     /// The last `lines` lines of the sandbox's guest console.
@@ -727,11 +739,13 @@ impl Inner {
     /// Publishes `event` of sandbox `id` to its tenant (looked up before the record goes).
     fn publish(&self, id: &str, event: SandboxEvent) {
         if let Ok(Some(record)) = self.store.sandbox(id, None) {
-            let _ = self.events.send(TenantEvent {
-                tenant: record.tenant,
-                event,
-            });
+            self.publish_to(record.tenant, event);
         }
+    }
+
+    /// Publishes `event` to `tenant`.
+    fn publish_to(&self, tenant: String, event: SandboxEvent) {
+        let _ = self.events.send(TenantEvent { tenant, event });
     }
 }
 
