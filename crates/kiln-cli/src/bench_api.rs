@@ -17,25 +17,34 @@ use crate::client_cmd::Client;
 use crate::stats::Summary;
 
 /// Options of the benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ApiBenchOptions {
-    /// Template to create from.
+    /// Template.
+    #[arg(long, default_value = "base")]
     pub template: String,
     /// Sequential creates.
+    #[arg(long, default_value_t = 20)]
     pub iterations: usize,
     /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
-    /// Creates per client in the concurrent phase.
+    /// Creates per concurrent client.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Exec round trips.
+    #[arg(long, default_value_t = 200)]
     pub execs: usize,
-    /// Length of the sustained phase.
-    pub sustain: Duration,
-    /// Workers in the sustained phase.
+    /// Seconds of sustained creates and destroys.
+    #[arg(long, default_value_t = 60)]
+    pub sustain_secs: u64,
+    /// Workers creating and destroying in the sustained phase.
+    #[arg(long, default_value_t = 4)]
     pub sustain_workers: usize,
-    /// Artefact cache.
+    /// Artefact cache directory.
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
-    /// Print JSON.
+    /// Print the results as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -191,14 +200,13 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
 
     eprintln!(
         "sustained create + destroy ({} s, {} workers) ...",
-        options.sustain.as_secs(),
-        options.sustain_workers
+        options.sustain_secs, options.sustain_workers
     );
     let rss_before = rss_mib();
     let done = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let deadline = started + options.sustain;
+    let deadline = started + Duration::from_secs(options.sustain_secs);
     let workers: Vec<_> = (0..options.sustain_workers)
         .map(|_| {
             let (api, template) = (api.clone(), options.template.clone());

@@ -18,25 +18,34 @@ use serde::Serialize;
 use crate::stats::Summary;
 
 /// Options of the benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    /// Template to measure.
+    /// Template (spec, directory or name).
+    #[arg(long, default_value = "base")]
     pub template: String,
     /// Sequential creates.
+    #[arg(long, default_value_t = 30)]
     pub iterations: usize,
     /// Creates per concurrent batch.
+    #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// Concurrent batches.
+    #[arg(long, default_value_t = 5)]
     pub batches: usize,
     /// Cold boots for the comparison.
+    #[arg(long, default_value_t = 3)]
     pub cold_boots: usize,
-    /// Sandboxes kept idle for the memory figure.
+    /// Sandboxes kept running for the idle-memory figure.
+    #[arg(long, default_value_t = 20)]
     pub idle: usize,
-    /// Artefact cache.
+    /// Artefact cache directory.
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
-    /// Accelerator.
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
-    /// Print JSON.
+    /// Print the results as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -20,17 +20,22 @@ use serde::Serialize;
 use crate::stats::Summary;
 
 /// Options of the benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ImagesBenchOptions {
-    /// Templates to measure (spec, directory or name).
+    /// Templates (spec, directory or name); default: base and python.
+    #[arg(long = "template", default_values_t = ["base".to_owned(), "python".to_owned()])]
     pub templates: Vec<String>,
     /// Cold boots per template.
+    #[arg(long, default_value_t = 5)]
     pub boots: usize,
-    /// Where the empty caches of the from-nothing builds go (removed afterwards).
+    /// Directory for the empty caches of the from-nothing builds (removed afterwards).
+    #[arg(long, default_value = "/var/tmp")]
     pub scratch_dir: PathBuf,
-    /// Accelerator for the boots.
+    /// Accelerator for the boots: auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
-    /// Print JSON.
+    /// Print the results as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -260,86 +260,14 @@ enum TemplateCommand {
 enum BenchCommand {
     /// Create latency by snapshot restore (sequential and concurrent), a cold boot of the
     /// same template for comparison, bake time and idle memory per sandbox.
-    Create {
-        /// Template (spec, directory or name).
-        #[arg(long, default_value = "base")]
-        template: String,
-        /// Sequential creates.
-        #[arg(long, default_value_t = 30)]
-        iterations: usize,
-        /// Creates per concurrent batch.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Concurrent batches.
-        #[arg(long, default_value_t = 5)]
-        batches: usize,
-        /// Cold boots for the comparison.
-        #[arg(long, default_value_t = 3)]
-        cold_boots: usize,
-        /// Sandboxes kept running for the idle-memory figure.
-        #[arg(long, default_value_t = 20)]
-        idle: usize,
-        /// Artefact cache directory.
-        #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Accelerator: auto, kvm or tcg.
-        #[arg(long, default_value = "auto")]
-        accel: kiln_vmm::accel::AccelChoice,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Create(bench_create::BenchOptions),
     /// The daemon through its HTTP API (started in this process on a loopback port): create
     /// latency sequential and with concurrent clients, exec round trip, sustained creates and
     /// destroys, memory after.
-    Api {
-        /// Template.
-        #[arg(long, default_value = "base")]
-        template: String,
-        /// Sequential creates.
-        #[arg(long, default_value_t = 20)]
-        iterations: usize,
-        /// Concurrent clients.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// Creates per concurrent client.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Exec round trips.
-        #[arg(long, default_value_t = 200)]
-        execs: usize,
-        /// Seconds of sustained creates and destroys.
-        #[arg(long, default_value_t = 60)]
-        sustain_secs: u64,
-        /// Workers creating and destroying in the sustained phase.
-        #[arg(long, default_value_t = 4)]
-        sustain_workers: usize,
-        /// Artefact cache directory.
-        #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
-        cache_dir: PathBuf,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Api(bench_api::ApiBenchOptions),
     /// Template images: build time from nothing (into an empty cache, downloads included)
     /// and from the cache, sizes, and cold boot to the first exec (p50/p99).
-    Images {
-        /// Templates (spec, directory or name); default: base and python.
-        #[arg(long = "template", default_values_t = ["base".to_owned(), "python".to_owned()])]
-        templates: Vec<String>,
-        /// Cold boots per template.
-        #[arg(long, default_value_t = 5)]
-        boots: usize,
-        /// Directory for the empty caches of the from-nothing builds (removed afterwards).
-        #[arg(long, default_value = "/var/tmp")]
-        scratch_dir: PathBuf,
-        /// Accelerator for the boots: auto, kvm or tcg.
-        #[arg(long, default_value = "auto")]
-        accel: kiln_vmm::accel::AccelChoice,
-        /// Print the results as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Images(bench_images::ImagesBenchOptions),
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -407,7 +335,14 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
         Commands::Template {
             command: TemplateCommand::Rm { name },
         } => client_cmd::template_remove(&client, &name).await?,
-        _ => anyhow::bail!("not a client command"),
+        // Handled by `main` itself.
+        Commands::Serve(_)
+        | Commands::Keys { .. }
+        | Commands::Agent { .. }
+        | Commands::Bench { .. }
+        | Commands::Template {
+            command: TemplateCommand::Build { .. },
+        } => anyhow::bail!("not a client command"),
     }
     Ok(0)
 }
@@ -436,23 +371,6 @@ async fn main() -> ExitCode {
             KeysCommand::Ls { json } => keys_cmd::list(&store, json),
             KeysCommand::Revoke { id } => keys_cmd::revoke(&store, &id),
         },
-        command @ (Commands::Sandbox { .. }
-        | Commands::Exec { .. }
-        | Commands::Shell { .. }
-        | Commands::Run { .. }
-        | Commands::Fs { .. }
-        | Commands::Template {
-            command:
-                TemplateCommand::Ls { .. } | TemplateCommand::Create { .. } | TemplateCommand::Rm { .. },
-        }) => {
-            return match client_command(&cli.client, command).await {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,
@@ -467,78 +385,14 @@ async fn main() -> ExitCode {
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("template build panicked: {e}"))),
         Commands::Bench {
-            command:
-                BenchCommand::Create {
-                    template,
-                    iterations,
-                    concurrency,
-                    batches,
-                    cold_boots,
-                    idle,
-                    cache_dir,
-                    accel,
-                    json,
-                },
-        } => {
-            bench_create::run(bench_create::BenchOptions {
-                template,
-                iterations,
-                concurrency,
-                batches,
-                cold_boots,
-                idle,
-                cache_dir,
-                accel,
-                json,
-            })
-            .await
-        }
+            command: BenchCommand::Create(options),
+        } => bench_create::run(options).await,
         Commands::Bench {
-            command:
-                BenchCommand::Api {
-                    template,
-                    iterations,
-                    clients,
-                    rounds,
-                    execs,
-                    sustain_secs,
-                    sustain_workers,
-                    cache_dir,
-                    json,
-                },
-        } => {
-            bench_api::run(bench_api::ApiBenchOptions {
-                template,
-                iterations,
-                clients,
-                rounds,
-                execs,
-                sustain: std::time::Duration::from_secs(sustain_secs),
-                sustain_workers,
-                cache_dir,
-                json,
-            })
-            .await
-        }
+            command: BenchCommand::Api(options),
+        } => bench_api::run(options).await,
         Commands::Bench {
-            command:
-                BenchCommand::Images {
-                    templates,
-                    boots,
-                    scratch_dir,
-                    accel,
-                    json,
-                },
-        } => {
-            bench_images::run(bench_images::ImagesBenchOptions {
-                templates,
-                boots,
-                scratch_dir,
-                accel,
-                json,
-            })
-            .await
-        }
+            command: BenchCommand::Images(options),
+        } => bench_images::run(options).await,
         Commands::Bench {
             command:
                 BenchCommand::Agent {
@@ -548,6 +402,16 @@ async fn main() -> ExitCode {
                     json,
                 },
         } => agent_cmd::bench(agent, iterations, file_mib, json).await,
+        // Everything else talks to the daemon.
+        command => {
+            return match client_command(&cli.client, command).await {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
