@@ -34,18 +34,19 @@ url="http://$listen"
 step "starting the daemon on $listen"
 stop_daemon keep
 mkdir -p "$(dirname "$KILN_PID_FILE")" "$(dirname "$KILN_LOG_FILE")"
-KILN_AGENT_BIN="$agent" KILN_TEMPLATES_DIR="$KILN_ROOT/templates" KILN_LISTEN="$listen" \
+KILN_TEMPLATES_DIR="$KILN_ROOT/templates" KILN_LISTEN="$listen" \
   setsid "$kiln" serve --agent "$agent" >>"$KILN_LOG_FILE" 2>&1 </dev/null &
-echo $! >"$KILN_PID_FILE"
-for _ in $(seq 1 600); do
-  if curl -fsS "$url/v1/health" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$(cat "$KILN_PID_FILE")" 2>/dev/null; then
+daemon=$!
+echo "$daemon" >"$KILN_PID_FILE"
+daemon_up() {
+  curl -fsS "$url/v1/health" >/dev/null 2>&1 && return 0
+  if ! kill -0 "$daemon" 2>/dev/null; then
     tail -n 20 "$KILN_LOG_FILE" >&2
     die "the daemon exited; its log is $KILN_LOG_FILE"
   fi
-  sleep 0.1
-done
-curl -fsS "$url/v1/health" >/dev/null || die "the daemon does not answer on $url; see $KILN_LOG_FILE"
+  return 1
+}
+poll 600 daemon_up || die "the daemon does not answer on $url; see $KILN_LOG_FILE"
 
 config="${XDG_CONFIG_HOME:-$HOME/.config}/kiln/cli.toml"
 if [ ! -s "$config" ] || ! "$kiln" --url "$url" template ls >/dev/null 2>&1; then

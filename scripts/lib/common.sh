@@ -30,6 +30,19 @@ KILN_TOOLS=(
   "python3:python3"
 )
 
+# Runs "$@" every 0.1 s until it succeeds, at most N times; fails if it never does.
+poll() {
+  local times=$1
+  shift
+  for _ in $(seq 1 "$times"); do
+    "$@" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+process_gone() { ! kill -0 "$1" 2>/dev/null; }
+
 require_root() {
   [ "$(id -u)" -eq 0 ] || die "run as root: kiln installs packages and creates namespaces, cgroups, disks and VMs"
 }
@@ -82,11 +95,7 @@ stop_daemon() {
   if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "kiln serve"; then
     step "stopping the daemon (pid $pid, SIG$signal)"
     kill -"$signal" "$pid"
-    for _ in $(seq 1 300); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && die "the daemon (pid $pid) did not stop; see $KILN_LOG_FILE"
+    poll 300 process_gone "$pid" || die "the daemon (pid $pid) did not stop; see $KILN_LOG_FILE"
   fi
   rm -f "$KILN_PID_FILE"
 }

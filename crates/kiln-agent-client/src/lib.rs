@@ -393,12 +393,7 @@ impl AgentClient {
 
     /// Writes `data` to a file in the guest (atomic replace).
     pub async fn write_file(&self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
-        let start = FileWriteStart {
-            path: path.to_owned(),
-            mode: None,
-            user: None,
-            create_parents: false,
-        };
+        let start = FileWriteStart::new(path);
         self.write_file_from(start, &mut &data[..]).await
     }
 

@@ -263,12 +263,7 @@ async fn unknown_frames_and_bad_first_events_are_errors() {
 }
 
 fn write_start() -> FileWriteStart {
-    FileWriteStart {
-        path: "/x".into(),
-        mode: None,
-        user: None,
-        create_parents: false,
-    }
+    FileWriteStart::new("/x")
 }
 
 /// Reads a file write stream to its end frame and returns the data bytes it carried.

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{run, sh, start, text};
+use common::{kind, run, sh, start, text};
 use kiln_agent_client::ExecOutput;
 use kiln_proto::messages::{Command, ErrorKind, ExecRequest, ExitStatus, ProcessSelector, PtySize};
 
@@ -105,7 +105,6 @@ async fn env_cwd_and_user_apply() {
 #[tokio::test]
 async fn bad_requests_get_typed_errors() {
     let (_agent, client) = start().await;
-    let kind = |r: Result<_, kiln_agent_client::ClientError>| r.err().and_then(|e| e.agent_kind());
     let empty = kiln_proto::messages::ExecRequest::new(kiln_proto::messages::Command::Argv(vec![]));
     assert_eq!(
         kind(client.exec(empty).await.map(drop)),
@@ -342,7 +341,6 @@ async fn exit_codes_survive_many_concurrent_execs_with_orphans() {
 #[tokio::test]
 async fn exec_without_permission_is_a_permission_error() {
     let (_agent, client) = start().await;
-    let kind = |r: Result<_, kiln_agent_client::ClientError>| r.err().and_then(|e| e.agent_kind());
     // A directory private to root, holding a script without execute bits and one with them.
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");

@@ -5,16 +5,12 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::start;
+use common::{kind, start};
 use kiln_agent::files::{MAX_LIST_BYTES, MAX_LIST_ENTRIES};
 use kiln_agent_client::local::LocalAgentOptions;
 use kiln_agent_client::ClientConfig;
 use kiln_proto::messages::{ErrorKind, FileReadRequest, FileType, FileWriteStart, MkdirRequest};
 use tokio::io::AsyncWriteExt;
-
-fn kind<T>(r: Result<T, kiln_agent_client::ClientError>) -> Option<ErrorKind> {
-    r.err().and_then(|e| e.agent_kind())
-}
 
 #[tokio::test]
 async fn write_read_stat_list_rename_remove() {
@@ -169,12 +165,7 @@ async fn interrupted_write_changes_nothing() {
             std::task::Poll::Ready(Ok(()))
         }
     }
-    let start = FileWriteStart {
-        path: path.to_string_lossy().into_owned(),
-        mode: None,
-        user: None,
-        create_parents: false,
-    };
+    let start = FileWriteStart::new(path.to_string_lossy().into_owned());
     let err = client
         .write_file_from(start, &mut FailingReader(50))
         .await
@@ -234,12 +225,7 @@ async fn a_slow_upload_outlives_the_call_timeout() {
         }
     });
     let started = Instant::now();
-    let start = FileWriteStart {
-        path: path.to_string_lossy().into_owned(),
-        mode: None,
-        user: None,
-        create_parents: false,
-    };
+    let start = FileWriteStart::new(path.to_string_lossy().into_owned());
     let sent = client
         .write_file_from(start, &mut source)
         .await

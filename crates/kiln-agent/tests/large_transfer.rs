@@ -95,12 +95,7 @@ async fn hundred_mib_both_ways_in_bounded_memory() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("big.bin").to_string_lossy().into_owned();
 
-    let start = FileWriteStart {
-        path: path.clone(),
-        mode: None,
-        user: None,
-        create_parents: false,
-    };
+    let start = FileWriteStart::new(path.clone());
     let written = client
         .write_file_from(start, &mut Generator { pos: 0 })
         .await

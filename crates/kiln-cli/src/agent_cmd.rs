@@ -163,15 +163,7 @@ pub async fn bench(
     let size = file_mib << 20;
     let start = Instant::now();
     let written = client
-        .write_file_from(
-            FileWriteStart {
-                path: path.clone(),
-                mode: None,
-                user: None,
-                create_parents: false,
-            },
-            &mut Zeros(size),
-        )
+        .write_file_from(FileWriteStart::new(path.clone()), &mut Zeros(size))
         .await?;
     let write_secs = start.elapsed().as_secs_f64();
     ensure!(written == size, "wrote {written} of {size} bytes");

@@ -9,44 +9,22 @@ use kiln_image::rootfs::build_rootfs;
 use kiln_image::spec::TemplateSpec;
 use kiln_proto::messages::Command;
 
-fn tar_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(mode);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_mtime(1_700_000_000);
-    builder
-        .append_data(&mut header, path, data)
-        .expect("append");
-}
+mod common;
 
-fn dir_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str) {
-    let mut header = tar::Header::new_gnu();
-    header.set_size(0);
-    header.set_mode(0o755);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(1_700_000_000);
-    header.set_entry_type(tar::EntryType::Directory);
-    builder
-        .append_data(&mut header, path, &[][..])
-        .expect("append");
-}
+use common::{outer_tar, sha256_hex, Layer, OciLayout};
 
 /// A two-layer `docker save` archive; the second layer deletes a file of the first.
 fn docker_archive(path: &Path) {
-    let mut layer1 = tar::Builder::new(Vec::new());
-    dir_entry(&mut layer1, "etc/");
-    tar_entry(&mut layer1, "etc/app.conf", b"greeting=hello\n", 0o644);
-    tar_entry(&mut layer1, "etc/old.conf", b"remove me\n", 0o644);
-    let layer1 = layer1.into_inner().expect("layer");
-    let mut layer2 = tar::Builder::new(Vec::new());
-    dir_entry(&mut layer2, "app/");
-    tar_entry(&mut layer2, "app/run", b"#!/bin/sh\necho run\n", 0o755);
-    tar_entry(&mut layer2, "etc/.wh.old.conf", b"", 0o644);
-    let layer2 = layer2.into_inner().expect("layer");
+    let layer1 = Layer::new()
+        .dir("etc/", 0o755)
+        .file("etc/app.conf", 0o644, "greeting=hello\n")
+        .file("etc/old.conf", 0o644, "remove me\n")
+        .bytes();
+    let layer2 = Layer::new()
+        .dir("app/", 0o755)
+        .file("app/run", 0o755, "#!/bin/sh\necho run\n")
+        .file("etc/.wh.old.conf", 0o644, "")
+        .bytes();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {
@@ -57,22 +35,13 @@ fn docker_archive(path: &Path) {
         "rootfs": {"type": "layers", "diff_ids": []}
     });
     let manifest = serde_json::json!([{ "Config": "config.json", "RepoTags": ["app:latest"], "Layers": ["l1/layer.tar", "l2/layer.tar"] }]);
-    let mut archive = tar::Builder::new(Vec::new());
-    tar_entry(
-        &mut archive,
-        "config.json",
-        config.to_string().as_bytes(),
-        0o644,
-    );
-    tar_entry(&mut archive, "l1/layer.tar", &layer1, 0o644);
-    tar_entry(&mut archive, "l2/layer.tar", &layer2, 0o644);
-    tar_entry(
-        &mut archive,
-        "manifest.json",
-        manifest.to_string().as_bytes(),
-        0o644,
-    );
-    std::fs::write(path, archive.into_inner().expect("archive")).expect("write archive");
+    let archive = outer_tar(&[
+        ("config.json".into(), config.to_string().into_bytes()),
+        ("l1/layer.tar".into(), layer1),
+        ("l2/layer.tar".into(), layer2),
+        ("manifest.json".into(), manifest.to_string().into_bytes()),
+    ]);
+    std::fs::write(path, archive).expect("write archive");
 }
 
 fn debugfs(image: &Path, request: &str) -> String {
@@ -206,9 +175,9 @@ impl Recorder {
 /// A layer with a working `/bin/sh`: the host's dash with the C library it links, so build
 /// steps can run in a chroot of the image without a Debian download.
 fn shell_layer() -> Vec<u8> {
-    let mut layer = tar::Builder::new(Vec::new());
+    let mut layer = Layer::new();
     for dir in ["bin/", "etc/", "lib/", "lib/x86_64-linux-gnu/", "lib64/"] {
-        dir_entry(&mut layer, dir);
+        layer = layer.dir(dir, 0o755);
     }
     for (host, image) in [
         ("/bin/dash", "bin/sh"),
@@ -219,58 +188,32 @@ fn shell_layer() -> Vec<u8> {
         ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2"),
     ] {
         let bytes = std::fs::read(host).expect("the host has dash and glibc");
-        tar_entry(&mut layer, image, &bytes, 0o755);
+        layer = layer.raw(
+            tar::EntryType::Regular,
+            image.as_bytes(),
+            b"",
+            0o755,
+            0,
+            &bytes,
+        );
     }
-    layer.into_inner().expect("layer")
+    layer.bytes()
 }
 
 /// An OCI image layout tarball with one layer and a config.
 fn oci_layout_archive(path: &Path, layer: Vec<u8>) {
-    let sha = |data: &[u8]| kiln_image::cache::sha256_hex(data);
-    let config = serde_json::to_vec(&serde_json::json!({
+    let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": { "Env": ["PATH=/bin"], "WorkingDir": "/" },
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha(&layer))]}
-    }))
-    .expect("json");
-    let descriptor = |media_type: &str, data: &[u8]| {
-        serde_json::json!({
-            "mediaType": media_type, "digest": format!("sha256:{}", sha(data)), "size": data.len()
-        })
-    };
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))
-    .expect("json");
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [descriptor("application/vnd.oci.image.manifest.v1+json", &manifest)],
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]}
     });
-    let mut archive = tar::Builder::new(Vec::new());
-    tar_entry(
-        &mut archive,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o644,
+    let mut layout = OciLayout::default();
+    let manifest = layout.add_manifest(
+        &config,
+        vec![("application/vnd.oci.image.layer.v1.tar", layer)],
     );
-    tar_entry(
-        &mut archive,
-        "index.json",
-        index.to_string().as_bytes(),
-        0o644,
-    );
-    for blob in [&config, &manifest, &layer] {
-        tar_entry(
-            &mut archive,
-            &format!("blobs/sha256/{}", sha(blob)),
-            blob,
-            0o644,
-        );
-    }
-    std::fs::write(path, archive.into_inner().expect("archive")).expect("write archive");
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [manifest] });
+    std::fs::write(path, layout.archive(&index, None)).expect("write archive");
 }
 
 fn step_names(events: &[BuildEvent]) -> Vec<String> {

@@ -475,6 +475,19 @@ pub struct FileWriteStart {
     pub create_parents: bool,
 }
 
+impl FileWriteStart {
+    /// A write of `path` with the defaults: mode 0644 (or the replaced file's), the default
+    /// user, parents must exist.
+    pub fn new(path: impl Into<String>) -> FileWriteStart {
+        FileWriteStart {
+            path: path.into(),
+            mode: None,
+            user: None,
+            create_parents: false,
+        }
+    }
+}
+
 /// Last frame of a file write stream. A stream that ends without it writes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileWriteEnd {

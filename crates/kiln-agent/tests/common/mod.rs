@@ -44,3 +44,10 @@ pub async fn run(client: &AgentClient, script: &str) -> ExecResult {
 pub fn text(result: &ExecResult) -> String {
     String::from_utf8_lossy(&result.stdout).into_owned()
 }
+
+/// The agent's error kind of a failed call, if it failed with one.
+pub fn kind<T>(
+    result: Result<T, kiln_agent_client::ClientError>,
+) -> Option<kiln_proto::messages::ErrorKind> {
+    result.err().and_then(|e| e.agent_kind())
+}
