@@ -8,7 +8,10 @@ started=$SECONDS
 
 require_root
 require_cargo
-install_missing_tools
+install_packages
+
+step "the package set-up, from a fresh machine's state (scripts/tests/fresh-install.sh)"
+bash scripts/tests/fresh-install.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -13,7 +13,7 @@ started=$SECONDS
 
 require_root
 require_cargo
-install_missing_tools
+install_packages
 
 step "building the static guest agent"
 agent=$(build_static_agent)

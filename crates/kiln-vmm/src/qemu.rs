@@ -85,7 +85,7 @@ pub struct BootConfig {
     pub incoming: bool,
     /// The guest NIC (virtio-net on a tap handed over as a descriptor), if any.
     pub nic: Option<GuestNic>,
-    /// Drop to this user and group once initialised (`-runas`), before any guest code runs.
+    /// Drop to this user and group once initialised (`-run-with user=`), before any guest code runs.
     pub run_as: Option<(u32, u32)>,
     /// Filter QEMU's system calls (`-sandbox on` with the deny options).
     pub seccomp: bool,
@@ -133,7 +133,7 @@ impl BootConfig {
             nic: spec.nic_mac.map(|mac| GuestNic { mac, tap_fd }),
             run_as: confinement.run_as,
             seccomp: confinement.seccomp,
-            // QEMU starts vCPUs before `-runas` drops privileges: with a privilege drop a cold
+            // QEMU starts vCPUs before `-run-with user=` drops privileges: with a privilege drop a cold
             // boot starts paused and the guest runs only once QMP answers (see `wait_started`).
         }
     }
@@ -252,7 +252,7 @@ impl BootConfig {
             args.push("-S".into());
         }
         if self.seccomp {
-            // QEMU 7.2 applies the filter before `-runas` drops privileges, so the set*id
+            // QEMU applies the filter before `-run-with user=` drops privileges, so the set*id
             // calls must stay allowed when it does; without CAP_SETUID (dropped with root)
             // and with no_new_privs (set by the filter) they cannot raise privileges.
             let elevate = if self.run_as.is_some() {
@@ -266,8 +266,8 @@ impl BootConfig {
             ));
         }
         if let Some((uid, gid)) = self.run_as {
-            args.push("-runas".into());
-            args.push(format!("{uid}:{gid}"));
+            args.push("-run-with".into());
+            args.push(format!("user={uid}:{gid}"));
         }
         args
     }
@@ -767,7 +767,7 @@ impl Vm for QemuVm {
 
     fn wait_started(&mut self, timeout: Duration) -> Result<(), DriverError> {
         self.process.wait_for_agent_socket(timeout)?;
-        // QMP answers once QEMU's main loop runs (after `-runas` dropped privileges): from
+        // QMP answers once QEMU's main loop runs (after `-run-with user=` dropped privileges): from
         // then on it takes commands at once.
         let paused = self.process.config().start_paused();
         let qmp = self.process.qmp()?;
@@ -933,7 +933,7 @@ mod tests {
         assert!(args.contains(
             "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
         ));
-        assert!(args.contains("-runas 2000000007:2000000007"));
+        assert!(args.contains("-run-with user=2000000007:2000000007"));
         assert_eq!(
             confined.device_signature(),
             config(Accel::Tcg).device_signature()
@@ -980,7 +980,7 @@ mod tests {
         assert!(cmdline.contains("kiln.root=/dev/vda") && cmdline.contains("tsc_early_khz"));
         assert!(cmdline.ends_with("KILN_AGENT_LOG=debug"));
         assert!(!config(Accel::Kvm).cmdline().contains("tsc_early_khz"));
-        assert!(!args.contains("-sandbox") && !args.contains("-runas"));
+        assert!(!args.contains("-sandbox") && !args.contains("-run-with"));
         assert!(config(Accel::Kvm)
             .args()
             .join(" ")
