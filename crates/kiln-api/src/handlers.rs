@@ -319,23 +319,15 @@ pub(crate) async fn console_log(
 #[utoipa::path(get, path = "/v1/events", tag = "sandboxes", security(("api_key" = [])),
     responses((status = 200, content_type = "application/x-ndjson", body = String)))]
 pub(crate) async fn events(State(state): State<AppState>, Caller(who): Caller) -> Response {
-    let receiver = state.control.events();
-    let stream = futures_util::stream::unfold(receiver, move |mut receiver| {
-        let tenant = who.tenant.clone();
-        async move {
-            loop {
-                match receiver.recv().await {
-                    Ok(event) if event.tenant == tenant => {
-                        return Some((Ok::<_, std::io::Error>(ndjson(&event.event)), receiver));
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        let line = serde_json::json!({"event": "lagged", "missed": missed});
-                        return Some((Ok(ndjson(&line)), receiver));
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
+    let receiver = state.control.events(&who);
+    let stream = futures_util::stream::unfold(receiver, move |mut receiver| async move {
+        match receiver.recv().await {
+            Ok(event) => Some((Ok::<_, std::io::Error>(ndjson(&event)), receiver)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                let line = serde_json::json!({"event": "lagged", "missed": missed});
+                Some((Ok(ndjson(&line)), receiver))
             }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
         }
     });
     // The stream ends when the daemon stops, so that it does not hold the shutdown up.

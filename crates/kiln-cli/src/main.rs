@@ -350,6 +350,20 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The commands that keep state on this host (the daemon, keys in its database, template
+    // artefacts, benchmark sandboxes) make it root's alone; client commands (`fs get`) keep
+    // the user's umask.
+    if matches!(
+        cli.command,
+        Commands::Serve(_)
+            | Commands::Keys { .. }
+            | Commands::Bench { .. }
+            | Commands::Template {
+                command: TemplateCommand::Build { .. }
+            }
+    ) {
+        serve_cmd::private_umask();
+    }
     let result = match cli.command {
         Commands::Serve(args) => {
             init_logging();

@@ -264,6 +264,15 @@ async fn shutdown_signal() -> Stop {
     }
 }
 
+/// Sets this process's umask to 077: new files and directories are readable by their owner
+/// alone.
+pub fn private_umask() {
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

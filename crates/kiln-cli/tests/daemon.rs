@@ -123,21 +123,23 @@ impl Daemon {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
-    /// Pids of VMMs whose command line names this daemon's data directory (so VMMs this
-    /// daemon started, whoever their parent is now).
+    /// Pids of the live VMMs this daemon started (whoever their parent is now), from the
+    /// `vmm.pid` record each VM directory holds (pid and start time: a reused pid is not
+    /// counted). A VMM's command line names only paths inside its jail.
     fn vmm_pids(&self) -> Vec<u32> {
-        let marker = self.data.path().to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .expect("/proc")
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&marker))
-                    .unwrap_or(false)
-            })
-            .filter(|pid| Some(*pid) != self.child.as_ref().map(Child::id))
-            .collect()
+        let state = self.data.path().join("state");
+        let mut pids = Vec::new();
+        for dir in ["sandboxes", "templates"] {
+            let Ok(entries) = std::fs::read_dir(state.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if let Some(pid) = recorded_vmm(&entry.path()) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
     }
 
     fn kill_daemon(&mut self) {
@@ -179,6 +181,16 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// The live VMM recorded in VM directory `dir` (`vmm.pid`: pid, start ticks, name), if it
+/// still is the process that was recorded.
+fn recorded_vmm(dir: &Path) -> Option<u32> {
+    let record = std::fs::read_to_string(dir.join("vmm.pid")).ok()?;
+    let mut words = record.split_whitespace();
+    let pid: u32 = words.next()?.parse().ok()?;
+    let ticks: u64 = words.next()?.parse().ok()?;
+    (kiln_vmm::process_start_ticks(pid) == Some(ticks)).then_some(pid)
 }
 
 /// Where sandbox `id`'s cgroups would be (v1 cpu and memory, or v2).
@@ -259,8 +271,9 @@ fn serve_use_crash_restart_and_stop() {
     assert_eq!(
         run.status.code(),
         Some(7),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
+        "{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        daemon.log()
     );
     assert_eq!(String::from_utf8_lossy(&run.stdout), "hi\n");
     assert!(String::from_utf8_lossy(&run.stderr).contains("err"));
@@ -314,14 +327,8 @@ fn serve_use_crash_restart_and_stop() {
     // SIGKILL the daemon: its VMMs outlive it, and the next start re-adopts the sandbox: the
     // same VM (same process, same files), answering again.
     let vmm_of = |daemon: &Daemon, id: &str| -> Vec<u32> {
-        daemon
-            .vmm_pids()
+        recorded_vmm(&daemon.data.path().join("state/sandboxes").join(id))
             .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(id))
-                    .unwrap_or(false)
-            })
             .collect()
     };
     let vmm = vmm_of(&daemon, &id);

@@ -136,15 +136,6 @@ pub struct Principal {
     pub admin: bool,
 }
 
-/// A lifecycle event of one tenant's sandbox.
-#[derive(Debug, Clone)]
-pub struct TenantEvent {
-    /// Whose sandbox.
-    pub tenant: String,
-    /// What happened.
-    pub event: SandboxEvent,
-}
-
 /// Configuration of the control plane.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -184,6 +175,9 @@ pub struct CreateSandbox {
     pub disk_mib: Option<u64>,
 }
 
+/// Lifecycle events buffered per tenant for its subscribers.
+pub const EVENTS_PER_TENANT: usize = 1024;
+
 /// Limits on what a create may carry.
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_LABEL_BYTES: usize = 256;
@@ -200,8 +194,11 @@ struct Inner {
     engine: Engine,
     store: store::Store,
     templates: templates::Templates,
-    /// Lifecycle events with their tenant.
-    events: tokio::sync::broadcast::Sender<TenantEvent>,
+    /// Lifecycle events, one buffer per tenant: a noisy tenant fills only its own, and a
+    /// subscriber's lag counts only its own tenant's events.
+    events: std::sync::Mutex<
+        std::collections::HashMap<String, tokio::sync::broadcast::Sender<SandboxEvent>>,
+    >,
     /// Set when the daemon stops.
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -214,6 +211,10 @@ fn sha256_hex(text: &str) -> String {
 /// running daemon's engine.
 pub fn open_store(data_dir: &std::path::Path) -> Result<store::Store, ControlError> {
     std::fs::create_dir_all(data_dir)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        })
         .map_err(|e| ControlError::Internal(format!("creating {}: {e}", data_dir.display())))?;
     Ok(store::Store::open(&data_dir.join("kiln.db"))?)
 }
@@ -268,7 +269,7 @@ impl Control {
                 engine,
                 store,
                 templates,
-                events: tokio::sync::broadcast::Sender::new(1024),
+                events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
             }),
         };
@@ -699,10 +700,10 @@ impl Control {
         Ok((sandbox, record.env))
     }
 
-    /// Lifecycle events of every tenant's sandboxes from now on (filter by
-    /// [`TenantEvent::tenant`]).
-    pub fn events(&self) -> tokio::sync::broadcast::Receiver<TenantEvent> {
-        self.inner.events.subscribe()
+    /// Lifecycle events of the caller's tenant's sandboxes from now on. A subscriber that
+    /// falls more than [`EVENTS_PER_TENANT`] events behind gets `Lagged` and should re-list.
+    pub fn events(&self, who: &Principal) -> tokio::sync::broadcast::Receiver<SandboxEvent> {
+        self.inner.tenant_events(&who.tenant).subscribe()
     }
 
     /// Ends long-lived event streams (the daemon is stopping).
@@ -743,9 +744,27 @@ impl Inner {
         }
     }
 
-    /// Publishes `event` to `tenant`.
+    /// Publishes `event` to `tenant`'s subscribers (kept only while someone listens).
     fn publish_to(&self, tenant: String, event: SandboxEvent) {
-        let _ = self.events.send(TenantEvent { tenant, event });
+        let mut events = self
+            .events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(sender) = events.get(&tenant) {
+            if sender.send(event).is_err() {
+                events.remove(&tenant);
+            }
+        }
+    }
+
+    /// `tenant`'s event channel, made on first use.
+    fn tenant_events(&self, tenant: &str) -> tokio::sync::broadcast::Sender<SandboxEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(tenant.to_owned())
+            .or_insert_with(|| tokio::sync::broadcast::Sender::new(EVENTS_PER_TENANT))
+            .clone()
     }
 }
 

@@ -3,6 +3,7 @@
 //! Queries are small and indexed, so they run inline under one connection's lock.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -65,6 +66,9 @@ pub enum StoreError {
         /// The database's version.
         found: i64,
     },
+    /// The database's files could not be made private.
+    #[error("making the database root's alone")]
+    Io(#[source] std::io::Error),
 }
 
 /// An API key as stored (never the secret itself).
@@ -161,6 +165,18 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Every tenant's sandbox records (their env among them) are in here: root's alone,
+        // also for a database an earlier version made readable.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::Io(e));
+                }
+                _ => {}
+            }
+        }
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;

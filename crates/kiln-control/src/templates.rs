@@ -221,6 +221,12 @@ impl Templates {
             .ok_or_else(|| ControlError::Internal("template path without a parent".into()))?;
         std::fs::create_dir_all(dir)
             .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                // Tenants' specs (their env, their start commands) are root's alone.
+                std::fs::set_permissions(
+                    &self.tenant_root,
+                    std::fs::Permissions::from_mode(0o700),
+                )?;
                 let staged = dir.join(".template.toml.new");
                 std::fs::write(&staged, spec_text)?;
                 std::fs::rename(&staged, &path)
@@ -276,11 +282,15 @@ impl Templates {
                 .await
                 .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
                 .map_err(|e| build_error(name, e))?;
-                let baked = engine.bake(&images).await.map_err(|e| {
+                let options = kiln_engine::BakeOptions {
+                    owner: located.tenant.clone(),
+                    ..kiln_engine::BakeOptions::default()
+                };
+                let baked = engine.bake_with(&images, options).await.map_err(|e| {
                     ControlError::Internal(format!("baking template `{name}`: {e}"))
                 })?;
                 baked
-                    .verify_memory()
+                    .verify()
                     .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
                 // VMMs are kept pre-started for the shared templates only: a tenant's own
                 // templates must not hold host resources between creates.

@@ -9,22 +9,25 @@ use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_image::cache::{sha256_file, Inputs};
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest};
-use kiln_vmm::driver::{Hypervisor, VmSpec};
-use kiln_vmm::qemu::{DiskFormat, MemoryBacking, PhaseTimings};
+use kiln_vmm::driver::{DiskFormat, DiskLayer, Hypervisor, MemoryBacking, PhaseTimings, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::persist;
 use crate::EngineError;
 
 /// Version of the baked-template metadata format.
-const META_VERSION: u32 = 1;
+const META_VERSION: u32 = 2;
 
 /// Options of a bake.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BakeOptions {
     /// Take the snapshot while the host's agent session is still open. Restores must work
     /// either way; tests bake both ways to prove it.
     pub keep_agent_connected: bool,
+    /// The tenant whose own template this is (`None`: a global template). Part of the bake
+    /// key, so two tenants' byte-identical specs never share a bake (its start command ran
+    /// with one tenant's inputs).
+    pub owner: Option<String>,
 }
 
 /// What a restore needs, saved next to the snapshot files.
@@ -40,8 +43,12 @@ pub struct BakedMeta {
     pub machine: MachineShape,
     /// Base root filesystem image (read-only backing of the template disk).
     pub rootfs: PathBuf,
-    /// The template disk format.
+    /// The template disk format: raw where sandbox disks are reflinks of it, else a qcow2
+    /// layer over `rootfs`.
     pub disk_format: DiskFormat,
+    /// SHA-256 of the template disk ([`crate::disk::sparse_sha256`]), checked with the
+    /// memory file.
+    pub disk_sha256: String,
     /// The accelerator it was baked for.
     pub accel: kiln_vmm::accel::Accel,
     /// SHA-256 of the device state file, checked on every restore.
@@ -85,6 +92,18 @@ impl BakedTemplate {
         })
     }
 
+    /// The read-only layers a sandbox disk reads through to, as kiln names them: the
+    /// template disk, and (for a qcow2 template disk) the root filesystem below it.
+    pub fn disk_chain(&self) -> Vec<DiskLayer> {
+        match self.meta.disk_format {
+            DiskFormat::Raw => vec![DiskLayer::raw(self.disk())],
+            DiskFormat::Qcow2 => vec![
+                DiskLayer::qcow2(self.disk()),
+                DiskLayer::raw(&self.meta.rootfs),
+            ],
+        }
+    }
+
     /// Reads and checks a baked template's metadata.
     pub fn open(dir: &Path) -> Result<BakedTemplate, EngineError> {
         let meta: BakedMeta = persist::read(&dir.join("meta.json"), META_VERSION)?;
@@ -94,13 +113,22 @@ impl BakedTemplate {
         })
     }
 
-    /// Re-hashes the memory file (slow: done at bake and when the engine starts).
-    pub fn verify_memory(&self) -> Result<(), EngineError> {
-        let actual = sha256_file(&self.memory())
+    /// Re-hashes the memory file and the template disk (slow: done at bake and when the
+    /// daemon first uses the template).
+    pub fn verify(&self) -> Result<(), EngineError> {
+        let memory = sha256_file(&self.memory())
             .map_err(|e| EngineError::io("hashing the memory file", e))?;
-        if actual != self.meta.memory_sha256 {
+        if memory != self.meta.memory_sha256 {
             return Err(EngineError::Corrupt(format!(
                 "{}: memory file checksum mismatch",
+                self.dir.display()
+            )));
+        }
+        let disk = crate::disk::sparse_sha256(&self.disk())
+            .map_err(|e| EngineError::io("hashing the template disk", e))?;
+        if disk != self.meta.disk_sha256 {
+            return Err(EngineError::Corrupt(format!(
+                "{}: template disk checksum mismatch",
                 self.dir.display()
             )));
         }
@@ -166,8 +194,7 @@ impl MachineShape {
     pub fn vm_spec(
         &self,
         run_dir: &Path,
-        disk: &Path,
-        disk_format: DiskFormat,
+        root_disk: Vec<DiskLayer>,
         memory: MemoryBacking,
         incoming: bool,
     ) -> VmSpec {
@@ -177,8 +204,7 @@ impl MachineShape {
             kernel: self.kernel.clone(),
             initramfs: self.initramfs.clone(),
             extra_cmdline: self.extra_cmdline.clone(),
-            root_disk: disk.to_owned(),
-            root_disk_format: disk_format,
+            root_disk,
             memory,
             incoming,
             nic_mac: self.nic_mac.clone(),
@@ -204,8 +230,12 @@ pub fn bake_inputs(
     driver: &dyn Hypervisor,
     spec: &VmSpec,
     init: &InitRequest,
+    owner: Option<&str>,
 ) -> Inputs {
     let mut inputs = Inputs::new("baked-template");
+    if let Some(owner) = owner {
+        inputs.add("owner", owner);
+    }
     inputs
         .add("kernel", images.kernel.dir.display().to_string())
         .add("rootfs", images.rootfs.dir.display().to_string())
@@ -241,28 +271,44 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     } = job;
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
-    // The bake VM writes the template's disk: a private copy of the root filesystem where
-    // sandbox disks will be reflinks of it, else an overlay on the (read-only) image.
-    let (disk, disk_format) = if engine.reflink {
-        let disk = out.join("disk.raw");
+    let rootfs_bytes = std::fs::metadata(&images.rootfs.image)
+        .map_err(|e| EngineError::io("reading the root filesystem's size", e))?
+        .len();
+    // The bake VM writes a disk of its own: a private copy of the root filesystem where
+    // sandbox disks will be reflinks, else a qcow2 layer over the (read-only) image. Either
+    // way it is replaced afterwards by a file the VMM never held.
+    let (vm_disk, disk_format) = if engine.reflink {
+        let disk = out.join("bake-disk.raw");
         crate::disk::clone_or_copy(&images.rootfs.image, &disk)?;
-        (disk, DiskFormat::Raw)
+        (vec![DiskLayer::raw(&disk)], DiskFormat::Raw)
     } else {
-        let disk = out.join("disk.qcow2");
-        crate::disk::qcow2_overlay(&images.rootfs.image, DiskFormat::Raw, &disk)?;
-        (disk, DiskFormat::Qcow2)
+        let disk = out.join("bake-disk.qcow2");
+        crate::disk::qcow2_overlay(&disk, rootfs_bytes)?;
+        (
+            vec![
+                DiskLayer::qcow2(&disk),
+                DiskLayer::raw(&images.rootfs.image),
+            ],
+            DiskFormat::Qcow2,
+        )
     };
+    // RAM is written through to the memory file, which the VMM must be able to write.
+    let memory_file = out.join("memory");
+    std::fs::File::create(&memory_file)
+        .and_then(|file| file.set_len(u64::from(shape.memory_mib) << 20))
+        .map_err(|e| EngineError::io("creating the memory file", e))?;
     let run_dir = out.join("run");
     let memory = MemoryBacking::File {
-        path: out.join("memory"),
+        path: memory_file.clone(),
         shared: true,
     };
-    let spec = shape.vm_spec(&run_dir, &disk, disk_format, memory, false);
+    let spec = shape.vm_spec(&run_dir, vm_disk.clone(), memory, false);
     let name = format!("bake-{}", hex::encode(rand::random::<[u8; 4]>()));
     let limits = crate::sandbox::default_limits(&shape);
-    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits, &[&disk])?;
+    let (confinement, resources) =
+        crate::sandbox::confine(engine, &name, limits, &[&vm_disk[0].path, &memory_file])?;
     let mut qemu = crate::sandbox::launch_recorded(engine, spec, confinement, out, &name)?;
-    qemu.wait_started(Duration::from_secs(30))?;
+    tokio::task::block_in_place(|| qemu.wait_started(Duration::from_secs(30)))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
         ClientConfig {
@@ -324,21 +370,34 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     timings.phases.extend(snapshot.phases);
     qemu.kill()?;
     drop(qemu);
-    resources.release()?;
-    let _ = std::fs::remove_dir_all(&run_dir);
-    // From now on the disk is a read-only base: back to root, readable by VMM users.
-    std::os::unix::fs::chown(&disk, Some(0), Some(0))
-        .and_then(|()| std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o644)))
-        .map_err(|e| EngineError::io("sealing the template disk", e))?;
     timings
         .phases
         .push(("snapshot".into(), phase.elapsed().as_secs_f64() * 1000.0));
 
+    // Seal: everything the VMM could write is now either replaced by a file it never held
+    // (the disk) or root's and read-only (the memory file), and hashed.
+    phase = Instant::now();
+    let disk = out.join(match disk_format {
+        DiskFormat::Raw => "disk.raw",
+        DiskFormat::Qcow2 => "disk.qcow2",
+    });
+    tokio::task::block_in_place(|| seal_disk(&resources, &run_dir.join("jail"), &vm_disk, &disk))?;
+    resources.release()?;
+    let _ = std::fs::remove_dir_all(&run_dir);
+    for file in [&disk, &memory_file, &state] {
+        seal(file)?;
+    }
+    timings
+        .phases
+        .push(("seal disk".into(), phase.elapsed().as_secs_f64() * 1000.0));
+
     phase = Instant::now();
     let state_sha256 =
         sha256_file(&state).map_err(|e| EngineError::io("hashing the device state", e))?;
-    let memory_sha256 = sha256_file(&out.join("memory"))
-        .map_err(|e| EngineError::io("hashing the memory file", e))?;
+    let memory_sha256 =
+        sha256_file(&memory_file).map_err(|e| EngineError::io("hashing the memory file", e))?;
+    let disk_sha256 = crate::disk::sparse_sha256(&disk)
+        .map_err(|e| EngineError::io("hashing the template disk", e))?;
     timings
         .phases
         .push(("checksums".into(), phase.elapsed().as_secs_f64() * 1000.0));
@@ -352,12 +411,11 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         machine: shape,
         rootfs: images.rootfs.image.clone(),
         disk_format,
+        disk_sha256,
         accel: engine.driver.accel().accel,
         state_sha256,
         memory_sha256,
-        disk_bytes: std::fs::metadata(&images.rootfs.image)
-            .map_err(|e| EngineError::io("reading the root filesystem's size", e))?
-            .len(),
+        disk_bytes: rootfs_bytes,
         timings: timings.phases,
         init: init.clone(),
     };
@@ -366,6 +424,44 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         dir: out.to_owned(),
         meta,
     })
+}
+
+/// Replaces the bake VM's disk (`vm_disk[0]`, which the VMM wrote) by `sealed`, a file the
+/// VMM never held: a reflink or copy of a raw disk, a jailed rewrite of a qcow2 layer (its
+/// header never followed). The VMM's file is removed.
+fn seal_disk(
+    resources: &crate::sandbox::VmResources,
+    jail_root: &Path,
+    vm_disk: &[DiskLayer],
+    sealed: &Path,
+) -> Result<(), EngineError> {
+    let untrusted = &vm_disk[0];
+    match untrusted.format {
+        DiskFormat::Raw => crate::disk::clone_or_copy(&untrusted.path, sealed)?,
+        DiskFormat::Qcow2 => {
+            std::fs::create_dir_all(jail_root)
+                .map_err(|e| EngineError::io("making the jail for the disk rewrite", e))?;
+            crate::disk::rewrite_qcow2(
+                jail_root,
+                resources.run_as(),
+                resources.cgroup_procs()?,
+                &untrusted.path,
+                &vm_disk[1..],
+                sealed,
+                Duration::from_secs(600),
+            )?;
+        }
+    }
+    std::fs::remove_file(&untrusted.path)
+        .map_err(|e| EngineError::io("removing the bake VM's disk", e))
+}
+
+/// Makes a template file root's and read-only for everyone: VMMs reach it only through a
+/// read-only bind in their jail, and no one else can traverse the data directory.
+fn seal(file: &Path) -> Result<(), EngineError> {
+    std::os::unix::fs::chown(file, Some(0), Some(0))
+        .and_then(|()| std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)))
+        .map_err(|e| EngineError::io(&format!("sealing {}", file.display()), e))
 }
 
 /// See [`crate::Engine::measure_cold_boot`].
@@ -378,14 +474,19 @@ pub(crate) async fn cold_boot(
         .prefix(".cold-")
         .tempdir_in(engine.config.data_dir.join("sandboxes"))
         .map_err(|e| EngineError::io("creating the cold-boot directory", e))?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
         .map_err(|e| EngineError::io("creating the cold-boot directory", e))?;
     let disk = dir.path().join("disk.qcow2");
-    crate::disk::qcow2_overlay(&images.rootfs.image, DiskFormat::Raw, &disk)?;
+    let rootfs_bytes = std::fs::metadata(&images.rootfs.image)
+        .map_err(|e| EngineError::io("reading the root filesystem's size", e))?
+        .len();
+    crate::disk::qcow2_overlay(&disk, rootfs_bytes)?;
     let spec = shape.vm_spec(
         &dir.path().join("run"),
-        &disk,
-        DiskFormat::Qcow2,
+        vec![
+            DiskLayer::qcow2(&disk),
+            DiskLayer::raw(&images.rootfs.image),
+        ],
         MemoryBacking::Anonymous,
         false,
     );
@@ -394,7 +495,7 @@ pub(crate) async fn cold_boot(
     let (confinement, resources) = crate::sandbox::confine(engine, &name, limits, &[&disk])?;
     let start = Instant::now();
     let mut vm = crate::sandbox::launch_recorded(engine, spec, confinement, dir.path(), &name)?;
-    vm.wait_started(Duration::from_secs(30))?;
+    tokio::task::block_in_place(|| vm.wait_started(Duration::from_secs(30)))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(vm.agent_socket())),
         ClientConfig {

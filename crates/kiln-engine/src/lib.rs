@@ -18,7 +18,8 @@ use kiln_image::template::TemplateImages;
 use kiln_proto::messages::InitRequest;
 use kiln_vmm::accel::{AccelChoice, AccelDecision};
 use kiln_vmm::driver::Hypervisor;
-use kiln_vmm::qemu::{MemoryBacking, QemuDriver};
+use kiln_vmm::driver::{DiskLayer, MemoryBacking};
+use kiln_vmm::qemu::QemuDriver;
 
 pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
@@ -194,6 +195,8 @@ pub(crate) struct Inner {
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     pub(crate) events: tokio::sync::broadcast::Sender<SandboxEvent>,
     uids: Mutex<BTreeSet<u32>>,
+    /// Offset of the VMM uid to try first.
+    next_uid: std::sync::atomic::AtomicU32,
 }
 
 /// A VMM uid (and gid) taken from the engine's range, given back on drop.
@@ -230,17 +233,27 @@ impl Inner {
         })
     }
 
-    /// Takes the lowest free VMM uid, if VMMs run unprivileged.
+    /// Takes the next free VMM uid after the one handed out last, if VMMs run unprivileged:
+    /// a uid given back is reused only after every other one was (what a VMM owned lives
+    /// in its jail's private mounts and IPC namespace and goes with it; its disk goes with
+    /// its sandbox; the rotation keeps even a leftover from meeting the next holder).
     pub(crate) fn take_uid(self: &Arc<Self>) -> Result<Option<VmUid>, EngineError> {
         let Some(base) = self.config.confinement.vm_uid_base else {
             return Ok(None);
         };
         let mut taken = lock(&self.uids);
-        let id = (base..base.saturating_add(VM_UID_COUNT))
-            .find(|uid| !taken.contains(uid))
+        let start = self.next_uid.load(std::sync::atomic::Ordering::Relaxed);
+        let offset = (0..VM_UID_COUNT)
+            .map(|i| (start + i) % VM_UID_COUNT)
+            .find(|offset| !taken.contains(&(base + offset)))
             .ok_or_else(|| {
                 EngineError::Exhausted(format!("all {VM_UID_COUNT} VMM user ids are in use"))
             })?;
+        self.next_uid.store(
+            (offset + 1) % VM_UID_COUNT,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let id = base + offset;
         taken.insert(id);
         Ok(Some(VmUid {
             id,
@@ -268,14 +281,14 @@ impl Engine {
         } else {
             None
         };
-        // VMMs run as other users: they may pass through these directories (to their own
-        // sandbox's files and the templates they restore) but not list them.
+        // Root's alone: VMMs get their files through their jails, and nobody else (a local
+        // user, another sandbox's VMM user) may reach anything in here.
         for dir in ["", "templates", "sandboxes"] {
             let dir = config.data_dir.join(dir);
             std::fs::create_dir_all(&dir)
                 .and_then(|()| {
                     use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 })
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
         }
@@ -296,6 +309,9 @@ impl Engine {
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
                 events: tokio::sync::broadcast::Sender::new(1024),
                 uids: Mutex::new(BTreeSet::new()),
+                // Start somewhere else on every run, so a restarted daemon does not hand
+                // out first the uids its predecessor used last.
+                next_uid: std::sync::atomic::AtomicU32::new(rand::random::<u32>() % VM_UID_COUNT),
             }),
         })
     }
@@ -356,15 +372,20 @@ impl Engine {
         let shape = bake::MachineShape::with_guest_log(images, config.guest_log.as_deref());
         let probe = shape.vm_spec(
             Path::new("R"),
-            Path::new("D"),
-            kiln_vmm::qemu::DiskFormat::Qcow2,
+            vec![DiskLayer::qcow2("D")],
             MemoryBacking::File {
                 path: "M".into(),
                 shared: true,
             },
             false,
         );
-        let inputs = bake::bake_inputs(images, self.driver(), &probe, &init);
+        let inputs = bake::bake_inputs(
+            images,
+            self.driver(),
+            &probe,
+            &init,
+            options.owner.as_deref(),
+        );
         let key = inputs.key();
         let dir = config
             .data_dir
@@ -399,7 +420,7 @@ impl Engine {
         let staged = staging.keep();
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o711))
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| EngineError::io("publishing the baked template", e))?;
         }
         std::fs::rename(&staged, &dir)

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_proto::messages::{Command, ExecRequest, PostRestoreRequest};
-use kiln_vmm::driver::{Confinement, Vm};
-use kiln_vmm::qemu::{DiskFormat, MemoryBacking, PhaseTimings};
+use kiln_vmm::driver::{Confinement, DiskFormat, DiskLayer, MemoryBacking, PhaseTimings, Vm};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
@@ -123,16 +122,35 @@ impl VmResources {
         }
     }
 
-    /// Hands `paths` to the VMM's user: files it must open for writing after it dropped
-    /// privileges (QEMU re-opens its disks when an incoming VM starts).
+    /// Hands `paths` to the VMM's user, readable and writable by it alone: the files it
+    /// writes (its own disk; a bake's memory file). It runs unprivileged from its first
+    /// instruction, so it opens them with its own rights.
     pub(crate) fn grant(&self, paths: &[&Path]) -> Result<(), EngineError> {
-        let Some(uid) = &self.uid else { return Ok(()) };
+        use std::os::unix::fs::PermissionsExt;
         for path in paths {
-            std::os::unix::fs::chown(path, Some(uid.id), Some(uid.id)).map_err(|e| {
-                EngineError::io(&format!("handing {} to the VMM user", path.display()), e)
-            })?;
+            let owner = self.uid.as_ref().map(|uid| uid.id);
+            std::os::unix::fs::chown(path, owner, owner)
+                .and_then(|()| {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                })
+                .map_err(|e| {
+                    EngineError::io(&format!("handing {} to the VMM user", path.display()), e)
+                })?;
         }
         Ok(())
+    }
+
+    /// The user and group its processes run as, if not root.
+    pub(crate) fn run_as(&self) -> Option<(u32, u32)> {
+        self.uid.as_ref().map(|uid| (uid.id, uid.id))
+    }
+
+    /// Its cgroups' `cgroup.procs` files, for another process to join.
+    pub(crate) fn cgroup_procs(&self) -> Result<Vec<OwnedFd>, EngineError> {
+        Ok(match &self.cgroup {
+            Some(cgroup) => cgroup.procs_files()?,
+            None => Vec::new(),
+        })
     }
 
     /// Removes the network namespace and the cgroup, and gives the uid back. The VMM process
@@ -336,7 +354,7 @@ impl Sandbox {
 
     /// The guest console's last lines (of its last 256 KiB: the guest writes what it likes).
     pub fn console_tail(&self, lines: usize) -> String {
-        kiln_vmm::qemu::tail_lines(&self.console_log, lines)
+        kiln_vmm::output::console_tail(&self.console_log, lines)
     }
 
     /// How it is listed.
@@ -581,35 +599,39 @@ pub(crate) fn prestart(
     let cleanup = DirGuard(Some(dir.clone()));
     {
         use std::os::unix::fs::PermissionsExt;
-        // Root's; the VMM user may pass through to its disk.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+        // Root's alone: the VMM gets its files through its jail, never through this path.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
     }
-    let (disk, disk_format) = match template.meta.disk_format {
+    let mut root_disk = match template.meta.disk_format {
         // The template's raw disk lives where reflinks work: share its extents.
         DiskFormat::Raw => {
             let disk = dir.join("disk.raw");
             crate::disk::reflink(&template.disk(), &disk)?;
-            (disk, DiskFormat::Raw)
+            vec![DiskLayer::raw(disk)]
         }
         DiskFormat::Qcow2 => {
             let disk = dir.join("disk.qcow2");
-            crate::disk::qcow2_overlay(&template.disk(), DiskFormat::Qcow2, &disk)?;
-            (disk, DiskFormat::Qcow2)
+            crate::disk::qcow2_overlay(&disk, template.meta.disk_bytes)?;
+            let mut chain = vec![DiskLayer::qcow2(disk)];
+            chain.extend(template.disk_chain());
+            chain
         }
     };
+    let disk = root_disk[0].path.clone();
     record(timings, "disk", &mut phase);
     let memory = MemoryBacking::File {
         path: template.memory(),
         shared: false,
     };
-    let spec = template
-        .meta
-        .machine
-        .vm_spec(&dir.join("run"), &disk, disk_format, memory, true);
-    // Only the disk is the VMM user's (QEMU re-opens it when an incoming VM starts): the
-    // directory, its pid record and the console log stay root's, out of a compromised
-    // VMM's reach.
+    let spec = template.meta.machine.vm_spec(
+        &dir.join("run"),
+        std::mem::take(&mut root_disk),
+        memory,
+        true,
+    );
+    // Only the disk is the VMM user's: the directory, its pid record, sockets and console
+    // log stay root's, and outside the VMM's jail.
     let (confinement, resources) = confine(
         engine,
         &id,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
-use kiln_vmm::qemu::DiskFormat;
+use kiln_vmm::driver::DiskFormat;
 
 /// An XFS filesystem on a loop device, unmounted and detached on drop.
 struct XfsMount {

@@ -24,6 +24,7 @@ async fn fifty_bake_restore_cycles_always_answer() {
                 &images,
                 BakeOptions {
                     keep_agent_connected: connected,
+                    ..BakeOptions::default()
                 },
             )
             .await

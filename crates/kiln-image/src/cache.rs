@@ -118,6 +118,20 @@ pub struct Cache {
     root: PathBuf,
 }
 
+/// Makes a freshly built artefact immutable and readable: its files 0444, its directory 0755.
+/// VMMs read kernels, initramfs and root filesystems through read-only binds in their jails
+/// with their own rights; nobody else gets that far, since the cache root is root's alone.
+fn seal_artefact(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o444))?;
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
 impl Cache {
     /// A cache rooted at `root` (created on first use).
     pub fn new(root: impl Into<PathBuf>) -> Cache {
@@ -147,6 +161,12 @@ impl Cache {
     {
         let dir = self.root.join(kind);
         std::fs::create_dir_all(&dir)?;
+        // Root's alone: artefacts hold tenants' files, env and start commands. VMMs see the
+        // ones they need through binds in their jails, never through this directory.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))?;
+        }
         let key = inputs.key();
         let target = dir.join(&key);
         if target.join(MANIFEST).is_file() {
@@ -168,6 +188,7 @@ impl Cache {
             .tempdir_in(&dir)?;
         let started = std::time::Instant::now();
         build(staging.path())?;
+        seal_artefact(staging.path())?;
         let manifest = Manifest {
             version: 1,
             key: key.clone(),

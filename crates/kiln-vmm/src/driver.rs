@@ -9,7 +9,88 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use crate::accel::AccelDecision;
-use crate::qemu::{DiskFormat, MemoryBacking, PhaseTimings, SnapshotError};
+use crate::qemu::SnapshotError;
+
+/// Format of a disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// Raw image (the built rootfs, or a reflinked copy).
+    Raw,
+    /// qcow2 overlay on a read-only base.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// One file of a root disk. A disk is a chain: the VM's own (writable) layer first, then the
+/// read-only layers it reads through to. The chain is always named here, by kiln: no layer's
+/// own header (a qcow2 backing-file name, which whoever wrote the file chose) is followed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskLayer {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+impl DiskLayer {
+    /// A raw layer.
+    pub fn raw(path: impl Into<PathBuf>) -> DiskLayer {
+        DiskLayer {
+            path: path.into(),
+            format: DiskFormat::Raw,
+        }
+    }
+
+    /// A qcow2 layer.
+    pub fn qcow2(path: impl Into<PathBuf>) -> DiskLayer {
+        DiskLayer {
+            path: path.into(),
+            format: DiskFormat::Qcow2,
+        }
+    }
+}
+
+/// Where guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Anonymous memory (a plain cold boot).
+    Anonymous,
+    /// A file: `shared` for a template being baked (RAM is written to the file), else mapped
+    /// privately (copy-on-write) from a file the VMM may only read.
+    File {
+        /// The memory file.
+        path: PathBuf,
+        /// Written through (bake) rather than mapped copy-on-write (restore).
+        shared: bool,
+    },
+}
+
+/// How long each phase of an operation took.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PhaseTimings {
+    /// Phase name and duration in milliseconds, in order.
+    pub phases: Vec<(String, f64)>,
+}
+
+impl PhaseTimings {
+    /// Records phase `name` as lasting from `since` until now; returns now.
+    pub fn record(&mut self, name: &str, since: std::time::Instant) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.phases
+            .push((name.to_owned(), (now - since).as_secs_f64() * 1000.0));
+        now
+    }
+}
 
 /// The machine to run, independent of the VMM that runs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,17 +105,16 @@ pub struct VmSpec {
     pub initramfs: PathBuf,
     /// Extra kernel command-line words.
     pub extra_cmdline: Vec<String>,
-    /// Root disk image.
-    pub root_disk: PathBuf,
-    /// Its format.
-    pub root_disk_format: DiskFormat,
+    /// The root disk: its writable layer, then the layers it reads through to.
+    pub root_disk: Vec<DiskLayer>,
     /// Where guest RAM lives.
     pub memory: MemoryBacking,
     /// Start without running the guest, waiting for saved state ([`Vm::restore`]).
     pub incoming: bool,
     /// MAC address of the guest NIC; the tap comes with the [`Confinement`].
     pub nic_mac: Option<String>,
-    /// Directory for the VM's sockets and logs.
+    /// Directory for the VM's sockets and logs: the daemon's own (no VMM can write it);
+    /// the VMM gets descriptors, never this path.
     pub run_dir: PathBuf,
 }
 

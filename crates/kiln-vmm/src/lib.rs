@@ -1,8 +1,11 @@
 //! kiln's VMM drivers behind one interface ([`driver::Hypervisor`], [`driver::Vm`]): QEMU's
-//! `microvm` machine today (cold boot, snapshot, restore, confinement), Firecracker later.
+//! `microvm` machine today (cold boot, snapshot, restore), Firecracker later; the jail every
+//! VMM process runs in; what a VMM writes that the host keeps (console, stderr), bounded.
 
 pub mod accel;
 pub mod driver;
+pub mod jail;
+pub mod output;
 pub mod pidfd;
 pub mod qemu;
 pub mod qmp;

@@ -3,7 +3,7 @@
 //! QEMU is less trusted than the daemon (it runs guest-facing device emulation), so replies
 //! are read with a line limit and a timeout like any other untrusted input.
 
-use std::io::{BufRead, BufReader, IoSlice, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// Longest QMP line accepted.
-const MAX_LINE: u64 = 4 << 20;
+/// Longest QMP line accepted (kiln's replies are a few KiB at most).
+const MAX_LINE: usize = 1 << 20;
+
+/// Asynchronous events kept while waiting for replies (nobody reads them yet): at most this
+/// many, and this many bytes; the rest are dropped and counted.
+const MAX_EVENTS: usize = 64;
+const MAX_EVENT_BYTES: usize = 64 << 10;
 
 /// What can go wrong on QMP.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +43,9 @@ pub enum QmpError {
     },
 }
 
-/// A QMP session.
+/// A QMP session. Every read is bounded in bytes and in time (a whole reply must arrive
+/// within the session's timeout, however slowly its bytes drip in): QEMU runs guest-facing
+/// code, so a compromised one must not be able to hold the daemon's memory or a thread.
 #[derive(Debug)]
 pub struct Qmp {
     writer: UnixStream,
@@ -46,6 +53,9 @@ pub struct Qmp {
     timeout: Duration,
     /// Events received while waiting for replies, oldest first.
     events: Vec<Value>,
+    event_bytes: usize,
+    /// Events dropped because the buffer was full.
+    dropped_events: u64,
 }
 
 impl Qmp {
@@ -74,6 +84,8 @@ impl Qmp {
             writer: stream,
             timeout,
             events: Vec::new(),
+            event_bytes: 0,
+            dropped_events: 0,
         };
         let greeting = qmp.read_message("greeting")?;
         if greeting.get("QMP").is_none() {
@@ -86,27 +98,48 @@ impl Qmp {
     }
 
     fn read_message(&mut self, waiting_for: &str) -> Result<Value, QmpError> {
+        self.read_message_by(waiting_for, Instant::now() + self.timeout)
+    }
+
+    /// Reads one line, which must be complete by `deadline` and at most [`MAX_LINE`] long.
+    fn read_message_by(&mut self, waiting_for: &str, deadline: Instant) -> Result<Value, QmpError> {
         let mut line = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| {
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) {
-                    QmpError::Timeout(waiting_for.to_owned())
-                } else {
-                    QmpError::Io(e)
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(waiting_for.to_owned()));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let available = match self.reader.fill_buf() {
+                Ok(bytes) => bytes,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(QmpError::Timeout(waiting_for.to_owned()))
                 }
-            })?;
-        if n == 0 {
-            return Err(QmpError::Protocol(format!(
-                "QEMU closed QMP while waiting for {waiting_for}"
-            )));
-        }
-        if !line.ends_with(b"\n") {
-            return Err(QmpError::Protocol("QMP line too long".into()));
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(QmpError::Io(e)),
+            };
+            if available.is_empty() {
+                return Err(QmpError::Protocol(format!(
+                    "QEMU closed QMP while waiting for {waiting_for}"
+                )));
+            }
+            let (take, done) = match available.iter().position(|&b| b == b'\n') {
+                Some(at) => (at + 1, true),
+                None => (available.len(), false),
+            };
+            if line.len() + take > MAX_LINE {
+                return Err(QmpError::Protocol("QMP line too long".into()));
+            }
+            line.extend_from_slice(&available[..take]);
+            self.reader.consume(take);
+            if done {
+                break;
+            }
         }
         serde_json::from_slice(&line).map_err(|e| QmpError::Protocol(format!("bad JSON: {e}")))
     }
@@ -155,14 +188,9 @@ impl Qmp {
     fn reply(&mut self, command: &str) -> Result<Value, QmpError> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            if Instant::now() > deadline {
-                return Err(QmpError::Timeout(command.to_owned()));
-            }
-            let message = self.read_message(command)?;
+            let message = self.read_message_by(command, deadline)?;
             if message.get("event").is_some() {
-                if self.events.len() < 1024 {
-                    self.events.push(message);
-                }
+                self.keep_event(message);
                 continue;
             }
             if let Some(value) = message.get("return") {
@@ -184,6 +212,21 @@ impl Qmp {
             }
             return Err(QmpError::Protocol(format!("unexpected reply {message}")));
         }
+    }
+
+    fn keep_event(&mut self, event: Value) {
+        let size = event.to_string().len();
+        if self.events.len() < MAX_EVENTS && self.event_bytes + size <= MAX_EVENT_BYTES {
+            self.event_bytes += size;
+            self.events.push(event);
+        } else {
+            self.dropped_events += 1;
+        }
+    }
+
+    /// Events dropped because too many arrived unread.
+    pub fn dropped_events(&self) -> u64 {
+        self.dropped_events
     }
 
     /// Polls `query-migrate` until the migration completes, fails or `timeout` passes.
@@ -241,6 +284,7 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::os::unix::net::UnixListener;
 
     /// A fake QEMU that sends `script` lines after reading each request.
@@ -301,5 +345,72 @@ mod tests {
             qmp.execute("query-status", None),
             Err(QmpError::Timeout(_)) | Err(QmpError::Protocol(_))
         ));
+    }
+
+    /// A hostile QEMU: floods events before its reply, drips a reply byte by byte, sends a
+    /// line without end. The session stays bounded in memory and in time.
+    #[test]
+    fn a_hostile_qemu_cannot_hold_memory_or_time() {
+        let dir = tempfile::tempdir().expect("dir");
+        let listener = UnixListener::bind(dir.path().join("qmp.sock")).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            stream
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .expect("greet");
+            reader.read_line(&mut line).expect("capabilities");
+            stream.write_all(b"{\"return\": {}}\n").expect("reply");
+            // 1: 5,000 events of 1 KiB each, then the reply.
+            reader.read_line(&mut line).expect("request");
+            let event = format!(
+                "{{\"event\": \"X\", \"data\": {{\"pad\": \"{}\"}}}}\n",
+                "p".repeat(1000)
+            );
+            for _ in 0..5_000 {
+                if stream.write_all(event.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            stream
+                .write_all(b"{\"return\": {\"ok\": 1}}\n")
+                .expect("reply");
+            // 2: a reply dripped slower than the deadline allows.
+            reader.read_line(&mut line).expect("request");
+            for byte in b"{\"return\": {}}\n" {
+                if stream.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            // 3: a line that never ends.
+            reader.read_line(&mut line).expect("request");
+            let chunk = vec![b'x'; 64 << 10];
+            while stream.write_all(&chunk).is_ok() {}
+        });
+        let mut qmp =
+            Qmp::connect(&dir.path().join("qmp.sock"), Duration::from_secs(2)).expect("connect");
+        let reply = qmp
+            .execute("flood", None)
+            .expect("the reply after the flood");
+        assert_eq!(reply["ok"], 1);
+        assert!(qmp.events.len() <= MAX_EVENTS && qmp.event_bytes <= MAX_EVENT_BYTES);
+        assert!(qmp.dropped_events() >= 5_000 - MAX_EVENTS as u64);
+        let started = Instant::now();
+        assert!(matches!(
+            qmp.execute("drip", None),
+            Err(QmpError::Timeout(_))
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "bounded by the deadline"
+        );
+        assert!(matches!(
+            qmp.execute("endless", None),
+            Err(QmpError::Protocol(_)) | Err(QmpError::Timeout(_))
+        ));
+        drop(qmp);
+        let _ = server.join();
     }
 }

@@ -11,7 +11,8 @@ use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest, PostRestoreRequest, ShutdownAction};
 use kiln_vmm::accel::{resolve, Accel, AccelChoice};
-use kiln_vmm::qemu::{BootConfig, DiskFormat, MemoryBacking, QemuProcess};
+use kiln_vmm::driver::{DiskLayer, MemoryBacking};
+use kiln_vmm::qemu::{Attachments, BootConfig, QemuProcess};
 
 async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
     let result = client
@@ -27,6 +28,20 @@ async fn exec(client: &AgentClient, script: &str) -> (i32, String) {
 /// powers off.
 async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect: &str) {
     let run_dir = tempfile::tempdir().expect("run dir");
+    // The guest writes to a layer of its own; the image stays untouched.
+    let overlay = run_dir.path().join("disk.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&overlay)
+        .arg(
+            std::fs::metadata(&images.rootfs.image)
+                .expect("rootfs")
+                .len()
+                .to_string(),
+        )
+        .status()
+        .expect("qemu-img");
+    assert!(created.success());
     // Under TCG on every host: the images must not depend on KVM to boot.
     let accel = resolve(AccelChoice::Fixed(Accel::Tcg));
     let config = BootConfig {
@@ -35,23 +50,27 @@ async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect
         memory_mib: images.spec.resources.memory_mib,
         kernel: images.kernel.vmlinux.clone(),
         initramfs: images.kernel.initramfs.clone(),
-        root_disk: images.rootfs.image.clone(),
-        root_disk_format: DiskFormat::Raw,
-        root_disk_snapshot: true,
+        root_disk: vec![
+            DiskLayer::qcow2(&overlay),
+            DiskLayer::raw(&images.rootfs.image),
+        ],
         extra_cmdline: Vec::new(),
-        run_dir: run_dir.path().to_owned(),
+        run_dir: run_dir.path().join("run"),
         memory: MemoryBacking::Anonymous,
         incoming: false,
-        nic: None,
+        nic_mac: None,
         run_as: None,
         // The strictest filter (no set*id at all) holds for a plain boot.
         seccomp: true,
     };
     let started = Instant::now();
-    let mut qemu =
-        QemuProcess::spawn(Path::new("qemu-system-x86_64"), config).expect("QEMU starts");
-    qemu.wait_for_agent_socket(Duration::from_secs(30))
-        .expect("agent socket");
+    let mut qemu = QemuProcess::spawn(
+        Path::new("qemu-system-x86_64"),
+        config,
+        Attachments::default(),
+    )
+    .expect("QEMU starts");
+    qemu.wait_started().expect("QEMU answers");
     let client = AgentClient::new(
         Arc::new(UnixConnector::new(qemu.config().agent_socket())),
         ClientConfig {
