@@ -16,6 +16,7 @@ KILN_QEMU_GENERATION=10.0
 KILN_PACKAGES=(
   util-linux mount iproute2 coreutils hostname gcc binutils kmod
   e2fsprogs xfsprogs mmdebstrap xz-utils zstd cpio curl ca-certificates python3
+  nftables conntrack dnsmasq-base openssl
 )
 
 # The QEMU family: every package whose version must be the same generation.
@@ -41,6 +42,10 @@ KILN_TOOLS=(
   "cpio:cpio"
   "curl:curl"
   "python3:python3"
+  "nft:nftables"
+  "conntrack:conntrack"
+  "dnsmasq:dnsmasq-base"
+  "openssl:openssl"
   "qemu-system-x86_64:qemu-system-x86"
   "qemu-img:qemu-utils"
 )

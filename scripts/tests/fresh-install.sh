@@ -101,6 +101,8 @@ step "every tool kiln calls runs, every QEMU binary reports QEMU $KILN_QEMU_GENE
 version_flag() {
   case "$1" in
     ip) echo -V ;;
+    nft | conntrack | dnsmasq) echo --version ;;
+    openssl) echo version ;;
     mkfs.ext4 | debugfs | filefrag | mkfs.xfs) echo -V ;;
     *) echo --version ;;
   esac

@@ -10,7 +10,8 @@ use kiln_control::{CreateSandbox, SandboxFilter};
 
 use crate::types::{
     BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, ErrorBody, HealthBody,
-    KeyBody, KeyList, SandboxBody, SandboxList, TemplateBody, TemplateList, UpdateSandboxBody,
+    KeyBody, KeyList, NetworkBody, SandboxBody, SandboxList, TemplateBody, TemplateList,
+    UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -158,6 +159,7 @@ pub(crate) async fn create_sandbox(
     Caller(who): Caller,
     Json(body): Json<CreateSandboxBody>,
 ) -> Result<(StatusCode, Json<SandboxBody>), ApiError> {
+    let network = egress_policy(body.network.as_ref())?;
     let record = state
         .control
         .create_sandbox(
@@ -170,6 +172,7 @@ pub(crate) async fn create_sandbox(
                 cpus: body.cpus,
                 memory_mib: body.memory_mib,
                 disk_mib: body.disk_mib,
+                network,
             },
         )
         .await?;
@@ -242,11 +245,22 @@ pub(crate) async fn get_sandbox(
     Ok(Json(state.control.get_sandbox(&who, &id)?.into()))
 }
 
-/// Sets a sandbox's time to live, counted from now.
+/// The egress policy a request body describes, if any (400 naming a bad entry).
+fn egress_policy(
+    body: Option<&NetworkBody>,
+) -> Result<Option<kiln_network::policy::EgressPolicy>, ApiError> {
+    body.map(NetworkBody::parse)
+        .transpose()
+        .map_err(ApiError::invalid)
+}
+
+/// Changes a sandbox: its time to live (counted from now), its egress policy (replaced
+/// atomically), or both. Fields not given stay as they are.
 #[utoipa::path(patch, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = UpdateSandboxBody,
-    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = SandboxBody), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody),
               (status = 409, body = ErrorBody, description = "The sandbox failed")))]
 pub(crate) async fn update_sandbox(
     State(state): State<AppState>,
@@ -254,9 +268,12 @@ pub(crate) async fn update_sandbox(
     Path(id): Path<String>,
     Json(body): Json<UpdateSandboxBody>,
 ) -> Result<Json<SandboxBody>, ApiError> {
-    let record = state
-        .control
-        .set_ttl(&who, &id, Duration::from_secs(body.ttl_secs))?;
+    let network = egress_policy(body.network.as_ref())?;
+    let update = kiln_control::SandboxUpdate {
+        ttl: body.ttl_secs.map(Duration::from_secs),
+        network,
+    };
+    let record = state.control.update_sandbox(&who, &id, update).await?;
     Ok(Json(record.into()))
 }
 

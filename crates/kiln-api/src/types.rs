@@ -37,6 +37,72 @@ pub struct SandboxBody {
     pub expires_at_ms: Option<i64>,
     /// Its time to live in seconds (what a keepalive restarts).
     pub ttl_secs: Option<u64>,
+    /// The egress policy in force (absent where the host has no sandbox networking).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkBody>,
+}
+
+/// A sandbox's egress policy.
+///
+/// Entries are IPv4 addresses or CIDRs (`203.0.113.0/24`), domain names (`example.test`) or
+/// wildcards (`*.example.test`: every name below `example.test`, not `example.test` itself).
+/// `deny_out` wins over `allow_out`. Names are enforced by kiln's resolver (names not allowed
+/// do not resolve) and, on HTTP and HTTPS, by a proxy that checks the Host header or TLS server
+/// name and connects to the address it resolved itself; QUIC is refused under a name list.
+/// Always denied, whatever the policy: the host's own addresses, other sandboxes,
+/// link-local and cloud metadata (169.254.0.0/16), and unless the operator opens them RFC 1918
+/// and 100.64.0.0/10; an `allow_out` entry inside those is a 400.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkBody {
+    /// Everything not denied is reachable; `false`: only what `allow_out` names.
+    #[serde(default = "default_internet")]
+    pub internet: bool,
+    /// Reachable even without internet (at most 256 entries).
+    #[serde(default)]
+    #[schema(max_items = 256)]
+    pub allow_out: Vec<String>,
+    /// Never reachable (at most 256 entries).
+    #[serde(default)]
+    #[schema(max_items = 256)]
+    pub deny_out: Vec<String>,
+}
+
+fn default_internet() -> bool {
+    true
+}
+
+impl From<kiln_network::policy::EgressPolicy> for NetworkBody {
+    fn from(policy: kiln_network::policy::EgressPolicy) -> Self {
+        let show = |list: &[kiln_network::policy::Destination]| {
+            list.iter().map(ToString::to_string).collect()
+        };
+        NetworkBody {
+            internet: policy.internet,
+            allow_out: show(&policy.allow_out),
+            deny_out: show(&policy.deny_out),
+        }
+    }
+}
+
+impl NetworkBody {
+    /// The policy it describes; an entry that is neither an address nor a name is refused,
+    /// named.
+    pub fn parse(&self) -> Result<kiln_network::policy::EgressPolicy, String> {
+        let parse = |field: &str, list: &[String]| {
+            list.iter()
+                .map(|entry| {
+                    kiln_network::policy::Destination::parse(entry)
+                        .map_err(|e| format!("network.{field}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(kiln_network::policy::EgressPolicy {
+            internet: self.internet,
+            allow_out: parse("allow_out", &self.allow_out)?,
+            deny_out: parse("deny_out", &self.deny_out)?,
+        })
+    }
 }
 
 impl From<kiln_control::SandboxRecord> for SandboxBody {
@@ -50,6 +116,7 @@ impl From<kiln_control::SandboxRecord> for SandboxBody {
             created_at_ms: record.created_at_ms,
             expires_at_ms: record.expires_at_ms,
             ttl_secs: record.ttl_ms.map(|ms| (ms / 1000) as u64),
+            network: record.network.map(Into::into),
         }
     }
 }
@@ -88,14 +155,23 @@ pub struct CreateSandboxBody {
     /// Root disk size in MiB, at least the template's.
     #[serde(default)]
     pub disk_mib: Option<u64>,
+    /// Egress policy (the host's default, normally internet on, if absent).
+    #[serde(default)]
+    pub network: Option<NetworkBody>,
 }
 
-/// Change a sandbox.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+/// Change a sandbox: every field is optional, at least one must be given, and a field not
+/// given stays as it is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSandboxBody {
     /// New time to live in seconds, counted from now.
-    pub ttl_secs: u64,
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// New egress policy, replacing the old one atomically: new connections follow it at
+    /// once, and established connections to destinations it denies are cut.
+    #[serde(default)]
+    pub network: Option<NetworkBody>,
 }
 
 /// A command: a shell command line (run by `/bin/sh -c`) or an argv array.

@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use kiln_api::types::{
     BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
-    FileListBody, InteractiveInputBody, InteractiveStartBody, SandboxBody, SandboxList,
-    TemplateList, TerminalSize, WrittenBody,
+    FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody, SandboxBody,
+    SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -183,10 +183,60 @@ pub struct CreateArgs {
     /// Root disk size in MiB.
     #[arg(long)]
     pub disk_mib: Option<u64>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+}
+
+/// Egress policy options.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NetworkArgs {
+    /// No internet: only what --allow-out names is reachable.
+    #[arg(long, conflicts_with = "internet")]
+    pub no_internet: bool,
+    /// Internet on (the daemon's usual default).
+    #[arg(long)]
+    pub internet: bool,
+    /// Reachable even without internet: an IPv4 address, a CIDR, a name (example.com) or
+    /// every name below one (*.example.com). Repeatable.
+    #[arg(long = "allow-out", value_name = "DEST")]
+    pub allow_out: Vec<String>,
+    /// Never reachable (wins over --allow-out): an address, a CIDR or a name. Repeatable.
+    #[arg(long = "deny-out", value_name = "DEST")]
+    pub deny_out: Vec<String>,
+}
+
+impl NetworkArgs {
+    fn given(&self) -> bool {
+        self.no_internet || self.internet || !self.allow_out.is_empty() || !self.deny_out.is_empty()
+    }
+
+    /// The policy these options make of `base` (lists given replace the base's).
+    fn apply_to(&self, mut base: NetworkBody) -> NetworkBody {
+        if self.no_internet {
+            base.internet = false;
+        }
+        if self.internet {
+            base.internet = true;
+        }
+        if !self.allow_out.is_empty() {
+            base.allow_out = self.allow_out.clone();
+        }
+        if !self.deny_out.is_empty() {
+            base.deny_out = self.deny_out.clone();
+        }
+        base
+    }
 }
 
 impl CreateArgs {
     fn body(&self) -> Result<CreateSandboxBody> {
+        let network = self.network.given().then(|| {
+            self.network.apply_to(NetworkBody {
+                internet: true,
+                allow_out: Vec::new(),
+                deny_out: Vec::new(),
+            })
+        });
         Ok(CreateSandboxBody {
             template: self.template.clone(),
             ttl_secs: self.ttl,
@@ -195,6 +245,7 @@ impl CreateArgs {
             cpus: self.cpus,
             memory_mib: self.memory_mib,
             disk_mib: self.disk_mib,
+            network,
         })
     }
 }
@@ -285,6 +336,46 @@ pub async fn get(client: &Client, id: &str) -> Result<()> {
         .json(client.request(Method::GET, &format!("/v1/sandboxes/{id}")))
         .await?;
     print_json(&sandbox)
+}
+
+/// Shows a sandbox's egress policy, or changes it (options given replace what they name;
+/// the rest stays).
+pub async fn net(client: &Client, id: &str, args: &NetworkArgs, json: bool) -> Result<()> {
+    let path = format!("/v1/sandboxes/{id}");
+    let mut sandbox: SandboxBody = client.json(client.request(Method::GET, &path)).await?;
+    if args.given() {
+        let current = sandbox.network.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "sandbox {id} has no network policy: the daemon runs without sandbox networking"
+            )
+        })?;
+        let body = UpdateSandboxBody {
+            network: Some(args.apply_to(current)),
+            ..UpdateSandboxBody::default()
+        };
+        sandbox = client
+            .json(client.request(Method::PATCH, &path).json(&body))
+            .await?;
+    }
+    let Some(network) = sandbox.network else {
+        anyhow::bail!(
+            "sandbox {id} has no network policy: the daemon runs without sandbox networking"
+        );
+    };
+    if json {
+        return print_json(&network);
+    }
+    println!("internet:  {}", if network.internet { "on" } else { "off" });
+    let list = |entries: &[String]| {
+        if entries.is_empty() {
+            "-".to_owned()
+        } else {
+            entries.join(", ")
+        }
+    };
+    println!("allow out: {}", list(&network.allow_out));
+    println!("deny out:  {}", list(&network.deny_out));
+    Ok(())
 }
 
 /// Destroys sandboxes.

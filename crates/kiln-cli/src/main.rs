@@ -139,6 +139,19 @@ enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Show a sandbox's egress policy, or change it while it runs (new connections follow
+    /// the new policy at once; established ones to what it denies are cut).
+    ///
+    /// Example: kiln sandbox net sb-1234 --no-internet --allow-out '*.pypi.org'
+    Net {
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        network: client_cmd::NetworkArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +320,9 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+            SandboxCommand::Net { id, network, json } => {
+                client_cmd::net(&client, &id, &network, json).await?
+            }
         },
         Commands::Exec { id, exec } => return client_cmd::exec(&client, &id, &exec).await,
         Commands::Shell { id, command } => return client_cmd::shell(&client, &id, &command).await,

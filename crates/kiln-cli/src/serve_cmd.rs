@@ -54,6 +54,38 @@ pub struct ServeArgs {
     /// Largest file upload in bytes [default: 4 GiB].
     #[arg(long)]
     pub max_upload_bytes: Option<u64>,
+    /// Sandbox networking: `on` (each sandbox gets a link to the host, NAT egress with a
+    /// policy, DNS) or `off` (a namespace and a tap, no way out) [default: on].
+    #[arg(long, env = "KILN_NETWORK", value_parser = ["on", "off"])]
+    pub network: Option<String>,
+    /// Addresses for sandbox links, two per sandbox (a /16 holds 32,767) [default:
+    /// 10.251.0.0/16]. Must not overlap the host's routes.
+    #[arg(long, env = "KILN_NETWORK_POOL")]
+    pub network_pool: Option<ipnet::Ipv4Net>,
+    /// Prefix of the names this daemon makes: network namespaces, host interfaces, the
+    /// nftables table; at most 9 characters [default: kiln-]. Two daemons on one host need
+    /// different prefixes, pools and route tables.
+    #[arg(long, env = "KILN_NAME_PREFIX")]
+    pub name_prefix: Option<String>,
+    /// The interface sandbox traffic leaves by [default: the host's default route's].
+    #[arg(long, env = "KILN_EGRESS_INTERFACE")]
+    pub egress_interface: Option<String>,
+    /// The next hop on --egress-interface [default: directly on the link].
+    #[arg(long, env = "KILN_EGRESS_GATEWAY")]
+    pub egress_gateway: Option<std::net::Ipv4Addr>,
+    /// Routing table (and rule priorities N and N+1) for sandbox traffic [default: 7251].
+    #[arg(long)]
+    pub route_table: Option<u32>,
+    /// Whether sandboxes created without a network policy reach the internet [default: true].
+    #[arg(long)]
+    pub default_internet: Option<bool>,
+    /// Let sandbox policies open RFC 1918 and 100.64.0.0/10 (the operator's LAN); without
+    /// it they are always denied.
+    #[arg(long)]
+    pub allow_private_egress: bool,
+    /// A range no sandbox may reach, beyond the built-in ones; repeatable.
+    #[arg(long)]
+    pub deny_egress: Vec<ipnet::Ipv4Net>,
 }
 
 /// The config file.
@@ -71,6 +103,15 @@ struct FileConfig {
     max_ttl_secs: Option<u64>,
     prestart: Option<usize>,
     max_upload_bytes: Option<u64>,
+    network: Option<String>,
+    network_pool: Option<ipnet::Ipv4Net>,
+    name_prefix: Option<String>,
+    egress_interface: Option<String>,
+    egress_gateway: Option<std::net::Ipv4Addr>,
+    route_table: Option<u32>,
+    default_internet: Option<bool>,
+    allow_private_egress: Option<bool>,
+    deny_egress: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 /// Everything `kiln serve` runs with, checked.
@@ -151,10 +192,45 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         .data_dir
         .or(file.data_dir)
         .unwrap_or_else(|| PathBuf::from("/var/lib/kiln"));
+    let network = match args.network.or(file.network).as_deref() {
+        None | Some("on") => {
+            let defaults = kiln_network::NetworkConfig::new();
+            Some(kiln_network::NetworkConfig {
+                pool: args
+                    .network_pool
+                    .or(file.network_pool)
+                    .unwrap_or(defaults.pool),
+                prefix: args
+                    .name_prefix
+                    .or(file.name_prefix)
+                    .unwrap_or(defaults.prefix),
+                egress_interface: args.egress_interface.or(file.egress_interface),
+                egress_gateway: args.egress_gateway.or(file.egress_gateway),
+                route_table: args
+                    .route_table
+                    .or(file.route_table)
+                    .unwrap_or(defaults.route_table),
+                default_internet: args
+                    .default_internet
+                    .or(file.default_internet)
+                    .unwrap_or(defaults.default_internet),
+                allow_private: args.allow_private_egress
+                    || file.allow_private_egress.unwrap_or(false),
+                denied: if args.deny_egress.is_empty() {
+                    file.deny_egress.unwrap_or_default()
+                } else {
+                    args.deny_egress
+                },
+            })
+        }
+        Some("off") => None,
+        Some(other) => bail!("setting `network`: `{other}` is neither `on` nor `off`"),
+    };
     let engine = EngineConfig {
         accel,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
         prestart,
+        network,
         ..EngineConfig::new(&data_dir)
     };
     Ok(Settings {

@@ -127,19 +127,20 @@ impl Daemon {
     /// `vmm.pid` record each VM directory holds (pid and start time: a reused pid is not
     /// counted). A VMM's command line names only paths inside its jail.
     fn vmm_pids(&self) -> Vec<u32> {
+        self.vm_dirs()
+            .iter()
+            .filter_map(|dir| recorded_vmm(dir))
+            .collect()
+    }
+
+    /// Every VM directory of this daemon (sandboxes, pre-started VMMs, bakes).
+    fn vm_dirs(&self) -> Vec<PathBuf> {
         let state = self.data.path().join("state");
-        let mut pids = Vec::new();
-        for dir in ["sandboxes", "templates"] {
-            let Ok(entries) = std::fs::read_dir(state.join(dir)) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if let Some(pid) = recorded_vmm(&entry.path()) {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids
+        ["sandboxes", "templates"]
+            .iter()
+            .filter_map(|dir| std::fs::read_dir(state.join(dir)).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .collect()
     }
 
     fn kill_daemon(&mut self) {
@@ -164,22 +165,35 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill_daemon();
+        let names = self.recorded_names();
         for pid in self.vmm_pids() {
             // SAFETY: as above; these VMMs were started by this test's daemon.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(200));
-        for id in &self.sandboxes {
-            let netns = Path::new("/run/netns").join(format!("kiln-{id}"));
+        for name in names.iter().chain(&self.sandboxes) {
+            let netns = Path::new("/run/netns").join(format!("kiln-{name}"));
             if netns.exists() {
                 let _ = Command::new("ip")
-                    .args(["netns", "del", &format!("kiln-{id}")])
+                    .args(["netns", "del", &format!("kiln-{name}")])
                     .status();
             }
-            for dir in cgroup_dirs(id) {
+            for dir in cgroup_dirs(name) {
                 let _ = std::fs::remove_dir(dir);
             }
         }
+    }
+}
+
+impl Daemon {
+    /// The resource names (namespace, cgroup) of every VM this daemon recorded: sandboxes,
+    /// pre-started VMMs and bakes.
+    fn recorded_names(&self) -> Vec<String> {
+        self.vm_dirs()
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("vmm.pid")).ok())
+            .filter_map(|record| record.split_whitespace().nth(2).map(str::to_owned))
+            .collect()
     }
 }
 

@@ -77,6 +77,12 @@ impl From<EngineError> for ControlError {
                 id,
             },
             EngineError::Exhausted(message) => ControlError::Unavailable(message),
+            EngineError::Network(kiln_network::NetworkError::Policy(message)) => {
+                ControlError::Invalid(message)
+            }
+            EngineError::Network(kiln_network::NetworkError::Exhausted(message)) => {
+                ControlError::Unavailable(message)
+            }
             other => ControlError::Internal(chain(&other)),
         }
     }
@@ -173,6 +179,17 @@ pub struct CreateSandbox {
     pub memory_mib: Option<u64>,
     /// Root disk size in MiB.
     pub disk_mib: Option<u64>,
+    /// Egress policy (the host's default if absent).
+    pub network: Option<kiln_network::policy::EgressPolicy>,
+}
+
+/// What an update of a sandbox changes (at least one field; the others stay as they are).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxUpdate {
+    /// New time to live, counted from now.
+    pub ttl: Option<Duration>,
+    /// New egress policy, replacing the old one atomically.
+    pub network: Option<kiln_network::policy::EgressPolicy>,
 }
 
 /// Lifecycle events buffered per tenant for its subscribers.
@@ -302,6 +319,7 @@ impl Control {
                 template: record.template,
                 created_at_ms: record.created_at_ms.max(0) as u64,
                 expires_at_ms: record.expires_at_ms.map(|ms| ms.max(0) as u64),
+                egress: record.network,
             })
             .collect();
         for (id, result) in self.inner.engine.recover(wanted).await {
@@ -524,6 +542,7 @@ impl Control {
                     cpus: request.cpus,
                     memory_mib: request.memory_mib,
                     disk_mib: request.disk_mib,
+                    network: request.network,
                     ..CreateOptions::default()
                 },
             )
@@ -540,6 +559,7 @@ impl Control {
             ttl_ms: Some(ttl.as_millis() as i64),
             created_at_ms: info.created_at_ms as i64,
             expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
+            network: sandbox.egress(),
         };
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
@@ -640,16 +660,38 @@ impl Control {
         Ok(())
     }
 
-    /// Sets the time to live of the caller's sandbox `id`, counted from now.
-    pub fn set_ttl(
+    /// Changes the caller's sandbox `id`: its time to live (counted from now) and its egress
+    /// policy (replaced atomically; established connections to what it now denies are cut).
+    /// Fields not given stay as they are; at least one must be.
+    pub async fn update_sandbox(
         &self,
         who: &Principal,
         id: &str,
-        ttl: Duration,
+        update: SandboxUpdate,
     ) -> Result<SandboxRecord, ControlError> {
-        self.check_ttl(ttl)?;
-        let (sandbox, record) = self.live(who, id)?;
-        self.apply_ttl(&sandbox, record, ttl)
+        if update.ttl.is_none() && update.network.is_none() {
+            return Err(ControlError::Invalid(
+                "nothing to change: give ttl_secs, network or both".into(),
+            ));
+        }
+        if let Some(ttl) = update.ttl {
+            self.check_ttl(ttl)?;
+        }
+        let (sandbox, mut record) = self.live(who, id)?;
+        if let Some(policy) = update.network {
+            let applied = Arc::clone(&sandbox);
+            tokio::task::spawn_blocking(move || applied.set_egress(policy))
+                .await
+                .map_err(|e| ControlError::Internal(format!("policy task: {e}")))??;
+            record.network = sandbox.egress();
+            if let Some(policy) = &record.network {
+                self.inner.store.set_network(id, policy)?;
+            }
+        }
+        match update.ttl {
+            Some(ttl) => self.apply_ttl(&sandbox, record, ttl),
+            None => Ok(record),
+        }
     }
 
     /// Restarts the time to live of the caller's sandbox `id` with its current length.
@@ -733,6 +775,7 @@ impl Control {
                 Err(e) => tracing::warn!(sandbox = %info.id, error = %e, "destroying at shutdown"),
             }
         }
+        self.inner.engine.close_network();
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -37,7 +37,8 @@ CREATE TABLE sandboxes (
     env TEXT NOT NULL,
     ttl_ms INTEGER,
     created_at_ms INTEGER NOT NULL,
-    expires_at_ms INTEGER
+    expires_at_ms INTEGER,
+    network TEXT
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
@@ -47,6 +48,8 @@ CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 const MIGRATIONS: &[&str] = &[
     // 1 -> 2: every command of a sandbox gets the env given at create.
     "ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';",
+    // 2 -> 3: a sandbox's egress policy (JSON; NULL without networking).
+    "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
 ];
 
 /// Errors of the store.
@@ -111,7 +114,12 @@ pub struct SandboxRecord {
     pub created_at_ms: i64,
     /// When the engine destroys it.
     pub expires_at_ms: Option<i64>,
+    /// Its egress policy (`None` without networking).
+    pub network: Option<kiln_network::policy::EgressPolicy>,
 }
+
+/// A sandbox row with its JSON columns (metadata, env, network) not parsed yet.
+type RawSandbox = (SandboxRecord, String, String, Option<String>);
 
 /// Which sandboxes to list.
 #[derive(Debug, Clone, Default)]
@@ -288,10 +296,16 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let env =
             serde_json::to_string(&record.env).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let network = record
+            .network
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
-                                    created_at_ms, expires_at_ms, env)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                    created_at_ms, expires_at_ms, env, network)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 record.id,
                 record.tenant,
@@ -302,15 +316,28 @@ impl Store {
                 record.ttl_ms,
                 record.created_at_ms,
                 record.expires_at_ms,
-                env
+                env,
+                network
             ],
         )?;
         Ok(())
     }
 
-    fn sandbox_from_row(
-        row: &rusqlite::Row<'_>,
-    ) -> rusqlite::Result<(SandboxRecord, String, String)> {
+    /// Records sandbox `id`'s new egress policy.
+    pub fn set_network(
+        &self,
+        id: &str,
+        policy: &kiln_network::policy::EgressPolicy,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(policy).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.conn().execute(
+            "UPDATE sandboxes SET network = ?2 WHERE id = ?1",
+            params![id, json],
+        )?;
+        Ok(())
+    }
+
+    fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         Ok((
             SandboxRecord {
                 id: row.get(0)?,
@@ -323,14 +350,20 @@ impl Store {
                 ttl_ms: row.get(6)?,
                 created_at_ms: row.get(7)?,
                 expires_at_ms: row.get(8)?,
+                network: None,
             },
             row.get::<_, String>(5)?,
             row.get::<_, String>(9)?,
+            row.get::<_, Option<String>>(10)?,
         ))
     }
 
-    fn finish(raw: (SandboxRecord, String, String)) -> Result<SandboxRecord, StoreError> {
-        let (mut record, metadata, env) = raw;
+    fn finish(raw: RawSandbox) -> Result<SandboxRecord, StoreError> {
+        let (mut record, metadata, env, network) = raw;
+        record.network = network
+            .map(|n| serde_json::from_str(&n))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("network of {}: {e}", record.id)))?;
         record.metadata = serde_json::from_str(&metadata)
             .map_err(|e| StoreError::Corrupt(format!("metadata of {}: {e}", record.id)))?;
         record.env = serde_json::from_str(&env)
@@ -339,7 +372,7 @@ impl Store {
     }
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
-                                           ttl_ms, created_at_ms, expires_at_ms, env";
+                                           ttl_ms, created_at_ms, expires_at_ms, env, network";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -461,6 +494,7 @@ mod tests {
             ttl_ms: Some(60_000),
             created_at_ms: at,
             expires_at_ms: Some(at + 60_000),
+            network: Some(kiln_network::policy::EgressPolicy::open(false)),
         }
     }
 

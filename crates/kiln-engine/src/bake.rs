@@ -304,10 +304,15 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     };
     let spec = shape.vm_spec(&run_dir, vm_disk.clone(), memory, false);
     let name = format!("bake-{}", hex::encode(rand::random::<[u8; 4]>()));
-    let limits = crate::sandbox::default_limits(&shape);
-    let (confinement, resources) =
-        crate::sandbox::confine(engine, &name, limits, &[&vm_disk[0].path, &memory_file])?;
-    let mut qemu = crate::sandbox::launch_recorded(engine, spec, confinement, out, &name)?;
+    let limits = crate::confine::default_limits(&shape);
+    let (confinement, resources) = crate::confine::confine(
+        engine,
+        &name,
+        limits,
+        &[&vm_disk[0].path, &memory_file],
+        None,
+    )?;
+    let mut qemu = crate::confine::launch_recorded(engine, spec, confinement, out, &name)?;
     tokio::task::block_in_place(|| qemu.wait_started(Duration::from_secs(30)))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
@@ -430,7 +435,7 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
 /// VMM never held: a reflink or copy of a raw disk, a jailed rewrite of a qcow2 layer (its
 /// header never followed). The VMM's file is removed.
 fn seal_disk(
-    resources: &crate::sandbox::VmResources,
+    resources: &crate::confine::VmResources,
     jail_root: &Path,
     vm_disk: &[DiskLayer],
     sealed: &Path,
@@ -491,10 +496,10 @@ pub(crate) async fn cold_boot(
         false,
     );
     let name = format!("cold-{}", hex::encode(rand::random::<[u8; 4]>()));
-    let limits = crate::sandbox::default_limits(&shape);
-    let (confinement, resources) = crate::sandbox::confine(engine, &name, limits, &[&disk])?;
+    let limits = crate::confine::default_limits(&shape);
+    let (confinement, resources) = crate::confine::confine(engine, &name, limits, &[&disk], None)?;
     let start = Instant::now();
-    let mut vm = crate::sandbox::launch_recorded(engine, spec, confinement, dir.path(), &name)?;
+    let mut vm = crate::confine::launch_recorded(engine, spec, confinement, dir.path(), &name)?;
     tokio::task::block_in_place(|| vm.wait_started(Duration::from_secs(30)))?;
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(vm.agent_socket())),

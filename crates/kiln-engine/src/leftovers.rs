@@ -54,7 +54,7 @@ pub fn kill_if_same(pid: u32, ticks: u64, timeout: Duration) {
 pub(crate) fn remove_vm_dir(
     dir: &Path,
     default_name: Option<&str>,
-    cgroups: Option<&crate::cgroup::Cgroups>,
+    engine: &crate::Inner,
 ) -> Result<(), EngineError> {
     let mut name = default_name.map(str::to_owned);
     if let Some((pid, ticks, recorded)) = read_pid_file(dir) {
@@ -62,10 +62,10 @@ pub(crate) fn remove_vm_dir(
         name = Some(recorded);
     }
     let released = match &name {
-        Some(name) => crate::sandbox::VmResources::existing(cgroups, name, None).release(),
+        Some(name) => crate::confine::VmResources::existing(engine, name, None).release(),
         None => Ok(()),
     };
-    let removed = crate::sandbox::remove_dir_if_present(dir)
+    let removed = crate::confine::remove_dir_if_present(dir)
         .map_err(|e| EngineError::io("removing a leftover directory", e));
     released.and(removed)
 }

@@ -5,9 +5,11 @@
 
 pub mod bake;
 pub mod cgroup;
+mod confine;
 pub mod disk;
 pub mod leftovers;
 pub mod persist;
+mod prestart;
 pub mod sandbox;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,6 +75,9 @@ pub enum EngineError {
     /// A limited resource ran out.
     #[error("{0}")]
     Exhausted(String),
+    /// Sandbox networking failed or refused a policy.
+    #[error(transparent)]
+    Network(#[from] kiln_network::NetworkError),
 }
 
 impl EngineError {
@@ -128,6 +133,9 @@ pub struct EngineConfig {
     /// VMMs kept started per template, waiting for device state, so that a create skips the
     /// VMM's start-up (at most [`MAX_PRESTART`]; they hold no guest state).
     pub prestart: usize,
+    /// Sandbox networking (links to the host, NAT egress with policy); `None`: sandboxes have
+    /// a namespace and a tap but no way out.
+    pub network: Option<kiln_network::NetworkConfig>,
 }
 
 /// Most VMMs kept pre-started per template.
@@ -143,6 +151,7 @@ impl EngineConfig {
             guest_log: None,
             confinement: ConfinementConfig::default(),
             prestart: 1,
+            network: None,
         }
     }
 }
@@ -189,11 +198,13 @@ pub(crate) struct Inner {
     pub(crate) reflink: bool,
     pub(crate) sandboxes: Mutex<BTreeMap<String, Arc<Sandbox>>>,
     /// Pre-started VMMs by template key.
-    pub(crate) prestarted: Mutex<std::collections::HashMap<String, sandbox::PrestartPool>>,
+    pub(crate) prestarted: Mutex<std::collections::HashMap<String, prestart::PrestartPool>>,
     /// VMMs being pre-started right now; none start once the engine shuts down.
     pub(crate) prestarting: tokio::sync::watch::Sender<usize>,
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
     pub(crate) events: tokio::sync::broadcast::Sender<SandboxEvent>,
+    /// Sandbox networking, if configured.
+    pub(crate) network: Option<Arc<kiln_network::Network>>,
     uids: Mutex<BTreeSet<u32>>,
     /// Offset of the VMM uid to try first.
     next_uid: std::sync::atomic::AtomicU32,
@@ -221,6 +232,21 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// The network namespace of the VM named `name`.
+    pub(crate) fn netns_name(&self, name: &str) -> String {
+        let prefix = self
+            .config
+            .network
+            .as_ref()
+            .map_or("kiln-", |n| n.prefix.as_str());
+        format!("{prefix}{name}")
+    }
+
+    /// The egress policy a sandbox gets unless its create asks for another.
+    pub(crate) fn default_egress(&self) -> Option<kiln_network::policy::EgressPolicy> {
+        self.network.as_ref().map(|n| n.default_policy())
+    }
+
     /// Claims `uid` for an adopted VMM, if it is one of the engine's and free.
     pub(crate) fn claim_uid(self: &Arc<Self>, uid: u32) -> Option<VmUid> {
         let base = self.config.confinement.vm_uid_base?;
@@ -292,6 +318,10 @@ impl Engine {
                 })
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
         }
+        let network = match &config.network {
+            Some(network) => Some(Arc::new(kiln_network::Network::open(network.clone())?)),
+            None => None,
+        };
         let reflink = disk::supports_reflink(&config.data_dir.join("templates"));
         tracing::info!(
             disks = if reflink { "reflink" } else { "qcow2 overlay" },
@@ -308,6 +338,7 @@ impl Engine {
                 prestarting: tokio::sync::watch::Sender::new(0),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
                 events: tokio::sync::broadcast::Sender::new(1024),
+                network,
                 uids: Mutex::new(BTreeSet::new()),
                 // Start somewhere else on every run, so a restarted daemon does not hand
                 // out first the uids its predecessor used last.
@@ -324,6 +355,18 @@ impl Engine {
     /// The VMM driver.
     pub fn driver(&self) -> &dyn Hypervisor {
         self.inner.driver.as_ref()
+    }
+
+    /// Sandbox networking, if configured.
+    pub fn network(&self) -> Option<&Arc<kiln_network::Network>> {
+        self.inner.network.as_ref()
+    }
+
+    /// Removes the host's networking set-up (after every sandbox was destroyed).
+    pub fn close_network(&self) {
+        if let Some(network) = &self.inner.network {
+            network.shutdown();
+        }
     }
 
     /// The cgroup version sandboxes are limited with, if any.
@@ -366,7 +409,12 @@ impl Engine {
             start: images.rootfs.config.start.clone(),
             hostname: Some(images.spec.name.clone()),
             network: Some(bake::guest_network()),
-            ..InitRequest::default()
+            // The guest's gateway answers DNS (each sandbox's namespace sends it to the
+            // daemon's resolver).
+            dns: Some(kiln_proto::messages::DnsConfig {
+                nameservers: vec![kiln_net::GATEWAY_ADDRESS],
+                search: Vec::new(),
+            }),
         };
         let config = &self.inner.config;
         let shape = bake::MachineShape::with_guest_log(images, config.guest_log.as_deref());
@@ -477,7 +525,7 @@ impl Engine {
     /// Starts VMMs for `template` in the background, up to the configured number, so that its
     /// next creates skip the VMM's start-up (creates also do this after they take one).
     pub fn prestart(&self, template: &BakedTemplate) {
-        sandbox::refill(&self.inner, template);
+        prestart::refill(&self.inner, template);
     }
 
     /// Stops pre-starting, waits for VMMs being pre-started and removes every pre-started one
@@ -547,7 +595,7 @@ impl Engine {
             .map(|(id, _)| id.clone())
             .collect();
         let data_dir = self.data_dir().to_owned();
-        let cgroups = self.inner.cgroups.clone();
+        let inner = Arc::clone(&self.inner);
         tokio::task::block_in_place(|| {
             for (dir, prefix) in [("sandboxes", ""), ("templates", ".bake-")] {
                 let Ok(entries) = std::fs::read_dir(data_dir.join(dir)) else {
@@ -558,9 +606,7 @@ impl Engine {
                     if name.starts_with(prefix) && entry.path().is_dir() && !adopted.contains(&name)
                     {
                         tracing::info!(dir = %entry.path().display(), "removing what an earlier run left");
-                        if let Err(e) =
-                            leftovers::remove_vm_dir(&entry.path(), None, cgroups.as_ref())
-                        {
+                        if let Err(e) = leftovers::remove_vm_dir(&entry.path(), None, &inner) {
                             tracing::warn!(dir = %entry.path().display(), error = %e, "removing leftovers");
                         }
                     }
@@ -594,7 +640,7 @@ impl Engine {
             return Err(EngineError::Invalid(format!("`{id}` is not a sandbox id")));
         }
         let dir = self.data_dir().join("sandboxes").join(id);
-        leftovers::remove_vm_dir(&dir, Some(id), self.inner.cgroups.as_ref())
+        leftovers::remove_vm_dir(&dir, Some(id), &self.inner)
     }
 
     /// Destroys the sandbox `id`: its VMM, network namespace, cgroup and files.

@@ -11,17 +11,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
 use kiln_proto::messages::{Command, ExecRequest, PostRestoreRequest};
-use kiln_vmm::driver::{Confinement, DiskFormat, DiskLayer, MemoryBacking, PhaseTimings, Vm};
+use kiln_vmm::driver::{PhaseTimings, Vm};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-use crate::bake::MachineShape;
-use crate::cgroup::{CgroupLimits, SandboxCgroup};
-use crate::{lock, BakedTemplate, EngineError, Inner, VmUid};
+use kiln_network::policy::EgressPolicy;
 
-/// Memory the VMM process may use beyond the guest's RAM (its own heap, device buffers and,
-/// under TCG, translated code).
-const VMM_OVERHEAD_MIB: u64 = 256;
+use crate::cgroup::CgroupLimits;
+use crate::confine::{default_limits, VmResources, VMM_OVERHEAD_MIB};
+use crate::prestart::{prestart, refill, take_prestarted, Prestarted};
+use crate::{lock, BakedTemplate, EngineError, Inner};
 
 /// Options of a create.
 #[derive(Debug, Clone)]
@@ -40,6 +39,8 @@ pub struct CreateOptions {
     pub memory_mib: Option<u64>,
     /// Root disk size in MiB, at least the template's (the filesystem is grown to fill it).
     pub disk_mib: Option<u64>,
+    /// Egress policy (the network's default if `None`); needs networking.
+    pub network: Option<EgressPolicy>,
 }
 
 impl Default for CreateOptions {
@@ -51,6 +52,7 @@ impl Default for CreateOptions {
             cpus: None,
             memory_mib: None,
             disk_mib: None,
+            network: None,
         }
     }
 }
@@ -99,169 +101,6 @@ pub struct SandboxInfo {
     pub expires_at_ms: Option<u64>,
 }
 
-/// Host resources a VMM runs in; released on drop (best effort) or by [`VmResources::release`].
-#[derive(Debug)]
-pub(crate) struct VmResources {
-    netns: Option<kiln_net::netns::NetNs>,
-    cgroup: Option<SandboxCgroup>,
-    uid: Option<VmUid>,
-}
-
-impl VmResources {
-    /// The resources that VM `name` of an earlier run left (its namespace and cgroup, if they
-    /// exist), with the uid it runs as, if known.
-    pub(crate) fn existing(
-        cgroups: Option<&crate::cgroup::Cgroups>,
-        name: &str,
-        uid: Option<VmUid>,
-    ) -> VmResources {
-        VmResources {
-            netns: kiln_net::netns::NetNs::existing(&netns_name(name)),
-            cgroup: cgroups.and_then(|c| c.existing(name)),
-            uid,
-        }
-    }
-
-    /// Hands `paths` to the VMM's user, readable and writable by it alone: the files it
-    /// writes (its own disk; a bake's memory file). It runs unprivileged from its first
-    /// instruction, so it opens them with its own rights.
-    pub(crate) fn grant(&self, paths: &[&Path]) -> Result<(), EngineError> {
-        use std::os::unix::fs::PermissionsExt;
-        for path in paths {
-            let owner = self.uid.as_ref().map(|uid| uid.id);
-            std::os::unix::fs::chown(path, owner, owner)
-                .and_then(|()| {
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                })
-                .map_err(|e| {
-                    EngineError::io(&format!("handing {} to the VMM user", path.display()), e)
-                })?;
-        }
-        Ok(())
-    }
-
-    /// The user and group its processes run as, if not root.
-    pub(crate) fn run_as(&self) -> Option<(u32, u32)> {
-        self.uid.as_ref().map(|uid| (uid.id, uid.id))
-    }
-
-    /// Its cgroups' `cgroup.procs` files, for another process to join.
-    pub(crate) fn cgroup_procs(&self) -> Result<Vec<OwnedFd>, EngineError> {
-        Ok(match &self.cgroup {
-            Some(cgroup) => cgroup.procs_files()?,
-            None => Vec::new(),
-        })
-    }
-
-    /// Removes the network namespace and the cgroup, and gives the uid back. The VMM process
-    /// must be gone.
-    pub(crate) fn release(mut self) -> Result<(), EngineError> {
-        self.release_now()
-    }
-
-    /// Leaves the namespace and cgroup in place for a later run of the daemon.
-    fn detach(mut self) {
-        if let Some(netns) = self.netns.take() {
-            netns.detach();
-        }
-        self.cgroup = None;
-    }
-
-    fn release_now(&mut self) -> Result<(), EngineError> {
-        let mut first_error = None;
-        if let Some(netns) = self.netns.take() {
-            if let Err(e) = netns.remove() {
-                first_error.get_or_insert(EngineError::io("removing the network namespace", e));
-            }
-        }
-        if let Some(cgroup) = self.cgroup.take() {
-            if let Err(e) = cgroup.remove() {
-                first_error.get_or_insert(e.into());
-            }
-        }
-        self.uid = None;
-        first_error.map_or(Ok(()), Err)
-    }
-}
-
-impl Drop for VmResources {
-    fn drop(&mut self) {
-        if let Err(e) = self.release_now() {
-            tracing::warn!(error = %e, "releasing a VM's resources");
-        }
-    }
-}
-
-/// The limits a template's VM gets unless a create asks for less.
-pub(crate) fn default_limits(shape: &MachineShape) -> CgroupLimits {
-    CgroupLimits {
-        cpus: f64::from(shape.vcpus),
-        memory_mib: u64::from(shape.memory_mib) + VMM_OVERHEAD_MIB,
-    }
-}
-
-/// Makes the network namespace (with the guest's tap), the cgroup and the uid of VM `name`,
-/// and the confinement that hands them to the driver.
-pub(crate) fn confine(
-    engine: &Arc<Inner>,
-    name: &str,
-    limits: CgroupLimits,
-    writable: &[&Path],
-) -> Result<(Confinement, VmResources), EngineError> {
-    let mut resources = VmResources {
-        netns: None,
-        cgroup: None,
-        uid: engine.take_uid()?,
-    };
-    let ns = kiln_net::netns::NetNs::create(&netns_name(name))
-        .map_err(|e| EngineError::io("creating the network namespace", e))?;
-    let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
-    let netns = ns
-        .open()
-        .map_err(|e| EngineError::io("opening the network namespace", e))?;
-    resources.netns = Some(ns);
-    let mut cgroups = Vec::new();
-    if let Some(hierarchy) = &engine.cgroups {
-        let cgroup = hierarchy.create(name, limits)?;
-        cgroups = cgroup.procs_files()?;
-        resources.cgroup = Some(cgroup);
-    }
-    resources.grant(writable)?;
-    Ok((
-        Confinement {
-            netns: Some(netns),
-            tap: Some(tap),
-            cgroups,
-            run_as: resources.uid.as_ref().map(|uid| (uid.id, uid.id)),
-            seccomp: engine.config.confinement.seccomp,
-        },
-        resources,
-    ))
-}
-
-/// Removes `dir` and everything in it; one that is already gone is fine.
-pub(crate) fn remove_dir_if_present(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-/// Launches a VMM and records it (pid, start time, name) in `dir`, so that a later run finds
-/// it whatever happens to this one.
-pub(crate) fn launch_recorded(
-    engine: &Arc<Inner>,
-    spec: kiln_vmm::driver::VmSpec,
-    confinement: Confinement,
-    dir: &Path,
-    name: &str,
-) -> Result<Box<dyn Vm>, EngineError> {
-    let vm = engine.driver.launch(spec, confinement)?;
-    crate::leftovers::write_pid_file(dir, vm.pid(), name)
-        .map_err(|e| EngineError::io("recording the VMM", e))?;
-    Ok(vm)
-}
-
 /// What changes over a sandbox's life.
 #[derive(Debug)]
 struct Runtime {
@@ -292,6 +131,10 @@ pub struct Sandbox {
     timings: PhaseTimings,
     created_at: SystemTime,
     netns: Option<String>,
+    /// Its link to the host, if networking is on.
+    link: Option<kiln_network::Link>,
+    /// The egress policy in force (`None`: no networking).
+    egress: Mutex<Option<EgressPolicy>>,
     runtime: Mutex<Runtime>,
     expires_at: watch::Sender<Option<SystemTime>>,
     engine: Weak<Inner>,
@@ -331,6 +174,51 @@ impl Sandbox {
     /// Name of its network namespace.
     pub fn netns(&self) -> Option<&str> {
         self.netns.as_deref()
+    }
+
+    /// Its link to the host (its address there: where the daemon reaches its ports), if
+    /// networking is on.
+    pub fn link(&self) -> Option<kiln_network::Link> {
+        self.link
+    }
+
+    /// The egress policy in force, if networking is on.
+    pub fn egress(&self) -> Option<EgressPolicy> {
+        lock(&self.egress).clone()
+    }
+
+    /// Replaces its egress policy atomically: new connections follow it at once, and its
+    /// established connections to destinations it now denies are cut.
+    pub fn set_egress(&self, policy: EgressPolicy) -> Result<(), EngineError> {
+        let engine = self
+            .engine
+            .upgrade()
+            .ok_or_else(|| EngineError::Invalid("the engine is shutting down".into()))?;
+        let network = engine
+            .network
+            .as_ref()
+            .ok_or_else(|| EngineError::Invalid("networking is not enabled on this host".into()))?;
+        let mut egress = lock(&self.egress);
+        {
+            let runtime = lock(&self.runtime);
+            if runtime.state != SandboxState::Running {
+                return Err(EngineError::Invalid(format!(
+                    "sandbox `{}` is {}",
+                    self.id,
+                    runtime.state.name()
+                )));
+            }
+            let ns = runtime
+                .resources
+                .as_ref()
+                .and_then(|r| r.netns.as_ref())
+                .ok_or_else(|| {
+                    EngineError::Invalid("the sandbox has no network namespace".into())
+                })?;
+            network.apply(ns, &policy)?;
+        }
+        *egress = Some(policy);
+        Ok(())
     }
 
     /// Its cgroup directories, while it runs.
@@ -423,7 +311,7 @@ impl Sandbox {
         if let Some(resources) = resources {
             resources.release()?;
         }
-        remove_dir_if_present(&self.dir)
+        crate::confine::remove_dir_if_present(&self.dir)
             .map_err(|e| EngineError::io("removing the sandbox directory", e))
     }
 
@@ -470,16 +358,6 @@ impl Sandbox {
             }
         }
     }
-}
-
-fn new_id() -> String {
-    let bytes: [u8; 6] = rand::random();
-    format!("sb-{}", hex::encode(bytes))
-}
-
-/// The network namespace of the VM named `name`.
-pub(crate) fn netns_name(name: &str) -> String {
-    format!("kiln-{name}")
 }
 
 /// Registers a process descriptor, which becomes readable when its process exits.
@@ -574,152 +452,6 @@ fn limits_for(
     Ok(limits)
 }
 
-/// A VMM started ahead of a create: confined, with the sandbox's directory and disk, waiting
-/// for the template's device state. It holds no guest state (no guest code has run).
-#[derive(Debug)]
-pub(crate) struct Prestarted {
-    id: String,
-    dir: PathBuf,
-    vm: Box<dyn Vm>,
-    resources: VmResources,
-    // Declared last: the directory goes after the VMM using it.
-    cleanup: DirGuard,
-}
-
-/// Starts a VMM for `template` that waits for its device state (blocking).
-pub(crate) fn prestart(
-    engine: &Arc<Inner>,
-    template: &BakedTemplate,
-    timings: &mut PhaseTimings,
-) -> Result<Prestarted, EngineError> {
-    let mut phase = Instant::now();
-    let id = new_id();
-    let dir = engine.config.data_dir.join("sandboxes").join(&id);
-    std::fs::create_dir(&dir).map_err(|e| EngineError::io("creating the sandbox directory", e))?;
-    let cleanup = DirGuard(Some(dir.clone()));
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Root's alone: the VMM gets its files through its jail, never through this path.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
-    }
-    let mut root_disk = match template.meta.disk_format {
-        // The template's raw disk lives where reflinks work: share its extents.
-        DiskFormat::Raw => {
-            let disk = dir.join("disk.raw");
-            crate::disk::reflink(&template.disk(), &disk)?;
-            vec![DiskLayer::raw(disk)]
-        }
-        DiskFormat::Qcow2 => {
-            let disk = dir.join("disk.qcow2");
-            crate::disk::qcow2_overlay(&disk, template.meta.disk_bytes)?;
-            let mut chain = vec![DiskLayer::qcow2(disk)];
-            chain.extend(template.disk_chain());
-            chain
-        }
-    };
-    let disk = root_disk[0].path.clone();
-    record(timings, "disk", &mut phase);
-    let memory = MemoryBacking::File {
-        path: template.memory(),
-        shared: false,
-    };
-    let spec = template.meta.machine.vm_spec(
-        &dir.join("run"),
-        std::mem::take(&mut root_disk),
-        memory,
-        true,
-    );
-    // Only the disk is the VMM user's: the directory, its pid record, sockets and console
-    // log stay root's, and outside the VMM's jail.
-    let (confinement, resources) = confine(
-        engine,
-        &id,
-        default_limits(&template.meta.machine),
-        &[&disk],
-    )?;
-    record(timings, "confinement", &mut phase);
-    let mut vm = launch_recorded(engine, spec, confinement, &dir, &id)?;
-    record(timings, "spawn", &mut phase);
-    vm.wait_started(Duration::from_secs(30))?;
-    record(timings, "VMM ready", &mut phase);
-    Ok(Prestarted {
-        id,
-        dir,
-        vm,
-        resources,
-        cleanup,
-    })
-}
-
-/// VMMs started ahead of creates, per template key.
-#[derive(Debug, Default)]
-pub(crate) struct PrestartPool {
-    ready: Vec<Prestarted>,
-    starting: usize,
-}
-
-impl PrestartPool {
-    pub(crate) fn pids(&self) -> Vec<u32> {
-        self.ready.iter().map(|p| p.vm.pid()).collect()
-    }
-}
-
-/// Takes a pre-started VMM for `template` if one is ready and still alive.
-fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> Option<Prestarted> {
-    loop {
-        let mut taken = lock(&engine.prestarted)
-            .get_mut(&template.meta.key)?
-            .ready
-            .pop()?;
-        match taken.vm.exited() {
-            Ok(None) => return Some(taken),
-            Ok(Some(report)) => {
-                tracing::warn!(reason = %report.reason, "a pre-started VMM died while waiting");
-            }
-            Err(e) => tracing::warn!(error = %e, "checking a pre-started VMM"),
-        }
-    }
-}
-
-/// Starts VMMs in the background until `template` has as many waiting as configured.
-pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
-    let target = engine.config.prestart;
-    let key = template.meta.key.clone();
-    {
-        let mut pools = lock(&engine.prestarted);
-        if engine
-            .shutting_down
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
-        let pool = pools.entry(key.clone()).or_default();
-        if pool.ready.len() + pool.starting >= target {
-            return;
-        }
-        pool.starting += 1;
-        engine.prestarting.send_modify(|n| *n += 1);
-    }
-    let engine = Arc::clone(engine);
-    let template = template.clone();
-    tokio::task::spawn_blocking(move || {
-        let result = prestart(&engine, &template, &mut PhaseTimings::default());
-        {
-            let mut pools = lock(&engine.prestarted);
-            let pool = pools.entry(key).or_default();
-            pool.starting -= 1;
-            match result {
-                Ok(prestarted) => pool.ready.push(prestarted),
-                Err(e) => {
-                    tracing::warn!(template = %template.meta.name, error = %e, "pre-starting a VMM");
-                }
-            }
-        }
-        engine.prestarting.send_modify(|n| *n -= 1);
-    });
-}
-
 /// Lists `sandbox` in the engine and starts watching its VMM and its time to live.
 fn register(engine: &Arc<Inner>, sandbox: Sandbox, exit: AsyncFd<OwnedFd>) -> Arc<Sandbox> {
     let expiry = sandbox.expires_at.subscribe();
@@ -740,6 +472,8 @@ pub struct AdoptRequest {
     pub created_at_ms: u64,
     /// When it expires, ms since the epoch.
     pub expires_at_ms: Option<u64>,
+    /// The egress policy it had (its namespace still holds it).
+    pub egress: Option<EgressPolicy>,
 }
 
 fn from_ms(ms: u64) -> SystemTime {
@@ -781,7 +515,10 @@ pub(crate) async fn adopt(
             })
         })
         .and_then(|uid| engine.claim_uid(uid));
-    let resources = VmResources::existing(engine.cgroups.as_ref(), &id, uid);
+    let mut resources = VmResources::existing(engine, &id, uid);
+    if let Some(network) = &engine.network {
+        resources.adopt_link(network)?;
+    }
     let client = AgentClient::new(
         Arc::new(UnixConnector::new(vm.agent_socket())),
         ClientConfig {
@@ -792,6 +529,11 @@ pub(crate) async fn adopt(
     );
     client.connect().await?;
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
+    let link = resources.link.as_ref().map(|(_, link)| *link);
+    let egress = match link {
+        Some(_) => request.egress.clone().or_else(|| engine.default_egress()),
+        None => None,
+    };
     let expires_at = watch::Sender::new(request.expires_at_ms.map(from_ms));
     let sandbox = register(
         engine,
@@ -804,6 +546,8 @@ pub(crate) async fn adopt(
             timings: PhaseTimings::default(),
             created_at: from_ms(request.created_at_ms),
             netns,
+            link,
+            egress: Mutex::new(egress),
             runtime: Runtime::running(vm, resources),
             expires_at,
             engine: Arc::downgrade(engine),
@@ -821,6 +565,19 @@ pub(crate) async fn create(
     options: CreateOptions,
 ) -> Result<Arc<Sandbox>, EngineError> {
     let limits = limits_for(template, &options)?;
+    let egress =
+        match (&engine.network, &options.network) {
+            (Some(network), Some(policy)) => {
+                network.check(policy)?;
+                Some(policy.clone())
+            }
+            (Some(network), None) => Some(network.default_policy()),
+            (None, Some(_)) => return Err(EngineError::Invalid(
+                "networking is not enabled on this host: a create may not ask for a network policy"
+                    .into(),
+            )),
+            (None, None) => None,
+        };
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let mut phase = Instant::now();
@@ -837,6 +594,15 @@ pub(crate) async fn create(
     if limits != default_limits(&template.meta.machine) {
         if let Some(cgroup) = &slot.resources.cgroup {
             cgroup.set_limits(limits)?;
+        }
+    }
+    // The pre-started VMM's namespace is wired with the default policy: another one is put
+    // in force before the guest runs.
+    if let (Some(network), Some(policy), Some(ns)) =
+        (&engine.network, &egress, slot.resources.netns.as_ref())
+    {
+        if *policy != network.default_policy() {
+            tokio::task::block_in_place(|| network.apply(ns, policy))?;
         }
     }
     let exit = kiln_vmm::pidfd::open(slot.vm.pid())
@@ -904,6 +670,7 @@ pub(crate) async fn create(
     } = slot;
     cleanup.disarm();
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
+    let link = resources.link.as_ref().map(|(_, link)| *link);
     let expires_at = watch::Sender::new(options.ttl.map(|ttl| SystemTime::now() + ttl));
     let sandbox = register(
         engine,
@@ -916,6 +683,8 @@ pub(crate) async fn create(
             timings,
             created_at: SystemTime::now(),
             netns,
+            link,
+            egress: Mutex::new(egress),
             runtime: Runtime::running(vm, resources),
             expires_at,
             engine: Arc::downgrade(engine),
@@ -953,27 +722,9 @@ async fn grow_disk(
     Ok(())
 }
 
-fn record(timings: &mut PhaseTimings, name: &str, since: &mut Instant) {
+pub(crate) fn record(timings: &mut PhaseTimings, name: &str, since: &mut Instant) {
     timings
         .phases
         .push((name.to_owned(), since.elapsed().as_secs_f64() * 1000.0));
     *since = Instant::now();
-}
-
-/// Removes a half-created sandbox directory unless disarmed.
-#[derive(Debug)]
-struct DirGuard(Option<PathBuf>);
-
-impl DirGuard {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
 }

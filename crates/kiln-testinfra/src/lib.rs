@@ -1,5 +1,7 @@
 //! Helpers shared by kiln's end-to-end tests (real QEMU, real templates).
 
+pub mod internet;
+
 use std::path::{Path, PathBuf};
 
 use kiln_image::cache::Cache;

@@ -1,0 +1,183 @@
+//! VMMs started ahead of creates: confined (namespace wired, cgroup, uid, jail), with the
+//! sandbox's directory and disk, waiting for a template's device state. At most
+//! [`crate::MAX_PRESTART`] per template; they hold no guest state.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_vmm::driver::{DiskFormat, DiskLayer, MemoryBacking, PhaseTimings, Vm};
+
+use crate::confine::{confine, default_limits, launch_recorded, VmResources};
+use crate::sandbox::record;
+use crate::{lock, BakedTemplate, EngineError, Inner};
+
+pub(crate) fn new_id() -> String {
+    let bytes: [u8; 6] = rand::random();
+    format!("sb-{}", hex::encode(bytes))
+}
+
+/// A VMM started ahead of a create: confined, with the sandbox's directory and disk, waiting
+/// for the template's device state. It holds no guest state (no guest code has run).
+#[derive(Debug)]
+pub(crate) struct Prestarted {
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) resources: VmResources,
+    // Declared last: the directory goes after the VMM using it.
+    pub(crate) cleanup: DirGuard,
+}
+
+/// Starts a VMM for `template` that waits for its device state (blocking).
+pub(crate) fn prestart(
+    engine: &Arc<Inner>,
+    template: &BakedTemplate,
+    timings: &mut PhaseTimings,
+) -> Result<Prestarted, EngineError> {
+    let mut phase = Instant::now();
+    let id = new_id();
+    let dir = engine.config.data_dir.join("sandboxes").join(&id);
+    std::fs::create_dir(&dir).map_err(|e| EngineError::io("creating the sandbox directory", e))?;
+    let cleanup = DirGuard(Some(dir.clone()));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Root's alone: the VMM gets its files through its jail, never through this path.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| EngineError::io("creating the sandbox directory", e))?;
+    }
+    let mut root_disk = match template.meta.disk_format {
+        // The template's raw disk lives where reflinks work: share its extents.
+        DiskFormat::Raw => {
+            let disk = dir.join("disk.raw");
+            crate::disk::reflink(&template.disk(), &disk)?;
+            vec![DiskLayer::raw(disk)]
+        }
+        DiskFormat::Qcow2 => {
+            let disk = dir.join("disk.qcow2");
+            crate::disk::qcow2_overlay(&disk, template.meta.disk_bytes)?;
+            let mut chain = vec![DiskLayer::qcow2(disk)];
+            chain.extend(template.disk_chain());
+            chain
+        }
+    };
+    let disk = root_disk[0].path.clone();
+    record(timings, "disk", &mut phase);
+    let memory = MemoryBacking::File {
+        path: template.memory(),
+        shared: false,
+    };
+    let spec = template.meta.machine.vm_spec(
+        &dir.join("run"),
+        std::mem::take(&mut root_disk),
+        memory,
+        true,
+    );
+    // Only the disk is the VMM user's: the directory, its pid record, sockets and console
+    // log stay root's, and outside the VMM's jail.
+    let (confinement, resources) = confine(
+        engine,
+        &id,
+        default_limits(&template.meta.machine),
+        &[&disk],
+        engine.default_egress().as_ref(),
+    )?;
+    record(timings, "confinement", &mut phase);
+    let mut vm = launch_recorded(engine, spec, confinement, &dir, &id)?;
+    record(timings, "spawn", &mut phase);
+    vm.wait_started(Duration::from_secs(30))?;
+    record(timings, "VMM ready", &mut phase);
+    Ok(Prestarted {
+        id,
+        dir,
+        vm,
+        resources,
+        cleanup,
+    })
+}
+
+/// VMMs started ahead of creates, per template key.
+#[derive(Debug, Default)]
+pub(crate) struct PrestartPool {
+    ready: Vec<Prestarted>,
+    starting: usize,
+}
+
+impl PrestartPool {
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.ready.iter().map(|p| p.vm.pid()).collect()
+    }
+}
+
+/// Takes a pre-started VMM for `template` if one is ready and still alive.
+pub(crate) fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> Option<Prestarted> {
+    loop {
+        let mut taken = lock(&engine.prestarted)
+            .get_mut(&template.meta.key)?
+            .ready
+            .pop()?;
+        match taken.vm.exited() {
+            Ok(None) => return Some(taken),
+            Ok(Some(report)) => {
+                tracing::warn!(reason = %report.reason, "a pre-started VMM died while waiting");
+            }
+            Err(e) => tracing::warn!(error = %e, "checking a pre-started VMM"),
+        }
+    }
+}
+
+/// Starts VMMs in the background until `template` has as many waiting as configured.
+pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
+    let target = engine.config.prestart;
+    let key = template.meta.key.clone();
+    {
+        let mut pools = lock(&engine.prestarted);
+        if engine
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let pool = pools.entry(key.clone()).or_default();
+        if pool.ready.len() + pool.starting >= target {
+            return;
+        }
+        pool.starting += 1;
+        engine.prestarting.send_modify(|n| *n += 1);
+    }
+    let engine = Arc::clone(engine);
+    let template = template.clone();
+    tokio::task::spawn_blocking(move || {
+        let result = prestart(&engine, &template, &mut PhaseTimings::default());
+        {
+            let mut pools = lock(&engine.prestarted);
+            let pool = pools.entry(key).or_default();
+            pool.starting -= 1;
+            match result {
+                Ok(prestarted) => pool.ready.push(prestarted),
+                Err(e) => {
+                    tracing::warn!(template = %template.meta.name, error = %e, "pre-starting a VMM");
+                }
+            }
+        }
+        engine.prestarting.send_modify(|n| *n -= 1);
+    });
+}
+
+/// Removes a half-created sandbox directory unless disarmed.
+#[derive(Debug)]
+pub(crate) struct DirGuard(Option<PathBuf>);
+
+impl DirGuard {
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Sandbox networking with real guests (QEMU, TCG here): egress through a test internet
+//! namespace the test makes (never the machine's uplink), by each sandbox's policy, changed
+//! live; decoys and the host unreachable; the guest's identity fixed; nothing left after.
+
+use std::time::Duration;
+
+use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
+use kiln_network::policy::{Destination, EgressPolicy};
+use kiln_testinfra::internet::{TestInternet, LAN, METADATA, OTHER_WEB, WEB};
+
+/// Connects from the guest with bash's /dev/tcp and prints the server's greeting, or
+/// `refused` (with how long the attempt took, so a silent drop would show).
+async fn connect(sandbox: &Sandbox, host: std::net::Ipv4Addr, port: u16) -> String {
+    let script = format!(
+        "start=$(date +%s%N); if timeout 5 bash -c 'exec 3<>/dev/tcp/{host}/{port}; head -n1 <&3'; then :; \
+         else echo \"refused after $(( ($(date +%s%N) - start) / 1000000 )) ms\"; fi"
+    );
+    kiln_testinfra::sh(sandbox.agent(), &script).await
+}
+
+fn refused_quickly(outcome: &str) -> bool {
+    outcome
+        .strip_prefix("refused after ")
+        .and_then(|ms| ms.trim_end_matches(" ms").parse::<u64>().ok())
+        .is_some_and(|ms| ms < 4000)
+}
+
+fn policy(internet: bool, allow: &[&str]) -> EgressPolicy {
+    EgressPolicy {
+        internet,
+        allow_out: allow
+            .iter()
+            .map(|e| Destination::parse(e).expect("entry"))
+            .collect(),
+        deny_out: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
+    let internet = TestInternet::new(0);
+    let data = tempfile::tempdir().expect("data dir");
+    let engine = Engine::new(EngineConfig {
+        network: Some(internet.network_config()),
+        ..EngineConfig::new(data.path())
+    })
+    .expect("engine");
+    let network = engine.network().expect("networking").clone();
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build");
+    let template = engine.bake(&images).await.expect("bake");
+    engine.prestart(&template);
+
+    // Internet on (the default): the test internet answers.
+    let a = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+    assert_eq!(a.egress(), Some(EgressPolicy::open(true)));
+    assert_eq!(connect(&a, WEB, 80).await, format!("hello from {WEB}:80"));
+    // Decoys and the host fail at connect; nothing arrives.
+    for (host, port) in [
+        (METADATA, 80),
+        (LAN, 80),
+        (internet.host_end, 22),
+        (network.service_address(), 22),
+    ] {
+        let outcome = connect(&a, host, port).await;
+        assert!(refused_quickly(&outcome), "{host}:{port}: {outcome}");
+    }
+    assert_eq!(internet.hits(METADATA) + internet.hits(LAN), 0);
+    // The guest's identity is the template's in every sandbox.
+    let identity = "ip -4 -o addr show eth0 | awk '{print $4}'; cat /sys/class/net/eth0/address; cat /etc/resolv.conf";
+    let seen = kiln_testinfra::sh(a.agent(), identity).await;
+    assert!(seen.contains("172.31.255.2/30"), "{seen}");
+    assert!(seen.contains(kiln_net::GUEST_MAC), "{seen}");
+    assert!(seen.contains("nameserver 172.31.255.1"), "{seen}");
+
+    // Internet off, one range allowed; then changed live.
+    let b = engine
+        .create(
+            &template,
+            CreateOptions {
+                network: Some(policy(false, &["203.0.113.0/24"])),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .expect("create");
+    assert_eq!(
+        kiln_testinfra::sh(b.agent(), identity).await,
+        seen,
+        "same identity"
+    );
+    assert!(refused_quickly(&connect(&b, WEB, 80).await));
+    assert_eq!(
+        connect(&b, OTHER_WEB, 7000).await,
+        format!("hello from {OTHER_WEB}:7000")
+    );
+    b.set_egress(policy(true, &[])).expect("open");
+    assert_eq!(connect(&b, WEB, 80).await, format!("hello from {WEB}:80"));
+    let err = b
+        .set_egress(policy(false, &["169.254.169.254"]))
+        .expect_err("always denied");
+    assert!(err.to_string().contains("always denied"), "{err}");
+    assert_eq!(
+        b.egress(),
+        Some(policy(true, &[])),
+        "a refused policy changes nothing"
+    );
+
+    // A guest cannot reach another sandbox, by its link address or by its own.
+    let a_link = a.link().expect("a link");
+    let outcome = connect(&b, a_link.sandbox, 80).await;
+    assert!(refused_quickly(&outcome), "{outcome}");
+
+    // Everything goes with the sandboxes.
+    let namespaces: Vec<String> = [&a, &b]
+        .iter()
+        .filter_map(|s| s.netns().map(str::to_owned))
+        .collect();
+    for sandbox in [a, b] {
+        sandbox.destroy().await.expect("destroy");
+    }
+    engine.shutdown_prestarted().await;
+    assert_eq!(network.links_in_use(), 0, "every link given back");
+    for ns in &namespaces {
+        assert!(
+            !std::path::Path::new("/run/netns").join(ns).exists(),
+            "{ns} left"
+        );
+    }
+    engine.close_network();
+    let tables = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains(&internet.tag),
+        "the host table is gone"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}

@@ -1,0 +1,328 @@
+//! A sandbox's egress policy: whether it may reach the internet, what it may reach anyway
+//! (`allow_out`), what it may never reach (`deny_out`, which wins), and the ranges no policy
+//! can open.
+//!
+//! Entries are CIDRs (`203.0.113.0/24`, or an address for a /32), domain names
+//! (`example.test`) or wildcards (`*.example.test`, which matches every name below
+//! `example.test` but **not** `example.test` itself: list both to allow both).
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::NetworkError;
+
+/// Most entries in `allow_out` or `deny_out`.
+pub const MAX_ENTRIES: usize = 256;
+
+/// Where a sandbox may (or may not) connect to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Destination {
+    /// Addresses.
+    Net(Ipv4Net),
+    /// One domain name, exactly.
+    Domain(String),
+    /// Every name below a domain (`*.example.test`: `a.example.test`, `b.a.example.test`).
+    Below(String),
+}
+
+impl Destination {
+    /// Parses an entry; `what` names it in errors.
+    pub fn parse(entry: &str) -> Result<Destination, String> {
+        let entry = entry.trim();
+        if entry.contains(':') {
+            return Err(format!(
+                "`{entry}`: IPv6 is disabled for sandboxes; only IPv4 addresses and names"
+            ));
+        }
+        if let Ok(net) = entry.parse::<Ipv4Net>() {
+            return Ok(Destination::Net(net.trunc()));
+        }
+        if let Ok(address) = entry.parse::<Ipv4Addr>() {
+            return Ok(Destination::Net(Ipv4Net::from(address)));
+        }
+        if let Some(domain) = entry.strip_prefix("*.") {
+            return valid_name(domain).map(Destination::Below);
+        }
+        valid_name(entry).map(Destination::Domain)
+    }
+
+    /// Whether `name` (lowercase, no trailing dot) is this entry's.
+    pub fn matches_name(&self, name: &str) -> bool {
+        match self {
+            Destination::Net(_) => false,
+            Destination::Domain(domain) => name == domain,
+            Destination::Below(domain) => name
+                .strip_suffix(domain.as_str())
+                .is_some_and(|prefix| prefix.ends_with('.') && prefix.len() > 1),
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Net(net) if net.prefix_len() == 32 => write!(f, "{}", net.addr()),
+            Destination::Net(net) => write!(f, "{net}"),
+            Destination::Domain(name) => write!(f, "{name}"),
+            Destination::Below(name) => write!(f, "*.{name}"),
+        }
+    }
+}
+
+impl serde::Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Destination::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A domain name as kiln compares them: lowercase, no trailing dot, labels of letters,
+/// digits and hyphens.
+fn valid_name(name: &str) -> Result<String, String> {
+    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let ok = !lower.is_empty()
+        && lower.len() <= 253
+        && lower.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(lower)
+    } else {
+        Err(format!(
+            "`{name}` is neither an IPv4 address or CIDR nor a domain name (`example.test`, `*.example.test`)"
+        ))
+    }
+}
+
+/// A sandbox's egress policy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EgressPolicy {
+    /// Everything not denied is reachable; `false`: only what `allow_out` names.
+    pub internet: bool,
+    /// Reachable even without internet.
+    #[serde(default)]
+    pub allow_out: Vec<Destination>,
+    /// Never reachable (wins over `allow_out`).
+    #[serde(default)]
+    pub deny_out: Vec<Destination>,
+}
+
+impl EgressPolicy {
+    /// Internet on or off, nothing listed.
+    pub fn open(internet: bool) -> EgressPolicy {
+        EgressPolicy {
+            internet,
+            allow_out: Vec::new(),
+            deny_out: Vec::new(),
+        }
+    }
+
+    /// Whether any entry is a name: then DNS answers and HTTP(S) names are checked.
+    pub fn has_names(&self) -> bool {
+        self.allow_out
+            .iter()
+            .chain(&self.deny_out)
+            .any(|d| !matches!(d, Destination::Net(_)))
+    }
+
+    /// The CIDRs of `allow_out` (or `deny_out`).
+    pub fn nets(list: &[Destination]) -> Vec<Ipv4Net> {
+        list.iter()
+            .filter_map(|d| match d {
+                Destination::Net(net) => Some(*net),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `name` may be resolved and connected to by name: not denied, and allowed
+    /// (by internet or by a listed name).
+    pub fn allows_name(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if self.deny_out.iter().any(|d| d.matches_name(&name)) {
+            return false;
+        }
+        self.internet || self.allow_out.iter().any(|d| d.matches_name(&name))
+    }
+}
+
+/// What no policy can open: kiln's own ranges and the host's (checked separately, by the
+/// host's table), and those the operator set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlwaysDenied {
+    /// The ranges.
+    pub nets: Vec<Ipv4Net>,
+}
+
+impl AlwaysDenied {
+    /// This-network, loopback, link-local (cloud metadata), multicast and reserved; the
+    /// daemon's pool (other sandboxes); by default (unless `allow_private`) RFC 1918 and
+    /// shared address space (an operator's LAN); and `extra`.
+    pub fn new(pool: Ipv4Net, allow_private: bool, extra: &[Ipv4Net]) -> AlwaysDenied {
+        let mut nets: Vec<Ipv4Net> = [
+            "0.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+        ]
+        .iter()
+        .map(|n| n.parse().unwrap_or_else(|_| Ipv4Net::default()))
+        .collect();
+        if !allow_private {
+            for n in [
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+            ] {
+                nets.push(n.parse().unwrap_or_else(|_| Ipv4Net::default()));
+            }
+        }
+        nets.push(pool);
+        nets.extend(extra);
+        AlwaysDenied {
+            nets: Ipv4Net::aggregate(&nets),
+        }
+    }
+
+    /// Whether `address` is in one of the ranges.
+    pub fn contains(&self, address: Ipv4Addr) -> bool {
+        self.nets.iter().any(|net| net.contains(&address))
+    }
+
+    /// Checks a policy: a CIDR it allows must not overlap what is always denied.
+    pub fn check(&self, policy: &EgressPolicy) -> Result<(), NetworkError> {
+        for list in [&policy.allow_out, &policy.deny_out] {
+            if list.len() > MAX_ENTRIES {
+                return Err(NetworkError::Policy(format!(
+                    "at most {MAX_ENTRIES} entries in allow_out and in deny_out"
+                )));
+            }
+        }
+        for net in EgressPolicy::nets(&policy.allow_out) {
+            if let Some(denied) = self
+                .nets
+                .iter()
+                .find(|d| d.contains(&net) || net.contains(*d))
+            {
+                return Err(NetworkError::Policy(format!(
+                    "allow_out `{net}` is inside {denied}, which is always denied (loopback, link-local and metadata, private ranges unless the operator opens them, other sandboxes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(text: &str) -> Destination {
+        Destination::parse(text).expect(text)
+    }
+
+    #[test]
+    fn entries_parse_and_print_back() {
+        for (text, shown) in [
+            ("203.0.113.0/24", "203.0.113.0/24"),
+            ("203.0.113.9/24", "203.0.113.0/24"),
+            ("198.51.100.7", "198.51.100.7"),
+            ("Example.TEST.", "example.test"),
+            ("*.example.test", "*.example.test"),
+        ] {
+            assert_eq!(dest(text).to_string(), shown);
+        }
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "-a.test",
+            "2001:db8::/32",
+            "::1",
+            "exa mple.test",
+            "*.*.x",
+        ] {
+            assert!(Destination::parse(bad).is_err(), "{bad}");
+        }
+        let json = serde_json::json!({"internet": false, "allow_out": ["*.example.test", "203.0.113.0/24"]});
+        let policy: EgressPolicy = serde_json::from_value(json.clone()).expect("policy");
+        assert_eq!(
+            serde_json::to_value(&policy).expect("json")["allow_out"],
+            json["allow_out"]
+        );
+        assert!(serde_json::from_value::<EgressPolicy>(
+            serde_json::json!({"internet": true, "allow_out": ["fe80::/10"]})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn wildcards_match_below_not_the_apex_and_deny_wins() {
+        let below = dest("*.example.test");
+        assert!(below.matches_name("a.example.test"));
+        assert!(below.matches_name("b.a.example.test"));
+        assert!(!below.matches_name("example.test"), "not the apex");
+        assert!(!below.matches_name("badexample.test"));
+        let policy = EgressPolicy {
+            internet: false,
+            allow_out: vec![dest("*.example.test"), dest("example.test")],
+            deny_out: vec![dest("bad.example.test")],
+        };
+        assert!(policy.allows_name("Example.Test."));
+        assert!(policy.allows_name("ok.example.test"));
+        assert!(!policy.allows_name("bad.example.test"), "deny wins");
+        assert!(!policy.allows_name("other.test"));
+        assert!(EgressPolicy::open(true).allows_name("other.test"));
+        assert!(policy.has_names() && !EgressPolicy::open(true).has_names());
+    }
+
+    #[test]
+    fn allowing_what_is_always_denied_is_refused() {
+        let pool: Ipv4Net = "10.251.0.0/16".parse().expect("net");
+        let always = AlwaysDenied::new(pool, false, &["192.0.2.128/25".parse().expect("net")]);
+        assert!(always.contains(Ipv4Addr::new(169, 254, 169, 254)));
+        assert!(always.contains(Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(always.contains(Ipv4Addr::new(192, 0, 2, 200)));
+        assert!(!always.contains(Ipv4Addr::new(203, 0, 113, 5)));
+        for bad in [
+            "169.254.169.254",
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "192.0.2.129",
+            "10.251.0.3",
+        ] {
+            let policy = EgressPolicy {
+                internet: false,
+                allow_out: vec![dest(bad)],
+                deny_out: Vec::new(),
+            };
+            let err = always.check(&policy).expect_err(bad);
+            assert!(err.to_string().contains("always denied"), "{err}");
+        }
+        let fine = EgressPolicy {
+            internet: false,
+            allow_out: vec![dest("203.0.113.0/24")],
+            deny_out: vec![dest("10.0.0.0/8")],
+        };
+        always.check(&fine).expect("allowed");
+        // The operator can open private ranges (but never the pool).
+        let open = AlwaysDenied::new(pool, true, &[]);
+        assert!(!open.contains(Ipv4Addr::new(192, 168, 1, 1)));
+        assert!(open.contains(Ipv4Addr::new(10, 251, 3, 3)));
+    }
+}

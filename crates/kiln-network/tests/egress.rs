@@ -1,0 +1,315 @@
+//! Sandbox networking without a VM: a "guest" namespace stands in for the VM, joined to the
+//! sandbox namespace by a veth whose sandbox end is named like the tap (`tap0`), so every
+//! rule applies as it does to a real guest. Egress ends in a "test internet" namespace this
+//! test makes (HTTP-ish servers on TEST-NET addresses, decoys for cloud metadata and a LAN
+//! address that record anything that arrives); nothing goes to the machine's uplink.
+//! Needs root, as the whole suite does; removes everything it makes, also on failure.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use kiln_net::netns::NetNs;
+use kiln_network::policy::{Destination, EgressPolicy};
+use kiln_network::Network;
+use kiln_testinfra::internet::{ip, reach, Reach, Server, LAN, METADATA, OTHER_WEB, WEB};
+
+/// The test internet, the daemon's networking on it, and sandbox namespaces with "guests".
+struct World {
+    internet: kiln_testinfra::internet::TestInternet,
+    network: Option<Network>,
+}
+
+impl World {
+    fn new(index: u8) -> World {
+        let internet = kiln_testinfra::internet::TestInternet::new(index);
+        let network = Network::open(internet.network_config()).expect("network");
+        World {
+            internet,
+            network: Some(network),
+        }
+    }
+
+    fn network(&self) -> &Network {
+        self.network.as_ref().expect("network")
+    }
+
+    /// A sandbox namespace wired with `policy`, and the guest namespace behind its `tap0`.
+    fn sandbox(&self, name: &str, policy: &EgressPolicy) -> (NetNs, NetNs, kiln_network::Link) {
+        let tag = &self.internet.tag;
+        let ns = NetNs::create(&format!("{tag}-{name}")).expect("sandbox ns");
+        let guest = NetNs::create(&format!("{tag}-g{name}")).expect("guest ns");
+        ip(&format!(
+            "-n {} link add tap0 type veth peer name eth0 netns {}",
+            ns.name(),
+            guest.name()
+        ));
+        ip(&format!(
+            "-n {} addr add 172.31.255.1/30 dev tap0",
+            ns.name()
+        ));
+        ip(&format!("-n {} link set tap0 up", ns.name()));
+        ip(&format!(
+            "-n {} addr add 172.31.255.2/30 dev eth0",
+            guest.name()
+        ));
+        ip(&format!("-n {} link set eth0 up", guest.name()));
+        ip(&format!("-n {} link set lo up", guest.name()));
+        ip(&format!(
+            "-n {} route add default via 172.31.255.1",
+            guest.name()
+        ));
+        let link = self.network().wire(&ns, policy).expect("wire");
+        (ns, guest, link)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(network) = self.network.take() {
+            network.shutdown();
+        }
+    }
+}
+
+fn policy(internet: bool, allow: &[&str], deny: &[&str]) -> EgressPolicy {
+    let parse = |list: &[&str]| {
+        list.iter()
+            .map(|e| Destination::parse(e).expect("entry"))
+            .collect()
+    };
+    EgressPolicy {
+        internet,
+        allow_out: parse(allow),
+        deny_out: parse(deny),
+    }
+}
+
+fn web(port: u16) -> SocketAddr {
+    SocketAddr::from((WEB, port))
+}
+
+#[test]
+fn egress_follows_the_policy_and_never_reaches_the_host_or_other_sandboxes() {
+    let world = World::new(0);
+    let network = world.network();
+
+    // Internet on: the test internet answers, and sees the host's egress address (NAT).
+    let (a_ns, a, a_link) = world.sandbox("a", &policy(true, &[], &[]));
+    assert_eq!(
+        reach(&a, web(80)),
+        Reach::Greeted(format!("hello from {WEB}:80"))
+    );
+    assert_eq!(
+        reach(&a, SocketAddr::from((OTHER_WEB, 7000))),
+        Reach::Greeted(format!("hello from {OTHER_WEB}:7000"))
+    );
+
+    // Always denied, whatever the policy: metadata, a LAN address, the host's own addresses
+    // (its egress address, the daemon's service address off its ports), other sandboxes.
+    // Each fails at connect, and nothing arrives at a decoy.
+    let host_listener = TcpListener::bind(("0.0.0.0", 0)).expect("a host service");
+    let host_port = host_listener.local_addr().expect("port").port();
+    for target in [
+        SocketAddr::from((METADATA, 80)),
+        SocketAddr::from((LAN, 80)),
+        SocketAddr::from((world.internet.host_end, host_port)),
+        SocketAddr::from((network.service_address(), host_port)),
+        SocketAddr::from((network.service_address(), 22)),
+        SocketAddr::from((a_link.host, host_port)),
+    ] {
+        assert_eq!(reach(&a, target), Reach::Refused, "{target}");
+    }
+    assert_eq!(
+        world.internet.hits(METADATA),
+        0,
+        "nothing reached the metadata decoy"
+    );
+    assert_eq!(world.internet.hits(LAN), 0, "nothing reached the LAN decoy");
+    let (b_ns, b, b_link) = world.sandbox("b", &policy(true, &[], &[]));
+    let b_server = Server::start(&b, SocketAddr::from((kiln_net::GUEST_ADDRESS, 7000)));
+    assert_eq!(
+        reach(&a, SocketAddr::from((b_link.sandbox, 7000))),
+        Reach::Refused
+    );
+    assert_eq!(
+        reach(&a, SocketAddr::from((b_link.host, 7000))),
+        Reach::Refused
+    );
+    assert_eq!(b_server.hits(), 0, "sandbox a never reached sandbox b");
+    // Negative control: the daemon (root, on the host) does reach b through its link.
+    let greeting = {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((b_link.sandbox, 7000)),
+            Duration::from_secs(3),
+        )
+        .expect("the daemon reaches the guest");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("greeting");
+        String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+    };
+    assert_eq!(
+        greeting,
+        format!("hello from {}:7000", kiln_net::GUEST_ADDRESS)
+    );
+    drop(b_server);
+
+    // Internet off: only what is allowed; deny wins over allow.
+    let closed = policy(false, &["198.51.100.0/24"], &["198.51.100.10"]);
+    network.apply(&b_ns, &closed).expect("apply");
+    assert_eq!(reach(&b, web(80)), Reach::Refused, "deny wins");
+    assert_eq!(
+        reach(&b, SocketAddr::from((OTHER_WEB, 80))),
+        Reach::Refused,
+        "not allowed"
+    );
+    network
+        .apply(&b_ns, &policy(false, &["198.51.100.0/24"], &[]))
+        .expect("apply");
+    assert!(matches!(reach(&b, web(80)), Reach::Greeted(_)), "allowed");
+    assert_eq!(reach(&b, SocketAddr::from((OTHER_WEB, 80))), Reach::Refused);
+    // Allowing what is always denied is refused.
+    let err = network
+        .apply(&b_ns, &policy(false, &["169.254.169.254"], &[]))
+        .expect_err("always denied");
+    assert!(err.to_string().contains("always denied"), "{err}");
+
+    // A live change cuts an established connection to a destination now denied, and
+    // keeps one that is still allowed.
+    let (other_port, cut) = b
+        .run_in(|| {
+            let mut other_port = TcpStream::connect_timeout(&web(7000), Duration::from_secs(3))?;
+            let mut cut = TcpStream::connect_timeout(&web(80), Duration::from_secs(3))?;
+            for s in [&mut other_port, &mut cut] {
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf)?;
+            }
+            Ok((other_port, cut))
+        })
+        .expect("two connections");
+    network
+        .apply(
+            &b_ns,
+            &policy(false, &["198.51.100.0/24"], &["198.51.100.10/32"]),
+        )
+        .expect("deny the web server");
+    // Both connections go to the now denied address: both are cut (the echo shows it).
+    let echo = |mut s: &TcpStream| -> bool {
+        s.write_all(b"ping\n").is_ok() && {
+            let mut buf = [0u8; 16];
+            matches!(s.read(&mut buf), Ok(n) if n > 0)
+        }
+    };
+    assert!(
+        !echo(&cut),
+        "an established connection to a now denied address is cut"
+    );
+    assert!(!echo(&other_port), "so is one to another port of it");
+    network
+        .apply(&b_ns, &policy(true, &[], &[]))
+        .expect("open again");
+    let live = b
+        .run_in(|| {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddr::from((OTHER_WEB, 7000)),
+                Duration::from_secs(3),
+            )?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf)?;
+            Ok(s)
+        })
+        .expect("connection");
+    network
+        .apply(&b_ns, &policy(true, &[], &["198.51.100.0/24"]))
+        .expect("deny another range");
+    assert!(
+        echo(&live),
+        "a connection to a still allowed address survives a change"
+    );
+
+    // IPv6 is off for sandboxes.
+    let v6 = b
+        .run_in(|| {
+            Ok(TcpStream::connect_timeout(
+                &"[2001:db8::1]:80".parse().expect("v6"),
+                Duration::from_secs(2),
+            )
+            .is_err())
+        })
+        .expect("guest");
+    assert!(v6, "no IPv6 path");
+
+    // Taking the namespace down and releasing the link leaves nothing of it.
+    let (a_if, b_if) = (
+        network.host_interface(a_link.slot),
+        network.host_interface(b_link.slot),
+    );
+    drop(a_ns);
+    drop(b_ns);
+    drop(a);
+    drop(b);
+    network.release(a_link);
+    network.release(b_link);
+    assert_eq!(network.links_in_use(), 0);
+    let links = std::process::Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains(&a_if) && !links.contains(&b_if), "{links}");
+}
+
+#[test]
+fn fifty_wire_and_release_cycles_leave_nothing() {
+    let world = World::new(1);
+    let network = world.network();
+    for i in 0..50 {
+        let (ns, guest, link) = world.sandbox(&format!("c{i}"), &policy(true, &[], &[]));
+        if i % 10 == 0 {
+            assert!(
+                matches!(reach(&guest, web(80)), Reach::Greeted(_)),
+                "cycle {i}"
+            );
+        }
+        drop(ns);
+        drop(guest);
+        network.release(link);
+    }
+    assert_eq!(network.links_in_use(), 0);
+    let prefix = format!("{}-", world.internet.tag);
+    let links = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !links.lines().any(|l| l.contains(&format!("{prefix}v"))),
+        "veths left: {links}"
+    );
+    let namespaces = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{prefix}c"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(namespaces, 0);
+    let conntrack = std::process::Command::new("conntrack")
+        .args(["-L", "-s", &network.config().pool.to_string()])
+        .output()
+        .expect("conntrack");
+    assert!(
+        String::from_utf8_lossy(&conntrack.stdout).trim().is_empty(),
+        "no tracked connection of the pool is left: {}",
+        String::from_utf8_lossy(&conntrack.stdout)
+    );
+}
