@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// A range no sandbox may reach, beyond the built-in ones; repeatable.
     #[arg(long)]
     pub deny_egress: Vec<ipnet::Ipv4Net>,
+    /// A resolver (IP:PORT) the sandboxes' resolver forwards to; repeatable [default: the
+    /// host's, from /etc/resolv.conf].
+    #[arg(long)]
+    pub dns_upstream: Vec<SocketAddr>,
 }
 
 /// The config file.
@@ -112,6 +116,7 @@ struct FileConfig {
     default_internet: Option<bool>,
     allow_private_egress: Option<bool>,
     deny_egress: Option<Vec<ipnet::Ipv4Net>>,
+    dns_upstreams: Option<Vec<SocketAddr>>,
 }
 
 /// Everything `kiln serve` runs with, checked.
@@ -220,6 +225,11 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
                     file.deny_egress.unwrap_or_default()
                 } else {
                     args.deny_egress
+                },
+                dns_upstreams: if args.dns_upstream.is_empty() {
+                    file.dns_upstreams.unwrap_or_default()
+                } else {
+                    args.dns_upstream
                 },
             })
         }

@@ -40,10 +40,14 @@ impl VmResources {
         }
     }
 
-    /// Takes back the link of an adopted sandbox's namespace.
-    pub(crate) fn adopt_link(&mut self, network: &Arc<Network>) -> Result<(), EngineError> {
+    /// Takes back the link of an adopted sandbox's namespace, whose table holds `policy`.
+    pub(crate) fn adopt_link(
+        &mut self,
+        network: &Arc<Network>,
+        policy: &EgressPolicy,
+    ) -> Result<(), EngineError> {
         if let Some(ns) = &self.netns {
-            let link = network.adopt(ns)?;
+            let link = network.adopt(ns, policy)?;
             self.link = Some((Arc::clone(network), link));
         }
         Ok(())

@@ -319,7 +319,17 @@ impl Engine {
                 .map_err(|e| EngineError::io("creating the data directory", e))?;
         }
         let network = match &config.network {
-            Some(network) => Some(Arc::new(kiln_network::Network::open(network.clone())?)),
+            Some(network) => {
+                let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                    EngineError::Invalid(
+                        "sandbox networking needs a tokio runtime: open the engine inside one"
+                            .into(),
+                    )
+                })?;
+                let network = Arc::new(kiln_network::Network::open(network.clone())?);
+                network.start(&runtime)?;
+                Some(network)
+            }
             None => None,
         };
         let reflink = disk::supports_reflink(&config.data_dir.join("templates"));

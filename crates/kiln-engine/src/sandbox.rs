@@ -517,7 +517,11 @@ pub(crate) async fn adopt(
         .and_then(|uid| engine.claim_uid(uid));
     let mut resources = VmResources::existing(engine, &id, uid);
     if let Some(network) = &engine.network {
-        resources.adopt_link(network)?;
+        let policy = request
+            .egress
+            .clone()
+            .unwrap_or_else(|| network.default_policy());
+        resources.adopt_link(network, &policy)?;
     }
     let client = AgentClient::new(
         Arc::new(UnixConnector::new(vm.agent_socket())),

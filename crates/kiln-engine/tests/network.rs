@@ -38,10 +38,14 @@ fn policy(internet: bool, allow: &[&str]) -> EgressPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
-    let internet = TestInternet::new(0);
+    let mut internet = TestInternet::new(0);
+    let upstream = internet.start_dns();
     let data = tempfile::tempdir().expect("data dir");
     let engine = Engine::new(EngineConfig {
-        network: Some(internet.network_config()),
+        network: Some(kiln_network::NetworkConfig {
+            dns_upstreams: vec![upstream],
+            ..internet.network_config()
+        }),
         ..EngineConfig::new(data.path())
     })
     .expect("engine");
@@ -58,11 +62,14 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
         .await
         .expect("create");
     assert_eq!(a.egress(), Some(EgressPolicy::open(true)));
-    assert_eq!(connect(&a, WEB, 80).await, format!("hello from {WEB}:80"));
+    assert_eq!(
+        connect(&a, WEB, 7000).await,
+        format!("hello from {WEB}:7000")
+    );
     // Decoys and the host fail at connect; nothing arrives.
     for (host, port) in [
-        (METADATA, 80),
-        (LAN, 80),
+        (METADATA, 7000),
+        (LAN, 7000),
         (internet.host_end, 22),
         (network.service_address(), 22),
     ] {
@@ -76,6 +83,17 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
     assert!(seen.contains("172.31.255.2/30"), "{seen}");
     assert!(seen.contains(kiln_net::GUEST_MAC), "{seen}");
     assert!(seen.contains("nameserver 172.31.255.1"), "{seen}");
+    // Names resolve through kiln's resolver, and HTTP by name goes through.
+    assert_eq!(
+        kiln_testinfra::sh(a.agent(), "getent hosts web.test | awk '{print $1}'").await,
+        WEB.to_string()
+    );
+    let http = kiln_testinfra::sh(
+        a.agent(),
+        r#"bash -c 'exec 3<>/dev/tcp/web.test/80; printf "GET / HTTP/1.1\r\nHost: web.test\r\n\r\n" >&3; while IFS= read -r -t 5 line <&3; do case $line in hello*) echo "$line"; break;; esac; done'"#,
+    )
+    .await;
+    assert_eq!(http, format!("hello from {WEB}:80 for web.test"));
 
     // Internet off, one range allowed; then changed live.
     let b = engine
@@ -93,13 +111,16 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
         seen,
         "same identity"
     );
-    assert!(refused_quickly(&connect(&b, WEB, 80).await));
+    assert!(refused_quickly(&connect(&b, WEB, 7000).await));
     assert_eq!(
         connect(&b, OTHER_WEB, 7000).await,
         format!("hello from {OTHER_WEB}:7000")
     );
     b.set_egress(policy(true, &[])).expect("open");
-    assert_eq!(connect(&b, WEB, 80).await, format!("hello from {WEB}:80"));
+    assert_eq!(
+        connect(&b, WEB, 7000).await,
+        format!("hello from {WEB}:7000")
+    );
     let err = b
         .set_egress(policy(false, &["169.254.169.254"]))
         .expect_err("always denied");
@@ -112,7 +133,7 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
 
     // A guest cannot reach another sandbox, by its link address or by its own.
     let a_link = a.link().expect("a link");
-    let outcome = connect(&b, a_link.sandbox, 80).await;
+    let outcome = connect(&b, a_link.sandbox, 7000).await;
     assert!(refused_quickly(&outcome), "{outcome}");
 
     // Everything goes with the sandboxes.

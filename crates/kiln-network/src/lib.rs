@@ -13,12 +13,16 @@
 //! with the default policy); a create only changes the policy if it asks for another.
 
 pub mod cmd;
+pub mod dns;
 pub mod nft;
 pub mod policy;
 pub mod pool;
+mod proxy;
 
-use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::Ipv4Net;
 use kiln_net::netns::NetNs;
@@ -83,6 +87,8 @@ pub struct NetworkConfig {
     pub allow_private: bool,
     /// Ranges no sandbox may reach, beyond the built-in ones.
     pub denied: Vec<Ipv4Net>,
+    /// Resolvers the daemon's resolver forwards to; empty: the host's (`/etc/resolv.conf`).
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 impl NetworkConfig {
@@ -98,6 +104,7 @@ impl NetworkConfig {
             default_internet: true,
             allow_private: false,
             denied: Vec::new(),
+            dns_upstreams: Vec::new(),
         }
     }
 
@@ -173,6 +180,96 @@ pub struct Network {
     slots: Mutex<SlotPool>,
     /// Whether this daemon turned on forwarding on the egress interface.
     guarded_egress: bool,
+    /// Where the resolver and the proxy resolve names.
+    upstreams: Vec<SocketAddr>,
+    /// The wired sandboxes, by link (the resolver and the proxy find a sandbox by its
+    /// link address).
+    sandboxes: RwLock<HashMap<Slot, Arc<SandboxNet>>>,
+    /// The resolver's and the proxies' tasks.
+    services: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// What the daemon's services know of one wired sandbox.
+#[derive(Debug)]
+pub struct SandboxNet {
+    /// Its namespace, to add resolved addresses to its set.
+    ns: OwnedFd,
+    policy: Mutex<EgressPolicy>,
+    /// Its proxied connections.
+    proxied: Mutex<Vec<proxy::Tracked>>,
+}
+
+impl SandboxNet {
+    /// The policy in force.
+    pub fn policy(&self) -> EgressPolicy {
+        lock(&self.policy).clone()
+    }
+
+    /// Lets `addresses` through the sandbox's firewall for `ttl` seconds.
+    async fn allow_resolved(
+        &self,
+        network: &Network,
+        addresses: &[Ipv4Addr],
+        ttl: u32,
+    ) -> Result<(), NetworkError> {
+        let script = nft::resolved_script(&network.table, addresses, ttl);
+        let ns = self.ns.try_clone().map_err(|e| NetworkError::Io {
+            context: "sharing the sandbox namespace".into(),
+            source: e,
+        })?;
+        tokio::task::spawn_blocking(move || cmd::nft(Place::Namespace(ns.as_fd()), &script))
+            .await
+            .map_err(|e| NetworkError::Io {
+                context: "updating the sandbox's addresses".into(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Lists a proxied connection to `name`; `None` if the sandbox has too many.
+    fn track(self: &Arc<Self>, name: &str) -> Option<TrackGuard> {
+        let mut proxied = lock(&self.proxied);
+        if proxied.len() >= proxy::MAX_PER_SANDBOX {
+            return None;
+        }
+        let tracked = proxy::Tracked::new(name);
+        let guard = TrackGuard {
+            sandbox: Arc::clone(self),
+            id: tracked.id,
+            cut: Arc::clone(&tracked.cut),
+        };
+        proxied.push(tracked);
+        Some(guard)
+    }
+
+    /// Closes the proxied connections whose names `policy` does not allow.
+    fn cut_proxied(&self, policy: &EgressPolicy) {
+        for tracked in lock(&self.proxied).iter() {
+            if !policy.allows_name(&tracked.name) {
+                tracked.cut.notify_one();
+            }
+        }
+    }
+}
+
+/// A proxied connection's place in its sandbox's list; leaves it when dropped.
+#[derive(Debug)]
+pub(crate) struct TrackGuard {
+    sandbox: Arc<SandboxNet>,
+    id: u64,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl TrackGuard {
+    /// Resolves when a policy change cuts the connection.
+    pub(crate) async fn cut(&self) {
+        self.cut.notified().await;
+    }
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        lock(&self.sandbox.proxied).retain(|t| t.id != self.id);
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -228,6 +325,20 @@ fn default_egress() -> Result<Option<Egress>, NetworkError> {
             gateway: r["gateway"].as_str().and_then(|g| g.parse().ok()),
         })
     }))
+}
+
+/// The address of the namespace's end of its link (`up0`), if it has one.
+fn link_address(ns: &NetNs) -> Option<Ipv4Addr> {
+    let netns = ns.open().ok()?;
+    let out = cmd::run(
+        Place::Namespace(netns.as_fd()),
+        "ip",
+        &["-j", "-4", "addr", "show", "dev", UPLINK],
+        "",
+    )
+    .ok()?;
+    let value: serde_json::Value = serde_json::from_str(&out).ok()?;
+    value[0]["addr_info"][0]["local"].as_str()?.parse().ok()
 }
 
 impl Network {
@@ -311,9 +422,20 @@ impl Network {
                 guarded_egress = true;
             }
         }
+        let upstreams = if config.dns_upstreams.is_empty() {
+            dns::host_upstreams(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default())
+        } else {
+            config.dns_upstreams.clone()
+        };
+        if upstreams.is_empty() {
+            tracing::warn!("no DNS upstream (none set, none in /etc/resolv.conf): names do not resolve in sandboxes");
+        }
         let network = Network {
             always: AlwaysDenied::new(pool, config.allow_private, &config.denied),
             table: config.table(),
+            upstreams,
+            sandboxes: RwLock::new(HashMap::new()),
+            services: Mutex::new(Vec::new()),
             config,
             service,
             egress,
@@ -338,6 +460,82 @@ impl Network {
             egress: self.egress.as_ref().map(|e| e.interface.as_str()),
             guard_egress_forwarding: self.guarded_egress,
         })
+    }
+
+    /// Starts the resolver and the egress proxies on the service address, as tasks of the
+    /// runtime `runtime`; they run until [`Network::shutdown`].
+    pub fn start(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> Result<(), NetworkError> {
+        let bind_error = |what: &str, e: std::io::Error| NetworkError::Io {
+            context: format!("listening on {}:{what}", self.service),
+            source: e,
+        };
+        let listen = |port: u16, what: &str| {
+            std::net::TcpListener::bind((self.service, port))
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| bind_error(what, e))
+        };
+        let udp = std::net::UdpSocket::bind((self.service, nft::DNS_PORT))
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| bind_error("53/udp", e))?;
+        let tcp = listen(nft::DNS_PORT, "53/tcp")?;
+        let http = listen(nft::HTTP_PROXY_PORT, "80")?;
+        let tls = listen(nft::TLS_PROXY_PORT, "443")?;
+        let _entered = runtime.enter();
+        let io = |e| bind_error("(registering)", e);
+        let udp = tokio::net::UdpSocket::from_std(udp).map_err(io)?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(io)?;
+        let http = tokio::net::TcpListener::from_std(http).map_err(io)?;
+        let tls = tokio::net::TcpListener::from_std(tls).map_err(io)?;
+        let mut services = lock(&self.services);
+        services.push(runtime.spawn(dns::serve(Arc::clone(self), udp, tcp)));
+        services.push(runtime.spawn(proxy::serve(Arc::clone(self), http, proxy::Kind::Http)));
+        services.push(runtime.spawn(proxy::serve(Arc::clone(self), tls, proxy::Kind::Tls)));
+        Ok(())
+    }
+
+    /// The sandbox whose link address is `address`.
+    pub fn sandbox_at(&self, address: Ipv4Addr) -> Option<Arc<SandboxNet>> {
+        let slot = Slot::of(address, self.config.pool)?;
+        (slot.sandbox_address(self.config.pool) == address)
+            .then(|| self.sandboxes.read().ok()?.get(&slot).cloned())
+            .flatten()
+    }
+
+    /// Forwards a DNS query to the upstreams.
+    pub(crate) async fn ask_upstream(&self, query: &[u8]) -> Option<Vec<u8>> {
+        dns::ask(&self.upstreams, query).await
+    }
+
+    /// The upstream resolvers.
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// Whether `address` is one of the host's own.
+    pub fn is_local(&self, address: Ipv4Addr) -> bool {
+        nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+            addrs.any(|a| {
+                a.address
+                    .and_then(|s| s.as_sockaddr_in().map(|sin| sin.ip()))
+                    == Some(address)
+            })
+        })
+    }
+
+    fn register(&self, slot: Slot, ns: &NetNs, policy: &EgressPolicy) -> Result<(), NetworkError> {
+        let fd = ns.open().map_err(|e| NetworkError::Io {
+            context: "opening the sandbox namespace".into(),
+            source: e,
+        })?;
+        let entry = Arc::new(SandboxNet {
+            ns: fd,
+            policy: Mutex::new(policy.clone()),
+            proxied: Mutex::new(Vec::new()),
+        });
+        if let Ok(mut sandboxes) = self.sandboxes.write() {
+            sandboxes.insert(slot, entry);
+        }
+        Ok(())
     }
 
     /// Its configuration.
@@ -394,7 +592,10 @@ impl Network {
     pub fn wire(&self, ns: &NetNs, policy: &EgressPolicy) -> Result<Link, NetworkError> {
         self.check(policy)?;
         let slot = lock(&self.slots).take()?;
-        match self.wire_slot(ns, slot, policy) {
+        match self
+            .wire_slot(ns, slot, policy)
+            .and_then(|link| self.register(slot, ns, policy).map(|()| link))
+        {
             Ok(link) => Ok(link),
             Err(e) => {
                 // The namespace goes with its creator; our end with it. Give the slot back.
@@ -496,7 +697,23 @@ impl Network {
             Place::Namespace(netns.as_fd()),
             &nft::policy_script(&self.table, self.service, policy),
         )?;
+        if let Some(link) = self.link_of(ns) {
+            if let Some(entry) = self
+                .sandboxes
+                .read()
+                .ok()
+                .and_then(|s| s.get(&link).cloned())
+            {
+                *lock(&entry.policy) = policy.clone();
+                entry.cut_proxied(policy);
+            }
+        }
         self.cut_denied(netns.as_fd(), policy)
+    }
+
+    /// The slot of wired namespace `ns`.
+    fn link_of(&self, ns: &NetNs) -> Option<Slot> {
+        Slot::of(link_address(ns)?, self.config.pool)
     }
 
     /// Deletes the namespace's tracked connections whose destination `policy` denies.
@@ -555,26 +772,9 @@ impl Network {
     }
 
     /// Takes back the link of a sandbox of an earlier run (found in its namespace) while
-    /// adopting it.
-    pub fn adopt(&self, ns: &NetNs) -> Result<Link, NetworkError> {
-        let netns = ns.open().map_err(|e| NetworkError::Io {
-            context: "opening the sandbox namespace".into(),
-            source: e,
-        })?;
-        use std::os::fd::AsFd;
-        let out = cmd::run(
-            Place::Namespace(netns.as_fd()),
-            "ip",
-            &["-j", "-4", "addr", "show", "dev", UPLINK],
-            "",
-        )?;
-        let address = serde_json::from_str::<serde_json::Value>(&out)
-            .ok()
-            .and_then(|v| {
-                v[0]["addr_info"][0]["local"]
-                    .as_str()
-                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
-            })
+    /// adopting it, with the policy its namespace holds (`policy`, as the daemon recorded it).
+    pub fn adopt(&self, ns: &NetNs, policy: &EgressPolicy) -> Result<Link, NetworkError> {
+        let address = link_address(ns)
             .ok_or_else(|| NetworkError::Config(format!("{} has no link address", ns.name())))?;
         let slot = Slot::of(address, self.config.pool).ok_or_else(|| {
             NetworkError::Config(format!("{address} of {} is not in the pool", ns.name()))
@@ -585,6 +785,7 @@ impl Network {
                 ns.name()
             )));
         }
+        self.register(slot, ns, policy)?;
         Ok(self.link(slot))
     }
 
@@ -592,6 +793,16 @@ impl Network {
     /// its table with it): the host's tracked connections of its address are deleted, then
     /// its slot is free again (reused last).
     pub fn release(&self, link: Link) {
+        if let Some(entry) = self
+            .sandboxes
+            .write()
+            .ok()
+            .and_then(|mut s| s.remove(&link.slot))
+        {
+            for tracked in lock(&entry.proxied).iter() {
+                tracked.cut.notify_one();
+            }
+        }
         for flag in ["-s", "-d"] {
             let _ = cmd::run(
                 Place::Host,
@@ -611,6 +822,9 @@ impl Network {
     /// routing rules and table, the service address, forwarding on the egress interface if
     /// this daemon turned it on.
     pub fn shutdown(&self) {
+        for task in lock(&self.services).drain(..) {
+            task.abort();
+        }
         let table = &self.table;
         let route_table = self.config.route_table;
         let pool = self.config.pool;

@@ -84,7 +84,12 @@ pub fn host_table(t: &HostTable<'_>) -> String {
         "    type filter hook input priority filter - 5; policy accept;"
     );
     let _ = writeln!(s, "    ip saddr @pool jump from_sandbox");
-    // The service address answers sandboxes only (and the host itself).
+    // The service address answers sandboxes only (and the host itself); replies to the
+    // proxy's own connections come back to it.
+    let _ = writeln!(
+        s,
+        "    ip daddr {service} ct state established,related accept"
+    );
     let _ = writeln!(s, "    ip daddr {service} iifname != \"lo\" drop");
     let _ = writeln!(s, "  }}");
     // Out of a sandbox: only by the egress interface, never to another sandbox; back in:

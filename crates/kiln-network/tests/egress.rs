@@ -12,7 +12,7 @@ use std::time::Duration;
 use kiln_net::netns::NetNs;
 use kiln_network::policy::{Destination, EgressPolicy};
 use kiln_network::Network;
-use kiln_testinfra::internet::{ip, reach, Reach, Server, LAN, METADATA, OTHER_WEB, WEB};
+use kiln_testinfra::internet::{reach, Reach, Server, LAN, METADATA, OTHER_WEB, WEB};
 
 /// The test internet, the daemon's networking on it, and sandbox namespaces with "guests".
 struct World {
@@ -36,31 +36,7 @@ impl World {
 
     /// A sandbox namespace wired with `policy`, and the guest namespace behind its `tap0`.
     fn sandbox(&self, name: &str, policy: &EgressPolicy) -> (NetNs, NetNs, kiln_network::Link) {
-        let tag = &self.internet.tag;
-        let ns = NetNs::create(&format!("{tag}-{name}")).expect("sandbox ns");
-        let guest = NetNs::create(&format!("{tag}-g{name}")).expect("guest ns");
-        ip(&format!(
-            "-n {} link add tap0 type veth peer name eth0 netns {}",
-            ns.name(),
-            guest.name()
-        ));
-        ip(&format!(
-            "-n {} addr add 172.31.255.1/30 dev tap0",
-            ns.name()
-        ));
-        ip(&format!("-n {} link set tap0 up", ns.name()));
-        ip(&format!(
-            "-n {} addr add 172.31.255.2/30 dev eth0",
-            guest.name()
-        ));
-        ip(&format!("-n {} link set eth0 up", guest.name()));
-        ip(&format!("-n {} link set lo up", guest.name()));
-        ip(&format!(
-            "-n {} route add default via 172.31.255.1",
-            guest.name()
-        ));
-        let link = self.network().wire(&ns, policy).expect("wire");
-        (ns, guest, link)
+        kiln_testinfra::internet::wired_sandbox(self.network(), &self.internet.tag, name, policy)
     }
 }
 
@@ -97,8 +73,8 @@ fn egress_follows_the_policy_and_never_reaches_the_host_or_other_sandboxes() {
     // Internet on: the test internet answers, and sees the host's egress address (NAT).
     let (a_ns, a, a_link) = world.sandbox("a", &policy(true, &[], &[]));
     assert_eq!(
-        reach(&a, web(80)),
-        Reach::Greeted(format!("hello from {WEB}:80"))
+        reach(&a, web(7000)),
+        Reach::Greeted(format!("hello from {WEB}:7000"))
     );
     assert_eq!(
         reach(&a, SocketAddr::from((OTHER_WEB, 7000))),
@@ -111,8 +87,8 @@ fn egress_follows_the_policy_and_never_reaches_the_host_or_other_sandboxes() {
     let host_listener = TcpListener::bind(("0.0.0.0", 0)).expect("a host service");
     let host_port = host_listener.local_addr().expect("port").port();
     for target in [
-        SocketAddr::from((METADATA, 80)),
-        SocketAddr::from((LAN, 80)),
+        SocketAddr::from((METADATA, 7000)),
+        SocketAddr::from((LAN, 7000)),
         SocketAddr::from((world.internet.host_end, host_port)),
         SocketAddr::from((network.service_address(), host_port)),
         SocketAddr::from((network.service_address(), 22)),
@@ -157,17 +133,20 @@ fn egress_follows_the_policy_and_never_reaches_the_host_or_other_sandboxes() {
     // Internet off: only what is allowed; deny wins over allow.
     let closed = policy(false, &["198.51.100.0/24"], &["198.51.100.10"]);
     network.apply(&b_ns, &closed).expect("apply");
-    assert_eq!(reach(&b, web(80)), Reach::Refused, "deny wins");
+    assert_eq!(reach(&b, web(7000)), Reach::Refused, "deny wins");
     assert_eq!(
-        reach(&b, SocketAddr::from((OTHER_WEB, 80))),
+        reach(&b, SocketAddr::from((OTHER_WEB, 7000))),
         Reach::Refused,
         "not allowed"
     );
     network
         .apply(&b_ns, &policy(false, &["198.51.100.0/24"], &[]))
         .expect("apply");
-    assert!(matches!(reach(&b, web(80)), Reach::Greeted(_)), "allowed");
-    assert_eq!(reach(&b, SocketAddr::from((OTHER_WEB, 80))), Reach::Refused);
+    assert!(matches!(reach(&b, web(7000)), Reach::Greeted(_)), "allowed");
+    assert_eq!(
+        reach(&b, SocketAddr::from((OTHER_WEB, 7000))),
+        Reach::Refused
+    );
     // Allowing what is always denied is refused.
     let err = network
         .apply(&b_ns, &policy(false, &["169.254.169.254"], &[]))
@@ -178,8 +157,8 @@ fn egress_follows_the_policy_and_never_reaches_the_host_or_other_sandboxes() {
     // keeps one that is still allowed.
     let (other_port, cut) = b
         .run_in(|| {
-            let mut other_port = TcpStream::connect_timeout(&web(7000), Duration::from_secs(3))?;
-            let mut cut = TcpStream::connect_timeout(&web(80), Duration::from_secs(3))?;
+            let mut other_port = TcpStream::connect_timeout(&web(7001), Duration::from_secs(3))?;
+            let mut cut = TcpStream::connect_timeout(&web(7000), Duration::from_secs(3))?;
             for s in [&mut other_port, &mut cut] {
                 s.set_read_timeout(Some(Duration::from_secs(3)))?;
                 let mut buf = [0u8; 64];
@@ -269,7 +248,7 @@ fn fifty_wire_and_release_cycles_leave_nothing() {
         let (ns, guest, link) = world.sandbox(&format!("c{i}"), &policy(true, &[], &[]));
         if i % 10 == 0 {
             assert!(
-                matches!(reach(&guest, web(80)), Reach::Greeted(_)),
+                matches!(reach(&guest, web(7000)), Reach::Greeted(_)),
                 "cycle {i}"
             );
         }

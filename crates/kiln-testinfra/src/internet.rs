@@ -22,8 +22,23 @@ pub const LAN: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 
 /// Every address of the test internet that runs servers.
 pub const ADDRESSES: [Ipv4Addr; 4] = [WEB, OTHER_WEB, METADATA, LAN];
-/// The ports they listen on.
-pub const PORTS: [u16; 2] = [80, 7000];
+/// The ports where they greet (`hello from <address>:<port>`) and echo.
+pub const PORTS: [u16; 2] = [7000, 7001];
+/// Where they answer HTTP (`hello from <address>:80 for <host>`), and HTTPS (the same, for the
+/// TLS server name) once [`TestInternet::start_https`] ran.
+pub const HTTP_PORT: u16 = 80;
+/// HTTPS.
+pub const HTTPS_PORT: u16 = 443;
+
+/// Names the test internet's DNS server answers (with [`TestInternet::start_dns`]), each
+/// with every name below it: `web.test` and `*.web.test` → [`WEB`], `other.test` →
+/// [`OTHER_WEB`], and two that try to rebind to a decoy.
+pub const NAMES: [(&str, Ipv4Addr); 4] = [
+    ("web.test", WEB),
+    ("other.test", OTHER_WEB),
+    ("rebind.test", METADATA),
+    ("lan.test", LAN),
+];
 
 /// Runs `ip` with `args` (split on spaces); panics if it fails.
 pub fn ip(args: &str) {
@@ -35,7 +50,8 @@ pub fn ip(args: &str) {
 }
 
 /// A TCP server in a namespace: greets every connection with `hello from <addr>`, then
-/// echoes; counts connections.
+/// echoes (or, as an HTTP server, answers every request with that line and the request's
+/// `Host`, keeping the connection open); counts connections.
 #[derive(Debug)]
 pub struct Server {
     hits: Arc<AtomicUsize>,
@@ -43,7 +59,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `addr` inside `ns`.
+    /// Listens on `addr` inside `ns` (HTTP if `addr`'s port is [`HTTP_PORT`]).
     pub fn start(ns: &NetNs, addr: SocketAddr) -> Server {
         let hits = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -61,7 +77,11 @@ impl Server {
                     Ok((stream, _)) => {
                         h.fetch_add(1, Ordering::SeqCst);
                         let s = s.clone();
-                        std::thread::spawn(move || serve(stream, addr, &s));
+                        if addr.port() == HTTP_PORT {
+                            std::thread::spawn(move || serve_http(stream, addr, &s));
+                        } else {
+                            std::thread::spawn(move || serve(stream, addr, &s));
+                        }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -91,6 +111,42 @@ fn serve(mut stream: TcpStream, addr: SocketAddr, stop: &AtomicBool) {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => break,
+        }
+    }
+}
+
+fn serve_http(mut stream: TcpStream, addr: SocketAddr, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::SeqCst) {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+        let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&request[..end]).into_owned();
+        request.drain(..end + 4);
+        let host = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("host")
+                    .then(|| value.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let body = format!("hello from {addr} for {host}\n");
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(reply.as_bytes()).is_err() {
+            return;
         }
     }
 }
@@ -131,6 +187,60 @@ pub fn reach(ns: &NetNs, addr: SocketAddr) -> Reach {
     .expect("thread in the namespace")
 }
 
+/// A namespace standing in for a VM behind sandbox namespace `sandbox`: joined to it by a
+/// veth whose sandbox end is named like the guest's tap (`tap0`, with the gateway address),
+/// with the guest's fixed address and route, so every rule of the sandbox's namespace
+/// applies to it as to a real guest.
+pub fn fake_guest(sandbox: &NetNs, name: &str) -> NetNs {
+    let guest = NetNs::create(name).expect("guest namespace");
+    ip(&format!(
+        "-n {} link add {} type veth peer name eth0 netns {}",
+        sandbox.name(),
+        kiln_net::TAP_NAME,
+        guest.name()
+    ));
+    ip(&format!(
+        "-n {} addr add {}/{} dev {}",
+        sandbox.name(),
+        kiln_net::GATEWAY_ADDRESS,
+        kiln_net::PREFIX_LEN,
+        kiln_net::TAP_NAME
+    ));
+    ip(&format!(
+        "-n {} link set {} up",
+        sandbox.name(),
+        kiln_net::TAP_NAME
+    ));
+    ip(&format!(
+        "-n {} addr add {}/{} dev eth0",
+        guest.name(),
+        kiln_net::GUEST_ADDRESS,
+        kiln_net::PREFIX_LEN
+    ));
+    ip(&format!("-n {} link set eth0 up", guest.name()));
+    ip(&format!("-n {} link set lo up", guest.name()));
+    ip(&format!(
+        "-n {} route add default via {}",
+        guest.name(),
+        kiln_net::GATEWAY_ADDRESS
+    ));
+    guest
+}
+
+/// A sandbox namespace `<tag>-<name>` wired by `network` with `policy`, and a fake guest
+/// (`<tag>-g<name>`) behind it.
+pub fn wired_sandbox(
+    network: &kiln_network::Network,
+    tag: &str,
+    name: &str,
+    policy: &kiln_network::policy::EgressPolicy,
+) -> (NetNs, NetNs, kiln_network::Link) {
+    let ns = NetNs::create(&format!("{tag}-{name}")).expect("sandbox namespace");
+    let guest = fake_guest(&ns, &format!("{tag}-g{name}"));
+    let link = network.wire(&ns, policy).expect("wire");
+    (ns, guest, link)
+}
+
 /// The test internet and the host's link to it.
 #[derive(Debug)]
 pub struct TestInternet {
@@ -144,6 +254,8 @@ pub struct TestInternet {
     pub gateway: Ipv4Addr,
     index: u8,
     servers: Vec<Server>,
+    /// Processes run inside (DNS, HTTPS), killed by their pids on drop.
+    processes: Vec<std::process::Child>,
     ns: Option<NetNs>,
 }
 
@@ -167,6 +279,7 @@ impl TestInternet {
             gateway,
             index,
             servers: Vec::new(),
+            processes: Vec::new(),
             ns: None,
         };
         ip(&format!(
@@ -189,12 +302,151 @@ impl TestInternet {
         }
         ip(&format!("-n {n} route add default via {host_end}"));
         for addr in ADDRESSES {
-            for port in PORTS {
+            for port in PORTS.iter().copied().chain([HTTP_PORT]) {
                 let server = Server::start(internet.namespace(), SocketAddr::from((addr, port)));
                 internet.servers.push(server);
             }
         }
         internet
+    }
+
+    /// Runs a DNS server (dnsmasq) on the gateway address answering [`NAMES`]; the daemon's
+    /// upstream in a test. Stopped on drop.
+    pub fn start_dns(&mut self) -> SocketAddr {
+        let mut args = vec![
+            "--no-daemon".to_owned(),
+            "--conf-file=/dev/null".to_owned(),
+            "--no-resolv".to_owned(),
+            "--no-hosts".to_owned(),
+            "--bind-interfaces".to_owned(),
+            format!("--listen-address={}", self.gateway),
+            "--pid-file=".to_owned(),
+            "--local-ttl=60".to_owned(),
+        ];
+        for (name, address) in NAMES {
+            args.push(format!("--address=/{name}/{address}"));
+        }
+        let child = self.spawn_inside("dnsmasq", &args, false);
+        self.processes.push(child);
+        let server = SocketAddr::from((self.gateway, 53));
+        // Ready once it answers.
+        for _ in 0..100 {
+            if std::net::UdpSocket::bind(("0.0.0.0", 0))
+                .and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                    s.send_to(&crate::dns::query("web.test", 1), server)?;
+                    let mut buf = [0u8; 512];
+                    s.recv(&mut buf)
+                })
+                .is_ok()
+            {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("dnsmasq did not answer on {server}");
+    }
+
+    /// Runs an HTTPS server (Python's ssl, a self-signed certificate for `*.test`) on every
+    /// address of the test internet, answering `hello from <address>:443 for <server name>`.
+    /// Stopped on drop.
+    pub fn start_https(&mut self, dir: &std::path::Path) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test",
+            ])
+            .args([
+                "-addext",
+                "subjectAltName=DNS:*.test,DNS:web.test,DNS:other.test",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "making a test certificate");
+        let script = format!(
+            r#"
+import socket, ssl, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain({cert:?}, {key:?})
+names = {{}}
+def note(sock, name, _ctx):
+    names[id(sock)] = name
+ctx.sni_callback = note
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 443))
+srv.listen(64)
+END = b"\r\n\r\n"
+def serve(conn):
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+        data = b""
+        while END not in data:
+            more = tls.recv(4096)
+            if not more:
+                return
+            data += more
+        addr = tls.getsockname()
+        body = "hello from %s:%d for %s\n" % (addr[0], addr[1], names.get(id(tls), "?"))
+        head = "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        tls.sendall((head + body).encode())
+        tls.close()
+    except Exception:
+        pass
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#,
+            cert = cert.display().to_string(),
+            key = key.display().to_string(),
+        );
+        let mut child = self.spawn_inside("python3", &["-c".to_owned(), script], true);
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("python starts");
+        assert_eq!(line.trim(), "ready", "the HTTPS server starts");
+        self.processes.push(child);
+    }
+
+    /// Starts `program args` inside; its standard output piped if `piped`.
+    fn spawn_inside(&self, program: &str, args: &[String], piped: bool) -> std::process::Child {
+        let stdout = if piped {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        };
+        self.command_inside(program, args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program}: {e}"))
+    }
+
+    /// `program args` to run inside the test internet's namespace.
+    fn command_inside(&self, program: &str, args: &[String]) -> std::process::Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let ns = self.namespace().open().expect("namespace");
+        let mut command = std::process::Command::new(program);
+        command.args(args);
+        // SAFETY: setns between fork and exec; the descriptor is moved into the closure
+        // and stays open until the child execs.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
     }
 
     /// The test internet's namespace (to run more servers in).
@@ -208,8 +460,9 @@ impl TestInternet {
             .iter()
             .position(|a| *a == addr)
             .expect("a test internet address");
-        (0..PORTS.len())
-            .map(|p| self.servers[index * PORTS.len() + p].hits())
+        let per_address = PORTS.len() + 1;
+        (0..per_address)
+            .map(|p| self.servers[index * per_address + p].hits())
             .sum()
     }
 
@@ -233,6 +486,10 @@ impl TestInternet {
 
 impl Drop for TestInternet {
     fn drop(&mut self) {
+        for child in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         self.servers.clear();
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.egress_interface])

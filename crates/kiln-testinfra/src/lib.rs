@@ -1,5 +1,6 @@
 //! Helpers shared by kiln's end-to-end tests (real QEMU, real templates).
 
+pub mod dns;
 pub mod internet;
 
 use std::path::{Path, PathBuf};
