@@ -173,10 +173,11 @@ pub(crate) async fn create_sandbox(
                 memory_mib: body.memory_mib,
                 disk_mib: body.disk_mib,
                 network,
+                public_ports: body.ports.is_some_and(|p| p.public),
             },
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(record.into())))
+    Ok((StatusCode::CREATED, Json(sandbox_body(&state, record))))
 }
 
 /// Lists the caller's sandboxes, oldest first. Filters: `state=running|failed`,
@@ -228,7 +229,7 @@ pub(crate) async fn list_sandboxes(
             .control
             .list_sandboxes(&who, &filter, cursor.as_deref(), limit)?;
     Ok(Json(SandboxList {
-        sandboxes: page.into_iter().map(Into::into).collect(),
+        sandboxes: page.into_iter().map(|r| sandbox_body(&state, r)).collect(),
         next_cursor,
     }))
 }
@@ -242,7 +243,16 @@ pub(crate) async fn get_sandbox(
     Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxBody>, ApiError> {
-    Ok(Json(state.control.get_sandbox(&who, &id)?.into()))
+    Ok(Json(sandbox_body(
+        &state,
+        state.control.get_sandbox(&who, &id)?,
+    )))
+}
+
+/// A sandbox as the API shows it, its port URLs filled in.
+fn sandbox_body(state: &AppState, record: kiln_control::SandboxRecord) -> SandboxBody {
+    SandboxBody::from(record)
+        .with_port_urls(&state.config.ingress_domain, state.config.ingress_port)
 }
 
 /// The egress policy a request body describes, if any (400 naming a bad entry).
@@ -274,7 +284,7 @@ pub(crate) async fn update_sandbox(
         network,
     };
     let record = state.control.update_sandbox(&who, &id, update).await?;
-    Ok(Json(record.into()))
+    Ok(Json(sandbox_body(&state, record)))
 }
 
 /// Destroys a sandbox: its VM, disk and everything else it had.
@@ -300,7 +310,10 @@ pub(crate) async fn keepalive(
     Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxBody>, ApiError> {
-    Ok(Json(state.control.keepalive(&who, &id)?.into()))
+    Ok(Json(sandbox_body(
+        &state,
+        state.control.keepalive(&who, &id)?,
+    )))
 }
 
 /// Query of the console log.

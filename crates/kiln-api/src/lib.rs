@@ -6,6 +6,7 @@
 mod exec;
 mod files;
 mod handlers;
+pub mod ingress;
 mod interactive;
 pub mod types;
 
@@ -27,12 +28,18 @@ pub const MAX_JSON_BODY: usize = 1 << 20;
 pub struct ApiConfig {
     /// Largest file upload, in bytes.
     pub max_upload_bytes: u64,
+    /// The domain sandbox ports are served under (`<port>-<sandbox>.<domain>`).
+    pub ingress_domain: String,
+    /// The port those URLs name (the daemon's own, or a front end's); `None`: 80.
+    pub ingress_port: Option<u16>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             max_upload_bytes: 4 << 30,
+            ingress_domain: "localhost".into(),
+            ingress_port: None,
         }
     }
 }
@@ -219,6 +226,7 @@ impl FromRequestParts<AppState> for Caller {
         files::mkdir,
         files::remove,
         files::rename,
+        ingress::by_path,
         handlers::create_key,
         handlers::list_keys,
         handlers::revoke_key,
@@ -294,6 +302,18 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
             "/v1/sandboxes/{id}/files/content",
             get(files::read).put(files::write),
         )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}",
+            axum::routing::any(ingress::by_path),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/",
+            axum::routing::any(ingress::by_path),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{port}/{*rest}",
+            axum::routing::any(ingress::by_path),
+        )
         .layer(DefaultBodyLimit::disable());
     Router::new()
         .route("/v1/health", get(handlers::health))
@@ -347,5 +367,10 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .merge(uploads)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Requests for a sandbox's port by host name are proxied before any route.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ingress::by_host,
+        ))
         .with_state(state)
 }

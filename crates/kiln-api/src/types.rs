@@ -40,6 +40,33 @@ pub struct SandboxBody {
     /// The egress policy in force (absent where the host has no sandbox networking).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkBody>,
+    /// How to reach what it serves (absent where the host has no sandbox networking).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortsBody>,
+}
+
+/// How a sandbox's ports are reached: `http://<port>-<id>.<domain>/` (`url` with `{port}`
+/// filled in), or `/v1/sandboxes/{id}/ports/{port}/` with an API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortsBody {
+    /// Reachable by URL without the access token.
+    pub public: bool,
+    /// The URL of port `{port}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The token its URLs need unless public (`X-Kiln-Access-Token` header or `kiln_token`
+    /// query parameter); shown to its owner only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
+}
+
+/// Options of a sandbox's ports at create.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortsOptions {
+    /// Anyone may reach its ports by URL (default: only with its access token).
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// A sandbox's egress policy.
@@ -116,8 +143,24 @@ impl From<kiln_control::SandboxRecord> for SandboxBody {
             created_at_ms: record.created_at_ms,
             expires_at_ms: record.expires_at_ms,
             ttl_secs: record.ttl_ms.map(|ms| (ms / 1000) as u64),
+            ports: record.access_token.as_ref().map(|token| PortsBody {
+                public: record.public_ports,
+                url: None,
+                access_token: Some(token.clone()),
+            }),
             network: record.network.map(Into::into),
         }
+    }
+}
+
+impl SandboxBody {
+    /// Fills in the URL of its ports, served under `domain` at `port` (80 if `None`).
+    pub fn with_port_urls(mut self, domain: &str, port: Option<u16>) -> SandboxBody {
+        let suffix = port.map_or_else(String::new, |p| format!(":{p}"));
+        if let Some(ports) = &mut self.ports {
+            ports.url = Some(format!("http://{{port}}-{}.{domain}{suffix}/", self.id));
+        }
+        self
     }
 }
 
@@ -158,6 +201,9 @@ pub struct CreateSandboxBody {
     /// Egress policy (the host's default, normally internet on, if absent).
     #[serde(default)]
     pub network: Option<NetworkBody>,
+    /// How its ports may be reached (by default only with its access token).
+    #[serde(default)]
+    pub ports: Option<PortsOptions>,
 }
 
 /// Change a sandbox: every field is optional, at least one must be given, and a field not

@@ -27,6 +27,7 @@ async fn api() -> Api {
         control.clone(),
         kiln_api::ApiConfig {
             max_upload_bytes: 8 << 20,
+            ..kiln_api::ApiConfig::default()
         },
     );
     Api {

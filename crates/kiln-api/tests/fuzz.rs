@@ -185,6 +185,7 @@ fn random_requests_never_get_a_server_error() {
             control.clone(),
             kiln_api::ApiConfig {
                 max_upload_bytes: 1 << 20,
+                ..kiln_api::ApiConfig::default()
             },
         );
         let sandbox = control

@@ -185,6 +185,9 @@ pub struct CreateArgs {
     pub disk_mib: Option<u64>,
     #[command(flatten)]
     pub network: NetworkArgs,
+    /// Its ports are reachable by URL without its access token.
+    #[arg(long)]
+    pub public_ports: bool,
 }
 
 /// Egress policy options.
@@ -246,6 +249,9 @@ impl CreateArgs {
             memory_mib: self.memory_mib,
             disk_mib: self.disk_mib,
             network,
+            ports: self
+                .public_ports
+                .then_some(kiln_api::types::PortsOptions { public: true }),
         })
     }
 }
@@ -375,6 +381,33 @@ pub async fn net(client: &Client, id: &str, args: &NetworkArgs, json: bool) -> R
     };
     println!("allow out: {}", list(&network.allow_out));
     println!("deny out:  {}", list(&network.deny_out));
+    Ok(())
+}
+
+/// Prints the URL of port `port` of sandbox `id`, and the token header if it needs one.
+pub async fn port(client: &Client, id: &str, port: u16) -> Result<()> {
+    if port == 0 {
+        anyhow::bail!("ports are 1 to 65535");
+    }
+    let sandbox: SandboxBody = client
+        .json(client.request(Method::GET, &format!("/v1/sandboxes/{id}")))
+        .await?;
+    let ports = sandbox.ports.ok_or_else(|| {
+        anyhow::anyhow!(
+            "sandbox {id} has no reachable ports: the daemon runs without sandbox networking"
+        )
+    })?;
+    let url = ports
+        .url
+        .ok_or_else(|| anyhow::anyhow!("the daemon did not say where ports are served"))?
+        .replace("{port}", &port.to_string());
+    println!("{url}");
+    if !ports.public {
+        if let Some(token) = ports.access_token {
+            println!("X-Kiln-Access-Token: {token}");
+            eprintln!("(or append ?kiln_token={token}; public ports need none: kiln sandbox create --public-ports)");
+        }
+    }
     Ok(())
 }
 

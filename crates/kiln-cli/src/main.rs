@@ -139,6 +139,16 @@ enum SandboxCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Print the URL of a port of a sandbox (and, unless its ports are public, the header
+    /// that opens it).
+    ///
+    /// Example: kiln sandbox port sb-1234 8000
+    Port {
+        /// Sandbox id.
+        id: String,
+        /// The port the guest listens on.
+        port: u16,
+    },
     /// Show a sandbox's egress policy, or change it while it runs (new connections follow
     /// the new policy at once; established ones to what it denies are cut).
     ///
@@ -320,6 +330,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+            SandboxCommand::Port { id, port } => client_cmd::port(&client, &id, port).await?,
             SandboxCommand::Net { id, network, json } => {
                 client_cmd::net(&client, &id, &network, json).await?
             }

@@ -90,6 +90,15 @@ pub struct ServeArgs {
     /// host's, from /etc/resolv.conf].
     #[arg(long)]
     pub dns_upstream: Vec<SocketAddr>,
+    /// The domain sandbox ports are served under: `http://<port>-<sandbox>.<domain>/`
+    /// [default: localhost, which browsers resolve to loopback; in production a wildcard DNS
+    /// name with TLS in front].
+    #[arg(long, env = "KILN_INGRESS_DOMAIN")]
+    pub ingress_domain: Option<String>,
+    /// The port those URLs name, when a front end serves them on another one than --listen's
+    /// [default: the listen port].
+    #[arg(long)]
+    pub ingress_port: Option<u16>,
 }
 
 /// The config file.
@@ -117,6 +126,8 @@ struct FileConfig {
     allow_private_egress: Option<bool>,
     deny_egress: Option<Vec<ipnet::Ipv4Net>>,
     dns_upstreams: Option<Vec<SocketAddr>>,
+    ingress_domain: Option<String>,
+    ingress_port: Option<u16>,
 }
 
 /// Everything `kiln serve` runs with, checked.
@@ -243,11 +254,28 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         network,
         ..EngineConfig::new(&data_dir)
     };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let ingress_domain = args
+        .ingress_domain
+        .or(file.ingress_domain)
+        .unwrap_or_else(|| "localhost".into())
+        .to_ascii_lowercase();
+    let domain_ok = !ingress_domain.is_empty()
+        && ingress_domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !domain_ok {
+        bail!("setting `ingress_domain`: `{ingress_domain}` is not a domain name");
+    }
+    let ingress_port = args
+        .ingress_port
+        .or(file.ingress_port)
+        .or(Some(listen.port()));
     Ok(Settings {
-        listen: args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+        listen,
         control: ControlConfig {
             cache_dir: args
                 .cache_dir
@@ -265,6 +293,8 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
                 .max_upload_bytes
                 .or(file.max_upload_bytes)
                 .unwrap_or(4 << 30),
+            ingress_domain,
+            ingress_port: ingress_port.filter(|p| *p != 80),
         },
     })
 }
@@ -294,6 +324,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let _ = stop_tx.send(Some(stop));
     });
     let mut stopped = stop_rx.clone();
+    // The clients' addresses reach handlers (ingress passes them on as X-Forwarded-For).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.wait_for(Option::is_some).await;
     });

@@ -119,16 +119,14 @@ impl From<ClientError> for ControlError {
     }
 }
 
+/// Whether `a` and `b` are equal, in a time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// An error and its sources, on one line.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    kiln_engine::error_chain(e)
 }
 
 /// Who is asking.
@@ -181,6 +179,8 @@ pub struct CreateSandbox {
     pub disk_mib: Option<u64>,
     /// Egress policy (the host's default if absent).
     pub network: Option<kiln_network::policy::EgressPolicy>,
+    /// Its ports are reachable by their URLs without its access token.
+    pub public_ports: bool,
 }
 
 /// What an update of a sandbox changes (at least one field; the others stay as they are).
@@ -560,6 +560,10 @@ impl Control {
             created_at_ms: info.created_at_ms as i64,
             expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
             network: sandbox.egress(),
+            access_token: sandbox
+                .link()
+                .map(|_| format!("kiln_at_{}", hex::encode(rand::random::<[u8; 24]>()))),
+            public_ports: request.public_ports,
         };
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
@@ -719,6 +723,62 @@ impl Control {
             .store
             .set_expiry(&record.id, record.ttl_ms, record.expires_at_ms)?;
         Ok(record)
+    }
+
+    /// Where the daemon reaches port `port` of the caller's running sandbox `id` (the path
+    /// form of ingress, authenticated by API key).
+    pub fn ingress_for(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, ControlError> {
+        let (sandbox, _) = self.live(who, id)?;
+        Control::port_of(&sandbox, port)
+    }
+
+    /// Where the daemon reaches port `port` of running sandbox `id` for a request by its
+    /// URL (the host form of ingress): its ports must be public, or `token` its access
+    /// token. A wrong or missing token is `Unauthenticated`, whether or not `id` exists.
+    pub fn ingress_by_token(
+        &self,
+        id: &str,
+        port: u16,
+        token: Option<&str>,
+    ) -> Result<std::net::SocketAddr, ControlError> {
+        let record = self
+            .inner
+            .store
+            .sandbox(id, None)?
+            .ok_or(ControlError::Unauthenticated)?;
+        let allowed = record.public_ports
+            || matches!(
+                (token, record.access_token.as_deref()),
+                (Some(given), Some(expected)) if constant_time_eq(given.as_bytes(), expected.as_bytes())
+            );
+        if !allowed {
+            return Err(ControlError::Unauthenticated);
+        }
+        if record.state != "running" {
+            return Err(ControlError::Conflict(format!(
+                "sandbox `{id}` is {}",
+                record.state
+            )));
+        }
+        let sandbox = self.inner.engine.get(id)?;
+        Control::port_of(&sandbox, port)
+    }
+
+    fn port_of(sandbox: &Sandbox, port: u16) -> Result<std::net::SocketAddr, ControlError> {
+        if port == 0 {
+            return Err(ControlError::Invalid("ports are 1 to 65535".into()));
+        }
+        let link = sandbox.link().ok_or_else(|| {
+            ControlError::Unavailable(
+                "this host runs without sandbox networking: ports cannot be reached".into(),
+            )
+        })?;
+        Ok(std::net::SocketAddr::from((link.sandbox, port)))
     }
 
     /// The last `lines` lines of the sandbox's guest console.

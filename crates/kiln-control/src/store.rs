@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -38,7 +38,9 @@ CREATE TABLE sandboxes (
     ttl_ms INTEGER,
     created_at_ms INTEGER NOT NULL,
     expires_at_ms INTEGER,
-    network TEXT
+    network TEXT,
+    access_token TEXT,
+    public_ports INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
@@ -50,6 +52,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN env TEXT NOT NULL DEFAULT '{}';",
     // 2 -> 3: a sandbox's egress policy (JSON; NULL without networking).
     "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
+    // 3 -> 4: ingress: a sandbox's access token for its ports, and whether they are public.
+    "ALTER TABLE sandboxes ADD COLUMN access_token TEXT;
+     ALTER TABLE sandboxes ADD COLUMN public_ports INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Errors of the store.
@@ -116,6 +121,10 @@ pub struct SandboxRecord {
     pub expires_at_ms: Option<i64>,
     /// Its egress policy (`None` without networking).
     pub network: Option<kiln_network::policy::EgressPolicy>,
+    /// The token that opens its ports (`None` without networking).
+    pub access_token: Option<String>,
+    /// Its ports are reachable without the token.
+    pub public_ports: bool,
 }
 
 /// A sandbox row with its JSON columns (metadata, env, network) not parsed yet.
@@ -304,8 +313,9 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
-                                    created_at_ms, expires_at_ms, env, network)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                    created_at_ms, expires_at_ms, env, network, access_token,
+                                    public_ports)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 record.id,
                 record.tenant,
@@ -317,7 +327,9 @@ impl Store {
                 record.created_at_ms,
                 record.expires_at_ms,
                 env,
-                network
+                network,
+                record.access_token,
+                record.public_ports
             ],
         )?;
         Ok(())
@@ -351,6 +363,8 @@ impl Store {
                 created_at_ms: row.get(7)?,
                 expires_at_ms: row.get(8)?,
                 network: None,
+                access_token: row.get(11)?,
+                public_ports: row.get(12)?,
             },
             row.get::<_, String>(5)?,
             row.get::<_, String>(9)?,
@@ -372,7 +386,8 @@ impl Store {
     }
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
-                                           ttl_ms, created_at_ms, expires_at_ms, env, network";
+                                           ttl_ms, created_at_ms, expires_at_ms, env, network, \
+                                           access_token, public_ports";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -495,6 +510,8 @@ mod tests {
             created_at_ms: at,
             expires_at_ms: Some(at + 60_000),
             network: Some(kiln_network::policy::EgressPolicy::open(false)),
+            access_token: Some("kiln_at_test".into()),
+            public_ports: false,
         }
     }
 

@@ -80,6 +80,18 @@ pub enum EngineError {
     Network(#[from] kiln_network::NetworkError),
 }
 
+/// An error and its sources, on one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 impl EngineError {
     pub(crate) fn io(context: &str, source: std::io::Error) -> EngineError {
         EngineError::Io {

@@ -286,15 +286,32 @@ impl Sandbox {
             (runtime.vm.take(), runtime.resources.take())
         };
         let engine = self.engine.upgrade();
-        if let Some(engine) = &engine {
-            let _ = engine.events.send(crate::SandboxEvent::Destroyed {
-                id: self.id.clone(),
-                expired,
-            });
-        }
         let result = self.tear_down(vm, resources).await;
-        if let Some(engine) = &engine {
-            lock(&engine.sandboxes).remove(&self.id);
+        match &result {
+            Ok(()) => {
+                if let Some(engine) = &engine {
+                    lock(&engine.sandboxes).remove(&self.id);
+                    let _ = engine.events.send(crate::SandboxEvent::Destroyed {
+                        id: self.id.clone(),
+                        expired,
+                    });
+                }
+            }
+            // Something could not be released: the sandbox stays listed, failed, saying
+            // what; a later destroy tries again by name.
+            Err(e) => {
+                let reason = format!("could not be destroyed: {}", crate::error_chain(e));
+                tracing::warn!(sandbox = %self.id, %reason);
+                lock(&self.runtime).state = SandboxState::Failed {
+                    reason: reason.clone(),
+                };
+                if let Some(engine) = &engine {
+                    let _ = engine.events.send(crate::SandboxEvent::Failed {
+                        id: self.id.clone(),
+                        reason,
+                    });
+                }
+            }
         }
         result
     }
@@ -308,8 +325,14 @@ impl Sandbox {
         if let Some(mut vm) = vm {
             vm.kill()?;
         }
-        if let Some(resources) = resources {
-            resources.release()?;
+        match resources {
+            Some(resources) => resources.release()?,
+            // A second attempt after a failed one: whatever is left, by name.
+            None => {
+                if let Some(engine) = self.engine.upgrade() {
+                    crate::leftovers::remove_vm_dir(&self.dir, Some(&self.id), &engine)?;
+                }
+            }
         }
         crate::confine::remove_dir_if_present(&self.dir)
             .map_err(|e| EngineError::io("removing the sandbox directory", e))

@@ -50,6 +50,7 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
     })
     .expect("engine");
     let network = engine.network().expect("networking").clone();
+    let _cleanup = kiln_testinfra::internet::ShutdownOnDrop(network.clone());
     let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
         .await
         .expect("build");

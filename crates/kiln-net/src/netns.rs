@@ -1,4 +1,9 @@
 //! Named network namespaces, compatible with `ip netns` (bind-mounted under /run/netns).
+//!
+//! `/run/netns` is set up the way iproute2 sets it up before its first namespace: a mount
+//! point of its own with shared propagation. If kiln did not, the first `ip netns add` of
+//! anyone else on the host would mount `/run/netns` over itself and hide every namespace
+//! kiln had bound there (their removal would then fail with EINVAL).
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -9,6 +14,43 @@ use nix::sched::{setns, unshare, CloneFlags};
 
 /// Where named namespaces live.
 pub const NETNS_DIR: &str = "/run/netns";
+
+/// Makes `/run/netns` a shared mount point of its own, as `ip netns add` does (once per
+/// process; a later `ip netns add` then finds it ready and mounts nothing over it).
+fn prepare_netns_dir() -> io::Result<()> {
+    static PREPARED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PREPARED
+        .get_or_init(|| {
+            std::fs::create_dir_all(NETNS_DIR).map_err(|e| e.to_string())?;
+            let mut made_mount_point = false;
+            loop {
+                match mount(
+                    Some(""),
+                    NETNS_DIR,
+                    Some("none"),
+                    MsFlags::MS_SHARED | MsFlags::MS_REC,
+                    None::<&str>,
+                ) {
+                    Ok(()) => return Ok(()),
+                    // Not a mount point yet: make it one (a bind onto itself), then retry.
+                    Err(nix::errno::Errno::EINVAL) if !made_mount_point => {
+                        mount(
+                            Some(NETNS_DIR),
+                            NETNS_DIR,
+                            Some("none"),
+                            MsFlags::MS_BIND | MsFlags::MS_REC,
+                            None::<&str>,
+                        )
+                        .map_err(|e| format!("making {NETNS_DIR} a mount point: {e}"))?;
+                        made_mount_point = true;
+                    }
+                    Err(e) => return Err(format!("making {NETNS_DIR} shared: {e}")),
+                }
+            }
+        })
+        .clone()
+        .map_err(io::Error::other)
+}
 
 /// A named network namespace, removed on drop.
 #[derive(Debug)]
@@ -32,7 +74,7 @@ impl NetNs {
                 format!("invalid namespace name `{name}`"),
             ));
         }
-        std::fs::create_dir_all(NETNS_DIR)?;
+        prepare_netns_dir()?;
         let path = PathBuf::from(NETNS_DIR).join(name);
         std::fs::OpenOptions::new()
             .write(true)
@@ -158,5 +200,47 @@ mod tests {
         assert!(!listed(&name));
         assert!(NetNs::existing(&name).is_none());
         assert!(NetNs::create("bad/name").is_err());
+    }
+
+    /// Someone else's `ip netns add` (which mounts /run/netns over itself unless it already is
+    /// a shared mount point) must not hide kiln's namespaces.
+    #[test]
+    fn another_users_ip_netns_does_not_hide_ours() {
+        let pid = std::process::id();
+        let ours: Vec<NetNs> = (0..3)
+            .map(|i| NetNs::create(&format!("kiln-coexist-{pid}-{i}")).expect("create"))
+            .collect();
+        let theirs = format!("other-tool-{pid}");
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &theirs]);
+        run(&["netns", "del", &theirs]);
+        for ns in &ours {
+            // Still reachable by name, and still a namespace of its own.
+            let inside = ns
+                .run_in(|| std::fs::read_link("/proc/thread-self/ns/net"))
+                .expect("enter");
+            assert_ne!(
+                inside,
+                std::fs::read_link("/proc/thread-self/ns/net").expect("own")
+            );
+        }
+        for ns in ours {
+            let name = ns.name().to_owned();
+            ns.remove()
+                .expect("removed by name after another tool's ip netns");
+            assert!(!listed(&name));
+        }
+        assert!(
+            !std::fs::read_to_string("/proc/self/mountinfo")
+                .expect("mountinfo")
+                .contains(&format!("kiln-coexist-{pid}")),
+            "no mount left"
+        );
     }
 }

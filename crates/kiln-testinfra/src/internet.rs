@@ -241,6 +241,17 @@ pub fn wired_sandbox(
     (ns, guest, link)
 }
 
+/// Removes a daemon's host networking set-up when dropped, so a test that fails half-way
+/// leaves no table, rule or address behind (a daemon itself keeps it on SIGTERM).
+#[derive(Debug)]
+pub struct ShutdownOnDrop(pub std::sync::Arc<kiln_network::Network>);
+
+impl Drop for ShutdownOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
 /// The test internet and the host's link to it.
 #[derive(Debug)]
 pub struct TestInternet {

@@ -1,0 +1,450 @@
+//! The API with sandbox networking, over a real loopback socket: network policies at create
+//! and changed live (PATCH), and ingress to what a guest serves, by host name (with the
+//! sandbox's access token, or public) and by path (with an API key), HTTP and WebSocket,
+//! without the daemon's credentials ever reaching the guest. Egress ends in a test internet
+//! namespace the test makes. Real VMs of the `python` template under QEMU.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kiln_control::Control;
+use serde_json::{json, Value};
+
+struct Daemon {
+    _cleanup: kiln_testinfra::internet::ShutdownOnDrop,
+    url: String,
+    addr: SocketAddr,
+    control: Control,
+    http: reqwest::Client,
+    _data: tempfile::TempDir,
+    _internet: kiln_testinfra::internet::TestInternet,
+}
+
+async fn daemon() -> Daemon {
+    let mut internet = kiln_testinfra::internet::TestInternet::new(0);
+    let upstream = internet.start_dns();
+    let data = tempfile::tempdir().expect("data dir");
+    let mut config = common::control_config(data.path());
+    config.engine.network = Some(kiln_network::NetworkConfig {
+        dns_upstreams: vec![upstream],
+        ..internet.network_config()
+    });
+    config.default_template = "python".into();
+    let control = Control::open(config).await.expect("control plane");
+    let cleanup = kiln_testinfra::internet::ShutdownOnDrop(
+        control.engine().network().expect("networking").clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let app = kiln_api::router(
+        control.clone(),
+        kiln_api::ApiConfig {
+            ingress_port: Some(addr.port()),
+            ..kiln_api::ApiConfig::default()
+        },
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    Daemon {
+        _cleanup: cleanup,
+        url: format!("http://{addr}"),
+        addr,
+        control,
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
+        _data: data,
+        _internet: internet,
+    }
+}
+
+impl Daemon {
+    fn key(&self, tenant: &str) -> String {
+        let store =
+            kiln_control::open_store(&self.control.config().engine.data_dir).expect("store");
+        kiln_control::mint_key(&store, tenant, "test", false)
+            .expect("key")
+            .1
+    }
+
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("response");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// A request by host name for `port` of sandbox `id`, with `headers`.
+    async fn by_host(
+        &self,
+        id: &str,
+        port: u16,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
+        let mut request = self.http.get(format!("{}{path}", self.url)).header(
+            "host",
+            format!("{port}-{id}.localhost:{}", self.addr.port()),
+        );
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("response");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    async fn sh(&self, key: &str, id: &str, script: &str) -> String {
+        let (status, body) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                key,
+                Some(json!({"command": script})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["exit_code"], 0, "{script}: {body}");
+        body["stdout"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// Serves, in the guest, the request's path and headers as JSON on port 8000, and a
+/// WebSocket echo on port 8001 (Python's standard library only).
+const GUEST_SERVERS: &str = r#"
+mkdir -p /srv && cat > /srv/echo.py <<'EOF'
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+EOF
+cat > /srv/ws.py <<'EOF'
+import base64, hashlib, socket, threading
+def handle(c):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = c.recv(4096)
+        if not more:
+            return
+        data += more
+    key = [l.split(b":", 1)[1].strip() for l in data.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")][0]
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    while True:
+        head = c.recv(2)
+        if len(head) < 2:
+            return
+        opcode, length = head[0] & 0x0F, head[1] & 0x7F
+        mask = c.recv(4)
+        payload = b""
+        while len(payload) < length:
+            payload += c.recv(length - len(payload))
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if opcode == 8:
+            return
+        out = b"echo: " + payload
+        c.sendall(bytes([0x81, len(out)]) + out)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8001))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+EOF
+nohup python3 /srv/echo.py >/dev/null 2>&1 &
+nohup python3 /srv/ws.py >/dev/null 2>&1 &
+echo started
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_ports_through_the_api() {
+    let d = daemon().await;
+    let alice = d.key("alice");
+    let bob = d.key("bob");
+    use reqwest::Method;
+
+    // Bad policies are 400s that name the problem.
+    let (status, body) = d
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            Some(json!({"network": {"allow_out": ["not a name!"]}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("network.allow_out")),
+        "{body}"
+    );
+    let (status, body) = d
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            Some(json!({"network": {"internet": false, "allow_out": ["169.254.169.254"]}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("always denied")),
+        "{body}"
+    );
+
+    // A sandbox with a policy; GET shows it and the ports' URL and token.
+    let (status, sandbox) = d
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            Some(
+                json!({"network": {"internet": false, "allow_out": ["web.test", "*.other.test"]}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{sandbox}");
+    let id = sandbox["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        sandbox["network"],
+        json!({"internet": false, "allow_out": ["web.test", "*.other.test"], "deny_out": []})
+    );
+    let token = sandbox["ports"]["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    assert_eq!(sandbox["ports"]["public"], false);
+    assert_eq!(
+        sandbox["ports"]["url"],
+        format!("http://{{port}}-{id}.localhost:{}/", d.addr.port())
+    );
+    // PATCH changes the policy alone; the time to live stays.
+    let ttl = sandbox["ttl_secs"].clone();
+    let (status, patched) = d
+        .api(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &alice,
+            Some(json!({"network": {"internet": true}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(patched["network"]["internet"], true);
+    assert_eq!(patched["ttl_secs"], ttl);
+    let (status, body) = d
+        .api(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &alice,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 400, "nothing to change: {body}");
+    let (status, _) = d
+        .api(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &bob,
+            Some(json!({"network": {"internet": false}})),
+        )
+        .await;
+    assert_eq!(status, 404, "another tenant's sandbox");
+
+    // Ingress: start the guest's servers, wait until they answer.
+    assert_eq!(d.sh(&alice, &id, GUEST_SERVERS).await.trim(), "started");
+    let mut ready = false;
+    for _ in 0..100 {
+        if d.by_host(&id, 8000, "/", &[("x-kiln-access-token", &token)])
+            .await
+            .0
+            == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "the guest's server answers through ingress");
+
+    // By host name: the token is required, by header or query; nothing of it (nor the API
+    // key, nor a client's forwarded-for) reaches the guest, which sees the client's address.
+    let (status, body) = d.by_host(&id, 8000, "/", &[]).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = d
+        .by_host(&id, 8000, "/", &[("x-kiln-access-token", "kiln_at_wrong")])
+        .await;
+    assert_eq!(status, 401);
+    let (status, _) = d
+        .by_host(
+            "sb-000000000000",
+            8000,
+            "/",
+            &[("x-kiln-access-token", &token)],
+        )
+        .await;
+    assert_eq!(status, 401, "another sandbox's token opens nothing");
+    let (status, body) = d
+        .by_host(
+            &id,
+            8000,
+            &format!("/app?x=1&kiln_token={token}"),
+            &[
+                ("authorization", &format!("Bearer {alice}")),
+                ("x-forwarded-for", "203.0.113.99"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(seen["path"], "/app?x=1");
+    let headers = seen["headers"].as_object().expect("headers");
+    assert!(!headers.contains_key("authorization"), "{headers:?}");
+    assert!(!headers.contains_key("x-kiln-access-token"), "{headers:?}");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert!(
+        !body.contains(&alice) && !body.contains(&token),
+        "no credential reached the guest"
+    );
+
+    // By path, with an API key; only the owner's.
+    let (status, seen) = d
+        .api(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/ports/8000/deep/path?q=2"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["path"], "/deep/path?q=2");
+    assert!(seen["headers"].get("authorization").is_none(), "{seen}");
+    let (status, body) = d
+        .api(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/ports/8000/"),
+            &bob,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains(&id)),
+        "not found: the sandbox, for bob: {body}"
+    );
+    let (status, seen) = d
+        .api(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/ports/8000/"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!((status, seen["path"].as_str()), (200, Some("/")), "{seen}");
+    let (status, body) = d
+        .api(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/ports/8999/"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!(status, 502, "nothing listens there: {body}");
+
+    // WebSocket through the host form.
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}/", d.addr)
+        .into_client_request()
+        .expect("request");
+    request.headers_mut().insert(
+        "host",
+        format!("8001-{id}.localhost:{}", d.addr.port())
+            .parse()
+            .expect("header"),
+    );
+    request
+        .headers_mut()
+        .insert("x-kiln-access-token", token.parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("WebSocket");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text("ping".into()))
+        .await
+        .expect("send");
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("in time")
+        .expect("a message")
+        .expect("not an error");
+    assert_eq!(reply.into_text().expect("text").as_str(), "echo: ping");
+
+    // A public sandbox's ports need no token.
+    let (status, public) = d
+        .api(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            Some(json!({"ports": {"public": true}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{public}");
+    let public_id = public["id"].as_str().expect("id");
+    assert_eq!(public["ports"]["public"], true);
+    d.sh(&alice, public_id, GUEST_SERVERS).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = d.by_host(public_id, 8000, "/", &[]).await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(status, 200, "public ports answer without a token");
+
+    for id in [id.as_str(), public_id] {
+        let (status, _) = d
+            .api(Method::DELETE, &format!("/v1/sandboxes/{id}"), &alice, None)
+            .await;
+        assert_eq!(status, 204);
+    }
+    d.control.shutdown().await;
+}
