@@ -16,7 +16,7 @@ KILN_QEMU_GENERATION=10.0
 KILN_PACKAGES=(
   util-linux mount iproute2 coreutils hostname gcc binutils kmod
   e2fsprogs xfsprogs mmdebstrap xz-utils zstd cpio curl ca-certificates python3
-  nftables conntrack dnsmasq-base openssl
+  nftables conntrack dnsmasq-base openssl iperf3
 )
 
 # The QEMU family: every package whose version must be the same generation.
@@ -46,6 +46,7 @@ KILN_TOOLS=(
   "conntrack:conntrack"
   "dnsmasq:dnsmasq-base"
   "openssl:openssl"
+  "iperf3:iperf3"
   "qemu-system-x86_64:qemu-system-x86"
   "qemu-img:qemu-utils"
 )

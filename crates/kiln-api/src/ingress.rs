@@ -185,7 +185,7 @@ fn bad_gateway(status: StatusCode, message: String) -> Response {
 
 /// Sends `request` to `target` as `path`, streaming both ways; upgrades (WebSocket) are
 /// joined end to end.
-async fn forward(mut request: Request, target: SocketAddr, path: String, id: &str) -> Response {
+pub async fn forward(mut request: Request, target: SocketAddr, path: String, id: &str) -> Response {
     let client: Option<IpAddr> = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

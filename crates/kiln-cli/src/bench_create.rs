@@ -2,17 +2,13 @@
 //! template measured in the same run, plus bake time and idle memory per sandbox.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kiln_agent_client::AgentClient;
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
-use kiln_image::cache::Cache;
-use kiln_image::progress::PrintProgress;
 use kiln_proto::messages::{Command, ExecRequest};
-use kiln_vmm::accel::AccelChoice;
 use serde::Serialize;
 
 use crate::stats::Summary;
@@ -38,15 +34,8 @@ pub struct BenchOptions {
     /// Sandboxes kept running for the idle-memory figure.
     #[arg(long, default_value_t = 20)]
     pub idle: usize,
-    /// Artefact cache directory.
-    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
-    pub cache_dir: PathBuf,
-    /// Accelerator: auto, kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    pub accel: AccelChoice,
-    /// Print the results as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub engine: crate::stats::EngineArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,17 +105,10 @@ fn pss_bytes(pid: u32) -> Option<u64> {
 
 /// Runs the benchmark.
 pub async fn run(options: BenchOptions) -> Result<()> {
-    let spec = crate::template_cmd::resolve_spec(&options.template)?;
-    let agent = crate::template_cmd::static_agent()?;
-    let cache = Cache::new(&options.cache_dir);
-    let images = tokio::task::spawn_blocking({
-        let (spec, agent, cache) = (spec.clone(), agent.clone(), cache.clone());
-        move || kiln_image::template::build_template(&spec, &agent, &cache, &PrintProgress)
-    })
-    .await??;
+    let images = options.engine.images(&options.template).await?;
     let data = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
     let engine = Engine::new(EngineConfig {
-        accel: options.accel,
+        accel: options.engine.accel,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
         ..EngineConfig::new(data.path())
     })?;
@@ -248,7 +230,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
         sequential_prestarted,
     };
     engine.shutdown_prestarted().await;
-    if options.json {
+    if options.engine.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("template {} ({})", report.template, report.accel);

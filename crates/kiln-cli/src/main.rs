@@ -4,6 +4,7 @@ mod agent_cmd;
 mod bench_api;
 mod bench_create;
 mod bench_images;
+mod bench_net;
 mod client_cmd;
 mod keys_cmd;
 mod serve_cmd;
@@ -291,6 +292,10 @@ enum BenchCommand {
     /// Template images: build time from nothing (into an empty cache, downloads included)
     /// and from the cache, sizes, and cold boot to the first exec (p50/p99).
     Images(bench_images::ImagesBenchOptions),
+    /// What networking costs: create latency with and without it, a guest's upload, the
+    /// namespace path's throughput (iperf3) and connect latency, and the egress and ingress
+    /// proxies' overhead, all against a namespace this benchmark makes (never the uplink).
+    Net(bench_net::NetBenchOptions),
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -434,6 +439,9 @@ async fn main() -> ExitCode {
         Commands::Bench {
             command: BenchCommand::Images(options),
         } => bench_images::run(options).await,
+        Commands::Bench {
+            command: BenchCommand::Net(options),
+        } => bench_net::run(options).await,
         Commands::Bench {
             command:
                 BenchCommand::Agent {

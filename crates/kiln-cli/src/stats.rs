@@ -1,8 +1,41 @@
 //! Latency summaries for benchmarks.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use kiln_image::cache::Cache;
+use kiln_image::progress::PrintProgress;
+use kiln_image::template::TemplateImages;
+use kiln_vmm::accel::AccelChoice;
 use serde::Serialize;
+
+/// Options of every benchmark that runs an engine in this process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Artefact cache directory.
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Accelerator: auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: AccelChoice,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EngineArgs {
+    /// `template`'s images (spec, directory or name), built into the cache if they are not
+    /// there yet.
+    pub async fn images(&self, template: &str) -> anyhow::Result<TemplateImages> {
+        let spec = crate::template_cmd::resolve_spec(template)?;
+        let agent = crate::template_cmd::static_agent()?;
+        let cache = Cache::new(&self.cache_dir);
+        Ok(tokio::task::spawn_blocking(move || {
+            kiln_image::template::build_template(&spec, &agent, &cache, &PrintProgress)
+        })
+        .await??)
+    }
+}
 
 /// Percentiles of a set of samples, in milliseconds.
 #[derive(Debug, Clone, Serialize)]

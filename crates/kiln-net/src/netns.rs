@@ -15,6 +15,23 @@ use nix::sched::{setns, unshare, CloneFlags};
 /// Where named namespaces live.
 pub const NETNS_DIR: &str = "/run/netns";
 
+/// Makes `command`'s child enter the network namespace `ns` (an open `/run/netns/...` or
+/// `/proc/PID/ns/net`) before it execs; `ns` stays open as long as `command`.
+pub fn exec_in(command: &mut std::process::Command, ns: OwnedFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs between fork and exec, where only async-signal-safe calls are allowed:
+    // setns is one; the descriptor is owned by the closure, which lives as long as `command`.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Makes `/run/netns` a shared mount point of its own, as `ip netns add` does (once per
 /// process; a later `ip netns add` then finds it ready and mounts nothing over it).
 fn prepare_netns_dir() -> io::Result<()> {
@@ -121,6 +138,13 @@ impl NetNs {
     /// Opens the namespace, e.g. to `setns` into it before exec.
     pub fn open(&self) -> io::Result<OwnedFd> {
         Ok(std::fs::File::open(&self.path)?.into())
+    }
+
+    /// `program`, to be run inside the namespace.
+    pub fn command(&self, program: &str) -> io::Result<std::process::Command> {
+        let mut command = std::process::Command::new(program);
+        exec_in(&mut command, self.open()?);
+        Ok(command)
     }
 
     /// Runs `f` on a thread that has entered the namespace.

@@ -3,7 +3,7 @@
 //! that one set-up costs one process per tool.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::process::{Command, Stdio};
 
 use crate::NetworkError;
@@ -32,18 +32,11 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Place::Namespace(ns) = place {
-        let ns = ns.as_raw_fd();
-        use std::os::unix::process::CommandExt;
-        // SAFETY: runs between fork and exec; setns is async-signal-safe and `ns` stays open
-        // in the parent until spawn returns.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let ns = ns.try_clone_to_owned().map_err(|e| NetworkError::Tool {
+            command: program.to_owned(),
+            message: format!("the namespace's descriptor: {e}"),
+        })?;
+        kiln_net::netns::exec_in(&mut command, ns);
     }
     let describe = || format!("{program} {}", args.join(" "));
     let mut child = command.spawn().map_err(|e| NetworkError::Tool {

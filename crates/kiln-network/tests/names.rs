@@ -8,7 +8,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use kiln_net::netns::NetNs;
@@ -96,10 +95,7 @@ fn curl(
     port: u16,
     address: Ipv4Addr,
 ) -> Result<String, String> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let ns = guest.open().expect("namespace");
-    let mut command = Command::new("curl");
+    let mut command = guest.command("curl").expect("namespace");
     command.args([
         "-sS",
         "-k",
@@ -111,15 +107,6 @@ fn curl(
         &format!("{host}:{port}:{address}"),
         url,
     ]);
-    // SAFETY: setns between fork and exec; the descriptor lives in the closure.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let output = command.output().expect("curl");
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())

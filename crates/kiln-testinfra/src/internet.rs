@@ -29,6 +29,10 @@ pub const PORTS: [u16; 2] = [7000, 7001];
 pub const HTTP_PORT: u16 = 80;
 /// HTTPS.
 pub const HTTPS_PORT: u16 = 443;
+/// Where [`TestInternet::start_sink`] discards whatever it is sent (on [`WEB`]).
+pub const DISCARD_PORT: u16 = 9;
+/// Where [`TestInternet::start_iperf3`] runs an iperf3 server (on [`WEB`]).
+pub const IPERF3_PORT: u16 = 5201;
 
 /// Names the test internet's DNS server answers (with [`TestInternet::start_dns`]), each
 /// with every name below it: `web.test` and `*.web.test` → [`WEB`], `other.test` →
@@ -59,7 +63,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `addr` inside `ns` (HTTP if `addr`'s port is [`HTTP_PORT`]).
+    /// Listens on `addr` inside `ns` (HTTP if `addr`'s port is [`HTTP_PORT`], a discard
+    /// server reading to the end without answering if it is [`DISCARD_PORT`]).
     pub fn start(ns: &NetNs, addr: SocketAddr) -> Server {
         let hits = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -79,11 +84,13 @@ impl Server {
                         let s = s.clone();
                         if addr.port() == HTTP_PORT {
                             std::thread::spawn(move || serve_http(stream, addr, &s));
+                        } else if addr.port() == DISCARD_PORT {
+                            std::thread::spawn(move || discard(stream));
                         } else {
                             std::thread::spawn(move || serve(stream, addr, &s));
                         }
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(_) => wait_readable(&listener, 100),
                 }
             }
         });
@@ -113,6 +120,24 @@ fn serve(mut stream: TcpStream, addr: SocketAddr, stop: &AtomicBool) {
             Err(_) => break,
         }
     }
+}
+
+/// Waits until `listener` has a connection to accept or `timeout_ms` passed (so the accept
+/// loop answers at once and still sees its stop flag).
+fn wait_readable(listener: &TcpListener, timeout_ms: i32) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, timeout_ms) };
+}
+
+fn discard(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = std::io::copy(&mut stream, &mut std::io::sink());
 }
 
 fn serve_http(mut stream: TcpStream, addr: SocketAddr, stop: &AtomicBool) {
@@ -358,6 +383,35 @@ impl TestInternet {
         panic!("dnsmasq did not answer on {server}");
     }
 
+    /// Runs a discard server on [`WEB`]:[`DISCARD_PORT`] (for throughput); stopped on drop.
+    pub fn start_sink(&mut self) -> SocketAddr {
+        let addr = SocketAddr::from((WEB, DISCARD_PORT));
+        // After the servers `hits` counts, so their indices hold.
+        self.servers.push(Server::start(self.namespace(), addr));
+        addr
+    }
+
+    /// Runs an iperf3 server on [`WEB`]:[`IPERF3_PORT`]; stopped on drop.
+    pub fn start_iperf3(&mut self) -> SocketAddr {
+        let addr = SocketAddr::from((WEB, IPERF3_PORT));
+        let args = ["-s", "-B", &WEB.to_string(), "-p", &IPERF3_PORT.to_string()].map(String::from);
+        let child = self.spawn_inside("iperf3", &args, false);
+        self.processes.push(child);
+        // Ready once it listens (a probe connection would count as a client).
+        let listening = format!(":{IPERF3_PORT:04X} 00000000:0000 0A");
+        for _ in 0..100 {
+            let tcp = self
+                .namespace()
+                .run_in(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+                .unwrap_or_default();
+            if tcp.contains(&listening) {
+                return addr;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("iperf3 did not listen on {addr}");
+    }
+
     /// Runs an HTTPS server (Python's ssl, a self-signed certificate for `*.test`) on every
     /// address of the test internet, answering `hello from <address>:443 for <server name>`.
     /// Stopped on drop.
@@ -442,21 +496,8 @@ while True:
 
     /// `program args` to run inside the test internet's namespace.
     fn command_inside(&self, program: &str, args: &[String]) -> std::process::Command {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
-        let ns = self.namespace().open().expect("namespace");
-        let mut command = std::process::Command::new(program);
+        let mut command = self.namespace().command(program).expect("namespace");
         command.args(args);
-        // SAFETY: setns between fork and exec; the descriptor is moved into the closure
-        // and stays open until the child execs.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         command
     }
 
