@@ -56,7 +56,7 @@ async fn start(
     id: &str,
     body: &ExecBody,
 ) -> Result<(Arc<kiln_engine::Sandbox>, ExecSession), ApiError> {
-    let (sandbox, env) = state.control.agent(who, id)?;
+    let (sandbox, env) = state.control.agent(who, id).await?;
     let session = sandbox.agent().exec(request(body, env)?).await?;
     if let Some(stdin) = &body.stdin {
         let input = session.input();
@@ -214,7 +214,7 @@ pub(crate) async fn list_processes(
     Caller(who): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<ProcessBody>>, ApiError> {
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     let processes = sandbox.agent().processes().await?;
     Ok(Json(
         processes
@@ -253,7 +253,7 @@ pub(crate) async fn attach(
     Caller(who): Caller,
     Path((id, process)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     let session = sandbox.agent().attach(selector(&process)).await?;
     Ok(event_stream(sandbox, session))
 }
@@ -274,7 +274,7 @@ pub(crate) async fn signal(
     if !(1..=64).contains(&body.signal) {
         return Err(ApiError::invalid("signal must be between 1 and 64"));
     }
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     sandbox
         .agent()
         .signal(selector(&process), body.signal)

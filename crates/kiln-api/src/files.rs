@@ -63,7 +63,7 @@ pub(crate) async fn read(
     Query(query): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
     let path = guest_path(&query.path)?;
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     let stat = sandbox.agent().stat(&path).await?;
     if stat.file_type == FileType::Dir {
         return Err(ApiError::invalid(format!(
@@ -125,7 +125,7 @@ pub(crate) async fn write(
     body: Body,
 ) -> Result<(StatusCode, Json<WrittenBody>), ApiError> {
     let path = guest_path(&query.path)?;
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     let max = state.config.max_upload_bytes;
     let too_large = Arc::new(AtomicBool::new(false));
     let flag = too_large.clone();
@@ -184,7 +184,7 @@ pub(crate) async fn list(
     if query.depth == 0 || query.depth > 16 {
         return Err(ApiError::invalid("depth is between 1 and 16"));
     }
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     let listing = sandbox.agent().list(&path, query.depth).await?;
     Ok(Json(FileListBody {
         entries: listing.entries.into_iter().map(file_body).collect(),
@@ -205,7 +205,7 @@ pub(crate) async fn stat(
     Query(query): Query<PathQuery>,
 ) -> Result<Json<FileBody>, ApiError> {
     let path = guest_path(&query.path)?;
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     Ok(Json(file_body(sandbox.agent().stat(&path).await?)))
 }
 
@@ -222,7 +222,7 @@ pub(crate) async fn mkdir(
     Json(body): Json<MkdirBody>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&body.path)?;
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     sandbox
         .agent()
         .mkdir(&MkdirRequest {
@@ -259,7 +259,7 @@ pub(crate) async fn remove(
     if path == "/" {
         return Err(ApiError::invalid("refusing to remove /"));
     }
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     sandbox.agent().remove(&path, query.recursive).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -277,7 +277,7 @@ pub(crate) async fn rename(
     Json(body): Json<RenameBody>,
 ) -> Result<StatusCode, ApiError> {
     let (from, to) = (guest_path(&body.from)?, guest_path(&body.to)?);
-    let (sandbox, _) = state.control.agent(&who, &id)?;
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
     sandbox.agent().rename(&from, &to).await?;
     Ok(StatusCode::NO_CONTENT)
 }

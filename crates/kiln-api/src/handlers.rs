@@ -174,18 +174,20 @@ pub(crate) async fn create_sandbox(
                 disk_mib: body.disk_mib,
                 network,
                 public_ports: body.ports.is_some_and(|p| p.public),
+                auto_resume: body.auto_resume,
+                on_expiry: body.on_expiry.map(Into::into),
             },
         )
         .await?;
     Ok((StatusCode::CREATED, Json(sandbox_body(&state, record))))
 }
 
-/// Lists the caller's sandboxes, oldest first. Filters: `state=running|failed`,
+/// Lists the caller's sandboxes, oldest first. Filters: `state=running|paused|failed`,
 /// `metadata.<key>=<value>` (repeatable); paging: `limit` (default 100, at most 500) and
 /// `cursor` from the previous page.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = [])),
     params(
-        ("state" = Option<String>, Query, description = "`running` or `failed`"),
+        ("state" = Option<String>, Query, description = "`running`, `paused` or `failed`"),
         ("limit" = Option<usize>, Query, description = "Page size (default 100, at most 500)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
     ),
@@ -201,8 +203,10 @@ pub(crate) async fn list_sandboxes(
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
             "state" => {
-                if value != "running" && value != "failed" {
-                    return Err(ApiError::invalid("state is `running` or `failed`"));
+                if !["running", "paused", "failed"].contains(&value.as_ref()) {
+                    return Err(ApiError::invalid(
+                        "state is `running`, `paused` or `failed`",
+                    ));
                 }
                 filter.state = Some(value.into_owned());
             }
@@ -249,9 +253,16 @@ pub(crate) async fn get_sandbox(
     )))
 }
 
-/// A sandbox as the API shows it, its port URLs filled in.
+/// A sandbox as the API shows it: a transition under way, its port URLs filled in.
 fn sandbox_body(state: &AppState, record: kiln_control::SandboxRecord) -> SandboxBody {
+    let live = state
+        .control
+        .engine()
+        .get(&record.id)
+        .ok()
+        .map(|s| s.state());
     SandboxBody::from(record)
+        .with_live_state(live.as_ref())
         .with_port_urls(&state.config.ingress_domain, state.config.ingress_port)
 }
 
@@ -271,7 +282,7 @@ fn egress_policy(
     request_body = UpdateSandboxBody,
     responses((status = 200, body = SandboxBody), (status = 400, body = ErrorBody),
               (status = 404, body = ErrorBody),
-              (status = 409, body = ErrorBody, description = "The sandbox failed")))]
+              (status = 409, body = ErrorBody, description = "The sandbox failed, or a network change was asked of a paused sandbox")))]
 pub(crate) async fn update_sandbox(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -282,8 +293,44 @@ pub(crate) async fn update_sandbox(
     let update = kiln_control::SandboxUpdate {
         ttl: body.ttl_secs.map(Duration::from_secs),
         network,
+        auto_resume: body.auto_resume,
+        on_expiry: body.on_expiry.map(Into::into),
     };
     let record = state.control.update_sandbox(&who, &id, update).await?;
+    Ok(Json(sandbox_body(&state, record)))
+}
+
+/// Pauses a sandbox to disk: its memory and device state are written and flushed with its
+/// disk to stable storage, and its VM process ends (its RAM is given back). Files, processes
+/// and network identity come back on resume, also after a daemon restart. A paused sandbox
+/// is kept for the server's paused retention, then destroyed. Pausing a paused sandbox does
+/// nothing; during a resume the pause waits for it.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox failed")))]
+pub(crate) async fn pause_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    let record = state.control.pause_sandbox(&who, &id).await?;
+    Ok(Json(sandbox_body(&state, record)))
+}
+
+/// Resumes a paused sandbox: same id, files, processes and network identity; its clock is
+/// set and its time to live counts again. Resuming a running sandbox does nothing;
+/// concurrent resumes share one.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = SandboxBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox failed, or was paused under another VMM version")))]
+pub(crate) async fn resume_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxBody>, ApiError> {
+    let record = state.control.resume_sandbox(&who, &id).await?;
     Ok(Json(sandbox_body(&state, record)))
 }
 

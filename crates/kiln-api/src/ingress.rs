@@ -88,7 +88,7 @@ pub(crate) async fn by_host(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or_else(|| query_token(request.uri()));
-    let target = match state.control.ingress_by_token(&id, port, token.as_deref()) {
+    let target = match state.control.ingress_by_token(&id, port, token.as_deref()).await {
         Ok(target) => target,
         Err(kiln_control::ControlError::Unauthenticated) => {
             return ApiError::new(
@@ -135,7 +135,7 @@ pub(crate) async fn by_path(
     let Ok(port) = param("port").parse::<u16>() else {
         return ApiError::invalid("ports are 1 to 65535").into_response();
     };
-    let target = match state.control.ingress_for(&who, &id, port) {
+    let target = match state.control.ingress_for(&who, &id, port).await {
         Ok(target) => target,
         Err(e) => return ApiError::from(e).into_response(),
     };

@@ -27,7 +27,7 @@ pub(crate) async fn open(
     Path(id): Path<String>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let (sandbox, env) = state.control.agent(&who, &id)?;
+    let (sandbox, env) = state.control.agent(&who, &id).await?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::invalid(format!(
             "{}: open this route as a WebSocket",

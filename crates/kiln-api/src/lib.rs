@@ -211,6 +211,8 @@ impl FromRequestParts<AppState> for Caller {
         handlers::update_sandbox,
         handlers::delete_sandbox,
         handlers::keepalive,
+        handlers::pause_sandbox,
+        handlers::resume_sandbox,
         handlers::console_log,
         handlers::events,
         exec::run,
@@ -337,6 +339,8 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
                 .delete(handlers::delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/keepalive", post(handlers::keepalive))
+        .route("/v1/sandboxes/{id}/pause", post(handlers::pause_sandbox))
+        .route("/v1/sandboxes/{id}/resume", post(handlers::resume_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(handlers::console_log))
         .route("/v1/events", get(handlers::events))
         .route("/v1/sandboxes/{id}/exec", post(exec::run))

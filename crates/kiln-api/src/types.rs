@@ -24,8 +24,8 @@ pub struct SandboxBody {
     pub id: String,
     /// Its template.
     pub template: String,
-    /// `running` or `failed`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: SandboxStateBody,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -43,6 +43,82 @@ pub struct SandboxBody {
     /// How to reach what it serves (absent where the host has no sandbox networking).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ports: Option<PortsBody>,
+    /// A call that needs it running (exec, files, its ports) resumes it when paused; when
+    /// off, such calls get 409 while it is paused.
+    pub auto_resume: bool,
+    /// What its time to live running out does while it runs. A paused sandbox is kept for
+    /// the server's paused retention, then destroyed.
+    pub on_expiry: OnExpiryBody,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStateBody {
+    /// Its VM runs.
+    Running,
+    /// Its memory and device state are being written to disk.
+    Pausing,
+    /// Saved on disk: no VM process, no RAM; files, processes and network identity come back
+    /// on resume.
+    Paused,
+    /// Being brought back from disk.
+    Resuming,
+    /// Its VM ended without being asked to (`reason` says why); only destroy is left.
+    Failed,
+}
+
+impl std::fmt::Display for SandboxStateBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SandboxStateBody::Running => "running",
+            SandboxStateBody::Pausing => "pausing",
+            SandboxStateBody::Paused => "paused",
+            SandboxStateBody::Resuming => "resuming",
+            SandboxStateBody::Failed => "failed",
+        })
+    }
+}
+
+impl SandboxStateBody {
+    fn of(state: &str) -> SandboxStateBody {
+        match state {
+            "running" => SandboxStateBody::Running,
+            "pausing" => SandboxStateBody::Pausing,
+            "paused" => SandboxStateBody::Paused,
+            "resuming" => SandboxStateBody::Resuming,
+            _ => SandboxStateBody::Failed,
+        }
+    }
+}
+
+/// What a running sandbox's time to live running out does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpiryBody {
+    /// It is destroyed.
+    #[default]
+    Destroy,
+    /// It is paused (and kept for the paused retention).
+    Pause,
+}
+
+impl From<OnExpiryBody> for kiln_engine::OnExpiry {
+    fn from(body: OnExpiryBody) -> Self {
+        match body {
+            OnExpiryBody::Destroy => kiln_engine::OnExpiry::Destroy,
+            OnExpiryBody::Pause => kiln_engine::OnExpiry::Pause,
+        }
+    }
+}
+
+impl From<kiln_engine::OnExpiry> for OnExpiryBody {
+    fn from(on_expiry: kiln_engine::OnExpiry) -> Self {
+        match on_expiry {
+            kiln_engine::OnExpiry::Destroy => OnExpiryBody::Destroy,
+            kiln_engine::OnExpiry::Pause => OnExpiryBody::Pause,
+        }
+    }
 }
 
 /// How a sandbox's ports are reached: `http://<port>-<id>.<domain>/` (`url` with `{port}`
@@ -137,7 +213,7 @@ impl From<kiln_control::SandboxRecord> for SandboxBody {
         SandboxBody {
             id: record.id,
             template: record.template,
-            state: record.state,
+            state: SandboxStateBody::of(&record.state),
             reason: record.reason,
             metadata: record.metadata,
             created_at_ms: record.created_at_ms,
@@ -149,11 +225,25 @@ impl From<kiln_control::SandboxRecord> for SandboxBody {
                 access_token: Some(token.clone()),
             }),
             network: record.network.map(Into::into),
+            auto_resume: record.auto_resume,
+            on_expiry: record.on_expiry.into(),
         }
     }
 }
 
 impl SandboxBody {
+    /// Shows a transition under way (`pausing`, `resuming`) where the record says where it
+    /// goes from.
+    pub fn with_live_state(mut self, live: Option<&kiln_engine::SandboxState>) -> SandboxBody {
+        if let Some(
+            state @ (kiln_engine::SandboxState::Pausing | kiln_engine::SandboxState::Resuming),
+        ) = live
+        {
+            self.state = SandboxStateBody::of(state.name());
+        }
+        self
+    }
+
     /// Fills in the URL of its ports, served under `domain` at `port` (80 if `None`).
     pub fn with_port_urls(mut self, domain: &str, port: Option<u16>) -> SandboxBody {
         let suffix = port.map_or_else(String::new, |p| format!(":{p}"));
@@ -204,6 +294,12 @@ pub struct CreateSandboxBody {
     /// How its ports may be reached (by default only with its access token).
     #[serde(default)]
     pub ports: Option<PortsOptions>,
+    /// A call that needs it running resumes it when paused (default true).
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+    /// What its time to live running out does (default `destroy`).
+    #[serde(default)]
+    pub on_expiry: Option<OnExpiryBody>,
 }
 
 /// Change a sandbox: every field is optional, at least one must be given, and a field not
@@ -218,6 +314,12 @@ pub struct UpdateSandboxBody {
     /// once, and established connections to destinations it denies are cut.
     #[serde(default)]
     pub network: Option<NetworkBody>,
+    /// Whether a call that needs it running resumes it when paused.
+    #[serde(default)]
+    pub auto_resume: Option<bool>,
+    /// What its time to live running out does.
+    #[serde(default)]
+    pub on_expiry: Option<OnExpiryBody>,
 }
 
 /// A command: a shell command line (run by `/bin/sh -c`) or an argv array.

@@ -971,3 +971,168 @@ fn nix_kill(pid: u32) {
     let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert_eq!(rc, 0, "kill {pid}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_auto_resume_and_expiry() {
+    let api = api().await;
+    let alice = api.key("alice", false);
+    let bob = api.key("bob", false);
+    let created = api
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            json!({"template": "base", "auto_resume": false}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.json());
+    let sandbox = created.json();
+    assert_eq!(sandbox["state"], "running");
+    assert_eq!(sandbox["auto_resume"], false);
+    assert_eq!(sandbox["on_expiry"], "destroy");
+    let id = sandbox["id"].as_str().expect("id").to_owned();
+    let exec = |command: &'static str| {
+        let (api, alice, id) = (&api, alice.clone(), id.clone());
+        async move {
+            api.json(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                &alice,
+                json!({ "command": command }),
+            )
+            .await
+        }
+    };
+    assert_eq!(exec("echo kept > /root/kept").await.status, StatusCode::OK);
+
+    // Paused: listed as such; calls that need it running get 409 while auto_resume is off.
+    let paused = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause"),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.json());
+    assert_eq!(paused.json()["state"], "paused");
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{id}"), &alice).await.json()["state"],
+        "paused"
+    );
+    let listed = |state: &'static str| {
+        let (api, alice) = (&api, alice.clone());
+        async move {
+            api.get(&format!("/v1/sandboxes?state={state}"), &alice)
+                .await
+                .json()["sandboxes"]
+                .as_array()
+                .expect("sandboxes")
+                .iter()
+                .map(|s| s["id"].as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("paused").await, vec![id.clone()]);
+    assert!(listed("running").await.is_empty());
+    let refused = exec("true").await;
+    refused.assert_error(StatusCode::CONFLICT, "conflict");
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("paused"),
+        "{}",
+        refused.json()
+    );
+    // Another tenant's and unknown sandboxes are not found.
+    api.json(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/resume"),
+        &bob,
+        json!({}),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    api.json(
+        Method::POST,
+        "/v1/sandboxes/sb-000000000000/pause",
+        &alice,
+        json!({}),
+    )
+    .await
+    .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // auto_resume on: an exec resumes it; two at once share one resume.
+    let patched = api
+        .json(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &alice,
+            json!({"auto_resume": true}),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(patched.json()["auto_resume"], true);
+    let (first, second) = tokio::join!(exec("cat /root/kept"), exec("cat /root/kept"));
+    for reply in [first, second] {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+        assert_eq!(reply.json()["stdout"], "kept\n");
+    }
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{id}"), &alice).await.json()["state"],
+        "running"
+    );
+    // The explicit resume of a running sandbox changes nothing.
+    let again = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["state"], "running");
+
+    // on_expiry pause: its time to live running out pauses it, with the paused retention.
+    let patched = api
+        .json(
+            Method::PATCH,
+            &format!("/v1/sandboxes/{id}"),
+            &alice,
+            json!({"on_expiry": "pause", "ttl_secs": 1}),
+        )
+        .await;
+    assert_eq!(patched.json()["on_expiry"], "pause");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let body = loop {
+        let body = api.get(&format!("/v1/sandboxes/{id}"), &alice).await.json();
+        if body["state"] == "paused" || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(body["state"], "paused", "{body}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let kept_for = body["expires_at_ms"].as_i64().expect("retention") - now_ms;
+    assert!(
+        kept_for > 3_000_000,
+        "kept for the paused retention (an hour): {body}"
+    );
+
+    let deleted = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            Some(&alice),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert!(api.control.engine().list().is_empty());
+    api.control.shutdown().await;
+}

@@ -132,6 +132,7 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
         default_template: options.template.clone(),
         default_ttl: Duration::from_secs(600),
         max_ttl: Duration::from_secs(3600),
+        paused_retention: Duration::from_secs(3600),
     })
     .await?;
     let store = kiln_control::open_store(data.path())?;

@@ -188,6 +188,14 @@ pub struct CreateArgs {
     /// Its ports are reachable by URL without its access token.
     #[arg(long)]
     pub public_ports: bool,
+    /// While paused, calls that need it running (exec, files, ports) get an error instead
+    /// of resuming it.
+    #[arg(long)]
+    pub no_auto_resume: bool,
+    /// What its time to live running out does: `destroy` it, or `pause` it (kept for the
+    /// daemon's paused retention).
+    #[arg(long, value_parser = ["destroy", "pause"])]
+    pub on_expiry: Option<String>,
 }
 
 /// Egress policy options.
@@ -252,6 +260,11 @@ impl CreateArgs {
             ports: self
                 .public_ports
                 .then_some(kiln_api::types::PortsOptions { public: true }),
+            auto_resume: self.no_auto_resume.then_some(false),
+            on_expiry: self.on_expiry.as_deref().map(|o| match o {
+                "pause" => kiln_api::types::OnExpiryBody::Pause,
+                _ => kiln_api::types::OnExpiryBody::Destroy,
+            }),
         })
     }
 }
@@ -409,6 +422,19 @@ pub async fn port(client: &Client, id: &str, port: u16) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pauses (`pause`) or resumes (`resume`) sandbox `id`; prints its state (or JSON).
+pub async fn pause_or_resume(client: &Client, id: &str, verb: &str, json: bool) -> Result<()> {
+    let sandbox: SandboxBody = client
+        .json(client.request(Method::POST, &format!("/v1/sandboxes/{id}/{verb}")))
+        .await?;
+    if json {
+        print_json(&sandbox)
+    } else {
+        println!("{} {}", sandbox.id, sandbox.state);
+        Ok(())
+    }
 }
 
 /// Destroys sandboxes.

@@ -5,6 +5,7 @@ mod bench_api;
 mod bench_create;
 mod bench_images;
 mod bench_net;
+mod bench_pause;
 mod client_cmd;
 mod keys_cmd;
 mod serve_cmd;
@@ -122,7 +123,7 @@ enum SandboxCommand {
     },
     /// List sandboxes.
     Ls {
-        /// Only `running` or `failed` ones.
+        /// Only `running`, `paused` or `failed` ones.
         #[arg(long)]
         state: Option<String>,
         /// Print JSON.
@@ -133,6 +134,29 @@ enum SandboxCommand {
     Get {
         /// Sandbox id.
         id: String,
+    },
+    /// Pause a sandbox to disk: its memory and device state are saved and its VM process
+    /// ends (its RAM is given back); files, processes and network identity come back on
+    /// resume, also after a daemon restart. Exec, files and ports resume it on their own
+    /// unless it was created with --no-auto-resume.
+    ///
+    /// Example: kiln sandbox pause sb-1234
+    Pause {
+        /// Sandbox id.
+        id: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused sandbox.
+    ///
+    /// Example: kiln sandbox resume sb-1234
+    Resume {
+        /// Sandbox id.
+        id: String,
+        /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Destroy sandboxes.
     Rm {
@@ -296,6 +320,9 @@ enum BenchCommand {
     /// namespace path's throughput (iperf3) and connect latency, and the egress and ingress
     /// proxies' overhead, all against a namespace this benchmark makes (never the uplink).
     Net(bench_net::NetBenchOptions),
+    /// Pause to disk and resume: latency by guest size and dirtied memory, the first exec
+    /// after a resume, the saved state's size.
+    Pause(bench_pause::PauseBenchOptions),
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -335,6 +362,12 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+            SandboxCommand::Pause { id, json } => {
+                client_cmd::pause_or_resume(&client, &id, "pause", json).await?
+            }
+            SandboxCommand::Resume { id, json } => {
+                client_cmd::pause_or_resume(&client, &id, "resume", json).await?
+            }
             SandboxCommand::Port { id, port } => client_cmd::port(&client, &id, port).await?,
             SandboxCommand::Net { id, network, json } => {
                 client_cmd::net(&client, &id, &network, json).await?
@@ -442,6 +475,9 @@ async fn main() -> ExitCode {
         Commands::Bench {
             command: BenchCommand::Net(options),
         } => bench_net::run(options).await,
+        Commands::Bench {
+            command: BenchCommand::Pause(options),
+        } => bench_pause::run(options).await,
         Commands::Bench {
             command:
                 BenchCommand::Agent {

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// Longest time to live, in seconds [default: 86400].
     #[arg(long)]
     pub max_ttl_secs: Option<u64>,
+    /// How long a paused sandbox is kept before it is destroyed, in seconds
+    /// [default: 604800, a week].
+    #[arg(long)]
+    pub paused_retention_secs: Option<u64>,
     /// VMMs kept pre-started per template, 0 to 2 [default: 1].
     #[arg(long)]
     pub prestart: Option<usize>,
@@ -114,6 +118,7 @@ struct FileConfig {
     default_template: Option<String>,
     default_ttl_secs: Option<u64>,
     max_ttl_secs: Option<u64>,
+    paused_retention_secs: Option<u64>,
     prestart: Option<usize>,
     max_upload_bytes: Option<u64>,
     network: Option<String>,
@@ -196,6 +201,13 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     let max_ttl = args.max_ttl_secs.or(file.max_ttl_secs).unwrap_or(86_400);
     if default_ttl == 0 || default_ttl > max_ttl {
         bail!("setting `default_ttl_secs`: must be between 1 and max_ttl_secs ({max_ttl})");
+    }
+    let paused_retention = args
+        .paused_retention_secs
+        .or(file.paused_retention_secs)
+        .unwrap_or(7 * 86_400);
+    if paused_retention == 0 {
+        bail!("setting `paused_retention_secs`: must be at least 1");
     }
     let prestart = args.prestart.or(file.prestart).unwrap_or(1);
     if prestart > kiln_engine::MAX_PRESTART {
@@ -287,6 +299,7 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             default_template,
             default_ttl: Duration::from_secs(default_ttl),
             max_ttl: Duration::from_secs(max_ttl),
+            paused_retention: Duration::from_secs(paused_retention),
         },
         api: kiln_api::ApiConfig {
             max_upload_bytes: args

@@ -3,7 +3,8 @@
 //! daemon killed with SIGKILL while a sandbox runs and started again (the sandbox is
 //! re-adopted), stopped with SIGTERM (the sandbox keeps running, adopted again), restarted
 //! after the sandbox's VMM died (marked failed, nothing left), and stopped with SIGINT
-//! (everything destroyed, nothing left).
+//! (everything destroyed, nothing left). And a paused sandbox across a daemon killed between
+//! pause and resume, and at each step of a pause and of a resume (failpoints): never lost.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ struct Daemon {
     url: String,
     port: u16,
     sandboxes: Vec<String>,
+    /// `KILN_FAILPOINTS` of the next start.
+    failpoints: String,
 }
 
 fn free_port() -> u16 {
@@ -37,6 +40,7 @@ impl Daemon {
             url: format!("http://127.0.0.1:{port}"),
             port,
             sandboxes: Vec::new(),
+            failpoints: String::new(),
         };
         daemon.start();
         daemon
@@ -62,6 +66,7 @@ impl Daemon {
             .arg(kiln_testinfra::static_agent())
             .args(["--default-template", "base"])
             .env("KILN_CONFIG", self.config_file())
+            .env("KILN_FAILPOINTS", &self.failpoints)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -141,6 +146,19 @@ impl Daemon {
             .filter_map(|dir| std::fs::read_dir(state.join(dir)).ok())
             .flat_map(|entries| entries.flatten().map(|e| e.path()))
             .collect()
+    }
+
+    /// Waits for the daemon to end by itself (a failpoint), and reaps it.
+    fn wait_daemon_gone(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop at its failpoint"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill_daemon(&mut self) {
@@ -404,5 +422,91 @@ fn serve_use_crash_restart_and_stop() {
     let status = daemon.stop_daemon(libc::SIGINT);
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
     let ids = daemon.sandboxes.clone();
+    assert_no_leftovers(&daemon, &ids);
+}
+
+#[test]
+fn pause_survives_the_daemon_killed_at_every_step() {
+    let mut daemon = Daemon::new();
+    let key = daemon.kiln_ok(None, &["keys", "create", "--tenant", "e2e"]);
+    let key = Some(key.as_str());
+    let id = daemon.kiln_ok(key, &["sandbox", "create"]);
+    daemon.sandboxes.push(id.clone());
+    // A file on its disk and one in a tmpfs (only in guest RAM).
+    daemon.kiln_ok(
+        key,
+        &[
+            "exec", &id, "--", "sh", "-c",
+            "echo disk > /root/kept && mkdir -p /mnt/ram && mount -t tmpfs ram /mnt/ram && echo ram > /mnt/ram/kept",
+        ],
+    );
+    let intact = |daemon: &Daemon| {
+        assert_eq!(
+            daemon.kiln_ok(
+                key,
+                &["exec", &id, "--", "cat", "/root/kept", "/mnt/ram/kept"]
+            ),
+            "disk\nram",
+            "{}",
+            daemon.log()
+        );
+    };
+
+    // Killed between a pause and a resume: paused after the restart, then resumed.
+    let paused = daemon.kiln_ok(key, &["sandbox", "pause", &id]);
+    assert_eq!(paused, format!("{id} paused"));
+    daemon.kill_daemon();
+    daemon.start();
+    assert_eq!(
+        daemon.state_of(key, &id)["state"],
+        "paused",
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        daemon.kiln_ok(key, &["sandbox", "resume", &id]),
+        format!("{id} running")
+    );
+    intact(&daemon);
+
+    // Killed at each step of a pause (state written; recorded, VMM not yet ended) and of a
+    // resume (state loaded, guest not yet running; the pause's record gone): afterwards the
+    // sandbox is running or paused, and whole.
+    for (failpoint, verb, expected) in [
+        ("pause-saved", "pause", "running"),
+        ("pause-recorded", "pause", "paused"),
+        ("resume-loaded", "resume", "paused"),
+        ("resume-forgotten", "resume", "running"),
+    ] {
+        if verb == "resume" && daemon.state_of(key, &id)["state"] != "paused" {
+            daemon.kiln_ok(key, &["sandbox", "pause", &id]);
+        }
+        daemon.kill_daemon();
+        daemon.failpoints = failpoint.to_owned();
+        daemon.start();
+        let cut = daemon.kiln(key, &["sandbox", verb, &id]);
+        assert!(
+            !cut.status.success(),
+            "{failpoint}: the daemon should have stopped"
+        );
+        daemon.wait_daemon_gone();
+        daemon.failpoints.clear();
+        daemon.start();
+        let got = daemon.state_of(key, &id);
+        assert_eq!(
+            got["state"],
+            expected,
+            "after {failpoint}: {got}\n{}",
+            daemon.log()
+        );
+        // Exec resumes a paused sandbox on its own.
+        intact(&daemon);
+        assert_eq!(daemon.state_of(key, &id)["state"], "running");
+    }
+
+    daemon.kiln_ok(key, &["sandbox", "rm", &id]);
+    let ids = daemon.sandboxes.clone();
+    let status = daemon.stop_daemon(libc::SIGINT);
+    assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
     assert_no_leftovers(&daemon, &ids);
 }

@@ -77,6 +77,7 @@ impl From<EngineError> for ControlError {
                 id,
             },
             EngineError::Exhausted(message) => ControlError::Unavailable(message),
+            EngineError::Conflict(message) => ControlError::Conflict(message),
             EngineError::Network(kiln_network::NetworkError::Policy(message)) => {
                 ControlError::Invalid(message)
             }
@@ -158,6 +159,8 @@ pub struct ControlConfig {
     pub default_ttl: Duration,
     /// Longest time to live a create or keepalive may ask for.
     pub max_ttl: Duration,
+    /// How long a paused sandbox is kept (from its pause) before it is destroyed.
+    pub paused_retention: Duration,
 }
 
 /// What a create asks for.
@@ -181,6 +184,10 @@ pub struct CreateSandbox {
     pub network: Option<kiln_network::policy::EgressPolicy>,
     /// Its ports are reachable by their URLs without its access token.
     pub public_ports: bool,
+    /// A call that needs it running resumes it when paused (default true).
+    pub auto_resume: Option<bool>,
+    /// What its time to live running out does (default: destroy).
+    pub on_expiry: Option<kiln_engine::OnExpiry>,
 }
 
 /// What an update of a sandbox changes (at least one field; the others stay as they are).
@@ -190,6 +197,10 @@ pub struct SandboxUpdate {
     pub ttl: Option<Duration>,
     /// New egress policy, replacing the old one atomically.
     pub network: Option<kiln_network::policy::EgressPolicy>,
+    /// Whether a call that needs it running resumes it when paused.
+    pub auto_resume: Option<bool>,
+    /// What its time to live running out does.
+    pub on_expiry: Option<kiln_engine::OnExpiry>,
 }
 
 /// Lifecycle events buffered per tenant for its subscribers.
@@ -313,18 +324,30 @@ impl Control {
             .store
             .all_sandboxes()?
             .into_iter()
-            .filter(|record| record.state == "running")
+            .filter(|record| record.state == "running" || record.state == "paused")
             .map(|record| kiln_engine::AdoptRequest {
                 id: record.id,
                 template: record.template,
                 created_at_ms: record.created_at_ms.max(0) as u64,
                 expires_at_ms: record.expires_at_ms.map(|ms| ms.max(0) as u64),
                 egress: record.network,
+                on_expiry: record.on_expiry,
             })
             .collect();
         for (id, result) in self.inner.engine.recover(wanted).await {
             match result {
-                Ok(_) => tracing::info!(sandbox = %id, "re-adopted after a restart"),
+                Ok(sandbox) => {
+                    // What is on disk decides: a pause finished just before the daemon died
+                    // is a pause, a resume whose guest ran is a resume.
+                    let state = sandbox.state();
+                    tracing::info!(sandbox = %id, state = state.name(), "re-adopted after a restart");
+                    if matches!(
+                        state,
+                        kiln_engine::SandboxState::Running | kiln_engine::SandboxState::Paused
+                    ) {
+                        self.inner.store.set_state(&id, state.name())?;
+                    }
+                }
                 Err(e) => self.inner.store.mark_failed(
                     &id,
                     &format!("lost while the daemon was down: {}", chain(&e)),
@@ -354,6 +377,10 @@ impl Control {
                         }
                         // Published by `create_sandbox` once the owner is recorded.
                         SandboxEvent::Created { .. } => Ok(()),
+                        SandboxEvent::Paused { id } | SandboxEvent::Resumed { id } => {
+                            inner.publish(id, event.clone());
+                            inner.record_pause_state(id)
+                        }
                     },
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "engine events lagged; re-reading the engine");
@@ -543,6 +570,7 @@ impl Control {
                     memory_mib: request.memory_mib,
                     disk_mib: request.disk_mib,
                     network: request.network,
+                    on_expiry: request.on_expiry.unwrap_or_default(),
                     ..CreateOptions::default()
                 },
             )
@@ -564,6 +592,8 @@ impl Control {
                 .link()
                 .map(|_| format!("kiln_at_{}", hex::encode(rand::random::<[u8; 24]>()))),
             public_ports: request.public_ports,
+            auto_resume: request.auto_resume.unwrap_or(true),
+            on_expiry: request.on_expiry.unwrap_or_default(),
         };
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
@@ -621,14 +651,47 @@ impl Control {
             })
     }
 
-    /// The caller's running sandbox `id`, with its live handle.
-    fn live(
+    /// The caller's running sandbox `id`, with its live handle; a paused one is resumed
+    /// first unless its `auto_resume` is off (concurrent callers share one resume).
+    async fn live(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(Arc<Sandbox>, SandboxRecord), ControlError> {
+        let (sandbox, record) = self.handle(who, id)?;
+        match sandbox.state() {
+            kiln_engine::SandboxState::Running => {}
+            kiln_engine::SandboxState::Paused
+            | kiln_engine::SandboxState::Pausing
+            | kiln_engine::SandboxState::Resuming
+                if record.auto_resume =>
+            {
+                self.resume(&sandbox).await?;
+            }
+            state => {
+                let hint = if state == kiln_engine::SandboxState::Paused {
+                    ": resume it (POST /v1/sandboxes/{id}/resume), or turn auto_resume on"
+                } else {
+                    ""
+                };
+                return Err(ControlError::Conflict(format!(
+                    "sandbox `{id}` is {}{}",
+                    state.name(),
+                    hint.replace("{id}", id)
+                )));
+            }
+        }
+        Ok((sandbox, record))
+    }
+
+    /// The caller's sandbox `id` that is not failed, with its handle, in whatever state.
+    fn handle(
         &self,
         who: &Principal,
         id: &str,
     ) -> Result<(Arc<Sandbox>, SandboxRecord), ControlError> {
         let record = self.get_sandbox(who, id)?;
-        if record.state != "running" {
+        if record.state == "failed" {
             return Err(ControlError::Conflict(format!(
                 "sandbox `{id}` is {}: {}",
                 record.state,
@@ -636,6 +699,36 @@ impl Control {
             )));
         }
         Ok((self.inner.engine.get(id)?, record))
+    }
+
+    /// Pauses the caller's sandbox `id` to disk (its RAM and VMM process are given back; it
+    /// is kept for the paused retention, then destroyed).
+    pub async fn pause_sandbox(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<SandboxRecord, ControlError> {
+        let (sandbox, _) = self.handle(who, id)?;
+        sandbox.pause().await?;
+        self.inner.record_pause_state(id)?;
+        self.get_sandbox(who, id)
+    }
+
+    /// Resumes the caller's paused sandbox `id` (its time to live starts again).
+    pub async fn resume_sandbox(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<SandboxRecord, ControlError> {
+        let (sandbox, _) = self.handle(who, id)?;
+        self.resume(&sandbox).await?;
+        self.get_sandbox(who, id)
+    }
+
+    async fn resume(&self, sandbox: &Sandbox) -> Result<(), ControlError> {
+        sandbox.resume().await?;
+        self.inner.record_pause_state(sandbox.id())?;
+        Ok(())
     }
 
     /// Destroys the caller's sandbox `id`.
@@ -673,15 +766,19 @@ impl Control {
         id: &str,
         update: SandboxUpdate,
     ) -> Result<SandboxRecord, ControlError> {
-        if update.ttl.is_none() && update.network.is_none() {
+        if update.ttl.is_none()
+            && update.network.is_none()
+            && update.auto_resume.is_none()
+            && update.on_expiry.is_none()
+        {
             return Err(ControlError::Invalid(
-                "nothing to change: give ttl_secs, network or both".into(),
+                "nothing to change: give ttl_secs, network, auto_resume or on_expiry".into(),
             ));
         }
         if let Some(ttl) = update.ttl {
             self.check_ttl(ttl)?;
         }
-        let (sandbox, mut record) = self.live(who, id)?;
+        let (sandbox, mut record) = self.handle(who, id)?;
         if let Some(policy) = update.network {
             let applied = Arc::clone(&sandbox);
             tokio::task::spawn_blocking(move || applied.set_egress(policy))
@@ -692,6 +789,14 @@ impl Control {
                 self.inner.store.set_network(id, policy)?;
             }
         }
+        if update.auto_resume.is_some() || update.on_expiry.is_some() {
+            record.auto_resume = update.auto_resume.unwrap_or(record.auto_resume);
+            record.on_expiry = update.on_expiry.unwrap_or(record.on_expiry);
+            sandbox.set_on_expiry(record.on_expiry);
+            self.inner
+                .store
+                .set_pause_settings(id, record.auto_resume, record.on_expiry)?;
+        }
         match update.ttl {
             Some(ttl) => self.apply_ttl(&sandbox, record, ttl),
             None => Ok(record),
@@ -700,7 +805,7 @@ impl Control {
 
     /// Restarts the time to live of the caller's sandbox `id` with its current length.
     pub fn keepalive(&self, who: &Principal, id: &str) -> Result<SandboxRecord, ControlError> {
-        let (sandbox, record) = self.live(who, id)?;
+        let (sandbox, record) = self.handle(who, id)?;
         let ttl = record.ttl_ms.map_or(self.inner.config.default_ttl, |ms| {
             Duration::from_millis(ms as u64)
         });
@@ -716,8 +821,15 @@ impl Control {
         mut record: SandboxRecord,
         ttl: Duration,
     ) -> Result<SandboxRecord, ControlError> {
-        sandbox.set_ttl(Some(ttl));
         record.ttl_ms = Some(ttl.as_millis() as i64);
+        // A paused sandbox keeps its retention; the time to live counts again from its resume.
+        if sandbox.state() == kiln_engine::SandboxState::Paused {
+            self.inner
+                .store
+                .set_expiry(&record.id, record.ttl_ms, record.expires_at_ms)?;
+            return Ok(record);
+        }
+        sandbox.set_ttl(Some(ttl));
         record.expires_at_ms = sandbox.info().expires_at_ms.map(|ms| ms as i64);
         self.inner
             .store
@@ -727,20 +839,21 @@ impl Control {
 
     /// Where the daemon reaches port `port` of the caller's running sandbox `id` (the path
     /// form of ingress, authenticated by API key).
-    pub fn ingress_for(
+    pub async fn ingress_for(
         &self,
         who: &Principal,
         id: &str,
         port: u16,
     ) -> Result<std::net::SocketAddr, ControlError> {
-        let (sandbox, _) = self.live(who, id)?;
+        let (sandbox, _) = self.live(who, id).await?;
         Control::port_of(&sandbox, port)
     }
 
     /// Where the daemon reaches port `port` of running sandbox `id` for a request by its
     /// URL (the host form of ingress): its ports must be public, or `token` its access
     /// token. A wrong or missing token is `Unauthenticated`, whether or not `id` exists.
-    pub fn ingress_by_token(
+    /// A paused sandbox is resumed first (scale to zero) unless its `auto_resume` is off.
+    pub async fn ingress_by_token(
         &self,
         id: &str,
         port: u16,
@@ -759,13 +872,13 @@ impl Control {
         if !allowed {
             return Err(ControlError::Unauthenticated);
         }
-        if record.state != "running" {
-            return Err(ControlError::Conflict(format!(
-                "sandbox `{id}` is {}",
-                record.state
-            )));
-        }
-        let sandbox = self.inner.engine.get(id)?;
+        // The token stands for the sandbox's owner.
+        let who = Principal {
+            tenant: record.tenant.clone(),
+            key_id: String::new(),
+            admin: false,
+        };
+        let (sandbox, _) = self.live(&who, id).await?;
         Control::port_of(&sandbox, port)
     }
 
@@ -793,12 +906,12 @@ impl Control {
     }
 
     /// The agent of the caller's running sandbox `id`, and the environment its commands get.
-    pub fn agent(
+    pub async fn agent(
         &self,
         who: &Principal,
         id: &str,
     ) -> Result<(Arc<Sandbox>, BTreeMap<String, String>), ControlError> {
-        let (sandbox, record) = self.live(who, id)?;
+        let (sandbox, record) = self.live(who, id).await?;
         Ok((sandbox, record.env))
     }
 
@@ -840,6 +953,37 @@ impl Control {
 }
 
 impl Inner {
+    /// Records sandbox `id`'s pause state as the engine has it now (events may arrive after a
+    /// later change): paused, kept for the paused retention from now; running, its time to
+    /// live counted again.
+    fn record_pause_state(&self, id: &str) -> Result<(), store::StoreError> {
+        let (Ok(sandbox), Some(record)) = (self.engine.get(id), self.store.sandbox(id, None)?)
+        else {
+            return Ok(());
+        };
+        let ttl = match sandbox.state() {
+            kiln_engine::SandboxState::Paused => {
+                if record.state == "paused" {
+                    return Ok(());
+                }
+                self.config.paused_retention
+            }
+            kiln_engine::SandboxState::Running => {
+                if record.state == "running" {
+                    return Ok(());
+                }
+                record.ttl_ms.map_or(self.config.default_ttl, |ms| {
+                    Duration::from_millis(ms as u64)
+                })
+            }
+            _ => return Ok(()),
+        };
+        sandbox.set_ttl(Some(ttl));
+        self.store.set_state(id, sandbox.state().name())?;
+        self.store
+            .set_expires_at(id, sandbox.info().expires_at_ms.map(|ms| ms as i64))
+    }
+
     /// Publishes `event` of sandbox `id` to its tenant (looked up before the record goes).
     fn publish(&self, id: &str, event: SandboxEvent) {
         if let Ok(Some(record)) = self.store.sandbox(id, None) {

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -40,7 +40,9 @@ CREATE TABLE sandboxes (
     expires_at_ms INTEGER,
     network TEXT,
     access_token TEXT,
-    public_ports INTEGER NOT NULL DEFAULT 0
+    public_ports INTEGER NOT NULL DEFAULT 0,
+    auto_resume INTEGER NOT NULL DEFAULT 1,
+    on_expiry TEXT NOT NULL DEFAULT 'destroy'
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
@@ -55,6 +57,10 @@ const MIGRATIONS: &[&str] = &[
     // 3 -> 4: ingress: a sandbox's access token for its ports, and whether they are public.
     "ALTER TABLE sandboxes ADD COLUMN access_token TEXT;
      ALTER TABLE sandboxes ADD COLUMN public_ports INTEGER NOT NULL DEFAULT 0;",
+    // 4 -> 5: pause: whether a call that needs a paused sandbox running resumes it, and what
+    // its time to live running out does.
+    "ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE sandboxes ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'destroy';",
 ];
 
 /// Errors of the store.
@@ -105,7 +111,8 @@ pub struct SandboxRecord {
     pub tenant: String,
     /// Its template.
     pub template: String,
-    /// `running`, `failed`.
+    /// `running`, `paused` or `failed` (the transitions between running and paused are the
+    /// engine's, not recorded).
     pub state: String,
     /// Why it failed.
     pub reason: Option<String>,
@@ -125,6 +132,10 @@ pub struct SandboxRecord {
     pub access_token: Option<String>,
     /// Its ports are reachable without the token.
     pub public_ports: bool,
+    /// A call that needs it running resumes it if it is paused.
+    pub auto_resume: bool,
+    /// What its time to live running out does.
+    pub on_expiry: kiln_engine::OnExpiry,
 }
 
 /// A sandbox row with its JSON columns (metadata, env, network) not parsed yet.
@@ -314,8 +325,8 @@ impl Store {
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
                                     created_at_ms, expires_at_ms, env, network, access_token,
-                                    public_ports)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                    public_ports, auto_resume, on_expiry)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 record.id,
                 record.tenant,
@@ -329,7 +340,9 @@ impl Store {
                 env,
                 network,
                 record.access_token,
-                record.public_ports
+                record.public_ports,
+                record.auto_resume,
+                on_expiry_name(record.on_expiry)
             ],
         )?;
         Ok(())
@@ -365,6 +378,11 @@ impl Store {
                 network: None,
                 access_token: row.get(11)?,
                 public_ports: row.get(12)?,
+                auto_resume: row.get(13)?,
+                on_expiry: match row.get::<_, String>(14)?.as_str() {
+                    "pause" => kiln_engine::OnExpiry::Pause,
+                    _ => kiln_engine::OnExpiry::Destroy,
+                },
             },
             row.get::<_, String>(5)?,
             row.get::<_, String>(9)?,
@@ -387,7 +405,7 @@ impl Store {
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
                                            ttl_ms, created_at_ms, expires_at_ms, env, network, \
-                                           access_token, public_ports";
+                                           access_token, public_ports, auto_resume, on_expiry";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -485,11 +503,51 @@ impl Store {
         Ok(())
     }
 
+    /// Records sandbox `id` as `running` or `paused`; a failed one stays failed.
+    pub fn set_state(&self, id: &str, state: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state != 'failed'",
+            params![id, state],
+        )?;
+        Ok(())
+    }
+
+    /// Records when sandbox `id` is removed, leaving the time to live it runs with (a paused
+    /// sandbox's retention).
+    pub fn set_expires_at(&self, id: &str, expires_at_ms: Option<i64>) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET expires_at_ms = ?2 WHERE id = ?1",
+            params![id, expires_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Records sandbox `id`'s pause settings.
+    pub fn set_pause_settings(
+        &self,
+        id: &str,
+        auto_resume: bool,
+        on_expiry: kiln_engine::OnExpiry,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET auto_resume = ?2, on_expiry = ?3 WHERE id = ?1",
+            params![id, auto_resume, on_expiry_name(on_expiry)],
+        )?;
+        Ok(())
+    }
+
     /// Forgets sandbox `id`.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
             .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
         Ok(())
+    }
+}
+
+fn on_expiry_name(on_expiry: kiln_engine::OnExpiry) -> &'static str {
+    match on_expiry {
+        kiln_engine::OnExpiry::Destroy => "destroy",
+        kiln_engine::OnExpiry::Pause => "pause",
     }
 }
 
@@ -512,6 +570,8 @@ mod tests {
             network: Some(kiln_network::policy::EgressPolicy::open(false)),
             access_token: Some("kiln_at_test".into()),
             public_ports: false,
+            auto_resume: true,
+            on_expiry: kiln_engine::OnExpiry::Destroy,
         }
     }
 

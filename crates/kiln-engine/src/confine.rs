@@ -90,6 +90,16 @@ impl VmResources {
         self.release_now()
     }
 
+    /// Gives back what only a running VMM needs (its cgroup and uid), keeping the network
+    /// namespace and its link (a paused sandbox's identity). The VMM process must be gone.
+    pub(crate) fn release_vmm(&mut self) -> Result<(), EngineError> {
+        if let Some(cgroup) = self.cgroup.take() {
+            cgroup.remove()?;
+        }
+        self.uid = None;
+        Ok(())
+    }
+
     /// Leaves the namespace and cgroup in place for a later run of the daemon.
     pub(crate) fn detach(mut self) {
         if let Some(netns) = self.netns.take() {
@@ -150,19 +160,37 @@ pub(crate) fn confine(
         netns: None,
         link: None,
         cgroup: None,
-        uid: engine.take_uid()?,
+        uid: None,
     };
     let ns = kiln_net::netns::NetNs::create(&engine.netns_name(name))
         .map_err(|e| EngineError::io("creating the network namespace", e))?;
-    let tap = kiln_net::tap::create_tap(&ns).map_err(|e| EngineError::io("creating the tap", e))?;
-    let netns = ns
-        .open()
-        .map_err(|e| EngineError::io("opening the network namespace", e))?;
     if let (Some(network), Some(policy)) = (&engine.network, egress) {
         let link = network.wire(&ns, policy)?;
         resources.link = Some((Arc::clone(network), link));
     }
     resources.netns = Some(ns);
+    let confinement = confine_again(engine, name, limits, writable, &mut resources)?;
+    Ok((confinement, resources))
+}
+
+/// The confinement of a new VMM for VM `name` whose namespace (and link) `resources`
+/// already hold, e.g. a paused sandbox's: a new tap in it, a new cgroup and uid.
+pub(crate) fn confine_again(
+    engine: &Arc<Inner>,
+    name: &str,
+    limits: CgroupLimits,
+    writable: &[&Path],
+    resources: &mut VmResources,
+) -> Result<Confinement, EngineError> {
+    resources.uid = engine.take_uid()?;
+    let ns = resources
+        .netns
+        .as_ref()
+        .ok_or_else(|| EngineError::Invalid(format!("`{name}` has no network namespace")))?;
+    let tap = kiln_net::tap::create_tap(ns).map_err(|e| EngineError::io("creating the tap", e))?;
+    let netns = ns
+        .open()
+        .map_err(|e| EngineError::io("opening the network namespace", e))?;
     let mut cgroups = Vec::new();
     if let Some(hierarchy) = &engine.cgroups {
         let cgroup = hierarchy.create(name, limits)?;
@@ -170,16 +198,13 @@ pub(crate) fn confine(
         resources.cgroup = Some(cgroup);
     }
     resources.grant(writable)?;
-    Ok((
-        Confinement {
-            netns: Some(netns),
-            tap: Some(tap),
-            cgroups,
-            run_as: resources.uid.as_ref().map(|uid| (uid.id, uid.id)),
-            seccomp: engine.config.confinement.seccomp,
-        },
-        resources,
-    ))
+    Ok(Confinement {
+        netns: Some(netns),
+        tap: Some(tap),
+        cgroups,
+        run_as: resources.uid.as_ref().map(|uid| (uid.id, uid.id)),
+        seccomp: engine.config.confinement.seccomp,
+    })
 }
 
 /// Removes `dir` and everything in it; one that is already gone is fine.

@@ -8,6 +8,7 @@ pub mod cgroup;
 mod confine;
 pub mod disk;
 pub mod leftovers;
+mod pause;
 pub mod persist;
 mod prestart;
 pub mod sandbox;
@@ -25,7 +26,7 @@ use kiln_vmm::qemu::QemuDriver;
 
 pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
-pub use sandbox::{AdoptRequest, CreateOptions, Sandbox, SandboxInfo, SandboxState};
+pub use sandbox::{AdoptRequest, CreateOptions, OnExpiry, Sandbox, SandboxInfo, SandboxState};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -75,9 +76,31 @@ pub enum EngineError {
     /// A limited resource ran out.
     #[error("{0}")]
     Exhausted(String),
+    /// The sandbox's state does not allow it now (e.g. resuming a running sandbox's pause).
+    #[error("{0}")]
+    Conflict(String),
     /// Sandbox networking failed or refused a policy.
     #[error(transparent)]
     Network(#[from] kiln_network::NetworkError),
+}
+
+/// Ends the process at once (as `kill -9` would, its VMMs left running) if failpoint `name`
+/// is listed in `KILN_FAILPOINTS` (comma-separated): how tests kill the daemon at an exact
+/// step of a pause or resume rather than at a moment chosen by timing.
+pub(crate) fn failpoint(name: &str) {
+    static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let list = LIST.get_or_init(|| {
+        std::env::var("KILN_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    if list.iter().any(|l| l == name) {
+        eprintln!("failpoint {name}: ending the process");
+        std::process::abort();
+    }
 }
 
 /// An error and its sources, on one line (`a: b: c`).
@@ -185,6 +208,16 @@ pub enum SandboxEvent {
         id: String,
         /// What the VMM or the guest console said.
         reason: String,
+    },
+    /// It was paused to disk.
+    Paused {
+        /// The sandbox.
+        id: String,
+    },
+    /// It was resumed.
+    Resumed {
+        /// The sandbox.
+        id: String,
     },
     /// It was destroyed.
     Destroyed {

@@ -42,8 +42,28 @@ pub enum PersistError {
     },
 }
 
-/// Writes `value` to `path` atomically with its version and checksum.
+/// Writes `value` to `path` atomically with its version and checksum, and makes it durable
+/// (the file and its directory entry reach stable storage before this returns).
 pub fn write<T: Serialize>(path: &Path, version: u32, value: &T) -> Result<(), PersistError> {
+    write_with(path, version, value, true)
+}
+
+/// [`write`] without waiting for stable storage (a host crash may lose it; a daemon crash
+/// does not).
+pub fn write_unsynced<T: Serialize>(
+    path: &Path,
+    version: u32,
+    value: &T,
+) -> Result<(), PersistError> {
+    write_with(path, version, value, false)
+}
+
+fn write_with<T: Serialize>(
+    path: &Path,
+    version: u32,
+    value: &T,
+    durable: bool,
+) -> Result<(), PersistError> {
     let io = |source| PersistError::Io {
         path: path.display().to_string(),
         source,
@@ -56,8 +76,21 @@ pub fn write<T: Serialize>(path: &Path, version: u32, value: &T) -> Result<(), P
     };
     let bytes = serde_json::to_vec_pretty(&envelope).map_err(|e| io(std::io::Error::other(e)))?;
     let temp = path.with_extension("tmp");
-    std::fs::write(&temp, bytes).map_err(io)?;
-    std::fs::rename(&temp, path).map_err(io)
+    let mut file = std::fs::File::create(&temp).map_err(io)?;
+    std::io::Write::write_all(&mut file, &bytes)
+        .and_then(|()| if durable { file.sync_all() } else { Ok(()) })
+        .map_err(io)?;
+    std::fs::rename(&temp, path).map_err(io)?;
+    if durable {
+        // The rename itself reaches the disk with its directory.
+        sync_dir(path.parent().unwrap_or(Path::new("."))).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Flushes a directory's entries (a file made, renamed or removed in it) to stable storage.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads a file written by [`write`], checking size, version and checksum.

@@ -41,6 +41,21 @@ pub struct CreateOptions {
     pub disk_mib: Option<u64>,
     /// Egress policy (the network's default if `None`); needs networking.
     pub network: Option<EgressPolicy>,
+    /// What happens when its time to live runs out.
+    pub on_expiry: OnExpiry,
+}
+
+/// What happens to a running sandbox when its time to live runs out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpiry {
+    /// It is destroyed.
+    #[default]
+    Destroy,
+    /// It is paused (and its time to live is cleared: the [`crate::SandboxEvent::Paused`]
+    /// event is where a caller sets how long a paused sandbox is kept). A paused or failed
+    /// sandbox whose time runs out is destroyed.
+    Pause,
 }
 
 impl Default for CreateOptions {
@@ -53,6 +68,7 @@ impl Default for CreateOptions {
             memory_mib: None,
             disk_mib: None,
             network: None,
+            on_expiry: OnExpiry::Destroy,
         }
     }
 }
@@ -63,6 +79,13 @@ impl Default for CreateOptions {
 pub enum SandboxState {
     /// Its VM runs.
     Running,
+    /// Its memory and device state are being written to disk.
+    Pausing,
+    /// Its VM is saved on disk: no VMM process, no RAM; its files, processes and network
+    /// identity come back on resume.
+    Paused,
+    /// It is being brought back from disk.
+    Resuming,
     /// Its VM ended without being asked to.
     Failed {
         /// What the VMM or the guest console said.
@@ -77,6 +100,9 @@ impl SandboxState {
     pub fn name(&self) -> &'static str {
         match self {
             SandboxState::Running => "running",
+            SandboxState::Pausing => "pausing",
+            SandboxState::Paused => "paused",
+            SandboxState::Resuming => "resuming",
             SandboxState::Failed { .. } => "failed",
             SandboxState::Destroyed => "destroyed",
         }
@@ -103,10 +129,10 @@ pub struct SandboxInfo {
 
 /// What changes over a sandbox's life.
 #[derive(Debug)]
-struct Runtime {
-    state: SandboxState,
-    vm: Option<Box<dyn Vm>>,
-    resources: Option<VmResources>,
+pub(crate) struct Runtime {
+    pub(crate) state: SandboxState,
+    pub(crate) vm: Option<Box<dyn Vm>>,
+    pub(crate) resources: Option<VmResources>,
 }
 
 impl Runtime {
@@ -117,17 +143,29 @@ impl Runtime {
             resources: Some(resources),
         })
     }
+
+    fn paused(resources: VmResources) -> Mutex<Runtime> {
+        Mutex::new(Runtime {
+            state: SandboxState::Paused,
+            vm: None,
+            resources: Some(resources),
+        })
+    }
 }
 
 /// A sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
-    id: String,
+    pub(crate) id: String,
     template: String,
-    dir: PathBuf,
+    /// The baked template it runs on (what a resume restores into), if still known.
+    pub(crate) source: Option<BakedTemplate>,
+    /// Its cgroup limits (a resumed VMM gets them again).
+    pub(crate) limits: CgroupLimits,
+    pub(crate) dir: PathBuf,
     /// The guest console log, as the driver placed it (readable after the VM is gone).
     console_log: PathBuf,
-    client: AgentClient,
+    pub(crate) client: AgentClient,
     timings: PhaseTimings,
     created_at: SystemTime,
     netns: Option<String>,
@@ -135,9 +173,13 @@ pub struct Sandbox {
     link: Option<kiln_network::Link>,
     /// The egress policy in force (`None`: no networking).
     egress: Mutex<Option<EgressPolicy>>,
-    runtime: Mutex<Runtime>,
+    pub(crate) runtime: Mutex<Runtime>,
+    /// Held by a pause, a resume or a destroy for its whole length: one at a time, and a
+    /// caller that finds one under way waits for it.
+    pub(crate) operation: tokio::sync::Mutex<()>,
+    on_expiry: Mutex<OnExpiry>,
     expires_at: watch::Sender<Option<SystemTime>>,
-    engine: Weak<Inner>,
+    pub(crate) engine: Weak<Inner>,
 }
 
 impl Sandbox {
@@ -202,7 +244,7 @@ impl Sandbox {
         {
             let runtime = lock(&self.runtime);
             if runtime.state != SandboxState::Running {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Conflict(format!(
                     "sandbox `{}` is {}",
                     self.id,
                     runtime.state.name()
@@ -262,6 +304,16 @@ impl Sandbox {
         }
     }
 
+    /// Sets what happens when its time to live runs out.
+    pub fn set_on_expiry(&self, on_expiry: OnExpiry) {
+        *lock(&self.on_expiry) = on_expiry;
+    }
+
+    /// What happens when its time to live runs out.
+    pub fn on_expiry(&self) -> OnExpiry {
+        *lock(&self.on_expiry)
+    }
+
     /// Sets (or, with `None`, clears) its time to live, counted from now.
     pub fn set_ttl(&self, ttl: Option<Duration>) {
         self.expires_at
@@ -275,6 +327,7 @@ impl Sandbox {
     }
 
     async fn destroy_because(&self, expired: bool) -> Result<(), EngineError> {
+        let _operation = self.operation.lock().await;
         // Only the first caller tears down; the sandbox stays listed until that is done, so a
         // concurrent destroy finds it (already destroyed) rather than leftovers under a live VM.
         let (vm, resources) = {
@@ -352,12 +405,13 @@ impl Sandbox {
 
     /// The VMM process ended: mark the sandbox failed (unless it was being destroyed) and free
     /// what only a running VM needs.
-    fn vm_exited(&self) {
+    fn vm_exited(&self, pid: u32) {
         let mut runtime = lock(&self.runtime);
         if runtime.state != SandboxState::Running {
             return;
         }
-        let Some(vm) = runtime.vm.as_mut() else {
+        // An earlier VMM of this sandbox (before a pause) ending late is not news.
+        let Some(vm) = runtime.vm.as_mut().filter(|vm| vm.pid() == pid) else {
             return;
         };
         let reason = match vm.exited() {
@@ -390,16 +444,18 @@ fn watch_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
 }
 
-/// Watches one sandbox: marks it failed when its VMM exits, destroys it when its time to
-/// live runs out.
-async fn watch_sandbox(
-    sandbox: Weak<Sandbox>,
-    exit: AsyncFd<OwnedFd>,
-    mut expires_at: watch::Receiver<Option<SystemTime>>,
-) {
-    // A failed sandbox still holds files, so its time to live is watched on after its VMM
-    // exits (the descriptor stays readable from then on, hence the flag).
-    let mut exited = false;
+/// Marks `sandbox` failed when its VMM `pid` exits (unless it was asked to).
+pub(crate) async fn watch_exit(sandbox: Weak<Sandbox>, exit: AsyncFd<OwnedFd>, pid: u32) {
+    if exit.readable().await.is_ok() {
+        if let Some(sandbox) = sandbox.upgrade() {
+            sandbox.vm_exited(pid);
+        }
+    }
+}
+
+/// Destroys `sandbox` when its time to live runs out (also a failed or paused one: it still
+/// holds files).
+async fn watch_expiry(sandbox: Weak<Sandbox>, mut expires_at: watch::Receiver<Option<SystemTime>>) {
     loop {
         let deadline = *expires_at.borrow_and_update();
         let expiry = async {
@@ -412,15 +468,10 @@ async fn watch_sandbox(
             }
         };
         tokio::select! {
-            _ = exit.readable(), if !exited => {
-                exited = true;
-                if let Some(sandbox) = sandbox.upgrade() {
-                    sandbox.vm_exited();
-                }
-            }
             () = expiry => {
-                expire(&sandbox).await;
-                return;
+                if !expire(&sandbox).await {
+                    return;
+                }
             }
             changed = expires_at.changed() => {
                 if changed.is_err() {
@@ -431,13 +482,27 @@ async fn watch_sandbox(
     }
 }
 
-async fn expire(sandbox: &Weak<Sandbox>) {
-    if let Some(sandbox) = sandbox.upgrade() {
-        tracing::info!(sandbox = %sandbox.id, "time to live ran out");
-        if let Err(e) = sandbox.destroy_because(true).await {
-            tracing::warn!(sandbox = %sandbox.id, error = %e, "destroying an expired sandbox");
+/// Ends `sandbox`'s time to live: destroys it, or pauses it if it runs and asked for that
+/// (then returns true: its next time to live is watched).
+async fn expire(sandbox: &Weak<Sandbox>) -> bool {
+    let Some(sandbox) = sandbox.upgrade() else {
+        return false;
+    };
+    if sandbox.on_expiry() == OnExpiry::Pause && sandbox.state() == SandboxState::Running {
+        tracing::info!(sandbox = %sandbox.id, "time to live ran out: pausing");
+        sandbox.set_ttl(None);
+        match sandbox.pause().await {
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "pausing an expired sandbox: destroying it");
+            }
         }
     }
+    tracing::info!(sandbox = %sandbox.id, "time to live ran out");
+    if let Err(e) = sandbox.destroy_because(true).await {
+        tracing::warn!(sandbox = %sandbox.id, error = %e, "destroying an expired sandbox");
+    }
+    false
 }
 
 /// Checks a create's resource requests against the template.
@@ -475,13 +540,29 @@ fn limits_for(
     Ok(limits)
 }
 
-/// Lists `sandbox` in the engine and starts watching its VMM and its time to live.
-fn register(engine: &Arc<Inner>, sandbox: Sandbox, exit: AsyncFd<OwnedFd>) -> Arc<Sandbox> {
+/// Lists `sandbox` in the engine and starts watching its VMM (`exit`, if it has one
+/// running) and its time to live.
+fn register(
+    engine: &Arc<Inner>,
+    sandbox: Sandbox,
+    exit: Option<(AsyncFd<OwnedFd>, u32)>,
+) -> Arc<Sandbox> {
     let expiry = sandbox.expires_at.subscribe();
     let sandbox = Arc::new(sandbox);
     lock(&engine.sandboxes).insert(sandbox.id.clone(), sandbox.clone());
-    tokio::spawn(watch_sandbox(Arc::downgrade(&sandbox), exit, expiry));
+    if let Some((exit, pid)) = exit {
+        tokio::spawn(watch_exit(Arc::downgrade(&sandbox), exit, pid));
+    }
+    tokio::spawn(watch_expiry(Arc::downgrade(&sandbox), expiry));
     sandbox
+}
+
+/// A process descriptor of VMM `pid`, to watch for its exit.
+pub(crate) fn exit_watch(pid: u32) -> Result<(AsyncFd<OwnedFd>, u32), EngineError> {
+    kiln_vmm::pidfd::open(pid)
+        .and_then(watch_fd)
+        .map(|fd| (fd, pid))
+        .map_err(|e| EngineError::io("watching the VMM process", e))
 }
 
 /// A sandbox of an earlier run to take over (what the daemon recorded about it).
@@ -497,48 +578,80 @@ pub struct AdoptRequest {
     pub expires_at_ms: Option<u64>,
     /// The egress policy it had (its namespace still holds it).
     pub egress: Option<EgressPolicy>,
+    /// What happens when its time to live runs out.
+    pub on_expiry: OnExpiry,
 }
 
 fn from_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Takes over a sandbox of an earlier run whose VMM still runs.
+/// Takes over a sandbox of an earlier run: its VMM if it still runs, or its saved state if
+/// it was paused (also a pause finished just before the daemon died, whatever its record
+/// says; a VMM left from a resume that had not run the guest yet is ended).
 pub(crate) async fn adopt(
     engine: &Arc<Inner>,
     request: AdoptRequest,
 ) -> Result<Arc<Sandbox>, EngineError> {
     let id = request.id.clone();
     let dir = engine.config.data_dir.join("sandboxes").join(&id);
-    let (pid, ticks, name) = crate::leftovers::read_pid_file(&dir)
-        .ok_or_else(|| EngineError::Invalid(format!("no VMM recorded for `{id}`")))?;
-    if name != id {
-        return Err(EngineError::Invalid(format!(
-            "the VMM recorded in {} is not `{id}`'s",
-            dir.display()
-        )));
-    }
-    let vm = engine.driver.adopt(&dir.join("run"), pid, ticks)?;
-    let exit = match kiln_vmm::pidfd::open_if_same(pid, ticks) {
-        Ok(fd) => watch_fd(fd).map_err(|e| EngineError::io("watching the VMM process", e))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let recorded = crate::leftovers::read_pid_file(&dir);
+    if let Some((_, _, name)) = &recorded {
+        if *name != id {
             return Err(EngineError::Invalid(format!(
-                "the VMM of `{id}` just ended"
-            )))
+                "the VMM recorded in {} is not `{id}`'s",
+                dir.display()
+            )));
         }
-        Err(e) => return Err(EngineError::io("watching the VMM process", e)),
-    };
-    let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("Uid:")
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
+    }
+    let source = crate::pause::read_sandbox_file(engine, &dir);
+    let (runtime, exit, mut resources) = if crate::pause::is_paused(&dir) {
+        if let Some((pid, ticks, _)) = recorded {
+            crate::leftovers::kill_if_same(pid, ticks, Duration::from_secs(10));
+        }
+        let mut resources = VmResources::existing(engine, &id, None);
+        resources.release_vmm()?;
+        (None, None, resources)
+    } else {
+        let (pid, ticks, _) =
+            recorded.ok_or_else(|| EngineError::Invalid(format!("no VMM recorded for `{id}`")))?;
+        let mut vm = engine.driver.adopt(&dir.join("run"), pid, ticks)?;
+        let exit = match kiln_vmm::pidfd::open_if_same(pid, ticks) {
+            Ok(fd) => watch_fd(fd).map_err(|e| EngineError::io("watching the VMM process", e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(EngineError::Invalid(format!(
+                    "the VMM of `{id}` just ended"
+                )))
+            }
+            Err(e) => return Err(EngineError::io("watching the VMM process", e)),
+        };
+        crate::pause::continue_unfinished(&dir, vm.as_mut())?;
+        let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| {
+                status.lines().find_map(|line| {
+                    line.strip_prefix("Uid:")
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|v| v.parse().ok())
+                })
             })
-        })
-        .and_then(|uid| engine.claim_uid(uid));
-    let mut resources = VmResources::existing(engine, &id, uid);
+            .and_then(|uid| engine.claim_uid(uid));
+        let resources = VmResources::existing(engine, &id, uid);
+        (Some(vm), Some((exit, pid)), resources)
+    };
+    let (source, limits) = match source {
+        Ok((template, limits)) => (Some(template), limits),
+        // A paused sandbox without its template cannot come back.
+        Err(e) if runtime.is_none() => return Err(e),
+        Err(e) => {
+            tracing::warn!(sandbox = %id, error = %e, "its template is unknown: it cannot be paused");
+            let unknown = CgroupLimits {
+                cpus: 1.0,
+                memory_mib: VMM_OVERHEAD_MIB,
+            };
+            (None, unknown)
+        }
+    };
     if let Some(network) = &engine.network {
         let policy = request
             .egress
@@ -546,17 +659,31 @@ pub(crate) async fn adopt(
             .unwrap_or_else(|| network.default_policy());
         resources.adopt_link(network, &policy)?;
     }
+    let (agent_socket, console_log) = engine.driver.run_files(&dir.join("run"));
     let client = AgentClient::new(
-        Arc::new(UnixConnector::new(vm.agent_socket())),
+        Arc::new(UnixConnector::new(agent_socket)),
         ClientConfig {
             hello_interval: Duration::from_millis(50),
             handshake_timeout: Duration::from_secs(10),
             ..ClientConfig::default()
         },
     );
-    client.connect().await?;
-    let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
-    let link = resources.link.as_ref().map(|(_, link)| *link);
+    let paused = runtime.is_none();
+    let runtime = match runtime {
+        Some(vm) => {
+            client.connect().await?;
+            Runtime::running(vm, resources)
+        }
+        None => Runtime::paused(resources),
+    };
+    let (netns, link) = {
+        let held = lock(&runtime);
+        let resources = held.resources.as_ref();
+        (
+            resources.and_then(|r| r.netns.as_ref().map(|ns| ns.name().to_owned())),
+            resources.and_then(|r| r.link.as_ref().map(|(_, link)| *link)),
+        )
+    };
     let egress = match link {
         Some(_) => request.egress.clone().or_else(|| engine.default_egress()),
         None => None,
@@ -567,21 +694,25 @@ pub(crate) async fn adopt(
         Sandbox {
             id: id.clone(),
             template: request.template,
+            source,
+            limits,
             dir,
-            console_log: vm.console_log(),
+            console_log,
             client,
             timings: PhaseTimings::default(),
             created_at: from_ms(request.created_at_ms),
             netns,
             link,
             egress: Mutex::new(egress),
-            runtime: Runtime::running(vm, resources),
+            runtime,
+            operation: tokio::sync::Mutex::new(()),
+            on_expiry: Mutex::new(request.on_expiry),
             expires_at,
             engine: Arc::downgrade(engine),
         },
         exit,
     );
-    tracing::info!(sandbox = %id, pid, "re-adopted");
+    tracing::info!(sandbox = %id, paused, "re-adopted");
     Ok(sandbox)
 }
 
@@ -632,9 +763,8 @@ pub(crate) async fn create(
             tokio::task::block_in_place(|| network.apply(ns, policy))?;
         }
     }
-    let exit = kiln_vmm::pidfd::open(slot.vm.pid())
-        .and_then(watch_fd)
-        .map_err(|e| EngineError::io("watching the VMM process", e))?;
+    let exit = exit_watch(slot.vm.pid())?;
+    crate::pause::write_sandbox_file(&slot.dir, template, limits)?;
     // The verified bytes go to the VMM through an anonymous file: what was checked is what
     // loads.
     let state = template.read_state()?;
@@ -704,6 +834,8 @@ pub(crate) async fn create(
         Sandbox {
             id: id.clone(),
             template: template.meta.name.clone(),
+            source: Some(template.clone()),
+            limits,
             dir,
             console_log: vm.console_log(),
             client,
@@ -713,10 +845,12 @@ pub(crate) async fn create(
             link,
             egress: Mutex::new(egress),
             runtime: Runtime::running(vm, resources),
+            operation: tokio::sync::Mutex::new(()),
+            on_expiry: Mutex::new(options.on_expiry),
             expires_at,
             engine: Arc::downgrade(engine),
         },
-        exit,
+        Some(exit),
     );
     let _ = engine.events.send(crate::SandboxEvent::Created {
         id,

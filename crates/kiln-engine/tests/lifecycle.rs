@@ -12,18 +12,6 @@ async fn sh(sandbox: &Sandbox, script: &str) -> String {
     kiln_testinfra::sh(sandbox.agent(), script).await
 }
 
-/// Polls `check` until it holds or `timeout` passes.
-async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    check()
-}
-
 fn failure_reason(sandbox: &Sandbox) -> Option<String> {
     match sandbox.state() {
         SandboxState::Failed { reason } => Some(reason),
@@ -179,7 +167,7 @@ async fn limits_crashes_and_time_to_live() {
     )
     .expect("kill the sandbox's own VMM");
     assert!(
-        wait_until(Duration::from_secs(10), || failure_reason(&victim)
+        kiln_testinfra::wait_until(Duration::from_secs(10), || failure_reason(&victim)
             .is_some())
         .await,
         "not marked failed: {:?}",
@@ -228,7 +216,7 @@ async fn limits_crashes_and_time_to_live() {
         })
     };
     assert!(
-        wait_until(Duration::from_secs(30), || failure_reason(&panicking)
+        kiln_testinfra::wait_until(Duration::from_secs(30), || failure_reason(&panicking)
             .is_some())
         .await,
         "not marked failed: {:?}",
@@ -270,7 +258,7 @@ async fn limits_crashes_and_time_to_live() {
     assert!(later.info().expires_at_ms.is_some());
     for (sandbox, (pid, netns, cgroups)) in [(&short, short_resources), (&later, later_resources)] {
         assert!(
-            wait_until(Duration::from_secs(20), || !sandbox.dir().exists()).await,
+            kiln_testinfra::wait_until(Duration::from_secs(20), || !sandbox.dir().exists()).await,
             "{} outlived its time to live: {:?}",
             sandbox.id(),
             sandbox.state()

@@ -54,6 +54,18 @@ pub fn template_images(name: &str) -> TemplateImages {
     build_template(&spec, &static_agent(), &cache(), &PrintProgress).expect("template images build")
 }
 
+/// Polls `check` (every 50 ms) until it holds or `timeout` passes; whether it held.
+pub async fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    check()
+}
+
 /// Runs `script` with `sh -c` through `agent`, requires exit code 0, returns the trimmed
 /// stdout.
 pub async fn sh(agent: &kiln_agent_client::AgentClient, script: &str) -> String {

@@ -65,6 +65,9 @@ impl DiskLayer {
 pub enum MemoryBacking {
     /// Anonymous memory (a plain cold boot).
     Anonymous,
+    /// Anonymous memory named like a memory file's (`mem`), so saved state that carries all
+    /// of RAM (a paused sandbox's) loads into it.
+    Private,
     /// A file: `shared` for a template being baked (RAM is written to the file), else mapped
     /// privately (copy-on-write) from a file the VMM may only read.
     File {
@@ -217,6 +220,9 @@ pub trait Hypervisor: Send + Sync + Debug {
     /// with per-VM paths and descriptors left out: two specs with the same signature can
     /// restore each other's snapshots.
     fn restore_signature(&self, spec: &VmSpec) -> String;
+    /// The agent socket and console log of VMs whose run directory is `run_dir` (the same
+    /// for every VMM process of that directory: before a pause and after the resume).
+    fn run_files(&self, run_dir: &Path) -> (PathBuf, PathBuf);
     /// Starts a VM process for `spec`, confined by `confinement`.
     fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError>;
     /// Takes over VM process `pid` (started by an earlier run, with its sockets and logs in
@@ -248,6 +254,9 @@ pub trait Vm: Send + Debug {
     /// Loads saved device state (read from the file's position) into a VM launched with
     /// [`VmSpec::incoming`], and runs it.
     fn restore(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
+    /// Loads saved state like [`Vm::restore`] but leaves the guest stopped (run it with
+    /// [`Vm::resume`]).
+    fn load(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
     /// Pauses the VM and saves its device state into a new file at `state`.
     fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
     /// Pauses the guest's CPUs.

@@ -15,5 +15,6 @@ pub fn control_config(data: &Path) -> ControlConfig {
         default_template: "base".into(),
         default_ttl: Duration::from_secs(600),
         max_ttl: Duration::from_secs(3600),
+        paused_retention: Duration::from_secs(3600),
     }
 }

@@ -84,7 +84,7 @@ impl BootConfig {
 
     /// The agent's socket (the daemon's; QEMU has it as a descriptor).
     pub fn agent_socket(&self) -> PathBuf {
-        self.run_dir.join("agent.sock")
+        super::QemuDriver::agent_socket_in(&self.run_dir)
     }
 
     /// The QMP socket.
@@ -99,7 +99,7 @@ impl BootConfig {
 
     /// The console log the daemon writes.
     pub fn console_log(&self) -> PathBuf {
-        self.run_dir.join("console.log")
+        super::QemuDriver::console_log_in(&self.run_dir)
     }
 
     /// The empty directory the jail's root is mounted on.
@@ -200,20 +200,31 @@ impl BootConfig {
         };
         let mut machine = "microvm,pit=on,pic=on,rtc=on".to_owned();
         let mut memory = Vec::new();
-        if let MemoryBacking::File { shared, .. } = &self.memory {
-            machine.push_str(",memory-backend=mem");
-            // Restores map the template's file privately and open it read-only: guest writes
-            // are copy-on-write, and the VMM holds no writable handle on the shared file.
-            let access = if *shared {
-                "share=on"
-            } else {
-                "share=off,readonly=on,rom=off"
-            };
-            memory.push("-object".to_owned());
-            memory.push(format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={MEMORY},{access}",
-                self.memory_mib
-            ));
+        match &self.memory {
+            MemoryBacking::File { shared, .. } => {
+                machine.push_str(",memory-backend=mem");
+                // Restores map the template's file privately and open it read-only: guest
+                // writes are copy-on-write, and the VMM holds no writable handle on the file.
+                let access = if *shared {
+                    "share=on"
+                } else {
+                    "share=off,readonly=on,rom=off"
+                };
+                memory.push("-object".to_owned());
+                memory.push(format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={MEMORY},{access}",
+                    self.memory_mib
+                ));
+            }
+            MemoryBacking::Private => {
+                machine.push_str(",memory-backend=mem");
+                memory.push("-object".to_owned());
+                memory.push(format!(
+                    "memory-backend-ram,id=mem,size={}M",
+                    self.memory_mib
+                ));
+            }
+            MemoryBacking::Anonymous => {}
         }
         let mut args: Vec<String> = vec![
             "-M".into(),

@@ -81,6 +81,18 @@ impl QemuDriver {
     }
 }
 
+impl QemuDriver {
+    /// The agent's socket of VMs run in `run_dir` (the daemon's; QEMU has it as a descriptor).
+    pub(crate) fn agent_socket_in(run_dir: &Path) -> PathBuf {
+        run_dir.join("agent.sock")
+    }
+
+    /// The console log the daemon writes for VMs run in `run_dir`.
+    pub(crate) fn console_log_in(run_dir: &Path) -> PathBuf {
+        run_dir.join("console.log")
+    }
+}
+
 impl Hypervisor for QemuDriver {
     fn name(&self) -> &'static str {
         "qemu"
@@ -109,6 +121,13 @@ impl Hypervisor for QemuDriver {
     fn restore_signature(&self, spec: &VmSpec) -> String {
         BootConfig::from_spec(self.accel.accel, spec.clone(), &Confinement::default())
             .device_signature()
+    }
+
+    fn run_files(&self, run_dir: &Path) -> (PathBuf, PathBuf) {
+        (
+            QemuDriver::agent_socket_in(run_dir),
+            QemuDriver::console_log_in(run_dir),
+        )
     }
 
     fn adopt(
@@ -163,6 +182,10 @@ impl Vm for QemuVm {
 
     fn restore(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError> {
         Ok(self.process.restore_from(state)?)
+    }
+
+    fn load(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.load_from(state)?)
     }
 
     fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError> {
