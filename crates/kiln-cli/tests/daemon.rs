@@ -22,6 +22,8 @@ struct Daemon {
     sandboxes: Vec<String>,
     /// `KILN_FAILPOINTS` of the next start.
     failpoints: String,
+    /// More arguments of `kiln serve`.
+    args: Vec<&'static str>,
 }
 
 fn free_port() -> u16 {
@@ -33,6 +35,11 @@ fn free_port() -> u16 {
 
 impl Daemon {
     fn new() -> Daemon {
+        Daemon::with_args(Vec::new())
+    }
+
+    /// A daemon started with `args` added to its command line.
+    fn with_args(args: Vec<&'static str>) -> Daemon {
         let port = free_port();
         let mut daemon = Daemon {
             child: None,
@@ -41,6 +48,7 @@ impl Daemon {
             port,
             sandboxes: Vec::new(),
             failpoints: String::new(),
+            args,
         };
         daemon.start();
         daemon
@@ -65,6 +73,7 @@ impl Daemon {
             .arg("--agent")
             .arg(kiln_testinfra::static_agent())
             .args(["--default-template", "base"])
+            .args(&self.args)
             .env("KILN_CONFIG", self.config_file())
             .env("KILN_FAILPOINTS", &self.failpoints)
             .stdin(Stdio::null())
@@ -280,8 +289,9 @@ fn serve_use_crash_restart_and_stop() {
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("kiln keys create"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
+        "{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&refused.stderr),
+        daemon.log()
     );
     let key = daemon.kiln_ok(None, &["keys", "create", "--tenant", "e2e"]);
     assert!(key.starts_with("kiln_"), "{key}");
@@ -427,7 +437,9 @@ fn serve_use_crash_restart_and_stop() {
 
 #[test]
 fn pause_survives_the_daemon_killed_at_every_step() {
-    let mut daemon = Daemon::new();
+    // Without sandbox networking: a second daemon with the default network settings would
+    // collide with the other test's (two daemons on a host need their own).
+    let mut daemon = Daemon::with_args(vec!["--network", "off"]);
     let key = daemon.kiln_ok(None, &["keys", "create", "--tenant", "e2e"]);
     let key = Some(key.as_str());
     let id = daemon.kiln_ok(key, &["sandbox", "create"]);
