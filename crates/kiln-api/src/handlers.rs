@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use kiln_control::{CreateSandbox, SandboxFilter};
 
 use crate::types::{
-    BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, ErrorBody, HealthBody,
-    KeyBody, KeyList, NetworkBody, SandboxBody, SandboxList, TemplateBody, TemplateList,
-    UpdateSandboxBody,
+    BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, ErrorBody, ForkBody,
+    ForkedBody, HealthBody, KeyBody, KeyList, NetworkBody, SandboxBody, SandboxList, TemplateBody,
+    TemplateList, UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -316,6 +316,45 @@ pub(crate) async fn pause_sandbox(
 ) -> Result<Json<SandboxBody>, ApiError> {
     let record = state.control.pause_sandbox(&who, &id).await?;
     Ok(Json(sandbox_body(&state, record)))
+}
+
+/// Forks a sandbox into `count` children (1 to 32): the parent stops briefly while its state
+/// is captured, then runs on; each child continues from that moment with the parent's
+/// processes, memory and files, its own id, hostname, reseeded kernel RNG, clock and access
+/// token, and the parent's guest address in its own network namespace. User-space random
+/// generators (Python's `random`, OpenSSL's) are cloned as they are. Children inherit
+/// template, env, metadata (merged with the request's), limits, network policy, port and
+/// pause settings. All or nothing: if not every child can be made, none is (503 saying why).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/fork", tag = "sandboxes", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ForkBody,
+    responses((status = 201, body = ForkedBody), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox failed"),
+              (status = 503, body = ErrorBody, description = "Not every child could be made")))]
+pub(crate) async fn fork_sandbox(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<ForkBody>,
+) -> Result<(StatusCode, Json<ForkedBody>), ApiError> {
+    let request = kiln_control::ForkSandbox {
+        count: body.count.unwrap_or(1),
+        ttl: body.ttl_secs.map(Duration::from_secs),
+        metadata: body.metadata,
+    };
+    let (records, report) = state.control.fork_sandbox(&who, &id, request).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ForkedBody {
+            sandboxes: records
+                .into_iter()
+                .map(|r| sandbox_body(&state, r))
+                .collect(),
+            parent_paused_ms: report.parent_paused_ms,
+            bytes_written: report.bytes_written,
+        }),
+    ))
 }
 
 /// Resumes a paused sandbox: same id, files, processes and network identity; its clock is

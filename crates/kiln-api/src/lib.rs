@@ -212,6 +212,7 @@ impl FromRequestParts<AppState> for Caller {
         handlers::delete_sandbox,
         handlers::keepalive,
         handlers::pause_sandbox,
+        handlers::fork_sandbox,
         handlers::resume_sandbox,
         handlers::console_log,
         handlers::events,
@@ -340,6 +341,7 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         )
         .route("/v1/sandboxes/{id}/keepalive", post(handlers::keepalive))
         .route("/v1/sandboxes/{id}/pause", post(handlers::pause_sandbox))
+        .route("/v1/sandboxes/{id}/fork", post(handlers::fork_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(handlers::resume_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(handlers::console_log))
         .route("/v1/events", get(handlers::events))

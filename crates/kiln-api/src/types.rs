@@ -49,6 +49,36 @@ pub struct SandboxBody {
     /// What its time to live running out does while it runs. A paused sandbox is kept for
     /// the server's paused retention, then destroyed.
     pub on_expiry: OnExpiryBody,
+    /// The sandbox it was forked from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+}
+
+/// Fork a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// How many children, 1 to 32 (default 1).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 32)]
+    pub count: Option<usize>,
+    /// The children's time to live in seconds (the parent's if absent).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Labels added to the parent's (a key given here wins).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A fork's children and what it cost.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForkedBody {
+    /// The children, each continuing from the parent's moment of the fork.
+    pub sandboxes: Vec<SandboxBody>,
+    /// How long the parent was stopped, in milliseconds.
+    pub parent_paused_ms: f64,
+    /// Bytes written to capture the parent (its state, memory and disk layer).
+    pub bytes_written: u64,
 }
 
 /// Where a sandbox is in its life.
@@ -227,6 +257,7 @@ impl From<kiln_control::SandboxRecord> for SandboxBody {
             network: record.network.map(Into::into),
             auto_resume: record.auto_resume,
             on_expiry: record.on_expiry.into(),
+            parent_id: record.parent_id,
         }
     }
 }

@@ -973,7 +973,7 @@ fn nix_kill(pid: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_resume_auto_resume_and_expiry() {
+async fn pause_resume_fork_and_expiry() {
     let api = api().await;
     let alice = api.key("alice", false);
     let bob = api.key("bob", false);
@@ -1094,6 +1094,64 @@ async fn pause_resume_auto_resume_and_expiry() {
         .await;
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.json()["state"], "running");
+
+    // Fork: two children continuing from the parent (its file), metadata merged, the
+    // parent named; a bad count is a 400 and another tenant's sandbox is not found.
+    let fork_uri = format!("/v1/sandboxes/{id}/fork");
+    for count in [0, 33] {
+        api.json(Method::POST, &fork_uri, &alice, json!({ "count": count }))
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    api.json(Method::POST, &fork_uri, &bob, json!({}))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let forked = api
+        .json(
+            Method::POST,
+            &fork_uri,
+            &alice,
+            json!({"count": 2, "metadata": {"branch": "b"}}),
+        )
+        .await;
+    assert_eq!(forked.status, StatusCode::CREATED, "{}", forked.json());
+    let forked = forked.json();
+    assert!(
+        forked["bytes_written"].as_u64().unwrap_or(0) > 0,
+        "{forked}"
+    );
+    let children: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .map(|child| {
+            assert_eq!(child["parent_id"], id.as_str(), "{child}");
+            assert_eq!(child["metadata"]["branch"], "b", "{child}");
+            assert_eq!(child["state"], "running", "{child}");
+            child["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    assert_eq!(children.len(), 2);
+    for child in &children {
+        let read = api
+            .json(
+                Method::POST,
+                &format!("/v1/sandboxes/{child}/exec"),
+                &alice,
+                json!({ "command": "cat /root/kept; hostname" }),
+            )
+            .await;
+        assert_eq!(read.json()["stdout"], format!("kept\n{child}\n"));
+        let gone = api
+            .call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{child}"),
+                Some(&alice),
+                Body::empty(),
+            )
+            .await;
+        assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    }
 
     // on_expiry pause: its time to live running out pauses it, with the paused retention.
     let patched = api

@@ -90,7 +90,8 @@ async fn timed_create(
     Ok((total, sandbox, first_exec, second_start.elapsed()))
 }
 
-fn pss_bytes(pid: u32) -> Option<u64> {
+/// The proportional set size of process `pid`, in bytes.
+pub(crate) fn pss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let kib: u64 = text
         .lines()

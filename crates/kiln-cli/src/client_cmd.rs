@@ -424,6 +424,41 @@ pub async fn port(client: &Client, id: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Forks sandbox `id` `count` times; prints the children's ids (or JSON).
+pub async fn fork(
+    client: &Client,
+    id: &str,
+    count: usize,
+    ttl: Option<u64>,
+    metadata: &[String],
+    json: bool,
+) -> Result<()> {
+    let body = kiln_api::types::ForkBody {
+        count: Some(count),
+        ttl_secs: ttl,
+        metadata: parse_pairs(metadata, "metadata")?,
+    };
+    let forked: kiln_api::types::ForkedBody = client
+        .json(
+            client
+                .request(Method::POST, &format!("/v1/sandboxes/{id}/fork"))
+                .json(&body),
+        )
+        .await?;
+    if json {
+        return print_json(&forked);
+    }
+    for child in &forked.sandboxes {
+        println!("{}", child.id);
+    }
+    eprintln!(
+        "parent paused {:.0} ms, {:.1} MiB written",
+        forked.parent_paused_ms,
+        forked.bytes_written as f64 / f64::from(1u32 << 20)
+    );
+    Ok(())
+}
+
 /// Pauses (`pause`) or resumes (`resume`) sandbox `id`; prints its state (or JSON).
 pub async fn pause_or_resume(client: &Client, id: &str, verb: &str, json: bool) -> Result<()> {
     let sandbox: SandboxBody = client

@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod bench_api;
 mod bench_create;
+mod bench_fork;
 mod bench_images;
 mod bench_net;
 mod bench_pause;
@@ -145,6 +146,26 @@ enum SandboxCommand {
         /// Sandbox id.
         id: String,
         /// Print the sandbox as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fork a sandbox: each child continues from this moment of it (processes, memory,
+    /// files) with its own id; the parent runs on. Prints the children's ids.
+    ///
+    /// Example: kiln sandbox fork sb-1234 -n 3
+    Fork {
+        /// Sandbox id.
+        id: String,
+        /// How many children (1 to 32).
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: usize,
+        /// The children's time to live in seconds [default: the parent's].
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Metadata KEY=VALUE added to the parent's (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+        /// Print the children and the fork's cost as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -323,6 +344,9 @@ enum BenchCommand {
     /// Pause to disk and resume: latency by guest size and dirtied memory, the first exec
     /// after a resume, the saved state's size.
     Pause(bench_pause::PauseBenchOptions),
+    /// Fork a running sandbox into N children: the parent's stop, bytes a capture writes,
+    /// time until the first and every child answers, idle children's PSS.
+    Fork(bench_fork::ForkBenchOptions),
     /// Exec round trip of `true` (p50/p99) and file throughput, against the agent on this
     /// host over a unix socket.
     Agent {
@@ -362,6 +386,13 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+            SandboxCommand::Fork {
+                id,
+                count,
+                ttl,
+                metadata,
+                json,
+            } => client_cmd::fork(&client, &id, count, ttl, &metadata, json).await?,
             SandboxCommand::Pause { id, json } => {
                 client_cmd::pause_or_resume(&client, &id, "pause", json).await?
             }
@@ -478,6 +509,9 @@ async fn main() -> ExitCode {
         Commands::Bench {
             command: BenchCommand::Pause(options),
         } => bench_pause::run(options).await,
+        Commands::Bench {
+            command: BenchCommand::Fork(options),
+        } => bench_fork::run(options).await,
         Commands::Bench {
             command:
                 BenchCommand::Agent {

@@ -4,7 +4,8 @@
 //! re-adopted), stopped with SIGTERM (the sandbox keeps running, adopted again), restarted
 //! after the sandbox's VMM died (marked failed, nothing left), and stopped with SIGINT
 //! (everything destroyed, nothing left). And a paused sandbox across a daemon killed between
-//! pause and resume, and at each step of a pause and of a resume (failpoints): never lost.
+//! pause and resume, and at each step of a pause and of a resume (failpoints): never lost;
+//! then forked by the CLI.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -516,7 +517,25 @@ fn pause_survives_the_daemon_killed_at_every_step() {
         assert_eq!(daemon.state_of(key, &id)["state"], "running");
     }
 
-    daemon.kiln_ok(key, &["sandbox", "rm", &id]);
+    // `kiln sandbox fork`: the children's ids, each with the parent's files.
+    let forked = daemon.kiln_ok(key, &["sandbox", "fork", &id, "-n", "2"]);
+    let children: Vec<String> = forked.lines().map(str::to_owned).collect();
+    assert_eq!(children.len(), 2, "{forked}");
+    daemon.sandboxes.extend(children.iter().cloned());
+    for child in &children {
+        assert_eq!(
+            daemon.kiln_ok(
+                key,
+                &["exec", child, "--", "cat", "/root/kept", "/mnt/ram/kept"]
+            ),
+            "disk\nram"
+        );
+        assert_eq!(daemon.state_of(key, child)["parent_id"], id.as_str());
+    }
+    let mut all = children.clone();
+    all.push(id.clone());
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    daemon.kiln_ok(key, &[&["sandbox", "rm"][..], &all].concat());
     let ids = daemon.sandboxes.clone();
     let status = daemon.stop_daemon(libc::SIGINT);
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());

@@ -203,6 +203,17 @@ pub struct SandboxUpdate {
     pub on_expiry: Option<kiln_engine::OnExpiry>,
 }
 
+/// What a fork asks for.
+#[derive(Debug, Clone, Default)]
+pub struct ForkSandbox {
+    /// How many children (1 to 32).
+    pub count: usize,
+    /// Their time to live (the parent's if absent).
+    pub ttl: Option<Duration>,
+    /// Labels added to the parent's (a key given here wins).
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// Lifecycle events buffered per tenant for its subscribers.
 pub const EVENTS_PER_TENANT: usize = 1024;
 
@@ -377,6 +388,10 @@ impl Control {
                         }
                         // Published by `create_sandbox` once the owner is recorded.
                         SandboxEvent::Created { .. } => Ok(()),
+                        SandboxEvent::Forked { id, .. } => {
+                            inner.publish(id, event.clone());
+                            Ok(())
+                        }
                         SandboxEvent::Paused { id } | SandboxEvent::Resumed { id } => {
                             inner.publish(id, event.clone());
                             inner.record_pause_state(id)
@@ -594,6 +609,7 @@ impl Control {
             public_ports: request.public_ports,
             auto_resume: request.auto_resume.unwrap_or(true),
             on_expiry: request.on_expiry.unwrap_or_default(),
+            parent_id: None,
         };
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
@@ -712,6 +728,91 @@ impl Control {
         sandbox.pause().await?;
         self.inner.record_pause_state(id)?;
         self.get_sandbox(who, id)
+    }
+
+    /// Forks the caller's sandbox `id` into `request.count` children, each a sandbox of the
+    /// caller's continuing from this moment of the parent (a paused parent is resumed first).
+    /// Children inherit the parent's template, env, metadata (merged with the request's),
+    /// limits, network policy, port and pause settings; each gets its own id and access
+    /// token. All or nothing. Returns the children's records and what the fork cost.
+    pub async fn fork_sandbox(
+        &self,
+        who: &Principal,
+        id: &str,
+        request: ForkSandbox,
+    ) -> Result<(Vec<SandboxRecord>, kiln_engine::ForkReport), ControlError> {
+        if !(1..=32).contains(&request.count) {
+            return Err(ControlError::Invalid(format!(
+                "count must be 1 to 32 (got {})",
+                request.count
+            )));
+        }
+        let (parent, record) = self.handle(who, id)?;
+        let ttl = request.ttl.unwrap_or_else(|| {
+            record.ttl_ms.map_or(self.inner.config.default_ttl, |ms| {
+                Duration::from_millis(ms as u64)
+            })
+        });
+        self.check_ttl(ttl)?;
+        let mut metadata = record.metadata.clone();
+        metadata.extend(request.metadata);
+        Control::check_labels(&metadata, "metadata")?;
+        let (children, report) = self
+            .inner
+            .engine
+            .fork(
+                &parent,
+                request.count,
+                CreateOptions {
+                    metadata: metadata.clone(),
+                    ttl: Some(ttl),
+                    on_expiry: record.on_expiry,
+                    ..CreateOptions::default()
+                },
+            )
+            .await?;
+        let mut records = Vec::new();
+        for child in &children {
+            let info = child.info();
+            let child_record = SandboxRecord {
+                id: info.id.clone(),
+                tenant: record.tenant.clone(),
+                template: record.template.clone(),
+                state: "running".into(),
+                reason: None,
+                metadata: metadata.clone(),
+                env: record.env.clone(),
+                ttl_ms: Some(ttl.as_millis() as i64),
+                created_at_ms: info.created_at_ms as i64,
+                expires_at_ms: info.expires_at_ms.map(|ms| ms as i64),
+                network: child.egress(),
+                access_token: child
+                    .link()
+                    .map(|_| format!("kiln_at_{}", hex::encode(rand::random::<[u8; 24]>()))),
+                public_ports: record.public_ports,
+                auto_resume: record.auto_resume,
+                on_expiry: record.on_expiry,
+                parent_id: Some(id.to_owned()),
+            };
+            if let Err(e) = self.inner.store.insert_sandbox(&child_record) {
+                for child in &children {
+                    let _ = child.destroy().await;
+                    let _ = self.inner.store.delete_sandbox(child.id());
+                }
+                return Err(e.into());
+            }
+            records.push(child_record);
+        }
+        for child in &records {
+            self.inner.publish_to(
+                who.tenant.clone(),
+                SandboxEvent::Created {
+                    id: child.id.clone(),
+                    template: child.template.clone(),
+                },
+            );
+        }
+        Ok((records, report))
     }
 
     /// Resumes the caller's paused sandbox `id` (its time to live starts again).

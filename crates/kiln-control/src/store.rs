@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -42,7 +42,8 @@ CREATE TABLE sandboxes (
     access_token TEXT,
     public_ports INTEGER NOT NULL DEFAULT 0,
     auto_resume INTEGER NOT NULL DEFAULT 1,
-    on_expiry TEXT NOT NULL DEFAULT 'destroy'
+    on_expiry TEXT NOT NULL DEFAULT 'destroy',
+    parent_id TEXT
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 ";
@@ -61,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
     // its time to live running out does.
     "ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sandboxes ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'destroy';",
+    // 5 -> 6: fork: the sandbox a child was forked from.
+    "ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;",
 ];
 
 /// Errors of the store.
@@ -136,6 +139,8 @@ pub struct SandboxRecord {
     pub auto_resume: bool,
     /// What its time to live running out does.
     pub on_expiry: kiln_engine::OnExpiry,
+    /// The sandbox it was forked from.
+    pub parent_id: Option<String>,
 }
 
 /// A sandbox row with its JSON columns (metadata, env, network) not parsed yet.
@@ -325,8 +330,8 @@ impl Store {
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
                                     created_at_ms, expires_at_ms, env, network, access_token,
-                                    public_ports, auto_resume, on_expiry)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                    public_ports, auto_resume, on_expiry, parent_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 record.id,
                 record.tenant,
@@ -342,7 +347,8 @@ impl Store {
                 record.access_token,
                 record.public_ports,
                 record.auto_resume,
-                on_expiry_name(record.on_expiry)
+                on_expiry_name(record.on_expiry),
+                record.parent_id
             ],
         )?;
         Ok(())
@@ -383,6 +389,7 @@ impl Store {
                     "pause" => kiln_engine::OnExpiry::Pause,
                     _ => kiln_engine::OnExpiry::Destroy,
                 },
+                parent_id: row.get(15)?,
             },
             row.get::<_, String>(5)?,
             row.get::<_, String>(9)?,
@@ -405,7 +412,8 @@ impl Store {
 
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
                                            ttl_ms, created_at_ms, expires_at_ms, env, network, \
-                                           access_token, public_ports, auto_resume, on_expiry";
+                                           access_token, public_ports, auto_resume, on_expiry, \
+                                           parent_id";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -572,6 +580,7 @@ mod tests {
             public_ports: false,
             auto_resume: true,
             on_expiry: kiln_engine::OnExpiry::Destroy,
+            parent_id: None,
         }
     }
 

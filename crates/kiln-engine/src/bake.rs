@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_agent_client::{AgentClient, ClientConfig, UnixConnector};
-use kiln_image::cache::{sha256_file, Inputs};
+pub(crate) use kiln_image::cache::sha256_file;
+use kiln_image::cache::Inputs;
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::{Command, ExecRequest, InitRequest};
 use kiln_vmm::driver::{DiskFormat, DiskLayer, Hypervisor, MemoryBacking, PhaseTimings, VmSpec};
@@ -16,7 +17,7 @@ use crate::persist;
 use crate::EngineError;
 
 /// Version of the baked-template metadata format.
-const META_VERSION: u32 = 2;
+pub(crate) const META_VERSION: u32 = 2;
 
 /// Options of a bake.
 #[derive(Debug, Clone, Default)]
@@ -62,6 +63,13 @@ pub struct BakedMeta {
     pub timings: Vec<(String, f64)>,
     /// Default environment, workdir and user of the template's processes.
     pub init: InitRequest,
+    /// For a fork's capture: every disk layer below its own (the parent's template's, or an
+    /// earlier capture's), named by kiln. Empty for a template.
+    #[serde(default)]
+    pub lower: Vec<DiskLayer>,
+    /// For a fork's capture: the sandbox it was captured from.
+    #[serde(default)]
+    pub capture_of: Option<String>,
 }
 
 /// A baked template on disk.
@@ -95,6 +103,15 @@ impl BakedTemplate {
     /// The read-only layers a sandbox disk reads through to, as kiln names them: the
     /// template disk, and (for a qcow2 template disk) the root filesystem below it.
     pub fn disk_chain(&self) -> Vec<DiskLayer> {
+        if self.meta.capture_of.is_some() {
+            let own = match self.meta.disk_format {
+                DiskFormat::Raw => DiskLayer::raw(self.disk()),
+                DiskFormat::Qcow2 => DiskLayer::qcow2(self.disk()),
+            };
+            return std::iter::once(own)
+                .chain(self.meta.lower.iter().cloned())
+                .collect();
+        }
         match self.meta.disk_format {
             DiskFormat::Raw => vec![DiskLayer::raw(self.disk())],
             DiskFormat::Qcow2 => vec![
@@ -423,6 +440,8 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         disk_bytes: rootfs_bytes,
         timings: timings.phases,
         init: init.clone(),
+        lower: Vec::new(),
+        capture_of: None,
     };
     persist::write(&out.join("meta.json"), META_VERSION, &meta)?;
     Ok(BakedTemplate {
@@ -440,6 +459,27 @@ fn seal_disk(
     vm_disk: &[DiskLayer],
     sealed: &Path,
 ) -> Result<(), EngineError> {
+    seal_disk_copy(
+        resources.run_as(),
+        resources.cgroup_procs()?,
+        jail_root,
+        vm_disk,
+        sealed,
+    )?;
+    std::fs::remove_file(&vm_disk[0].path)
+        .map_err(|e| EngineError::io("removing the bake VM's disk", e))
+}
+
+/// Copies a VM's writable disk layer (`vm_disk[0]`, over the rest of the chain) into
+/// `sealed`, a file no VMM held: a reflink or copy of a raw disk, a rewrite of a qcow2 layer
+/// run in a jail as `run_as` in the cgroups `cgroups` (its header never followed).
+pub(crate) fn seal_disk_copy(
+    run_as: Option<(u32, u32)>,
+    cgroups: Vec<std::os::fd::OwnedFd>,
+    jail_root: &Path,
+    vm_disk: &[DiskLayer],
+    sealed: &Path,
+) -> Result<(), EngineError> {
     let untrusted = &vm_disk[0];
     match untrusted.format {
         DiskFormat::Raw => crate::disk::clone_or_copy(&untrusted.path, sealed)?,
@@ -448,8 +488,8 @@ fn seal_disk(
                 .map_err(|e| EngineError::io("making the jail for the disk rewrite", e))?;
             crate::disk::rewrite_qcow2(
                 jail_root,
-                resources.run_as(),
-                resources.cgroup_procs()?,
+                run_as,
+                cgroups,
                 &untrusted.path,
                 &vm_disk[1..],
                 sealed,
@@ -457,13 +497,12 @@ fn seal_disk(
             )?;
         }
     }
-    std::fs::remove_file(&untrusted.path)
-        .map_err(|e| EngineError::io("removing the bake VM's disk", e))
+    Ok(())
 }
 
 /// Makes a template file root's and read-only for everyone: VMMs reach it only through a
 /// read-only bind in their jail, and no one else can traverse the data directory.
-fn seal(file: &Path) -> Result<(), EngineError> {
+pub(crate) fn seal(file: &Path) -> Result<(), EngineError> {
     std::os::unix::fs::chown(file, Some(0), Some(0))
         .and_then(|()| std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)))
         .map_err(|e| EngineError::io(&format!("sealing {}", file.display()), e))

@@ -106,9 +106,20 @@ pub fn rewrite_qcow2(
         "qcow2".into(),
     ];
     if let Some(top) = below.first() {
+        // The backing is named as the whole chain too: by a plain path, qemu-img would open
+        // that layer and follow its header (a layer rewritten here names `/vm/layer1`,
+        // itself, and following that never ends). The name lands in the new header, where
+        // nothing of kiln's reads it; qcow2 keeps at most 1023 bytes of it.
+        let backing = format!("json:{chain}");
+        if backing.len() > 1023 {
+            return Err(DiskError::QemuImg(format!(
+                "a disk chain of {} layers is too deep to rewrite a layer over",
+                below.len()
+            )));
+        }
         args.extend([
             "-B".into(),
-            layer_path(1),
+            backing,
             "-F".into(),
             top.format.qemu_name().into(),
         ]);

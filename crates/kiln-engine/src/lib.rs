@@ -7,6 +7,7 @@ pub mod bake;
 pub mod cgroup;
 mod confine;
 pub mod disk;
+mod fork;
 pub mod leftovers;
 mod pause;
 pub mod persist;
@@ -26,6 +27,7 @@ use kiln_vmm::qemu::QemuDriver;
 
 pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
+pub use fork::ForkReport;
 pub use sandbox::{AdoptRequest, CreateOptions, OnExpiry, Sandbox, SandboxInfo, SandboxState};
 
 /// Errors of the engine.
@@ -219,6 +221,13 @@ pub enum SandboxEvent {
         /// The sandbox.
         id: String,
     },
+    /// It was forked into `children`.
+    Forked {
+        /// The parent.
+        id: String,
+        /// Its new children.
+        children: Vec<String>,
+    },
     /// It was destroyed.
     Destroyed {
         /// The sandbox.
@@ -250,6 +259,8 @@ pub(crate) struct Inner {
     pub(crate) events: tokio::sync::broadcast::Sender<SandboxEvent>,
     /// Sandbox networking, if configured.
     pub(crate) network: Option<Arc<kiln_network::Network>>,
+    /// Fork captures whose children are being made (not removed meanwhile).
+    pub(crate) pinned_captures: Mutex<std::collections::HashSet<std::path::PathBuf>>,
     uids: Mutex<BTreeSet<u32>>,
     /// Offset of the VMM uid to try first.
     next_uid: std::sync::atomic::AtomicU32,
@@ -394,6 +405,7 @@ impl Engine {
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
                 events: tokio::sync::broadcast::Sender::new(1024),
                 network,
+                pinned_captures: Mutex::new(std::collections::HashSet::new()),
                 uids: Mutex::new(BTreeSet::new()),
                 // Start somewhere else on every run, so a restarted daemon does not hand
                 // out first the uids its predecessor used last.
@@ -577,6 +589,21 @@ impl Engine {
         sandbox::create(&self.inner, template, options).await
     }
 
+    /// Forks `parent` `count` times (1 to 32): the parent is stopped while its state is
+    /// captured once (see `fork.rs`), then runs on; each child is restored from the capture
+    /// through the create path with `options` (cpus and memory are the parent's, the network
+    /// policy the parent's unless given), continuing from that moment with the parent's
+    /// processes, memory and files, and its own id, hostname, reseeded RNG and clock. All or
+    /// nothing: if one child cannot be made, none is kept. A paused parent is resumed first.
+    pub async fn fork(
+        &self,
+        parent: &Arc<Sandbox>,
+        count: usize,
+        options: CreateOptions,
+    ) -> Result<(Vec<Arc<Sandbox>>, ForkReport), EngineError> {
+        fork::fork(&self.inner, parent, count, options).await
+    }
+
     /// Starts VMMs for `template` in the background, up to the configured number, so that its
     /// next creates skip the VMM's start-up (creates also do this after they take one).
     pub fn prestart(&self, template: &BakedTemplate) {
@@ -667,6 +694,7 @@ impl Engine {
                     }
                 }
             }
+            fork::remove_unused_captures(&inner);
         });
         results
     }

@@ -146,7 +146,7 @@ impl Sandbox {
     pub async fn pause(&self) -> Result<PhaseTimings, EngineError> {
         let _operation = self.operation.lock().await;
         let engine = self.engine()?;
-        let template = self.source()?;
+        let template = self.source_template()?;
         let mut vm = {
             let mut runtime = lock(&self.runtime);
             match runtime.state {
@@ -160,7 +160,10 @@ impl Sandbox {
             runtime.state = SandboxState::Pausing;
             vm
         };
-        self.client.disconnect().await;
+        // The agent session stays open while the state is saved: closing it first would
+        // put a "host closed the port" event in flight inside the guest, which the saved
+        // state may carry past the next connection (seen as a resumed agent that never
+        // answers). A restored agent drops the stale session when the first hello arrives.
         let start = Instant::now();
         let saved = tokio::task::block_in_place(|| self.save(&engine, &template, vm.as_mut()));
         match saved {
@@ -170,6 +173,7 @@ impl Sandbox {
                 if let Err(e) = vm.kill() {
                     tracing::warn!(sandbox = %self.id, error = %e, "ending a paused VMM");
                 }
+                self.client.disconnect().await;
                 let released = {
                     let mut runtime = lock(&self.runtime);
                     runtime.state = SandboxState::Paused;
@@ -257,7 +261,7 @@ impl Sandbox {
     pub async fn resume(&self) -> Result<PhaseTimings, EngineError> {
         let _operation = self.operation.lock().await;
         let engine = self.engine()?;
-        let template = self.source()?;
+        let template = self.source_template()?;
         let resources = {
             let mut runtime = lock(&self.runtime);
             match runtime.state {
@@ -438,7 +442,7 @@ impl Sandbox {
             .ok_or_else(|| EngineError::Invalid("the engine is shutting down".into()))
     }
 
-    fn source(&self) -> Result<BakedTemplate, EngineError> {
+    pub(crate) fn source_template(&self) -> Result<BakedTemplate, EngineError> {
         self.source.clone().ok_or_else(|| {
             EngineError::Conflict(format!(
                 "sandbox `{}`'s template is no longer on this host: it cannot be paused or resumed",

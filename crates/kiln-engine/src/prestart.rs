@@ -128,6 +128,10 @@ pub(crate) fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> 
 
 /// Starts VMMs in the background until `template` has as many waiting as configured.
 pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
+    // A fork's capture gets its children at once; none come later.
+    if template.meta.capture_of.is_some() {
+        return;
+    }
     let target = engine.config.prestart;
     let key = template.meta.key.clone();
     {
@@ -169,6 +173,11 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
 pub(crate) struct DirGuard(Option<PathBuf>);
 
 impl DirGuard {
+    /// Removes `dir` when dropped unless disarmed.
+    pub(crate) fn new(dir: PathBuf) -> DirGuard {
+        DirGuard(Some(dir))
+    }
+
     pub(crate) fn disarm(mut self) {
         self.0 = None;
     }

@@ -344,6 +344,15 @@ impl Sandbox {
             Ok(()) => {
                 if let Some(engine) = &engine {
                     lock(&engine.sandboxes).remove(&self.id);
+                    if self
+                        .source
+                        .as_ref()
+                        .is_some_and(|s| s.meta.capture_of.is_some() || !s.meta.lower.is_empty())
+                    {
+                        tokio::task::block_in_place(|| {
+                            crate::fork::remove_unused_captures(engine);
+                        });
+                    }
                     let _ = engine.events.send(crate::SandboxEvent::Destroyed {
                         id: self.id.clone(),
                         expired,
@@ -664,7 +673,7 @@ pub(crate) async fn adopt(
         Arc::new(UnixConnector::new(agent_socket)),
         ClientConfig {
             hello_interval: Duration::from_millis(50),
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(30),
             ..ClientConfig::default()
         },
     );

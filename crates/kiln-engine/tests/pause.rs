@@ -17,15 +17,9 @@ async fn sh(sandbox: &Sandbox, script: &str) -> String {
     kiln_testinfra::sh(sandbox.agent(), script).await
 }
 
-/// The counter the background process keeps in guest RAM, and its pid.
+/// The count the parent's counter keeps in guest RAM, and the counter's pid.
 async fn counter(sandbox: &Sandbox) -> (u64, String) {
-    let out = sh(sandbox, "cat /mnt/ram/count; cat /mnt/ram/pid").await;
-    let mut lines = out.lines();
-    let count = lines
-        .next()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no count in {out:?}"));
-    (count, lines.next().unwrap_or_default().trim().to_owned())
+    kiln_testinfra::ram_counter(sandbox.agent()).await
 }
 
 /// Everything the files of cycles `1..=cycles` say, disk and RAM.
@@ -88,13 +82,7 @@ async fn pause_resume_cycles_restart_and_tampered_disk() {
     let netns = sandbox.netns().expect("a namespace").to_owned();
 
     // State held only in guest RAM: a tmpfs, and a process counting in it.
-    sh(
-        &sandbox,
-        "mkdir -p /mnt/ram && mount -t tmpfs ram /mnt/ram && \
-         setsid sh -c 'echo $$ > /mnt/ram/pid; i=0; while :; do i=$((i+1)); echo $i > /mnt/ram/count; sleep 0.05; done' \
-         </dev/null >/dev/null 2>&1 & sleep 0.3",
-    )
-    .await;
+    kiln_testinfra::start_ram_counter(sandbox.agent()).await;
     let (_, counting) = counter(&sandbox).await;
     assert!(!counting.is_empty(), "the counter runs");
 

@@ -66,6 +66,31 @@ pub async fn wait_until(timeout: std::time::Duration, mut check: impl FnMut() ->
     check()
 }
 
+/// Mounts a tmpfs at `/mnt/ram` in the guest (state held only in its RAM) and starts a
+/// process counting in it (`/mnt/ram/count`, its pid in `/mnt/ram/pid`), detached from the
+/// agent's session; returns once it counts.
+pub async fn start_ram_counter(agent: &kiln_agent_client::AgentClient) {
+    sh(
+        agent,
+        "mkdir -p /mnt/ram && mount -t tmpfs ram /mnt/ram && \
+         { setsid sh -c 'echo $$ > /mnt/ram/pid; i=0; while :; do i=$((i+1)); echo $i > /mnt/ram/count; sleep 0.05; done' \
+           </dev/null >/dev/null 2>&1 & } && \
+         for i in $(seq 100); do [ -s /mnt/ram/count ] && [ -s /mnt/ram/pid ] && break; sleep 0.05; done",
+    )
+    .await;
+}
+
+/// The count of the process [`start_ram_counter`] started, and its pid.
+pub async fn ram_counter(agent: &kiln_agent_client::AgentClient) -> (u64, String) {
+    let out = sh(agent, "cat /mnt/ram/count; cat /mnt/ram/pid").await;
+    let mut lines = out.lines();
+    let count = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in {out:?}"));
+    (count, lines.next().unwrap_or_default().trim().to_owned())
+}
+
 /// Runs `script` with `sh -c` through `agent`, requires exit code 0, returns the trimmed
 /// stdout.
 pub async fn sh(agent: &kiln_agent_client::AgentClient, script: &str) -> String {

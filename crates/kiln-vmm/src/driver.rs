@@ -257,6 +257,12 @@ pub trait Vm: Send + Debug {
     /// Loads saved state like [`Vm::restore`] but leaves the guest stopped (run it with
     /// [`Vm::resume`]).
     fn load(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
+    /// Pauses the VM and saves its device state and all of its RAM (also RAM in a shared
+    /// memory file) into a new file at `state`.
+    fn capture(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
+    /// Loads a state written by [`Vm::capture`] into a VM launched with
+    /// [`VmSpec::incoming`] (RAM goes to whatever backs it); the guest stays stopped.
+    fn load_captured(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
     /// Pauses the VM and saves its device state into a new file at `state`.
     fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
     /// Pauses the guest's CPUs.

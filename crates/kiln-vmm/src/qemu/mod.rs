@@ -188,6 +188,14 @@ impl Vm for QemuVm {
         Ok(self.process.load_from(state)?)
     }
 
+    fn capture(&mut self, state: &Path) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.capture_to(state)?)
+    }
+
+    fn load_captured(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.load_captured_from(state)?)
+    }
+
     fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError> {
         Ok(self.process.snapshot_to(state)?)
     }

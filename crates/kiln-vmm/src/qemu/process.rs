@@ -228,6 +228,22 @@ impl QemuProcess {
     /// Pauses the VM and writes its device state to `state` (RAM stays in the shared memory
     /// file: `x-ignore-shared`). The VM stays paused.
     pub fn snapshot_to(&mut self, state: &Path) -> Result<PhaseTimings, SnapshotError> {
+        self.save_to(state, true, true)
+    }
+
+    /// Pauses the VM and writes its device state and all of its RAM to `state`, whatever
+    /// backs it (`x-ignore-shared` off). The VM stays paused. The file is not synced: it is
+    /// a step on the way, not something to keep across a host crash.
+    pub fn capture_to(&mut self, state: &Path) -> Result<PhaseTimings, SnapshotError> {
+        self.save_to(state, false, false)
+    }
+
+    fn save_to(
+        &mut self,
+        state: &Path,
+        ignore_shared: bool,
+        durable: bool,
+    ) -> Result<PhaseTimings, SnapshotError> {
         let mut timings = PhaseTimings::default();
         let start = std::time::Instant::now();
         let file = std::fs::OpenOptions::new()
@@ -241,7 +257,7 @@ impl QemuProcess {
         let qmp = self.qmp()?;
         qmp.execute("stop", None)?;
         let at = timings.record("stop", start);
-        let uri = hand_over_state(qmp, &file)?;
+        let uri = hand_over_state(qmp, &file, ignore_shared)?;
         // QEMU throttles a migration to 128 MiB/s by default (a network's courtesy): a
         // stopped VM writing to a local file goes as fast as the disk takes it.
         qmp.execute(
@@ -253,11 +269,13 @@ impl QemuProcess {
         release_state(qmp);
         migrated?;
         let at = timings.record("save device state", at);
-        file.sync_all().map_err(|source| SnapshotError::File {
-            path: state.to_owned(),
-            source,
-        })?;
-        timings.record("sync state", at);
+        if durable {
+            file.sync_all().map_err(|source| SnapshotError::File {
+                path: state.to_owned(),
+                source,
+            })?;
+            timings.record("sync state", at);
+        }
         Ok(timings)
     }
 
@@ -274,6 +292,23 @@ impl QemuProcess {
     /// Loads saved state from `state` (read from its start) into a VM started with
     /// `incoming`; the guest stays stopped.
     pub fn load_from(&mut self, state: &std::fs::File) -> Result<PhaseTimings, SnapshotError> {
+        self.load_with(state, true)
+    }
+
+    /// Loads a state written by [`QemuProcess::capture_to`] (RAM in the stream) into a VM
+    /// started with `incoming`; the guest stays stopped.
+    pub fn load_captured_from(
+        &mut self,
+        state: &std::fs::File,
+    ) -> Result<PhaseTimings, SnapshotError> {
+        self.load_with(state, false)
+    }
+
+    fn load_with(
+        &mut self,
+        state: &std::fs::File,
+        ignore_shared: bool,
+    ) -> Result<PhaseTimings, SnapshotError> {
         let mut timings = PhaseTimings::default();
         let start = std::time::Instant::now();
         // QEMU takes a descriptor from an fd set only if its access mode is the one it
@@ -285,7 +320,7 @@ impl QemuProcess {
         })?;
         let qmp = self.qmp()?;
         let at = timings.record("QMP ready", start);
-        let uri = hand_over_state(qmp, &state)?;
+        let uri = hand_over_state(qmp, &state, ignore_shared)?;
         qmp.execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))?;
         let state_now = qmp.wait_incoming(Duration::from_secs(60));
         release_state(qmp);
@@ -392,14 +427,26 @@ const UNTHROTTLED: u64 = 1 << 40;
 /// The fd set the state file goes to QEMU in.
 const STATE_FDSET: u64 = 7;
 
-/// Common to save and load: RAM stays in the shared memory file (`x-ignore-shared`), and the
-/// state file goes to QEMU as a descriptor in an fd set (`-sandbox spawn=deny` forbids
-/// `exec:` URIs, and QEMU opens no path of its own choosing). Returns the migration URI.
-fn hand_over_state(qmp: &mut Qmp, file: &std::fs::File) -> Result<String, QmpError> {
+/// Common to save and load: RAM in a shared memory file stays there (`x-ignore-shared`,
+/// which both sides must agree on) unless `ignore_shared` is off (then all of RAM is in the
+/// file, `mapped-ram`), and the state file goes to
+/// QEMU as a descriptor in an fd set (`-sandbox spawn=deny` forbids `exec:` URIs, and QEMU
+/// opens no path of its own choosing). Returns the migration URI.
+fn hand_over_state(
+    qmp: &mut Qmp,
+    file: &std::fs::File,
+    ignore_shared: bool,
+) -> Result<String, QmpError> {
     qmp.execute(
         "migrate-set-capabilities",
         Some(serde_json::json!({
-            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+            "capabilities": [
+                { "capability": "x-ignore-shared", "state": ignore_shared },
+                // Without x-ignore-shared, RAM goes in the file at fixed offsets, zero pages
+                // as holes: loading then reads only the pages that hold something (a stream
+                // would make the loading side touch every zero page of its RAM).
+                { "capability": "mapped-ram", "state": !ignore_shared }
+            ]
         })),
     )?;
     qmp.execute_with_fd(

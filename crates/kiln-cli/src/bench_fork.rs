@@ -1,0 +1,148 @@
+//! `kiln bench fork`: forking a running sandbox into N children: how long the parent is
+//! stopped, the bytes a capture writes, the time until the first and until every child
+//! answers, and what the idle children cost in memory (PSS, the capture's pages shared).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kiln_engine::{CreateOptions, Engine, EngineConfig};
+use serde::Serialize;
+
+use crate::stats::Summary;
+
+/// Options of the benchmark.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ForkBenchOptions {
+    /// Template (spec, directory or name).
+    #[arg(long, default_value = "base")]
+    pub template: String,
+    /// Children per fork (1 to 32).
+    #[arg(long, default_value_t = 8)]
+    pub children: usize,
+    /// Forks (each of a new parent).
+    #[arg(long, default_value_t = 5)]
+    pub iterations: usize,
+    #[command(flatten)]
+    pub engine: crate::stats::EngineArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    template: String,
+    accel: String,
+    children: usize,
+    parent_paused: Summary,
+    capture: Summary,
+    first_child_answers: Summary,
+    all_children_answer: Summary,
+    mib_written_per_fork: Vec<f64>,
+    idle_child_pss_mib_mean: f64,
+    idle_child_pss_mib_max: f64,
+    phases_p50_ms: std::collections::BTreeMap<String, f64>,
+}
+
+/// Runs the benchmark.
+pub async fn run(options: ForkBenchOptions) -> Result<()> {
+    let images = options.engine.images(&options.template).await?;
+    let data = tempfile::Builder::new().prefix("kiln-bench-").tempdir()?;
+    let engine = Engine::new(EngineConfig {
+        accel: options.engine.accel,
+        ..EngineConfig::new(data.path())
+    })?;
+    let template = engine.bake(&images).await.context("bake")?;
+    engine.prestart(&template);
+    let ms = |d: f64| Duration::from_secs_f64(d / 1000.0);
+    let (mut paused, mut captures, mut firsts, mut alls) = (vec![], vec![], vec![], vec![]);
+    let mut written = Vec::new();
+    let mut phases: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
+    let mut pss = Vec::new();
+    for iteration in 0..options.iterations {
+        eprintln!(
+            "fork {} of {}: {} children ...",
+            iteration + 1,
+            options.iterations,
+            options.children
+        );
+        let parent = engine.create(&template, CreateOptions::default()).await?;
+        let (children, report) = engine
+            .fork(&parent, options.children, CreateOptions::default())
+            .await?;
+        let phase = |name: &str| {
+            report
+                .phases
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, ms)| *ms)
+        };
+        let total = phase("total");
+        let creates = phase(&format!("{} creates", options.children));
+        let capture = total - creates;
+        let fastest_child = children
+            .iter()
+            .filter_map(|c| {
+                c.timings()
+                    .phases
+                    .iter()
+                    .find(|(n, _)| n == "total")
+                    .map(|(_, ms)| *ms)
+            })
+            .fold(f64::INFINITY, f64::min);
+        paused.push(ms(report.parent_paused_ms));
+        captures.push(ms(capture));
+        firsts.push(ms(capture + fastest_child));
+        alls.push(ms(total));
+        written.push(report.bytes_written as f64 / f64::from(1u32 << 20));
+        for (name, value) in &report.phases {
+            phases.entry(name.clone()).or_default().push(ms(*value));
+        }
+        if iteration + 1 == options.iterations {
+            // Idle children, settled: what each costs in memory.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            for child in &children {
+                if let Some(bytes) = child.pid().and_then(crate::bench_create::pss_bytes) {
+                    pss.push(bytes as f64 / f64::from(1u32 << 20));
+                }
+            }
+        }
+        for child in children {
+            child.destroy().await?;
+        }
+        parent.destroy().await?;
+    }
+    engine.shutdown_prestarted().await;
+    let report = Report {
+        template: images.spec.name.clone(),
+        accel: engine.accel().accel.qemu_name().into(),
+        children: options.children,
+        parent_paused: Summary::of(&paused),
+        capture: Summary::of(&captures),
+        first_child_answers: Summary::of(&firsts),
+        all_children_answer: Summary::of(&alls),
+        mib_written_per_fork: written,
+        idle_child_pss_mib_mean: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
+        idle_child_pss_mib_max: pss.iter().copied().fold(0.0, f64::max),
+        phases_p50_ms: phases
+            .into_iter()
+            .map(|(name, samples)| (name, Summary::of(&samples).p50_ms))
+            .collect(),
+    };
+    if options.engine.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "template {} ({}), {} children per fork",
+        report.template, report.accel, report.children
+    );
+    println!("parent stopped:       {}", report.parent_paused);
+    println!("capture:              {}", report.capture);
+    println!("first child answers:  {}", report.first_child_answers);
+    println!("all children answer:  {}", report.all_children_answer);
+    println!("MiB written per fork: {:?}", report.mib_written_per_fork);
+    println!(
+        "idle child PSS: mean {:.1} MiB, max {:.1} MiB",
+        report.idle_child_pss_mib_mean, report.idle_child_pss_mib_max
+    );
+    println!("phases (p50 ms): {:?}", report.phases_p50_ms);
+    Ok(())
+}
