@@ -456,7 +456,11 @@ mod tests {
             .expect("info");
         let text = String::from_utf8_lossy(&info.stdout);
         assert!(!text.contains(&secret.display().to_string()), "{text}");
-        assert!(text.contains("backing file: /vm/layer1"), "{text}");
+        // The new header names the chain as the jail saw it, never a host path.
+        assert!(
+            text.contains(r#"backing file: json:{"driver":"raw","file":{"driver":"file","filename":"/vm/layer1"}}"#),
+            "{text}"
+        );
     }
 
     #[test]
