@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use kiln_control::{CreateSandbox, SandboxFilter};
 
 use crate::types::{
-    BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, ErrorBody, ForkBody,
-    ForkedBody, HealthBody, KeyBody, KeyList, NetworkBody, SandboxBody, SandboxList, TemplateBody,
-    TemplateList, UpdateSandboxBody,
+    BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, CreateSnapshotBody,
+    ErrorBody, ForkBody, ForkedBody, HealthBody, KeyBody, KeyList, NetworkBody, SandboxBody,
+    SandboxList, SnapshotBody, SnapshotList, TemplateBody, TemplateList, UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -176,6 +176,7 @@ pub(crate) async fn create_sandbox(
                 public_ports: body.ports.is_some_and(|p| p.public),
                 auto_resume: body.auto_resume,
                 on_expiry: body.on_expiry.map(Into::into),
+                snapshot: body.snapshot,
             },
         )
         .await?;
@@ -371,6 +372,69 @@ pub(crate) async fn resume_sandbox(
 ) -> Result<Json<SandboxBody>, ApiError> {
     let record = state.control.resume_sandbox(&who, &id).await?;
     Ok(Json(sandbox_body(&state, record)))
+}
+
+/// Snapshots a sandbox: its memory, device state and disk, flushed to stable storage and kept
+/// (also across daemon restarts) until deleted. The sandbox stops briefly and runs on.
+/// `POST /v1/sandboxes` with `"snapshot"` makes sandboxes from it.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/snapshots", tag = "snapshots", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = CreateSnapshotBody,
+    responses((status = 201, body = SnapshotBody), (status = 400, body = ErrorBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The name is taken, or the sandbox failed")))]
+pub(crate) async fn create_snapshot(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<CreateSnapshotBody>,
+) -> Result<(StatusCode, Json<SnapshotBody>), ApiError> {
+    let record = state.control.create_snapshot(&who, &id, &body.name).await?;
+    Ok((StatusCode::CREATED, Json(record.into())))
+}
+
+/// The caller's snapshots, oldest first.
+#[utoipa::path(get, path = "/v1/snapshots", tag = "snapshots", security(("api_key" = [])),
+    responses((status = 200, body = SnapshotList)))]
+pub(crate) async fn list_snapshots(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+) -> Result<Json<SnapshotList>, ApiError> {
+    Ok(Json(SnapshotList {
+        snapshots: state
+            .control
+            .list_snapshots(&who)?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }))
+}
+
+/// One snapshot, by id or name.
+#[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Snapshot id or name")),
+    responses((status = 200, body = SnapshotBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_snapshot(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SnapshotBody>, ApiError> {
+    Ok(Json(state.control.get_snapshot(&who, &id)?.into()))
+}
+
+/// Deletes a snapshot; 409, listing them, while sandboxes made from it still run or are
+/// paused.
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", security(("api_key" = [])),
+    params(("id" = String, Path, description = "Snapshot id or name")),
+    responses((status = 204), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Sandboxes depend on it")))]
+pub(crate) async fn delete_snapshot(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.control.delete_snapshot(&who, &id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Destroys a sandbox: its VM, disk and everything else it had.

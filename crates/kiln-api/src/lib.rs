@@ -213,6 +213,10 @@ impl FromRequestParts<AppState> for Caller {
         handlers::keepalive,
         handlers::pause_sandbox,
         handlers::fork_sandbox,
+        handlers::create_snapshot,
+        handlers::list_snapshots,
+        handlers::get_snapshot,
+        handlers::delete_snapshot,
         handlers::resume_sandbox,
         handlers::console_log,
         handlers::events,
@@ -237,6 +241,7 @@ impl FromRequestParts<AppState> for Caller {
     modifiers(&BearerAuth),
     tags(
         (name = "sandboxes", description = "Create, list, inspect and destroy sandboxes"),
+        (name = "snapshots", description = "A sandbox's state kept, to make sandboxes from"),
         (name = "exec", description = "Run commands in a sandbox"),
         (name = "files", description = "Files in a sandbox"),
         (name = "templates", description = "What sandboxes are made from"),
@@ -342,6 +347,15 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .route("/v1/sandboxes/{id}/keepalive", post(handlers::keepalive))
         .route("/v1/sandboxes/{id}/pause", post(handlers::pause_sandbox))
         .route("/v1/sandboxes/{id}/fork", post(handlers::fork_sandbox))
+        .route(
+            "/v1/sandboxes/{id}/snapshots",
+            post(handlers::create_snapshot),
+        )
+        .route("/v1/snapshots", get(handlers::list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(handlers::get_snapshot).delete(handlers::delete_snapshot),
+        )
         .route("/v1/sandboxes/{id}/resume", post(handlers::resume_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(handlers::console_log))
         .route("/v1/events", get(handlers::events))

@@ -331,6 +331,57 @@ pub struct CreateSandboxBody {
     /// What its time to live running out does (default `destroy`).
     #[serde(default)]
     pub on_expiry: Option<OnExpiryBody>,
+    /// Create from this snapshot (id or name) instead of a template: the sandbox continues
+    /// from the moment of the snapshot.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// Take a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotBody {
+    /// Its name, unique among the tenant's snapshots: 1 to 63 of `a-z`, `0-9`, `-`, `_`,
+    /// starting with a letter or digit.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")]
+    pub name: String,
+}
+
+/// A snapshot: a sandbox's memory, device state and disk at one moment, kept until deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotBody {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The sandbox it was taken of.
+    pub sandbox_id: String,
+    /// That sandbox's template.
+    pub template: String,
+    /// Its files' size on disk in bytes.
+    pub size_bytes: i64,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+impl From<kiln_control::SnapshotRecord> for SnapshotBody {
+    fn from(record: kiln_control::SnapshotRecord) -> Self {
+        SnapshotBody {
+            id: record.id,
+            name: record.name,
+            sandbox_id: record.sandbox_id,
+            template: record.template,
+            size_bytes: record.size_bytes,
+            created_at_ms: record.created_at_ms,
+        }
+    }
+}
+
+/// The caller's snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotList {
+    /// Oldest first.
+    pub snapshots: Vec<SnapshotBody>,
 }
 
 /// Change a sandbox: every field is optional, at least one must be given, and a field not

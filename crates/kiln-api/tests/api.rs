@@ -96,6 +96,11 @@ impl Api {
         self.call(Method::GET, uri, Some(key), Body::empty()).await
     }
 
+    async fn delete(&self, uri: &str, key: &str) -> Reply {
+        self.call(Method::DELETE, uri, Some(key), Body::empty())
+            .await
+    }
+
     fn key(&self, tenant: &str, admin: bool) -> String {
         let store =
             kiln_control::open_store(&self.control.config().engine.data_dir).expect("store");
@@ -1142,14 +1147,7 @@ async fn pause_resume_fork_and_expiry() {
             )
             .await;
         assert_eq!(read.json()["stdout"], format!("kept\n{child}\n"));
-        let gone = api
-            .call(
-                Method::DELETE,
-                &format!("/v1/sandboxes/{child}"),
-                Some(&alice),
-                Body::empty(),
-            )
-            .await;
+        let gone = api.delete(&format!("/v1/sandboxes/{child}"), &alice).await;
         assert_eq!(gone.status, StatusCode::NO_CONTENT);
     }
 
@@ -1182,15 +1180,158 @@ async fn pause_resume_fork_and_expiry() {
         "kept for the paused retention (an hour): {body}"
     );
 
-    let deleted = api
-        .call(
-            Method::DELETE,
-            &format!("/v1/sandboxes/{id}"),
-            Some(&alice),
-            Body::empty(),
-        )
-        .await;
+    let deleted = api.delete(&format!("/v1/sandboxes/{id}"), &alice).await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     assert!(api.control.engine().list().is_empty());
+    api.control.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_outlive_their_sandbox() {
+    let api = api().await;
+    let alice = api.key("alice", false);
+    let bob = api.key("bob", false);
+    let exec = |id: String, command: String| {
+        let (api, alice) = (&api, alice.clone());
+        async move {
+            let reply = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{id}/exec"),
+                    &alice,
+                    json!({ "command": command }),
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+            reply.json()["stdout"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let created = api
+        .json(
+            Method::POST,
+            "/v1/sandboxes",
+            &alice,
+            json!({"template": "base"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let source = created.json()["id"].as_str().expect("id").to_owned();
+    exec(
+        source.clone(),
+        "echo disk > /root/kept && mkdir -p /mnt/ram && mount -t tmpfs ram /mnt/ram && echo ram > /mnt/ram/kept".into(),
+    )
+    .await;
+
+    // Taken, named; a taken name is a 409, a bad one a 400, another tenant's sandbox 404.
+    let uri = format!("/v1/sandboxes/{source}/snapshots");
+    let taken = api
+        .json(Method::POST, &uri, &alice, json!({"name": "first"}))
+        .await;
+    assert_eq!(taken.status, StatusCode::CREATED, "{}", taken.json());
+    let snapshot = taken.json();
+    assert_eq!(snapshot["name"], "first");
+    assert_eq!(snapshot["sandbox_id"], source.as_str());
+    assert!(
+        snapshot["size_bytes"].as_i64().unwrap_or(0) > 0,
+        "{snapshot}"
+    );
+    let snapshot_id = snapshot["id"].as_str().expect("id").to_owned();
+    api.json(Method::POST, &uri, &alice, json!({"name": "first"}))
+        .await
+        .assert_error(StatusCode::CONFLICT, "conflict");
+    api.json(Method::POST, &uri, &alice, json!({"name": "Not a name"}))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.json(Method::POST, &uri, &bob, json!({"name": "mine"}))
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let listed = api.get("/v1/snapshots", &alice).await.json();
+    assert_eq!(
+        listed["snapshots"][0]["id"],
+        snapshot_id.as_str(),
+        "{listed}"
+    );
+    assert_eq!(
+        api.get("/v1/snapshots/first", &alice).await.json()["id"],
+        snapshot_id.as_str()
+    );
+    api.get("/v1/snapshots/first", &bob)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // The source goes; three sandboxes from the snapshot, each whole and independent.
+    let gone = api.delete(&format!("/v1/sandboxes/{source}"), &alice).await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    api.json(
+        Method::POST,
+        "/v1/sandboxes",
+        &alice,
+        json!({"template": "base", "snapshot": "first"}),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    let mut made = Vec::new();
+    for i in 0..3 {
+        let key = if i == 0 {
+            snapshot_id.clone()
+        } else {
+            "first".to_owned()
+        };
+        let created = api
+            .json(
+                Method::POST,
+                "/v1/sandboxes",
+                &alice,
+                json!({ "snapshot": key }),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.json());
+        let id = created.json()["id"].as_str().expect("id").to_owned();
+        assert_eq!(
+            exec(id.clone(), "cat /root/kept /mnt/ram/kept; hostname".into()).await,
+            format!("disk\nram\n{id}\n")
+        );
+        exec(id.clone(), format!("echo {i} > /root/mine")).await;
+        made.push(id);
+    }
+    for id in &made {
+        let seen = exec(id.clone(), "cat /root/mine".into()).await;
+        assert_eq!(
+            seen.trim(),
+            made.iter().position(|m| m == id).expect("made").to_string()
+        );
+    }
+
+    // Deleting it while sandboxes stand on it is a 409 naming them; afterwards it goes.
+    let refused = api.delete("/v1/snapshots/first", &alice).await;
+    refused.assert_error(StatusCode::CONFLICT, "conflict");
+    let message = refused.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        made.iter().all(|id| message.contains(id.as_str())),
+        "{message}"
+    );
+    for id in &made {
+        let gone = api.delete(&format!("/v1/sandboxes/{id}"), &alice).await;
+        assert_eq!(gone.status, StatusCode::NO_CONTENT);
+    }
+    let deleted = api.delete("/v1/snapshots/first", &alice).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    api.get("/v1/snapshots/first", &alice)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    let templates = api.control.config().engine.data_dir.join("templates");
+    let left: Vec<String> = std::fs::read_dir(&templates)
+        .expect("templates")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("snap-") || name.starts_with("fork-"))
+        .collect();
+    assert!(left.is_empty(), "snapshot files left: {left:?}");
     api.control.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! `kiln bench fork`: forking a running sandbox into N children: how long the parent is
 //! stopped, the bytes a capture writes, the time until the first and until every child
-//! answers, and what the idle children cost in memory (PSS, the capture's pages shared).
+//! answers, and what the idle children cost in memory (PSS, the capture's pages shared); and
+//! a snapshot of the same parent: its time and size on disk.
 
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ struct Report {
     mib_written_per_fork: Vec<f64>,
     idle_child_pss_mib_mean: f64,
     idle_child_pss_mib_max: f64,
+    snapshot_ms: f64,
+    snapshot_mib_on_disk: f64,
     phases_p50_ms: std::collections::BTreeMap<String, f64>,
 }
 
@@ -56,6 +59,7 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
     let mut written = Vec::new();
     let mut phases: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     let mut pss = Vec::new();
+    let (mut snapshot_ms, mut snapshot_mib) = (0.0, 0.0);
     for iteration in 0..options.iterations {
         eprintln!(
             "fork {} of {}: {} children ...",
@@ -107,6 +111,19 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
         for child in children {
             child.destroy().await?;
         }
+        if iteration + 1 == options.iterations {
+            // A snapshot of the same parent: its time and its files' size on disk.
+            let start = std::time::Instant::now();
+            let snapshot = engine.snapshot(&parent).await?;
+            snapshot_ms = start.elapsed().as_secs_f64() * 1000.0;
+            snapshot_mib = std::fs::read_dir(&snapshot.dir)?
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) as f64 * 512.0)
+                .sum::<f64>()
+                / f64::from(1u32 << 20);
+            engine.remove_snapshot(&snapshot)?;
+        }
         parent.destroy().await?;
     }
     engine.shutdown_prestarted().await;
@@ -121,6 +138,8 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
         mib_written_per_fork: written,
         idle_child_pss_mib_mean: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
         idle_child_pss_mib_max: pss.iter().copied().fold(0.0, f64::max),
+        snapshot_ms,
+        snapshot_mib_on_disk: snapshot_mib,
         phases_p50_ms: phases
             .into_iter()
             .map(|(name, samples)| (name, Summary::of(&samples).p50_ms))
@@ -142,6 +161,10 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
     println!(
         "idle child PSS: mean {:.1} MiB, max {:.1} MiB",
         report.idle_child_pss_mib_mean, report.idle_child_pss_mib_max
+    );
+    println!(
+        "snapshot of the parent: {:.0} ms, {:.1} MiB on disk",
+        report.snapshot_ms, report.snapshot_mib_on_disk
     );
     println!("phases (p50 ms): {:?}", report.phases_p50_ms);
     Ok(())

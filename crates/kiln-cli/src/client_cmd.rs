@@ -196,6 +196,9 @@ pub struct CreateArgs {
     /// daemon's paused retention).
     #[arg(long, value_parser = ["destroy", "pause"])]
     pub on_expiry: Option<String>,
+    /// Create from this snapshot (id or name) instead of a template.
+    #[arg(long, conflicts_with = "template")]
+    pub snapshot: Option<String>,
 }
 
 /// Egress policy options.
@@ -265,6 +268,7 @@ impl CreateArgs {
                 "pause" => kiln_api::types::OnExpiryBody::Pause,
                 _ => kiln_api::types::OnExpiryBody::Destroy,
             }),
+            snapshot: self.snapshot.clone(),
         })
     }
 }
@@ -420,6 +424,67 @@ pub async fn port(client: &Client, id: &str, port: u16) -> Result<()> {
             println!("X-Kiln-Access-Token: {token}");
             eprintln!("(or append ?kiln_token={token}; public ports need none: kiln sandbox create --public-ports)");
         }
+    }
+    Ok(())
+}
+
+/// Snapshots sandbox `sandbox` as `name`; prints the snapshot's id (or JSON).
+pub async fn snapshot_create(client: &Client, sandbox: &str, name: &str, json: bool) -> Result<()> {
+    let snapshot: kiln_api::types::SnapshotBody = client
+        .json(
+            client
+                .request(Method::POST, &format!("/v1/sandboxes/{sandbox}/snapshots"))
+                .json(&kiln_api::types::CreateSnapshotBody {
+                    name: name.to_owned(),
+                }),
+        )
+        .await?;
+    if json {
+        print_json(&snapshot)
+    } else {
+        println!("{}", snapshot.id);
+        Ok(())
+    }
+}
+
+/// Lists snapshots.
+pub async fn snapshot_list(client: &Client, json: bool) -> Result<()> {
+    let list: kiln_api::types::SnapshotList = client
+        .json(client.request(Method::GET, "/v1/snapshots"))
+        .await?;
+    if json {
+        return print_json(&list.snapshots);
+    }
+    println!(
+        "{:<18} {:<20} {:<16} {:>9}",
+        "ID", "NAME", "SANDBOX", "SIZE"
+    );
+    for s in list.snapshots {
+        println!(
+            "{:<18} {:<20} {:<16} {:>7.1}Mi",
+            s.id,
+            s.name,
+            s.sandbox_id,
+            s.size_bytes as f64 / f64::from(1u32 << 20)
+        );
+    }
+    Ok(())
+}
+
+/// Shows one snapshot as JSON.
+pub async fn snapshot_get(client: &Client, id: &str) -> Result<()> {
+    let snapshot: kiln_api::types::SnapshotBody = client
+        .json(client.request(Method::GET, &format!("/v1/snapshots/{id}")))
+        .await?;
+    print_json(&snapshot)
+}
+
+/// Deletes snapshots.
+pub async fn snapshot_remove(client: &Client, ids: &[String]) -> Result<()> {
+    for id in ids {
+        client
+            .send(client.request(Method::DELETE, &format!("/v1/snapshots/{id}")))
+            .await?;
     }
     Ok(())
 }

@@ -43,6 +43,12 @@ enum Commands {
         #[command(subcommand)]
         command: SandboxCommand,
     },
+    /// Snapshots: a sandbox's memory, device state and disk kept, to make sandboxes from
+    /// (`kiln sandbox create --snapshot NAME`).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Run a command in a sandbox, streaming its output; exits with the command's code.
     ///
     /// Example: kiln exec sb-1234 -- ls -la /
@@ -207,6 +213,40 @@ enum SandboxCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot a sandbox (it stops briefly, then runs on) and print the snapshot's id.
+    ///
+    /// Example: kiln snapshot create sb-1234 --name before-upgrade
+    Create {
+        /// Sandbox id.
+        sandbox: String,
+        /// Its name, unique among your snapshots.
+        #[arg(long)]
+        name: String,
+        /// Print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a snapshot (by id or name) as JSON.
+    Get {
+        /// Snapshot id or name.
+        id: String,
+    },
+    /// Delete snapshots (refused while sandboxes made from them exist).
+    Rm {
+        /// Snapshot ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
 }
 
@@ -421,6 +461,16 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             FsCommand::Put { id, local, remote } => {
                 client_cmd::fs_put(&client, &id, &local, &remote).await?
             }
+        },
+        Commands::Snapshot { command } => match command {
+            SnapshotCommand::Create {
+                sandbox,
+                name,
+                json,
+            } => client_cmd::snapshot_create(&client, &sandbox, &name, json).await?,
+            SnapshotCommand::Ls { json } => client_cmd::snapshot_list(&client, json).await?,
+            SnapshotCommand::Get { id } => client_cmd::snapshot_get(&client, &id).await?,
+            SnapshotCommand::Rm { ids } => client_cmd::snapshot_remove(&client, &ids).await?,
         },
         Commands::Template {
             command: TemplateCommand::Ls { json },

@@ -5,7 +5,7 @@
 //! after the sandbox's VMM died (marked failed, nothing left), and stopped with SIGINT
 //! (everything destroyed, nothing left). And a paused sandbox across a daemon killed between
 //! pause and resume, and at each step of a pause and of a resume (failpoints): never lost;
-//! then forked by the CLI.
+//! then forked by the CLI, and snapshotted (the snapshot outlives a daemon kill).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -532,10 +532,35 @@ fn pause_survives_the_daemon_killed_at_every_step() {
         );
         assert_eq!(daemon.state_of(key, child)["parent_id"], id.as_str());
     }
+    // A snapshot survives the daemon killed; a sandbox made from it after the restart has the
+    // files of the moment it was taken.
+    let snapshot = daemon.kiln_ok(key, &["snapshot", "create", &id, "--name", "kept"]);
+    daemon.kill_daemon();
+    daemon.start();
+    let listed = daemon.kiln_ok(key, &["snapshot", "ls", "--json"]);
+    assert!(listed.contains(&snapshot), "{listed}\n{}", daemon.log());
+    let restored = daemon.kiln_ok(key, &["sandbox", "create", "--snapshot", "kept"]);
+    daemon.sandboxes.push(restored.clone());
+    assert_eq!(
+        daemon.kiln_ok(
+            key,
+            &[
+                "exec",
+                &restored,
+                "--",
+                "cat",
+                "/root/kept",
+                "/mnt/ram/kept"
+            ]
+        ),
+        "disk\nram"
+    );
     let mut all = children.clone();
     all.push(id.clone());
+    all.push(restored);
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     daemon.kiln_ok(key, &[&["sandbox", "rm"][..], &all].concat());
+    daemon.kiln_ok(key, &["snapshot", "rm", "kept"]);
     let ids = daemon.sandboxes.clone();
     let status = daemon.stop_daemon(libc::SIGINT);
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());

@@ -18,7 +18,7 @@ use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, San
 use kiln_proto::messages::ErrorKind;
 use sha2::Digest;
 
-pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord};
+pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord, SnapshotRecord};
 pub use templates::TemplateInfo;
 
 /// Errors of the control plane, each with a meaning a front end can map (HTTP status codes
@@ -188,6 +188,8 @@ pub struct CreateSandbox {
     pub auto_resume: Option<bool>,
     /// What its time to live running out does (default: destroy).
     pub on_expiry: Option<kiln_engine::OnExpiry>,
+    /// Create from this snapshot (id or name) instead of a template.
+    pub snapshot: Option<String>,
 }
 
 /// What an update of a sandbox changes (at least one field; the others stay as they are).
@@ -232,6 +234,8 @@ struct Inner {
     config: ControlConfig,
     engine: Engine,
     store: store::Store,
+    /// Snapshots whose files were hashed and found whole by this run.
+    verified_snapshots: std::sync::Mutex<std::collections::HashSet<String>>,
     templates: templates::Templates,
     /// Lifecycle events, one buffer per tenant: a noisy tenant fills only its own, and a
     /// subscriber's lag counts only its own tenant's events.
@@ -307,6 +311,7 @@ impl Control {
                 config,
                 engine,
                 store,
+                verified_snapshots: std::sync::Mutex::new(std::collections::HashSet::new()),
                 templates,
                 events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
@@ -568,11 +573,28 @@ impl Control {
             .clone()
             .unwrap_or_else(|| self.inner.config.default_template.clone());
         self.inner.store.ensure_tenant(&who.tenant)?;
-        let template = self
-            .inner
-            .templates
-            .baked(&self.inner.engine, &who.tenant, &name, None)
-            .await?;
+        let (name, template) = match &request.snapshot {
+            Some(key) => {
+                if request.template.is_some() {
+                    return Err(ControlError::Invalid(
+                        "give a template or a snapshot, not both".into(),
+                    ));
+                }
+                let snapshot = self.get_snapshot(who, key)?;
+                (
+                    snapshot.template.clone(),
+                    self.open_snapshot(&snapshot).await?,
+                )
+            }
+            None => {
+                let template = self
+                    .inner
+                    .templates
+                    .baked(&self.inner.engine, &who.tenant, &name, None)
+                    .await?;
+                (name, template)
+            }
+        };
         let sandbox = self
             .inner
             .engine
@@ -813,6 +835,124 @@ impl Control {
             );
         }
         Ok((records, report))
+    }
+
+    /// Snapshots the caller's sandbox `id` as `name` (unique among the tenant's snapshots):
+    /// its memory, device state and disk, kept until deleted, also across restarts. The
+    /// sandbox stops briefly and runs on; a paused one is resumed first.
+    pub async fn create_snapshot(
+        &self,
+        who: &Principal,
+        id: &str,
+        name: &str,
+    ) -> Result<SnapshotRecord, ControlError> {
+        if !templates::valid_name(name) {
+            return Err(ControlError::Invalid(format!(
+                "`{name}` is not a snapshot name: 1 to 63 of a-z, 0-9, - and _, starting with a letter or digit"
+            )));
+        }
+        if self.inner.store.snapshot(&who.tenant, name)?.is_some() {
+            return Err(ControlError::Conflict(format!(
+                "a snapshot named `{name}` exists"
+            )));
+        }
+        let (sandbox, record) = self.handle(who, id)?;
+        let snapshot = self.inner.engine.snapshot(&sandbox).await?;
+        let dir = snapshot
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let size_bytes = std::fs::read_dir(&snapshot.dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        let created = SnapshotRecord {
+            id: format!("snap-{}", hex::encode(rand::random::<[u8; 6]>())),
+            tenant: who.tenant.clone(),
+            name: name.to_owned(),
+            sandbox_id: id.to_owned(),
+            template: record.template,
+            dir,
+            size_bytes: size_bytes as i64,
+            created_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        };
+        if !self.inner.store.insert_snapshot(&created)? {
+            let _ = self.inner.engine.remove_snapshot(&snapshot);
+            return Err(ControlError::Conflict(format!(
+                "a snapshot named `{name}` exists"
+            )));
+        }
+        self.inner
+            .verified_snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(created.dir.clone());
+        Ok(created)
+    }
+
+    /// The caller's snapshots, oldest first.
+    pub fn list_snapshots(&self, who: &Principal) -> Result<Vec<SnapshotRecord>, ControlError> {
+        Ok(self.inner.store.list_snapshots(&who.tenant)?)
+    }
+
+    /// The caller's snapshot whose id or name is `key`.
+    pub fn get_snapshot(&self, who: &Principal, key: &str) -> Result<SnapshotRecord, ControlError> {
+        self.inner
+            .store
+            .snapshot(&who.tenant, key)?
+            .ok_or_else(|| ControlError::NotFound {
+                what: "snapshot",
+                id: key.to_owned(),
+            })
+    }
+
+    /// Deletes the caller's snapshot `key`; a conflict listing them while sandboxes depend on
+    /// its files.
+    pub fn delete_snapshot(&self, who: &Principal, key: &str) -> Result<(), ControlError> {
+        let record = self.get_snapshot(who, key)?;
+        match self.inner.engine.open_snapshot(&record.dir) {
+            Ok(snapshot) => self.inner.engine.remove_snapshot(&snapshot)?,
+            // Files already gone or unreadable: only the record is left to forget.
+            Err(e) => {
+                tracing::warn!(snapshot = %record.id, error = %e, "deleting a snapshot whose files are not readable")
+            }
+        }
+        self.inner.store.delete_snapshot(&record.id)?;
+        Ok(())
+    }
+
+    /// The snapshot's files, checked (hashed once per run of the daemon).
+    async fn open_snapshot(
+        &self,
+        record: &SnapshotRecord,
+    ) -> Result<kiln_engine::BakedTemplate, ControlError> {
+        let snapshot = self.inner.engine.open_snapshot(&record.dir)?;
+        let verified = self
+            .inner
+            .verified_snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&record.dir);
+        if !verified {
+            let checked = snapshot.clone();
+            tokio::task::spawn_blocking(move || checked.verify())
+                .await
+                .map_err(|e| ControlError::Internal(format!("snapshot check: {e}")))??;
+            self.inner
+                .verified_snapshots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(record.dir.clone());
+        }
+        Ok(snapshot)
     }
 
     /// Resumes the caller's paused sandbox `id` (its time to live starts again).

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -46,6 +46,17 @@ CREATE TABLE sandboxes (
     parent_id TEXT
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
+CREATE TABLE snapshots (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id),
+    name TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    template TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    UNIQUE (tenant_id, name)
+);
 ";
 
 /// Migrations from each older version to the next: `MIGRATIONS[v - 1]` takes version `v` to
@@ -64,6 +75,18 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sandboxes ADD COLUMN on_expiry TEXT NOT NULL DEFAULT 'destroy';",
     // 5 -> 6: fork: the sandbox a child was forked from.
     "ALTER TABLE sandboxes ADD COLUMN parent_id TEXT;",
+    // 6 -> 7: snapshots as objects.
+    "CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL,
+        template TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        UNIQUE (tenant_id, name)
+     );",
 ];
 
 /// Errors of the store.
@@ -141,6 +164,27 @@ pub struct SandboxRecord {
     pub on_expiry: kiln_engine::OnExpiry,
     /// The sandbox it was forked from.
     pub parent_id: Option<String>,
+}
+
+/// A snapshot as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Its id.
+    pub id: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its name, unique in its tenant.
+    pub name: String,
+    /// The sandbox it was taken of.
+    pub sandbox_id: String,
+    /// That sandbox's template.
+    pub template: String,
+    /// Its directory's name under the data directory's `templates`.
+    pub dir: String,
+    /// Its files' size on disk.
+    pub size_bytes: i64,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
 }
 
 /// A sandbox row with its JSON columns (metadata, env, network) not parsed yet.
@@ -541,6 +585,70 @@ impl Store {
             "UPDATE sandboxes SET auto_resume = ?2, on_expiry = ?3 WHERE id = ?1",
             params![id, auto_resume, on_expiry_name(on_expiry)],
         )?;
+        Ok(())
+    }
+
+    /// Records a new snapshot; false if its tenant has one of that name.
+    pub fn insert_snapshot(&self, record: &SnapshotRecord) -> Result<bool, StoreError> {
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO snapshots (id, tenant_id, name, sandbox_id, template, dir,
+                                              size_bytes, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                record.id,
+                record.tenant,
+                record.name,
+                record.sandbox_id,
+                record.template,
+                record.dir,
+                record.size_bytes,
+                record.created_at_ms
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// `tenant`'s snapshots, oldest first.
+    pub fn list_snapshots(&self, tenant: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT id, tenant_id, name, sandbox_id, template, dir, size_bytes, created_at_ms
+             FROM snapshots WHERE tenant_id = ?1 ORDER BY created_at_ms, id",
+        )?;
+        let rows = statement.query_map(params![tenant], Store::snapshot_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `tenant`'s snapshot whose id or name is `key`.
+    pub fn snapshot(&self, tenant: &str, key: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, tenant_id, name, sandbox_id, template, dir, size_bytes, created_at_ms
+                 FROM snapshots WHERE tenant_id = ?1 AND (id = ?2 OR name = ?2)",
+                params![tenant, key],
+                Store::snapshot_from_row,
+            )
+            .optional()?)
+    }
+
+    fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+        Ok(SnapshotRecord {
+            id: row.get(0)?,
+            tenant: row.get(1)?,
+            name: row.get(2)?,
+            sandbox_id: row.get(3)?,
+            template: row.get(4)?,
+            dir: row.get(5)?,
+            size_bytes: row.get(6)?,
+            created_at_ms: row.get(7)?,
+        })
+    }
+
+    /// Forgets snapshot `id`.
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
         Ok(())
     }
 

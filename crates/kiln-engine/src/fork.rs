@@ -29,8 +29,19 @@ use crate::bake::{BakedMeta, BakedTemplate};
 use crate::sandbox::{record, Sandbox, SandboxState};
 use crate::{lock, persist, CreateOptions, EngineError, Inner};
 
-/// Prefix of capture directories under `<data_dir>/templates`.
+/// Prefix of fork capture directories under `<data_dir>/templates`.
 pub(crate) const CAPTURE_PREFIX: &str = "fork-";
+/// Prefix of snapshot directories under `<data_dir>/templates`.
+pub(crate) const SNAPSHOT_PREFIX: &str = "snap-";
+
+/// What a capture is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaptureKind {
+    /// A fork's: removed with its last child.
+    Fork,
+    /// A snapshot: kept until deleted, durable, its files hashed like a template's.
+    Snapshot,
+}
 
 /// The capture's stream: the parent's state with all of its RAM.
 const STREAM: &str = "stream";
@@ -68,11 +79,16 @@ impl Sandbox {
         &self,
         engine: &Arc<Inner>,
         report: &mut ForkReport,
+        kind: CaptureKind,
     ) -> Result<BakedTemplate, EngineError> {
         let _operation = self.operation.lock().await;
         let template = self.source_template()?;
         let templates = engine.config.data_dir.join("templates");
-        let name = format!("{CAPTURE_PREFIX}{}", hex::encode(rand::random::<[u8; 6]>()));
+        let prefix = match kind {
+            CaptureKind::Fork => CAPTURE_PREFIX,
+            CaptureKind::Snapshot => SNAPSHOT_PREFIX,
+        };
+        let name = format!("{prefix}{}", hex::encode(rand::random::<[u8; 6]>()));
         // Built under a name the engine's clean-up removes if the daemon dies meanwhile.
         let building = templates.join(format!(".bake-{name}"));
         std::fs::create_dir(&building)
@@ -108,13 +124,32 @@ impl Sandbox {
             )
         })?;
         report.bytes_written += allocated(&building.join("memory"));
-        let meta = BakedMeta {
+        let mut inputs = template.meta.inputs.clone();
+        inputs.push(("captured from".into(), self.id.clone()));
+        let mut meta = BakedMeta {
             key: name.clone(),
-            inputs: vec![("forked from".into(), self.id.clone())],
+            inputs,
             timings: timings.phases.clone(),
             capture_of: Some(self.id.clone()),
             ..meta
         };
+        if kind == CaptureKind::Snapshot {
+            // Kept across restarts and host crashes: on stable storage, and hashed so that a
+            // later run checks what it restores from.
+            tokio::task::block_in_place(|| {
+                let memory = building.join("memory");
+                for file in [&memory, &disk, &building.join("state")] {
+                    std::fs::File::open(file)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| EngineError::io("flushing the snapshot", e))?;
+                }
+                meta.memory_sha256 = crate::bake::sha256_file(&memory)
+                    .map_err(|e| EngineError::io("hashing the memory file", e))?;
+                meta.disk_sha256 = crate::disk::sparse_sha256(&disk)
+                    .map_err(|e| EngineError::io("hashing the disk", e))?;
+                Ok::<_, EngineError>(())
+            })?;
+        }
         persist::write(
             &building.join("meta.json"),
             crate::bake::META_VERSION,
@@ -122,6 +157,10 @@ impl Sandbox {
         )?;
         let dir = templates.join(&name);
         std::fs::rename(&building, &dir).map_err(|e| EngineError::io("naming the capture", e))?;
+        if kind == CaptureKind::Snapshot {
+            persist::sync_dir(&templates)
+                .map_err(|e| EngineError::io("flushing the snapshot", e))?;
+        }
         cleanup.disarm();
         report.phases.extend(timings.phases);
         Ok(BakedTemplate { dir, meta })
@@ -327,11 +366,21 @@ fn copy_disk(
 /// Whether `dir` (a capture) is used by a live sandbox: as its source, or as a layer of its
 /// source's disk chain.
 fn in_use(engine: &Inner, dir: &Path) -> bool {
-    lock(&engine.sandboxes).values().any(|sandbox| {
-        sandbox.source.as_ref().is_some_and(|source| {
-            source.dir == dir || source.meta.lower.iter().any(|l| l.path.starts_with(dir))
+    !users(engine, dir).is_empty() || lock(&engine.pinned_captures).contains(dir)
+}
+
+/// The live sandboxes (running, paused or failed) whose memory or disk is backed by files
+/// in `dir`: as their source, or as a layer of their source's disk chain.
+pub(crate) fn users(engine: &Inner, dir: &Path) -> Vec<String> {
+    lock(&engine.sandboxes)
+        .values()
+        .filter(|sandbox| {
+            sandbox.source.as_ref().is_some_and(|source| {
+                source.dir == dir || source.meta.lower.iter().any(|l| l.path.starts_with(dir))
+            })
         })
-    }) || lock(&engine.pinned_captures).contains(dir)
+        .map(|sandbox| sandbox.id().to_owned())
+        .collect()
 }
 
 /// Removes every capture no live sandbox uses.
@@ -373,7 +422,9 @@ pub(crate) async fn fork(
     }
     let started = Instant::now();
     let mut report = ForkReport::default();
-    let capture = parent.capture(engine, &mut report).await?;
+    let capture = parent
+        .capture(engine, &mut report, CaptureKind::Fork)
+        .await?;
     let pin = Pin::new(engine, &capture.dir);
     let phase = Instant::now();
     let options = CreateOptions {

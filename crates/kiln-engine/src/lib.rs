@@ -604,6 +604,70 @@ impl Engine {
         fork::fork(&self.inner, parent, count, options).await
     }
 
+    /// Snapshots `sandbox`: its memory, device state and disk, captured as a fork captures
+    /// (the sandbox stops briefly, then runs on), flushed to stable storage and hashed, kept
+    /// under `<data_dir>/templates/snap-*` until [`Engine::remove_snapshot`]. Sandboxes are
+    /// created from it with [`Engine::create`] after [`Engine::open_snapshot`]. A paused
+    /// sandbox is resumed first.
+    pub async fn snapshot(&self, sandbox: &Arc<Sandbox>) -> Result<BakedTemplate, EngineError> {
+        if sandbox.state() == SandboxState::Paused {
+            sandbox.resume().await?;
+        }
+        sandbox
+            .capture(
+                &self.inner,
+                &mut ForkReport::default(),
+                fork::CaptureKind::Snapshot,
+            )
+            .await
+    }
+
+    /// Opens the snapshot in `dir` (a name under `<data_dir>/templates`): its metadata read
+    /// and checked, and refused if another VMM made it (a conflict naming both).
+    pub fn open_snapshot(&self, dir: &str) -> Result<BakedTemplate, EngineError> {
+        if !dir.starts_with(fork::SNAPSHOT_PREFIX) || dir.contains('/') || dir.contains("..") {
+            return Err(EngineError::Invalid(format!("`{dir}` is not a snapshot")));
+        }
+        let snapshot = BakedTemplate::open(&self.data_dir().join("templates").join(dir))?;
+        let here = format!(
+            "{} {}",
+            self.inner.driver.name(),
+            self.inner.driver.version()
+        );
+        let made = snapshot
+            .meta
+            .inputs
+            .iter()
+            .find(|(name, _)| name == "vmm")
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
+        if made != here {
+            return Err(EngineError::Conflict(format!(
+                "the snapshot was made under {made} and this host runs {here}"
+            )));
+        }
+        Ok(snapshot)
+    }
+
+    /// The sandboxes whose memory or disk is backed by `snapshot`'s files.
+    pub fn snapshot_users(&self, snapshot: &BakedTemplate) -> Vec<String> {
+        fork::users(&self.inner, &snapshot.dir)
+    }
+
+    /// Removes `snapshot`'s files, unless a sandbox still depends on them (a conflict listing
+    /// them).
+    pub fn remove_snapshot(&self, snapshot: &BakedTemplate) -> Result<(), EngineError> {
+        let users = self.snapshot_users(snapshot);
+        if !users.is_empty() {
+            return Err(EngineError::Conflict(format!(
+                "sandboxes still use this snapshot: {}",
+                users.join(", ")
+            )));
+        }
+        std::fs::remove_dir_all(&snapshot.dir)
+            .map_err(|e| EngineError::io("removing the snapshot", e))
+    }
+
     /// Starts VMMs for `template` in the background, up to the configured number, so that its
     /// next creates skip the VMM's start-up (creates also do this after they take one).
     pub fn prestart(&self, template: &BakedTemplate) {
