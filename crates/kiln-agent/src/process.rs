@@ -106,6 +106,12 @@ pub(crate) fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 }
 
 /// Reads from a non-blocking fd; a terminal whose other side is gone (EIO) reads as EOF.
+/// Reads what `fd` (non-blocking) holds right now: `Ok(0)` at its end, an error (would
+/// block) when it is empty for now.
+fn read_now(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
+}
+
 fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
     match nix::unistd::read(fd.as_raw_fd(), buf) {
         Ok(n) => Ok(n),
@@ -569,7 +575,10 @@ async fn pump(
                 (stderr, Chunk::Stderr),
             ] {
                 while let Some(receiver) = source.as_ref() {
-                    match receiver.try_read(&mut out_buf) {
+                    // Read the pipe itself: tokio's `try_read` answers "would block" while its
+                    // reactor has not yet seen the pipe readable, and output written just
+                    // before the exit was lost that way now and then.
+                    match read_now(receiver, &mut out_buf) {
                         Ok(n) if n > 0 => {
                             log.push(stream(Bytes::copy_from_slice(&out_buf[..n])))
                                 .await
