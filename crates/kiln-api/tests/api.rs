@@ -1100,8 +1100,18 @@ async fn pause_resume_fork_and_expiry() {
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.json()["state"], "running");
 
-    // Fork: two children continuing from the parent (its file), metadata merged, the
-    // parent named; a bad count is a 400 and another tenant's sandbox is not found.
+    // Fork (of the parent paused: it is resumed first): two children continuing from the
+    // parent (its file), metadata merged, the parent named; a bad count is a 400 and another
+    // tenant's sandbox is not found.
+    let paused = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause"),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(paused.json()["state"], "paused");
     let fork_uri = format!("/v1/sandboxes/{id}/fork");
     for count in [0, 33] {
         api.json(Method::POST, &fork_uri, &alice, json!({ "count": count }))
@@ -1137,6 +1147,11 @@ async fn pause_resume_fork_and_expiry() {
         })
         .collect();
     assert_eq!(children.len(), 2);
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{id}"), &alice).await.json()["state"],
+        "running",
+        "a paused parent is resumed to be forked"
+    );
     for child in &children {
         let read = api
             .json(
