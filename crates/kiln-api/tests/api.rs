@@ -1010,15 +1010,10 @@ async fn pause_resume_fork_and_expiry() {
     };
     assert_eq!(exec("echo kept > /root/kept").await.status, StatusCode::OK);
 
+    let pause_uri = format!("/v1/sandboxes/{id}/pause");
+    let pause = || api.json(Method::POST, &pause_uri, &alice, json!({}));
     // Paused: listed as such; calls that need it running get 409 while auto_resume is off.
-    let paused = api
-        .json(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/pause"),
-            &alice,
-            json!({}),
-        )
-        .await;
+    let paused = pause().await;
     assert_eq!(paused.status, StatusCode::OK, "{}", paused.json());
     assert_eq!(paused.json()["state"], "paused");
     assert_eq!(
@@ -1103,14 +1098,7 @@ async fn pause_resume_fork_and_expiry() {
     // Fork (of the parent paused: it is resumed first): two children continuing from the
     // parent (its file), metadata merged, the parent named; a bad count is a 400 and another
     // tenant's sandbox is not found.
-    let paused = api
-        .json(
-            Method::POST,
-            &format!("/v1/sandboxes/{id}/pause"),
-            &alice,
-            json!({}),
-        )
-        .await;
+    let paused = pause().await;
     assert_eq!(paused.json()["state"], "paused");
     let fork_uri = format!("/v1/sandboxes/{id}/fork");
     for count in [0, 33] {
