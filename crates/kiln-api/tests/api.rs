@@ -13,6 +13,10 @@ use kiln_control::Control;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+/// The tests of this file run one at a time: each runs real VMs, and three at once on a
+/// 2-core host under TCG left one of them without its sandbox once.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Api {
     app: Router,
     control: Control,
@@ -112,6 +116,7 @@ impl Api {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_exec_files_tenants_and_bad_input() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let api = api().await;
     let alice = api.key("alice", false);
     let bob = api.key("bob", false);
@@ -765,7 +770,10 @@ disk_mib = 768
         )
         .await
         .json();
-    let mine_id = mine["id"].as_str().expect("id").to_owned();
+    let mine_id = mine["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a sandbox of the tenant's template: {mine}"))
+        .to_owned();
     let run = api
         .json(
             Method::POST,
@@ -979,6 +987,7 @@ fn nix_kill(pid: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_fork_and_expiry() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let api = api().await;
     let alice = api.key("alice", false);
     let bob = api.key("bob", false);
@@ -1191,6 +1200,7 @@ async fn pause_resume_fork_and_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_outlive_their_sandbox() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let api = api().await;
     let alice = api.key("alice", false);
     let bob = api.key("bob", false);
