@@ -265,6 +265,39 @@ impl AgentClient {
             .processes)
     }
 
+    /// Writes `stdin` to a process started earlier (from outside its own stream), then, as
+    /// asked, closes its stdin and resizes its terminal; succeeds once the agent applied all.
+    pub async fn input(
+        &self,
+        process: ProcessSelector,
+        stdin: &[u8],
+        close_stdin: bool,
+        resize: Option<PtySize>,
+    ) -> Result<(), ClientError> {
+        let mut body = Vec::with_capacity(stdin.len() + 256);
+        let mut push = |frame: Frame| body.extend_from_slice(&frame.encode());
+        push(Frame::control(&ExecInput::Attach { process }));
+        for chunk in stdin.chunks(DATA_CHUNK) {
+            push(Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(chunk)));
+        }
+        if close_stdin {
+            push(Frame::control(&ExecInput::StdinEof));
+        }
+        if let Some(size) = resize {
+            push(Frame::control(&ExecInput::Resize(size)));
+        }
+        let response = self
+            .send(routes::INPUT, Full::new(Bytes::from(body)).boxed())
+            .await?;
+        bounded(
+            "agent response",
+            self.config.call_timeout,
+            read_json::<Empty>(response),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Sends `signal` to a process group.
     pub async fn signal(&self, process: ProcessSelector, signal: i32) -> Result<(), ClientError> {
         self.call::<_, Empty>(routes::SIGNAL, &SignalRequest { process, signal })

@@ -682,8 +682,11 @@ impl ProcessTable {
                 .max_by_key(|p| (p.finished().is_none(), p.started_at_ms))
                 .cloned(),
         };
-        found
-            .ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("no process {selector:?}")))
+        let named = match selector {
+            ProcessSelector::Pid(pid) => pid.to_string(),
+            ProcessSelector::Tag(tag) => tag.clone(),
+        };
+        found.ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("no process {named}")))
     }
 
     /// Every process, by pid.

@@ -166,6 +166,7 @@ impl Agent {
             }
             routes::SHUTDOWN => unary(body, |r: ShutdownRequest| self.shutdown(r)).await,
             routes::EXEC | routes::ATTACH => self.exec_stream(body).await,
+            routes::INPUT => self.process_input(body).await,
             routes::PROCESSES => reply(Ok(ProcessList {
                 processes: self.processes.list(),
             })),
@@ -457,6 +458,35 @@ impl Agent {
         Response::new(body.boxed())
     }
 
+    /// Input for a process from outside its own stream: the first frame names the process
+    /// (`Attach`), the rest are applied in order; the reply is the first failure, if any.
+    async fn process_input(self: Arc<Self>, body: Incoming) -> Response<Body> {
+        let mut input = FrameReader::new(body, MAX_FRAME_PAYLOAD);
+        let process = match input.next().await {
+            Ok(Some(frame)) => match frame.parse_control::<ExecInput>() {
+                Ok(ExecInput::Attach { process }) => match self.processes.find(&process) {
+                    Ok(process) => process,
+                    Err(e) => return error_response(e),
+                },
+                Ok(_) => return error_response(invalid("process input starts with attach")),
+                Err(e) => return error_response(invalid(e.to_string())),
+            },
+            Ok(None) => return error_response(invalid("empty process input")),
+            Err(e) => return error_response(invalid(e.to_string())),
+        };
+        loop {
+            match input.next().await {
+                Ok(Some(frame)) => {
+                    if let Err(e) = apply_input(&process, frame).await {
+                        return error_response(e);
+                    }
+                }
+                Ok(None) => return reply(Ok(Empty {})),
+                Err(e) => return error_response(invalid(e.to_string())),
+            }
+        }
+    }
+
     async fn file_read(self: Arc<Self>, body: Incoming) -> Response<Body> {
         let request: FileReadRequest = match read_json(body).await {
             Ok(r) => r,
@@ -505,23 +535,27 @@ where
                 return;
             }
         };
-        let result = match frame.kind {
-            FrameKind::Stdin => process.write_stdin(&frame.payload).await,
-            FrameKind::Control => match frame.parse_control::<ExecInput>() {
-                Ok(ExecInput::StdinEof) => {
-                    process.close_stdin().await;
-                    Ok(())
-                }
-                Ok(ExecInput::Resize(size)) => process.resize(size),
-                Ok(ExecInput::Signal { signal }) => process.signal(signal),
-                Ok(other) => Err(invalid(format!("unexpected {other:?} on a running stream"))),
-                Err(e) => Err(invalid(e.to_string())),
-            },
-            other => Err(invalid(format!("unexpected {other:?} frame"))),
-        };
-        if let Err(e) = result {
+        if let Err(e) = apply_input(&process, frame).await {
             tracing::debug!(pid = process.pid, error = %e, "exec input rejected");
         }
+    }
+}
+
+/// Applies one stdin, end-of-stdin, resize or signal frame to `process`.
+async fn apply_input(process: &Process, frame: Frame) -> Result<(), AgentError> {
+    match frame.kind {
+        FrameKind::Stdin => process.write_stdin(&frame.payload).await,
+        FrameKind::Control => match frame.parse_control::<ExecInput>() {
+            Ok(ExecInput::StdinEof) => {
+                process.close_stdin().await;
+                Ok(())
+            }
+            Ok(ExecInput::Resize(size)) => process.resize(size),
+            Ok(ExecInput::Signal { signal }) => process.signal(signal),
+            Ok(other) => Err(invalid(format!("unexpected {other:?} on a running stream"))),
+            Err(e) => Err(invalid(e.to_string())),
+        },
+        other => Err(invalid(format!("unexpected {other:?} frame"))),
     }
 }
 

@@ -308,6 +308,85 @@ async fn pty_mode_has_a_terminal_and_resizes() {
     assert_eq!(rest.status.code, Some(5));
 }
 
+#[tokio::test]
+async fn input_reaches_a_process_from_outside_its_stream() {
+    let (_agent, client) = start().await;
+    let mut request = sh("cat; echo end");
+    request.background = true;
+    request.stdin = true;
+    let pid = client.exec(request).await.expect("starts").pid();
+    let process = ProcessSelector::Pid(pid);
+    client
+        .input(process.clone(), b"one ", false, None)
+        .await
+        .expect("stdin");
+    let big = vec![b'x'; 200_000];
+    client
+        .input(process.clone(), &big, true, None)
+        .await
+        .expect("stdin in several frames, then closed");
+    let result = client
+        .attach(process.clone())
+        .await
+        .expect("attach")
+        .collect(1 << 20)
+        .await
+        .expect("exits");
+    assert_eq!(result.stdout.len(), 4 + big.len() + 4);
+    assert!(text(&result).starts_with("one xx") && text(&result).ends_with("xend\n"));
+    let refused = |e: kiln_agent_client::ClientError| e.agent_kind();
+    assert_eq!(
+        client
+            .input(process.clone(), b"late", false, None)
+            .await
+            .err()
+            .and_then(refused),
+        Some(ErrorKind::InvalidArgument),
+        "stdin is closed"
+    );
+    assert_eq!(
+        client
+            .input(process, b"", false, Some(PtySize { rows: 1, cols: 1 }))
+            .await
+            .err()
+            .and_then(refused),
+        Some(ErrorKind::InvalidArgument),
+        "no terminal to resize"
+    );
+    assert_eq!(
+        client
+            .input(ProcessSelector::Tag("nope".into()), b"x", false, None)
+            .await
+            .err()
+            .and_then(refused),
+        Some(ErrorKind::NotFound)
+    );
+
+    // A terminal takes its input and new sizes the same way.
+    let mut request = sh("stty size; read x; stty size");
+    request.pty = Some(PtySize { rows: 24, cols: 80 });
+    request.background = true;
+    let pid = client.exec(request).await.expect("starts").pid();
+    let process = ProcessSelector::Pid(pid);
+    let resize = Some(PtySize { rows: 30, cols: 90 });
+    client
+        .input(process.clone(), b"", false, resize)
+        .await
+        .expect("resize");
+    client
+        .input(process.clone(), b"go\n", false, None)
+        .await
+        .expect("typed");
+    let result = client
+        .attach(process)
+        .await
+        .expect("attach")
+        .collect(1 << 16)
+        .await
+        .expect("exits");
+    assert!(text(&result).contains("30 90"), "{:?}", text(&result));
+}
+
 /// The PID-1 reaper must never steal the exit status of a process the agent waits for,
 /// even while orphans are being reaped all the time. A stolen status leaves its exec waiting
 /// forever, so the whole run is bounded in time.

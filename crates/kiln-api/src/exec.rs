@@ -10,12 +10,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use kiln_agent_client::{ExecOutput, ExecSession};
-use kiln_proto::messages::{Command, ExecRequest, ProcessSelector};
+use kiln_proto::messages::{Command, ExecRequest, ProcessSelector, PtySize};
 
 use crate::handlers::ndjson;
 use crate::types::{
-    CommandBody, ErrorBody, ExecBody, ExecEventBody, ExecResultBody, ProcessBody, SignalBody,
-    StartedBody,
+    CommandBody, ErrorBody, ExecBody, ExecEventBody, ExecResultBody, ProcessBody, ProcessStdinBody,
+    SignalBody, StartedBody, TerminalSize,
 };
 use crate::{ApiError, AppState, Caller, Json, Path};
 
@@ -43,9 +43,10 @@ fn request(
     request.cwd = body.cwd.clone();
     request.user = body.user.clone();
     request.timeout_ms = body.timeout_ms;
-    request.stdin = body.stdin.is_some();
+    request.stdin = body.stdin.is_some() || body.open_stdin;
     request.background = body.background;
     request.tag = body.tag.clone();
+    request.pty = body.pty.map(pty_size);
     Ok(request)
 }
 
@@ -61,14 +62,16 @@ async fn start(
     if let Some(stdin) = &body.stdin {
         let input = session.input();
         input.stdin(stdin.as_bytes()).await?;
-        input.close_stdin().await?;
+        if !body.open_stdin {
+            input.close_stdin().await?;
+        }
     }
     Ok((sandbox, session))
 }
 
 /// Runs a command to completion and returns its output (or, with `background`, starts it and
 /// returns its pid at once).
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", security(("api_key" = [])),
+#[utoipa::path(post, operation_id = "exec_command", path = "/v1/sandboxes/{id}/exec", tag = "exec", security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = ExecBody,
     responses((status = 200, body = ExecResultBody),
@@ -107,6 +110,14 @@ pub(crate) async fn run(
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
     .into_response())
+}
+
+/// The agent's form of a terminal size (at least one row and one column).
+pub(crate) fn pty_size(size: TerminalSize) -> PtySize {
+    PtySize {
+        rows: size.rows.max(1),
+        cols: size.cols.max(1),
+    }
 }
 
 /// The agent's form of a command.
@@ -188,7 +199,7 @@ fn event_stream(sandbox: Arc<kiln_engine::Sandbox>, session: ExecSession) -> Res
 /// Runs a command and streams its output as newline-delimited JSON events (`start`,
 /// `stdout`, `stderr`, then `exit` or `error`). Closing the connection kills a foreground
 /// command.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec",
+#[utoipa::path(post, operation_id = "exec_stream", path = "/v1/sandboxes/{id}/exec/stream", tag = "exec",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = ExecBody,
@@ -242,7 +253,7 @@ pub(crate) fn selector(text: &str) -> ProcessSelector {
 
 /// Attaches to a process by pid or tag: replays the output it kept (up to 1 MiB), then
 /// streams the rest like `exec/stream`.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{process}/stream", tag = "exec",
+#[utoipa::path(get, operation_id = "attach_process", path = "/v1/sandboxes/{id}/processes/{process}/stream", tag = "exec",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("process" = String, Path, description = "Pid or tag")),
@@ -259,7 +270,7 @@ pub(crate) async fn attach(
 }
 
 /// Sends a signal to a process (its whole process group) by pid or tag.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{process}/signal", tag = "exec",
+#[utoipa::path(post, operation_id = "signal_process", path = "/v1/sandboxes/{id}/processes/{process}/signal", tag = "exec",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("process" = String, Path, description = "Pid or tag")),
@@ -278,6 +289,61 @@ pub(crate) async fn signal(
     sandbox
         .agent()
         .signal(selector(&process), body.signal)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes to the stdin (or terminal) of a process started with `open_stdin` or `pty`, by pid
+/// or tag; with `close`, then closes it.
+#[utoipa::path(post, operation_id = "write_process_stdin", path = "/v1/sandboxes/{id}/processes/{process}/stdin", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("process" = String, Path, description = "Pid or tag")),
+    request_body = ProcessStdinBody,
+    responses((status = 204),
+              (status = 400, body = ErrorBody, description = "Bad input, or its stdin is closed or was not kept open"),
+              (status = 404, body = ErrorBody)))]
+pub(crate) async fn write_stdin(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((id, process)): Path<(String, String)>,
+    Json(body): Json<ProcessStdinBody>,
+) -> Result<StatusCode, ApiError> {
+    let data = match (body.data, body.data_b64) {
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| ApiError::invalid(format!("data_b64 is not base64: {e}")))?,
+        (None, None) => Vec::new(),
+        (Some(_), Some(_)) => return Err(ApiError::invalid("give `data` or `data_b64`, not both")),
+    };
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
+    sandbox
+        .agent()
+        .input(selector(&process), &data, body.close, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Resizes the terminal of a process started with `pty`, by pid or tag.
+#[utoipa::path(post, operation_id = "resize_process_terminal", path = "/v1/sandboxes/{id}/processes/{process}/resize", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("process" = String, Path, description = "Pid or tag")),
+    request_body = TerminalSize,
+    responses((status = 204),
+              (status = 400, body = ErrorBody, description = "Bad input, or it has no terminal"),
+              (status = 404, body = ErrorBody)))]
+pub(crate) async fn resize(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((id, process)): Path<(String, String)>,
+    Json(size): Json<TerminalSize>,
+) -> Result<StatusCode, ApiError> {
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
+    sandbox
+        .agent()
+        .input(selector(&process), &[], false, Some(pty_size(size)))
         .await?;
     Ok(StatusCode::NO_CONTENT)
 }

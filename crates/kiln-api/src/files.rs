@@ -50,7 +50,7 @@ pub(crate) struct PathQuery {
 }
 
 /// Downloads a file as a byte stream.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/content", tag = "files",
+#[utoipa::path(get, operation_id = "read_file", path = "/v1/sandboxes/{id}/files/content", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox")),
@@ -110,7 +110,7 @@ pub(crate) async fn read(
 
 /// Uploads a file (the request body is its content; missing parent directories are made).
 /// The file appears whole or not at all.
-#[utoipa::path(put, path = "/v1/sandboxes/{id}/files/content", tag = "files",
+#[utoipa::path(put, operation_id = "write_file", path = "/v1/sandboxes/{id}/files/content", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox")),
@@ -169,7 +169,7 @@ fn one() -> u32 {
 }
 
 /// Lists a directory (`depth` levels, default 1).
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", security(("api_key" = [])),
+#[utoipa::path(get, operation_id = "list_files", path = "/v1/sandboxes/{id}/files", tag = "files", security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox"),
            ("depth" = Option<u32>, Query, description = "Levels (default 1, at most 16)")),
@@ -193,7 +193,7 @@ pub(crate) async fn list(
 }
 
 /// Metadata of a path.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files",
+#[utoipa::path(get, operation_id = "stat_file", path = "/v1/sandboxes/{id}/files/stat", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox")),
@@ -210,7 +210,7 @@ pub(crate) async fn stat(
 }
 
 /// Makes a directory and its missing parents.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files",
+#[utoipa::path(post, operation_id = "make_dir", path = "/v1/sandboxes/{id}/files/mkdir", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = MkdirBody,
@@ -243,7 +243,7 @@ pub(crate) struct RemoveQuery {
 }
 
 /// Removes a file, or a directory (`recursive=true` for a non-empty one).
-#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files",
+#[utoipa::path(delete, operation_id = "remove_file", path = "/v1/sandboxes/{id}/files", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox"),
@@ -265,7 +265,7 @@ pub(crate) async fn remove(
 }
 
 /// Renames (moves) a file or directory.
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", tag = "files",
+#[utoipa::path(post, operation_id = "rename_file", path = "/v1/sandboxes/{id}/files/rename", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = RenameBody,

@@ -107,7 +107,7 @@ pub(crate) async fn by_host(
 }
 
 /// The path form: `/v1/sandboxes/{id}/ports/{port}` and everything below it.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
+#[utoipa::path(get, operation_id = "port_by_path", path = "/v1/sandboxes/{id}/ports/{port}/{path}", tag = "sandboxes",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("port" = u16, Path, description = "A port the guest listens on"),

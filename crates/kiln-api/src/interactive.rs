@@ -17,7 +17,7 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// `InteractiveStartBody`; then binary messages are stdin bytes and text messages are
 /// `InteractiveInputBody` controls. The server sends `ExecEventBody` events as text and
 /// closes after `exit` or `error`. Closing the socket kills a command started here.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", security(("api_key" = [])),
+#[utoipa::path(get, operation_id = "exec_interactive", path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id")),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -88,10 +88,7 @@ async fn session(
             request.user = start.user.clone();
             request.timeout_ms = start.timeout_ms;
             request.stdin = true;
-            request.pty = start.pty.map(|size| PtySize {
-                rows: size.rows,
-                cols: size.cols,
-            });
+            request.pty = start.pty.map(crate::exec::pty_size);
             agent.exec(request).await
         }
         (None, Some(process)) => agent.attach(crate::exec::selector(process)).await,

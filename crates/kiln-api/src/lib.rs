@@ -226,6 +226,8 @@ impl FromRequestParts<AppState> for Caller {
         exec::list_processes,
         exec::attach,
         exec::signal,
+        exec::write_stdin,
+        exec::resize,
         files::read,
         files::write,
         files::list,
@@ -372,6 +374,14 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
             post(exec::signal),
         )
         .route(
+            "/v1/sandboxes/{id}/processes/{process}/stdin",
+            post(exec::write_stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{process}/resize",
+            post(exec::resize),
+        )
+        .route(
             "/v1/sandboxes/{id}/files",
             get(files::list).delete(files::remove),
         )
@@ -393,4 +403,25 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
             ingress::by_host,
         ))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The document in the repository (which the SDKs' coverage test reads) is the one the
+    /// code makes; `KILN_UPDATE_OPENAPI=1 cargo test -p kiln-api --lib` rewrites it.
+    #[test]
+    fn committed_openapi_document_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let made = super::openapi_json();
+        if std::env::var_os("KILN_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &made).expect("write docs/openapi.json");
+        }
+        let committed = std::fs::read_to_string(&path).expect("docs/openapi.json");
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("JSON");
+        assert!(
+            parse(&made) == parse(&committed),
+            "the API changed: run `KILN_UPDATE_OPENAPI=1 cargo test -p kiln-api --lib` and \
+             commit docs/openapi.json"
+        );
+    }
 }

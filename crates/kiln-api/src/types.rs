@@ -446,6 +446,29 @@ pub struct ExecBody {
     /// A name to find a background command by.
     #[serde(default)]
     pub tag: Option<String>,
+    /// Keep stdin open after `stdin`'s text (if any), to write more with
+    /// `/processes/{process}/stdin` and close it there.
+    #[serde(default)]
+    pub open_stdin: bool,
+    /// Run in a terminal of this size: stdout and stderr merged, input through
+    /// `/processes/{process}/stdin`, new sizes through `/processes/{process}/resize`.
+    #[serde(default)]
+    pub pty: Option<TerminalSize>,
+}
+
+/// Input for a running process's stdin (or terminal).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStdinBody {
+    /// Text to write.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// Bytes to write, base64 (instead of `data`).
+    #[serde(default)]
+    pub data_b64: Option<String>,
+    /// Close stdin after writing (end of file; on a terminal, the end-of-file character).
+    #[serde(default)]
+    pub close: bool,
 }
 
 /// The result of a command run to completion.

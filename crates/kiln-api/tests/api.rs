@@ -100,6 +100,18 @@ impl Api {
         self.call(Method::GET, uri, Some(key), Body::empty()).await
     }
 
+    /// Waits (at most 10 s) until `path` exists in sandbox `id`: a command's readiness.
+    async fn file_appears(&self, id: &str, path: &str, key: &str) -> bool {
+        for _ in 0..200 {
+            let uri = format!("/v1/sandboxes/{id}/files/stat?path={path}");
+            if self.get(&uri, key).await.status == StatusCode::OK {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     async fn delete(&self, uri: &str, key: &str) -> Reply {
         self.call(Method::DELETE, uri, Some(key), Body::empty())
             .await
@@ -435,21 +447,10 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         .iter()
         .any(|p| p["pid"] == pid && p["running"] == true && p["tag"] == "server"));
     // Signal only once the trap is set.
-    let mut ready = false;
-    for _ in 0..200 {
-        let stat = api
-            .get(
-                &format!("/v1/sandboxes/{id}/files/stat?path=/tmp/ready"),
-                &alice,
-            )
-            .await;
-        if stat.status == StatusCode::OK {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the background command never got ready");
+    assert!(
+        api.file_appears(&id, "/tmp/ready", &alice).await,
+        "the background command never got ready"
+    );
     let signalled = api
         .json(
             Method::POST,
@@ -475,6 +476,91 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         &format!("/v1/sandboxes/{id}/processes/server/signal"),
         &alice,
         json!({"signal": 99}),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+
+    // Stdin kept open, written and closed from other requests; a terminal resized.
+    let cat = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": ["sh", "-c", "cat; echo done"], "background": true,
+                   "stdin": "first ", "open_stdin": true, "tag": "cat"}),
+        )
+        .await;
+    assert_eq!(cat.status, StatusCode::ACCEPTED);
+    let stdin_uri = format!("/v1/sandboxes/{id}/processes/cat/stdin");
+    let wrote = api
+        .json(Method::POST, &stdin_uri, &alice, json!({"data": "second "}))
+        .await;
+    assert_eq!(wrote.status, StatusCode::NO_CONTENT, "{:?}", wrote.json());
+    let wrote = api
+        .json(
+            Method::POST,
+            &stdin_uri,
+            &alice,
+            json!({"data_b64": "dGhpcmQ=", "close": true}),
+        )
+        .await;
+    assert_eq!(wrote.status, StatusCode::NO_CONTENT);
+    let replay = api
+        .get(&format!("/v1/sandboxes/{id}/processes/cat/stream"), &alice)
+        .await;
+    let replay = String::from_utf8_lossy(&replay.body);
+    assert!(
+        replay.contains("first second third") && replay.contains("done"),
+        "{replay}"
+    );
+    api.json(Method::POST, &stdin_uri, &alice, json!({"data": "late"}))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    api.json(Method::POST, &stdin_uri, &alice, json!({"data_b64": "%%"}))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    let terminal = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": "stty size; touch /tmp/sized; read line; stty size",
+                   "background": true, "pty": {"rows": 24, "cols": 80}}),
+        )
+        .await;
+    let pid = terminal.json()["pid"].as_u64().expect("pid");
+    let process = format!("/v1/sandboxes/{id}/processes/{pid}");
+    assert!(
+        api.file_appears(&id, "/tmp/sized", &alice).await,
+        "the terminal command never printed its first size"
+    );
+    let resized = api
+        .json(
+            Method::POST,
+            &format!("{process}/resize"),
+            &alice,
+            json!({"rows": 40, "cols": 100}),
+        )
+        .await;
+    assert_eq!(resized.status, StatusCode::NO_CONTENT);
+    api.json(
+        Method::POST,
+        &format!("{process}/stdin"),
+        &alice,
+        json!({"data": "\n"}),
+    )
+    .await;
+    let replay = api.get(&format!("{process}/stream"), &alice).await;
+    let replay = String::from_utf8_lossy(&replay.body);
+    assert!(
+        replay.contains("24 80") && replay.contains("40 100"),
+        "{replay}"
+    );
+    api.json(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/processes/cat/resize"),
+        &alice,
+        json!({"rows": 1, "cols": 1}),
     )
     .await
     .assert_error(StatusCode::BAD_REQUEST, "invalid_request");

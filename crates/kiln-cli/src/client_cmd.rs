@@ -599,6 +599,8 @@ impl ExecArgs {
             max_output_bytes: None,
             background: false,
             tag: None,
+            open_stdin: false,
+            pty: None,
         })
     }
 }

@@ -93,9 +93,15 @@ impl From<ClientError> for ControlError {
     fn from(e: ClientError) -> Self {
         match &e {
             ClientError::Agent(agent) => match agent.kind {
-                ErrorKind::NotFound => ControlError::NotFound {
-                    what: "path",
-                    id: agent.message.clone(),
+                ErrorKind::NotFound => match agent.message.strip_prefix("no process ") {
+                    Some(process) => ControlError::NotFound {
+                        what: "process",
+                        id: process.to_owned(),
+                    },
+                    None => ControlError::NotFound {
+                        what: "path",
+                        id: agent.message.clone(),
+                    },
                 },
                 ErrorKind::InvalidArgument
                 | ErrorKind::InvalidRequest

@@ -69,6 +69,9 @@ pub mod routes {
     pub const PROCESSES: &str = "/v1/processes";
     /// Send a signal to a process group.
     pub const SIGNAL: &str = "/v1/processes/signal";
+    /// Stdin, end of stdin, resizes and signals for a process started earlier, from outside
+    /// its own stream (framed request: `Attach` first; a unary reply once all are applied).
+    pub const INPUT: &str = "/v1/processes/input";
     /// Stream a file's contents out (framed response).
     pub const FILE_READ: &str = "/v1/files/read";
     /// Stream a file's contents in (framed request), atomically replacing the target.
