@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every check and test of kiln: formatting, clippy, unit, property-based and
-# end-to-end tests. Installs missing Debian packages first.
+# end-to-end tests, and the SDKs' suites. Installs missing Debian packages first.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$KILN_ROOT"
@@ -25,5 +25,8 @@ export KILN_AGENT_BIN
 
 step "cargo test (the boot tests build the base and python templates on first run)"
 cargo test --locked --workspace
+
+step "the Python and TypeScript SDKs against a daemon of their own (scripts/tests/sdk.sh)"
+KILN_BIN="$KILN_ROOT/target/debug/kiln" bash scripts/tests/sdk.sh
 
 printf '\nall checks passed in %d s\n' "$((SECONDS - started))"

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The SDKs' test suites against a real daemon with real sandboxes.
+#
+# Starts `kiln serve` on a free loopback port with a data directory of its own (sandbox
+# networking off: nothing leaves the sandboxes), makes a key, then runs the Python SDK's
+# checks (mypy --strict, pytest) and the TypeScript SDK's (tsc, node --test) against it.
+# The daemon is stopped with SIGINT on exit, also on failure, which destroys every sandbox
+# it made; its log is printed when a suite fails.
+#
+# The test environments come from the lock files and are cached under $KILN_CACHE_DIR/sdk/,
+# keyed on them: sdk/python/requirements-test.txt, sdk/typescript/package-lock.json.
+#
+# Needs: the kiln binary ($KILN_BIN, default target/debug/kiln) and the static agent
+# ($KILN_AGENT_BIN), as scripts/test.sh builds them.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+cd "$KILN_ROOT"
+require_root
+started=$SECONDS
+
+kiln_bin=${KILN_BIN:-$KILN_ROOT/target/debug/kiln}
+[ -x "$kiln_bin" ] || die "$kiln_bin not found: build it with \`cargo build -p kiln-cli\` (or set KILN_BIN)"
+[ -n "${KILN_AGENT_BIN:-}" ] || die "KILN_AGENT_BIN is not set: scripts/test.sh builds the static agent"
+cache_root=${KILN_CACHE_DIR:-/var/cache/kiln}
+only=${1:-all}
+
+work=$(mktemp -d /tmp/kiln-sdk-test.XXXXXX)
+daemon_pid=
+cleanup() {
+  local status=$?
+  if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
+    kill -INT "$daemon_pid"
+    poll 600 process_gone "$daemon_pid" || kill -KILL "$daemon_pid"
+    wait "$daemon_pid" 2>/dev/null || true
+  fi
+  if [ "$status" -ne 0 ] && [ -f "$work/daemon.log" ]; then
+    printf '\n--- daemon log (last 80 lines) ---\n' >&2
+    tail -n 80 "$work/daemon.log" >&2
+  fi
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT
+
+# The Python test environment: a venv with the pinned packages, keyed on the lock file.
+python_env() {
+  local key venv
+  key=$(sha256sum sdk/python/requirements-test.txt | cut -c1-16)
+  venv="$cache_root/sdk/python-$key"
+  if [ ! -f "$venv/.complete" ]; then
+    step "Python test environment ($venv)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2 || die "python3 -m venv failed: install Python 3 with venv (apt-get install python3-venv)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r sdk/python/requirements-test.txt >&2
+    touch "$venv/.complete"
+  fi
+  echo "$venv"
+}
+
+# The TypeScript test environment: node_modules from the lock file, keyed on it.
+node_env() {
+  local key modules
+  command -v node >/dev/null || die "node not found: install Node.js 20 or later"
+  key=$(sha256sum sdk/typescript/package-lock.json | cut -c1-16)
+  modules="$cache_root/sdk/node-$key"
+  if [ ! -f "$modules/.complete" ]; then
+    step "TypeScript test environment ($modules)" >&2
+    rm -rf "$modules"
+    mkdir -p "$modules"
+    cp sdk/typescript/package.json sdk/typescript/package-lock.json "$modules/"
+    (cd "$modules" && npm ci --ignore-scripts --silent --no-audit --no-fund) >&2
+    touch "$modules/.complete"
+  fi
+  echo "$modules/node_modules"
+}
+
+start_daemon() {
+  local port
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "# defaults and flags only" >"$work/config.toml"
+  KILN_CONFIG="$work/config.toml" "$kiln_bin" serve \
+    --listen "127.0.0.1:$port" \
+    --data-dir "$work/state" \
+    --cache-dir "$cache_root" \
+    --templates-dir "$KILN_ROOT/templates" \
+    --agent "$KILN_AGENT_BIN" \
+    --default-template base \
+    --network off \
+    >"$work/daemon.log" 2>&1 &
+  daemon_pid=$!
+  export KILN_URL="http://127.0.0.1:$port"
+  poll 1200 curl -fsS -o /dev/null "$KILN_URL/v1/health" || die "the daemon did not start (log above)"
+  KILN_API_KEY=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant sdk-tests)
+  export KILN_API_KEY
+  # Templates the suites use are built and baked before any test's clock starts.
+  curl -fsS -N -H "Authorization: Bearer $KILN_API_KEY" -H 'content-type: application/json' \
+    -d '{"name": "base"}' "$KILN_URL/v1/templates" | tail -n 1 | grep -q '"ready"' ||
+    die "baking the base template failed"
+}
+
+python_suite() {
+  local venv pkg
+  venv=$(python_env)
+  step "Python SDK: black --check, mypy --strict"
+  (cd sdk/python && "$venv/bin/black" --check src tests && "$venv/bin/mypy" src tests)
+  step "Python SDK: installed with pip from the repository path"
+  pkg="$work/python-pkg"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    --target "$pkg" ./sdk/python
+  [ -f "$pkg/kiln/py.typed" ] || die "the installed package lacks py.typed"
+  step "Python SDK: pytest"
+  (cd sdk/python && PYTHONPATH="$pkg" "$venv/bin/pytest" -q -p no:cacheprovider --durations=5 tests)
+}
+
+typescript_suite() {
+  local modules ts="$work/typescript"
+  modules=$(node_env)
+  # Built out of the tree: the repository keeps no node_modules or build output.
+  mkdir -p "$ts"
+  cp -r sdk/typescript/src sdk/typescript/test sdk/typescript/package.json sdk/typescript/.prettierrc.json \
+    sdk/typescript/tsconfig.json sdk/typescript/tsconfig.test.json "$ts/"
+  ln -s "$modules" "$ts/node_modules"
+  step "TypeScript SDK: prettier --check, tsc (library, then library and tests)"
+  (cd "$ts" && node_modules/.bin/prettier --check --log-level warn src test &&
+    node_modules/.bin/tsc -p tsconfig.json && node_modules/.bin/tsc -p tsconfig.test.json)
+  step "TypeScript SDK: node --test"
+  (cd "$ts" && KILN_REPO_ROOT="$KILN_ROOT" node --test --test-concurrency=1 dist-test/test/*.test.js)
+}
+
+step "a daemon for the SDK tests"
+start_daemon
+case "$only" in
+  python) python_suite ;;
+  typescript) typescript_suite ;;
+  all) python_suite; typescript_suite ;;
+  *) die "usage: $0 [python|typescript|all]" ;;
+esac
+printf '\nSDK tests passed in %d s\n' "$((SECONDS - started))"

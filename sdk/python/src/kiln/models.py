@@ -1,0 +1,334 @@
+"""What the API returns, as typed values."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+SandboxState = Literal["running", "pausing", "paused", "resuming", "failed"]
+
+
+def _opt_int(value: Any) -> Optional[int]:
+    return int(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """A sandbox's egress policy: the internet on or off, and domains or CIDRs allowed or
+    denied on top (see docs/networking.md)."""
+
+    internet: bool = True
+    allow_out: list[str] = field(default_factory=list)
+    deny_out: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "internet": self.internet,
+            "allow_out": list(self.allow_out),
+            "deny_out": list(self.deny_out),
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> NetworkPolicy:
+        return NetworkPolicy(
+            internet=bool(data.get("internet", True)),
+            allow_out=list(data.get("allow_out", [])),
+            deny_out=list(data.get("deny_out", [])),
+        )
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """A sandbox as the daemon describes it."""
+
+    sandbox_id: str
+    template: str
+    state: SandboxState
+    metadata: dict[str, str]
+    created_at_ms: int
+    expires_at_ms: Optional[int]
+    ttl_secs: Optional[int]
+    reason: Optional[str]
+    parent_id: Optional[str]
+    auto_resume: bool
+    on_expiry: str
+    network: Optional[NetworkPolicy]
+    ports_public: bool
+    port_url: Optional[str]
+    access_token: Optional[str]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> SandboxInfo:
+        ports = data.get("ports") or {}
+        network = data.get("network")
+        return SandboxInfo(
+            sandbox_id=str(data["id"]),
+            template=str(data.get("template", "")),
+            state=data.get("state", "running"),
+            metadata=dict(data.get("metadata") or {}),
+            created_at_ms=int(data.get("created_at_ms", 0)),
+            expires_at_ms=_opt_int(data.get("expires_at_ms")),
+            ttl_secs=_opt_int(data.get("ttl_secs")),
+            reason=data.get("reason"),
+            parent_id=data.get("parent_id"),
+            auto_resume=bool(data.get("auto_resume", True)),
+            on_expiry=str(data.get("on_expiry", "destroy")),
+            network=NetworkPolicy.from_json(network) if network else None,
+            ports_public=bool(ports.get("public", False)),
+            port_url=ports.get("url"),
+            access_token=ports.get("access_token"),
+        )
+
+
+@dataclass(frozen=True)
+class SandboxPage:
+    """One page of a sandbox listing; pass ``next_cursor`` as ``cursor`` for the next."""
+
+    sandboxes: list[SandboxInfo]
+    next_cursor: Optional[str]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A command that ran to completion."""
+
+    exit_code: Optional[int]
+    signal: Optional[int]
+    stdout: str
+    stderr: str
+    truncated: bool = False
+    timed_out: bool = False
+    duration_ms: Optional[float] = None
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> CommandResult:
+        return CommandResult(
+            exit_code=_opt_int(data.get("exit_code")),
+            signal=_opt_int(data.get("signal")),
+            stdout=str(data.get("stdout", "")),
+            stderr=str(data.get("stderr", "")),
+            truncated=bool(data.get("truncated", False)),
+            timed_out=bool(data.get("timed_out", False)),
+            duration_ms=data.get("duration_ms"),
+        )
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process started through the API (running, or recently finished)."""
+
+    pid: int
+    tag: Optional[str]
+    argv: list[str]
+    background: bool
+    running: bool
+    exit_code: Optional[int]
+    signal: Optional[int]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ProcessInfo:
+        return ProcessInfo(
+            pid=int(data["pid"]),
+            tag=data.get("tag"),
+            argv=list(data.get("argv", [])),
+            background=bool(data.get("background", False)),
+            running=bool(data.get("running", False)),
+            exit_code=_opt_int(data.get("exit_code")),
+            signal=_opt_int(data.get("signal")),
+        )
+
+
+OutputStream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a command's output (on a terminal, everything arrives as stdout)."""
+
+    stream: OutputStream
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One event of a streamed command: ``start``, ``stdout``, ``stderr``, ``dropped``,
+    ``exit`` or ``error``."""
+
+    type: str
+    pid: Optional[int] = None
+    data: bytes = b""
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    timed_out: bool = False
+    dropped_bytes: int = 0
+    code: Optional[str] = None
+    message: Optional[str] = None
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ExecEvent:
+        kind = str(data.get("type", ""))
+        raw = b""
+        if "data_b64" in data and data["data_b64"] is not None:
+            raw = base64.b64decode(data["data_b64"])
+        elif data.get("data") is not None:
+            raw = str(data["data"]).encode()
+        return ExecEvent(
+            type=kind,
+            pid=_opt_int(data.get("pid")),
+            data=raw,
+            exit_code=_opt_int(data.get("exit_code")),
+            signal=_opt_int(data.get("signal")),
+            timed_out=bool(data.get("timed_out", False)),
+            dropped_bytes=int(data.get("bytes", 0) or 0),
+            code=data.get("code"),
+            message=data.get("message"),
+        )
+
+
+EntryKind = Literal["file", "dir", "symlink", "other"]
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A file or directory in a sandbox."""
+
+    path: str
+    kind: EntryKind
+    size: int
+    mode: int
+    modified_ms: int
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> EntryInfo:
+        return EntryInfo(
+            path=str(data["path"]),
+            kind=data.get("kind", "other"),
+            size=int(data.get("size", 0)),
+            mode=int(data.get("mode", 0)),
+            modified_ms=int(data.get("modified_ms", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class WriteInfo:
+    """A file written."""
+
+    path: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ForkResult:
+    """A fork's children (each continues from the parent's moment of the fork) and cost."""
+
+    sandbox_ids: list[str]
+    sandboxes: list[SandboxInfo]
+    parent_paused_ms: float
+    bytes_written: int
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> ForkResult:
+        children = [SandboxInfo.from_json(s) for s in data.get("sandboxes", [])]
+        return ForkResult(
+            sandbox_ids=[c.sandbox_id for c in children],
+            sandboxes=children,
+            parent_paused_ms=float(data.get("parent_paused_ms", 0.0)),
+            bytes_written=int(data.get("bytes_written", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot: a sandbox's memory, device state and disk at one moment."""
+
+    snapshot_id: str
+    name: str
+    sandbox_id: str
+    template: str
+    size_bytes: int
+    created_at_ms: int
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> SnapshotInfo:
+        return SnapshotInfo(
+            snapshot_id=str(data["id"]),
+            name=str(data.get("name", "")),
+            sandbox_id=str(data.get("sandbox_id", "")),
+            template=str(data.get("template", "")),
+            size_bytes=int(data.get("size_bytes", 0)),
+            created_at_ms=int(data.get("created_at_ms", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A template sandboxes are made from."""
+
+    name: str
+    description: Optional[str]
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    ready: bool
+    is_global: bool
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> TemplateInfo:
+        return TemplateInfo(
+            name=str(data["name"]),
+            description=data.get("description"),
+            vcpus=int(data.get("vcpus", 1)),
+            memory_mib=int(data.get("memory_mib", 0)),
+            disk_mib=int(data.get("disk_mib", 0)),
+            ready=bool(data.get("ready", False)),
+            is_global=bool(data.get("global", False)),
+        )
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress of a template build: ``step``, ``step_done``, ``ready`` or ``error``."""
+
+    type: str
+    raw: dict[str, Any]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> BuildEvent:
+        return BuildEvent(type=str(data.get("type", "")), raw=dict(data))
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """A lifecycle event: ``created``, ``forked``, ``paused``, ``resumed``, ``failed`` or
+    ``destroyed``."""
+
+    type: str
+    sandbox_id: Optional[str]
+    raw: dict[str, Any]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> SandboxEvent:
+        sandbox = data.get("sandbox_id") or data.get("id")
+        return SandboxEvent(
+            type=str(data.get("type", data.get("event", ""))),
+            sandbox_id=str(sandbox) if sandbox is not None else None,
+            raw=dict(data),
+        )
+
+
+@dataclass(frozen=True)
+class Health:
+    """The daemon's health."""
+
+    status: str
+    version: str
+    accel: str

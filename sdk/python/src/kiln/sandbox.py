@@ -1,0 +1,833 @@
+"""The synchronous client: ``Sandbox`` and what hangs off it (commands, files, terminals),
+``Snapshot`` and ``Template``. ``kiln.AsyncSandbox`` is the same surface with ``await``."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Generator,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Union,
+    overload,
+)
+
+from . import _ops
+from ._config import resolve
+from ._ops import Cmd, OutputCallback
+from ._transport import Call, Reply, SyncTransport, operations
+from .exceptions import KilnError, NotFoundError
+from .models import (
+    BuildEvent,
+    CommandResult,
+    EntryInfo,
+    ForkResult,
+    Health,
+    NetworkPolicy,
+    OutputChunk,
+    ProcessInfo,
+    SandboxEvent,
+    SandboxInfo,
+    SandboxPage,
+    SnapshotInfo,
+    TemplateInfo,
+    WriteInfo,
+)
+
+_UPLOAD_CHUNK = 1 << 20
+
+
+def _transport(
+    url: Optional[str], api_key: Optional[str], request_timeout: Optional[float]
+) -> SyncTransport:
+    return SyncTransport(resolve(url, api_key, request_timeout))
+
+
+def _once(call: Call, url: Optional[str], api_key: Optional[str]) -> Reply:
+    """One call on a connection of its own (the operations not bound to a sandbox)."""
+    transport = _transport(url, api_key, None)
+    try:
+        return transport.request(call)
+    finally:
+        transport.close()
+
+
+class CommandHandle:
+    """A command running in a sandbox: wait for it, read its output as it comes, write its
+    stdin, kill it. Leaving it alone does not stop a background command."""
+
+    def __init__(
+        self,
+        transport: SyncTransport,
+        sandbox_id: str,
+        pid: int,
+    ) -> None:
+        self._transport = transport
+        self._sandbox_id = sandbox_id
+        self.pid = pid
+        self._events: Optional[Generator[dict[str, Any], None, None]] = None
+        self._collector = _ops.EventCollector()
+
+    def _stream(self) -> Generator[dict[str, Any], None, None]:
+        if self._events is None:
+            self._events = self._transport.stream_lines(
+                _ops.attach_call(self._sandbox_id, self.pid)
+            )
+        return self._events
+
+    @operations("attach_process")
+    def __iter__(self) -> Iterator[OutputChunk]:
+        """Output as it arrives (the output kept from before is replayed first), until the
+        command exits; then :meth:`wait` returns at once. Stopping early closes the stream:
+        the next iteration or wait attaches again and replays from the start."""
+        events = self._stream()
+        try:
+            for raw in events:
+                chunk = self._collector.feed(raw)
+                if chunk is not None:
+                    yield chunk
+                if self._collector.result is not None:
+                    return
+        finally:
+            if self._collector.result is None:
+                self._events = None
+                self._collector = self._collector.restarted()
+            events.close()
+
+    @operations("attach_process")
+    def wait(
+        self,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        on_pty: Optional[OutputCallback] = None,
+    ) -> CommandResult:
+        """Waits for the exit; raises ``CommandExitError`` for a non-zero exit code and
+        ``Timeout`` when the command's timeout killed it."""
+        self._collector.on_stdout = on_stdout or on_pty
+        self._collector.on_stderr = on_stderr
+        for _ in self:
+            pass
+        return _ops.checked(self._collector.finish())
+
+    @operations("signal_process")
+    def kill(self, signal: int = 9) -> bool:
+        """Sends ``signal`` (default SIGKILL) to its process group; False if it is gone."""
+        return Commands(self._transport, self._sandbox_id).kill(self.pid, signal)
+
+    @operations("write_process_stdin")
+    def send_stdin(self, data: Union[str, bytes]) -> None:
+        """Writes to its stdin (started with ``stdin=True``) or terminal."""
+        self._transport.request(_ops.stdin_call(self._sandbox_id, self.pid, data, False))
+
+    @operations("write_process_stdin")
+    def close_stdin(self) -> None:
+        """Closes its stdin (on a terminal: sends end-of-file)."""
+        self._transport.request(_ops.stdin_call(self._sandbox_id, self.pid, b"", True))
+
+
+class Commands:
+    """Run commands in a sandbox: ``sandbox.commands``."""
+
+    def __init__(self, transport: SyncTransport, sandbox_id: str) -> None:
+        self._transport = transport
+        self._sandbox_id = sandbox_id
+
+    @overload
+    def run(
+        self,
+        cmd: Cmd,
+        *,
+        background: Literal[False] = False,
+        envs: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = None,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        stdin: Optional[str] = None,
+        tag: Optional[str] = None,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: Cmd,
+        *,
+        background: Literal[True],
+        envs: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = None,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        stdin: Union[str, bool, None] = None,
+        tag: Optional[str] = None,
+    ) -> CommandHandle: ...
+
+    @operations("exec_command", "exec_stream")
+    def run(
+        self,
+        cmd: Cmd,
+        *,
+        background: bool = False,
+        envs: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: Optional[float] = None,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        stdin: Union[str, bool, None] = None,
+        tag: Optional[str] = None,
+    ) -> Union[CommandResult, CommandHandle]:
+        """Runs ``cmd`` (a shell line, or an argv list run directly).
+
+        To completion by default: returns the result, raises ``CommandExitError`` on a
+        non-zero exit and ``Timeout`` when ``timeout`` (seconds, default 60, 0 for none)
+        killed it; ``on_stdout``/``on_stderr`` get output as it comes. With
+        ``background=True`` returns a :class:`CommandHandle` at once; ``stdin=True`` keeps
+        its stdin open for ``send_stdin``. A string ``stdin`` is written and closed.
+        """
+        if stdin is True and not background:
+            raise ValueError("stdin=True needs background=True (write it with send_stdin)")
+        body = _ops.exec_body(
+            cmd,
+            background=background,
+            envs=envs,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            stdin=stdin,
+            tag=tag,
+        )
+        path = _ops.sandbox_path(self._sandbox_id, "/exec")
+        wait = _ops.request_timeout_for(body)
+        if background:
+            started = self._transport.request(Call("exec_command", "POST", path, json=body)).json()
+            handle = CommandHandle(self._transport, self._sandbox_id, int(started["pid"]))
+            handle._collector.on_stdout = on_stdout
+            handle._collector.on_stderr = on_stderr
+            return handle
+        if on_stdout is None and on_stderr is None:
+            reply = self._transport.request(
+                Call("exec_command", "POST", path, json=body, timeout=wait or 86400.0)
+            )
+            return _ops.checked(CommandResult.from_json(reply.json()))
+        collector = _ops.EventCollector(on_stdout, on_stderr)
+        stream = self._transport.stream_lines(
+            Call("exec_stream", "POST", path + "/stream", json=body, timeout=wait or 86400.0)
+        )
+        for raw in stream:
+            collector.feed(raw)
+            if collector.result is not None:
+                break
+        return _ops.checked(collector.finish())
+
+    @operations("list_processes")
+    def list(self) -> List[ProcessInfo]:
+        """Commands started through the API: running, and recently finished."""
+        reply = self._transport.request(
+            Call("list_processes", "GET", _ops.sandbox_path(self._sandbox_id, "/processes"))
+        )
+        return [ProcessInfo.from_json(p) for p in reply.json()]
+
+    def connect(self, pid: Union[int, str]) -> CommandHandle:
+        """A handle on a running command, by pid or tag (its output is replayed on wait)."""
+        if isinstance(pid, str) and not pid.isdigit():
+            for process in self.list():
+                if process.tag == pid:
+                    return CommandHandle(self._transport, self._sandbox_id, process.pid)
+            raise KilnError(f"no process tagged {pid!r}")
+        return CommandHandle(self._transport, self._sandbox_id, int(pid))
+
+    @operations("signal_process")
+    def kill(self, pid: Union[int, str], signal: int = 9) -> bool:
+        """Sends ``signal`` (default SIGKILL) to a command's process group, by pid or tag;
+        False if there is no such command."""
+        reply = self._transport.request(
+            Call(
+                "signal_process",
+                "POST",
+                _ops.process_path(self._sandbox_id, pid, "/signal"),
+                json={"signal": signal},
+                allow=(404,),
+            )
+        )
+        return reply.status != 404
+
+    @operations("write_process_stdin")
+    def send_stdin(self, pid: Union[int, str], data: Union[str, bytes]) -> None:
+        """Writes to a command's stdin (started with ``stdin=True``)."""
+        self._transport.request(_ops.stdin_call(self._sandbox_id, pid, data, False))
+
+    @operations("write_process_stdin")
+    def close_stdin(self, pid: Union[int, str]) -> None:
+        """Closes a command's stdin."""
+        self._transport.request(_ops.stdin_call(self._sandbox_id, pid, b"", True))
+
+
+class Pty:
+    """Interactive terminals: ``sandbox.pty``."""
+
+    #: The shell a terminal runs when no command is given.
+    DEFAULT_SHELL = "if command -v bash >/dev/null; then exec bash -il; else exec sh -il; fi"
+
+    def __init__(self, transport: SyncTransport, sandbox_id: str) -> None:
+        self._transport = transport
+        self._sandbox_id = sandbox_id
+
+    @operations("exec_command")
+    def create(
+        self,
+        rows: int = 24,
+        cols: int = 80,
+        *,
+        cmd: Optional[Cmd] = None,
+        envs: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        timeout: float = 0,
+    ) -> CommandHandle:
+        """Starts a shell (or ``cmd``) in a terminal of ``rows`` x ``cols``; read it with
+        ``handle.wait(on_pty=...)`` or by iterating the handle."""
+        body = _ops.exec_body(
+            cmd or self.DEFAULT_SHELL,
+            background=True,
+            envs={"TERM": "xterm-256color", **(envs or {})},
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            pty=(rows, cols),
+        )
+        started = self._transport.request(
+            Call("exec_command", "POST", _ops.sandbox_path(self._sandbox_id, "/exec"), json=body)
+        ).json()
+        return CommandHandle(self._transport, self._sandbox_id, int(started["pid"]))
+
+    @operations("write_process_stdin")
+    def send_stdin(self, pid: int, data: Union[str, bytes]) -> None:
+        """Types into the terminal."""
+        self._transport.request(_ops.stdin_call(self._sandbox_id, pid, data, False))
+
+    @operations("resize_process_terminal")
+    def resize(self, pid: int, rows: int, cols: int) -> None:
+        """Changes the terminal's size (the program gets SIGWINCH)."""
+        self._transport.request(
+            Call(
+                "resize_process_terminal",
+                "POST",
+                _ops.process_path(self._sandbox_id, pid, "/resize"),
+                json={"rows": rows, "cols": cols},
+            )
+        )
+
+    @operations("signal_process")
+    def kill(self, pid: int) -> bool:
+        """Ends the terminal's program; False if it is gone."""
+        return Commands(self._transport, self._sandbox_id).kill(pid)
+
+
+class Files:
+    """The sandbox's file system: ``sandbox.files``. Paths are absolute, or relative to the
+    template's working directory."""
+
+    def __init__(self, transport: SyncTransport, sandbox_id: str) -> None:
+        self._transport = transport
+        self._sandbox_id = sandbox_id
+
+    def _content(self) -> str:
+        return _ops.sandbox_path(self._sandbox_id, "/files/content")
+
+    @overload
+    def read(self, path: str, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, format: Literal["bytes"]) -> bytes: ...
+    @overload
+    def read(self, path: str, format: Literal["stream"]) -> Iterator[bytes]: ...
+
+    @operations("read_file")
+    def read(
+        self, path: str, format: Literal["text", "bytes", "stream"] = "text"
+    ) -> Union[str, bytes, Iterator[bytes]]:
+        """A file's contents as text (UTF-8), bytes, or an iterator of pieces."""
+        call = Call("read_file", "GET", self._content(), params={"path": path})
+        if format == "stream":
+            return self._transport.stream_bytes(call)
+        data = self._transport.request(call).body
+        return data.decode("utf-8") if format == "text" else data
+
+    @operations("write_file")
+    def write(self, path: str, data: Union[str, bytes, IO[bytes]]) -> WriteInfo:
+        """Writes a whole file (made with its parents; replaced atomically: an interrupted
+        upload changes nothing). ``data`` may be text, bytes or a binary file object."""
+        call = Call("write_file", "PUT", self._content(), params={"path": path})
+        if isinstance(data, (str, bytes)):
+            call.content = data.encode() if isinstance(data, str) else data
+            reply = self._transport.request(call)
+        else:
+            source = data
+
+            def chunks() -> Iterator[bytes]:
+                while piece := source.read(_UPLOAD_CHUNK):
+                    yield piece
+
+            reply = self._transport.upload(call, chunks())
+        written = reply.json()
+        return WriteInfo(path=str(written["path"]), bytes=int(written["bytes"]))
+
+    @operations("list_files")
+    def list(self, path: str, depth: int = 1) -> List[EntryInfo]:
+        """A directory's entries, ``depth`` levels deep."""
+        reply = self._transport.request(
+            Call(
+                "list_files",
+                "GET",
+                _ops.sandbox_path(self._sandbox_id, "/files"),
+                params={"path": path, "depth": depth},
+            )
+        )
+        return [EntryInfo.from_json(e) for e in reply.json()["entries"]]
+
+    @operations("stat_file")
+    def stat(self, path: str) -> EntryInfo:
+        """One file's or directory's kind, size, mode and modification time."""
+        reply = self._transport.request(
+            Call(
+                "stat_file",
+                "GET",
+                _ops.sandbox_path(self._sandbox_id, "/files/stat"),
+                params={"path": path},
+            )
+        )
+        return EntryInfo.from_json(reply.json())
+
+    get_info = stat
+
+    @operations("stat_file")
+    def exists(self, path: str) -> bool:
+        """Whether the path exists."""
+        try:
+            self.stat(path)
+        except NotFoundError:
+            return False
+        return True
+
+    @operations("make_dir")
+    def make_dir(self, path: str) -> None:
+        """Makes a directory and its missing parents."""
+        self._transport.request(
+            Call(
+                "make_dir",
+                "POST",
+                _ops.sandbox_path(self._sandbox_id, "/files/mkdir"),
+                json={"path": path},
+            )
+        )
+
+    @operations("remove_file")
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Removes a file, or a directory (its contents too with ``recursive``)."""
+        self._transport.request(
+            Call(
+                "remove_file",
+                "DELETE",
+                _ops.sandbox_path(self._sandbox_id, "/files"),
+                params={"path": path, "recursive": recursive},
+            )
+        )
+
+    @operations("rename_file")
+    def rename(self, old_path: str, new_path: str) -> None:
+        """Renames (moves) a file or directory."""
+        self._transport.request(
+            Call(
+                "rename_file",
+                "POST",
+                _ops.sandbox_path(self._sandbox_id, "/files/rename"),
+                json={"from": old_path, "to": new_path},
+            )
+        )
+
+
+class Sandbox:
+    """A sandbox: a microVM of its own. Make one with :meth:`create` (use it as a context
+    manager to destroy it on exit) or reach an existing one with :meth:`connect`."""
+
+    def __init__(self, info: SandboxInfo, transport: SyncTransport) -> None:
+        self._info = info
+        self._transport = transport
+        self.commands = Commands(transport, info.sandbox_id)
+        self.files = Files(transport, info.sandbox_id)
+        self.pty = Pty(transport, info.sandbox_id)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._info.sandbox_id
+
+    @property
+    def info(self) -> SandboxInfo:
+        """What the daemon said last (``get_info()`` asks again)."""
+        return self._info
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.sandbox_id!r}, template={self._info.template!r})"
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        try:
+            self.kill()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Closes this client's connections (the sandbox keeps running)."""
+        self._transport.close()
+
+    @classmethod
+    @operations("create_sandbox")
+    def create(
+        cls,
+        template: Optional[str] = None,
+        *,
+        timeout: Optional[int] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+        envs: Optional[Mapping[str, str]] = None,
+        cpus: Optional[float] = None,
+        memory_mib: Optional[int] = None,
+        disk_mib: Optional[int] = None,
+        network: Optional[NetworkPolicy] = None,
+        public_ports: Optional[bool] = None,
+        auto_resume: Optional[bool] = None,
+        on_expiry: Optional[Literal["destroy", "pause"]] = None,
+        snapshot: Optional[str] = None,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> Sandbox:
+        """Creates a sandbox from ``template`` (the daemon's default, ``python``, if None) or
+        from ``snapshot``. ``timeout`` is its time to live in seconds (the daemon's default
+        if None); ``envs`` apply to every command. The first create of a template that is
+        not built yet builds it, which takes minutes."""
+        transport = _transport(url, api_key, request_timeout)
+        try:
+            call = _ops.create_call(
+                template=template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                cpus=cpus,
+                memory_mib=memory_mib,
+                disk_mib=disk_mib,
+                network=network,
+                public_ports=public_ports,
+                auto_resume=auto_resume,
+                on_expiry=on_expiry,
+                snapshot=snapshot,
+                request_timeout=request_timeout,
+            )
+            info = SandboxInfo.from_json(transport.request(call).json())
+        except BaseException:
+            transport.close()
+            raise
+        return cls(info, transport)
+
+    @classmethod
+    @operations("get_sandbox")
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        request_timeout: Optional[float] = None,
+    ) -> Sandbox:
+        """An existing sandbox, by id (a paused one resumes on its first call unless its
+        ``auto_resume`` is off)."""
+        transport = _transport(url, api_key, request_timeout)
+        try:
+            reply = transport.request(Call("get_sandbox", "GET", _ops.sandbox_path(sandbox_id)))
+        except BaseException:
+            transport.close()
+            raise
+        return cls(SandboxInfo.from_json(reply.json()), transport)
+
+    @staticmethod
+    @operations("list_sandboxes")
+    def list(
+        *,
+        state: Optional[str] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+    ) -> SandboxPage:
+        """One page of this tenant's sandboxes, filtered by state and metadata."""
+        data = _once(_ops.list_call(state, metadata, limit, cursor), url, api_key).json()
+        return SandboxPage(
+            sandboxes=[SandboxInfo.from_json(s) for s in data["sandboxes"]],
+            next_cursor=data.get("next_cursor"),
+        )
+
+    @staticmethod
+    @operations("events")
+    def events(
+        *, url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> Iterator[SandboxEvent]:
+        """Lifecycle events of this tenant's sandboxes from now on, as they happen
+        (``lagged`` means some were missed: list again)."""
+        transport = _transport(url, api_key, None)
+        try:
+            for raw in transport.stream_lines(Call("events", "GET", "/v1/events", timeout=86400.0)):
+                yield SandboxEvent.from_json(raw)
+        finally:
+            transport.close()
+
+    @operations("get_sandbox")
+    def get_info(self) -> SandboxInfo:
+        """Asks the daemon for the sandbox's current state."""
+        reply = self._transport.request(
+            Call("get_sandbox", "GET", _ops.sandbox_path(self.sandbox_id))
+        )
+        self._info = SandboxInfo.from_json(reply.json())
+        return self._info
+
+    @operations("get_sandbox")
+    def is_running(self) -> bool:
+        """Whether it exists and runs."""
+        try:
+            return self.get_info().state == "running"
+        except NotFoundError:
+            return False
+
+    @operations("delete_sandbox")
+    def kill(self) -> bool:
+        """Destroys the sandbox; False if it was already gone."""
+        reply = self._transport.request(
+            Call("delete_sandbox", "DELETE", _ops.sandbox_path(self.sandbox_id), allow=(404,))
+        )
+        return reply.status != 404
+
+    @operations("update_sandbox")
+    def set_timeout(self, timeout: int) -> None:
+        """Sets its time to live to ``timeout`` seconds from now."""
+        data = self._transport.request(_ops.update_call(self.sandbox_id, timeout=timeout)).json()
+        self._info = SandboxInfo.from_json(data)
+
+    @operations("update_sandbox")
+    def update(
+        self,
+        *,
+        timeout: Optional[int] = None,
+        network: Optional[NetworkPolicy] = None,
+        auto_resume: Optional[bool] = None,
+        on_expiry: Optional[Literal["destroy", "pause"]] = None,
+    ) -> SandboxInfo:
+        """Changes its time to live, egress policy (at once: denied connections are cut) or
+        pause settings; what is not given stays."""
+        call = _ops.update_call(
+            self.sandbox_id,
+            timeout=timeout,
+            network=network,
+            auto_resume=auto_resume,
+            on_expiry=on_expiry,
+        )
+        self._info = SandboxInfo.from_json(self._transport.request(call).json())
+        return self._info
+
+    @operations("keepalive")
+    def keepalive(self) -> None:
+        """Restarts its time to live from now."""
+        self._transport.request(
+            Call("keepalive", "POST", _ops.sandbox_path(self.sandbox_id, "/keepalive"))
+        )
+
+    @operations("pause_sandbox")
+    def pause(self) -> SandboxInfo:
+        """Pauses it: memory and state go to disk, it holds no RAM or CPU until resumed (by
+        :meth:`resume`, or by its next call when ``auto_resume`` is on)."""
+        reply = self._transport.request(
+            Call("pause_sandbox", "POST", _ops.sandbox_path(self.sandbox_id, "/pause"))
+        )
+        self._info = SandboxInfo.from_json(reply.json())
+        return self._info
+
+    @operations("resume_sandbox")
+    def resume(self) -> SandboxInfo:
+        """Resumes a paused sandbox: same processes, memory and files."""
+        reply = self._transport.request(
+            Call("resume_sandbox", "POST", _ops.sandbox_path(self.sandbox_id, "/resume"))
+        )
+        self._info = SandboxInfo.from_json(reply.json())
+        return self._info
+
+    @operations("fork_sandbox")
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        metadata: Optional[Mapping[str, str]] = None,
+        timeout: Optional[int] = None,
+    ) -> List[Sandbox]:
+        """Makes ``count`` (1 to 32) children that continue from this moment: its processes,
+        memory and files, each with its own id, network namespace and reseeded RNG."""
+        return [
+            Sandbox(info, self._transport)
+            for info in self.fork_info(count, metadata=metadata, timeout=timeout).sandboxes
+        ]
+
+    @operations("fork_sandbox")
+    def fork_info(
+        self,
+        count: int = 1,
+        *,
+        metadata: Optional[Mapping[str, str]] = None,
+        timeout: Optional[int] = None,
+    ) -> ForkResult:
+        """Like :meth:`fork`, returning the children's descriptions and the fork's cost."""
+        reply = self._transport.request(_ops.fork_call(self.sandbox_id, count, metadata, timeout))
+        return ForkResult.from_json(reply.json())
+
+    @operations("create_snapshot")
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """Keeps its memory, device state and disk under ``name`` (it stops briefly and runs
+        on); ``Sandbox.create(snapshot=name)`` continues from there, also after a restart."""
+        reply = self._transport.request(
+            Call(
+                "create_snapshot",
+                "POST",
+                _ops.sandbox_path(self.sandbox_id, "/snapshots"),
+                json={"name": name},
+            )
+        )
+        return SnapshotInfo.from_json(reply.json())
+
+    @operations("console_log")
+    def logs(self, lines: Optional[int] = None) -> str:
+        """The end of its console log (the guest kernel's and init's output)."""
+        reply = self._transport.request(
+            Call(
+                "console_log",
+                "GET",
+                _ops.sandbox_path(self.sandbox_id, "/logs"),
+                params={"lines": lines},
+            )
+        )
+        return reply.body.decode("utf-8", "replace")
+
+    def get_host(self, port: int) -> str:
+        """The host name that serves ``port`` of the sandbox: ``<port>-<id>.<domain>``."""
+        return _ops.host_for_port(self._info, port)
+
+    def get_port_url(self, port: int) -> str:
+        """The URL of ``port`` by host name (send ``info.access_token`` as
+        ``X-Kiln-Access-Token`` unless ports are public)."""
+        return _ops.port_url(self._info, port)
+
+
+class Snapshot:
+    """Snapshots of this tenant: ``Snapshot.list()``, ``get``, ``delete``."""
+
+    @staticmethod
+    @operations("list_snapshots")
+    def list(*, url: Optional[str] = None, api_key: Optional[str] = None) -> List[SnapshotInfo]:
+        data = _once(Call("list_snapshots", "GET", "/v1/snapshots"), url, api_key).json()
+        return [SnapshotInfo.from_json(s) for s in data["snapshots"]]
+
+    @staticmethod
+    @operations("get_snapshot")
+    def get(
+        snapshot: str, *, url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> SnapshotInfo:
+        """A snapshot by id or name."""
+        reply = _once(Call("get_snapshot", "GET", _ops.snapshot_path(snapshot)), url, api_key)
+        return SnapshotInfo.from_json(reply.json())
+
+    @staticmethod
+    @operations("delete_snapshot")
+    def delete(snapshot: str, *, url: Optional[str] = None, api_key: Optional[str] = None) -> bool:
+        """Deletes a snapshot; False if there was none. ``ConflictError`` while sandboxes
+        made from it exist (the message lists them)."""
+        reply = _once(
+            Call("delete_snapshot", "DELETE", _ops.snapshot_path(snapshot), allow=(404,)),
+            url,
+            api_key,
+        )
+        return reply.status != 404
+
+
+class Template:
+    """Templates sandboxes are made from: the daemon's (``base``, ``python``) and this
+    tenant's own."""
+
+    @staticmethod
+    @operations("list_templates")
+    def list(*, url: Optional[str] = None, api_key: Optional[str] = None) -> List[TemplateInfo]:
+        data = _once(Call("list_templates", "GET", "/v1/templates"), url, api_key).json()
+        return [TemplateInfo.from_json(t) for t in data["templates"]]
+
+    @staticmethod
+    @operations("get_template")
+    def get(name: str, *, url: Optional[str] = None, api_key: Optional[str] = None) -> TemplateInfo:
+        reply = _once(Call("get_template", "GET", _ops.template_path(name)), url, api_key)
+        return TemplateInfo.from_json(reply.json())
+
+    @staticmethod
+    @operations("build_template")
+    def build(
+        *,
+        spec: Optional[str] = None,
+        name: Optional[str] = None,
+        on_event: Optional[Callable[[BuildEvent], None]] = None,
+        url: Optional[str] = None,
+        api_key: Optional[str] = None,
+    ) -> TemplateInfo:
+        """Builds a template of this tenant from ``spec`` (TOML, as in
+        ``templates/*/template.toml``), or builds an existing one by ``name`` now; progress
+        goes to ``on_event``."""
+        transport = _transport(url, api_key, None)
+        try:
+            for raw in transport.stream_lines(_ops.build_call(spec, name)):
+                event = BuildEvent.from_json(raw)
+                if on_event is not None:
+                    on_event(event)
+                ready = _ops.build_outcome(event)
+                if ready is not None:
+                    return ready
+        finally:
+            transport.close()
+        raise KilnError("the template build stream ended without a result")
+
+    @staticmethod
+    @operations("delete_template")
+    def delete(name: str, *, url: Optional[str] = None, api_key: Optional[str] = None) -> bool:
+        """Deletes one of this tenant's templates; False if there was none."""
+        reply = _once(
+            Call("delete_template", "DELETE", _ops.template_path(name), allow=(404,)), url, api_key
+        )
+        return reply.status != 404
+
+
+@operations("health")
+def health(url: Optional[str] = None) -> Health:
+    """The daemon's health (no key needed)."""
+    transport = SyncTransport(resolve(url, None, 10.0, require_key=False))
+    try:
+        data = transport.request(Call("health", "GET", "/v1/health")).json()
+    finally:
+        transport.close()
+    return Health(
+        status=str(data["status"]), version=str(data["version"]), accel=str(data["accel"])
+    )
