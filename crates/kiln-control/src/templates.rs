@@ -287,7 +287,10 @@ impl Templates {
                     ..kiln_engine::BakeOptions::default()
                 };
                 let baked = engine.bake_with(&images, options).await.map_err(|e| {
-                    ControlError::Internal(format!("baking template `{name}`: {e}"))
+                    ControlError::Internal(format!(
+                        "baking template `{name}`: {}",
+                        crate::chain(&e)
+                    ))
                 })?;
                 baked
                     .verify()

@@ -331,11 +331,18 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
     )?;
     let mut qemu = crate::confine::launch_recorded(engine, spec, confinement, out, &name)?;
     tokio::task::block_in_place(|| qemu.wait_started(Duration::from_secs(30)))?;
+    // The init call answers once the template's start command is ready, which it may take
+    // its whole `timeout_ms` to be.
+    let defaults = ClientConfig::default();
+    let call_timeout = init.start.as_ref().map_or(defaults.call_timeout, |start| {
+        defaults.call_timeout + Duration::from_millis(start.timeout_ms)
+    });
     let client = AgentClient::new(
         std::sync::Arc::new(UnixConnector::new(qemu.agent_socket())),
         ClientConfig {
             handshake_timeout: Duration::from_secs(180),
-            ..ClientConfig::default()
+            call_timeout,
+            ..defaults
         },
     );
     if let Err(e) = client.connect().await {
