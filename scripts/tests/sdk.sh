@@ -93,9 +93,12 @@ start_daemon() {
   KILN_API_KEY=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant sdk-tests)
   export KILN_API_KEY
   # Templates the suites use are built and baked before any test's clock starts.
-  curl -fsS -N -H "Authorization: Bearer $KILN_API_KEY" -H 'content-type: application/json' \
-    -d '{"name": "base"}' "$KILN_URL/v1/templates" | tail -n 1 | grep -q '"ready"' ||
-    die "baking the base template failed"
+  local template
+  for template in base python; do
+    curl -fsS -N -H "Authorization: Bearer $KILN_API_KEY" -H 'content-type: application/json' \
+      -d "{\"name\": \"$template\"}" "$KILN_URL/v1/templates" | tail -n 1 | grep -q '"ready"' ||
+      die "baking the $template template failed"
+  done
 }
 
 python_suite() {

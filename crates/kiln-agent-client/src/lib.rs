@@ -25,12 +25,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use kiln_proto::frame::{Frame, FrameKind, DATA_CHUNK, MAX_FRAME_PAYLOAD};
 use kiln_proto::handshake::Welcome;
 use kiln_proto::messages::{
-    AgentError, AgentInfo, Empty, ErrorKind, ExecEvent, ExecInput, ExecRequest, ExistsResponse,
-    ExitStatus, FileReadEvent, FileReadRequest, FileStat, FileWriteEnd, FileWriteResponse,
-    FileWriteStart, InitRequest, InitResponse, ListRequest, ListResponse, MkdirRequest,
-    PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessInfo, ProcessList,
-    ProcessSelector, PtySize, RemoveRequest, RenameRequest, ShutdownAction, ShutdownRequest,
-    SignalRequest,
+    AgentError, AgentInfo, ConnectRequest, ConnectTarget, Empty, ErrorKind, ExecEvent, ExecInput,
+    ExecRequest, ExistsResponse, ExitStatus, FileReadEvent, FileReadRequest, FileStat,
+    FileWriteEnd, FileWriteResponse, FileWriteStart, InitRequest, InitResponse, ListRequest,
+    ListResponse, MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessInfo,
+    ProcessList, ProcessSelector, PtySize, RemoveRequest, RenameRequest, ShutdownAction,
+    ShutdownRequest, SignalRequest,
 };
 use kiln_proto::routes;
 use kiln_proto::stream::{frame_channel, FrameReader, FrameSender};
@@ -263,6 +263,18 @@ impl AgentClient {
             .call::<_, ProcessList>(routes::PROCESSES, &Empty {})
             .await?
             .processes)
+    }
+
+    /// Opens a byte stream to a socket inside the guest (a service the template started).
+    pub async fn connect_to(&self, target: ConnectTarget) -> Result<GuestConnection, ClientError> {
+        let (input, body) = frame_channel(16);
+        input
+            .send(&Frame::control(&ConnectRequest { target }))
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))?;
+        let response = self.send(routes::CONNECT, body.boxed()).await?;
+        let output = framed_response(response).await?;
+        Ok(GuestConnection { input, output })
     }
 
     /// Writes `stdin` to a process started earlier (from outside its own stream), then, as
@@ -671,6 +683,56 @@ impl ExecInputHandle {
     pub async fn signal(&self, signal: i32) -> Result<(), ClientError> {
         self.send(Frame::control(&ExecInput::Signal { signal }))
             .await
+    }
+}
+
+/// A byte stream to a socket inside the guest; dropping it closes the connection.
+#[derive(Debug)]
+pub struct GuestConnection {
+    input: FrameSender,
+    output: FrameReader<Incoming>,
+}
+
+impl GuestConnection {
+    /// Sends bytes to the guest's socket.
+    pub async fn write(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            self.input
+                .send(&Frame::new(FrameKind::Stdin, Bytes::copy_from_slice(chunk)))
+                .await
+                .map_err(|e| ClientError::Disconnected(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Shuts the write side (the guest's service reads end-of-file).
+    pub async fn close_write(&self) -> Result<(), ClientError> {
+        self.input
+            .send(&Frame::control(&ExecInput::StdinEof))
+            .await
+            .map_err(|e| ClientError::Disconnected(e.to_string()))
+    }
+
+    /// The next bytes the guest's socket sent; `None` once it closed. Waiting is the
+    /// caller's to bound.
+    pub async fn read(&mut self) -> Result<Option<Bytes>, ClientError> {
+        loop {
+            match self.output.next().await.map_err(protocol_error)? {
+                None => return Ok(None),
+                Some(frame) if frame.kind == FrameKind::Stdout => return Ok(Some(frame.payload)),
+                Some(frame) if frame.kind == FrameKind::Control => {
+                    if let Ok(ExecEvent::Error(e)) = frame.parse_control::<ExecEvent>() {
+                        return Err(e.into());
+                    }
+                }
+                Some(other) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected {:?} frame on a connection",
+                        other.kind
+                    )))
+                }
+            }
+        }
     }
 }
 

@@ -14,10 +14,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_proto::frame::{Frame, FrameKind, MAX_FRAME_PAYLOAD};
 use kiln_proto::messages::{
-    AgentError, AgentInfo, Empty, ErrorKind, ExecEvent, ExecInput, ExecRequest, ExistsResponse,
-    FileReadRequest, InitRequest, InitResponse, ListRequest, MkdirRequest, PathRequest,
-    PostRestoreRequest, PostRestoreResponse, ProcessList, ReadinessCheck, RemoveRequest,
-    RenameRequest, ShutdownRequest, SignalRequest, StartCommand,
+    AgentError, AgentInfo, ConnectRequest, ConnectTarget, Empty, ErrorKind, ExecEvent, ExecInput,
+    ExecRequest, ExistsResponse, FileReadRequest, InitRequest, InitResponse, ListRequest,
+    MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessList,
+    ReadinessCheck, RemoveRequest, RenameRequest, ShutdownRequest, SignalRequest, StartCommand,
 };
 use kiln_proto::routes;
 use kiln_proto::stream::{frame_channel, FrameReader, FrameSender};
@@ -167,6 +167,7 @@ impl Agent {
             routes::SHUTDOWN => unary(body, |r: ShutdownRequest| self.shutdown(r)).await,
             routes::EXEC | routes::ATTACH => self.exec_stream(body).await,
             routes::INPUT => self.process_input(body).await,
+            routes::CONNECT => connect_stream(body).await,
             routes::PROCESSES => reply(Ok(ProcessList {
                 processes: self.processes.list(),
             })),
@@ -540,6 +541,87 @@ where
         }
     }
 }
+
+/// A byte stream between the host and a socket inside the guest (a service the template
+/// started, such as the code interpreter). The first frame names the target; then `Stdin`
+/// frames are written to it (`StdinEof` shuts its write side) and what it sends comes back as
+/// `Stdout` frames; the response ends when it closes, and closing the request closes it.
+async fn connect_stream(body: Incoming) -> Response<Body> {
+    let mut input = FrameReader::new(body, MAX_FRAME_PAYLOAD);
+    let request = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, input.next()).await {
+        Ok(Ok(Some(frame))) => match frame.parse_control::<ConnectRequest>() {
+            Ok(request) => request,
+            Err(e) => return error_response(invalid(e.to_string())),
+        },
+        Ok(Ok(None)) => return error_response(invalid("empty connect stream")),
+        Ok(Err(e)) => return error_response(invalid(e.to_string())),
+        Err(_) => return error_response(AgentError::new(ErrorKind::Timeout, "no connect request")),
+    };
+    let connected: io::Result<Box<dyn GuestSocket>> = match &request.target {
+        ConnectTarget::Unix(path) => tokio::net::UnixStream::connect(path)
+            .await
+            .map(|s| Box::new(s) as Box<dyn GuestSocket>),
+        ConnectTarget::Tcp(port) => tokio::net::TcpStream::connect(("127.0.0.1", *port))
+            .await
+            .map(|s| Box::new(s) as Box<dyn GuestSocket>),
+    };
+    let socket = match connected {
+        Ok(socket) => socket,
+        Err(e) => {
+            let kind = match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ErrorKind::NotFound,
+                _ => ErrorKind::Io,
+            };
+            return error_response(AgentError::new(
+                kind,
+                format!("connecting to {:?}: {e}", request.target),
+            ));
+        }
+    };
+    let (mut reader, mut writer) = tokio::io::split(socket);
+    let (out, body) = frame_channel(16);
+    let inbound = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok(Some(frame)) = input.next().await {
+            let written = match frame.kind {
+                FrameKind::Stdin => writer.write_all(&frame.payload).await,
+                FrameKind::Control => match frame.parse_control::<ExecInput>() {
+                    Ok(ExecInput::StdinEof) => writer.shutdown().await,
+                    _ => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            if written.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; kiln_proto::frame::DATA_CHUNK];
+        loop {
+            let n = tokio::select! {
+                read = reader.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                () = out.closed() => break,
+            };
+            let frame = Frame::new(FrameKind::Stdout, Bytes::copy_from_slice(&buf[..n]));
+            if out.send(&frame).await.is_err() {
+                break;
+            }
+        }
+        // The host's side goes when the guest's does (or the host went away).
+        inbound.abort();
+    });
+    Response::new(body.boxed())
+}
+
+/// A connected guest socket.
+trait GuestSocket: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> GuestSocket for T {}
 
 /// Applies one stdin, end-of-stdin, resize or signal frame to `process`.
 async fn apply_input(process: &Process, frame: Frame) -> Result<(), AgentError> {

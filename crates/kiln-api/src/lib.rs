@@ -3,6 +3,7 @@
 //! statuses in exactly one place ([`ApiError`]). The OpenAPI document is generated from the
 //! handlers and types ([`ApiDoc`]) and served at `/v1/openapi.json`.
 
+mod code;
 mod exec;
 mod files;
 mod handlers;
@@ -228,6 +229,12 @@ impl FromRequestParts<AppState> for Caller {
         exec::signal,
         exec::write_stdin,
         exec::resize,
+        code::run_code,
+        code::run_code_stream,
+        code::create_code_context,
+        code::list_code_contexts,
+        code::delete_code_context,
+        code::interrupt_code,
         files::read,
         files::write,
         files::list,
@@ -245,6 +252,7 @@ impl FromRequestParts<AppState> for Caller {
         (name = "sandboxes", description = "Create, list, inspect and destroy sandboxes"),
         (name = "snapshots", description = "A sandbox's state kept, to make sandboxes from"),
         (name = "exec", description = "Run commands in a sandbox"),
+        (name = "code", description = "Run code in a sandbox's code interpreter, with state kept between runs"),
         (name = "files", description = "Files in a sandbox"),
         (name = "templates", description = "What sandboxes are made from"),
         (name = "keys", description = "API keys (admin keys only)"),
@@ -380,6 +388,23 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .route(
             "/v1/sandboxes/{id}/processes/{process}/resize",
             post(exec::resize),
+        )
+        .route("/v1/sandboxes/{id}/code", post(code::run_code))
+        .route(
+            "/v1/sandboxes/{id}/code/stream",
+            post(code::run_code_stream),
+        )
+        .route(
+            "/v1/sandboxes/{id}/code/contexts",
+            post(code::create_code_context).get(code::list_code_contexts),
+        )
+        .route(
+            "/v1/sandboxes/{id}/code/contexts/{context}",
+            axum::routing::delete(code::delete_code_context),
+        )
+        .route(
+            "/v1/sandboxes/{id}/code/contexts/{context}/interrupt",
+            post(code::interrupt_code),
         )
         .route(
             "/v1/sandboxes/{id}/files",

@@ -855,3 +855,140 @@ pub enum BuildEventBody {
         message: String,
     },
 }
+
+/// Run code in the sandbox's code interpreter (state persists between calls of a context).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunCodeBody {
+    /// The code; the value of its last expression is the result.
+    pub code: String,
+    /// `python` (the default, and the only language so far).
+    #[serde(default)]
+    pub language: Option<String>,
+    /// The context to run in (`default` if absent); `POST .../code/contexts` makes more.
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Environment set for this run, on top of the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Interrupt the run after this many milliseconds (the context keeps its state; the
+    /// outcome says `timed_out`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Something a run showed, by MIME type: `text/plain` always; `image/png` (base64),
+/// `text/html`, `application/json`, ... where the object offers them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeOutputBody {
+    /// The representations, by MIME type.
+    #[schema(value_type = Object)]
+    pub data: BTreeMap<String, serde_json::Value>,
+    /// The value of the last expression (else something displayed during the run: a
+    /// figure, `display(x)`).
+    pub is_main_result: bool,
+}
+
+/// The exception a run raised.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeErrorBody {
+    /// Its class, e.g. `ZeroDivisionError` (`KeyboardInterrupt` when interrupted).
+    pub name: String,
+    /// Its message.
+    pub value: String,
+    /// The traceback, from the run's own code.
+    pub traceback: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecutionBody {
+    /// What it showed, in order; the last expression's value has `is_main_result`.
+    pub results: Vec<CodeOutputBody>,
+    /// What it printed.
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+    /// The exception it raised, if it did.
+    pub error: Option<CodeErrorBody>,
+    /// How many runs its context has done.
+    pub execution_count: u64,
+    /// It was interrupted because `timeout_ms` passed.
+    pub timed_out: bool,
+    /// Output past the limits (16 MiB of text per stream, 64 MiB of results) was dropped.
+    pub truncated: bool,
+    /// Wall-clock time of the request, in ms.
+    pub duration_ms: f64,
+}
+
+/// One line of a streamed run (newline-delimited JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CodeEventBody {
+    /// Printed text.
+    Stdout {
+        /// The text.
+        text: String,
+    },
+    /// Text written to stderr.
+    Stderr {
+        /// The text.
+        text: String,
+    },
+    /// Something shown (a figure, `display(x)`), by MIME type.
+    Display {
+        /// The representations.
+        #[schema(value_type = Object)]
+        data: BTreeMap<String, serde_json::Value>,
+    },
+    /// The last expression's value, by MIME type.
+    Result {
+        /// The representations.
+        #[schema(value_type = Object)]
+        data: BTreeMap<String, serde_json::Value>,
+    },
+    /// The run raised.
+    Error {
+        /// Exception class.
+        name: String,
+        /// Its message.
+        value: String,
+        /// The traceback.
+        traceback: String,
+    },
+    /// The run ended; nothing follows.
+    Done {
+        /// How many runs its context has done.
+        execution_count: u64,
+        /// Interrupted because `timeout_ms` passed.
+        timed_out: bool,
+    },
+    /// The stream broke (not the code's error); nothing follows.
+    Failure {
+        /// As in error responses.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// A code context: globals of its own, in a process of its own.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeContextBody {
+    /// Its id (`default` is always there).
+    pub id: String,
+}
+
+/// A sandbox's code contexts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CodeContextList {
+    /// Their ids.
+    pub contexts: Vec<String>,
+}
+
+/// Whether an interrupt stopped a run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InterruptedBody {
+    /// A run was going on (it ends with a `KeyboardInterrupt` error).
+    pub running: bool,
+}

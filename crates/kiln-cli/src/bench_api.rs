@@ -117,32 +117,58 @@ impl Api {
     }
 }
 
+/// A daemon in this process on a loopback port with a key, for the API benchmarks.
+pub(crate) struct InProcessDaemon {
+    pub(crate) control: kiln_control::Control,
+    pub(crate) client: Client,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl InProcessDaemon {
+    /// Starts one with `template` as its default, artefacts from `cache_dir`.
+    pub(crate) async fn start(template: &str, cache_dir: &std::path::Path) -> Result<Self> {
+        let data = tempfile::Builder::new()
+            .prefix("kiln-bench-api-")
+            .tempdir()?;
+        let control = kiln_control::Control::open(kiln_control::ControlConfig {
+            cache_dir: cache_dir.to_owned(),
+            templates_dirs: crate::template_cmd::templates_dirs(),
+            agent_binary: crate::template_cmd::static_agent()?,
+            engine: kiln_engine::EngineConfig::new(data.path()),
+            default_template: template.to_owned(),
+            default_ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(3600),
+            paused_retention: Duration::from_secs(3600),
+        })
+        .await?;
+        let store = kiln_control::open_store(data.path())?;
+        let (_, key) = kiln_control::mint_key(&store, "bench", "bench", false)?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let app = kiln_api::router(control.clone(), kiln_api::ApiConfig::default());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(InProcessDaemon {
+            control,
+            client: Client::with_key(&url, key),
+            server,
+            _data: data,
+        })
+    }
+
+    /// Stops it, destroying its sandboxes.
+    pub(crate) async fn stop(self) {
+        self.server.abort();
+        self.control.shutdown().await;
+    }
+}
+
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: ApiBenchOptions) -> Result<()> {
-    let data = tempfile::Builder::new()
-        .prefix("kiln-bench-api-")
-        .tempdir()?;
-    let agent = crate::template_cmd::static_agent()?;
-    let templates_dirs = crate::template_cmd::templates_dirs();
-    let control = kiln_control::Control::open(kiln_control::ControlConfig {
-        cache_dir: options.cache_dir.clone(),
-        templates_dirs,
-        agent_binary: agent,
-        engine: kiln_engine::EngineConfig::new(data.path()),
-        default_template: options.template.clone(),
-        default_ttl: Duration::from_secs(600),
-        max_ttl: Duration::from_secs(3600),
-        paused_retention: Duration::from_secs(3600),
-    })
-    .await?;
-    let store = kiln_control::open_store(data.path())?;
-    let (_, key) = kiln_control::mint_key(&store, "bench", "bench", false)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let app = kiln_api::router(control.clone(), kiln_api::ApiConfig::default());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let daemon = InProcessDaemon::start(&options.template, &options.cache_dir).await?;
+    let control = daemon.control.clone();
     let api = Api {
-        client: Client::with_key(&url, key),
+        client: daemon.client.clone(),
     };
 
     eprintln!("preparing template {} ...", options.template);
@@ -256,8 +282,7 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
         daemon_rss_mib_after: rss_after,
         vmms_left_after: vmms_left,
     };
-    server.abort();
-    control.shutdown().await;
+    daemon.stop().await;
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use kiln_api::types::{
-    BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
-    FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody, SandboxBody,
-    SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
+    BuildTemplateBody, CodeEventBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody,
+    ExecEventBody, FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody,
+    SandboxBody, SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -620,6 +620,109 @@ pub async fn exec(client: &Client, id: &str, args: &ExecArgs) -> Result<u8> {
     })
     .await?;
     code.context("the output stream ended before the command exited")
+}
+
+/// Options of `kiln code`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CodeArgs {
+    /// The context to run in (`default` if absent); `--new-context` makes one.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Make a new context, print its id on stderr and run the code there.
+    #[arg(long, conflicts_with = "context")]
+    pub new_context: bool,
+    /// Interrupt the run after this many seconds (the context keeps its state).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Print the whole outcome as JSON (results by MIME type, error, counts) at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// The code (joined by spaces); read from stdin when absent.
+    #[arg(last = true)]
+    pub code: Vec<String>,
+}
+
+/// Runs code in a sandbox's interpreter, streaming its output; exit code 1 if it raised.
+pub async fn code(client: &Client, id: &str, args: &CodeArgs) -> Result<u8> {
+    let code = if args.code.is_empty() {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading code from stdin")?;
+        text
+    } else {
+        args.code.join(" ")
+    };
+    let context = if args.new_context {
+        let made: kiln_api::types::CodeContextBody = client
+            .json(client.request(Method::POST, &format!("/v1/sandboxes/{id}/code/contexts")))
+            .await?;
+        eprintln!("context {}", made.id);
+        Some(made.id)
+    } else {
+        args.context.clone()
+    };
+    let body = kiln_api::types::RunCodeBody {
+        code,
+        language: None,
+        context,
+        env: Default::default(),
+        timeout_ms: args.timeout.map(|s| s * 1000),
+    };
+    if args.json {
+        let outcome: kiln_api::types::ExecutionBody = client
+            .json(
+                client
+                    .request(Method::POST, &format!("/v1/sandboxes/{id}/code"))
+                    .json(&body),
+            )
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        return Ok(u8::from(outcome.error.is_some()));
+    }
+    let response = client
+        .send(
+            client
+                .request(Method::POST, &format!("/v1/sandboxes/{id}/code/stream"))
+                .json(&body),
+        )
+        .await?;
+    let mut raised = false;
+    let ended = each_line(
+        response,
+        "the code's output stream",
+        |event: CodeEventBody, _| {
+            use kiln_api::types::CodeEventBody as E;
+            match event {
+                E::Stdout { text } => print!("{text}"),
+                E::Stderr { text } => eprint!("{text}"),
+                E::Display { data } => {
+                    let kinds: Vec<&str> = data.keys().map(String::as_str).collect();
+                    eprintln!("[kiln: displayed {}; --json shows it]", kinds.join(", "));
+                }
+                E::Result { data } => match data.get("text/plain") {
+                    Some(serde_json::Value::String(text)) => println!("{text}"),
+                    Some(other) => println!("{other}"),
+                    None => {}
+                },
+                E::Error { traceback, .. } => {
+                    raised = true;
+                    eprint!("{traceback}");
+                }
+                E::Done { timed_out, .. } => {
+                    if timed_out {
+                        eprintln!("[kiln: interrupted after its timeout]");
+                    }
+                    return Ok(Some(()));
+                }
+                E::Failure { code, message } => anyhow::bail!("{message} ({code})"),
+            }
+            std::io::stdout().flush()?;
+            Ok(None)
+        },
+    )
+    .await?;
+    ended.context("the code's output stream ended before the run did")?;
+    Ok(u8::from(raised))
 }
 
 /// Reads a newline-delimited JSON stream from the daemon, handing each event (and its raw

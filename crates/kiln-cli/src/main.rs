@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod bench_api;
+mod bench_code;
 mod bench_create;
 mod bench_fork;
 mod bench_images;
@@ -57,6 +58,19 @@ enum Commands {
         id: String,
         #[command(flatten)]
         exec: client_cmd::ExecArgs,
+    },
+    /// Run Python code in a sandbox's code interpreter (variables and imports persist between
+    /// runs); prints its output and the value of its last expression; exits 1 if it raised.
+    ///
+    /// Example: kiln code sb-1234 -- 'import math; x = math.pi'   then   kiln code sb-1234 -- 'x * 2'
+    ///
+    /// The code comes from the words after `--`, or from stdin when there are none. Figures
+    /// and other rich results are listed; `--json` prints them (base64 for images).
+    Code {
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        code: client_cmd::CodeArgs,
     },
     /// Create a sandbox, run one command in it and destroy it; exits with the command's code.
     ///
@@ -374,6 +388,9 @@ enum BenchCommand {
     /// latency sequential and with concurrent clients, exec round trip, sustained creates and
     /// destroys, memory after.
     Api(bench_api::ApiBenchOptions),
+    /// Stateful code execution through the API: create, first and later `run_code`, warm
+    /// and cold imports (a template with the code interpreter; python by default).
+    Code(bench_code::CodeBenchOptions),
     /// Template images: build time from nothing (into an empty cache, downloads included)
     /// and from the cache, sizes, and cold boot to the first exec (p50/p99).
     Images(bench_images::ImagesBenchOptions),
@@ -445,6 +462,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             }
         },
         Commands::Exec { id, exec } => return client_cmd::exec(&client, &id, &exec).await,
+        Commands::Code { id, code } => return client_cmd::code(&client, &id, &code).await,
         Commands::Shell { id, command } => return client_cmd::shell(&client, &id, &command).await,
         Commands::Run { create, exec } => return client_cmd::run(&client, &create, &exec).await,
         Commands::Fs { command } => match command {
@@ -550,6 +568,9 @@ async fn main() -> ExitCode {
         Commands::Bench {
             command: BenchCommand::Api(options),
         } => bench_api::run(options).await,
+        Commands::Bench {
+            command: BenchCommand::Code(options),
+        } => bench_code::run(options).await,
         Commands::Bench {
             command: BenchCommand::Images(options),
         } => bench_images::run(options).await,

@@ -5,6 +5,7 @@
 //! State: the engine owns live VMs; the [`store::Store`] (SQLite) records who owns which
 //! sandbox, its metadata and time to live, and API keys (hashed).
 
+pub mod code;
 pub mod store;
 pub mod templates;
 

@@ -72,6 +72,8 @@ pub mod routes {
     /// Stdin, end of stdin, resizes and signals for a process started earlier, from outside
     /// its own stream (framed request: `Attach` first; a unary reply once all are applied).
     pub const INPUT: &str = "/v1/processes/input";
+    /// A byte stream to a socket inside the guest (framed, bidirectional).
+    pub const CONNECT: &str = "/v1/connect";
     /// Stream a file's contents out (framed response).
     pub const FILE_READ: &str = "/v1/files/read";
     /// Stream a file's contents in (framed request), atomically replacing the target.

@@ -186,6 +186,24 @@ pub struct SignalRequest {
     pub signal: i32,
 }
 
+/// Where a connection made inside the guest goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectTarget {
+    /// A unix socket, by absolute path.
+    Unix(String),
+    /// A TCP port on the guest's loopback.
+    Tcp(u16),
+}
+
+/// First frame of a connect stream: a byte stream to a socket inside the guest, data as
+/// `Stdin` frames in and `Stdout` frames out; the response ends when the guest side closes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectRequest {
+    /// Where to connect.
+    pub target: ConnectTarget,
+}
+
 /// Error categories; hosts map them to their own error types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -69,6 +69,8 @@ async def test_async_sandbox_end_to_end(daemon: tuple[str, str]) -> None:
             assert [s.sandbox_id for s in page.sandboxes] == [sandbox_id]
             await sandbox.set_timeout(600)
             await sandbox.keepalive()
+            with pytest.raises(kiln.ConflictError, match="code interpreter"):
+                await sandbox.run_code("1")
             children = await sandbox.fork(1)
             assert await children[0].commands.run("cat /root/async.txt") is not None
             assert await children[0].kill()
@@ -85,3 +87,15 @@ async def test_async_sandbox_end_to_end(daemon: tuple[str, str]) -> None:
     assert TEMPLATE in [t.name for t in await AsyncTemplate.list()]
     assert (await AsyncTemplate.get(TEMPLATE)).ready
     assert await AsyncSnapshot.list() is not None
+
+
+async def test_async_run_code(daemon: tuple[str, str]) -> None:
+    async with await AsyncSandbox.create("python", metadata={"suite": "python-sdk-async"}) as box:
+        assert (await box.run_code("a = 20\na + 22")).text == "42"
+        seen: list[str] = []
+        done = await box.run_code("print(a)", on_stdout=seen.append)
+        assert "".join(seen) == "20\n" and done.error is None
+        context = await box.create_code_context()
+        assert context in await box.list_code_contexts()
+        assert not await box.interrupt_code(context)
+        assert await box.delete_code_context(context)

@@ -27,5 +27,6 @@ export {
   type CreateOptions,
   type OutputCallback,
   type PtyOptions,
+  type RunCodeOptions,
   type RunOptions,
 } from "./sandbox.js";

@@ -231,3 +231,77 @@ export function sandboxEvent(data: Json): SandboxEvent {
     raw: data,
   };
 }
+
+/** Something a code run showed, by MIME type: the value of its last expression
+ * (`isMainResult`) or a figure or `display(x)` during it. */
+export interface Result {
+  data: Record<string, unknown>;
+  isMainResult: boolean;
+  text?: string;
+  html?: string;
+  markdown?: string;
+  svg?: string;
+  /** PNG, base64. */
+  png?: string;
+  /** JPEG, base64. */
+  jpeg?: string;
+  json?: unknown;
+}
+
+/** The exception a code run raised (`KeyboardInterrupt` when interrupted). */
+export interface ExecutionError {
+  name: string;
+  value: string;
+  traceback: string;
+}
+
+/** What a code run did. A raised exception is in `error`, not thrown. */
+export interface Execution {
+  results: Result[];
+  logs: { stdout: string[]; stderr: string[] };
+  error: ExecutionError | null;
+  executionCount: number;
+  timedOut: boolean;
+  truncated: boolean;
+  /** The last expression's value as text. */
+  text: string | undefined;
+}
+
+export function codeResult(data: Record<string, unknown>, isMainResult: boolean): Result {
+  const result: Result = { data, isMainResult };
+  const text = (mime: string) => (typeof data[mime] === "string" ? (data[mime] as string) : undefined);
+  const fields = {
+    text: text("text/plain"),
+    html: text("text/html"),
+    markdown: text("text/markdown"),
+    svg: text("image/svg+xml"),
+    png: text("image/png"),
+    jpeg: text("image/jpeg"),
+  };
+  for (const [key, value] of Object.entries(fields)) {
+    if (value !== undefined) (result as unknown as Record<string, unknown>)[key] = value;
+  }
+  if ("application/json" in data) result.json = data["application/json"];
+  return result;
+}
+
+export function execution(parts: Omit<Execution, "text">): Execution {
+  return { ...parts, text: parts.results.find((r) => r.isMainResult)?.text };
+}
+
+export function executionFromJson(data: Json): Execution {
+  const error = data.error as Json | null | undefined;
+  return execution({
+    results: ((data.results ?? []) as Json[]).map((r) =>
+      codeResult({ ...((r.data ?? {}) as Record<string, unknown>) }, r.is_main_result === true),
+    ),
+    logs: {
+      stdout: data.stdout ? [String(data.stdout)] : [],
+      stderr: data.stderr ? [String(data.stderr)] : [],
+    },
+    error: error ? { name: String(error.name), value: String(error.value), traceback: String(error.traceback) } : null,
+    executionCount: num(data.execution_count),
+    timedOut: data.timed_out === true,
+    truncated: data.truncated === true,
+  });
+}

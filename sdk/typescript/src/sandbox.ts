@@ -5,6 +5,9 @@
 import { resolveConfig, type ConnectionOptions } from "./config.js";
 import { CommandExitError, KilnError, NotFoundError, TimeoutError } from "./errors.js";
 import {
+  codeResult,
+  execution,
+  executionFromJson,
   commandResult,
   entryInfo,
   networkJson,
@@ -16,6 +19,9 @@ import {
   type BuildEvent,
   type CommandResult,
   type EntryInfo,
+  type Execution,
+  type ExecutionError,
+  type Result,
   type ForkResult,
   type Health,
   type NetworkPolicy,
@@ -362,6 +368,21 @@ export class Commands {
   async closeStdin(pid: number | string): Promise<void> {
     await this.transport.request(stdinCall(this.sandboxId, pid, "", true));
   }
+}
+
+/** Options of `runCode`. */
+export interface RunCodeOptions {
+  /** `python` (the default and, so far, the only one). */
+  language?: string;
+  /** The context to run in (`default` unless given). */
+  context?: string;
+  envs?: Record<string, string>;
+  /** Interrupt the run after this many ms (the context keeps its state). */
+  timeoutMs?: number;
+  onStdout?: OutputCallback;
+  onStderr?: OutputCallback;
+  onResult?: (result: Result) => void;
+  onError?: (error: ExecutionError) => void;
 }
 
 /** Options of a terminal. */
@@ -875,6 +896,117 @@ export class Sandbox {
       params: { lines: options.lines },
     });
     return reply.text();
+  }
+
+  /**
+   * Runs `code` in the sandbox's code interpreter (the `python` template has one): variables
+   * and imports persist between runs of a `context` (`default` unless given). Resolves to what
+   * it printed, the value of its last expression and what it displayed (figures as PNG), with
+   * the exception it raised in `error` (not thrown). `timeoutMs` interrupts a runaway run,
+   * keeping the context; callbacks get output and results as they come.
+   */
+  @operations("run_code", "run_code_stream")
+  async runCode(code: string, options: RunCodeOptions = {}): Promise<Execution> {
+    const body: Json = { code, language: options.language ?? "python" };
+    if (options.context !== undefined) body.context = options.context;
+    if (options.envs) body.env = { ...options.envs };
+    if (options.timeoutMs) body.timeout_ms = Math.round(options.timeoutMs);
+    const timeoutMs = options.timeoutMs ? options.timeoutMs + GRACE_MS : null;
+    const streamed = options.onStdout || options.onStderr || options.onResult || options.onError;
+    const path = sandboxPath(this.sandboxId, "/code");
+    if (!streamed) {
+      const reply = await this.transport.request({
+        operation: "run_code",
+        method: "POST",
+        path,
+        json: body,
+        timeoutMs,
+      });
+      return executionFromJson(reply.json<Json>());
+    }
+    const collected: Omit<Execution, "text" | "executionCount" | "timedOut"> = {
+      results: [],
+      logs: { stdout: [], stderr: [] },
+      error: null,
+      truncated: false,
+    };
+    const call: Call = { operation: "run_code_stream", method: "POST", path: `${path}/stream`, json: body, timeoutMs };
+    for await (const event of this.transport.lines(call)) {
+      switch (event.type) {
+        case "stdout":
+        case "stderr": {
+          const text = String(event.text ?? "");
+          collected.logs[event.type].push(text);
+          (event.type === "stdout" ? options.onStdout : options.onStderr)?.(text);
+          break;
+        }
+        case "display":
+        case "result": {
+          const result = codeResult({ ...((event.data ?? {}) as Record<string, unknown>) }, event.type === "result");
+          collected.results.push(result);
+          options.onResult?.(result);
+          break;
+        }
+        case "error":
+          collected.error = {
+            name: String(event.name),
+            value: String(event.value),
+            traceback: String(event.traceback),
+          };
+          options.onError?.(collected.error);
+          break;
+        case "done":
+          return execution({
+            ...collected,
+            executionCount: typeof event.execution_count === "number" ? event.execution_count : 0,
+            timedOut: event.timed_out === true,
+          });
+        case "failure":
+          throw new KilnError(`the code's stream broke: ${String(event.message)}`, { code: String(event.code) });
+      }
+    }
+    throw new KilnError("the code's stream ended before the run did");
+  }
+
+  /** A new code context (globals of its own); resolves to its id. */
+  @operations("create_code_context")
+  async createCodeContext(): Promise<string> {
+    const path = sandboxPath(this.sandboxId, "/code/contexts");
+    return String(
+      (await this.transport.request({ operation: "create_code_context", method: "POST", path })).json<Json>().id,
+    );
+  }
+
+  /** The ids of the sandbox's code contexts (`default` among them). */
+  @operations("list_code_contexts")
+  async listCodeContexts(): Promise<string[]> {
+    const path = sandboxPath(this.sandboxId, "/code/contexts");
+    const data = (await this.transport.request({ operation: "list_code_contexts", method: "GET", path })).json<Json>();
+    return (data.contexts as unknown[]).map(String);
+  }
+
+  /** Deletes a code context and its state; false if there was none. */
+  @operations("delete_code_context")
+  async deleteCodeContext(context: string): Promise<boolean> {
+    const path = sandboxPath(this.sandboxId, `/code/contexts/${enc(context)}`);
+    const reply = await this.transport.request({
+      operation: "delete_code_context",
+      method: "DELETE",
+      path,
+      allow: [404],
+    });
+    return reply.status !== 404;
+  }
+
+  /** Interrupts the run going on in `context` (it ends with a `KeyboardInterrupt` error; the
+   * context keeps its state); false if none was running. */
+  @operations("interrupt_code")
+  async interruptCode(context = "default"): Promise<boolean> {
+    const path = sandboxPath(this.sandboxId, `/code/contexts/${enc(context)}/interrupt`);
+    return (
+      (await this.transport.request({ operation: "interrupt_code", method: "POST", path })).json<Json>().running ===
+      true
+    );
   }
 
   /** The host name that serves `port` of the sandbox: `<port>-<id>.<domain>`. */

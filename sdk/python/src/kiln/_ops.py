@@ -11,6 +11,10 @@ from ._transport import Call
 from .exceptions import CommandExitError, KilnError, Timeout
 from .models import (
     BuildEvent,
+    Execution,
+    ExecutionError,
+    Logs,
+    Result,
     CommandResult,
     ExecEvent,
     NetworkPolicy,
@@ -304,3 +308,100 @@ class EventCollector:
         if self.result is None:
             raise KilnError("the command's stream ended before its exit")
         return self.result
+
+
+def run_code_body(
+    code: str,
+    language: str,
+    context: Optional[str],
+    envs: Optional[Mapping[str, str]],
+    timeout: Optional[float],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "language": language}
+    if context is not None:
+        body["context"] = context
+    if envs:
+        body["env"] = dict(envs)
+    if timeout:
+        body["timeout_ms"] = int(timeout * 1000)
+    return body
+
+
+def code_call(sandbox_id: str, body: Mapping[str, Any], stream: bool) -> Call:
+    suffix = "/code/stream" if stream else "/code"
+    timeout = body.get("timeout_ms")
+    return Call(
+        "run_code_stream" if stream else "run_code",
+        "POST",
+        sandbox_path(sandbox_id, suffix),
+        json=dict(body),
+        timeout=timeout / 1000 + _GRACE if timeout else LONG_STREAM,
+    )
+
+
+def code_context_call(operation: str, sandbox_id: str, context: Optional[str] = None) -> Call:
+    base = sandbox_path(sandbox_id, "/code/contexts")
+    if operation == "create_code_context":
+        return Call(operation, "POST", base)
+    if operation == "list_code_contexts":
+        return Call(operation, "GET", base)
+    path = f"{base}/{quote(str(context), safe='')}"
+    if operation == "delete_code_context":
+        return Call(operation, "DELETE", path, allow=(404,))
+    return Call(operation, "POST", path + "/interrupt")
+
+
+class CodeCollector:
+    """Turns a code run's streamed events into callbacks and, at its end, an Execution."""
+
+    def __init__(
+        self,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        on_result: Optional[Callable[[Result], None]] = None,
+        on_error: Optional[Callable[[ExecutionError], None]] = None,
+    ) -> None:
+        self.on_stdout, self.on_stderr = on_stdout, on_stderr
+        self.on_result, self.on_error = on_result, on_error
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.results: list[Result] = []
+        self.error: Optional[ExecutionError] = None
+        self.execution: Optional[Execution] = None
+
+    def feed(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            text = str(event.get("text", ""))
+            (self.stdout if kind == "stdout" else self.stderr).append(text)
+            callback = self.on_stdout if kind == "stdout" else self.on_stderr
+            if callback is not None:
+                callback(text)
+        elif kind in ("display", "result"):
+            result = Result(dict(event.get("data") or {}), kind == "result")
+            self.results.append(result)
+            if self.on_result is not None:
+                self.on_result(result)
+        elif kind == "error":
+            self.error = ExecutionError(
+                str(event.get("name")), str(event.get("value")), str(event.get("traceback"))
+            )
+            if self.on_error is not None:
+                self.on_error(self.error)
+        elif kind == "done":
+            self.execution = Execution(
+                results=self.results,
+                logs=Logs(self.stdout, self.stderr),
+                error=self.error,
+                execution_count=int(event.get("execution_count", 0)),
+                timed_out=bool(event.get("timed_out", False)),
+            )
+        elif kind == "failure":
+            raise KilnError(
+                f"the code's stream broke: {event.get('message')}", code=str(event.get("code"))
+            )
+
+    def finish(self) -> Execution:
+        if self.execution is None:
+            raise KilnError("the code's stream ended before the run did")
+        return self.execution

@@ -332,3 +332,108 @@ class Health:
     status: str
     version: str
     accel: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """Something a code run showed, by MIME type: the value of its last expression
+    (``is_main_result``) or a figure or ``display(x)`` during it."""
+
+    data: dict[str, Any]
+    is_main_result: bool = False
+
+    def _get(self, mime: str) -> Optional[str]:
+        value = self.data.get(mime)
+        return value if isinstance(value, str) else None
+
+    @property
+    def text(self) -> Optional[str]:
+        return self._get("text/plain")
+
+    @property
+    def html(self) -> Optional[str]:
+        return self._get("text/html")
+
+    @property
+    def markdown(self) -> Optional[str]:
+        return self._get("text/markdown")
+
+    @property
+    def svg(self) -> Optional[str]:
+        return self._get("image/svg+xml")
+
+    @property
+    def png(self) -> Optional[str]:
+        """The PNG image, base64."""
+        return self._get("image/png")
+
+    @property
+    def jpeg(self) -> Optional[str]:
+        """The JPEG image, base64."""
+        return self._get("image/jpeg")
+
+    @property
+    def json(self) -> Any:
+        return self.data.get("application/json")
+
+    def formats(self) -> list[str]:
+        return sorted(self.data)
+
+
+@dataclass(frozen=True)
+class ExecutionError:
+    """The exception a code run raised (``KeyboardInterrupt`` when interrupted)."""
+
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Logs:
+    """What a code run printed, in the pieces it printed them."""
+
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What a code run did. A raised exception is in ``error``, not raised."""
+
+    results: list[Result]
+    logs: Logs
+    error: Optional[ExecutionError]
+    execution_count: int
+    timed_out: bool = False
+    truncated: bool = False
+
+    @property
+    def text(self) -> Optional[str]:
+        """The last expression's value as text."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Execution:
+        error = data.get("error")
+        return Execution(
+            results=[
+                Result(dict(r.get("data") or {}), bool(r.get("is_main_result")))
+                for r in data.get("results", [])
+            ],
+            logs=Logs(
+                stdout=[data["stdout"]] if data.get("stdout") else [],
+                stderr=[data["stderr"]] if data.get("stderr") else [],
+            ),
+            error=(
+                ExecutionError(str(error["name"]), str(error["value"]), str(error["traceback"]))
+                if error
+                else None
+            ),
+            execution_count=int(data.get("execution_count", 0)),
+            timed_out=bool(data.get("timed_out", False)),
+            truncated=bool(data.get("truncated", False)),
+        )

@@ -25,6 +25,9 @@ from ._transport import Call, Reply, SyncTransport, operations
 from .exceptions import KilnError, NotFoundError
 from .models import (
     BuildEvent,
+    Execution,
+    ExecutionError,
+    Result,
     CommandResult,
     EntryInfo,
     ForkResult,
@@ -726,6 +729,63 @@ class Sandbox:
             )
         )
         return reply.body.decode("utf-8", "replace")
+
+    @operations("run_code", "run_code_stream")
+    def run_code(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context: Optional[str] = None,
+        envs: Optional[Mapping[str, str]] = None,
+        timeout: Optional[float] = None,
+        on_stdout: Optional[OutputCallback] = None,
+        on_stderr: Optional[OutputCallback] = None,
+        on_result: Optional[Callable[[Result], None]] = None,
+        on_error: Optional[Callable[[ExecutionError], None]] = None,
+    ) -> Execution:
+        """Runs ``code`` in the sandbox's code interpreter (the ``python`` template has one):
+        variables and imports persist between runs of a ``context`` (``default`` unless
+        given; :meth:`create_code_context` makes more). Returns what it printed, the value of
+        its last expression and what it displayed (figures as PNG), and the exception it
+        raised in ``error`` (not raised here). ``timeout`` (seconds) interrupts a runaway
+        run, keeping the context; callbacks get output and results as they come."""
+        body = _ops.run_code_body(code, language, context, envs, timeout)
+        if not any((on_stdout, on_stderr, on_result, on_error)):
+            reply = self._transport.request(_ops.code_call(self.sandbox_id, body, False))
+            return Execution.from_json(reply.json())
+        collector = _ops.CodeCollector(on_stdout, on_stderr, on_result, on_error)
+        events = self._transport.stream_lines(_ops.code_call(self.sandbox_id, body, True))
+        for raw in events:
+            collector.feed(raw)
+            if collector.execution is not None:
+                break
+        return collector.finish()
+
+    @operations("create_code_context")
+    def create_code_context(self) -> str:
+        """A new code context (globals of its own); returns its id."""
+        call = _ops.code_context_call("create_code_context", self.sandbox_id)
+        return str((self._transport.request(call)).json()["id"])
+
+    @operations("list_code_contexts")
+    def list_code_contexts(self) -> List[str]:
+        """The ids of the sandbox's code contexts (``default`` among them)."""
+        call = _ops.code_context_call("list_code_contexts", self.sandbox_id)
+        return [str(c) for c in (self._transport.request(call)).json()["contexts"]]
+
+    @operations("delete_code_context")
+    def delete_code_context(self, context: str) -> bool:
+        """Deletes a code context and its state; False if there was none."""
+        call = _ops.code_context_call("delete_code_context", self.sandbox_id, context)
+        return (self._transport.request(call)).status != 404
+
+    @operations("interrupt_code")
+    def interrupt_code(self, context: str = "default") -> bool:
+        """Interrupts the run going on in ``context`` (it ends with a ``KeyboardInterrupt``
+        error; the context keeps its state); False if none was running."""
+        call = _ops.code_context_call("interrupt_code", self.sandbox_id, context)
+        return bool((self._transport.request(call)).json()["running"])
 
     def get_host(self, port: int) -> str:
         """The host name that serves ``port`` of the sandbox: ``<port>-<id>.<domain>``."""
