@@ -61,6 +61,9 @@ python_env() {
 node_env() {
   local key modules
   command -v node >/dev/null || die "node not found: install Node.js 20 or later"
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old: the TypeScript SDK needs 20 or later"
   key=$(sha256sum sdk/typescript/package-lock.json | cut -c1-16)
   modules="$cache_root/sdk/node-$key"
   if [ ! -f "$modules/.complete" ]; then
