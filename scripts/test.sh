@@ -9,6 +9,7 @@ started=$SECONDS
 require_root
 require_cargo
 install_packages
+require_sdk_tools
 
 step "the package set-up, from a fresh machine's state (scripts/tests/fresh-install.sh)"
 bash scripts/tests/fresh-install.sh

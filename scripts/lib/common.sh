@@ -29,6 +29,18 @@ require_cargo() {
   command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (stable, via rustup) and re-run"
 }
 
+# The SDKs' test suites need Python 3 with venv and Node.js 20+ with npm (both on kiln's
+# build machines; Debian 12's own nodejs is 18). Checked before the long test run starts.
+require_sdk_tools() {
+  python3 -c 'import venv, ensurepip' 2>/dev/null ||
+    die "the SDK tests need Python 3 with venv: apt-get install python3-venv (or a python3 that has it first in PATH)"
+  command -v node >/dev/null && command -v npm >/dev/null ||
+    die "the SDK tests need Node.js 20 or later with npm (https://nodejs.org; Debian 12's nodejs is 18)"
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old: the TypeScript SDK needs 20 or later"
+}
+
 # Builds the static guest agent; prints its path.
 build_static_agent() {
   RUSTFLAGS="-C target-feature=+crt-static" \

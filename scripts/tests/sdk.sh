@@ -16,6 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 cd "$KILN_ROOT"
 require_root
+require_sdk_tools
 started=$SECONDS
 
 kiln_bin=${KILN_BIN:-$KILN_ROOT/target/debug/kiln}
@@ -60,10 +61,6 @@ python_env() {
 # The TypeScript test environment: node_modules from the lock file, keyed on it.
 node_env() {
   local key modules
-  command -v node >/dev/null || die "node not found: install Node.js 20 or later"
-  local major
-  major=$(node -p 'process.versions.node.split(".")[0]')
-  [ "$major" -ge 20 ] || die "Node.js $(node --version) is too old: the TypeScript SDK needs 20 or later"
   key=$(sha256sum sdk/typescript/package-lock.json | cut -c1-16)
   modules="$cache_root/sdk/node-$key"
   if [ ! -f "$modules/.complete" ]; then
@@ -111,8 +108,10 @@ python_suite() {
   (cd sdk/python && "$venv/bin/black" --check src tests && "$venv/bin/mypy" src tests)
   step "Python SDK: installed with pip from the repository path"
   pkg="$work/python-pkg"
+  # From a copy: a build writes build/ and *.egg-info beside its sources.
+  cp -r sdk/python "$work/python-src"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-    --target "$pkg" ./sdk/python
+    --target "$pkg" "$work/python-src"
   [ -f "$pkg/kiln/py.typed" ] || die "the installed package lacks py.typed"
   step "Python SDK: pytest"
   (cd sdk/python && PYTHONPATH="$pkg" "$venv/bin/pytest" -q -p no:cacheprovider --durations=5 tests)

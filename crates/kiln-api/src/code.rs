@@ -136,8 +136,8 @@ pub(crate) async fn run_code(
         duration_ms: 0.0,
     };
     let mut result_bytes = 0usize;
-    let mut too_many = |data: &std::collections::BTreeMap<String, serde_json::Value>| {
-        result_bytes += data.values().map(|v| v.to_string().len()).sum::<usize>();
+    let mut too_many = |data: &kiln_control::code::MimeBundle| {
+        result_bytes += data.values().map(|v| v.get().len()).sum::<usize>();
         result_bytes > MAX_RESULTS
     };
     while let Some(event) = next_event(&mut run, deadline).await? {

@@ -883,7 +883,7 @@ pub struct RunCodeBody {
 pub struct CodeOutputBody {
     /// The representations, by MIME type.
     #[schema(value_type = Object)]
-    pub data: BTreeMap<String, serde_json::Value>,
+    pub data: kiln_control::code::MimeBundle,
     /// The value of the last expression (else something displayed during the run: a
     /// figure, `display(x)`).
     pub is_main_result: bool,
@@ -921,8 +921,10 @@ pub struct ExecutionBody {
     pub duration_ms: f64,
 }
 
+// Serialized only: raw values cannot go through a tagged enum's deserializer (clients read
+// these lines as plain JSON).
 /// One line of a streamed run (newline-delimited JSON).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CodeEventBody {
     /// Printed text.
@@ -939,13 +941,13 @@ pub enum CodeEventBody {
     Display {
         /// The representations.
         #[schema(value_type = Object)]
-        data: BTreeMap<String, serde_json::Value>,
+        data: kiln_control::code::MimeBundle,
     },
     /// The last expression's value, by MIME type.
     Result {
         /// The representations.
         #[schema(value_type = Object)]
-        data: BTreeMap<String, serde_json::Value>,
+        data: kiln_control::code::MimeBundle,
     },
     /// The run raised.
     Error {

@@ -60,9 +60,9 @@ async fn run_code(client: &Client, id: &str, code: &str, context: Option<&str>) 
         .iter()
         .find(|r| r.is_main_result)
         .and_then(|r| r.data.get("text/plain"))
-        .and_then(|v| v.as_str())
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
         .unwrap_or_default();
-    Ok(text.to_owned())
+    Ok(text)
 }
 
 async fn timed<T>(

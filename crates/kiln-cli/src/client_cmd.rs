@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use kiln_api::types::{
-    BuildTemplateBody, CodeEventBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody,
-    ExecEventBody, FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody,
-    SandboxBody, SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
+    BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
+    FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody, SandboxBody,
+    SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -642,6 +642,34 @@ pub struct CodeArgs {
     pub code: Vec<String>,
 }
 
+/// A line of `/code/stream`, as the CLI reads it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum CodeLine {
+    Stdout {
+        text: String,
+    },
+    Stderr {
+        text: String,
+    },
+    Display {
+        data: BTreeMap<String, serde_json::Value>,
+    },
+    Result {
+        data: BTreeMap<String, serde_json::Value>,
+    },
+    Error {
+        traceback: String,
+    },
+    Done {
+        timed_out: bool,
+    },
+    Failure {
+        code: String,
+        message: String,
+    },
+}
+
 /// Runs code in a sandbox's interpreter, streaming its output; exit code 1 if it raised.
 pub async fn code(client: &Client, id: &str, args: &CodeArgs) -> Result<u8> {
     let code = if args.code.is_empty() {
@@ -690,31 +718,30 @@ pub async fn code(client: &Client, id: &str, args: &CodeArgs) -> Result<u8> {
     let ended = each_line(
         response,
         "the code's output stream",
-        |event: CodeEventBody, _| {
-            use kiln_api::types::CodeEventBody as E;
+        |event: CodeLine, _| {
             match event {
-                E::Stdout { text } => print!("{text}"),
-                E::Stderr { text } => eprint!("{text}"),
-                E::Display { data } => {
+                CodeLine::Stdout { text } => print!("{text}"),
+                CodeLine::Stderr { text } => eprint!("{text}"),
+                CodeLine::Display { data } => {
                     let kinds: Vec<&str> = data.keys().map(String::as_str).collect();
                     eprintln!("[kiln: displayed {}; --json shows it]", kinds.join(", "));
                 }
-                E::Result { data } => match data.get("text/plain") {
+                CodeLine::Result { data } => match data.get("text/plain") {
                     Some(serde_json::Value::String(text)) => println!("{text}"),
                     Some(other) => println!("{other}"),
                     None => {}
                 },
-                E::Error { traceback, .. } => {
+                CodeLine::Error { traceback } => {
                     raised = true;
                     eprint!("{traceback}");
                 }
-                E::Done { timed_out, .. } => {
+                CodeLine::Done { timed_out } => {
                     if timed_out {
                         eprintln!("[kiln: interrupted after its timeout]");
                     }
                     return Ok(Some(()));
                 }
-                E::Failure { code, message } => anyhow::bail!("{message} ({code})"),
+                CodeLine::Failure { code, message } => anyhow::bail!("{message} ({code})"),
             }
             std::io::stdout().flush()?;
             Ok(None)

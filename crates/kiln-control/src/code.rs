@@ -19,7 +19,7 @@ use crate::{Control, ControlError, Principal};
 /// Where the interpreter listens inside the guest.
 pub const INTERPRETER_SOCKET: &str = "/run/kiln-interpreter.sock";
 /// Largest event the interpreter may send (a figure as PNG fits many times over).
-const MAX_EVENT: usize = 32 << 20;
+pub const MAX_EVENT: usize = 16 << 20;
 /// How long a context operation (create, list, delete, interrupt) may take.
 const CONTEXT_CALL: Duration = Duration::from_secs(30);
 
@@ -36,9 +36,12 @@ pub struct CodeRequest {
     pub timeout_ms: Option<u64>,
 }
 
+/// Something shown, by MIME type; each representation is kept as the JSON text the
+/// interpreter sent (parsed for validity, not expanded: a guest's huge array costs its bytes).
+pub type MimeBundle = BTreeMap<String, Box<serde_json::value::RawValue>>;
+
 /// What a running cell produces, in order; `Done` is last.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[derive(Debug, Clone)]
 pub enum CodeEvent {
     /// Text the cell printed.
     Stdout {
@@ -53,12 +56,12 @@ pub enum CodeEvent {
     /// Something shown during the cell (a figure, `display(x)`), by MIME type.
     Display {
         /// `text/plain` always; `image/png` (base64), `text/html`, ... where offered.
-        data: BTreeMap<String, serde_json::Value>,
+        data: MimeBundle,
     },
     /// The value of the cell's last expression, by MIME type.
     Result {
         /// As in `Display`.
-        data: BTreeMap<String, serde_json::Value>,
+        data: MimeBundle,
     },
     /// The cell raised.
     Error {
@@ -86,28 +89,111 @@ enum Reply {
     Contexts { ids: Vec<String> },
     Deleted,
     Interrupted { running: bool },
-    Failure { message: String },
+}
+
+/// One event line as the interpreter sends it. A flat struct rather than a tagged enum:
+/// serde buffers a tagged enum's fields, which raw (unexpanded) values cannot go through.
+#[derive(Debug, Deserialize)]
+struct WireEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    data: Option<MimeBundle>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    traceback: Option<String>,
+    #[serde(default)]
+    execution_count: Option<u64>,
+    #[serde(default)]
+    timed_out: Option<bool>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+impl WireEvent {
+    /// The event, the interpreter's `failure`, or what is missing.
+    fn into_event(self) -> Result<CodeEvent, ControlError> {
+        let missing = |field: &str| {
+            ControlError::Guest(format!(
+                "the code interpreter sent a `{}` event without `{field}`",
+                self.kind
+            ))
+        };
+        Ok(match self.kind.as_str() {
+            "stdout" | "stderr" => {
+                let text = self.text.clone().ok_or_else(|| missing("text"))?;
+                if self.kind == "stdout" {
+                    CodeEvent::Stdout { text }
+                } else {
+                    CodeEvent::Stderr { text }
+                }
+            }
+            "display" | "result" => {
+                let data = self.data.ok_or_else(|| missing("data"))?;
+                if self.kind == "display" {
+                    CodeEvent::Display { data }
+                } else {
+                    CodeEvent::Result { data }
+                }
+            }
+            "error" => CodeEvent::Error {
+                name: self.name.clone().ok_or_else(|| missing("name"))?,
+                value: self.value.clone().unwrap_or_default(),
+                traceback: self.traceback.clone().unwrap_or_default(),
+            },
+            "done" => CodeEvent::Done {
+                execution_count: self
+                    .execution_count
+                    .ok_or_else(|| missing("execution_count"))?,
+                timed_out: self.timed_out.unwrap_or(false),
+            },
+            "failure" => return Err(failure(self.message.as_deref().unwrap_or(""))),
+            other => {
+                return Err(ControlError::Guest(format!(
+                    "the code interpreter sent an unknown event `{other}`"
+                )))
+            }
+        })
+    }
+}
+
+/// A `failure` answer of the interpreter.
+#[derive(Debug, Deserialize)]
+struct FailureLine {
+    #[serde(rename = "type")]
+    kind: String,
+    message: String,
 }
 
 /// Newline-delimited JSON from the guest, each line bounded.
 struct Lines {
     connection: GuestConnection,
     pending: BytesMut,
+    /// How much of `pending` is known to hold no newline (each byte is searched once).
+    scanned: usize,
 }
 
 impl Lines {
-    async fn next<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ControlError> {
+    /// The next line, without its newline; `None` once the guest closed.
+    async fn next_line(&mut self) -> Result<Option<BytesMut>, ControlError> {
         loop {
-            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
-                let line = self.pending.split_to(end + 1);
-                let text = &line[..end];
-                if text.iter().all(u8::is_ascii_whitespace) {
+            let fresh = &self.pending[self.scanned..];
+            if let Some(at) = fresh.iter().position(|&b| b == b'\n') {
+                let end = self.scanned + at;
+                let mut line = self.pending.split_to(end + 1);
+                line.truncate(end);
+                self.scanned = 0;
+                if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                return serde_json::from_slice(text).map(Some).map_err(|e| {
-                    ControlError::Guest(format!("the code interpreter sent a bad event: {e}"))
-                });
+                return Ok(Some(line));
             }
+            self.scanned = self.pending.len();
             if self.pending.len() > MAX_EVENT {
                 return Err(ControlError::Guest(format!(
                     "the code interpreter sent an event over {} MiB",
@@ -123,6 +209,22 @@ impl Lines {
                 }
                 None => return Ok(None),
             }
+        }
+    }
+
+    /// The next line as a `T`, or the interpreter's `failure` as an error.
+    async fn next<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ControlError> {
+        let Some(line) = self.next_line().await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<T>(&line) {
+            Ok(value) => Ok(Some(value)),
+            Err(e) => match serde_json::from_slice::<FailureLine>(&line) {
+                Ok(failed) if failed.kind == "failure" => Err(failure(&failed.message)),
+                _ => Err(ControlError::Guest(format!(
+                    "the code interpreter sent a bad event: {e}"
+                ))),
+            },
         }
     }
 }
@@ -147,23 +249,24 @@ impl CodeRun {
         if self.done {
             return Ok(None);
         }
-        let event = match self.lines.next::<serde_json::Value>().await? {
-            Some(value) => value,
-            None => {
+        let event = match self
+            .lines
+            .next::<WireEvent>()
+            .await
+            .and_then(|wire| wire.map(WireEvent::into_event).transpose())
+        {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                self.done = true;
                 return Err(ControlError::Guest(
                     "the code interpreter ended the cell without finishing it".into(),
-                ))
+                ));
+            }
+            Err(e) => {
+                self.done = true;
+                return Err(e);
             }
         };
-        if event.get("type").and_then(|t| t.as_str()) == Some("failure") {
-            self.done = true;
-            return Err(failure(
-                event.get("message").and_then(|m| m.as_str()).unwrap_or(""),
-            ));
-        }
-        let event: CodeEvent = serde_json::from_value(event).map_err(|e| {
-            ControlError::Guest(format!("the code interpreter sent a bad event: {e}"))
-        })?;
         self.done = matches!(event, CodeEvent::Done { .. });
         Ok(Some(event))
     }
@@ -187,7 +290,20 @@ fn failure(message: &str) -> ControlError {
     }
 }
 
+/// Connects to the interpreter and sends `request`, within [`CONTEXT_CALL`]: a guest that
+/// does not accept or read cannot hold the caller.
 async fn open(sandbox: &Sandbox, request: &serde_json::Value) -> Result<Lines, ControlError> {
+    tokio::time::timeout(CONTEXT_CALL, open_unbounded(sandbox, request))
+        .await
+        .map_err(|_| {
+            ControlError::Timeout("the code interpreter did not take the request in 30 s".into())
+        })?
+}
+
+async fn open_unbounded(
+    sandbox: &Sandbox,
+    request: &serde_json::Value,
+) -> Result<Lines, ControlError> {
     let connection = sandbox
         .agent()
         .connect_to(ConnectTarget::Unix(INTERPRETER_SOCKET.into()))
@@ -208,6 +324,7 @@ async fn open(sandbox: &Sandbox, request: &serde_json::Value) -> Result<Lines, C
     Ok(Lines {
         connection,
         pending: BytesMut::new(),
+        scanned: 0,
     })
 }
 
@@ -219,7 +336,6 @@ async fn call(sandbox: &Sandbox, request: serde_json::Value) -> Result<Reply, Co
     .await
     .map_err(|_| ControlError::Timeout("the code interpreter did not answer in 30 s".into()))??;
     match answer {
-        Some(Reply::Failure { message }) => Err(failure(&message)),
         Some(reply) => Ok(reply),
         None => Err(ControlError::Guest(
             "the code interpreter closed without answering".into(),
@@ -341,14 +457,43 @@ mod tests {
         assert!(matches!(failure("garbage"), ControlError::Guest(_)));
     }
 
+    fn parse(line: &str) -> Result<CodeEvent, ControlError> {
+        serde_json::from_str::<WireEvent>(line)
+            .map_err(|e| ControlError::Guest(e.to_string()))?
+            .into_event()
+    }
+
     #[test]
     fn events_parse_strictly() {
-        let event: CodeEvent = serde_json::from_str(
-            r#"{"type":"result","data":{"text/plain":"42","application/json":{"a":1}}}"#,
-        )
-        .expect("a result");
+        let event =
+            parse(r#"{"type":"result","data":{"text/plain":"42","application/json":{"a":1}}}"#)
+                .expect("a result");
         assert!(matches!(event, CodeEvent::Result { ref data } if data.len() == 2));
-        assert!(serde_json::from_str::<CodeEvent>(r#"{"type":"done"}"#).is_err());
-        assert!(serde_json::from_str::<CodeEvent>(r#"{"type":"surprise"}"#).is_err());
+        if let CodeEvent::Result { data } = event {
+            assert_eq!(data["application/json"].get(), r#"{"a":1}"#, "kept as sent");
+        }
+        assert!(matches!(
+            parse(r#"{"type":"done"}"#),
+            Err(ControlError::Guest(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"surprise"}"#),
+            Err(ControlError::Guest(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"stdout","text":7}"#),
+            Err(ControlError::Guest(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"failure","message":"LookupError: no context 'x'"}"#),
+            Err(ControlError::NotFound { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"done","execution_count":3}"#),
+            Ok(CodeEvent::Done {
+                execution_count: 3,
+                timed_out: false
+            })
+        ));
     }
 }

@@ -198,6 +198,7 @@ def test_pause_resume_fork_snapshot(daemon: tuple[str, str]) -> None:
         finally:
             for child in children:
                 child.kill()
+                child.close()  # a child's connections are its own: the parent's stay open
 
         snapshot = parent.create_snapshot("sdk-py-snap")
         assert snapshot.sandbox_id == parent.sandbox_id and snapshot.size_bytes > 0

@@ -3,7 +3,7 @@
  */
 
 import { resolveConfig, type ConnectionOptions } from "./config.js";
-import { CommandExitError, KilnError, NotFoundError, TimeoutError } from "./errors.js";
+import { CommandExitError, KilnError, NotFoundError, TimeoutError, errorFromResponse } from "./errors.js";
 import {
   codeResult,
   execution,
@@ -995,7 +995,11 @@ export class Sandbox {
       path,
       allow: [404],
     });
-    return reply.status !== 404;
+    if (reply.status !== 404) return true;
+    // A missing context is `false`; a missing sandbox is an error.
+    const error = errorFromResponse(reply.status, reply.text(), reply.headers);
+    if (!error.message.startsWith("code context")) throw error;
+    return false;
   }
 
   /** Interrupts the run going on in `context` (it ends with a `KeyboardInterrupt` error; the

@@ -8,7 +8,7 @@ import { KilnError, TimeoutError, UnavailableError, errorFromResponse } from "./
 
 export const SDK_VERSION = "0.1.0";
 /** Longest line of a newline-delimited JSON stream the SDK accepts. */
-export const MAX_EVENT_LINE = 4 << 20;
+export const MAX_EVENT_LINE = 32 << 20;
 
 export type QueryValue = string | number | boolean | null | undefined;
 

@@ -48,6 +48,14 @@ def send(sock: socket.socket, event: dict) -> None:
     sock.sendall(json.dumps(event).encode() + b"\n")
 
 
+def send_quietly(sock: socket.socket, event: dict) -> None:
+    """Sends to a host that may have gone away."""
+    try:
+        send(sock, event)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------------- the worker
 
 
@@ -125,9 +133,25 @@ class Worker:
         self.globals: dict = {"__name__": "__main__", "__builtins__": __builtins__}
         self.count = 0
         self.identity = None
+        #: SIGINT interrupts the cell's own code only; between cells it is dropped.
+        self.executing = False
+        self.lock = threading.Lock()
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.executing:
+            raise KeyboardInterrupt
 
     def emit(self, event: dict) -> None:
-        send(self.conn, event)
+        """Sends one whole line: SIGINT waits while it is written, and threads a cell
+        started do not interleave with it."""
+        line = json.dumps(event).encode() + b"\n"
+        with self.lock:
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                self.conn.sendall(line)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def reseed(self) -> None:
         """A new sandbox (a restore or a fork of this state) gets new random streams: the
@@ -147,27 +171,32 @@ class Worker:
 
     def run(self, request: dict) -> None:
         self.reseed()
-        os.environ.update({str(k): str(v) for k, v in (request.get("env") or {}).items()})
+        env = {str(k): str(v) for k, v in (request.get("env") or {}).items()}
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
         self.count += 1
         self.globals.setdefault("display", self.display)
         code = str(request.get("code", ""))
         stdout, stderr = sys.stdout, sys.stderr
         sys.stdout = _Stream(self.emit, "stdout")
         sys.stderr = _Stream(self.emit, "stderr")
-        # SIGINT (an interrupt, a timeout) stops the cell's code, and nothing else.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             tree = ast.parse(code, "<cell>", "exec")
             last = None
             if tree.body and isinstance(tree.body[-1], ast.Expr):
                 last = ast.Expression(tree.body.pop().value)
-            exec(compile(tree, "<cell>", "exec"), self.globals)
-            value = eval(compile(last, "<cell>", "eval"), self.globals) if last else None
-            _figures(self.emit)
+            self.executing = True
+            try:
+                exec(compile(tree, "<cell>", "exec"), self.globals)
+                value = eval(compile(last, "<cell>", "eval"), self.globals) if last else None
+                _figures(self.emit)
+            finally:
+                self.executing = False
             if value is not None:
                 self.globals["_"] = value
                 self.emit({"type": "result", "data": _mime_bundle(value)})
         except BaseException as error:  # the cell's errors, KeyboardInterrupt included
+            self.executing = False
             try:
                 _figures(self.emit)
             except Exception:
@@ -184,8 +213,12 @@ class Worker:
                 }
             )
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.stdout, sys.stderr = stdout, stderr
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         self.emit({"type": "done", "execution_count": self.count})
 
     def serve(self) -> None:
@@ -194,7 +227,12 @@ class Worker:
             request = json.loads(line)
             if request.get("op") == "exit":
                 return
-            self.run(request)
+            try:
+                self.run(request)
+            except KeyboardInterrupt:
+                # An interrupt that landed just outside the cell: the run still ends.
+                self.executing = False
+                self.emit({"type": "done", "execution_count": self.count})
 
 
 def start_worker(warm: bool) -> tuple[int, socket.socket]:
@@ -211,7 +249,7 @@ def start_worker(warm: bool) -> tuple[int, socket.socket]:
                     os.close(int(name))
                 except OSError:
                     pass
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # until the worker's own handler
         if warm:
             for module in WARM_IMPORTS:
                 try:
@@ -232,25 +270,54 @@ def start_worker(warm: bool) -> tuple[int, socket.socket]:
 # ---------------------------------------------------------------------------- the server
 
 
+#: How long a run may take to stop after SIGINT before its worker is killed and replaced.
+INTERRUPT_GRACE = 5.0
+
+
 class Context:
     def __init__(self, warm: bool) -> None:
-        self.pid, self.sock = start_worker(warm)
-        self.reader = self.sock.makefile("rb")
-        if json.loads(self.reader.readline()).get("type") != "ready":
-            raise RuntimeError("the context's worker did not start")
+        self.warm = warm
         self.lock = threading.Lock()
         #: The run in progress (0: none); interrupts name the run they are for.
         self.run_id = 0
         self.runs = 0
         self.timed_out = False
+        self._start()
+
+    def _start(self) -> None:
+        self.pid, self.sock = start_worker(self.warm)
+        self.reader = self.sock.makefile("rb")
+        if json.loads(self.reader.readline() or b"{}").get("type") != "ready":
+            raise RuntimeError("the context's worker did not start")
+
+    def restart(self) -> None:
+        """A new worker in place of one that died, hung or sent garbage (its state is lost)."""
+        self.close()
+        self._start()
 
     def interrupt(self, run_id: int = 0) -> bool:
-        """SIGINT to the worker if it runs a cell (`run_id`'s, when given)."""
+        """SIGINT to the worker if it runs a cell (`run_id`'s, when given); one that does not
+        stop within the grace period is killed (the run then reports a restarted context)."""
         current = self.run_id
-        if current and (run_id == 0 or run_id == current):
-            os.kill(self.pid, signal.SIGINT)
-            return True
-        return False
+        if not current or (run_id and run_id != current):
+            return False
+        pid = self.pid
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError:
+            return False
+
+        def escalate() -> None:
+            if self.run_id == current and self.pid == pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(INTERRUPT_GRACE, escalate)
+        timer.daemon = True
+        timer.start()
+        return True
 
     def close(self) -> None:
         try:
@@ -276,7 +343,9 @@ class Server:
     def run(self, client: socket.socket, request: dict) -> None:
         context = self.context(str(request.get("context") or "default"))
         if not context.lock.acquire(timeout=0.1):
-            raise RuntimeError("this context is running another cell; interrupt it or use another context")
+            raise RuntimeError(
+                "this context is running another cell; interrupt it or use another context"
+            )
         timer = None
         try:
             context.runs += 1
@@ -286,39 +355,65 @@ class Server:
             if timeout_ms:
 
                 def expire() -> None:
-                    context.timed_out = True
-                    context.interrupt(run_id)
+                    if context.run_id == run_id:
+                        context.timed_out = True
+                        context.interrupt(run_id)
 
                 timer = threading.Timer(float(timeout_ms) / 1000, expire)
+                timer.daemon = True
                 timer.start()
-            context.sock.sendall(json.dumps(request).encode() + b"\n")
             watcher = threading.Thread(
                 target=self._watch, args=(client, context, run_id), daemon=True
             )
             watcher.start()
-            for line in context.reader:
-                event = json.loads(line)
-                if event.get("type") == "done":
-                    event["timed_out"] = context.timed_out
-                    context.run_id = 0
-                try:
-                    client.sendall(line if event.get("type") != "done" else json.dumps(event).encode() + b"\n")
-                except OSError:
-                    pass  # the host went away; the watcher interrupted the cell
-                if event.get("type") == "done":
-                    return
-            raise RuntimeError("the context's worker died")
+            count = self._relay(client, context, request)
+            if count is None:
+                # The worker died, was killed for not stopping, or sent garbage.
+                context.restart()
+                send_quietly(
+                    client,
+                    {
+                        "type": "error",
+                        "name": "ContextRestarted",
+                        "value": "the run's process ended before the run did (killed after "
+                        "not stopping when interrupted, or it exited); its context was "
+                        "restarted and its variables are gone",
+                        "traceback": "",
+                    },
+                )
+                count = 0
+            send_quietly(
+                client,
+                {"type": "done", "execution_count": count, "timed_out": context.timed_out},
+            )
         finally:
             context.run_id = 0
             if timer is not None:
                 timer.cancel()
             context.lock.release()
 
+    def _relay(self, client: socket.socket, context: Context, request: dict):
+        """Passes the worker's events to the host until the run's end; its execution count,
+        or None when the worker is gone or broken."""
+        try:
+            context.sock.sendall(json.dumps(request).encode() + b"\n")
+            for line in context.reader:
+                event = json.loads(line)
+                if event.get("type") == "done":
+                    return int(event.get("execution_count", 0))
+                try:
+                    client.sendall(line)
+                except OSError:
+                    pass  # the host went away; the watcher interrupted the cell
+        except (OSError, ValueError):
+            pass
+        return None
+
     def _watch(self, client: socket.socket, context: Context, run_id: int) -> None:
         """Interrupts the cell when the host closes the connection before it ends."""
         try:
             while context.run_id == run_id:
-                if client.recv(1, socket.MSG_PEEK) == b"":
+                if client.recv(4096) == b"":
                     break
         except OSError:
             pass

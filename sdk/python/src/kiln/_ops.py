@@ -7,8 +7,8 @@ import base64
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import quote, urlsplit
 
-from ._transport import Call
-from .exceptions import CommandExitError, KilnError, Timeout
+from ._transport import Call, Reply
+from .exceptions import CommandExitError, KilnError, Timeout, error_from_response
 from .models import (
     BuildEvent,
     Execution,
@@ -405,3 +405,13 @@ class CodeCollector:
         if self.execution is None:
             raise KilnError("the code's stream ended before the run did")
         return self.execution
+
+
+def deleted_context(reply: Reply) -> bool:
+    """Whether a context was deleted; a missing sandbox (not a missing context) raises."""
+    if reply.status != 404:
+        return True
+    error = error_from_response(reply.status, reply.body, reply.headers)
+    if not str(error.message).startswith("code context"):
+        raise error
+    return False

@@ -29,7 +29,7 @@ from .exceptions import KilnError, Timeout, UnavailableError, error_from_respons
 T = TypeVar("T")
 
 #: Longest line of a newline-delimited JSON stream the SDK accepts.
-MAX_EVENT_LINE = 4 << 20
+MAX_EVENT_LINE = 32 << 20
 
 
 @dataclass

@@ -112,8 +112,10 @@ class CommandHandle:
     ) -> CommandResult:
         """Waits for the exit; raises ``CommandExitError`` for a non-zero exit code and
         ``Timeout`` when the command's timeout killed it."""
-        self._collector.on_stdout = on_stdout or on_pty
-        self._collector.on_stderr = on_stderr
+        if on_stdout or on_pty:
+            self._collector.on_stdout = on_stdout or on_pty
+        if on_stderr:
+            self._collector.on_stderr = on_stderr
         for _ in self:
             pass
         return _ops.checked(self._collector.finish())
@@ -686,10 +688,9 @@ class Sandbox:
     ) -> List[Sandbox]:
         """Makes ``count`` (1 to 32) children that continue from this moment: its processes,
         memory and files, each with its own id, network namespace and reseeded RNG."""
-        return [
-            Sandbox(info, self._transport)
-            for info in self.fork_info(count, metadata=metadata, timeout=timeout).sandboxes
-        ]
+        forked = self.fork_info(count, metadata=metadata, timeout=timeout)
+        # Each child has connections of its own: closing one leaves the others working.
+        return [Sandbox(info, SyncTransport(self._transport.config)) for info in forked.sandboxes]
 
     @operations("fork_sandbox")
     def fork_info(
@@ -778,7 +779,7 @@ class Sandbox:
     def delete_code_context(self, context: str) -> bool:
         """Deletes a code context and its state; False if there was none."""
         call = _ops.code_context_call("delete_code_context", self.sandbox_id, context)
-        return (self._transport.request(call)).status != 404
+        return _ops.deleted_context(self._transport.request(call))
 
     @operations("interrupt_code")
     def interrupt_code(self, context: str = "default") -> bool:

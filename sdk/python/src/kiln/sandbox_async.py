@@ -112,8 +112,10 @@ class AsyncCommandHandle:
     ) -> CommandResult:
         """Waits for the exit; raises ``CommandExitError`` for a non-zero exit code and
         ``Timeout`` when the command's timeout killed it."""
-        self._collector.on_stdout = on_stdout or on_pty
-        self._collector.on_stderr = on_stderr
+        if on_stdout or on_pty:
+            self._collector.on_stdout = on_stdout or on_pty
+        if on_stderr:
+            self._collector.on_stderr = on_stderr
         async for _ in self:
             pass
         return _ops.checked(self._collector.finish())
@@ -699,7 +701,10 @@ class AsyncSandbox:
         """Makes ``count`` (1 to 32) children that continue from this moment: its processes,
         memory and files, each with its own id, network namespace and reseeded RNG."""
         forked = await self.fork_info(count, metadata=metadata, timeout=timeout)
-        return [AsyncSandbox(info, self._transport) for info in forked.sandboxes]
+        # Each child has connections of its own: closing one leaves the others working.
+        return [
+            AsyncSandbox(info, AsyncTransport(self._transport.config)) for info in forked.sandboxes
+        ]
 
     @operations("fork_sandbox")
     async def fork_info(
@@ -790,7 +795,7 @@ class AsyncSandbox:
     async def delete_code_context(self, context: str) -> bool:
         """Deletes a code context and its state; False if there was none."""
         call = _ops.code_context_call("delete_code_context", self.sandbox_id, context)
-        return (await self._transport.request(call)).status != 404
+        return _ops.deleted_context(await self._transport.request(call))
 
     @operations("interrupt_code")
     async def interrupt_code(self, context: str = "default") -> bool:
