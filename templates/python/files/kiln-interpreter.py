@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import uuid
 
@@ -296,27 +297,31 @@ class Context:
         self._start()
 
     def interrupt(self, run_id: int = 0) -> bool:
-        """SIGINT to the worker if it runs a cell (`run_id`'s, when given); one that does not
-        stop within the grace period is killed (the run then reports a restarted context)."""
+        """Stops the cell the worker runs (`run_id`'s, when given): SIGINT, repeated while the
+        run goes on (one that lands before the cell's code starts is dropped by the worker),
+        then SIGKILL if it has not stopped within the grace period (the run then reports a
+        restarted context)."""
         current = self.run_id
         if not current or (run_id and run_id != current):
             return False
         pid = self.pid
-        try:
-            os.kill(pid, signal.SIGINT)
-        except OSError:
-            return False
 
-        def escalate() -> None:
-            if self.run_id == current and self.pid == pid:
+        def stop() -> None:
+            deadline = time.monotonic() + INTERRUPT_GRACE
+            while self.run_id == current and self.pid == pid:
+                if time.monotonic() >= deadline:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    return
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGINT)
                 except OSError:
-                    pass
+                    return
+                time.sleep(0.2)
 
-        timer = threading.Timer(INTERRUPT_GRACE, escalate)
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=stop, daemon=True).start()
         return True
 
     def close(self) -> None:
