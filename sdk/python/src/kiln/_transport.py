@@ -7,7 +7,7 @@ in the operation builders, so ``Sandbox`` and ``AsyncSandbox`` differ only in ``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import (
     Any,
     AsyncGenerator,
@@ -46,7 +46,6 @@ class Call:
     timeout: Optional[float] = None
     #: Statuses returned to the caller instead of raised (e.g. 404 for ``exists``).
     allow: tuple[int, ...] = ()
-    headers: dict[str, str] = field(default_factory=dict)
 
     def query(self) -> Optional[dict[str, str]]:
         if not self.params:
@@ -136,7 +135,6 @@ class SyncTransport:
                 params=call.query(),
                 json=call.json,
                 content=call.content,
-                headers=call.headers,
                 timeout=_timeout(self.config, call),
             )
         except httpx.HTTPError as e:
@@ -160,7 +158,6 @@ class SyncTransport:
                     call.path,
                     params=call.query(),
                     json=call.json,
-                    headers=call.headers,
                     timeout=_timeout(self.config, call),
                 ) as response,
             ):
@@ -183,7 +180,6 @@ class SyncTransport:
                     call.method,
                     call.path,
                     params=call.query(),
-                    headers=call.headers,
                     timeout=_timeout(self.config, call),
                 ) as response,
             ):
@@ -202,7 +198,6 @@ class SyncTransport:
                 call.path,
                 params=call.query(),
                 content=chunks,
-                headers=call.headers,
                 timeout=_timeout(self.config, call),
             )
         except httpx.HTTPError as e:
@@ -228,7 +223,6 @@ class AsyncTransport:
                 params=call.query(),
                 json=call.json,
                 content=call.content,
-                headers=call.headers,
                 timeout=_timeout(self.config, call),
             )
         except httpx.HTTPError as e:
@@ -249,7 +243,6 @@ class AsyncTransport:
                     call.path,
                     params=call.query(),
                     json=call.json,
-                    headers=call.headers,
                     timeout=_timeout(self.config, call),
                 ) as response,
             ):
@@ -272,7 +265,6 @@ class AsyncTransport:
                     call.method,
                     call.path,
                     params=call.query(),
-                    headers=call.headers,
                     timeout=_timeout(self.config, call),
                 ) as response,
             ):
@@ -292,7 +284,6 @@ class AsyncTransport:
                 call.path,
                 params=call.query(),
                 content=chunks,
-                headers=call.headers,
                 timeout=_timeout(self.config, call),
             )
         except httpx.HTTPError as e:
