@@ -59,12 +59,21 @@ async fn start(
 ) -> Result<(Arc<kiln_engine::Sandbox>, ExecSession), ApiError> {
     let (sandbox, env) = state.control.agent(who, id).await?;
     let session = sandbox.agent().exec(request(body, env)?).await?;
-    if let Some(stdin) = &body.stdin {
+    let Some(stdin) = &body.stdin else {
+        return Ok((sandbox, session));
+    };
+    if body.background || body.open_stdin {
+        // Others may write to this process once they know its pid: the first stdin is
+        // written (and acknowledged) before the pid is answered, so it always comes first.
+        let pid = ProcessSelector::Pid(session.pid());
+        let agent = sandbox.agent();
+        agent
+            .input(pid, stdin.as_bytes(), !body.open_stdin, None)
+            .await?;
+    } else {
         let input = session.input();
         input.stdin(stdin.as_bytes()).await?;
-        if !body.open_stdin {
-            input.close_stdin().await?;
-        }
+        input.close_stdin().await?;
     }
     Ok((sandbox, session))
 }
