@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The SDKs' test suites against a real daemon with real sandboxes.
+# The clients' test suites against a real daemon with real sandboxes: the SDKs' and the MCP
+# server's (through the official MCP Python SDK, over the daemon's /mcp and `kiln mcp`).
 #
 # Starts `kiln serve` on a free loopback port with a data directory of its own (sandbox
-# networking off: nothing leaves the sandboxes), makes a key, then runs the Python SDK's
-# checks (mypy --strict, pytest) and the TypeScript SDK's (tsc, node --test) against it.
+# networking off: nothing leaves the sandboxes), makes a key for each of two tenants, then
+# runs the Python SDK's checks (mypy --strict, pytest), the TypeScript SDK's (tsc,
+# node --test) and the MCP tests (pytest) against it.
 # The daemon is stopped with SIGINT on exit, also on failure, which destroys every sandbox
 # it made; its log is printed when a suite fails.
 #
 # The test environments come from the lock files and are cached under $KILN_CACHE_DIR/sdk/,
-# keyed on them: sdk/python/requirements-test.txt, sdk/typescript/package-lock.json.
+# keyed on them: sdk/python/requirements-test.txt, sdk/typescript/package-lock.json,
+# tests/mcp/requirements.txt.
 #
 # Needs: the kiln binary ($KILN_BIN, default target/debug/kiln) and the static agent
 # ($KILN_AGENT_BIN), as scripts/test.sh builds them.
@@ -43,16 +46,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The Python test environment: a venv with the pinned packages, keyed on the lock file.
+# A Python test environment: a venv with the packages pinned in $1, keyed on that file.
 python_env() {
-  local key venv
-  key=$(sha256sum sdk/python/requirements-test.txt | cut -c1-16)
-  venv="$cache_root/sdk/python-$key"
+  local requirements=${1:-sdk/python/requirements-test.txt} name=${2:-python} key venv
+  key=$(sha256sum "$requirements" | cut -c1-16)
+  venv="$cache_root/sdk/$name-$key"
   if [ ! -f "$venv/.complete" ]; then
     step "Python test environment ($venv)" >&2
     rm -rf "$venv"
     python3 -m venv "$venv" >&2 || die "python3 -m venv failed: install Python 3 with venv (apt-get install python3-venv)"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r sdk/python/requirements-test.txt >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2
     touch "$venv/.complete"
   fi
   echo "$venv"
@@ -74,6 +77,9 @@ node_env() {
   echo "$modules/node_modules"
 }
 
+# A browser origin the daemon lets call /mcp (the MCP tests check it and a refused one).
+mcp_allowed_origin=http://app.example:8080
+
 start_daemon() {
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -86,12 +92,14 @@ start_daemon() {
     --agent "$KILN_AGENT_BIN" \
     --default-template base \
     --network off \
+    --mcp-allowed-origin "$mcp_allowed_origin" \
     >"$work/daemon.log" 2>&1 &
   daemon_pid=$!
   export KILN_URL="http://127.0.0.1:$port"
   poll 1200 curl -fsS -o /dev/null "$KILN_URL/v1/health" || die "the daemon did not start (log above)"
   KILN_API_KEY=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant sdk-tests)
-  export KILN_API_KEY
+  KILN_OTHER_API_KEY=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant other-tenant)
+  export KILN_API_KEY KILN_OTHER_API_KEY
   # Templates the suites use are built and baked before any test's clock starts.
   local template
   for template in base python; do
@@ -132,12 +140,27 @@ typescript_suite() {
   (cd "$ts" && KILN_REPO_ROOT="$KILN_ROOT" node --test --test-concurrency=1 dist-test/test/*.test.js)
 }
 
-step "a daemon for the SDK tests"
+mcp_suite() {
+  local venv tools
+  venv=$(python_env tests/mcp/requirements.txt mcp)
+  tools=$(python_env)
+  step "MCP: black --check"
+  "$tools/bin/black" --check --line-length 100 tests/mcp
+  step "MCP: pytest (the official MCP Python SDK over streamable HTTP and stdio)"
+  (cd tests/mcp && KILN_BIN="$kiln_bin" KILN_MCP_ALLOWED_ORIGIN="$mcp_allowed_origin" \
+    "$venv/bin/pytest" -q -p no:cacheprovider --durations=5 .)
+}
+
+case "$only" in
+  python | typescript | mcp | all) ;;
+  *) die "usage: $0 [python|typescript|mcp|all]" ;;
+esac
+step "a daemon for the client tests"
 start_daemon
 case "$only" in
   python) python_suite ;;
   typescript) typescript_suite ;;
-  all) python_suite; typescript_suite ;;
-  *) die "usage: $0 [python|typescript|all]" ;;
+  mcp) mcp_suite ;;
+  all) python_suite; typescript_suite; mcp_suite ;;
 esac
-printf '\nSDK tests passed in %d s\n' "$((SECONDS - started))"
+printf '\nclient tests passed in %d s\n' "$((SECONDS - started))"

@@ -682,7 +682,7 @@ fn invalid(message: impl Into<String>) -> AgentError {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

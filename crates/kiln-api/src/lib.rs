@@ -9,6 +9,7 @@ mod files;
 mod handlers;
 pub mod ingress;
 mod interactive;
+pub mod mcp;
 pub mod types;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
@@ -33,6 +34,9 @@ pub struct ApiConfig {
     pub ingress_domain: String,
     /// The port those URLs name (the daemon's own, or a front end's); `None`: 80.
     pub ingress_port: Option<u16>,
+    /// Browser origins (`https://app.example.com:443`) allowed to call `/mcp`; a request
+    /// from any other origin is refused (clients that are not browsers send none).
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -41,6 +45,7 @@ impl Default for ApiConfig {
             max_upload_bytes: 4 << 30,
             ingress_domain: "localhost".into(),
             ingress_port: None,
+            mcp_allowed_origins: Vec::new(),
         }
     }
 }
@@ -333,7 +338,7 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
             axum::routing::any(ingress::by_path),
         )
         .layer(DefaultBodyLimit::disable());
-    Router::new()
+    let api = Router::new()
         .route("/v1/health", get(handlers::health))
         .route("/v1/openapi.json", get(openapi))
         .route(
@@ -421,7 +426,10 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(uploads)
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    // MCP's tools call the routes above in-process.
+    let mcp = mcp::router(api.clone().with_state(state.clone()), state.clone());
+    api.merge(mcp)
         // Requests for a sandbox's port by host name are proxied before any route.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -89,6 +89,16 @@ impl Client {
         }
     }
 
+    /// The daemon's URL.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether it has an API key to send.
+    pub(crate) fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
     pub(crate) fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.url));
         match &self.key {

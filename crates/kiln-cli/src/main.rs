@@ -10,6 +10,7 @@ mod bench_net;
 mod bench_pause;
 mod client_cmd;
 mod keys_cmd;
+mod mcp_cmd;
 mod serve_cmd;
 mod stats;
 mod template_cmd;
@@ -114,6 +115,14 @@ enum Commands {
         #[command(subcommand)]
         command: TemplateCommand,
     },
+    /// Serve kiln's tools over the Model Context Protocol on stdin/stdout, for AI agents
+    /// (create sandboxes, run code and commands, read and write files, fork, snapshot).
+    ///
+    /// The tools call the daemon at --url / KILN_URL with --api-key / KILN_API_KEY. Agents
+    /// that speak streamable HTTP can use the daemon's own endpoint, `<url>/mcp`, instead.
+    ///
+    /// Example client entry: {"command": "kiln", "args": ["mcp"], "env": {"KILN_API_KEY": "…"}}
+    Mcp,
     /// Measure kiln's performance.
     Bench {
         #[command(subcommand)]
@@ -503,6 +512,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
         Commands::Serve(_)
         | Commands::Keys { .. }
         | Commands::Agent { .. }
+        | Commands::Mcp
         | Commands::Bench { .. }
         | Commands::Template {
             command: TemplateCommand::Build { .. },
@@ -552,6 +562,10 @@ async fn main() -> ExitCode {
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,
+        Commands::Mcp => match client_cmd::Client::new(&cli.client) {
+            Ok(client) => mcp_cmd::serve(client).await,
+            Err(e) => Err(e),
+        },
         Commands::Template {
             command:
                 TemplateCommand::Build {

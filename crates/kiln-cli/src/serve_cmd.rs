@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// [default: the listen port].
     #[arg(long)]
     pub ingress_port: Option<u16>,
+    /// A browser origin allowed to call the MCP endpoint `/mcp`, with scheme and port
+    /// (`https://app.example.com:443`; repeat for more). Requests carrying any other
+    /// `Origin` are refused; MCP clients that are not browsers send none [default: none].
+    #[arg(long = "mcp-allowed-origin")]
+    pub mcp_allowed_origins: Vec<String>,
 }
 
 /// The config file.
@@ -133,6 +138,7 @@ struct FileConfig {
     dns_upstreams: Option<Vec<SocketAddr>>,
     ingress_domain: Option<String>,
     ingress_port: Option<u16>,
+    mcp_allowed_origins: Option<Vec<String>>,
 }
 
 /// Everything `kiln serve` runs with, checked.
@@ -286,6 +292,17 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         .ingress_port
         .or(file.ingress_port)
         .or(Some(listen.port()));
+    let mcp_allowed_origins = if args.mcp_allowed_origins.is_empty() {
+        file.mcp_allowed_origins.unwrap_or_default()
+    } else {
+        args.mcp_allowed_origins
+    };
+    if let Some(origin) = mcp_allowed_origins
+        .iter()
+        .find(|o| !(o.starts_with("http://") || o.starts_with("https://")))
+    {
+        bail!("setting `mcp_allowed_origins`: `{origin}` is not an origin like https://app.example.com:443");
+    }
     Ok(Settings {
         listen,
         control: ControlConfig {
@@ -308,6 +325,7 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
                 .unwrap_or(4 << 30),
             ingress_domain,
             ingress_port: ingress_port.filter(|p| *p != 80),
+            mcp_allowed_origins,
         },
     })
 }
