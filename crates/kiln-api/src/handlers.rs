@@ -11,7 +11,8 @@ use kiln_control::{CreateSandbox, SandboxFilter};
 use crate::types::{
     BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, CreateSnapshotBody,
     ErrorBody, ForkBody, ForkedBody, HealthBody, KeyBody, KeyList, NetworkBody, SandboxBody,
-    SandboxList, SnapshotBody, SnapshotList, TemplateBody, TemplateList, UpdateSandboxBody,
+    SandboxList, SandboxMetricsBody, SnapshotBody, SnapshotList, TemplateBody, TemplateList,
+    UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -475,6 +476,42 @@ pub(crate) struct LogQuery {
 
 fn default_lines() -> usize {
     200
+}
+
+/// What the sandbox uses now (CPU time, memory, disk, network bytes), measured on the host;
+/// a paused sandbox is not resumed.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/metrics", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = SandboxMetricsBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn get_sandbox_metrics(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxMetricsBody>, ApiError> {
+    let measure = {
+        let state = state.clone();
+        move || state.control.sandbox_usage(&who, &id)
+    };
+    // Reads of cgroup, sysfs and file metadata: off the async threads.
+    let (record, usage) = tokio::task::spawn_blocking(measure)
+        .await
+        .map_err(|e| ApiError::from(kiln_control::ControlError::Internal(e.to_string())))??;
+    let body = sandbox_body(&state, record);
+    Ok(Json(SandboxMetricsBody {
+        sandbox_id: body.id,
+        state: body.state,
+        cpu_seconds: usage.cpu_seconds,
+        memory_bytes: usage.memory_bytes,
+        memory_limit_bytes: usage.memory_limit_bytes,
+        disk_bytes: usage.disk_bytes,
+        network_rx_bytes: usage.network.map(|n| n.rx_bytes),
+        network_tx_bytes: usage.network.map(|n| n.tx_bytes),
+        measured_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+    }))
 }
 
 /// The last lines of the sandbox's guest console (kernel and agent messages).

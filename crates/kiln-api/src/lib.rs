@@ -10,6 +10,8 @@ mod handlers;
 pub mod ingress;
 mod interactive;
 pub mod mcp;
+mod metrics;
+pub mod request_id;
 pub mod types;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
@@ -57,6 +59,8 @@ pub struct AppState {
     pub control: Control,
     /// Settings.
     pub config: ApiConfig,
+    /// The figures `/metrics` serves.
+    metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 /// An error response: `{code, message}` with its status.
@@ -123,8 +127,13 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             code: self.code.to_owned(),
             message: self.message,
+            request_id: request_id::current(),
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response
+            .extensions_mut()
+            .insert(metrics::ErrorCode(self.code));
+        response
     }
 }
 
@@ -225,6 +234,7 @@ impl FromRequestParts<AppState> for Caller {
         handlers::delete_snapshot,
         handlers::resume_sandbox,
         handlers::console_log,
+        handlers::get_sandbox_metrics,
         handlers::events,
         exec::run,
         exec::stream,
@@ -319,7 +329,11 @@ async fn not_found() -> ApiError {
 
 /// The API's router.
 pub fn router(control: Control, config: ApiConfig) -> Router {
-    let state = AppState { control, config };
+    let state = AppState {
+        control,
+        config,
+        metrics: Default::default(),
+    };
     let uploads = Router::new()
         .route(
             "/v1/sandboxes/{id}/files/content",
@@ -340,6 +354,7 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         .layer(DefaultBodyLimit::disable());
     let api = Router::new()
         .route("/v1/health", get(handlers::health))
+        .route("/metrics", get(metrics::scrape))
         .route("/v1/openapi.json", get(openapi))
         .route(
             "/v1/templates",
@@ -373,6 +388,10 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
         )
         .route("/v1/sandboxes/{id}/resume", post(handlers::resume_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(handlers::console_log))
+        .route(
+            "/v1/sandboxes/{id}/metrics",
+            get(handlers::get_sandbox_metrics),
+        )
         .route("/v1/events", get(handlers::events))
         .route("/v1/sandboxes/{id}/exec", post(exec::run))
         .route("/v1/sandboxes/{id}/exec/stream", post(exec::stream))
@@ -430,11 +449,17 @@ pub fn router(control: Control, config: ApiConfig) -> Router {
     // MCP's tools call the routes above in-process.
     let mcp = mcp::router(api.clone().with_state(state.clone()), state.clone());
     api.merge(mcp)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::observe,
+        ))
         // Requests for a sandbox's port by host name are proxied before any route.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ingress::by_host,
         ))
+        // Outermost: every answer (proxied ports' included) carries its request id.
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

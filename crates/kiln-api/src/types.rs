@@ -15,6 +15,10 @@ pub struct ErrorBody {
     pub code: String,
     /// What went wrong and, where it helps, what to do.
     pub message: String,
+    /// The request's id (also its `X-Request-Id` header): the daemon's log lines about it
+    /// carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// A sandbox.
@@ -52,6 +56,38 @@ pub struct SandboxBody {
     /// The sandbox it was forked from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
+}
+
+/// What a sandbox uses now, measured on the host from its VMM's cgroup, its disk file and
+/// its network link (nothing the guest reports). A figure that cannot be measured now is
+/// absent: CPU and memory while the sandbox is paused (it has no VMM), network without
+/// sandbox networking.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxMetricsBody {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Its state.
+    pub state: SandboxStateBody,
+    /// CPU time its VMM used (vCPUs and device emulation), in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// Host memory charged to its VMM (the guest RAM it touched included), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Its memory limit (guest RAM plus the VMM's allowance), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Space its writable disk takes on the host, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// Bytes it received over its network link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_rx_bytes: Option<u64>,
+    /// Bytes it sent over its network link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_tx_bytes: Option<u64>,
+    /// When it was measured (ms since the Unix epoch).
+    pub measured_at_ms: i64,
 }
 
 /// Fork a sandbox.

@@ -44,6 +44,8 @@ async fn api() -> Api {
 struct Reply {
     status: StatusCode,
     body: Vec<u8>,
+    /// Its `X-Request-Id`, which every answer has.
+    request_id: String,
 }
 
 impl Reply {
@@ -62,6 +64,7 @@ impl Reply {
         );
         let body = self.json();
         assert_eq!(body["code"], code, "{body}");
+        assert_eq!(body["request_id"], self.request_id.as_str(), "{body}");
         assert!(
             body["message"].as_str().is_some_and(|m| !m.is_empty()),
             "{body}"
@@ -81,6 +84,12 @@ impl Api {
             .expect("request");
         let response = self.app.clone().oneshot(request).await.expect("response");
         let status = response.status();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("an X-Request-Id header")
+            .to_owned();
         let body = response
             .into_body()
             .collect()
@@ -88,7 +97,11 @@ impl Api {
             .expect("body")
             .to_bytes()
             .to_vec();
-        Reply { status, body }
+        Reply {
+            status,
+            body,
+            request_id,
+        }
     }
 
     async fn json(&self, method: Method, uri: &str, key: &str, body: Value) -> Reply {
@@ -166,6 +179,25 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
             paths(&committed)
         );
     }
+
+    // Request ids: made for each request, or the caller's own if it is a sane one.
+    assert!(
+        health.request_id.starts_with("req_"),
+        "{}",
+        health.request_id
+    );
+    assert_ne!(health.request_id, openapi.request_id);
+    let traced = Request::builder()
+        .uri("/v1/sandboxes/sb-absent")
+        .header("authorization", format!("Bearer {alice}"))
+        .header("x-request-id", "trace-7.a_b")
+        .body(Body::empty())
+        .expect("request");
+    let traced = api.app.clone().oneshot(traced).await.expect("response");
+    assert_eq!(traced.headers()["x-request-id"], "trace-7.a_b");
+    let body = traced.into_body().collect().await.expect("body").to_bytes();
+    let body: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(body["request_id"], "trace-7.a_b", "{body}");
 
     // Authentication.
     api.call(Method::GET, "/v1/sandboxes", None, Body::empty())
@@ -1036,6 +1068,69 @@ disk_mib = 768
     api.get("/v1/sandboxes", &secret)
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+
+    // A sandbox's usage, measured on the host, for its tenant only.
+    let usage = api
+        .get(&format!("/v1/sandboxes/{id}/metrics"), &alice)
+        .await;
+    assert_eq!(usage.status, StatusCode::OK);
+    let usage = usage.json();
+    assert_eq!(usage["sandbox_id"], id.as_str());
+    for figure in [
+        "cpu_seconds",
+        "memory_bytes",
+        "memory_limit_bytes",
+        "disk_bytes",
+    ] {
+        assert!(
+            usage[figure].as_f64().is_some_and(|v| v > 0.0),
+            "{figure}: {usage}"
+        );
+    }
+    assert!(usage["memory_limit_bytes"].as_f64() >= usage["memory_bytes"].as_f64());
+    // This daemon has no sandbox networking (tests/network.rs counts bytes).
+    assert!(usage.get("network_tx_bytes").is_none(), "{usage}");
+    api.get(&format!("/v1/sandboxes/{id}/metrics"), &bob)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Metrics: for admin keys, in the Prometheus text format, naming no sandbox.
+    api.get("/metrics", &alice)
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    api.call(Method::GET, "/metrics", None, Body::empty())
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    let scraped = api.get("/metrics", &admin).await;
+    assert_eq!(scraped.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&scraped.body);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    // `id` runs; `second_id` failed above.
+    assert_eq!(
+        value("kiln_sandboxes{state=\"running\",template=\"base\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("kiln_sandboxes{state=\"failed\",template=\"base\"}"),
+        1.0
+    );
+    assert!(
+        value("kiln_http_requests_total{method=\"POST\",route=\"/v1/sandboxes\",status=\"201\"}")
+            >= 2.0
+    );
+    assert!(value("kiln_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/sandboxes/{id}/exec\"}") >= 1.0);
+    assert!(value("kiln_api_errors_total{code=\"forbidden\"}") >= 1.0);
+    assert!(value("kiln_process_resident_memory_bytes") > 0.0);
+    assert!(value("kiln_process_open_fds") > 0.0);
+    assert!(value("kiln_data_disk_available_bytes") > 0.0);
+    value("kiln_prestarted_vmms");
+    value("kiln_process_cpu_seconds_total");
+    assert!(!text.contains(&id) && !text.contains(&second_id), "{text}");
 
     // Delete: gone from the API and from the host.
     let netns = format!("/run/netns/kiln-{id}");

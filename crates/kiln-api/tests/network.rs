@@ -345,6 +345,26 @@ async fn policies_and_ports_through_the_api() {
         "no credential reached the guest"
     );
 
+    // The traffic through its link shows in its usage (the host's veth end, read on the host).
+    let (status, usage) = d
+        .api(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/metrics"),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{usage}");
+    // The guest answered the requests above: a few hundred bytes out, at least.
+    assert!(
+        usage["network_tx_bytes"].as_u64().is_some_and(|b| b > 200),
+        "{usage}"
+    );
+    assert!(
+        usage["network_rx_bytes"].as_u64().is_some_and(|b| b > 200),
+        "{usage}"
+    );
+
     // By path, with an API key; only the owner's.
     let (status, seen) = d
         .api(

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use kiln_api::types::{
     BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
     FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody, SandboxBody,
-    SandboxList, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
+    SandboxList, SandboxMetricsBody, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -123,6 +123,15 @@ impl Client {
             Ok(error) if error.code == "unauthenticated" => bail!(
                 "{} (set KILN_API_KEY or --api-key; `kiln keys create --save` makes and stores one)",
                 error.message
+            ),
+            // A failure of the daemon's own: its log has the details, under the request id.
+            Ok(ErrorBody {
+                message,
+                code,
+                request_id: Some(id),
+            }) if status.is_server_error() => bail!(
+                "{message} ({code}, HTTP {}; the daemon's log has more under request {id})",
+                status.as_u16()
             ),
             Ok(error) => bail!("{} ({}, HTTP {})", error.message, error.code, status.as_u16()),
             Err(_) => bail!("HTTP {status}: {}", text.trim()),
@@ -369,6 +378,76 @@ pub async fn get(client: &Client, id: &str) -> Result<()> {
         .json(client.request(Method::GET, &format!("/v1/sandboxes/{id}")))
         .await?;
     print_json(&sandbox)
+}
+
+/// Shows what a sandbox uses, once or (with `watch`, every that many seconds) until
+/// interrupted.
+pub async fn stats(client: &Client, id: &str, watch: Option<f64>, json: bool) -> Result<()> {
+    let path = format!("/v1/sandboxes/{id}/metrics");
+    let mut previous: Option<SandboxMetricsBody> = None;
+    loop {
+        let sample: SandboxMetricsBody = client.json(client.request(Method::GET, &path)).await?;
+        let text = if json {
+            serde_json::to_string(&sample)? + "\n"
+        } else if watch.is_some() {
+            // Home and clear, as `top` does.
+            format!("\x1b[H\x1b[2J{}", stats_table(&sample, previous.as_ref()))
+        } else {
+            stats_table(&sample, previous.as_ref())
+        };
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            // The reader went away (`| head`): done, not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            written => written?,
+        }
+        let Some(seconds) = watch else {
+            return Ok(());
+        };
+        previous = Some(sample);
+        tokio::time::sleep(std::time::Duration::from_secs_f64(seconds)).await;
+    }
+}
+
+/// A sample as text; with the one before, the share of one CPU used in between.
+fn stats_table(sample: &SandboxMetricsBody, previous: Option<&SandboxMetricsBody>) -> String {
+    let state = serde_json::to_value(sample.state).unwrap_or_default();
+    let mut out = format!("{}  {}\n", sample.sandbox_id, state.as_str().unwrap_or("?"));
+    let share = match (previous, sample.cpu_seconds) {
+        (Some(before), Some(now)) => before.cpu_seconds.and_then(|then| {
+            let wall = (sample.measured_at_ms - before.measured_at_ms) as f64 / 1000.0;
+            (wall > 0.0).then(|| format!("  ({:.1}% of one CPU)", (now - then) / wall * 100.0))
+        }),
+        _ => None,
+    };
+    use kiln_image::progress::human_bytes;
+    let missing = || "-".to_owned();
+    out += &format!(
+        "cpu      {}{}\n",
+        sample
+            .cpu_seconds
+            .map_or_else(missing, |s| format!("{s:.2} s")),
+        share.unwrap_or_default()
+    );
+    let memory = match (sample.memory_bytes, sample.memory_limit_bytes) {
+        (Some(used), Some(limit)) => format!("{} of {}", human_bytes(used), human_bytes(limit)),
+        (Some(used), None) => human_bytes(used),
+        _ => missing(),
+    };
+    out += &format!("memory   {memory}\n");
+    out += &format!(
+        "disk     {}\n",
+        sample.disk_bytes.map_or_else(missing, human_bytes)
+    );
+    let network = match (sample.network_rx_bytes, sample.network_tx_bytes) {
+        (Some(rx), Some(tx)) => format!("rx {}  tx {}", human_bytes(rx), human_bytes(tx)),
+        _ => missing(),
+    };
+    out += &format!("network  {network}\n");
+    out
 }
 
 /// Shows a sandbox's egress policy, or changes it (options given replace what they name;
@@ -1167,4 +1246,35 @@ pub async fn template_remove(client: &Client, name: &str) -> Result<()> {
         .await?;
     println!("{name}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(cpu: Option<f64>, at_ms: i64) -> SandboxMetricsBody {
+        serde_json::from_value(serde_json::json!({
+            "sandbox_id": "sb-1", "state": "running", "cpu_seconds": cpu,
+            "memory_bytes": 200u64 << 20, "memory_limit_bytes": 768u64 << 20,
+            "disk_bytes": 1536, "measured_at_ms": at_ms,
+        }))
+        .expect("sample")
+    }
+
+    #[test]
+    fn stats_show_the_cpu_share_between_samples_and_dashes_for_the_unmeasured() {
+        let first = stats_table(&sample(Some(10.0), 1_000), None);
+        assert_eq!(
+            first,
+            "sb-1  running\ncpu      10.00 s\nmemory   200.0 MiB of 768.0 MiB\n\
+             disk     1.5 KiB\nnetwork  -\n"
+        );
+        let later = stats_table(&sample(Some(11.0), 3_000), Some(&sample(Some(10.0), 1_000)));
+        assert!(
+            later.contains("cpu      11.00 s  (50.0% of one CPU)"),
+            "{later}"
+        );
+        let paused = stats_table(&sample(None, 3_000), Some(&sample(Some(10.0), 1_000)));
+        assert!(paused.contains("cpu      -\n"), "{paused}");
+    }
 }

@@ -165,6 +165,23 @@ enum SandboxCommand {
         /// Sandbox id.
         id: String,
     },
+    /// Show what a sandbox uses: CPU time (and share of one CPU between samples), memory,
+    /// disk and network bytes, measured on the host.
+    ///
+    /// Example: kiln sandbox stats sb-1234 --watch
+    Stats {
+        /// Sandbox id.
+        id: String,
+        /// Refresh until interrupted (Ctrl-C), like `top`.
+        #[arg(long, short)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2.0, value_parser = positive_seconds)]
+        interval: f64,
+        /// Print JSON (one line per sample with --watch).
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause a sandbox to disk: its memory and device state are saved and its VM process
     /// ends (its RAM is given back); files, processes and network identity come back on
     /// resume, also after a daemon restart. Exec, files and ports resume it on their own
@@ -451,6 +468,12 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             }
             SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
+            SandboxCommand::Stats {
+                id,
+                watch,
+                interval,
+                json,
+            } => client_cmd::stats(&client, &id, watch.then_some(interval), json).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
             SandboxCommand::Fork {
                 id,
@@ -519,6 +542,14 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
         } => anyhow::bail!("not a client command"),
     }
     Ok(0)
+}
+
+/// A number of seconds above zero and at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds <= 86_400.0 => Ok(seconds),
+        _ => Err(format!("`{text}` is not a number of seconds above 0")),
+    }
 }
 
 #[tokio::main]

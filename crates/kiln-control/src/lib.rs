@@ -905,6 +905,12 @@ impl Control {
         Ok(created)
     }
 
+    /// How many sandboxes there are, by state and template, of all tenants (for the
+    /// operator's metrics; nothing names a tenant or a sandbox).
+    pub fn sandbox_counts(&self) -> Result<Vec<(String, String, i64)>, ControlError> {
+        Ok(self.inner.store.count_sandboxes()?)
+    }
+
     /// The caller's snapshots, oldest first.
     pub fn list_snapshots(&self, who: &Principal) -> Result<Vec<SnapshotRecord>, ControlError> {
         Ok(self.inner.store.list_snapshots(&who.tenant)?)
@@ -1140,6 +1146,22 @@ impl Control {
             )
         })?;
         Ok(std::net::SocketAddr::from((link.sandbox, port)))
+    }
+
+    /// What the caller's sandbox `id` uses now, measured on the host (a paused sandbox is
+    /// not resumed: it has no CPU or memory figures then).
+    pub fn sandbox_usage(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<(SandboxRecord, kiln_engine::ResourceUsage), ControlError> {
+        let record = self.get_sandbox(who, id)?;
+        let usage = match self.inner.engine.get(id) {
+            Ok(sandbox) => sandbox.usage(),
+            // A sandbox the engine no longer holds (failed, or gone since) uses nothing.
+            Err(_) => kiln_engine::ResourceUsage::default(),
+        };
+        Ok((record, usage))
     }
 
     /// The last `lines` lines of the sandbox's guest console.

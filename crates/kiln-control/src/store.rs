@@ -532,6 +532,17 @@ impl Store {
         rows.map(|row| Store::finish(row?)).collect()
     }
 
+    /// How many sandboxes there are, by state and template, of all tenants.
+    pub fn count_sandboxes(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT state, template, COUNT(*) FROM sandboxes GROUP BY state, template
+             ORDER BY state, template",
+        )?;
+        let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Marks sandbox `id` failed.
     pub fn mark_failed(&self, id: &str, reason: &str) -> Result<(), StoreError> {
         self.conn().execute(

@@ -215,6 +215,25 @@ fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
     })
 }
 
+/// What a cgroup's processes use.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CgroupUsage {
+    /// CPU time used, in seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Memory charged now (the VMM's, guest RAM it touched included), in bytes.
+    pub memory_bytes: Option<u64>,
+    /// The memory limit, in bytes.
+    pub memory_limit_bytes: Option<u64>,
+}
+
+/// The value of `name` in a flat-keyed cgroup file (`name value` lines, as `cpu.stat`).
+fn stat_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok()).flatten()
+    })
+}
+
 /// One sandbox's cgroup (a directory per hierarchy on v1).
 #[derive(Debug)]
 pub struct SandboxCgroup {
@@ -260,6 +279,29 @@ impl SandboxCgroup {
             }
         }
         Ok(())
+    }
+
+    /// What its processes use now, as the kernel counts it (a figure the kernel does not
+    /// offer here is `None`).
+    pub fn usage(&self) -> CgroupUsage {
+        let read = |path: PathBuf| std::fs::read_to_string(path).ok();
+        let number = |path: PathBuf| read(path).and_then(|text| text.trim().parse::<u64>().ok());
+        match &self.layout {
+            Layout::V2 { .. } => CgroupUsage {
+                cpu_seconds: read(self.dirs[0].join("cpu.stat"))
+                    .and_then(|stat| stat_field(&stat, "usage_usec"))
+                    .map(|usec| usec as f64 / 1e6),
+                memory_bytes: number(self.dirs[0].join("memory.current")),
+                // `max` (no limit) is not a number: None.
+                memory_limit_bytes: number(self.dirs[0].join("memory.max")),
+            },
+            Layout::V1 { .. } => CgroupUsage {
+                // Where cpuacct is mounted with cpu (it usually is).
+                cpu_seconds: number(self.dirs[0].join("cpuacct.usage")).map(|ns| ns as f64 / 1e9),
+                memory_bytes: number(self.dirs[1].join("memory.usage_in_bytes")),
+                memory_limit_bytes: number(self.dirs[1].join("memory.limit_in_bytes")),
+            },
+        }
     }
 
     /// Its directories (one on v2; cpu and memory on v1).
@@ -383,6 +425,49 @@ mod tests {
         );
         assert_eq!(read(dir.join("cpu.max")), "25000 100000");
         assert_eq!(read(dir.join("memory.max")), (128u64 << 20).to_string());
+
+        // Usage as the kernel's files say (what this test wrote stands in for them).
+        std::fs::write(
+            dir.join("cpu.stat"),
+            "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n",
+        )
+        .expect("write");
+        std::fs::write(dir.join("memory.current"), "104857600\n").expect("write");
+        assert_eq!(
+            cgroup.usage(),
+            CgroupUsage {
+                cpu_seconds: Some(2.5),
+                memory_bytes: Some(100 << 20),
+                memory_limit_bytes: Some(128 << 20),
+            }
+        );
+        std::fs::write(dir.join("memory.max"), "max\n").expect("write");
+        std::fs::remove_file(dir.join("cpu.stat")).expect("rm");
+        let usage = cgroup.usage();
+        assert_eq!((usage.cpu_seconds, usage.memory_limit_bytes), (None, None));
+    }
+
+    #[test]
+    fn v1_usage_comes_from_cpuacct_and_memory() {
+        let root = v1_root();
+        let cgroups = Cgroups::detect_in(root.path(), V1_SELF).expect("v1");
+        let limits = CgroupLimits {
+            cpus: 1.0,
+            memory_mib: 64,
+        };
+        let cgroup = cgroups.create("sb-1", limits).expect("create");
+        let cpu = root.path().join("cpu/kiln/sb-1");
+        let memory = root.path().join("memory/outer/inner/kiln/sb-1");
+        std::fs::write(cpu.join("cpuacct.usage"), "1500000000\n").expect("write");
+        std::fs::write(memory.join("memory.usage_in_bytes"), "4096\n").expect("write");
+        assert_eq!(
+            cgroup.usage(),
+            CgroupUsage {
+                cpu_seconds: Some(1.5),
+                memory_bytes: Some(4096),
+                memory_limit_bytes: Some(64 << 20),
+            }
+        );
     }
 
     #[test]

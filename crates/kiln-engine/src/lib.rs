@@ -12,6 +12,7 @@ pub mod leftovers;
 mod pause;
 pub mod persist;
 mod prestart;
+pub mod procstat;
 pub mod sandbox;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,7 +29,10 @@ use kiln_vmm::qemu::QemuDriver;
 pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
 pub use fork::ForkReport;
-pub use sandbox::{AdoptRequest, CreateOptions, OnExpiry, Sandbox, SandboxInfo, SandboxState};
+pub use sandbox::{
+    AdoptRequest, CreateOptions, NetworkUsage, OnExpiry, ResourceUsage, Sandbox, SandboxInfo,
+    SandboxState,
+};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

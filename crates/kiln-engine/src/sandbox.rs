@@ -22,6 +22,31 @@ use crate::confine::{default_limits, VmResources, VMM_OVERHEAD_MIB};
 use crate::prestart::{prestart, refill, take_prestarted, Prestarted};
 use crate::{lock, BakedTemplate, EngineError, Inner};
 
+/// What a sandbox uses, measured on the host (`None`: not measurable now, e.g. CPU and
+/// memory while paused, when it has no VMM).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResourceUsage {
+    /// CPU time of its VMM (the guest's vCPUs and device emulation), in seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Memory charged to its VMM's cgroup (guest RAM it touched included), in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Its memory limit, in bytes.
+    pub memory_limit_bytes: Option<u64>,
+    /// Space its writable disk takes on the host, in bytes.
+    pub disk_bytes: Option<u64>,
+    /// Bytes through its network link, if it has one.
+    pub network: Option<NetworkUsage>,
+}
+
+/// Bytes through a sandbox's link, as the sandbox sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkUsage {
+    /// Received by the sandbox.
+    pub rx_bytes: u64,
+    /// Sent by the sandbox.
+    pub tx_bytes: u64,
+}
+
 /// Options of a create.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -271,6 +296,57 @@ impl Sandbox {
             .and_then(|r| r.cgroup.as_ref())
             .map(|c| c.dirs().to_vec())
             .unwrap_or_default()
+    }
+
+    /// What it uses now, measured on the host: its VMM's cgroup (CPU time, memory), its
+    /// disk's allocated bytes and, with networking, the bytes through its link. Nothing here
+    /// comes from the guest.
+    pub fn usage(&self) -> ResourceUsage {
+        let cgroup = lock(&self.runtime)
+            .resources
+            .as_ref()
+            .and_then(|r| r.cgroup.as_ref())
+            .map(|c| c.usage())
+            .unwrap_or_default();
+        // The directory is root's; the disk file in it is the one thing the VMM may write,
+        // and its allocated size is what it costs the host.
+        let disk_bytes = ["disk.qcow2", "disk.raw"].iter().find_map(|name| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::symlink_metadata(self.dir.join(name))
+                .ok()
+                .filter(|meta| meta.is_file())
+                .map(|meta| meta.blocks().saturating_mul(512))
+        });
+        let network = self.link.and_then(|link| {
+            let engine = self.engine.upgrade()?;
+            let interface = engine.network.as_ref()?.host_interface(link.slot);
+            let statistics = Path::new("/sys/class/net")
+                .join(interface)
+                .join("statistics");
+            let read = |name: &str| {
+                std::fs::read_to_string(statistics.join(name))
+                    .ok()
+                    .and_then(|text| text.trim().parse::<u64>().ok())
+            };
+            // The host's end: what it receives, the sandbox sent.
+            Some(NetworkUsage {
+                rx_bytes: read("tx_bytes")?,
+                tx_bytes: read("rx_bytes")?,
+            })
+        });
+        // Where the cgroup does not count CPU time (cgroup v1 with cpuacct mounted apart),
+        // the VMM process does: it is the cgroup's only process.
+        let cpu_seconds = cgroup.cpu_seconds.or_else(|| {
+            let pid = self.pid()?;
+            Some(crate::procstat::read(Some(pid))?.cpu_seconds)
+        });
+        ResourceUsage {
+            cpu_seconds,
+            memory_bytes: cgroup.memory_bytes,
+            memory_limit_bytes: cgroup.memory_limit_bytes,
+            disk_bytes,
+            network,
+        }
     }
 
     /// The user id its VMM runs as, if not the daemon's.

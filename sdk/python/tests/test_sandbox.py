@@ -156,8 +156,18 @@ def test_lifecycle_connect_list_timeout_and_errors(
     sandbox.keepalive()
     assert sandbox.is_running()
     assert isinstance(sandbox.logs(lines=5), str)
-    with pytest.raises(kiln.SandboxNotFound):
+    usage = sandbox.get_metrics()
+    assert usage.sandbox_id == sandbox.sandbox_id and usage.state == "running"
+    assert (usage.cpu_seconds or 0) > 0 and (usage.memory_bytes or 0) > 0
+    assert (usage.memory_limit_bytes or 0) >= (usage.memory_bytes or 0)
+    assert (usage.disk_bytes or 0) > 0
+    # This suite's daemon runs without sandbox networking.
+    assert usage.network_rx_bytes is None
+    with pytest.raises(kiln.SandboxNotFound) as missing:
         Sandbox.connect("sb-000000000000")
+    # The daemon's request id, to find the call in its log.
+    request_id = missing.value.request_id or ""
+    assert request_id.startswith("req_") and request_id in str(missing.value)
     with pytest.raises(kiln.AuthenticationError):
         Sandbox.connect(sandbox.sandbox_id, api_key="kiln_wrong")
     with pytest.raises(kiln.TemplateNotFound):

@@ -91,6 +91,20 @@ export interface SnapshotInfo {
   createdAtMs: number;
 }
 
+/** What a sandbox uses, measured on the host (`null`: not measurable now, such as CPU and
+ * memory while it is paused, or network without sandbox networking). */
+export interface SandboxMetrics {
+  sandboxId: string;
+  state: string;
+  cpuSeconds: number | null;
+  memoryBytes: number | null;
+  memoryLimitBytes: number | null;
+  diskBytes: number | null;
+  networkRxBytes: number | null;
+  networkTxBytes: number | null;
+  measuredAtMs: number;
+}
+
 export interface TemplateInfo {
   name: string;
   description: string | null;
@@ -208,6 +222,20 @@ export function snapshotInfo(data: Json): SnapshotInfo {
     template: str(data.template),
     sizeBytes: num(data.size_bytes),
     createdAtMs: num(data.created_at_ms),
+  };
+}
+
+export function sandboxMetrics(data: Json): SandboxMetrics {
+  return {
+    sandboxId: str(data.sandbox_id),
+    state: str(data.state),
+    cpuSeconds: optNum(data.cpu_seconds),
+    memoryBytes: optNum(data.memory_bytes),
+    memoryLimitBytes: optNum(data.memory_limit_bytes),
+    diskBytes: optNum(data.disk_bytes),
+    networkRxBytes: optNum(data.network_rx_bytes),
+    networkTxBytes: optNum(data.network_tx_bytes),
+    measuredAtMs: num(data.measured_at_ms),
   };
 }
 

@@ -14,6 +14,7 @@ import {
   processInfo,
   sandboxEvent,
   sandboxInfo,
+  sandboxMetrics,
   snapshotInfo,
   templateInfo,
   type BuildEvent,
@@ -29,6 +30,7 @@ import {
   type ProcessInfo,
   type SandboxEvent,
   type SandboxInfo,
+  type SandboxMetrics,
   type SandboxPage,
   type SnapshotInfo,
   type TemplateInfo,
@@ -884,6 +886,18 @@ export class Sandbox {
       json: { name },
     });
     return snapshotInfo(reply.json<Json>());
+  }
+
+  /** What it uses now (CPU time, memory, disk, network bytes), measured on the host; a paused
+   * sandbox is not resumed. */
+  @operations("get_sandbox_metrics")
+  async getMetrics(): Promise<SandboxMetrics> {
+    const reply = await this.transport.request({
+      operation: "get_sandbox_metrics",
+      method: "GET",
+      path: sandboxPath(this.sandboxId, "/metrics"),
+    });
+    return sandboxMetrics(reply.json<Json>());
   }
 
   /** The end of its console log (the guest kernel's and init's output). */

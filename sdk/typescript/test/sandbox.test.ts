@@ -153,7 +153,16 @@ describe("one sandbox", () => {
     await sandbox.keepalive();
     assert.equal(await sandbox.isRunning(), true);
     assert.equal(typeof (await sandbox.logs({ lines: 5 })), "string");
-    await assert.rejects(Sandbox.connect("sb-000000000000"), kiln.SandboxNotFoundError);
+    const usage = await sandbox.getMetrics();
+    assert.equal(usage.sandboxId, sandbox.sandboxId);
+    assert.ok((usage.cpuSeconds ?? 0) > 0 && (usage.memoryBytes ?? 0) > 0 && (usage.diskBytes ?? 0) > 0);
+    assert.equal(usage.networkRxBytes, null);
+    await assert.rejects(Sandbox.connect("sb-000000000000"), (error: unknown) => {
+      // The daemon's request id, to find the call in its log.
+      assert.ok(error instanceof kiln.SandboxNotFoundError);
+      assert.match(error.requestId ?? "", /^req_[0-9a-f]{16}$/);
+      return true;
+    });
     await assert.rejects(Sandbox.connect(sandbox.sandboxId, { apiKey: "kiln_wrong" }), kiln.AuthenticationError);
     await assert.rejects(Sandbox.create({ template: "no-such-template" }), kiln.TemplateNotFoundError);
     const closed = await new Promise<number>((resolve) => {

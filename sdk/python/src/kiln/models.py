@@ -270,6 +270,41 @@ class SnapshotInfo:
 
 
 @dataclass(frozen=True)
+class SandboxMetrics:
+    """What a sandbox uses, measured on the host (``None``: not measurable now, such as CPU
+    and memory while it is paused, or network without sandbox networking)."""
+
+    sandbox_id: str
+    state: str
+    cpu_seconds: Optional[float]
+    memory_bytes: Optional[int]
+    memory_limit_bytes: Optional[int]
+    disk_bytes: Optional[int]
+    network_rx_bytes: Optional[int]
+    network_tx_bytes: Optional[int]
+    measured_at_ms: int
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> SandboxMetrics:
+        def number(name: str) -> Optional[int]:
+            value = data.get(name)
+            return int(value) if value is not None else None
+
+        cpu = data.get("cpu_seconds")
+        return SandboxMetrics(
+            sandbox_id=str(data["sandbox_id"]),
+            state=str(data.get("state", "")),
+            cpu_seconds=float(cpu) if cpu is not None else None,
+            memory_bytes=number("memory_bytes"),
+            memory_limit_bytes=number("memory_limit_bytes"),
+            disk_bytes=number("disk_bytes"),
+            network_rx_bytes=number("network_rx_bytes"),
+            network_tx_bytes=number("network_tx_bytes"),
+            measured_at_ms=int(data.get("measured_at_ms", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class TemplateInfo:
     """A template sandboxes are made from."""
 

@@ -37,6 +37,7 @@ from .models import (
     ProcessInfo,
     SandboxEvent,
     SandboxInfo,
+    SandboxMetrics,
     SandboxPage,
     SnapshotInfo,
     TemplateInfo,
@@ -717,6 +718,19 @@ class Sandbox:
             )
         )
         return SnapshotInfo.from_json(reply.json())
+
+    @operations("get_sandbox_metrics")
+    def get_metrics(self) -> SandboxMetrics:
+        """What it uses now (CPU time, memory, disk, network bytes), measured on the host; a
+        paused sandbox is not resumed."""
+        reply = self._transport.request(
+            Call(
+                "get_sandbox_metrics",
+                "GET",
+                _ops.sandbox_path(self.sandbox_id, "/metrics"),
+            )
+        )
+        return SandboxMetrics.from_json(reply.json())
 
     @operations("console_log")
     def logs(self, lines: Optional[int] = None) -> str:
