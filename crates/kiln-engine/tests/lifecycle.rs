@@ -150,6 +150,32 @@ async fn limits_crashes_and_time_to_live() {
         fs_mib > template_disk_mib + 400,
         "root filesystem grown to {fs_mib} MiB (disk {disk_mib} MiB)"
     );
+
+    // Space a guest frees comes back on the host by itself (no fstrim): 256 MiB of non-zero
+    // data written, then deleted; the disk file's allocated blocks drop by most of it.
+    let allocated = || limited.usage().disk_bytes.expect("a disk file");
+    let before = allocated();
+    sh(
+        &limited,
+        "yes kiln-fill-data | head -c 268435456 > /root/fill && sync",
+    )
+    .await;
+    let filled = allocated();
+    assert!(
+        filled >= before + (240 << 20),
+        "the write reached the host: {before} -> {filled} bytes"
+    );
+    sh(&limited, "rm /root/fill && sync").await;
+    // Discards go out as ext4 commits its journal (every 5 s by default).
+    let given_back = kiln_testinfra::wait_until(Duration::from_secs(30), || {
+        allocated() < filled - (200 << 20)
+    })
+    .await;
+    assert!(
+        given_back,
+        "deleted data still takes {} bytes on the host (before {before}, filled {filled})",
+        allocated()
+    );
     limited.destroy().await.expect("destroy");
 
     // Crash: the VMM killed from outside. The sandbox is marked failed with QEMU's reason, its
