@@ -105,6 +105,7 @@ impl From<ControlError> for ApiError {
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ControlError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ControlError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ControlError::Guest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "guest_error"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -24,8 +24,16 @@ struct Api {
 }
 
 async fn api() -> Api {
+    api_with(None).await
+}
+
+/// A daemon whose tenants may have at most `max_sandboxes` live sandboxes each.
+async fn api_with(max_sandboxes: Option<usize>) -> Api {
     let data = tempfile::tempdir().expect("data dir");
-    let config = common::control_config(data.path());
+    let config = kiln_control::ControlConfig {
+        max_sandboxes_per_tenant: max_sandboxes,
+        ..common::control_config(data.path())
+    };
     let control = Control::open(config).await.expect("control plane");
     let app = kiln_api::router(
         control.clone(),
@@ -1528,4 +1536,106 @@ async fn snapshots_outlive_their_sandbox() {
         .collect();
     assert!(left.is_empty(), "snapshot files left: {left:?}");
     api.control.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_is_held_to_its_quota_of_live_sandboxes() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let api = api_with(Some(2)).await;
+    let alice = api.key("alice", false);
+    let bob = api.key("bob", false);
+    let create = |key: String| {
+        let api = &api;
+        async move {
+            api.json(
+                Method::POST,
+                "/v1/sandboxes",
+                &key,
+                json!({"ttl_secs": 300}),
+            )
+            .await
+        }
+    };
+
+    // Three at once race for two slots: each create holds its slot while it is made, so
+    // exactly two are made.
+    let (a, b, c) = tokio::join!(
+        create(alice.clone()),
+        create(alice.clone()),
+        create(alice.clone())
+    );
+    let made: Vec<String> = [&a, &b, &c]
+        .iter()
+        .filter(|reply| reply.status == StatusCode::CREATED)
+        .map(|reply| reply.json()["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(
+        made.len(),
+        2,
+        "{:?} {:?} {:?}",
+        a.status,
+        b.status,
+        c.status
+    );
+    for reply in [&a, &b, &c] {
+        if reply.status != StatusCode::CREATED {
+            reply.assert_error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+        }
+    }
+    let first = made[0].clone();
+
+    // A third, or a fork, is refused with a message that says what to do.
+    let refused = create(alice.clone()).await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+    let message = refused.json()["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("at most 2") && message.contains("destroy"),
+        "{message}"
+    );
+    api.json(
+        Method::POST,
+        &format!("/v1/sandboxes/{first}/fork"),
+        &alice,
+        json!({"count": 1}),
+    )
+    .await
+    .assert_error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+    // Refusals leave nothing behind: still two, and another tenant is not affected.
+    let listed = api.get("/v1/sandboxes", &alice).await.json();
+    assert_eq!(
+        listed["sandboxes"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    let other = create(bob.clone()).await;
+    assert_eq!(other.status, StatusCode::CREATED, "{:?}", other.json());
+
+    // A destroyed sandbox frees its slot.
+    let deleted = api
+        .call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{first}"),
+            Some(&alice),
+            Body::empty(),
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let again = create(alice.clone()).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.json());
+    for key in [&alice, &bob] {
+        let listed = api.get("/v1/sandboxes", key).await.json();
+        for sandbox in listed["sandboxes"].as_array().expect("list") {
+            let id = sandbox["id"].as_str().expect("id");
+            api.call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{id}"),
+                Some(key),
+                Body::empty(),
+            )
+            .await;
+        }
+    }
 }

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// [default: 604800, a week].
     #[arg(long)]
     pub paused_retention_secs: Option<u64>,
+    /// Most live (running or paused) sandboxes one tenant may have; a create or fork past it
+    /// is refused with 429 `quota_exceeded`; 0: no limit [default: 100].
+    #[arg(long)]
+    pub max_sandboxes_per_tenant: Option<usize>,
     /// VMMs kept pre-started per template, 0 to 2 [default: 1].
     #[arg(long)]
     pub prestart: Option<usize>,
@@ -124,6 +128,7 @@ struct FileConfig {
     default_ttl_secs: Option<u64>,
     max_ttl_secs: Option<u64>,
     paused_retention_secs: Option<u64>,
+    max_sandboxes_per_tenant: Option<usize>,
     prestart: Option<usize>,
     max_upload_bytes: Option<u64>,
     network: Option<String>,
@@ -317,6 +322,12 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             default_ttl: Duration::from_secs(default_ttl),
             max_ttl: Duration::from_secs(max_ttl),
             paused_retention: Duration::from_secs(paused_retention),
+            max_sandboxes_per_tenant: Some(
+                args.max_sandboxes_per_tenant
+                    .or(file.max_sandboxes_per_tenant)
+                    .unwrap_or(100),
+            )
+            .filter(|max| *max > 0),
         },
         api: kiln_api::ApiConfig {
             max_upload_bytes: args

@@ -52,6 +52,9 @@ pub enum ControlError {
     /// The sandbox or a resource is unavailable right now.
     #[error("{0}")]
     Unavailable(String),
+    /// The tenant is at a limit the operator set (its live sandboxes).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// The operation timed out.
     #[error("{0}")]
     Timeout(String),
@@ -168,6 +171,8 @@ pub struct ControlConfig {
     pub max_ttl: Duration,
     /// How long a paused sandbox is kept (from its pause) before it is destroyed.
     pub paused_retention: Duration,
+    /// Most live (running or paused) sandboxes one tenant may have; `None`: no limit.
+    pub max_sandboxes_per_tenant: Option<usize>,
 }
 
 /// What a create asks for.
@@ -251,6 +256,29 @@ struct Inner {
     >,
     /// Set when the daemon stops.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Sandboxes being made, by tenant: counted against the quota with the recorded ones,
+    /// so concurrent creates cannot pass it together.
+    making: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// `count` of a tenant's sandbox slots, held while its sandboxes are made and recorded.
+#[derive(Debug)]
+struct SlotHold<'a> {
+    making: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    tenant: String,
+    count: usize,
+}
+
+impl Drop for SlotHold<'_> {
+    fn drop(&mut self) {
+        let mut making = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = making.get_mut(&self.tenant) {
+            *held = held.saturating_sub(self.count);
+            if *held == 0 {
+                making.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -322,6 +350,7 @@ impl Control {
                 templates,
                 events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
+                making: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         };
         control.follow_engine();
@@ -565,6 +594,31 @@ impl Control {
         Ok(())
     }
 
+    /// Holds `count` sandbox slots of the caller's tenant, or refuses if that would take it
+    /// past its quota of live sandboxes.
+    fn hold_slots(&self, who: &Principal, count: usize) -> Result<SlotHold<'_>, ControlError> {
+        let hold = |count| SlotHold {
+            making: &self.inner.making,
+            tenant: who.tenant.clone(),
+            count,
+        };
+        let Some(max) = self.inner.config.max_sandboxes_per_tenant else {
+            return Ok(hold(0));
+        };
+        let mut making = self.inner.making.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.inner.store.count_live_sandboxes(&who.tenant)?;
+        let held = making.get(&who.tenant).copied().unwrap_or(0);
+        if live + held + count > max {
+            return Err(ControlError::QuotaExceeded(format!(
+                "this tenant has {} live sandboxes (running, paused or being made) of at most \
+                 {max}; {count} more would pass the limit: destroy some first",
+                live + held
+            )));
+        }
+        *making.entry(who.tenant.clone()).or_default() += count;
+        Ok(hold(count))
+    }
+
     /// Creates a sandbox for the caller.
     pub async fn create_sandbox(
         &self,
@@ -575,6 +629,7 @@ impl Control {
         self.check_ttl(ttl)?;
         Control::check_labels(&request.metadata, "metadata")?;
         Control::check_labels(&request.env, "env")?;
+        let _slot = self.hold_slots(who, 1)?;
         let name = request
             .template
             .clone()
@@ -786,6 +841,7 @@ impl Control {
         let mut metadata = record.metadata.clone();
         metadata.extend(request.metadata);
         Control::check_labels(&metadata, "metadata")?;
+        let _slots = self.hold_slots(who, request.count)?;
         let (children, report) = self
             .inner
             .engine

@@ -532,6 +532,16 @@ impl Store {
         rows.map(|row| Store::finish(row?)).collect()
     }
 
+    /// How many live sandboxes (any state but failed) `tenant` has.
+    pub fn count_live_sandboxes(&self, tenant: &str) -> Result<usize, StoreError> {
+        let count: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM sandboxes WHERE tenant_id = ?1 AND state != 'failed'",
+            params![tenant],
+            |row| row.get(0),
+        )?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
     /// How many sandboxes there are, by state and template, of all tenants.
     pub fn count_sandboxes(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
         let conn = self.conn();

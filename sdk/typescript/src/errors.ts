@@ -52,6 +52,8 @@ export class TooLargeError extends KilnError {}
 export class SandboxError extends KilnError {}
 /** The sandbox does not answer right now, or the host ran out of capacity (HTTP 503). */
 export class UnavailableError extends KilnError {}
+/** The tenant is at a limit the operator set, e.g. its live sandboxes (HTTP 429): destroy some first. */
+export class QuotaExceededError extends KilnError {}
 /** Something timed out; the message says what (a command, a request, the daemon). */
 export class TimeoutError extends KilnError {}
 
@@ -85,6 +87,7 @@ const BY_CODE: Record<string, ErrorClass> = {
   too_large: TooLargeError,
   guest_error: SandboxError,
   unavailable: UnavailableError,
+  quota_exceeded: QuotaExceededError,
   timeout: TimeoutError,
 };
 

@@ -24,6 +24,7 @@ test("errors map to classes by meaning", () => {
     [413, '{"code":"too_large","message":"big"}', kiln.TooLargeError],
     [422, '{"code":"guest_error","message":"x"}', kiln.SandboxError],
     [503, '{"code":"unavailable","message":"busy"}', kiln.UnavailableError],
+    [429, '{"code":"quota_exceeded","message":"at most 2"}', kiln.QuotaExceededError],
     [504, '{"code":"timeout","message":"slow"}', kiln.TimeoutError],
     [502, "<html>bad gateway</html>", kiln.KilnError],
   ];

@@ -16,5 +16,6 @@ pub fn control_config(data: &Path) -> ControlConfig {
         default_ttl: Duration::from_secs(600),
         max_ttl: Duration::from_secs(3600),
         paused_retention: Duration::from_secs(3600),
+        max_sandboxes_per_tenant: None,
     }
 }

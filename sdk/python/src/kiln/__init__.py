@@ -28,6 +28,7 @@ from .exceptions import (  # noqa: E402
     Timeout,
     TooLargeError,
     UnavailableError,
+    QuotaExceeded,
 )
 from .models import (  # noqa: E402
     BuildEvent,
@@ -100,6 +101,7 @@ __all__ = [
     "Timeout",
     "TooLargeError",
     "UnavailableError",
+    "QuotaExceeded",
     "WriteInfo",
     "async_health",
     "health",

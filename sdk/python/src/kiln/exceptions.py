@@ -90,6 +90,11 @@ class UnavailableError(KilnError):
     """The sandbox does not answer right now, or the host ran out of capacity (HTTP 503)."""
 
 
+class QuotaExceeded(KilnError):
+    """The tenant is at a limit the operator set, e.g. its live sandboxes (HTTP 429): destroy
+    some first."""
+
+
 class Timeout(KilnError, builtins.TimeoutError):
     """Something timed out; the message says what (a command, a request, the daemon)."""
 
@@ -124,6 +129,7 @@ _BY_CODE = {
     "too_large": TooLargeError,
     "guest_error": SandboxError,
     "unavailable": UnavailableError,
+    "quota_exceeded": QuotaExceeded,
     "timeout": Timeout,
 }
 
