@@ -330,11 +330,37 @@ async fn not_found() -> ApiError {
 
 /// The API's router.
 pub fn router(control: Control, config: ApiConfig) -> Router {
+    routers(control, config).api
+}
+
+/// The API's router and, sharing its figures, a router that serves only `GET /metrics`
+/// without a key (for a listen address of the operator's own: `kiln serve --metrics-listen`).
+#[derive(Debug)]
+pub struct Routers {
+    /// The API (its `/metrics` takes an admin key).
+    pub api: Router,
+    /// `/metrics` alone, open.
+    pub metrics: Router,
+}
+
+/// See [`Routers`].
+pub fn routers(control: Control, config: ApiConfig) -> Routers {
     let state = AppState {
         control,
         config,
         metrics: Default::default(),
     };
+    let metrics = Router::new()
+        .route("/metrics", get(metrics::scrape_open))
+        .fallback(not_found)
+        .with_state(state.clone());
+    Routers {
+        api: api_router(state),
+        metrics,
+    }
+}
+
+fn api_router(state: AppState) -> Router {
     let uploads = Router::new()
         .route(
             "/v1/sandboxes/{id}/files/content",

@@ -45,6 +45,19 @@ struct ErrorLabels {
     code: String,
 }
 
+/// Totals kept elsewhere, as far as the counters already count them.
+#[derive(Debug, Default)]
+struct Counted {
+    cpu_seconds: f64,
+    templates_ready: u64,
+    templates_failed: u64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SandboxLabels {
     state: String,
@@ -59,6 +72,7 @@ pub struct Metrics {
     durations: Family<RouteLabels, Histogram>,
     errors: Family<ErrorLabels, Counter>,
     sandboxes: Family<SandboxLabels, Gauge>,
+    templates: Family<OutcomeLabels, Counter>,
     prestarted: Gauge,
     disk_size: Gauge,
     disk_available: Gauge,
@@ -66,8 +80,9 @@ pub struct Metrics {
     open_fds: Gauge,
     threads: Gauge,
     cpu: Counter<f64, AtomicU64>,
-    /// CPU seconds already counted, and the scrape in progress (one at a time).
-    cpu_counted: Mutex<f64>,
+    /// What the counters read at scrape time already counted (held by the scrape in
+    /// progress: one at a time).
+    counted: Mutex<Counted>,
 }
 
 impl Default for Metrics {
@@ -109,6 +124,13 @@ impl Metrics {
             "sandboxes",
             "Sandboxes by state and template, all tenants",
             sandboxes.clone(),
+        );
+        let templates = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "template_preparations",
+            "Times a template was made ready (built and baked, or its bake found on disk) since \
+             the daemon started, and failed attempts, by outcome (ready, failed)",
+            templates.clone(),
         );
         let prestarted = Gauge::default();
         registry.register(
@@ -158,6 +180,7 @@ impl Metrics {
             durations,
             errors,
             sandboxes,
+            templates,
             prestarted,
             disk_size,
             disk_available,
@@ -165,7 +188,7 @@ impl Metrics {
             open_fds,
             threads,
             cpu,
-            cpu_counted: Mutex::new(0.0),
+            counted: Mutex::new(Counted::default()),
         }
     }
 
@@ -187,12 +210,23 @@ impl Metrics {
 
     /// The text exposition, with the scrape-time figures read now.
     fn render(&self, state: &AppState) -> Result<String, ApiError> {
-        let mut counted = self.cpu_counted.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
         self.sandboxes.clear();
         for (state, template, count) in state.control.sandbox_counts()? {
             self.sandboxes
                 .get_or_create(&SandboxLabels { state, template })
                 .set(count);
+        }
+        let (ready, failed) = state.control.template_preparations();
+        let counted = &mut *counted;
+        for (outcome, total, seen) in [
+            ("ready", ready, &mut counted.templates_ready),
+            ("failed", failed, &mut counted.templates_failed),
+        ] {
+            self.templates
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(total.saturating_sub(*seen));
+            *seen = total.max(*seen);
         }
         let engine = state.control.engine();
         self.prestarted
@@ -206,9 +240,9 @@ impl Metrics {
         let process = kiln_engine::procstat::read(None).unwrap_or_default();
         self.resident.set(bytes(process.resident_bytes));
         self.threads.set(bytes(process.threads));
-        if process.cpu_seconds > *counted {
-            self.cpu.inc_by(process.cpu_seconds - *counted);
-            *counted = process.cpu_seconds;
+        if process.cpu_seconds > counted.cpu_seconds {
+            self.cpu.inc_by(process.cpu_seconds - counted.cpu_seconds);
+            counted.cpu_seconds = process.cpu_seconds;
         }
         let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count());
         self.open_fds.set(bytes(open_fds as u64));
@@ -262,18 +296,22 @@ pub(crate) async fn scrape(
 ) -> Result<Response, ApiError> {
     if !who.admin {
         return Err(ApiError::from(kiln_control::ControlError::Forbidden(
-            "metrics are for admin keys (`kiln keys create --admin`)".into(),
+            "metrics are for admin keys (`kiln keys create --admin`), or on --metrics-listen"
+                .into(),
         )));
     }
-    let text = state.metrics.render(&state)?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    exposition(&state)
+}
+
+/// The same without a key: served only on the operator's own listen address.
+pub(crate) async fn scrape_open(State(state): State<AppState>) -> Result<Response, ApiError> {
+    exposition(&state)
+}
+
+fn exposition(state: &AppState) -> Result<Response, ApiError> {
+    let text = state.metrics.render(state)?;
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 #[cfg(test)]

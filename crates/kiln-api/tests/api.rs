@@ -19,6 +19,8 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 struct Api {
     app: Router,
+    /// `/metrics` alone, without a key (`kiln serve --metrics-listen`).
+    metrics: Router,
     control: Control,
     _data: tempfile::TempDir,
 }
@@ -35,7 +37,7 @@ async fn api_with(max_sandboxes: Option<usize>) -> Api {
         ..common::control_config(data.path())
     };
     let control = Control::open(config).await.expect("control plane");
-    let app = kiln_api::router(
+    let kiln_api::Routers { api: app, metrics } = kiln_api::routers(
         control.clone(),
         kiln_api::ApiConfig {
             max_upload_bytes: 8 << 20,
@@ -44,6 +46,7 @@ async fn api_with(max_sandboxes: Option<usize>) -> Api {
     );
     Api {
         app,
+        metrics,
         control,
         _data: data,
     }
@@ -1137,6 +1140,7 @@ disk_mib = 768
     assert!(value("kiln_process_open_fds") > 0.0);
     assert!(value("kiln_data_disk_available_bytes") > 0.0);
     value("kiln_prestarted_vmms");
+    assert!(value("kiln_template_preparations_total{outcome=\"ready\"}") >= 1.0);
     value("kiln_process_cpu_seconds_total");
     assert!(!text.contains(&id) && !text.contains(&second_id), "{text}");
 
@@ -1612,6 +1616,26 @@ async fn a_tenant_is_held_to_its_quota_of_live_sandboxes() {
     );
     let other = create(bob.clone()).await;
     assert_eq!(other.status, StatusCode::CREATED, "{:?}", other.json());
+
+    // The refusals are counted, on the operator's metrics address too (no key there).
+    let scrape = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let scraped = api.metrics.clone().oneshot(scrape).await.expect("response");
+    assert_eq!(scraped.status(), StatusCode::OK);
+    let text = scraped
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("kiln_api_errors_total{code=\"quota_exceeded\"} 3\n")
+            && text.contains("kiln_sandboxes{state=\"running\",template=\"base\"} 3\n"),
+        "{text}"
+    );
 
     // A destroyed sandbox frees its slot.
     let deleted = api

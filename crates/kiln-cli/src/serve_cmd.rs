@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070].
     #[arg(long, env = "KILN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Also serve `GET /metrics` here, without a key, for a Prometheus on a network of the
+    /// operator's (on --listen it needs an admin key) [default: not served apart].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// State: database, baked templates, sandboxes [default: /var/lib/kiln].
     #[arg(long, env = "KILN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -119,6 +123,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
     templates_dirs: Option<Vec<PathBuf>>,
@@ -151,6 +156,8 @@ struct FileConfig {
 pub struct Settings {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Where to serve `/metrics` alone, without a key.
+    pub metrics_listen: Option<SocketAddr>,
     /// The control plane's configuration.
     pub control: ControlConfig,
     /// The API's.
@@ -308,8 +315,13 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     {
         bail!("setting `mcp_allowed_origins`: `{origin}` is not an origin like https://app.example.com:443");
     }
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+    if metrics_listen == Some(listen) {
+        bail!("setting `metrics_listen`: {listen} is the API's own address (leave it out to scrape /metrics there with an admin key)");
+    }
     Ok(Settings {
         listen,
+        metrics_listen,
         control: ControlConfig {
             cache_dir: args
                 .cache_dir
@@ -357,7 +369,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         cgroups = control.engine().cgroup_version().unwrap_or("off"),
         "kiln is serving"
     );
-    let app = kiln_api::router(control.clone(), settings.api);
+    let routers = kiln_api::routers(control.clone(), settings.api);
+    let app = routers.api;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(None);
     let signalled = control.clone();
     let signals = tokio::spawn(async move {
@@ -365,6 +378,22 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         signalled.begin_shutdown();
         let _ = stop_tx.send(Some(stop));
     });
+    if let Some(addr) = settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr} for metrics"))?;
+        tracing::info!(listen = %addr, "serving /metrics without a key");
+        let mut stopped = stop_rx.clone();
+        tokio::spawn(async move {
+            let served =
+                axum::serve(listener, routers.metrics).with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(Option::is_some).await;
+                });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "serving metrics failed");
+            }
+        });
+    }
     let mut stopped = stop_rx.clone();
     // The clients' addresses reach handlers (ingress passes them on as X-Forwarded-For).
     let app = app.into_make_service_with_connect_info::<SocketAddr>();

@@ -961,6 +961,12 @@ impl Control {
         Ok(created)
     }
 
+    /// How many times a template was made ready (built and baked, or its bake found on disk)
+    /// since the daemon started, and how many attempts failed.
+    pub fn template_preparations(&self) -> (u64, u64) {
+        self.inner.templates.preparations()
+    }
+
     /// How many sandboxes there are, by state and template, of all tenants (for the
     /// operator's metrics; nothing names a tenant or a sandbox).
     pub fn sandbox_counts(&self) -> Result<Vec<(String, String, i64)>, ControlError> {

@@ -63,6 +63,9 @@ pub struct Templates {
     cache: Cache,
     agent: PathBuf,
     baked: Mutex<HashMap<(Option<String>, String), BakeCell>>,
+    /// Templates made ready (built and baked, or their bake found on disk), and attempts
+    /// that failed.
+    prepared: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// Whether `name` can name a template, a tenant (and so a directory).
@@ -101,6 +104,7 @@ impl Templates {
             cache,
             agent,
             baked: Mutex::new(HashMap::new()),
+            prepared: Default::default(),
         }
     }
 
@@ -272,38 +276,58 @@ impl Templates {
         let cell = self.cell(&located, name);
         let baked = cell
             .get_or_try_init(|| async {
-                tracing::info!(template = name, "building and baking");
-                let (cache, agent) = (self.cache.clone(), self.agent.clone());
-                let spec = located.spec.clone();
-                let forward = Forward(progress);
-                let images = tokio::task::spawn_blocking(move || {
-                    kiln_image::template::build_template(&spec, &agent, &cache, &forward)
-                })
-                .await
-                .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
-                .map_err(|e| build_error(name, e))?;
-                let options = kiln_engine::BakeOptions {
-                    owner: located.tenant.clone(),
-                    ..kiln_engine::BakeOptions::default()
-                };
-                let baked = engine.bake_with(&images, options).await.map_err(|e| {
-                    ControlError::Internal(format!(
-                        "baking template `{name}`: {}",
-                        crate::chain(&e)
-                    ))
-                })?;
-                baked
-                    .verify()
-                    .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
-                // VMMs are kept pre-started for the shared templates only: a tenant's own
-                // templates must not hold host resources between creates.
-                if located.tenant.is_none() {
-                    engine.prestart(&baked);
-                }
-                Ok::<_, ControlError>(baked)
+                let prepared = self.prepare(engine, &located, name, progress).await;
+                self.prepared[usize::from(prepared.is_err())]
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                prepared
             })
             .await?;
         Ok(baked.clone())
+    }
+
+    /// How many times a template was made ready, and how many attempts failed.
+    pub fn preparations(&self) -> (u64, u64) {
+        let [ready, failed] = &self.prepared;
+        (
+            ready.load(std::sync::atomic::Ordering::Relaxed),
+            failed.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Builds `located`'s images and bakes them (or finds the bake on disk).
+    async fn prepare(
+        &self,
+        engine: &Engine,
+        located: &Located,
+        name: &str,
+        progress: Option<Arc<dyn Progress>>,
+    ) -> Result<BakedTemplate, ControlError> {
+        tracing::info!(template = name, "building and baking");
+        let (cache, agent) = (self.cache.clone(), self.agent.clone());
+        let spec = located.spec.clone();
+        let forward = Forward(progress);
+        let images = tokio::task::spawn_blocking(move || {
+            kiln_image::template::build_template(&spec, &agent, &cache, &forward)
+        })
+        .await
+        .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
+        .map_err(|e| build_error(name, e))?;
+        let options = kiln_engine::BakeOptions {
+            owner: located.tenant.clone(),
+            ..kiln_engine::BakeOptions::default()
+        };
+        let baked = engine.bake_with(&images, options).await.map_err(|e| {
+            ControlError::Internal(format!("baking template `{name}`: {}", crate::chain(&e)))
+        })?;
+        baked
+            .verify()
+            .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
+        // VMMs are kept pre-started for the shared templates only: a tenant's own
+        // templates must not hold host resources between creates.
+        if located.tenant.is_none() {
+            engine.prestart(&baked);
+        }
+        Ok(baked)
     }
 }
 
