@@ -507,10 +507,7 @@ pub(crate) async fn get_sandbox_metrics(
         disk_bytes: usage.disk_bytes,
         network_rx_bytes: usage.network.map(|n| n.rx_bytes),
         network_tx_bytes: usage.network.map(|n| n.tx_bytes),
-        measured_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0),
+        measured_at_ms: kiln_control::store::now_ms(),
     }))
 }
 

@@ -230,22 +230,22 @@ impl Metrics {
         }
         let engine = state.control.engine();
         self.prestarted
-            .set(i64::try_from(engine.prestarted_pids().len()).unwrap_or(i64::MAX));
+            .set(gauge(engine.prestarted_pids().len() as u64));
         if let Ok(fs) = nix::sys::statvfs::statvfs(engine.data_dir()) {
             let block = fs.fragment_size();
-            self.disk_size.set(bytes(fs.blocks() * block));
+            self.disk_size.set(gauge(fs.blocks() * block));
             self.disk_available
-                .set(bytes(fs.blocks_available() * block));
+                .set(gauge(fs.blocks_available() * block));
         }
         let process = kiln_engine::procstat::read(None).unwrap_or_default();
-        self.resident.set(bytes(process.resident_bytes));
-        self.threads.set(bytes(process.threads));
+        self.resident.set(gauge(process.resident_bytes));
+        self.threads.set(gauge(process.threads));
         if process.cpu_seconds > counted.cpu_seconds {
             self.cpu.inc_by(process.cpu_seconds - counted.cpu_seconds);
             counted.cpu_seconds = process.cpu_seconds;
         }
         let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count());
-        self.open_fds.set(bytes(open_fds as u64));
+        self.open_fds.set(gauge(open_fds as u64));
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
             .map_err(|e| ApiError::from(kiln_control::ControlError::Internal(e.to_string())))?;
@@ -253,7 +253,8 @@ impl Metrics {
     }
 }
 
-fn bytes(n: u64) -> i64 {
+/// A count or size as a gauge's value (saturating).
+fn gauge(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
