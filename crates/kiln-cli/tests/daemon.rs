@@ -434,6 +434,51 @@ fn serve_use_crash_restart_and_stop() {
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
     let ids = daemon.sandboxes.clone();
     assert_no_leftovers(&daemon, &ids);
+
+    // A bake damaged on disk while the daemon was down fails its check at the next start's
+    // first use, and is made again.
+    let templates = daemon.data.path().join("state/templates");
+    let baked = std::fs::read_dir(&templates)
+        .expect("templates")
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|dir| {
+            dir.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("base-"))
+        })
+        .expect("the base template's bake");
+    let disk = ["disk.qcow2", "disk.raw"]
+        .iter()
+        .map(|name| baked.join(name))
+        .find(|path| path.exists())
+        .expect("the template disk");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .expect("open the template disk");
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, 4096).expect("read");
+        file.write_all_at(&[byte[0] ^ 0x5a], 4096).expect("damage");
+    }
+    daemon.start();
+    assert_eq!(
+        daemon.kiln_ok(key, &["run", "--template", "base", "--", "echo", "again"]),
+        "again",
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("re-baking: the saved bake failed its check"),
+        "{}",
+        daemon.log()
+    );
+    let status = daemon.stop_daemon(libc::SIGINT);
+    assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
 }
 
 #[test]

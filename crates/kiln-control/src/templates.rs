@@ -316,12 +316,27 @@ impl Templates {
             owner: located.tenant.clone(),
             ..kiln_engine::BakeOptions::default()
         };
-        let baked = engine.bake_with(&images, options).await.map_err(|e| {
-            ControlError::Internal(format!("baking template `{name}`: {}", crate::chain(&e)))
-        })?;
-        baked
-            .verify()
-            .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
+        let bake = |options| async {
+            let baked = engine.bake_with(&images, options).await.map_err(|e| {
+                ControlError::Internal(format!("baking template `{name}`: {}", crate::chain(&e)))
+            })?;
+            let checked = baked.clone();
+            let check = tokio::task::spawn_blocking(move || checked.verify())
+                .await
+                .map_err(|e| ControlError::Internal(format!("template check: {e}")))?;
+            Ok::<_, ControlError>((baked, check))
+        };
+        let (mut baked, mut check) = bake(options.clone()).await?;
+        if let Err(e) = &check {
+            // A bake is a cache of the template's inputs: one that no longer matches its
+            // checksums (damaged on disk, or tampered with) is made again.
+            tracing::warn!(template = name, error = %e, "re-baking: the saved bake failed its check");
+            engine
+                .discard_bake(&baked)
+                .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
+            (baked, check) = bake(options).await?;
+        }
+        check.map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
         // VMMs are kept pre-started for the shared templates only: a tenant's own
         // templates must not hold host resources between creates.
         if located.tenant.is_none() {

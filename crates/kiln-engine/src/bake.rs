@@ -13,6 +13,7 @@ use kiln_proto::messages::{Command, ExecRequest, InitRequest};
 use kiln_vmm::driver::{DiskFormat, DiskLayer, Hypervisor, MemoryBacking, PhaseTimings, VmSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::disk::DiskHash;
 use crate::persist;
 use crate::EngineError;
 
@@ -47,9 +48,13 @@ pub struct BakedMeta {
     /// The template disk format: raw where sandbox disks are reflinks of it, else a qcow2
     /// layer over `rootfs`.
     pub disk_format: DiskFormat,
-    /// SHA-256 of the template disk ([`crate::disk::sparse_sha256`]), checked with the
-    /// memory file.
+    /// SHA-256 of the template disk ([`crate::disk::sparse_sha256_as`] `disk_hash`),
+    /// checked with the memory file.
     pub disk_sha256: String,
+    /// How `disk_sha256` was computed (files from before content hashing say
+    /// [`DiskHash::Extents`]).
+    #[serde(default)]
+    pub disk_hash: DiskHash,
     /// The accelerator it was baked for.
     pub accel: kiln_vmm::accel::Accel,
     /// SHA-256 of the device state file, checked on every restore.
@@ -141,7 +146,7 @@ impl BakedTemplate {
                 self.dir.display()
             )));
         }
-        let disk = crate::disk::sparse_sha256(&self.disk())
+        let disk = crate::disk::sparse_sha256_as(&self.disk(), self.meta.disk_hash)
             .map_err(|e| EngineError::io("hashing the template disk", e))?;
         if disk != self.meta.disk_sha256 {
             return Err(EngineError::Corrupt(format!(
@@ -441,6 +446,7 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         rootfs: images.rootfs.image.clone(),
         disk_format,
         disk_sha256,
+        disk_hash: DiskHash::Content,
         accel: engine.driver.accel().accel,
         state_sha256,
         memory_sha256,

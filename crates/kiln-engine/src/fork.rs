@@ -147,6 +147,7 @@ impl Sandbox {
                     .map_err(|e| EngineError::io("hashing the memory file", e))?;
                 meta.disk_sha256 = crate::disk::sparse_sha256(&disk)
                     .map_err(|e| EngineError::io("hashing the disk", e))?;
+                meta.disk_hash = crate::disk::DiskHash::Content;
                 Ok::<_, EngineError>(())
             })?;
         }

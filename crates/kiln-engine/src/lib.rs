@@ -550,6 +550,20 @@ impl Engine {
         })
     }
 
+    /// Deletes a baked template (one that failed [`BakedTemplate::verify`]), so that the
+    /// next [`Engine::bake_with`] of its images bakes it afresh.
+    pub fn discard_bake(&self, baked: &BakedTemplate) -> Result<(), EngineError> {
+        let templates = self.data_dir().join("templates");
+        if baked.dir.parent() != Some(templates.as_path()) || baked.meta.capture_of.is_some() {
+            return Err(EngineError::Corrupt(format!(
+                "{} is not a baked template of this engine",
+                baked.dir.display()
+            )));
+        }
+        std::fs::remove_dir_all(&baked.dir)
+            .map_err(|e| EngineError::io("removing a baked template that failed its check", e))
+    }
+
     /// Describes how an earlier bake of `name` differs from `inputs`, if there is one.
     fn previous_bake(&self, name: &str, inputs: &kiln_image::cache::Inputs) -> Option<String> {
         let entries = std::fs::read_dir(self.data_dir().join("templates")).ok()?;
