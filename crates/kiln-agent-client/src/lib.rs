@@ -27,10 +27,10 @@ use kiln_proto::handshake::Welcome;
 use kiln_proto::messages::{
     AgentError, AgentInfo, ConnectRequest, ConnectTarget, Empty, ErrorKind, ExecEvent, ExecInput,
     ExecRequest, ExistsResponse, ExitStatus, FileReadEvent, FileReadRequest, FileStat,
-    FileWriteEnd, FileWriteResponse, FileWriteStart, InitRequest, InitResponse, ListRequest,
-    ListResponse, MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessInfo,
-    ProcessList, ProcessSelector, PtySize, RemoveRequest, RenameRequest, ShutdownAction,
-    ShutdownRequest, SignalRequest,
+    FileWriteEnd, FileWriteResponse, FileWriteStart, InitRequest, InitResponse, KillAllResponse,
+    ListRequest, ListResponse, MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse,
+    ProcessInfo, ProcessList, ProcessSelector, PtySize, RemoveRequest, RenameRequest,
+    ShutdownAction, ShutdownRequest, SignalRequest,
 };
 use kiln_proto::routes;
 use kiln_proto::stream::{frame_channel, FrameReader, FrameSender};
@@ -263,6 +263,14 @@ impl AgentClient {
             .call::<_, ProcessList>(routes::PROCESSES, &Empty {})
             .await?
             .processes)
+    }
+
+    /// Kills every user process of the guest (all but the agent); returns how many.
+    pub async fn kill_all(&self) -> Result<u32, ClientError> {
+        Ok(self
+            .call::<_, KillAllResponse>(routes::KILL_ALL, &Empty {})
+            .await?
+            .killed)
     }
 
     /// Opens a byte stream to a socket inside the guest (a service the template started).

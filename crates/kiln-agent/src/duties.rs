@@ -35,11 +35,14 @@ pub enum Duty {
     Rng,
     /// Power off or reboot on request.
     Power,
+    /// Run user processes in a cgroup apart from the agent's, with limits that keep the
+    /// agent answering (see [`crate::cgroups`]).
+    Cgroups,
 }
 
 impl Duty {
     /// Every duty.
-    pub const ALL: [Duty; 8] = [
+    pub const ALL: [Duty; 9] = [
         Duty::Mounts,
         Duty::Modules,
         Duty::Hostname,
@@ -48,6 +51,7 @@ impl Duty {
         Duty::Clock,
         Duty::Rng,
         Duty::Power,
+        Duty::Cgroups,
     ];
 
     /// Name used in responses.
@@ -61,6 +65,7 @@ impl Duty {
             Duty::Clock => "clock",
             Duty::Rng => "rng",
             Duty::Power => "power",
+            Duty::Cgroups => "cgroups",
         }
     }
 }
@@ -352,6 +357,12 @@ pub fn set_hostname(name: &str) -> Result<(), AgentError> {
         ));
     }
     nix::unistd::sethostname(name).map_err(|e| err(ErrorKind::Io, "sethostname", e))
+}
+
+/// Writes `/etc/hostname` (as init only: on a host it is the machine's file).
+pub fn write_etc_hostname(name: &str) -> Result<(), AgentError> {
+    std::fs::write("/etc/hostname", format!("{name}\n"))
+        .map_err(|e| err(ErrorKind::Io, "/etc/hostname", e))
 }
 
 /// Writes `/etc/resolv.conf` and a `/etc/hosts` that names the guest.

@@ -42,7 +42,11 @@ pub fn io_error(path: &Path, e: &io::Error) -> AgentError {
             _ => ErrorKind::Io,
         },
     };
-    AgentError::new(kind, format!("{}: {e}", path.display()))
+    let message = match kind {
+        ErrorKind::NotFound => format!("path `{}` does not exist", path.display()),
+        _ => format!("{}: {e}", path.display()),
+    };
+    AgentError::new(kind, message)
 }
 
 fn file_type(meta: &std::fs::Metadata) -> FileType {

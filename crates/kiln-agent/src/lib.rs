@@ -4,6 +4,7 @@
 //! the host with its init duties disabled) and serves the host over one byte stream: see
 //! [`kiln_proto`] for the protocol.
 
+pub mod cgroups;
 pub mod duties;
 pub mod files;
 pub mod info;

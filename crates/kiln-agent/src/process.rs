@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -257,7 +257,9 @@ impl Process {
 fn signal_group(pid: u32, signal: Signal) -> Result<(), AgentError> {
     let pid = i32::try_from(pid).map_err(|_| AgentError::new(ErrorKind::Internal, "bad pid"))?;
     killpg(Pid::from_raw(pid), signal).map_err(|e| match e {
-        nix::errno::Errno::ESRCH => AgentError::new(ErrorKind::NotFound, "process has exited"),
+        nix::errno::Errno::ESRCH => {
+            AgentError::new(ErrorKind::NotFound, format!("process {pid} has exited"))
+        }
         other => AgentError::new(ErrorKind::Io, format!("kill: {other}")),
     })
 }
@@ -270,11 +272,13 @@ enum Sources {
     Pty(Arc<PtyMaster>),
 }
 
-/// Starts `request` and its output pump.
+/// Starts `request` and its output pump; in the users' cgroup when `cgroup` (the
+/// descriptor of its `cgroup.procs`, see [`crate::cgroups`]) is given.
 pub fn spawn(
     reaper: &Reaper,
     defaults: &ExecDefaults,
     request: &ExecRequest,
+    cgroup: Option<RawFd>,
 ) -> Result<Arc<Process>, AgentError> {
     let argv = request.command.to_argv();
     if argv.first().is_none_or(|a| a.is_empty()) {
@@ -350,11 +354,14 @@ pub fn spawn(
     }
     let with_tty = pty.is_some();
     let ids = user.map(|u| (u.uid, u.gid, u.groups));
-    if with_tty || ids.is_some() {
+    if with_tty || ids.is_some() || cgroup.is_some() {
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls; it allocates nothing (the group list is prepared).
         unsafe {
             command.pre_exec(move || {
+                if let Some(fd) = cgroup {
+                    crate::cgroups::enter(fd);
+                }
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -376,10 +383,10 @@ pub fn spawn(
             });
         }
     } else {
-        // Without a terminal or a user switch, a process group of its own is all a process
-        // needs (signals and timeouts address the group), and without a pre-exec hook std
-        // spawns with posix_spawn (vfork), which skips copying the agent's page tables: much
-        // cheaper, above all under TCG. The signal mask is reset by std.
+        // Without a terminal, a user switch or a cgroup to enter (the agent on a host), a
+        // process group of its own is all a process needs (signals and timeouts address the
+        // group), and without a pre-exec hook std spawns with posix_spawn (vfork), which
+        // skips copying the agent's page tables. The signal mask is reset by std.
         command.process_group(0);
     }
 
@@ -439,6 +446,15 @@ pub fn spawn(
 }
 
 fn spawn_error(program: &str, e: io::Error) -> AgentError {
+    if e.raw_os_error() == Some(libc::EAGAIN) {
+        return AgentError::new(
+            ErrorKind::LimitReached,
+            format!(
+                "cannot start `{program}`: the sandbox's process limit is reached; kill \
+                 processes first (the kill-all call stops every one)"
+            ),
+        );
+    }
     match e.kind() {
         io::ErrorKind::NotFound => AgentError::new(
             ErrorKind::NotFound,
@@ -682,16 +698,36 @@ impl ProcessTable {
                 .max_by_key(|p| (p.finished().is_none(), p.started_at_ms))
                 .cloned(),
         };
-        let named = match selector {
-            ProcessSelector::Pid(pid) => pid.to_string(),
-            ProcessSelector::Tag(tag) => tag.clone(),
+        let missing = match selector {
+            ProcessSelector::Pid(pid) => {
+                format!("process `{pid}` not found: no process with that pid was started here")
+            }
+            ProcessSelector::Tag(tag) => {
+                format!("process `{tag}` not found: no process with that tag was started here")
+            }
         };
-        found.ok_or_else(|| AgentError::new(ErrorKind::NotFound, format!("no process {named}")))
+        found.ok_or_else(|| AgentError::new(ErrorKind::NotFound, missing))
     }
 
     /// Every process, by pid.
     pub fn list(&self) -> Vec<ProcessInfo> {
         self.lock().values().map(|p| p.info()).collect()
+    }
+
+    /// Kills the process group of every running process (where the agent has no users'
+    /// cgroup: on a host); returns how many groups it signalled.
+    pub fn kill_running(&self) -> u32 {
+        let running: Vec<Arc<Process>> = self
+            .lock()
+            .values()
+            .filter(|p| p.finished().is_none())
+            .cloned()
+            .collect();
+        let killed = running
+            .iter()
+            .filter(|p| signal_group(p.pid, Signal::SIGKILL).is_ok())
+            .count();
+        u32::try_from(killed).unwrap_or(u32::MAX)
     }
 
     /// Number of running processes.

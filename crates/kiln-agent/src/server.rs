@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use kiln_proto::frame::{Frame, FrameKind, MAX_FRAME_PAYLOAD};
 use kiln_proto::messages::{
     AgentError, AgentInfo, ConnectRequest, ConnectTarget, Empty, ErrorKind, ExecEvent, ExecInput,
-    ExecRequest, ExistsResponse, FileReadRequest, InitRequest, InitResponse, ListRequest,
-    MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessList,
+    ExecRequest, ExistsResponse, FileReadRequest, InitRequest, InitResponse, KillAllResponse,
+    ListRequest, MkdirRequest, PathRequest, PostRestoreRequest, PostRestoreResponse, ProcessList,
     ReadinessCheck, RemoveRequest, RenameRequest, ShutdownRequest, SignalRequest, StartCommand,
 };
 use kiln_proto::routes;
@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::cgroups::UserCgroup;
 use crate::duties::{self, Duties, Duty};
 use crate::files;
 use crate::info;
@@ -52,6 +53,8 @@ pub struct AgentConfig {
 struct MutableState {
     defaults: ExecDefaults,
     initialized: bool,
+    /// The resolver settings of `init`, written again with each new hostname.
+    dns: Option<kiln_proto::messages::DnsConfig>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -63,12 +66,24 @@ pub struct Agent {
     processes: ProcessTable,
     boot_id: String,
     state: Mutex<MutableState>,
+    /// The user processes' cgroup, where the agent is init (see [`crate::cgroups`]).
+    user_cgroup: Option<UserCgroup>,
 }
 
 impl Agent {
     /// Creates the agent; must run inside a tokio runtime (it starts the reaper).
     pub fn new(config: AgentConfig) -> io::Result<Arc<Agent>> {
+        let user_cgroup = if config.duties.has(Duty::Cgroups) {
+            UserCgroup::set_up()
+                .inspect_err(
+                    |e| tracing::error!(error = %e, "user processes run without their cgroup"),
+                )
+                .ok()
+        } else {
+            None
+        };
         Ok(Arc::new(Agent {
+            user_cgroup,
             config,
             reaper: Reaper::start()?,
             processes: ProcessTable::default(),
@@ -171,6 +186,18 @@ impl Agent {
             routes::PROCESSES => reply(Ok(ProcessList {
                 processes: self.processes.list(),
             })),
+            routes::KILL_ALL => {
+                let agent = self.clone();
+                let killed = tokio::task::spawn_blocking(move || agent.kill_all())
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(AgentError::new(
+                            ErrorKind::Internal,
+                            format!("kill-all: {e}"),
+                        ))
+                    });
+                reply(killed.map(|killed| KillAllResponse { killed }))
+            }
             routes::SIGNAL => {
                 unary(body, |r: SignalRequest| async move {
                     self.processes
@@ -275,6 +302,9 @@ impl Agent {
             let enabled = duties.has(Duty::Hostname);
             if enabled {
                 duties::set_hostname(hostname)?;
+                if duties.has(Duty::Mounts) {
+                    duties::write_etc_hostname(hostname)?;
+                }
             }
             note(Duty::Hostname, enabled);
         }
@@ -282,6 +312,7 @@ impl Agent {
             let enabled = duties.has(Duty::Dns);
             if enabled {
                 duties::write_dns(dns, request.hostname.as_deref())?;
+                self.state().dns = Some(dns.clone());
             }
             note(Duty::Dns, enabled);
         }
@@ -381,6 +412,14 @@ impl Agent {
         if let Some(hostname) = &request.hostname {
             if duties.has(Duty::Hostname) {
                 duties::set_hostname(hostname)?;
+                // The files that name the guest follow its new name.
+                if duties.has(Duty::Mounts) {
+                    duties::write_etc_hostname(hostname)?;
+                }
+                let dns = self.state().dns.clone();
+                if let (Some(dns), true) = (dns, duties.has(Duty::Dns)) {
+                    duties::write_dns(&dns, Some(hostname))?;
+                }
                 response.applied.push("hostname".into());
             } else {
                 response.skipped.push("hostname".into());
@@ -410,9 +449,21 @@ impl Agent {
         Ok(Empty {})
     }
 
+    /// Kills every user process: the whole users' cgroup where there is one, else every
+    /// process group the agent started.
+    fn kill_all(&self) -> Result<u32, AgentError> {
+        match &self.user_cgroup {
+            Some(cgroup) => cgroup
+                .kill_all()
+                .map_err(|e| AgentError::new(ErrorKind::Io, format!("killing processes: {e}"))),
+            None => Ok(self.processes.kill_running()),
+        }
+    }
+
     fn start_process(&self, request: &ExecRequest) -> Result<Arc<Process>, AgentError> {
         self.processes.check_tag(request.tag.as_deref())?;
-        let process = process::spawn(&self.reaper, &self.defaults(), request)?;
+        let cgroup = self.user_cgroup.as_ref().map(UserCgroup::procs_fd);
+        let process = process::spawn(&self.reaper, &self.defaults(), request, cgroup)?;
         self.processes.insert(process.clone());
         Ok(process)
     }

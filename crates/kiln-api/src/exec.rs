@@ -14,8 +14,8 @@ use kiln_proto::messages::{Command, ExecRequest, ProcessSelector, PtySize};
 
 use crate::handlers::ndjson;
 use crate::types::{
-    CommandBody, ErrorBody, ExecBody, ExecEventBody, ExecResultBody, ProcessBody, ProcessStdinBody,
-    SignalBody, StartedBody, TerminalSize,
+    CommandBody, ErrorBody, ExecBody, ExecEventBody, ExecResultBody, KillAllBody, ProcessBody,
+    ProcessStdinBody, SignalBody, StartedBody, TerminalSize,
 };
 use crate::{ApiError, AppState, Caller, Json, Path};
 
@@ -300,6 +300,25 @@ pub(crate) async fn signal(
         .signal(selector(&process), body.signal)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Kills every process in the sandbox but its agent: whatever the API started, what those
+/// started, and the template's start command (a fork bomb included: the processes of a
+/// sandbox live in one cgroup, killed in one step). The sandbox stays usable.
+#[utoipa::path(post, operation_id = "kill_all_processes", path = "/v1/sandboxes/{id}/processes/kill", tag = "exec",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = KillAllBody),
+              (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The sandbox is paused or failed")))]
+pub(crate) async fn kill_all(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<KillAllBody>, ApiError> {
+    let (sandbox, _) = state.control.agent(&who, &id).await?;
+    let killed = sandbox.agent().kill_all().await?;
+    Ok(Json(KillAllBody { killed }))
 }
 
 /// Writes to the stdin (or terminal) of a process started with `open_stdin` or `pty`, by pid

@@ -528,8 +528,9 @@ pub(crate) async fn console_log(
 }
 
 /// Lifecycle events of the caller's sandboxes from now on, as newline-delimited JSON:
-/// `{"event": "created" | "failed" | "destroyed", "id": ..., ...}`; a subscriber that falls
-/// far behind gets `{"event": "lagged", "missed": N}` and should re-list.
+/// `{"type": "created" | "forked" | "paused" | "resumed" | "failed" | "destroyed", "id": ...,
+/// ...}`, one per change; a subscriber that falls far behind gets `{"type": "lagged",
+/// "missed": N}` and should re-list.
 #[utoipa::path(get, path = "/v1/events", tag = "sandboxes", security(("api_key" = [])),
     responses((status = 200, content_type = "application/x-ndjson", body = String)))]
 pub(crate) async fn events(State(state): State<AppState>, Caller(who): Caller) -> Response {
@@ -538,7 +539,7 @@ pub(crate) async fn events(State(state): State<AppState>, Caller(who): Caller) -
         match receiver.recv().await {
             Ok(event) => Some((Ok::<_, std::io::Error>(ndjson(&event)), receiver)),
             Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                let line = serde_json::json!({"event": "lagged", "missed": missed});
+                let line = serde_json::json!({"type": "lagged", "missed": missed});
                 Some((Ok(ndjson(&line)), receiver))
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => None,

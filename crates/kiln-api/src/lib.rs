@@ -100,7 +100,9 @@ impl From<ControlError> for ApiError {
         let (status, code) = match &e {
             ControlError::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ControlError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            ControlError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ControlError::NotFound { .. } | ControlError::Missing(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             ControlError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ControlError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
@@ -140,12 +142,20 @@ impl IntoResponse for ApiError {
 
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        use axum::extract::rejection::JsonRejection;
         let status = rejection.status();
-        let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-            _ => "invalid_request",
-        };
-        ApiError::new(status, code, rejection.body_text())
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                status,
+                "unsupported_media_type",
+                "the body must be JSON, sent with the header `Content-Type: application/json`"
+                    .to_owned(),
+            ),
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(status, "too_large", rejection.body_text())
+            }
+            _ => ApiError::new(status, "invalid_request", rejection.body_text()),
+        }
     }
 }
 
@@ -161,10 +171,43 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
     }
 }
 
-/// `axum::Json` whose rejections are [`ApiError`]s.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json` whose rejections are [`ApiError`]s, for JSON objects only (serde would also
+/// read a struct from an array: `[]` must not create a sandbox).
+#[derive(Debug)]
 pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(value) =
+            axum::Json::<serde_json::Value>::from_request(request, state).await?;
+        if !value.is_object() {
+            let kind = match value {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            };
+            return Err(ApiError::invalid(format!(
+                "the body must be a JSON object, not {kind}"
+            )));
+        }
+        T::deserialize(value).map(Json).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("Failed to deserialize the JSON body into the target type: {e}"),
+            )
+        })
+    }
+}
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
@@ -241,6 +284,7 @@ impl FromRequestParts<AppState> for Caller {
         exec::stream,
         interactive::open,
         exec::list_processes,
+        exec::kill_all,
         exec::attach,
         exec::signal,
         exec::write_stdin,
@@ -424,6 +468,7 @@ fn api_router(state: AppState) -> Router {
         .route("/v1/sandboxes/{id}/exec/stream", post(exec::stream))
         .route("/v1/sandboxes/{id}/exec/ws", get(interactive::open))
         .route("/v1/sandboxes/{id}/processes", get(exec::list_processes))
+        .route("/v1/sandboxes/{id}/processes/kill", post(exec::kill_all))
         .route(
             "/v1/sandboxes/{id}/processes/{process}/stream",
             get(exec::attach),

@@ -604,6 +604,13 @@ pub struct ProcessBody {
     pub signal: Option<i32>,
 }
 
+/// What a kill-all did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KillAllBody {
+    /// How many processes were killed.
+    pub killed: u32,
+}
+
 /// Send a signal.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

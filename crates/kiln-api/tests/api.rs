@@ -85,14 +85,27 @@ impl Reply {
 
 impl Api {
     async fn call(&self, method: Method, uri: &str, key: Option<&str>, body: Body) -> Reply {
+        self.call_as(method, uri, key, Some("application/json"), body)
+            .await
+    }
+
+    /// A call with `content_type` (or none).
+    async fn call_as(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> Reply {
         let mut request = Request::builder().method(method).uri(uri);
         if let Some(key) = key {
             request = request.header("authorization", format!("Bearer {key}"));
         }
-        let request = request
-            .header("content-type", "application/json")
-            .body(body)
-            .expect("request");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let request = request.body(body).expect("request");
         let response = self.app.clone().oneshot(request).await.expect("response");
         let status = response.status();
         let request_id = response
@@ -253,11 +266,7 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request",
         ),
-        (
-            json!([1, 2]),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-        ),
+        (json!([1, 2]), StatusCode::BAD_REQUEST, "invalid_request"),
     ] {
         api.json(Method::POST, "/v1/sandboxes", &alice, body.clone())
             .await
@@ -271,6 +280,43 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     )
     .await
     .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    // Bodies are JSON objects (serde alone would read `[]` as a create with defaults).
+    for body in ["[]", "[null, null]", "42", "\"text\"", "null"] {
+        let refused = api
+            .call(
+                Method::POST,
+                "/v1/sandboxes",
+                Some(&alice),
+                Body::from(body),
+            )
+            .await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+        let message = refused.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.contains("must be a JSON object"),
+            "{body}: {message}"
+        );
+    }
+    let untyped = api
+        .call_as(
+            Method::POST,
+            "/v1/sandboxes",
+            Some(&alice),
+            None,
+            Body::from("{}"),
+        )
+        .await;
+    untyped.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    assert!(
+        untyped.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Content-Type: application/json")),
+        "{}",
+        untyped.json()
+    );
     let huge = format!("{{\"metadata\": {{\"a\": \"{}\"}}}}", "x".repeat(2 << 20));
     api.call(
         Method::POST,
@@ -681,12 +727,44 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         paths.contains(&"/root/a/blob.bin") && paths.contains(&"/root/a/b/c"),
         "{paths:?}"
     );
-    api.get(
-        &format!("/v1/sandboxes/{id}/files/content?path=/root/data/blob.bin"),
-        &alice,
-    )
-    .await
-    .assert_error(StatusCode::NOT_FOUND, "not_found");
+    // Not-found messages say what was not found, plainly.
+    let gone = api
+        .get(
+            &format!("/v1/sandboxes/{id}/files/content?path=/root/data/blob.bin"),
+            &alice,
+        )
+        .await;
+    gone.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(
+        gone.json()["message"],
+        "path `/root/data/blob.bin` does not exist"
+    );
+    let no_command = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": ["nosuchcmd"]}),
+        )
+        .await;
+    no_command.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(
+        no_command.json()["message"],
+        "command `nosuchcmd` not found"
+    );
+    let no_process = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/processes/nope/signal"),
+            &alice,
+            json!({"signal": 15}),
+        )
+        .await;
+    no_process.assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(
+        no_process.json()["message"],
+        "process `nope` not found: no process with that tag was started here"
+    );
     api.get(
         &format!("/v1/sandboxes/{id}/files/content?path=/root/a"),
         &alice,

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use kiln_api::types::{
     BuildTemplateBody, CommandBody, CreateSandboxBody, ErrorBody, ExecBody, ExecEventBody,
-    FileListBody, InteractiveInputBody, InteractiveStartBody, NetworkBody, SandboxBody,
-    SandboxList, SandboxMetricsBody, TemplateList, TerminalSize, UpdateSandboxBody, WrittenBody,
+    FileListBody, InteractiveInputBody, InteractiveStartBody, KillAllBody, NetworkBody,
+    SandboxBody, SandboxList, SandboxMetricsBody, TemplateList, TerminalSize, UpdateSandboxBody,
+    WrittenBody,
 };
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -332,29 +333,58 @@ async fn create_sandbox(client: &Client, args: &CreateArgs) -> Result<SandboxBod
         .await
 }
 
-/// Lists sandboxes.
-pub async fn list(client: &Client, state: Option<String>, json: bool) -> Result<()> {
+/// Which sandboxes `kiln sandbox ls` lists.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Only `running`, `paused` or `failed` ones.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only those with this metadata KEY=VALUE (repeatable: all must match).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub metadata: Vec<String>,
+    /// At most this many (the rest is a page away: see --cursor) [default: all].
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Start after this point (`next_cursor` of an earlier listing).
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// Print JSON (the API's shape: `sandboxes` and `next_cursor`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Lists sandboxes, page by page.
+pub async fn list(client: &Client, args: &ListArgs) -> Result<()> {
+    let filters: Vec<(String, String)> = parse_pairs(&args.metadata, "meta")?
+        .into_iter()
+        .map(|(key, value)| (format!("metadata.{key}"), value))
+        .collect();
     let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
+    let mut cursor = args.cursor.clone();
     loop {
-        let mut query: Vec<(&str, String)> = vec![("limit", "500".into())];
-        if let Some(state) = &state {
-            query.push(("state", state.clone()));
+        let wanted = args.limit.map_or(500, |limit| (limit - all.len()).min(500));
+        let mut query: Vec<(String, String)> = vec![("limit".into(), wanted.to_string())];
+        if let Some(state) = &args.state {
+            query.push(("state".into(), state.clone()));
         }
+        query.extend(filters.iter().cloned());
         if let Some(cursor) = &cursor {
-            query.push(("cursor", cursor.clone()));
+            query.push(("cursor".into(), cursor.clone()));
         }
         let page: SandboxList = client
             .json(client.request(Method::GET, "/v1/sandboxes").query(&query))
             .await?;
         all.extend(page.sandboxes);
-        match page.next_cursor {
-            Some(next) => cursor = Some(next),
-            None => break,
+        cursor = page.next_cursor;
+        if cursor.is_none() || args.limit.is_some_and(|limit| all.len() >= limit) {
+            break;
         }
     }
-    if json {
-        return print_json(&all);
+    if args.json {
+        return print_json(&SandboxList {
+            sandboxes: all,
+            next_cursor: cursor,
+        });
     }
     println!("{:<16} {:<10} {:<8} EXPIRES", "ID", "TEMPLATE", "STATE");
     for sandbox in all {
@@ -368,6 +398,9 @@ pub async fn list(client: &Client, state: Option<String>, json: bool) -> Result<
         if let Some(reason) = sandbox.reason {
             println!("  {}", reason.lines().next().unwrap_or_default());
         }
+    }
+    if let Some(cursor) = cursor {
+        eprintln!("[kiln: more sandboxes: --cursor {cursor}]");
     }
     Ok(())
 }
@@ -542,7 +575,7 @@ pub async fn snapshot_list(client: &Client, json: bool) -> Result<()> {
         .json(client.request(Method::GET, "/v1/snapshots"))
         .await?;
     if json {
-        return print_json(&list.snapshots);
+        return print_json(&list);
     }
     println!(
         "{:<18} {:<20} {:<16} {:>9}",
@@ -626,6 +659,15 @@ pub async fn pause_or_resume(client: &Client, id: &str, verb: &str, json: bool) 
     }
 }
 
+/// `kiln sandbox kill-all`.
+pub async fn kill_all(client: &Client, id: &str) -> Result<()> {
+    let killed: KillAllBody = client
+        .json(client.request(Method::POST, &format!("/v1/sandboxes/{id}/processes/kill")))
+        .await?;
+    println!("killed {} processes in {id}", killed.killed);
+    Ok(())
+}
+
 /// Destroys sandboxes.
 pub async fn remove(client: &Client, ids: &[String]) -> Result<()> {
     for id in ids {
@@ -697,18 +739,33 @@ impl ExecArgs {
 /// Runs a command in a sandbox, streaming its output; returns its exit code (128 + signal
 /// when a signal ended it).
 pub async fn exec(client: &Client, id: &str, args: &ExecArgs) -> Result<u8> {
-    let response = client
+    let sent = client
         .send(
             client
                 .request(Method::POST, &format!("/v1/sandboxes/{id}/exec/stream"))
                 .json(&args.body()?),
         )
-        .await?;
+        .await;
+    let response = match sent {
+        Ok(response) => response,
+        // As in a shell, a command that does not exist exits 127.
+        Err(e) if is_command_not_found(&e) => {
+            eprintln!("kiln: {e}");
+            return Ok(127);
+        }
+        Err(e) => return Err(e),
+    };
     let code = each_line(response, "the output stream", |event: ExecEventBody, _| {
         print_event(event)
     })
     .await?;
     code.context("the output stream ended before the command exited")
+}
+
+/// Whether the daemon refused an exec because its command does not exist.
+fn is_command_not_found(e: &anyhow::Error) -> bool {
+    let text = e.to_string();
+    text.starts_with("command `") && text.ends_with("(not_found, HTTP 404)")
 }
 
 /// Options of `kiln code`.
@@ -959,7 +1016,8 @@ pub async fn fs_list(client: &Client, id: &str, path: &str, depth: u32, json: bo
     for entry in list.entries {
         let suffix = if entry.kind == "dir" { "/" } else { "" };
         println!(
-            "{:>10} {:o} {}{suffix}",
+            "{:<7} {:>10} {:04o} {}{suffix}",
+            entry.kind,
             entry.size,
             entry.mode & 0o7777,
             entry.path
@@ -971,8 +1029,22 @@ pub async fn fs_list(client: &Client, id: &str, path: &str, depth: u32, json: bo
     Ok(())
 }
 
-/// `kiln fs cat` / `kiln fs get`: streams a file to stdout or to a local file.
+/// The last component of `path` (a file's name), for copies into a directory.
+fn file_name_of(path: &str) -> Result<&str> {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|name| !name.is_empty() && *name != "." && *name != "..")
+        .ok_or_else(|| anyhow::anyhow!("`{path}` does not name a file"))
+}
+
+/// `kiln fs cat` / `kiln fs get`: streams a file to stdout, or to a local file (into a local
+/// directory under the file's own name, as `cp` does) and says how much it wrote.
 pub async fn fs_get(client: &Client, id: &str, path: &str, local: Option<&Path>) -> Result<()> {
+    let local = match local {
+        Some(local) if local.is_dir() => Some(local.join(file_name_of(path)?)),
+        other => other.map(Path::to_path_buf),
+    };
     let response = client
         .send(
             client
@@ -980,7 +1052,7 @@ pub async fn fs_get(client: &Client, id: &str, path: &str, local: Option<&Path>)
                 .query(&[("path", path)]),
         )
         .await?;
-    let mut out: Box<dyn Write> = match local {
+    let mut out: Box<dyn Write> = match &local {
         Some(local) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(local)
                 .with_context(|| format!("creating {}", local.display()))?,
@@ -988,15 +1060,49 @@ pub async fn fs_get(client: &Client, id: &str, path: &str, local: Option<&Path>)
         None => Box::new(std::io::stdout().lock()),
     };
     let mut stream = response.bytes_stream();
+    let mut bytes = 0u64;
     while let Some(chunk) = stream.next().await {
-        out.write_all(&chunk.context("the transfer broke: the copy is incomplete")?)?;
+        let chunk = chunk.context("the transfer broke: the copy is incomplete")?;
+        out.write_all(&chunk)?;
+        bytes += chunk.len() as u64;
     }
     out.flush()?;
+    if let Some(local) = local {
+        println!("{path} -> {bytes} bytes in {}", local.display());
+    }
     Ok(())
 }
 
 /// `kiln fs put`: streams a local file into the sandbox.
 pub async fn fs_put(client: &Client, id: &str, local: &Path, path: &str) -> Result<()> {
+    // Into a directory (`DIR/`, or one that exists) under the local file's name, as `cp`.
+    let into_dir = path.ends_with('/') || {
+        let stat = client
+            .send(
+                client
+                    .request(Method::GET, &format!("/v1/sandboxes/{id}/files/stat"))
+                    .query(&[("path", path)]),
+            )
+            .await;
+        match stat {
+            Ok(reply) => reply
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|stat| stat["kind"] == "dir"),
+            Err(_) => false,
+        }
+    };
+    let target;
+    let path = if into_dir {
+        let name = local
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| anyhow::anyhow!("{} does not name a file", local.display()))?;
+        target = format!("{}/{name}", path.trim_end_matches('/'));
+        target.as_str()
+    } else {
+        path
+    };
     let file = tokio::fs::File::open(local)
         .await
         .with_context(|| format!("opening {}", local.display()))?;
@@ -1009,7 +1115,12 @@ pub async fn fs_put(client: &Client, id: &str, local: &Path, path: &str) -> Resu
                 .body(body),
         )
         .await?;
-    println!("{} bytes -> {}", written.bytes, written.path);
+    println!(
+        "{} -> {} bytes in {}",
+        local.display(),
+        written.bytes,
+        written.path
+    );
     Ok(())
 }
 

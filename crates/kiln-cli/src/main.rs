@@ -57,6 +57,9 @@ enum Commands {
     Exec {
         /// Sandbox id.
         id: String,
+        /// Environment KEY=VALUE for this command (repeatable; the same as --exec-env).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
         #[command(flatten)]
         exec: client_cmd::ExecArgs,
     },
@@ -152,13 +155,11 @@ enum SandboxCommand {
         json: bool,
     },
     /// List sandboxes.
+    ///
+    /// Example: kiln sandbox ls --state running --meta project=demo --limit 20
     Ls {
-        /// Only `running`, `paused` or `failed` ones.
-        #[arg(long)]
-        state: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        list: client_cmd::ListArgs,
     },
     /// Show a sandbox as JSON.
     Get {
@@ -181,6 +182,14 @@ enum SandboxCommand {
         /// Print JSON (one line per sample with --watch).
         #[arg(long)]
         json: bool,
+    },
+    /// Kill every process in a sandbox but its agent (what you started, what that started,
+    /// the template's start command; a fork bomb too). The sandbox stays usable.
+    ///
+    /// Example: kiln sandbox kill-all sb-1234
+    KillAll {
+        /// Sandbox id.
+        id: String,
     },
     /// Pause a sandbox to disk: its memory and device state are saved and its VM process
     /// ends (its RAM is given back); files, processes and network identity come back on
@@ -319,16 +328,19 @@ enum FsCommand {
         id: String,
         /// Absolute path in the sandbox.
         remote: String,
-        /// Local file.
+        /// Local file, or a directory to copy into under the file's name.
         local: PathBuf,
     },
     /// Copy a file into a sandbox (atomically: whole or not at all).
+    ///
+    /// Example: kiln fs put sb-1234 ./data.csv /root/    (into /root/data.csv)
     Put {
         /// Sandbox id.
         id: String,
         /// Local file.
         local: PathBuf,
-        /// Absolute path in the sandbox.
+        /// Absolute path in the sandbox: the file to write, or a directory (an existing one,
+        /// or any path ending in `/`) to copy into under the local file's name.
         remote: String,
     },
 }
@@ -466,7 +478,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SandboxCommand::Create { create, json } => {
                 client_cmd::create(&client, &create, json).await?
             }
-            SandboxCommand::Ls { state, json } => client_cmd::list(&client, state, json).await?,
+            SandboxCommand::Ls { list } => client_cmd::list(&client, &list).await?,
             SandboxCommand::Get { id } => client_cmd::get(&client, &id).await?,
             SandboxCommand::Stats {
                 id,
@@ -475,6 +487,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
                 json,
             } => client_cmd::stats(&client, &id, watch.then_some(interval), json).await?,
             SandboxCommand::Rm { ids } => client_cmd::remove(&client, &ids).await?,
+            SandboxCommand::KillAll { id } => client_cmd::kill_all(&client, &id).await?,
             SandboxCommand::Fork {
                 id,
                 count,
@@ -493,7 +506,10 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
                 client_cmd::net(&client, &id, &network, json).await?
             }
         },
-        Commands::Exec { id, exec } => return client_cmd::exec(&client, &id, &exec).await,
+        Commands::Exec { id, env, mut exec } => {
+            exec.exec_env.extend(env);
+            return client_cmd::exec(&client, &id, &exec).await;
+        }
         Commands::Code { id, code } => return client_cmd::code(&client, &id, &code).await,
         Commands::Shell { id, command } => return client_cmd::shell(&client, &id, &command).await,
         Commands::Run { create, exec } => return client_cmd::run(&client, &create, &exec).await,

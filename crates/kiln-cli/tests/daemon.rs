@@ -320,14 +320,34 @@ fn serve_use_crash_restart_and_stop() {
     );
     assert_eq!(String::from_utf8_lossy(&run.stdout), "hi\n");
     assert!(String::from_utf8_lossy(&run.stderr).contains("err"));
-    let listed = daemon.kiln_ok(key, &["sandbox", "ls", "--json"]);
-    assert_eq!(listed, "[]", "kiln run leaves no sandbox");
+    let listed: serde_json::Value =
+        serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "ls", "--json"])).expect("JSON");
+    assert_eq!(
+        listed,
+        serde_json::json!({"sandboxes": [], "next_cursor": null}),
+        "kiln run leaves no sandbox"
+    );
     let vmms_before = daemon.vmm_pids();
 
     // A sandbox used step by step.
     let id = daemon.kiln_ok(key, &["sandbox", "create", "--meta", "who=e2e"]);
     daemon.sandboxes.push(id.clone());
     assert_eq!(daemon.kiln_ok(key, &["exec", &id, "--", "hostname"]), id);
+    // As in a shell: a command that does not exist exits 127, saying so.
+    let missing = daemon.kiln(key, &["exec", &id, "--", "nosuchcmd"]);
+    assert_eq!(missing.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("command `nosuchcmd` not found"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert_eq!(
+        daemon.kiln_ok(
+            key,
+            &["exec", &id, "-e", "WHO=e2e", "--shell", "--", "echo $WHO"]
+        ),
+        "e2e"
+    );
     let local = daemon.data.path().join("upload.txt");
     std::fs::write(&local, "payload\n").expect("write");
     daemon.kiln_ok(
@@ -344,6 +364,35 @@ fn serve_use_crash_restart_and_stop() {
         daemon.kiln_ok(key, &["fs", "cat", &id, "/root/upload.txt"]),
         "payload"
     );
+    // Into a directory, as `cp` does, both ways; listings say what each entry is.
+    daemon.kiln_ok(
+        key,
+        &["fs", "put", &id, local.to_str().expect("utf-8"), "/tmp/"],
+    );
+    let listing = daemon.kiln_ok(key, &["fs", "ls", &id, "/tmp"]);
+    assert!(
+        listing
+            .lines()
+            .any(|line| line.starts_with("file ") && line.ends_with("/tmp/upload.txt")),
+        "{listing}"
+    );
+    let back = daemon.data.path().join("back");
+    std::fs::create_dir(&back).expect("dir");
+    let got = daemon.kiln_ok(
+        key,
+        &[
+            "fs",
+            "get",
+            &id,
+            "/tmp/upload.txt",
+            back.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(got.contains("8 bytes"), "{got}");
+    assert_eq!(
+        std::fs::read_to_string(back.join("upload.txt")).expect("copied"),
+        "payload\n"
+    );
     // `kiln shell` over the WebSocket (stdin is not a terminal here: it ends at once).
     let shell = daemon.kiln(
         key,
@@ -358,10 +407,17 @@ fn serve_use_crash_restart_and_stop() {
     assert!(String::from_utf8_lossy(&shell.stdout).contains("from-shell"));
     let templates = daemon.kiln_ok(key, &["template", "ls"]);
     assert!(templates.contains("base"), "{templates}");
-    let ls: serde_json::Value =
-        serde_json::from_str(&daemon.kiln_ok(key, &["sandbox", "ls", "--json"])).expect("JSON");
-    assert_eq!(ls[0]["id"], id.as_str());
-    assert_eq!(ls[0]["metadata"]["who"], "e2e");
+    let ls: serde_json::Value = serde_json::from_str(
+        &daemon.kiln_ok(key, &["sandbox", "ls", "--meta", "who=e2e", "--json"]),
+    )
+    .expect("JSON");
+    assert_eq!(ls["sandboxes"][0]["id"], id.as_str());
+    assert_eq!(ls["sandboxes"][0]["metadata"]["who"], "e2e");
+    let none: serde_json::Value = serde_json::from_str(
+        &daemon.kiln_ok(key, &["sandbox", "ls", "--meta", "who=nobody", "--json"]),
+    )
+    .expect("JSON");
+    assert_eq!(none["sandboxes"], serde_json::json!([]));
     assert!(
         daemon.vmm_pids().len() > vmms_before.len().saturating_sub(1),
         "the sandbox's VMM runs"

@@ -40,6 +40,10 @@ pub enum ControlError {
         /// Its id.
         id: String,
     },
+    /// Something the request named does not exist in the sandbox (a path, a process, a
+    /// command); the message says what.
+    #[error("{0}")]
+    Missing(String),
     /// The request is malformed or asks for the impossible.
     #[error("{0}")]
     Invalid(String),
@@ -97,16 +101,7 @@ impl From<ClientError> for ControlError {
     fn from(e: ClientError) -> Self {
         match &e {
             ClientError::Agent(agent) => match agent.kind {
-                ErrorKind::NotFound => match agent.message.strip_prefix("no process ") {
-                    Some(process) => ControlError::NotFound {
-                        what: "process",
-                        id: process.to_owned(),
-                    },
-                    None => ControlError::NotFound {
-                        what: "path",
-                        id: agent.message.clone(),
-                    },
-                },
+                ErrorKind::NotFound => ControlError::Missing(agent.message.clone()),
                 ErrorKind::InvalidArgument
                 | ErrorKind::InvalidRequest
                 | ErrorKind::IsADirectory
@@ -116,6 +111,7 @@ impl From<ClientError> for ControlError {
                 }
                 ErrorKind::PermissionDenied => ControlError::Forbidden(agent.message.clone()),
                 ErrorKind::NoSpace => ControlError::TooLarge(agent.message.clone()),
+                ErrorKind::LimitReached => ControlError::Conflict(agent.message.clone()),
                 ErrorKind::Timeout => ControlError::Timeout(agent.message.clone()),
                 _ => ControlError::Guest(format!("in the sandbox: {}", agent.message)),
             },
@@ -248,6 +244,9 @@ struct Inner {
     store: store::Store,
     /// Snapshots whose files were hashed and found whole by this run.
     verified_snapshots: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Sandboxes a `delete_sandbox` is destroying: it publishes their `destroyed` event
+    /// itself, so the engine's is not published again.
+    deleting: std::sync::Mutex<std::collections::HashSet<String>>,
     templates: templates::Templates,
     /// Lifecycle events, one buffer per tenant: a noisy tenant fills only its own, and a
     /// subscriber's lag counts only its own tenant's events.
@@ -347,6 +346,7 @@ impl Control {
                 engine,
                 store,
                 verified_snapshots: std::sync::Mutex::new(std::collections::HashSet::new()),
+                deleting: std::sync::Mutex::new(std::collections::HashSet::new()),
                 templates,
                 events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
@@ -424,7 +424,14 @@ impl Control {
                             inner.store.mark_failed(id, reason)
                         }
                         SandboxEvent::Destroyed { id, .. } => {
-                            inner.publish(id, event.clone());
+                            let deleting = inner
+                                .deleting
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .contains(id);
+                            if !deleting {
+                                inner.publish(id, event.clone());
+                            }
                             inner.store.delete_sandbox(id)
                         }
                         // Published by `create_sandbox` once the owner is recorded.
@@ -1050,6 +1057,21 @@ impl Control {
     /// Destroys the caller's sandbox `id`.
     pub async fn delete_sandbox(&self, who: &Principal, id: &str) -> Result<(), ControlError> {
         let record = self.get_sandbox(who, id)?;
+        let deleting = || {
+            self.inner
+                .deleting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        deleting().insert(id.to_owned());
+        let result = self.destroy_and_forget(record).await;
+        deleting().remove(id);
+        result
+    }
+
+    /// The rest of [`Control::delete_sandbox`].
+    async fn destroy_and_forget(&self, record: SandboxRecord) -> Result<(), ControlError> {
+        let id = record.id.as_str();
         match self.inner.engine.get(id) {
             Ok(sandbox) => sandbox.destroy().await?,
             // A failed sandbox of an earlier run: only its record and leftovers remain.
@@ -1060,7 +1082,7 @@ impl Control {
             Err(EngineError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        // Published here too (events are delivered at least once): the engine's event may be
+        // Published here (the engine's event is not, while this runs): that event may be
         // handled after the record below is gone, when its owner is no longer known.
         self.inner.publish_to(
             record.tenant,

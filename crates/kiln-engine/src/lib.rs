@@ -199,7 +199,7 @@ impl EngineConfig {
 
 /// A change in a sandbox's life, as the engine's subscribers see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum SandboxEvent {
     /// It was created and answers.
     Created {

@@ -150,7 +150,15 @@ async fn bake_create_isolate_reseed_and_destroy() {
 
     // Every sandbox answers, with its own identity.
     for sandbox in &sandboxes {
-        assert_eq!(sh(sandbox, "hostname").await, sandbox.id());
+        // The name, /etc/hostname and the /etc/hosts line that names the guest agree.
+        assert_eq!(
+            sh(
+                sandbox,
+                "hostname; cat /etc/hostname; grep -c \"^127.0.1.1[[:space:]]$(hostname)$\" /etc/hosts"
+            )
+            .await,
+            format!("{0}\n{0}\n1", sandbox.id())
+        );
     }
 
     // Each sandbox has its own network namespace; the guest reaches its gateway (the tap in

@@ -69,6 +69,8 @@ pub mod routes {
     pub const PROCESSES: &str = "/v1/processes";
     /// Send a signal to a process group.
     pub const SIGNAL: &str = "/v1/processes/signal";
+    /// Kill every user process of the guest (everything but the agent).
+    pub const KILL_ALL: &str = "/v1/processes/kill-all";
     /// Stdin, end of stdin, resizes and signals for a process started earlier, from outside
     /// its own stream (framed request: `Attach` first; a unary reply once all are applied).
     pub const INPUT: &str = "/v1/processes/input";

@@ -177,6 +177,13 @@ pub struct ProcessList {
     pub processes: Vec<ProcessInfo>,
 }
 
+/// Response of the kill-all call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillAllResponse {
+    /// How many processes were killed.
+    pub killed: u32,
+}
+
 /// Request of the signal call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignalRequest {
@@ -230,6 +237,8 @@ pub enum ErrorKind {
     Timeout,
     /// The guest ran out of space.
     NoSpace,
+    /// A limit of the guest is reached (its user processes' process limit).
+    LimitReached,
     /// Any other I/O error.
     Io,
     /// A bug or unexpected state in the agent.

@@ -317,15 +317,42 @@ fn read_tail(path: &Path, max: u64) -> Vec<u8> {
     bytes
 }
 
+/// The last `lines` lines of `text`, after the first lines of the last panic message of a
+/// program (Rust's `panicked at`) when that is above them: the kernel's trace of an init that
+/// died fills a tail, and the cause is above it.
 fn last_lines(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let start = all.len().saturating_sub(lines);
+    let mut kept: Vec<&str> = Vec::new();
+    if let Some(at) = all[..start]
+        .iter()
+        .rposition(|line| line.contains("panicked at"))
+    {
+        kept.extend(&all[at..(at + 4).min(start)]);
+        kept.push("[...]");
+    }
+    kept.extend(&all[start..]);
+    kept.join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn tails_keep_the_panic_above_them() {
+        let mut text = String::from("boot\nthread 'main' panicked at src/main.rs:1:2:\nwhy\n");
+        for i in 0..50 {
+            text.push_str(&format!("trace {i}\n"));
+        }
+        let tail = last_lines(&text, 3);
+        assert_eq!(
+            tail,
+            "thread 'main' panicked at src/main.rs:1:2:\nwhy\ntrace 0\ntrace 1\n[...]\ntrace 47\ntrace 48\ntrace 49"
+        );
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+    }
 
     #[test]
     fn tails_are_bounded_and_lossy() {

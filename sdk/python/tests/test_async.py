@@ -78,9 +78,14 @@ async def test_async_sandbox_end_to_end(daemon: tuple[str, str]) -> None:
         with anyio.fail_after(60):
             while not any(e.type == "destroyed" and e.sandbox_id == sandbox_id for e in events):
                 await anyio.sleep(0.1)
+        await anyio.sleep(1)  # time for a duplicate to arrive, if there were one
         tasks.cancel_scope.cancel()
     types = {(e.type, e.sandbox_id) for e in events}
     assert ("created", sandbox_id) in types and ("destroyed", sandbox_id) in types, types
+    destroyed = [e for e in events if e.type == "destroyed" and e.sandbox_id == sandbox_id]
+    assert len(destroyed) == 1, destroyed
+    # Events name their kind under `type`, as exec stream items do.
+    assert all(e.raw.get("type") == e.type for e in events), events
     with pytest.raises(kiln.SandboxNotFound):
         await AsyncSandbox.connect(sandbox_id)
     assert (await kiln.async_health(url)).status == "ok"

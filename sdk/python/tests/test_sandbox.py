@@ -163,6 +163,12 @@ def test_lifecycle_connect_list_timeout_and_errors(
     assert (usage.disk_bytes or 0) > 0
     # This suite's daemon runs without sandbox networking.
     assert usage.network_rx_bytes is None
+    sandbox.commands.run(
+        "sleep 600 & sleep 600 & touch /tmp/sleepers; wait", background=True, tag="sleepers"
+    )
+    sandbox.commands.run("while [ ! -e /tmp/sleepers ]; do sleep 0.05; done")
+    assert sandbox.kill_all_processes() >= 3  # the shell and its two sleeps
+    assert sandbox.commands.run("echo alive").stdout.strip() == "alive"
     with pytest.raises(kiln.SandboxNotFound) as missing:
         Sandbox.connect("sb-000000000000")
     # The daemon's request id, to find the call in its log.

@@ -888,6 +888,18 @@ export class Sandbox {
     return snapshotInfo(reply.json<Json>());
   }
 
+  /** Kills every process in the sandbox but its agent (what was started, what that started,
+   * a fork bomb too) and returns how many; the sandbox stays usable. */
+  @operations("kill_all_processes")
+  async killAllProcesses(): Promise<number> {
+    const reply = await this.transport.request({
+      operation: "kill_all_processes",
+      method: "POST",
+      path: sandboxPath(this.sandboxId, "/processes/kill"),
+    });
+    return Number(reply.json<{ killed: number }>().killed);
+  }
+
   /** What it uses now (CPU time, memory, disk, network bytes), measured on the host; a paused
    * sandbox is not resumed. */
   @operations("get_sandbox_metrics")

@@ -157,6 +157,13 @@ describe("one sandbox", () => {
     assert.equal(usage.sandboxId, sandbox.sandboxId);
     assert.ok((usage.cpuSeconds ?? 0) > 0 && (usage.memoryBytes ?? 0) > 0 && (usage.diskBytes ?? 0) > 0);
     assert.equal(usage.networkRxBytes, null);
+    await sandbox.commands.run("sleep 600 & sleep 600 & touch /tmp/sleepers; wait", {
+      background: true,
+      tag: "sleepers",
+    });
+    await sandbox.commands.run("while [ ! -e /tmp/sleepers ]; do sleep 0.05; done");
+    assert.ok((await sandbox.killAllProcesses()) >= 3); // the shell and its two sleeps
+    assert.equal((await sandbox.commands.run("echo alive")).stdout.trim(), "alive");
     await assert.rejects(Sandbox.connect("sb-000000000000"), (error: unknown) => {
       // The daemon's request id, to find the call in its log.
       assert.ok(error instanceof kiln.SandboxNotFoundError);

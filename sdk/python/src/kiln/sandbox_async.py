@@ -735,6 +735,19 @@ class AsyncSandbox:
         )
         return SnapshotInfo.from_json(reply.json())
 
+    @operations("kill_all_processes")
+    async def kill_all_processes(self) -> int:
+        """Kills every process in the sandbox but its agent (what was started, what that
+        started, a fork bomb too) and returns how many; the sandbox stays usable."""
+        reply = await self._transport.request(
+            Call(
+                "kill_all_processes",
+                "POST",
+                _ops.sandbox_path(self.sandbox_id, "/processes/kill"),
+            )
+        )
+        return int(reply.json()["killed"])
+
     @operations("get_sandbox_metrics")
     async def get_metrics(self) -> SandboxMetrics:
         """What it uses now (CPU time, memory, disk, network bytes), measured on the host; a

@@ -1,0 +1,233 @@
+//! The guest's user processes in a cgroup apart from the agent, so that nothing they do
+//! wedges it: a process limit and a memory limit that leave the agent headroom, the agent
+//! first in CPU scheduling and spared by the OOM killer, and one write that kills them all.
+//!
+//! Layout (cgroup v2, mounted by the agent as init):
+//!
+//! ```text
+//! /sys/fs/cgroup/kiln-agent   the agent: cpu.weight 10000, memory.min
+//! /sys/fs/cgroup/user         every process the agent starts: pids.max, memory.max
+//! ```
+//!
+//! A guest root can undo all of this (its own cgroups are its own); it then only wedges
+//! its own sandbox, which the host can still destroy.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+/// Where the agent mounts cgroup v2.
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The user processes' cgroup, set up.
+#[derive(Debug)]
+pub struct UserCgroup {
+    dir: PathBuf,
+    /// Its `cgroup.procs`, open for writing: a new process writes `0` to it (itself) between
+    /// fork and exec, so that it never runs a user instruction outside.
+    procs: OwnedFd,
+    limits: Limits,
+}
+
+/// The limits of the user processes, sized from the guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Their `pids.max` (processes and threads).
+    pub pids: u64,
+    /// Their `memory.max`, bytes.
+    pub memory: u64,
+    /// The agent's `memory.min`, bytes.
+    pub agent_memory: u64,
+}
+
+impl Limits {
+    /// The limits for a guest of `total` bytes of memory: the agent keeps an eighth of it
+    /// (32 MiB to 256 MiB) out of the users' reach, and they may run 4 tasks per MiB (at
+    /// least 1024): a fork bomb meets the process or the memory limit long before the
+    /// guest kernel's own.
+    pub fn for_memory(total: u64) -> Limits {
+        let reserve = (total / 8).clamp(32 << 20, 256 << 20).min(total / 2);
+        Limits {
+            pids: (total >> 20).saturating_mul(4).max(1024),
+            memory: total - reserve,
+            agent_memory: reserve / 2,
+        }
+    }
+}
+
+impl UserCgroup {
+    /// Mounts cgroup v2 if needed, moves the agent into its own cgroup (first in CPU
+    /// scheduling, memory protected, exempt from the OOM killer) and makes the users'.
+    pub fn set_up() -> io::Result<UserCgroup> {
+        let root = Path::new(ROOT);
+        if !root.join("cgroup.controllers").exists() {
+            std::fs::create_dir_all(root)?;
+            mount(
+                Some("cgroup2"),
+                root,
+                Some("cgroup2"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            )
+            .map_err(|e| io::Error::other(format!("mounting cgroup2 on {ROOT}: {e}")))?;
+        }
+        write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
+        let total = mem_total()?;
+        let limits = Limits::for_memory(total);
+
+        let agent = root.join("kiln-agent");
+        make_dir(&agent)?;
+        write(&agent.join("cpu.weight"), "10000")?;
+        write(&agent.join("memory.min"), &limits.agent_memory.to_string())?;
+        write(&agent.join("cgroup.procs"), &std::process::id().to_string())?;
+        write(Path::new("/proc/self/oom_score_adj"), "-1000")?;
+
+        let dir = root.join("user");
+        make_dir(&dir)?;
+        write(&dir.join("pids.max"), &limits.pids.to_string())?;
+        write(&dir.join("memory.max"), &limits.memory.to_string())?;
+        // Under memory pressure the kernel kills inside the users' cgroup, one process at a
+        // time (a fork bomb's shells, a runaway buffer), never the agent.
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))?;
+        tracing::info!(
+            pids = limits.pids,
+            memory_mib = limits.memory >> 20,
+            agent_reserve_mib = (total - limits.memory) >> 20,
+            "user processes confined"
+        );
+        Ok(UserCgroup {
+            dir,
+            procs: procs.into(),
+            limits,
+        })
+    }
+
+    /// The descriptor a new process writes `0` to (see [`enter`]).
+    pub fn procs_fd(&self) -> RawFd {
+        self.procs.as_raw_fd()
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Kills every process in the users' cgroup and below it, and waits (up to 10 s) until
+    /// they are gone. Returns how many there were.
+    pub fn kill_all(&self) -> io::Result<u32> {
+        let count = count_processes(&self.dir);
+        write(&self.dir.join("cgroup.kill"), "1").map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("{e} (killing a cgroup's processes needs Linux 5.14 or later)"),
+            )
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = std::fs::read_to_string(self.dir.join("cgroup.events"))?;
+            if events.lines().any(|line| line == "populated 0") {
+                return Ok(count);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "processes were still exiting 10 s after they were killed",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// In a new process between fork and exec: moves it into the users' cgroup (`procs_fd`, see
+/// [`UserCgroup::procs_fd`]) and gives it the default OOM score the agent's own hides.
+/// Failures are ignored: a guest root may have dismantled the cgroup on purpose.
+///
+/// # Safety
+///
+/// Only async-signal-safe calls: it may run in a child forked from a multi-threaded process.
+pub unsafe fn enter(procs_fd: RawFd) {
+    // SAFETY: writes of static buffers to descriptors, and an open of a static C string.
+    unsafe {
+        libc::write(procs_fd, b"0".as_ptr().cast(), 1);
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj >= 0 {
+            libc::write(adj, b"0".as_ptr().cast(), 1);
+            libc::close(adj);
+        }
+    }
+}
+
+/// Processes in `dir` and every cgroup below it.
+fn count_processes(dir: &Path) -> u32 {
+    let own = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|text| text.lines().count())
+        .unwrap_or(0);
+    let below: u32 = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|entry| count_processes(&entry.path()))
+        .sum();
+    u32::try_from(own).unwrap_or(u32::MAX).saturating_add(below)
+}
+
+/// The guest's memory, from `/proc/meminfo`.
+fn mem_total() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib << 10)
+        .ok_or_else(|| io::Error::other("no MemTotal in /proc/meminfo"))
+}
+
+fn make_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn write(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value} to {}: {e}", path.display()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_leave_the_agent_room_at_every_size() {
+        let small = Limits::for_memory(512 << 20);
+        assert_eq!(small.memory, (512 - 64) << 20);
+        assert_eq!(small.pids, 2048);
+        assert_eq!(small.agent_memory, 32 << 20);
+        let tiny = Limits::for_memory(64 << 20);
+        assert_eq!(tiny.memory, 32 << 20, "never more than half kept back");
+        assert_eq!(tiny.pids, 1024);
+        let large = Limits::for_memory(16 << 30);
+        assert_eq!(large.memory, (16 << 30) - (256 << 20));
+        assert_eq!(large.pids, 65536);
+    }
+}

@@ -1,0 +1,197 @@
+//! A guest cannot wedge its own agent. During a fork bomb, a memory bomb, a CPU hog on every
+//! vCPU and a flood of output, the agent answers its health call and kills every user
+//! process; afterwards the sandbox is fully usable, and a neighbour's execs succeed
+//! throughout. A guest root that dismantles its cgroups can wedge its own agent: the host
+//! still destroys that sandbox, and the neighbour is unaffected.
+//!
+//! Latencies are printed (the figures belong to the reliability report); the only time
+//! limit is a hang detector of 10 s per call, generous for TCG.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use kiln_agent_client::AgentClient;
+use kiln_engine::{CreateOptions, Engine, EngineConfig};
+use kiln_proto::messages::{Command, ExecRequest};
+
+/// A call that takes longer than this is a hang.
+const HANG: Duration = Duration::from_secs(10);
+
+/// How long each abuse runs before it is killed.
+const ABUSE_FOR: Duration = Duration::from_secs(8);
+
+async fn bounded<T>(what: &str, call: impl Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    match tokio::time::timeout(HANG, call).await {
+        Ok(value) => (value, started.elapsed()),
+        Err(_) => panic!("{what} did not answer within {HANG:?}"),
+    }
+}
+
+async fn sh(agent: &AgentClient, script: &str) -> String {
+    bounded(script, kiln_testinfra::sh(agent, script)).await.0
+}
+
+/// Starts `script` as a background process whose output the agent collects.
+async fn start_background(agent: &AgentClient, tag: &str, script: &str) {
+    let request = ExecRequest {
+        background: true,
+        tag: Some(tag.to_owned()),
+        ..ExecRequest::new(Command::Shell(script.to_owned()))
+    };
+    let session = bounded(tag, agent.exec(request))
+        .await
+        .0
+        .unwrap_or_else(|e| panic!("starting {tag}: {e}"));
+    drop(session);
+}
+
+fn summary(name: &str, samples: &mut [Duration]) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    match (samples.first(), samples.last()) {
+        (Some(_), Some(max)) => format!(
+            "{name}: {} calls, p50 {:.0} ms, max {:.0} ms",
+            samples.len(),
+            ms(samples[samples.len() / 2]),
+            ms(*max)
+        ),
+        _ => format!("{name}: no calls"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_cannot_wedge_its_agent() {
+    let data = tempfile::tempdir().expect("data dir");
+    let engine = Engine::new(EngineConfig::new(data.path())).expect("engine");
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build");
+    let template = engine.bake(&images).await.expect("bake");
+    let victim = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+    let neighbour = engine
+        .create(&template, CreateOptions::default())
+        .await
+        .expect("create");
+
+    // The agent and what it starts live apart.
+    assert_eq!(
+        sh(victim.agent(), "cat /proc/self/cgroup; cat /proc/1/cgroup").await,
+        "0::/user\n0::/kiln-agent"
+    );
+    assert_eq!(
+        sh(
+            victim.agent(),
+            "cat /proc/1/oom_score_adj /proc/self/oom_score_adj"
+        )
+        .await,
+        "-1000\n0"
+    );
+
+    let (_, idle) = bounded("health", victim.agent().info()).await;
+    eprintln!("idle health call: {:.0} ms", idle.as_secs_f64() * 1000.0);
+    // Each abuse is kept up by a loop until it is killed: the guest's OOM killer or the
+    // process limit alone would end some of them on their own.
+    let abuses = [
+        (
+            "fork bomb",
+            "while :; do bash -c 'f() { f | f & }; f'; sleep 0.2; done",
+        ),
+        ("memory bomb", "while :; do tail /dev/zero; done"),
+        (
+            "CPU hog on every vCPU",
+            "for i in $(seq $(nproc)); do while :; do :; done & done; wait",
+        ),
+        ("output flood", "yes kiln-output-flood"),
+    ];
+    for (name, script) in abuses {
+        start_background(victim.agent(), "abuse", script).await;
+        let (mut health, mut next_door) = (Vec::new(), Vec::new());
+        let until = Instant::now() + ABUSE_FOR;
+        while Instant::now() < until {
+            let (info, took) = bounded("health", victim.agent().info()).await;
+            info.unwrap_or_else(|e| panic!("{name}: health call failed: {e}"));
+            health.push(took);
+            let (out, took) = bounded("neighbour exec", async {
+                kiln_testinfra::sh(neighbour.agent(), "echo next-door").await
+            })
+            .await;
+            assert_eq!(out, "next-door");
+            next_door.push(took);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (killed, took) = bounded("kill-all", victim.agent().kill_all()).await;
+        let killed = killed.unwrap_or_else(|e| panic!("{name}: kill-all failed: {e}"));
+        assert!(killed >= 1, "{name}: nothing to kill");
+        eprintln!(
+            "{name}: kill-all of {killed} processes in {:.0} ms; {}; {}",
+            took.as_secs_f64() * 1000.0,
+            summary("health", &mut health),
+            summary("neighbour exec", &mut next_door)
+        );
+        // Fully usable afterwards: a shell that forks, files, and nothing left of the abuse.
+        assert_eq!(
+            sh(
+                victim.agent(),
+                // Counted with builtins only: the shell itself is the one process left.
+                "echo usable > /root/after && cat /root/after && n=0 && \
+                 while read -r pid; do n=$((n+1)); done < /sys/fs/cgroup/user/cgroup.procs; echo $n"
+            )
+            .await,
+            "usable\n1",
+            "{name}: only the shell itself runs in the users' cgroup"
+        );
+    }
+
+    // While the process limit is exhausted, an exec runs from the agent's headroom or fails
+    // at once with a clear error; the session stays up.
+    sh(victim.agent(), "echo 8 > /sys/fs/cgroup/user/pids.max").await;
+    start_background(
+        victim.agent(),
+        "fill",
+        "bash -c 'while :; do sleep 60 & done'",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (result, _) = bounded(
+        "exec at the process limit",
+        victim.agent().run(
+            ExecRequest::new(Command::Argv(vec!["/bin/echo".into(), "headroom".into()])),
+            1 << 16,
+        ),
+    )
+    .await;
+    match result {
+        Ok(done) => assert_eq!(String::from_utf8_lossy(&done.stdout), "headroom\n"),
+        Err(e) => assert!(e.to_string().contains("process limit"), "{e}"),
+    }
+    bounded("kill-all", victim.agent().kill_all())
+        .await
+        .0
+        .expect("kill-all");
+    sh(victim.agent(), "echo max > /sys/fs/cgroup/user/pids.max").await;
+    bounded("health", victim.agent().info())
+        .await
+        .0
+        .expect("health after the limit");
+
+    // A guest root that takes itself out of the users' cgroup and lifts its limits may wedge
+    // its own agent; the host still destroys the sandbox, and the neighbour runs on.
+    start_background(
+        victim.agent(),
+        "dismantled",
+        "echo $$ > /sys/fs/cgroup/cgroup.procs; bash -c 'f() { f | f & }; f'",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let destroy = tokio::time::timeout(Duration::from_secs(60), victim.destroy()).await;
+    assert!(
+        matches!(destroy, Ok(Ok(()))),
+        "destroying a wedged sandbox: {destroy:?}"
+    );
+    assert_eq!(sh(neighbour.agent(), "echo alive").await, "alive");
+    neighbour.destroy().await.expect("destroy");
+}
