@@ -75,7 +75,10 @@ impl UserCgroup {
             .map_err(|e| io::Error::other(format!("mounting cgroup2 on {ROOT}: {e}")))?;
         }
         write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
-        let total = mem_total()?;
+        let total = crate::info::memory().total_bytes;
+        if total == 0 {
+            return Err(io::Error::other("no MemTotal in /proc/meminfo"));
+        }
         let limits = Limits::for_memory(total);
 
         let agent = root.join("kiln-agent");
@@ -179,22 +182,6 @@ fn count_processes(dir: &Path) -> u32 {
         .map(|entry| count_processes(&entry.path()))
         .sum();
     u32::try_from(own).unwrap_or(u32::MAX).saturating_add(below)
-}
-
-/// The guest's memory, from `/proc/meminfo`.
-fn mem_total() -> io::Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo")?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib << 10)
-        .ok_or_else(|| io::Error::other("no MemTotal in /proc/meminfo"))
 }
 
 fn make_dir(dir: &Path) -> io::Result<()> {

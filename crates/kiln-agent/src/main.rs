@@ -42,7 +42,9 @@ fn main() -> ExitCode {
     // that exited over them would panic the kernel, so it runs with its defaults instead.
     let args = if std::process::id() == 1 {
         Args::try_parse().unwrap_or_else(|e| {
-            eprintln!("kiln-agent: ignoring arguments: {e}");
+            // Not eprintln!: it panics when the console cannot be written, and init must not.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "kiln-agent: ignoring arguments: {e}");
             Args::parse_from(["kiln-agent"])
         })
     } else {
@@ -52,6 +54,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A log line the console cannot take is dropped: reporting it with eprintln! would
+        // panic, and as init the agent's panic takes the guest down.
+        .log_internal_errors(false)
         .init();
     let duties = if args.no_init {
         Duties::only(&args.enable_duty)
