@@ -3,7 +3,7 @@
 //! Queries are small and indexed, so they run inline under one connection's lock.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -240,6 +240,20 @@ pub fn now_ms() -> i64 {
 impl Store {
     /// Opens (creating or migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        // The daemon and `kiln keys` may open a new database at the same moment: opening
+        // (creating the schema, migrating) is done by one process at a time, under a lock
+        // on a file next to it.
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(StoreError::Io)?;
+        let _opening = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| StoreError::Io(e.into()))?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Every tenant's sandbox records (their env among them) are in here: root's alone,
@@ -710,6 +724,29 @@ mod tests {
             auto_resume: true,
             on_expiry: kiln_engine::OnExpiry::Destroy,
             parent_id: None,
+        }
+    }
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_all_succeed() {
+        // The daemon and `kiln keys create` may open a new database at the same moment:
+        // one creates the schema, the others wait for it and find it made.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("kiln.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+            let opened: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Store::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for handle in opened {
+                handle.join().expect("thread").expect("open");
+            }
         }
     }
 
