@@ -134,7 +134,12 @@ impl Client {
                 "{message} ({code}, HTTP {}; the daemon's log has more under request {id})",
                 status.as_u16()
             ),
-            Ok(error) => bail!("{} ({}, HTTP {})", error.message, error.code, status.as_u16()),
+            Ok(error) => Err(ApiFailure {
+                status: status.as_u16(),
+                code: error.code,
+                message: error.message,
+            }
+            .into()),
             Err(_) => bail!("HTTP {status}: {}", text.trim()),
         }
     }
@@ -762,10 +767,26 @@ pub async fn exec(client: &Client, id: &str, args: &ExecArgs) -> Result<u8> {
     code.context("the output stream ended before the command exited")
 }
 
+/// An error answer of the daemon, kept typed so that a command can act on its code.
+#[derive(Debug)]
+pub(crate) struct ApiFailure {
+    status: u16,
+    code: String,
+    message: String,
+}
+
+impl std::fmt::Display for ApiFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}, HTTP {})", self.message, self.code, self.status)
+    }
+}
+
+impl std::error::Error for ApiFailure {}
+
 /// Whether the daemon refused an exec because its command does not exist.
 fn is_command_not_found(e: &anyhow::Error) -> bool {
-    let text = e.to_string();
-    text.starts_with("command `") && text.ends_with("(not_found, HTTP 404)")
+    e.downcast_ref::<ApiFailure>()
+        .is_some_and(|f| f.code == "not_found" && f.message.starts_with("command `"))
 }
 
 /// Options of `kiln code`.
