@@ -80,8 +80,15 @@ where
     let mut lines = LineBuffer::new();
     let mut received = 0usize;
     let mut buf = [0u8; 4096];
-    send_line(&mut io, &hello)
+    // Sends are bounded too: a peer that reads nothing (a VMM whose guest never opened the
+    // port) fills the stream's buffer, and a write would then wait for ever.
+    let timed_out = || ClientError::Timeout {
+        what: "agent handshake",
+        after: config.handshake_timeout,
+    };
+    tokio::time::timeout_at(deadline, send_line(&mut io, &hello))
         .await
+        .map_err(|_| timed_out())?
         .map_err(|e| ClientError::Handshake(format!("sending hello: {e}")))?;
     loop {
         while let Some(line) = lines.next_line() {
@@ -100,10 +107,7 @@ where
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
-            return Err(ClientError::Timeout {
-                what: "agent handshake",
-                after: config.handshake_timeout,
-            });
+            return Err(timed_out());
         }
         let wait = config.hello_interval.min(deadline - now);
         match tokio::time::timeout(wait, io.read(&mut buf)).await {
@@ -120,8 +124,9 @@ where
                 lines.push(&buf[..n]);
             }
             Ok(Err(e)) => return Err(ClientError::Handshake(format!("reading welcome: {e}"))),
-            Err(_elapsed) => send_line(&mut io, &hello)
+            Err(_elapsed) => tokio::time::timeout_at(deadline, send_line(&mut io, &hello))
                 .await
+                .map_err(|_| timed_out())?
                 .map_err(|e| ClientError::Handshake(format!("sending hello: {e}")))?,
         }
     }
@@ -203,6 +208,20 @@ mod tests {
             initialized: false,
         }
         .to_line()
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_times_out() {
+        // 64 bytes of buffer and nobody reading: the hellos soon cannot be written.
+        let (host_end, _agent_end) = tokio::io::duplex(64);
+        let started = std::time::Instant::now();
+        let result = handshake(host_end, &fast()).await;
+        assert!(
+            matches!(result, Err(ClientError::Timeout { .. })),
+            "{:?}",
+            result.map(|r| r.1)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]

@@ -159,6 +159,7 @@ pub fn kernel_inputs(
         .add("version", package.version.as_str())
         .add("deb-sha256", package.sha256.as_str())
         .add("modules", modules.join(","))
+        .add("initramfs-align", INITRAMFS_ALIGN.to_string())
         .add(
             "agent",
             sha256_file(agent).context(|| format!("reading {}", agent.display()))?,
@@ -258,8 +259,16 @@ fn build_into(
     Ok(())
 }
 
+/// The initramfs is padded with zeros to a multiple of this. QEMU loads an initrd at the top
+/// of guest memory, its start rounded down to 4 KiB, and the microvm firmware keeps its own
+/// tables in the bytes left above the initrd's end: with a few hundred bytes left there the
+/// guest booted without its ACPI tables, so without its virtio devices (no disk, no agent
+/// port), while 3.5 KiB and more booted every time. A 4 KiB multiple leaves the most. The
+/// kernel skips zeros after the archive's trailer.
+pub const INITRAMFS_ALIGN: usize = 4096;
+
 /// The initramfs: the agent as `/init`, the modules under `/kiln/modules` and their load
-/// order in `/kiln/modules.list`.
+/// order in `/kiln/modules.list`, padded to [`INITRAMFS_ALIGN`].
 pub fn initramfs(agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
     let mut cpio = CpioWriter::new(Vec::new());
     for dir in [
@@ -283,7 +292,9 @@ pub fn initramfs(agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result
         list.push_str(&format!("/kiln/modules/{name}\n"));
     }
     cpio.file("kiln/modules.list", 0o644, list.as_bytes())?;
-    cpio.finish()
+    let mut archive = cpio.finish()?;
+    archive.resize(archive.len().next_multiple_of(INITRAMFS_ALIGN), 0);
+    Ok(archive)
 }
 
 fn module_name(path: &str) -> String {
@@ -409,6 +420,25 @@ fn decompress_lenient(tool: &str, data: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_initramfs_is_padded_to_whole_pages() {
+        for agent_len in [0, 1, 4095, 4096, 100_000] {
+            let agent = vec![0x7f; agent_len];
+            let modules = [("m.ko".to_owned(), vec![1; 3])];
+            let archive = initramfs(&agent, &modules).expect("archive");
+            assert_eq!(
+                archive.len() % INITRAMFS_ALIGN,
+                0,
+                "agent of {agent_len} bytes"
+            );
+            let trailer = archive
+                .windows(10)
+                .rposition(|w| w == b"TRAILER!!!")
+                .expect("trailer");
+            assert!(archive[trailer + 10..].iter().all(|&b| b == 0));
+        }
+    }
 
     #[test]
     fn load_order_puts_dependencies_first() {
