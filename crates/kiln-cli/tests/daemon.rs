@@ -92,12 +92,30 @@ impl Daemon {
             {
                 panic!("kiln serve exited ({status}):\n{}", self.log());
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.healthy() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("kiln serve did not listen:\n{}", self.log());
+    }
+
+    /// Whether the daemon answers its health call. A bare TCP connect is not enough: a
+    /// connect to a port nobody listens on may meet itself (the kernel may pick the port as
+    /// the connection's own source port), and it succeeds.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut answer = String::new();
+        stream
+            .write_all(b"GET /v1/health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .and_then(|()| stream.read_to_string(&mut answer))
+            .is_ok()
+            && answer.starts_with("HTTP/1.")
+            && answer.split_whitespace().nth(1) == Some("200")
     }
 
     /// An empty config file, so that no host config (`/etc/kiln/config.toml`) applies.

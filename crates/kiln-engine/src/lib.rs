@@ -749,7 +749,7 @@ impl Engine {
             let id = request.id.clone();
             let result = sandbox::adopt(&self.inner, request).await;
             if let Err(e) = &result {
-                tracing::warn!(sandbox = %id, error = %e, "not re-adopted");
+                tracing::warn!(sandbox = %id, error = %crate::error_chain(e), "not re-adopted");
             }
             results.push((id, result));
         }
