@@ -31,6 +31,10 @@ pub enum ClientError {
         /// The limit.
         after: Duration,
     },
+    /// The process takes no more input: it has ended (its input stream is closed). Its
+    /// output and exit status still arrive on its session.
+    #[error("the process takes no more input: it has ended")]
+    InputClosed,
     /// The session broke.
     #[error("connection to the agent lost: {0}")]
     Disconnected(String),

@@ -662,10 +662,12 @@ pub struct ExecInputHandle {
 
 impl ExecInputHandle {
     async fn send(&self, frame: Frame) -> Result<(), ClientError> {
+        // The agent drops a process's input stream when the process ends; a lost session
+        // shows on the output side.
         self.input
             .send(&frame)
             .await
-            .map_err(|e| ClientError::Disconnected(e.to_string()))
+            .map_err(|_| ClientError::InputClosed)
     }
 
     /// Writes to the process's stdin.

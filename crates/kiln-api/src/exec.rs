@@ -71,9 +71,17 @@ async fn start(
             .input(pid, stdin.as_bytes(), !body.open_stdin, None)
             .await?;
     } else {
+        // A command that ends without reading its stdin is not an error (as with a pipe in
+        // a shell): its output and exit status are the answer.
         let input = session.input();
-        input.stdin(stdin.as_bytes()).await?;
-        input.close_stdin().await?;
+        match input.stdin(stdin.as_bytes()).await {
+            Ok(()) => match input.close_stdin().await {
+                Ok(()) | Err(kiln_agent_client::ClientError::InputClosed) => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(kiln_agent_client::ClientError::InputClosed) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok((sandbox, session))
 }

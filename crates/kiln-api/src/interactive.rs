@@ -5,6 +5,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
+use kiln_agent_client::ClientError;
 use kiln_proto::messages::{ExecRequest, PtySize};
 
 use crate::types::{ErrorBody, ExecEventBody, InteractiveInputBody, InteractiveStartBody};
@@ -122,12 +123,12 @@ async fn session(
         tokio::select! {
             message = rx.next() => {
                 let result = match message {
-                    Some(Ok(Message::Binary(bytes))) => input.stdin(&bytes).await.map_err(ApiError::from),
+                    Some(Ok(Message::Binary(bytes))) => forwarded(input.stdin(&bytes).await),
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<InteractiveInputBody>(&text) {
-                        Ok(InteractiveInputBody::Stdin { data }) => input.stdin(data.as_bytes()).await.map_err(ApiError::from),
-                        Ok(InteractiveInputBody::CloseStdin) => input.close_stdin().await.map_err(ApiError::from),
-                        Ok(InteractiveInputBody::Resize { rows, cols }) => input.resize(PtySize { rows, cols }).await.map_err(ApiError::from),
-                        Ok(InteractiveInputBody::Signal { signal }) if (1..=64).contains(&signal) => input.signal(signal).await.map_err(ApiError::from),
+                        Ok(InteractiveInputBody::Stdin { data }) => forwarded(input.stdin(data.as_bytes()).await),
+                        Ok(InteractiveInputBody::CloseStdin) => forwarded(input.close_stdin().await),
+                        Ok(InteractiveInputBody::Resize { rows, cols }) => forwarded(input.resize(PtySize { rows, cols }).await),
+                        Ok(InteractiveInputBody::Signal { signal }) if (1..=64).contains(&signal) => forwarded(input.signal(signal).await),
                         Ok(InteractiveInputBody::Signal { .. }) => Err(ApiError::invalid("signal must be between 1 and 64")),
                         Err(e) => Err(ApiError::invalid(e.to_string())),
                     },
@@ -155,5 +156,14 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// What became of input sent to the process. Input that arrives after the process ended is
+/// dropped without a word: its exit is on the way to the client.
+fn forwarded(result: Result<(), ClientError>) -> Result<(), ApiError> {
+    match result {
+        Err(ClientError::InputClosed) => Ok(()),
+        other => other.map_err(ApiError::from),
     }
 }

@@ -442,6 +442,23 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         .await
         .json();
     assert_eq!(run["stdout"].as_str().map(str::trim), Some("5"));
+    // A command that ends without reading its stdin: its exit is the answer, not an error
+    // about the input it never took.
+    let response = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": "exit 7", "stdin": "x".repeat(512 << 10)}),
+        )
+        .await;
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(response.json()["exit_code"], 7);
     let run = api
         .json(
             Method::POST,
