@@ -5,13 +5,15 @@
 # Starts `kiln serve` on a free loopback port with a data directory of its own (sandbox
 # networking off: nothing leaves the sandboxes), makes a key for each of two tenants, then
 # runs the Python SDK's checks (mypy --strict, pytest), the TypeScript SDK's (tsc,
-# node --test) and the MCP tests (pytest) against it.
+# node --test), the MCP tests (pytest) and the API contract test (schemathesis) against it.
+# Each tenant may have 16 live sandboxes, so the contract test's stateful phase cannot fill
+# the host.
 # The daemon is stopped with SIGINT on exit, also on failure, which destroys every sandbox
 # it made; its log is printed when a suite fails.
 #
 # The test environments come from the lock files and are cached under $KILN_CACHE_DIR/sdk/,
 # keyed on them: sdk/python/requirements-test.txt, sdk/typescript/package-lock.json,
-# tests/mcp/requirements.txt.
+# tests/mcp/requirements.txt, tests/contract/requirements.txt.
 #
 # Needs: the kiln binary ($KILN_BIN, default target/debug/kiln) and the static agent
 # ($KILN_AGENT_BIN), as scripts/test.sh builds them.
@@ -92,6 +94,7 @@ start_daemon() {
     --agent "$KILN_AGENT_BIN" \
     --default-template base \
     --network off \
+    --max-sandboxes-per-tenant 16 \
     --mcp-allowed-origin "$mcp_allowed_origin" \
     >"$work/daemon.log" 2>&1 &
   daemon_pid=$!
@@ -151,9 +154,33 @@ mcp_suite() {
     "$venv/bin/pytest" -q -p no:cacheprovider --durations=5 .)
 }
 
+# The API contract: schemathesis against the OpenAPI document (tests/contract/schemathesis.toml
+# says what it runs and bounds). Update tests/contract/baseline.json with KILN_CONTRACT_UPDATE=1.
+contract_suite() {
+  local venv key sandbox run="$work/contract"
+  venv=$(python_env tests/contract/requirements.txt contract)
+  key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant contract --admin 2>/dev/null)
+  sandbox=$(curl -fsS -H "Authorization: Bearer $key" -H 'content-type: application/json' \
+    -d '{"template": "base"}' "$KILN_URL/v1/sandboxes" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])') ||
+    die "creating the contract test's sandbox failed"
+  # From a copy: hypothesis keeps its example database beside the configuration.
+  mkdir -p "$run"
+  cp tests/contract/schemathesis.toml "$run/"
+  if [ -f tests/contract/baseline.json ]; then cp tests/contract/baseline.json "$run/"; fi
+  step "API contract: schemathesis $("$venv/bin/schemathesis" --version | awk '{print $NF}') (tests/contract)"
+  local update=()
+  [ -n "${KILN_CONTRACT_UPDATE:-}" ] && update=(--baseline-update --baseline-prune)
+  (cd "$run" && KILN_CONTRACT_API_KEY="$key" KILN_CONTRACT_SANDBOX="$sandbox" \
+    "$venv/bin/schemathesis" run "${update[@]}" --no-color "$KILN_URL/v1/openapi.json") || {
+    [ -n "${KILN_CONTRACT_UPDATE:-}" ] && cp "$run/baseline.json" tests/contract/baseline.json
+    return 1
+  }
+  if [ -n "${KILN_CONTRACT_UPDATE:-}" ]; then cp "$run/baseline.json" tests/contract/baseline.json; fi
+}
+
 case "$only" in
-  python | typescript | mcp | all) ;;
-  *) die "usage: $0 [python|typescript|mcp|all]" ;;
+  python | typescript | mcp | contract | all) ;;
+  *) die "usage: $0 [python|typescript|mcp|contract|all]" ;;
 esac
 step "a daemon for the client tests"
 start_daemon
@@ -161,6 +188,7 @@ case "$only" in
   python) python_suite ;;
   typescript) typescript_suite ;;
   mcp) mcp_suite ;;
-  all) python_suite; typescript_suite; mcp_suite ;;
+  contract) contract_suite ;;
+  all) python_suite; typescript_suite; mcp_suite; contract_suite ;;
 esac
 printf '\nclient tests passed in %d s\n' "$((SECONDS - started))"

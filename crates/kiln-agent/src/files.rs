@@ -349,11 +349,7 @@ where
         .map(|o| resolve_user(Path::new("/"), &o))
         .transpose()?;
 
-    let suffix: u64 = rand::random();
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(&file_name);
-    temp_name.push(format!(".kiln-{suffix:016x}"));
-    let temp = parent.join(temp_name);
+    let temp = parent.join(temp_name(&file_name, rand::random()));
     let guard = TempFile(Some(temp.clone()));
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
@@ -401,6 +397,20 @@ where
     })
     .await?;
     Ok(FileWriteResponse { size: written })
+}
+
+/// The name of the temporary file an upload to `file_name` is written to: hidden, beside it,
+/// and (cut short for a long name) within the 255 bytes a name may have.
+fn temp_name(file_name: &std::ffi::OsStr, suffix: u64) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let tail = format!(".kiln-{suffix:016x}");
+    let room = 255 - 1 - tail.len();
+    let name = file_name.as_bytes();
+    let mut temp = Vec::with_capacity(255);
+    temp.push(b'.');
+    temp.extend_from_slice(&name[..name.len().min(room)]);
+    temp.extend_from_slice(tail.as_bytes());
+    std::ffi::OsString::from_vec(temp)
 }
 
 /// Removes a temporary file on drop unless disarmed.
@@ -486,6 +496,19 @@ mod tests {
         );
         remove(root.join("a"), true).await.expect("rm -r");
         assert!(!exists(root.join("a")).await.expect("exists"));
+    }
+
+    #[test]
+    fn temporary_names_fit_a_long_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let long = "n".repeat(255);
+        let temp = temp_name(std::ffi::OsStr::new(&long), 7);
+        assert_eq!(temp.as_bytes().len(), 255);
+        assert!(temp.as_bytes().starts_with(b".nnn"));
+        assert_eq!(
+            temp_name(std::ffi::OsStr::new("f"), 1),
+            ".f.kiln-0000000000000001"
+        );
     }
 
     #[tokio::test]

@@ -13,15 +13,25 @@ use kiln_proto::messages::{FileReadRequest, FileStat, FileType, FileWriteStart, 
 
 use crate::types::{ErrorBody, FileBody, FileListBody, MkdirBody, RenameBody, WrittenBody};
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
+use kiln_control::ControlError;
 
-/// Longest path accepted.
-const MAX_PATH: usize = 4096;
+/// Longest path accepted, in characters (as the OpenAPI document's `maxLength` counts):
+/// Linux's `PATH_MAX` (4096 bytes) counts the terminating NUL.
+const MAX_PATH: usize = 4095;
+
+/// Longest name in a path, in characters.
+const MAX_NAME: usize = 255;
 
 /// A path in the guest: absolute, no NUL, bounded.
 fn guest_path(path: &str) -> Result<String, ApiError> {
-    if !path.starts_with('/') || path.len() > MAX_PATH || path.contains('\0') {
+    if !path.starts_with('/')
+        || path.chars().count() > MAX_PATH
+        || path.contains('\0')
+        || path.split('/').any(|name| name.chars().count() > MAX_NAME)
+    {
         return Err(ApiError::invalid(format!(
-            "path must be absolute, without NUL, at most {MAX_PATH} bytes"
+            "path must be absolute, without NUL, at most {MAX_PATH} characters, and each name \
+             in it at most {MAX_NAME}"
         )));
     }
     Ok(path.to_owned())
@@ -53,7 +63,7 @@ pub(crate) struct PathQuery {
 #[utoipa::path(get, operation_id = "read_file", path = "/v1/sandboxes/{id}/files/content", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("path" = String, Query, description = "Absolute path in the sandbox")),
+           ("path" = String, Query, description = "Absolute path in the sandbox", min_length = 1, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})+$")),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn read(
@@ -66,9 +76,10 @@ pub(crate) async fn read(
     let (sandbox, _) = state.control.agent(&who, &id).await?;
     let stat = sandbox.agent().stat(&path).await?;
     if stat.file_type == FileType::Dir {
-        return Err(ApiError::invalid(format!(
+        return Err(ControlError::Conflict(format!(
             "{path} is a directory: list it with GET /v1/sandboxes/{id}/files?path=…"
-        )));
+        ))
+        .into());
     }
     let (mut writer, reader) = tokio::io::duplex(256 << 10);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -113,7 +124,7 @@ pub(crate) async fn read(
 #[utoipa::path(put, operation_id = "write_file", path = "/v1/sandboxes/{id}/files/content", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("path" = String, Query, description = "Absolute path in the sandbox")),
+           ("path" = String, Query, description = "Absolute path in the sandbox", min_length = 1, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})+$")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = WrittenBody), (status = 400, body = ErrorBody),
               (status = 413, body = ErrorBody)))]
@@ -171,8 +182,8 @@ fn one() -> u32 {
 /// Lists a directory (`depth` levels, default 1).
 #[utoipa::path(get, operation_id = "list_files", path = "/v1/sandboxes/{id}/files", tag = "files", security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("path" = String, Query, description = "Absolute path in the sandbox"),
-           ("depth" = Option<u32>, Query, description = "Levels (default 1, at most 16)")),
+           ("path" = String, Query, description = "Absolute path in the sandbox", min_length = 1, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})+$"),
+           ("depth" = Option<u32>, Query, description = "Levels (default 1, at most 16)", minimum = 1, maximum = 16)),
     responses((status = 200, body = FileListBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -196,7 +207,7 @@ pub(crate) async fn list(
 #[utoipa::path(get, operation_id = "stat_file", path = "/v1/sandboxes/{id}/files/stat", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("path" = String, Query, description = "Absolute path in the sandbox")),
+           ("path" = String, Query, description = "Absolute path in the sandbox", min_length = 1, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})+$")),
     responses((status = 200, body = FileBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn stat(
     State(state): State<AppState>,
@@ -246,7 +257,7 @@ pub(crate) struct RemoveQuery {
 #[utoipa::path(delete, operation_id = "remove_file", path = "/v1/sandboxes/{id}/files", tag = "files",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("path" = String, Query, description = "Absolute path in the sandbox"),
+           ("path" = String, Query, description = "Absolute path in the sandbox, not `/`", min_length = 2, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})*/[^/\\u0000]{1,255}(/[^/\\u0000]{0,255})*$"),
            ("recursive" = Option<bool>, Query, description = "Remove a directory tree")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(crate) async fn remove(
@@ -256,7 +267,7 @@ pub(crate) async fn remove(
     Query(query): Query<RemoveQuery>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&query.path)?;
-    if path == "/" {
+    if path.bytes().all(|b| b == b'/') {
         return Err(ApiError::invalid("refusing to remove /"));
     }
     let (sandbox, _) = state.control.agent(&who, &id).await?;

@@ -46,7 +46,7 @@ pub(crate) async fn list_templates(
 
 /// One template.
 #[utoipa::path(get, path = "/v1/templates/{name}", tag = "templates", security(("api_key" = [])),
-    params(("name" = String, Path, description = "Template name")),
+    params(("name" = String, Path, description = "Template name", min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")),
     responses((status = 200, body = TemplateBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn get_template(
     State(state): State<AppState>,
@@ -137,7 +137,7 @@ pub(crate) async fn build_template(
 /// Deletes one of the caller's own templates (global ones are read-only; sandboxes made
 /// from it keep running).
 #[utoipa::path(delete, path = "/v1/templates/{name}", tag = "templates", security(("api_key" = [])),
-    params(("name" = String, Path, description = "Template name")),
+    params(("name" = String, Path, description = "Template name", min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(crate) async fn delete_template(
     State(state): State<AppState>,
@@ -184,14 +184,36 @@ pub(crate) async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(sandbox_body(&state, record))))
 }
 
+/// A state to list sandboxes by (`?state=`).
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StateFilter {
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Failed.
+    Failed,
+}
+
+impl StateFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            StateFilter::Running => "running",
+            StateFilter::Paused => "paused",
+            StateFilter::Failed => "failed",
+        }
+    }
+}
+
 /// Lists the caller's sandboxes, oldest first. Filters: `state=running|paused|failed`,
 /// `metadata.<key>=<value>` (repeatable); paging: `limit` (default 100, at most 500) and
 /// `cursor` from the previous page.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", security(("api_key" = [])),
     params(
-        ("state" = Option<String>, Query, description = "`running`, `paused` or `failed`"),
-        ("limit" = Option<usize>, Query, description = "Page size (default 100, at most 500)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("state" = Option<StateFilter>, Query, description = "Only sandboxes in this state"),
+        ("limit" = Option<usize>, Query, description = "Page size (default 100)", minimum = 1, maximum = 500),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page", pattern = "^[0-9]{1,15}\\..*$"),
     ),
     responses((status = 200, body = SandboxList), (status = 400, body = ErrorBody)))]
 pub(crate) async fn list_sandboxes(
@@ -205,17 +227,22 @@ pub(crate) async fn list_sandboxes(
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match key.as_ref() {
             "state" => {
-                if !["running", "paused", "failed"].contains(&value.as_ref()) {
-                    return Err(ApiError::invalid(
-                        "state is `running`, `paused` or `failed`",
-                    ));
-                }
-                filter.state = Some(value.into_owned());
+                let wanted = [
+                    StateFilter::Running,
+                    StateFilter::Paused,
+                    StateFilter::Failed,
+                ]
+                .into_iter()
+                .find(|state| state.as_str() == value)
+                .ok_or_else(|| ApiError::invalid("state is `running`, `paused` or `failed`"))?;
+                filter.state = Some(wanted.as_str().to_owned());
             }
             "limit" => {
                 limit = value
                     .parse()
-                    .map_err(|_| ApiError::invalid("limit must be a number"))?;
+                    .ok()
+                    .filter(|limit| (1..=500).contains(limit))
+                    .ok_or_else(|| ApiError::invalid("limit is a number from 1 to 500"))?;
             }
             "cursor" => cursor = Some(value.into_owned()),
             other => match other.strip_prefix("metadata.") {
@@ -511,11 +538,14 @@ pub(crate) async fn get_sandbox_metrics(
     }))
 }
 
+/// Most console lines one call returns.
+const MAX_LOG_LINES: usize = 10_000;
+
 /// The last lines of the sandbox's guest console (kernel and agent messages).
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes",
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
-           ("lines" = Option<usize>, Query, description = "How many (default 200)")),
+           ("lines" = Option<usize>, Query, description = "How many (default 200, at most 10000)", minimum = 0, maximum = 10000)),
     responses((status = 200, content_type = "text/plain", body = String),
               (status = 404, body = ErrorBody)))]
 pub(crate) async fn console_log(
@@ -524,6 +554,11 @@ pub(crate) async fn console_log(
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<String, ApiError> {
+    if query.lines > MAX_LOG_LINES {
+        return Err(ApiError::invalid(format!(
+            "lines is at most {MAX_LOG_LINES}"
+        )));
+    }
     Ok(state.control.console_log(&who, &id, query.lines)?)
 }
 
@@ -602,7 +637,8 @@ pub(crate) async fn list_keys(
 /// Revokes an API key of the caller's tenant (admin keys only).
 #[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", security(("api_key" = [])),
     params(("id" = String, Path, description = "Key id")),
-    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The key of this request")))]
 pub(crate) async fn revoke_key(
     State(state): State<AppState>,
     Caller(who): Caller,

@@ -171,6 +171,27 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
     }
 }
 
+/// Rewrites numbers such as `18.0` as the integers they are. JSON (and JSON Schema's
+/// `integer`) does not tell `18.0` from `18`, but serde will not read the first into an
+/// integer field; a float field reads either.
+fn integral_floats_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) if !number.is_i64() && !number.is_u64() => {
+            if let Some(float) = number.as_f64() {
+                // Exactly representable: integers up to 2^53 in magnitude.
+                if float.fract() == 0.0 && float.abs() <= 9_007_199_254_740_992.0 {
+                    *number = serde_json::Number::from(float as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
+        serde_json::Value::Object(fields) => {
+            fields.values_mut().for_each(integral_floats_as_integers)
+        }
+        _ => {}
+    }
+}
+
 /// `axum::Json` whose rejections are [`ApiError`]s, for JSON objects only (serde would also
 /// read a struct from an array: `[]` must not create a sandbox).
 #[derive(Debug)]
@@ -184,8 +205,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        let axum::Json(value) =
+        let axum::Json(mut value) =
             axum::Json::<serde_json::Value>::from_request(request, state).await?;
+        integral_floats_as_integers(&mut value);
         if !value.is_object() {
             let kind = match value {
                 serde_json::Value::Null => "null",
@@ -307,7 +329,8 @@ impl FromRequestParts<AppState> for Caller {
         handlers::list_keys,
         handlers::revoke_key,
     ),
-    modifiers(&BearerAuth),
+    components(schemas(handlers::StateFilter)),
+    modifiers(&BearerAuth, &ErrorResponses, &ObjectSizes),
     tags(
         (name = "sandboxes", description = "Create, list, inspect and destroy sandboxes"),
         (name = "snapshots", description = "A sandbox's state kept, to make sandboxes from"),
@@ -337,6 +360,144 @@ impl utoipa::Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Documents the error answers every operation can give, by the rules the handlers follow
+/// (an answer an operation documents itself keeps its own description):
+///
+/// * every operation: 500 `internal`;
+/// * with an API key: 401 `unauthenticated`;
+/// * with parameters: 400 `invalid_request`; with path parameters: 404 `not_found`;
+/// * with a JSON body: 400 (malformed, or not an object), 413 `too_large`, 415
+///   `unsupported_media_type`, 422 (does not fit the body's type);
+/// * on a sandbox's sub-resources (`/v1/sandboxes/{id}/...`, which reach its VM): 409
+///   `conflict` (not in a state for it), 422 `guest_error`, 503 `unavailable` (the sandbox does
+///   not answer), 504 `timeout`;
+/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity).
+#[derive(Debug)]
+struct ErrorResponses;
+
+impl ErrorResponses {
+    fn statuses(
+        path: &str,
+        operation: &utoipa::openapi::path::Operation,
+    ) -> Vec<(u16, &'static str)> {
+        use utoipa::openapi::path::ParameterIn;
+        let mut statuses = vec![(500, "An error of the daemon's own (`internal`)")];
+        if operation.security.is_some() {
+            statuses.push((401, "No API key, or not a valid one (`unauthenticated`)"));
+        }
+        let parameters = operation.parameters.as_deref().unwrap_or_default();
+        if !parameters.is_empty() {
+            statuses.push((400, "A parameter is not valid (`invalid_request`)"));
+        }
+        if parameters
+            .iter()
+            .any(|p| p.parameter_in == ParameterIn::Path)
+        {
+            statuses.push((
+                404,
+                "It does not exist, or belongs to another tenant (`not_found`)",
+            ));
+        }
+        let json_body = operation
+            .request_body
+            .as_ref()
+            .is_some_and(|body| body.content.contains_key("application/json"));
+        if let Some(body) = &operation.request_body {
+            statuses.push((400, "The body is not valid (`invalid_request`)"));
+            statuses.push((413, "The body is too large (`too_large`)"));
+            if json_body || body.content.len() == 1 {
+                statuses.push((
+                    415,
+                    "The body was sent without its content type (`unsupported_media_type`)",
+                ));
+            }
+        }
+        if json_body {
+            statuses.push((
+                422,
+                "The JSON body does not fit its schema (`invalid_request`)",
+            ));
+        }
+        if path.starts_with("/v1/sandboxes/{id}/") {
+            statuses.extend([
+                (409, "The sandbox is not in a state for this (`conflict`)"),
+                (422, "The guest failed the operation (`guest_error`)"),
+                (503, "The sandbox does not answer (`unavailable`)"),
+                (504, "The operation timed out (`timeout`)"),
+            ]);
+        }
+        if operation.operation_id.as_deref() == Some("create_sandbox")
+            || path == "/v1/sandboxes/{id}/fork"
+        {
+            statuses.extend([
+                (
+                    429,
+                    "The tenant is at its limit of live sandboxes (`quota_exceeded`)",
+                ),
+                (503, "No capacity for another sandbox now (`unavailable`)"),
+            ]);
+        }
+        statuses
+    }
+}
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, description) in ErrorResponses::statuses(path, operation) {
+                    let response = ResponseBuilder::new()
+                        .description(description)
+                        .content(
+                            "application/json",
+                            ContentBuilder::new()
+                                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                .build(),
+                        )
+                        .build();
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| response.into());
+                }
+            }
+        }
+    }
+}
+
+/// How many properties a body must have where the handler checks it, which utoipa's
+/// attributes cannot say: a PATCH changes at least one thing; a template build names exactly
+/// one of `spec` and `name`.
+#[derive(Debug)]
+struct ObjectSizes;
+
+impl utoipa::Modify for ObjectSizes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{RefOr, Schema};
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for (name, min, max) in [
+            ("UpdateSandboxBody", 1, None),
+            ("BuildTemplateBody", 1, Some(1)),
+        ] {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) {
+                object.min_properties = Some(min);
+                object.max_properties = max;
+            }
+        }
     }
 }
 
@@ -537,6 +698,56 @@ fn api_router(state: AppState) -> Router {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn integral_floats_are_read_as_integers() {
+        let mut body = json!({"a": 18.0, "b": [2.0, 2.5, -3.0], "c": {"d": 1e300}, "e": "7.0"});
+        super::integral_floats_as_integers(&mut body);
+        assert_eq!(
+            body,
+            json!({"a": 18, "b": [2, 2.5, -3], "c": {"d": 1e300}, "e": "7.0"})
+        );
+        assert!(body["a"].is_u64() && body["b"][2].is_i64());
+    }
+
+    #[test]
+    fn every_operation_documents_its_errors() {
+        let document: serde_json::Value =
+            serde_json::from_str(&super::openapi_json()).expect("JSON");
+        let mut checked = 0;
+        for (path, item) in document["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("operations") {
+                let responses = &operation["responses"];
+                let has = |status: &str| responses.get(status).is_some();
+                let what = format!("{method} {path}");
+                assert!(has("500"), "{what}");
+                if operation.get("security").is_some() {
+                    assert!(has("401"), "{what}");
+                }
+                if operation["requestBody"]["content"]
+                    .get("application/json")
+                    .is_some()
+                {
+                    for status in ["400", "413", "415", "422"] {
+                        assert!(has(status), "{what} {status}");
+                    }
+                }
+                if path.contains('{') {
+                    assert!(has("404"), "{what}");
+                }
+                for (status, response) in responses.as_object().expect("responses") {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let schema = &response["content"]["application/json"]["schema"]["$ref"];
+                        assert_eq!(schema, "#/components/schemas/ErrorBody", "{what} {status}");
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "{checked} operations");
+    }
+
     /// The document in the repository (which the SDKs' coverage test reads) is the one the
     /// code makes; `KILN_UPDATE_OPENAPI=1 cargo test -p kiln-api --lib` rewrites it.
     #[test]

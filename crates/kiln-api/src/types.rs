@@ -100,6 +100,7 @@ pub struct ForkBody {
     pub count: Option<usize>,
     /// The children's time to live in seconds (the parent's if absent).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_secs: Option<u64>,
     /// Labels added to the parent's (a key given here wins).
     #[serde(default)]
@@ -336,9 +337,11 @@ pub struct SandboxList {
 pub struct CreateSandboxBody {
     /// Template name (the server's default, `python`, if absent).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")]
     pub template: Option<String>,
     /// Time to live in seconds (the server's default if absent).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub ttl_secs: Option<u64>,
     /// Labels to list by.
     #[serde(default)]
@@ -346,14 +349,18 @@ pub struct CreateSandboxBody {
     /// Environment added to every command run in the sandbox.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// CPU quota in cores, at most the template's vCPUs.
+    /// CPU quota in cores, at least 0.1 and at most the template's vCPUs.
     #[serde(default)]
+    #[schema(minimum = 0.1)]
     pub cpus: Option<f64>,
-    /// Memory limit of the VM process in MiB, at most the template's memory plus 256.
+    /// Memory limit of the VM process in MiB: from the template's memory plus 64 to the
+    /// template's memory plus 256 (the default).
     #[serde(default)]
+    #[schema(minimum = 64)]
     pub memory_mib: Option<u64>,
-    /// Root disk size in MiB, at least the template's.
+    /// Root disk size in MiB, at least the template's and at most 1 TiB.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub disk_mib: Option<u64>,
     /// Egress policy (the host's default, normally internet on, if absent).
     #[serde(default)]
@@ -420,23 +427,38 @@ pub struct SnapshotList {
     pub snapshots: Vec<SnapshotBody>,
 }
 
+/// A field that may be left out but, when given, is not `null` (`null` is refused, not read
+/// as "not given").
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// Change a sandbox: every field is optional, at least one must be given, and a field not
 /// given stays as it is.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSandboxBody {
     /// New time to live in seconds, counted from now.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    #[schema(minimum = 1)]
     pub ttl_secs: Option<u64>,
     /// New egress policy, replacing the old one atomically: new connections follow it at
     /// once, and established connections to destinations it denies are cut.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub network: Option<NetworkBody>,
     /// Whether a call that needs it running resumes it when paused.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub auto_resume: Option<bool>,
     /// What its time to live running out does.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub on_expiry: Option<OnExpiryBody>,
 }
 
@@ -501,6 +523,7 @@ pub struct ProcessStdinBody {
     pub data: Option<String>,
     /// Bytes to write, base64 (instead of `data`).
     #[serde(default)]
+    #[schema(format = Byte)]
     pub data_b64: Option<String>,
     /// Close stdin after writing (end of file; on a terminal, the end-of-file character).
     #[serde(default)]
@@ -617,6 +640,7 @@ pub struct KillAllBody {
 pub struct SignalBody {
     /// Signal number (default 15, SIGTERM).
     #[serde(default = "default_signal")]
+    #[schema(minimum = 1, maximum = 64)]
     pub signal: i32,
 }
 
@@ -662,6 +686,11 @@ pub struct WrittenBody {
 #[serde(deny_unknown_fields)]
 pub struct MkdirBody {
     /// Absolute path.
+    #[schema(
+        min_length = 1,
+        max_length = 4095,
+        pattern = "^(/[^/\\u0000]{0,255})+$"
+    )]
     pub path: String,
 }
 
@@ -670,8 +699,18 @@ pub struct MkdirBody {
 #[serde(deny_unknown_fields)]
 pub struct RenameBody {
     /// Absolute source path.
+    #[schema(
+        min_length = 1,
+        max_length = 4095,
+        pattern = "^(/[^/\\u0000]{0,255})+$"
+    )]
     pub from: String,
     /// Absolute destination path.
+    #[schema(
+        min_length = 1,
+        max_length = 4095,
+        pattern = "^(/[^/\\u0000]{0,255})+$"
+    )]
     pub to: String,
 }
 
@@ -787,8 +826,10 @@ pub struct HealthBody {
 #[serde(deny_unknown_fields)]
 pub struct TerminalSize {
     /// Rows.
+    #[schema(maximum = 65535)]
     pub rows: u16,
     /// Columns.
+    #[schema(maximum = 65535)]
     pub cols: u16,
 }
 
@@ -851,10 +892,13 @@ pub enum InteractiveInputBody {
 pub struct BuildTemplateBody {
     /// A template spec (TOML, as in `templates/*/template.toml`; no `files` or `base.image`):
     /// stored as one of the caller's templates, then built.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub spec: Option<String>,
     /// An existing template (global or the caller's) to build and bake now.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")]
     pub name: Option<String>,
 }
 
@@ -907,9 +951,11 @@ pub struct RunCodeBody {
     pub code: String,
     /// `python` (the default, and the only language so far).
     #[serde(default)]
+    #[schema(pattern = "^python$")]
     pub language: Option<String>,
     /// The context to run in (`default` if absent); `POST .../code/contexts` makes more.
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub context: Option<String>,
     /// Environment set for this run, on top of the sandbox's.
     #[serde(default)]

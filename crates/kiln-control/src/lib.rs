@@ -102,13 +102,14 @@ impl From<ClientError> for ControlError {
         match &e {
             ClientError::Agent(agent) => match agent.kind {
                 ErrorKind::NotFound => ControlError::Missing(agent.message.clone()),
-                ErrorKind::InvalidArgument
-                | ErrorKind::InvalidRequest
-                | ErrorKind::IsADirectory
-                | ErrorKind::NotADirectory => ControlError::Invalid(agent.message.clone()),
-                ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
-                    ControlError::Conflict(agent.message.clone())
+                ErrorKind::InvalidArgument | ErrorKind::InvalidRequest => {
+                    ControlError::Invalid(agent.message.clone())
                 }
+                // What is at the path now decides these: a conflict with the guest's files.
+                ErrorKind::IsADirectory
+                | ErrorKind::NotADirectory
+                | ErrorKind::AlreadyExists
+                | ErrorKind::DirectoryNotEmpty => ControlError::Conflict(agent.message.clone()),
                 ErrorKind::PermissionDenied => ControlError::Forbidden(agent.message.clone()),
                 ErrorKind::NoSpace => ControlError::TooLarge(agent.message.clone()),
                 ErrorKind::LimitReached => ControlError::Conflict(agent.message.clone()),
@@ -116,6 +117,7 @@ impl From<ClientError> for ControlError {
                 _ => ControlError::Guest(format!("in the sandbox: {}", agent.message)),
             },
             ClientError::Timeout { .. } => ControlError::Timeout(chain(&e)),
+            ClientError::InputClosed => ControlError::Conflict(e.to_string()),
             _ if e.is_connection_error() => {
                 ControlError::Unavailable(format!("the sandbox does not answer: {}", chain(&e)))
             }
@@ -523,6 +525,13 @@ impl Control {
     /// Revokes a key of the caller's tenant (admins only).
     pub fn revoke_key(&self, who: &Principal, id: &str) -> Result<(), ControlError> {
         Control::require_admin(who)?;
+        if id == who.key_id {
+            // Revoking the key in use could leave a tenant with no admin key at all.
+            return Err(ControlError::Conflict(format!(
+                "key `{id}` is the key of this request: revoke it with another admin key, or \
+                 on the host with `kiln keys revoke {id}`"
+            )));
+        }
         if self.inner.store.revoke_key(id, Some(&who.tenant))? {
             Ok(())
         } else {

@@ -261,10 +261,9 @@ impl Sandbox {
             .engine
             .upgrade()
             .ok_or_else(|| EngineError::Invalid("the engine is shutting down".into()))?;
-        let network = engine
-            .network
-            .as_ref()
-            .ok_or_else(|| EngineError::Invalid("networking is not enabled on this host".into()))?;
+        let network = engine.network.as_ref().ok_or_else(|| {
+            EngineError::Conflict("networking is not enabled on this host".into())
+        })?;
         let mut egress = lock(&self.egress);
         {
             let runtime = lock(&self.runtime);
@@ -590,6 +589,13 @@ async fn expire(sandbox: &Weak<Sandbox>) -> bool {
     false
 }
 
+/// The smallest CPU quota a sandbox may ask for, in cores: less would leave a guest too slow
+/// to answer at all.
+pub const MIN_CPUS: f64 = 0.1;
+
+/// The least memory a sandbox's VMM may be limited to beyond its guest's, in MiB.
+pub const MIN_VMM_MIB: u64 = 64;
+
 /// Checks a create's resource requests against the template.
 fn limits_for(
     template: &BakedTemplate,
@@ -597,18 +603,21 @@ fn limits_for(
 ) -> Result<CgroupLimits, EngineError> {
     let mut limits = default_limits(&template.meta.machine);
     if let Some(cpus) = options.cpus {
-        if !(cpus > 0.0 && cpus <= limits.cpus) {
+        if !(MIN_CPUS..=limits.cpus).contains(&cpus) {
             return Err(EngineError::Invalid(format!(
-                "cpus must be more than 0 and at most the template's {} vCPUs (got {cpus})",
+                "cpus must be at least {MIN_CPUS} and at most the template's {} vCPUs (got {cpus})",
                 limits.cpus
             )));
         }
         limits.cpus = cpus;
     }
     if let Some(memory) = options.memory_mib {
-        if !(64..=limits.memory_mib).contains(&memory) {
+        // Below the guest's memory plus the VMM's own, a VMM that must hold all of the
+        // guest's memory (a resume loads it whole) is killed by its limit.
+        let least = u64::from(template.meta.machine.memory_mib) + MIN_VMM_MIB;
+        if !(least..=limits.memory_mib).contains(&memory) {
             return Err(EngineError::Invalid(format!(
-                "memory_mib must be between 64 and {} (the template's {} MiB plus {VMM_OVERHEAD_MIB} MiB for the VMM; got {memory})",
+                "memory_mib must be between {least} and {} (the template's {} MiB plus {MIN_VMM_MIB} to {VMM_OVERHEAD_MIB} MiB for the VMM; got {memory})",
                 limits.memory_mib, template.meta.machine.memory_mib
             )));
         }
@@ -756,7 +765,13 @@ pub(crate) async fn adopt(
     let paused = runtime.is_none();
     let runtime = match runtime {
         Some(vm) => {
-            client.connect().await?;
+            if let Err(e) = client.connect().await {
+                return Err(EngineError::Invalid(format!(
+                    "its agent did not answer: {e}; VMM: {}; console:\n{}",
+                    vm.diagnostics(),
+                    vm.console_tail(20)
+                )));
+            }
             Runtime::running(vm, resources)
         }
         None => Runtime::paused(resources),
@@ -815,7 +830,7 @@ pub(crate) async fn create(
                 Some(policy.clone())
             }
             (Some(network), None) => Some(network.default_policy()),
-            (None, Some(_)) => return Err(EngineError::Invalid(
+            (None, Some(_)) => return Err(EngineError::Conflict(
                 "networking is not enabled on this host: a create may not ask for a network policy"
                     .into(),
             )),

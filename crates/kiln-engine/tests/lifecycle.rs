@@ -78,6 +78,15 @@ async fn limits_crashes_and_time_to_live() {
             memory_mib: Some(10),
             ..CreateOptions::default()
         },
+        // The guest's own memory: a resume (which loads all of it) would not fit.
+        CreateOptions {
+            memory_mib: Some(256),
+            ..CreateOptions::default()
+        },
+        CreateOptions {
+            cpus: Some(0.05),
+            ..CreateOptions::default()
+        },
         CreateOptions {
             memory_mib: Some(1 << 30),
             ..CreateOptions::default()
