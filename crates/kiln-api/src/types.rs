@@ -443,21 +443,37 @@ where
 #[serde(deny_unknown_fields)]
 pub struct UpdateSandboxBody {
     /// New time to live in seconds, counted from now.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     #[schema(minimum = 1)]
     pub ttl_secs: Option<u64>,
     /// New egress policy, replacing the old one atomically: new connections follow it at
     /// once, and established connections to destinations it denies are cut.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     pub network: Option<NetworkBody>,
     /// Whether a call that needs it running resumes it when paused.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     pub auto_resume: Option<bool>,
     /// What its time to live running out does.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     pub on_expiry: Option<OnExpiryBody>,
 }
@@ -892,11 +908,19 @@ pub enum InteractiveInputBody {
 pub struct BuildTemplateBody {
     /// A template spec (TOML, as in `templates/*/template.toml`; no `files` or `base.image`):
     /// stored as one of the caller's templates, then built.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     pub spec: Option<String>,
     /// An existing template (global or the caller's) to build and bake now.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(nullable = false)]
     #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9_-]*$")]
     pub name: Option<String>,

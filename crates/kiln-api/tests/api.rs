@@ -782,12 +782,13 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
         no_process.json()["message"],
         "process `nope` not found: no process with that tag was started here"
     );
+    // A directory where a file is asked for: what the guest holds decides, so a conflict.
     api.get(
         &format!("/v1/sandboxes/{id}/files/content?path=/root/a"),
         &alice,
     )
     .await
-    .assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    .assert_error(StatusCode::CONFLICT, "conflict");
     api.get(
         &format!("/v1/sandboxes/{id}/files/stat?path=relative/path"),
         &alice,
@@ -1174,6 +1175,24 @@ disk_mib = 768
     api.get("/v1/sandboxes", &secret)
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthenticated");
+    // A key cannot revoke itself: a tenant could be left without an admin key.
+    let own = listed["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["admin"] == true)
+        .and_then(|k| k["id"].as_str())
+        .expect("the admin key is listed")
+        .to_owned();
+    api.call(
+        Method::DELETE,
+        &format!("/v1/keys/{own}"),
+        Some(&admin),
+        Body::empty(),
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "conflict");
+    assert_eq!(api.get("/v1/keys", &admin).await.status, StatusCode::OK);
 
     // A sandbox's usage, measured on the host, for its tenant only.
     let usage = api
