@@ -74,12 +74,12 @@ async fn start(
         // A command that ends without reading its stdin is not an error (as with a pipe in
         // a shell): its output and exit status are the answer.
         let input = session.input();
-        match input.stdin(stdin.as_bytes()).await {
-            Ok(()) => match input.close_stdin().await {
-                Ok(()) | Err(kiln_agent_client::ClientError::InputClosed) => {}
-                Err(e) => return Err(e.into()),
-            },
-            Err(kiln_agent_client::ClientError::InputClosed) => {}
+        let sent = match input.stdin(stdin.as_bytes()).await {
+            Ok(()) => input.close_stdin().await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) | Err(kiln_agent_client::ClientError::InputClosed) => {}
             Err(e) => return Err(e.into()),
         }
     }

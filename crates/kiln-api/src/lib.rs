@@ -405,17 +405,15 @@ impl ErrorResponses {
             .request_body
             .as_ref()
             .is_some_and(|body| body.content.contains_key("application/json"));
-        if let Some(body) = &operation.request_body {
+        if operation.request_body.is_some() {
             statuses.push((400, "The body is not valid (`invalid_request`)"));
             statuses.push((413, "The body is too large (`too_large`)"));
-            if json_body || body.content.len() == 1 {
-                statuses.push((
-                    415,
-                    "The body was sent without its content type (`unsupported_media_type`)",
-                ));
-            }
         }
         if json_body {
+            statuses.push((
+                415,
+                "The body was sent without its content type (`unsupported_media_type`)",
+            ));
             statuses.push((
                 422,
                 "The JSON body does not fit its schema (`invalid_request`)",
