@@ -108,6 +108,9 @@ impl From<ControlError> for ApiError {
             ControlError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ControlError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ControlError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            ControlError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             ControlError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ControlError::Guest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "guest_error"),
             ControlError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -374,7 +377,8 @@ impl utoipa::Modify for BearerAuth {
 /// * on a sandbox's sub-resources (`/v1/sandboxes/{id}/...`, which reach its VM): 409
 ///   `conflict` (not in a state for it), 422 `guest_error`, 503 `unavailable` (the sandbox does
 ///   not answer), 504 `timeout`;
-/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity).
+/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity);
+/// * what takes disk space (create, fork, pause, snapshot): 507 `insufficient_storage`.
 #[derive(Debug)]
 struct ErrorResponses;
 
@@ -437,6 +441,16 @@ impl ErrorResponses {
                 ),
                 (503, "No capacity for another sandbox now (`unavailable`)"),
             ]);
+        }
+        if matches!(
+            operation.operation_id.as_deref(),
+            Some("create_sandbox" | "fork_sandbox" | "pause_sandbox" | "create_snapshot")
+        ) {
+            statuses.push((
+                507,
+                "The host's disk space for sandboxes (its reserve or budget) does not allow it \
+                 (`insufficient_storage`)",
+            ));
         }
         statuses
     }

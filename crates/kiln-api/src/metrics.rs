@@ -76,6 +76,10 @@ pub struct Metrics {
     prestarted: Gauge,
     disk_size: Gauge,
     disk_available: Gauge,
+    disk_reserve: Gauge,
+    sandbox_disk_used: Gauge,
+    sandbox_disk_budget: Gauge,
+    sandbox_disk_headroom: Gauge,
     resident: Gauge,
     open_fds: Gauge,
     threads: Gauge,
@@ -152,6 +156,37 @@ impl Metrics {
             Unit::Bytes,
             disk_available.clone(),
         );
+        let disk_reserve = Gauge::default();
+        registry.register_with_unit(
+            "data_disk_reserve",
+            "Free space kept for the host on the file system holding the data directory \
+             (--disk-reserve-mib)",
+            Unit::Bytes,
+            disk_reserve.clone(),
+        );
+        let sandbox_disk_used = Gauge::default();
+        registry.register_with_unit(
+            "sandbox_disk_used",
+            "Disk space sandboxes hold on the host (allocated): disks, pause images, fork \
+             captures, snapshots",
+            Unit::Bytes,
+            sandbox_disk_used.clone(),
+        );
+        let sandbox_disk_budget = Gauge::default();
+        registry.register_with_unit(
+            "sandbox_disk_budget",
+            "Most disk space sandboxes may hold (--disk-budget-mib); 0 when no budget is set",
+            Unit::Bytes,
+            sandbox_disk_budget.clone(),
+        );
+        let sandbox_disk_headroom = Gauge::default();
+        registry.register_with_unit(
+            "sandbox_disk_headroom",
+            "Disk space sandboxes may still take before the reserve or the budget; at 0 their \
+             disks stop growing and creates, forks, pauses and snapshots are refused",
+            Unit::Bytes,
+            sandbox_disk_headroom.clone(),
+        );
         let resident = Gauge::default();
         registry.register_with_unit(
             "process_resident_memory",
@@ -184,6 +219,10 @@ impl Metrics {
             prestarted,
             disk_size,
             disk_available,
+            disk_reserve,
+            sandbox_disk_used,
+            sandbox_disk_budget,
+            sandbox_disk_headroom,
             resident,
             open_fds,
             threads,
@@ -209,7 +248,11 @@ impl Metrics {
     }
 
     /// The text exposition, with the scrape-time figures read now.
-    fn render(&self, state: &AppState) -> Result<String, ApiError> {
+    fn render(
+        &self,
+        state: &AppState,
+        space: Option<kiln_engine::DiskSpace>,
+    ) -> Result<String, ApiError> {
         let mut counted = self.counted.lock().unwrap_or_else(|e| e.into_inner());
         self.sandboxes.clear();
         for (state, template, count) in state.control.sandbox_counts()? {
@@ -231,11 +274,14 @@ impl Metrics {
         let engine = state.control.engine();
         self.prestarted
             .set(gauge(engine.prestarted_pids().len() as u64));
-        if let Ok(fs) = nix::sys::statvfs::statvfs(engine.data_dir()) {
-            let block = fs.fragment_size();
-            self.disk_size.set(gauge(fs.blocks() * block));
-            self.disk_available
-                .set(gauge(fs.blocks_available() * block));
+        if let Some(space) = space {
+            self.disk_size.set(gauge(space.filesystem_bytes));
+            self.disk_available.set(gauge(space.available_bytes));
+            self.disk_reserve.set(gauge(space.reserve_bytes));
+            self.sandbox_disk_used.set(gauge(space.used_bytes));
+            self.sandbox_disk_budget
+                .set(gauge(space.budget_bytes.unwrap_or(0)));
+            self.sandbox_disk_headroom.set(gauge(space.headroom()));
         }
         let process = kiln_engine::procstat::read(None).unwrap_or_default();
         self.resident.set(gauge(process.resident_bytes));
@@ -301,16 +347,22 @@ pub(crate) async fn scrape(
                 .into(),
         )));
     }
-    exposition(&state)
+    exposition(&state).await
 }
 
 /// The same without a key: served only on the operator's own listen address.
 pub(crate) async fn scrape_open(State(state): State<AppState>) -> Result<Response, ApiError> {
-    exposition(&state)
+    exposition(&state).await
 }
 
-fn exposition(state: &AppState) -> Result<Response, ApiError> {
-    let text = state.metrics.render(state)?;
+async fn exposition(state: &AppState) -> Result<Response, ApiError> {
+    // Measuring the sandboxes' disk space walks their files: off the async workers.
+    let engine = state.control.engine().clone();
+    let space = tokio::task::spawn_blocking(move || engine.disk_space().ok())
+        .await
+        .ok()
+        .flatten();
+    let text = state.metrics.render(state, space)?;
     let content_type = "text/plain; version=0.0.4; charset=utf-8";
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }

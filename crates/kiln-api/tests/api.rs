@@ -1253,6 +1253,11 @@ disk_mib = 768
     assert!(value("kiln_process_resident_memory_bytes") > 0.0);
     assert!(value("kiln_process_open_fds") > 0.0);
     assert!(value("kiln_data_disk_available_bytes") > 0.0);
+    assert!(value("kiln_data_disk_reserve_bytes") > 0.0);
+    // The running sandbox's disk, at least.
+    assert!(value("kiln_sandbox_disk_used_bytes") > 0.0);
+    assert!(value("kiln_sandbox_disk_headroom_bytes") > 0.0);
+    assert_eq!(value("kiln_sandbox_disk_budget_bytes"), 0.0);
     value("kiln_prestarted_vmms");
     assert!(value("kiln_template_preparations_total{outcome=\"ready\"}") >= 1.0);
     value("kiln_process_cpu_seconds_total");

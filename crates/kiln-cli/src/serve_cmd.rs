@@ -66,6 +66,17 @@ pub struct ServeArgs {
     /// Largest file upload in bytes [default: 4 GiB].
     #[arg(long)]
     pub max_upload_bytes: Option<u64>,
+    /// Free space, in MiB, always left on the data directory's filesystem: creates, forks,
+    /// pauses and snapshots that would take it are refused with 507 `insufficient_storage`,
+    /// and running sandboxes' disks stop growing before it (their guests get write errors;
+    /// their VMs run on) [default: 2% of the filesystem, at least 1 GiB].
+    #[arg(long)]
+    pub disk_reserve_mib: Option<u64>,
+    /// Most disk space, in MiB, all sandboxes may hold on the host (their disks, pause
+    /// images, fork captures and snapshots, as allocated), enforced like the reserve
+    /// [default: no budget beyond the reserve].
+    #[arg(long)]
+    pub disk_budget_mib: Option<u64>,
     /// Sandbox networking: `on` (each sandbox gets a link to the host, NAT egress with a
     /// policy, DNS) or `off` (a namespace and a tap, no way out) [default: on].
     #[arg(long, env = "KILN_NETWORK", value_parser = ["on", "off"])]
@@ -136,6 +147,8 @@ struct FileConfig {
     max_sandboxes_per_tenant: Option<usize>,
     prestart: Option<usize>,
     max_upload_bytes: Option<u64>,
+    disk_reserve_mib: Option<u64>,
+    disk_budget_mib: Option<u64>,
     network: Option<String>,
     network_pool: Option<ipnet::Ipv4Net>,
     name_prefix: Option<String>,
@@ -277,11 +290,22 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         Some("off") => None,
         Some(other) => bail!("setting `network`: `{other}` is neither `on` nor `off`"),
     };
+    let disk_budget = args.disk_budget_mib.or(file.disk_budget_mib);
+    if disk_budget == Some(0) {
+        bail!("setting `disk_budget_mib`: must be at least 1 (leave it out for no budget)");
+    }
     let engine = EngineConfig {
         accel,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
         prestart,
         network,
+        disk: kiln_engine::DiskLimits {
+            budget: disk_budget.map(|mib| mib.saturating_mul(1 << 20)),
+            reserve: args
+                .disk_reserve_mib
+                .or(file.disk_reserve_mib)
+                .map(|mib| mib.saturating_mul(1 << 20)),
+        },
         ..EngineConfig::new(&data_dir)
     };
     let listen = args

@@ -59,6 +59,9 @@ pub enum ControlError {
     /// The tenant is at a limit the operator set (its live sandboxes).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The host's disk space for sandboxes (its reserve or budget) does not allow it.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// The operation timed out.
     #[error("{0}")]
     Timeout(String),
@@ -85,6 +88,7 @@ impl From<EngineError> for ControlError {
                 id,
             },
             EngineError::Exhausted(message) => ControlError::Unavailable(message),
+            EngineError::NoSpace(message) => ControlError::InsufficientStorage(message),
             EngineError::Conflict(message) => ControlError::Conflict(message),
             EngineError::Network(kiln_network::NetworkError::Policy(message)) => {
                 ControlError::Invalid(message)

@@ -75,14 +75,23 @@ fn allocated(path: &Path) -> u64 {
 impl Sandbox {
     /// Captures the running sandbox into a new artefact directory (see the module's
     /// documentation); the sandbox runs on. Blocking parts run in place.
+    /// `extra` bytes are admitted with the capture's own (a fork's children); `what` says what
+    /// is refused if they do not fit.
     pub(crate) async fn capture(
         &self,
         engine: &Arc<Inner>,
         report: &mut ForkReport,
         kind: CaptureKind,
+        extra: u64,
+        what: &str,
     ) -> Result<BakedTemplate, EngineError> {
         let _operation = self.operation.lock().await;
         let template = self.source_template()?;
+        crate::space::admit(
+            engine,
+            self.capture_bytes(&template).saturating_add(extra),
+            what,
+        )?;
         let templates = engine.config.data_dir.join("templates");
         let prefix = match kind {
             CaptureKind::Fork => CAPTURE_PREFIX,
@@ -167,6 +176,12 @@ impl Sandbox {
         Ok(BakedTemplate { dir, meta })
     }
 
+    /// What a capture of it writes at most: its memory and its own disk layer.
+    fn capture_bytes(&self, template: &BakedTemplate) -> u64 {
+        let own = allocated(&self.dir.join(disk_name(template.meta.disk_format)));
+        (self.limits.memory_mib << 20).saturating_add(own)
+    }
+
     /// Stops the VM, writes its state with all of RAM into `dir`'s stream and a sealed copy
     /// of its writable disk layer into `dir`'s disk (rewritten in a jail under `dir`), and
     /// lets it run again (blocking).
@@ -200,6 +215,12 @@ impl Sandbox {
             }
         };
         let stopped = Instant::now();
+        // The capture's size was admitted before; the monitor limits the VMM again once it
+        // is back in the sandbox.
+        crate::space::lift(crate::space::Vmm {
+            pid: vm.pid(),
+            run_as: resources.run_as(),
+        });
         let (stream, disk) = (
             dir.join(STREAM),
             dir.join(disk_name(template.meta.disk_format)),
@@ -423,8 +444,15 @@ pub(crate) async fn fork(
     }
     let started = Instant::now();
     let mut report = ForkReport::default();
+    let children_bytes = crate::space::NEW_SANDBOX_BYTES.saturating_mul(count as u64);
     let capture = parent
-        .capture(engine, &mut report, CaptureKind::Fork)
+        .capture(
+            engine,
+            &mut report,
+            CaptureKind::Fork,
+            children_bytes,
+            "fork the sandbox",
+        )
         .await?;
     let pin = Pin::new(engine, &capture.dir);
     let phase = Instant::now();

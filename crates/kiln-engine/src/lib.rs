@@ -14,6 +14,7 @@ pub mod persist;
 mod prestart;
 pub mod procstat;
 pub mod sandbox;
+pub mod space;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ pub use sandbox::{
     AdoptRequest, CreateOptions, NetworkUsage, OnExpiry, ResourceUsage, Sandbox, SandboxInfo,
     SandboxState,
 };
+pub use space::{DiskLimits, DiskSpace};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,9 @@ pub enum EngineError {
     /// A limited resource ran out.
     #[error("{0}")]
     Exhausted(String),
+    /// The host's disk space for sandboxes (its reserve or budget) does not allow it.
+    #[error("{0}")]
+    NoSpace(String),
     /// The sandbox's state does not allow it now (e.g. resuming a running sandbox's pause).
     #[error("{0}")]
     Conflict(String),
@@ -177,6 +182,8 @@ pub struct EngineConfig {
     /// Sandbox networking (links to the host, NAT egress with policy); `None`: sandboxes have
     /// a namespace and a tap but no way out.
     pub network: Option<kiln_network::NetworkConfig>,
+    /// Limits on the disk space sandboxes take on the host (see [`space`]).
+    pub disk: DiskLimits,
 }
 
 /// Most VMMs kept pre-started per template.
@@ -193,6 +200,7 @@ impl EngineConfig {
             confinement: ConfinementConfig::default(),
             prestart: 1,
             network: None,
+            disk: DiskLimits::default(),
         }
     }
 }
@@ -266,6 +274,9 @@ pub(crate) struct Inner {
     /// Fork captures whose children are being made (not removed meanwhile).
     pub(crate) pinned_captures: Mutex<std::collections::HashSet<std::path::PathBuf>>,
     uids: Mutex<BTreeSet<u32>>,
+    /// Bytes each running VMM's disk file may grow by until the next measurement
+    /// (`u64::MAX`: not measured yet); see [`space`].
+    pub(crate) disk_share: std::sync::atomic::AtomicU64,
     /// Offset of the VMM uid to try first.
     next_uid: std::sync::atomic::AtomicU32,
 }
@@ -397,7 +408,7 @@ impl Engine {
             disks = if reflink { "reflink" } else { "qcow2 overlay" },
             "sandbox disks"
         );
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 config,
                 driver: Arc::new(driver),
@@ -411,11 +422,32 @@ impl Engine {
                 network,
                 pinned_captures: Mutex::new(std::collections::HashSet::new()),
                 uids: Mutex::new(BTreeSet::new()),
+                disk_share: std::sync::atomic::AtomicU64::new(u64::MAX),
                 // Start somewhere else on every run, so a restarted daemon does not hand
                 // out first the uids its predecessor used last.
                 next_uid: std::sync::atomic::AtomicU32::new(rand::random::<u32>() % VM_UID_COUNT),
             }),
-        })
+        };
+        let space = space::measure(&engine.inner)?;
+        tracing::info!(
+            available = space.available_bytes,
+            reserve = space.reserve_bytes,
+            budget = ?space.budget_bytes,
+            used = space.used_bytes,
+            "sandbox disk space"
+        );
+        if space.headroom() < space::NEW_SANDBOX_BYTES {
+            tracing::warn!(
+                "the data directory's filesystem has {} MiB free and keeps {} MiB in reserve: \
+                 creates will be refused until space is freed (or --disk-reserve-mib is lowered)",
+                space.available_bytes >> 20,
+                space.reserve_bytes >> 20
+            );
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            space::start(&engine.inner, &runtime);
+        }
+        Ok(engine)
     }
 
     /// The accelerator in use and why.
@@ -453,6 +485,12 @@ impl Engine {
         } else {
             "qcow2"
         }
+    }
+
+    /// The data directory's disk space as sandboxes see it, measured now (blocking: walks
+    /// the sandboxes' files).
+    pub fn disk_space(&self) -> Result<DiskSpace, EngineError> {
+        space::measure(&self.inner)
     }
 
     /// The data directory.
@@ -636,6 +674,8 @@ impl Engine {
                 &self.inner,
                 &mut ForkReport::default(),
                 fork::CaptureKind::Snapshot,
+                0,
+                "snapshot the sandbox",
             )
             .await
     }

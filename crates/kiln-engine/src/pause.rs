@@ -147,6 +147,10 @@ impl Sandbox {
         let _operation = self.operation.lock().await;
         let engine = self.engine()?;
         let template = self.source_template()?;
+        if self.state() == SandboxState::Running {
+            // The image holds at most all of the VMM's memory.
+            crate::space::admit(&engine, self.limits.memory_mib << 20, "pause the sandbox")?;
+        }
         let mut vm = {
             let mut runtime = lock(&self.runtime);
             match runtime.state {
@@ -165,6 +169,10 @@ impl Sandbox {
         // state may carry past the next connection (seen as a resumed agent that never
         // answers). A restored agent drops the stale session when the first hello arrives.
         let start = Instant::now();
+        crate::space::lift(crate::space::Vmm {
+            pid: vm.pid(),
+            run_as: self.vm_uid().map(|uid| (uid, uid)),
+        });
         let saved = tokio::task::block_in_place(|| self.save(&engine, &template, vm.as_mut()));
         match saved {
             Ok(mut timings) => {
@@ -291,6 +299,14 @@ impl Sandbox {
         };
         let mut phase = Instant::now();
         let pid = vm.pid();
+        crate::space::hold(
+            &engine,
+            crate::space::Vmm {
+                pid,
+                run_as: resources.run_as(),
+            },
+            &self.dir,
+        );
         let watch = crate::sandbox::exit_watch(pid);
         let answered = self.client.connect().await;
         let outcome = match (watch, answered) {

@@ -836,6 +836,7 @@ pub(crate) async fn create(
             )),
             (None, None) => None,
         };
+    crate::space::admit(engine, crate::space::NEW_SANDBOX_BYTES, "create a sandbox")?;
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let mut phase = Instant::now();
@@ -864,6 +865,14 @@ pub(crate) async fn create(
         }
     }
     let exit = exit_watch(slot.vm.pid())?;
+    crate::space::hold(
+        engine,
+        crate::space::Vmm {
+            pid: slot.vm.pid(),
+            run_as: slot.resources.run_as(),
+        },
+        &slot.dir,
+    );
     crate::pause::write_sandbox_file(&slot.dir, template, limits)?;
     // The verified bytes go to the VMM through an anonymous file: what was checked is what
     // loads.

@@ -2,70 +2,16 @@
 //! since the repository's filesystem is not XFS), the template's disk is a raw image and each
 //! sandbox's disk a reflink of it that shares its extents until written.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
 use kiln_vmm::driver::DiskFormat;
 
-/// An XFS filesystem on a loop device, unmounted and detached on drop.
-struct XfsMount {
-    _dir: tempfile::TempDir,
-    loop_device: Option<String>,
-    mount_point: PathBuf,
-    mounted: bool,
-}
+use kiln_testinfra::loopfs::{run, LoopFs};
 
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test.sh installs it)"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-impl XfsMount {
-    fn new() -> XfsMount {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("xfs.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(4 << 30))
-            .expect("sparse image");
-        let mount_point = dir.path().join("mnt");
-        std::fs::create_dir(&mount_point).expect("mount point");
-        let mut mount = XfsMount {
-            _dir: dir,
-            loop_device: None,
-            mount_point,
-            mounted: false,
-        };
-        let image = image.to_str().expect("utf-8 path");
-        run("mkfs.xfs", &["-q", "-m", "reflink=1", image]);
-        mount.loop_device = Some(run("losetup", &["--find", "--show", image]));
-        let device = mount.loop_device.clone().expect("loop device");
-        run(
-            "mount",
-            &[&device, mount.mount_point.to_str().expect("utf-8 path")],
-        );
-        mount.mounted = true;
-        mount
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.mount_point).status();
-        }
-        if let Some(device) = &self.loop_device {
-            let _ = Command::new("losetup").args(["-d", device]).status();
-        }
-    }
+/// An XFS filesystem (4 GiB, reflinks on) of the test's own.
+fn xfs() -> LoopFs {
+    LoopFs::new(4 << 30, &["mkfs.xfs", "-q", "-m", "reflink=1"])
 }
 
 async fn sh(sandbox: &Sandbox, script: &str) -> String {
@@ -79,8 +25,8 @@ fn has_shared_extents(file: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_disks_are_reflinks_on_xfs() {
-    let xfs = XfsMount::new();
-    let engine = Engine::new(EngineConfig::new(xfs.mount_point.join("kiln"))).expect("engine");
+    let xfs = xfs();
+    let engine = Engine::new(EngineConfig::new(xfs.path().join("kiln"))).expect("engine");
     assert_eq!(engine.disk_strategy(), "reflink");
     let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
         .await

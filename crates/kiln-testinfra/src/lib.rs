@@ -2,6 +2,7 @@
 
 pub mod dns;
 pub mod internet;
+pub mod loopfs;
 
 use std::path::{Path, PathBuf};
 

@@ -14,7 +14,8 @@
 //! a pidfd, then only raw system calls on data prepared before the clone (the daemon is
 //! multi-threaded and the clone bypasses libc's fork handling: the child may not allocate,
 //! run a signal handler or call a libc function that takes a lock), then `execve`. Signals
-//! the daemon ignores (SIGPIPE) stay ignored in the VMM.
+//! the daemon ignores (SIGPIPE) stay ignored in the VMM, as does SIGXFSZ; a seccomp filter
+//! keeps the process from changing its resource limits, which the host sets from outside.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -242,7 +243,7 @@ struct Plan {
 }
 
 // Fixed steps after the prepared ones, numbered after them in errors.
-const FIXED_STEPS: [&str; 12] = [
+const FIXED_STEPS: [&str; 13] = [
     "joining the cgroup",
     "joining the network namespace",
     "making mounts private",
@@ -251,11 +252,58 @@ const FIXED_STEPS: [&str; 12] = [
     "mounting /proc",
     "making the jail's root read-only",
     "setting the hostname",
-    "limiting core dumps",
+    "limiting core dumps, ignoring SIGXFSZ",
     "handing over descriptors",
     "dropping privileges",
+    "locking resource limits (seccomp)",
     "executing the program",
 ];
+
+/// A seccomp filter that refuses (EPERM) every change of a resource limit: the host sets
+/// the jailed process's limits (its file-size share of the disk, see kiln-engine's `space`),
+/// and the process, however compromised, cannot lift them. Reading limits stays allowed
+/// (`prlimit64` with no new value). x86-64 system call numbers; other architectures and the
+/// x32 ABI are refused outright.
+#[cfg(target_arch = "x86_64")]
+const RLIMIT_FILTER: [libc::sock_filter; 14] = {
+    const fn op(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+        libc::sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
+        }
+    }
+    const LOAD: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    const JEQ: u32 = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+    const JGE: u32 = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
+    const RET: u32 = libc::BPF_RET | libc::BPF_K;
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    // Offsets in struct seccomp_data: nr, arch, then args[] from 16, 8 bytes each
+    // (little-endian: low half first). prlimit64's new limit is args[2].
+    const NEW_LOW: u32 = 16 + 2 * 8;
+    // EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE (linux/audit.h).
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const NEW_HIGH: u32 = NEW_LOW + 4;
+    // Jumps count instructions after the next one: 12 is DENY, 13 ALLOW.
+    [
+        /* 0 */ op(LOAD, 4, 0, 0),
+        /* 1 */ op(JEQ, AUDIT_ARCH_X86_64, 1, 0),
+        /* 2 */ op(RET, DENY, 0, 0),
+        /* 3 */ op(LOAD, 0, 0, 0),
+        /* 4 */ op(JGE, 0x4000_0000, 7, 0),
+        /* 5 */ op(JEQ, libc::SYS_setrlimit as u32, 6, 0),
+        /* 6 */ op(JEQ, libc::SYS_prlimit64 as u32, 1, 0),
+        /* 7 */ op(RET, ALLOW, 0, 0),
+        /* 8 */ op(LOAD, NEW_LOW, 0, 0),
+        /* 9 */ op(JEQ, 0, 0, 2),
+        /* 10 */ op(LOAD, NEW_HIGH, 0, 0),
+        /* 11 */ op(JEQ, 0, 1, 0),
+        /* 12 */ op(RET, DENY, 0, 0),
+        /* 13 */ op(RET, ALLOW, 0, 0),
+    ]
+};
 
 /// Joins `base` and `inner` (absolute, inside the jail); refuses `..` and relative paths.
 fn inside(base: &Path, inner: &Path) -> io::Result<PathBuf> {
@@ -843,6 +891,12 @@ unsafe fn child(context: &ChildContext<'_>) -> ! {
         if libc::setrlimit(libc::RLIMIT_CORE, &no_core) < 0 {
             fail(fixed + 8);
         }
+        // The host limits how far the VMM's files may grow (kiln-engine's disk space
+        // shares): a write past it fails with EFBIG, which the VMM reports to its guest,
+        // rather than ending the process.
+        if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+            fail(fixed + 8);
+        }
         // Descriptors: move every passed one above all target numbers first (so no dup2
         // overwrites a source still needed), then onto its number; stdin and stdout are
         // /dev/null, stderr the given one.
@@ -936,6 +990,21 @@ unsafe fn child(context: &ChildContext<'_>) -> ! {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
             fail(fixed + 10);
         }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let program = libc::sock_fprog {
+                len: RLIMIT_FILTER.len() as u16,
+                filter: RLIMIT_FILTER.as_ptr().cast_mut(),
+            };
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &raw const program,
+            ) < 0
+            {
+                fail(fixed + 11);
+            }
+        }
         let none: u64 = 0;
         libc::syscall(
             libc::SYS_rt_sigprocmask,
@@ -949,7 +1018,7 @@ unsafe fn child(context: &ChildContext<'_>) -> ! {
             context.argv.as_ptr(),
             context.envp.as_ptr(),
         );
-        fail(fixed + 11);
+        fail(fixed + 12);
     }
 }
 

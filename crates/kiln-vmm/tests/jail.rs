@@ -99,6 +99,7 @@ touch /newfile 2>/dev/null && echo "root: WRITTEN" || echo "root: read-only"
 touch /tmp/x && echo "tmp: writable"
 echo "fds: $(ls /proc/self/fd | tr '\n' ' ')"
 echo "hostname: $(cat /proc/sys/kernel/hostname)"
+ulimit -S -f 1000 2>/dev/null && echo "limits: CHANGED" || echo "limits: locked at $(ulimit -f)"
 echo "net: $(ls /proc/self/net/dev >/dev/null && tail -n +3 /proc/self/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
 "#,
         secret = secret.display()
@@ -158,6 +159,8 @@ echo "net: $(ls /proc/self/net/dev >/dev/null && tail -n +3 /proc/self/net/dev |
     assert!(fds.contains(&"3") && fds.contains(&"7"), "{fds:?}");
     assert!(fds.len() <= 6, "no inherited descriptors: {fds:?}");
     assert_eq!(line("hostname:"), "hostname: kiln-vmm");
+    // The host sets its limits (a VMM's file-size share); it can read them, not change them.
+    assert_eq!(line("limits:"), "limits: locked at unlimited");
     assert_eq!(
         line("net:").trim(),
         "net: lo",

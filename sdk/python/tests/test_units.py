@@ -36,6 +36,7 @@ from kiln.exceptions import error_from_response
         (422, b'{"code":"guest_error","message":"in the sandbox: x"}', kiln.SandboxError),
         (503, b'{"code":"unavailable","message":"busy"}', kiln.UnavailableError),
         (429, b'{"code":"quota_exceeded","message":"at most 2"}', kiln.QuotaExceeded),
+        (507, b'{"code":"insufficient_storage","message":"reserve"}', kiln.InsufficientStorage),
         (504, b'{"code":"timeout","message":"slow"}', kiln.Timeout),
         (502, b"<html>bad gateway</html>", kiln.KilnError),
     ],

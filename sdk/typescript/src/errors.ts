@@ -54,6 +54,8 @@ export class SandboxError extends KilnError {}
 export class UnavailableError extends KilnError {}
 /** The tenant is at a limit the operator set, e.g. its live sandboxes (HTTP 429): destroy some first. */
 export class QuotaExceededError extends KilnError {}
+/** The host's disk space for sandboxes (its reserve or budget) does not allow a create, fork, pause or snapshot now (HTTP 507). */
+export class InsufficientStorageError extends KilnError {}
 /** Something timed out; the message says what (a command, a request, the daemon). */
 export class TimeoutError extends KilnError {}
 
@@ -88,6 +90,7 @@ const BY_CODE: Record<string, ErrorClass> = {
   guest_error: SandboxError,
   unavailable: UnavailableError,
   quota_exceeded: QuotaExceededError,
+  insufficient_storage: InsufficientStorageError,
   timeout: TimeoutError,
 };
 

@@ -25,6 +25,7 @@ test("errors map to classes by meaning", () => {
     [422, '{"code":"guest_error","message":"x"}', kiln.SandboxError],
     [503, '{"code":"unavailable","message":"busy"}', kiln.UnavailableError],
     [429, '{"code":"quota_exceeded","message":"at most 2"}', kiln.QuotaExceededError],
+    [507, '{"code":"insufficient_storage","message":"reserve"}', kiln.InsufficientStorageError],
     [504, '{"code":"timeout","message":"slow"}', kiln.TimeoutError],
     [502, "<html>bad gateway</html>", kiln.KilnError],
   ];

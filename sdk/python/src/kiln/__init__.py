@@ -29,6 +29,7 @@ from .exceptions import (  # noqa: E402
     TooLargeError,
     UnavailableError,
     QuotaExceeded,
+    InsufficientStorage,
 )
 from .models import (  # noqa: E402
     BuildEvent,
@@ -102,6 +103,7 @@ __all__ = [
     "TooLargeError",
     "UnavailableError",
     "QuotaExceeded",
+    "InsufficientStorage",
     "WriteInfo",
     "async_health",
     "health",

@@ -95,6 +95,11 @@ class QuotaExceeded(KilnError):
     some first."""
 
 
+class InsufficientStorage(KilnError):
+    """The host's disk space for sandboxes (its reserve or budget) does not allow a create,
+    fork, pause or snapshot now (HTTP 507): destroy sandboxes or snapshots first."""
+
+
 class Timeout(KilnError, builtins.TimeoutError):
     """Something timed out; the message says what (a command, a request, the daemon)."""
 
@@ -130,6 +135,7 @@ _BY_CODE = {
     "guest_error": SandboxError,
     "unavailable": UnavailableError,
     "quota_exceeded": QuotaExceeded,
+    "insufficient_storage": InsufficientStorage,
     "timeout": Timeout,
 }
 
