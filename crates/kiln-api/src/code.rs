@@ -23,6 +23,7 @@ const MAX_RESULTS: usize = 64 << 20;
 const GRACE: Duration = Duration::from_secs(30);
 
 fn request(body: RunCodeBody) -> Result<CodeRequest, ApiError> {
+    crate::exec::check_env(&body.env)?;
     match body.language.as_deref() {
         None | Some("python") | Some("python3") => {}
         Some(other) => {

@@ -28,7 +28,7 @@ fn request(
     sandbox_env: std::collections::BTreeMap<String, String>,
 ) -> Result<ExecRequest, ApiError> {
     let command = match &body.command {
-        CommandBody::Shell(line) if line.trim().is_empty() => {
+        CommandBody::Shell(line) if line.is_empty() => {
             return Err(ApiError::invalid("command is empty"))
         }
         CommandBody::Argv(argv) if argv.is_empty() || argv[0].is_empty() => {
@@ -36,6 +36,7 @@ fn request(
         }
         body => command(body),
     };
+    check_env(&body.env)?;
     let mut env = sandbox_env;
     env.extend(body.env.clone());
     let mut request = ExecRequest::new(command);
@@ -45,9 +46,30 @@ fn request(
     request.timeout_ms = body.timeout_ms;
     request.stdin = body.stdin.is_some() || body.open_stdin;
     request.background = body.background;
+    if let Some(tag) = &body.tag {
+        if !crate::types::is_tag(tag) {
+            return Err(ApiError::invalid(
+                "tag must be 1 to 128 characters of A-Z, a-z, 0-9 and . _ : @ + = -",
+            ));
+        }
+    }
     request.tag = body.tag.clone();
     request.pty = body.pty.map(pty_size);
     Ok(request)
+}
+
+/// Refuses an environment a process cannot have: an empty name, a name with `=`, a NUL.
+pub(crate) fn check_env(env: &std::collections::BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (name, value) in env {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(ApiError::invalid(format!(
+                "invalid environment variable `{}`: names are not empty and hold no `=`, \
+                 and nothing holds a NUL",
+                name.escape_debug()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Starts `body` in sandbox `id` and feeds its stdin.

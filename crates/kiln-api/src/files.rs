@@ -288,6 +288,9 @@ pub(crate) async fn rename(
     Json(body): Json<RenameBody>,
 ) -> Result<StatusCode, ApiError> {
     let (from, to) = (guest_path(&body.from)?, guest_path(&body.to)?);
+    if [&from, &to].iter().any(|p| p.bytes().all(|b| b == b'/')) {
+        return Err(ApiError::invalid("refusing to move / or to replace it"));
+    }
     let (sandbox, _) = state.control.agent(&who, &id).await?;
     sandbox.agent().rename(&from, &to).await?;
     Ok(StatusCode::NO_CONTENT)

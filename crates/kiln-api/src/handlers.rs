@@ -144,7 +144,7 @@ pub(crate) async fn delete_template(
     Caller(who): Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.control.delete_template(&who, &name)?;
+    state.control.delete_template(&who, &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -195,6 +195,17 @@ fn integral_floats_as_integers(value: &mut serde_json::Value) {
     }
 }
 
+/// Whether `value` holds an integer above `i64::MAX`: the document's integers are `int64`
+/// (serde would read up to `u64::MAX` into an unsigned field).
+fn has_integer_above_int64(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Number(number) => number.is_u64() && !number.is_i64(),
+        serde_json::Value::Array(items) => items.iter().any(has_integer_above_int64),
+        serde_json::Value::Object(fields) => fields.values().any(has_integer_above_int64),
+        _ => false,
+    }
+}
+
 /// `axum::Json` whose rejections are [`ApiError`]s, for JSON objects only (serde would also
 /// read a struct from an array: `[]` must not create a sandbox).
 #[derive(Debug)]
@@ -222,6 +233,12 @@ where
             };
             return Err(ApiError::invalid(format!(
                 "the body must be a JSON object, not {kind}"
+            )));
+        }
+        if has_integer_above_int64(&value) {
+            return Err(ApiError::invalid(format!(
+                "a number in the body is above {}: integers are 64-bit signed",
+                i64::MAX
             )));
         }
         T::deserialize(value).map(Json).map_err(|e| {
@@ -333,7 +350,7 @@ impl FromRequestParts<AppState> for Caller {
         handlers::revoke_key,
     ),
     components(schemas(handlers::StateFilter)),
-    modifiers(&BearerAuth, &ErrorResponses, &ObjectSizes),
+    modifiers(&BearerAuth, &ErrorResponses, &ValueConstraints),
     tags(
         (name = "sandboxes", description = "Create, list, inspect and destroy sandboxes"),
         (name = "snapshots", description = "A sandbox's state kept, to make sandboxes from"),
@@ -377,7 +394,8 @@ impl utoipa::Modify for BearerAuth {
 /// * on a sandbox's sub-resources (`/v1/sandboxes/{id}/...`, which reach its VM): 409
 ///   `conflict` (not in a state for it), 422 `guest_error`, 503 `unavailable` (the sandbox does
 ///   not answer), 504 `timeout`;
-/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity);
+/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity); a create or change of a
+///   sandbox: 409 (networking off, a snapshot of another VMM, a failed sandbox);
 /// * what takes disk space (create, fork, pause, snapshot): 507 `insufficient_storage`.
 #[derive(Debug)]
 struct ErrorResponses;
@@ -444,6 +462,16 @@ impl ErrorResponses {
         }
         if matches!(
             operation.operation_id.as_deref(),
+            Some("create_sandbox" | "update_sandbox")
+        ) {
+            statuses.push((
+                409,
+                "Not possible on this host now: a network policy where networking is off, a \
+                 snapshot made under another VMM, a failed sandbox (`conflict`)",
+            ));
+        }
+        if matches!(
+            operation.operation_id.as_deref(),
             Some("create_sandbox" | "fork_sandbox" | "pause_sandbox" | "create_snapshot")
         ) {
             statuses.push((
@@ -489,15 +517,18 @@ impl utoipa::Modify for ErrorResponses {
     }
 }
 
-/// How many properties a body must have where the handler checks it, which utoipa's
-/// attributes cannot say: a PATCH changes at least one thing; a template build names exactly
-/// one of `spec` and `name`.
+/// Constraints utoipa's attributes cannot state on these types, as the handlers and the agent
+/// check them: a PATCH changes at least one thing, a template build names exactly one of
+/// `spec` and `name`; commands are not empty (a shell line has a character, an argv a
+/// non-empty program) and hold no NUL; metadata and a sandbox's env are bounded (entries, key
+/// and value lengths); env names are not empty and hold no `=`; nothing holds a NUL.
 #[derive(Debug)]
-struct ObjectSizes;
+struct ValueConstraints;
 
-impl utoipa::Modify for ObjectSizes {
+impl utoipa::Modify for ValueConstraints {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::{RefOr, Schema};
+        use utoipa::openapi::schema::AdditionalProperties;
+        use utoipa::openapi::{ObjectBuilder, RefOr, Schema, Type};
         let Some(components) = openapi.components.as_mut() else {
             return;
         };
@@ -508,6 +539,96 @@ impl utoipa::Modify for ObjectSizes {
             if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(name) {
                 object.min_properties = Some(min);
                 object.max_properties = max;
+            }
+        }
+        let no_nul = "^[^\\u0000]*$";
+        let text = |min: usize, max: usize| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(min))
+                .max_length(Some(max))
+                .pattern(Some(no_nul))
+                .build()
+        };
+        let matching = |pattern: &str, min: Option<usize>, max: Option<usize>| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(min)
+                .max_length(max)
+                .pattern(Some(pattern))
+                .build()
+        };
+        // A map's keys and values, and how many entries it may have.
+        let map = |map: &mut utoipa::openapi::schema::Object,
+                   keys: utoipa::openapi::schema::Object,
+                   values: utoipa::openapi::schema::Object,
+                   entries: Option<usize>| {
+            map.property_names = Some(Box::new(Schema::Object(keys)));
+            map.additional_properties = Some(Box::new(AdditionalProperties::RefOr(RefOr::T(
+                Schema::Object(values),
+            ))));
+            map.max_properties = entries;
+        };
+        let env_name = "^[^=\\u0000]+$";
+        for (name, schema) in components.schemas.iter_mut() {
+            let RefOr::T(Schema::Object(object)) = schema else {
+                continue;
+            };
+            // Labels of a sandbox (kiln-control checks them).
+            if let Some(RefOr::T(Schema::Object(metadata))) = object.properties.get_mut("metadata")
+            {
+                map(
+                    metadata,
+                    text(1, kiln_control::MAX_METADATA_KEY_CHARS),
+                    text(0, kiln_control::MAX_METADATA_VALUE_CHARS),
+                    Some(kiln_control::MAX_METADATA_ENTRIES),
+                );
+            }
+            if let Some(RefOr::T(Schema::Object(env))) = object.properties.get_mut("env") {
+                if name == "CreateSandboxBody" {
+                    // Kept with the sandbox: bounded like its metadata.
+                    map(
+                        env,
+                        matching(
+                            env_name,
+                            Some(1),
+                            Some(kiln_control::MAX_METADATA_KEY_CHARS),
+                        ),
+                        text(0, kiln_control::MAX_METADATA_VALUE_CHARS),
+                        Some(kiln_control::MAX_METADATA_ENTRIES),
+                    );
+                } else {
+                    map(
+                        env,
+                        matching(env_name, Some(1), None),
+                        matching(no_nul, None, None),
+                        None,
+                    );
+                }
+            }
+            for field in ["cwd", "user"] {
+                if let Some(RefOr::T(Schema::Object(value))) = object.properties.get_mut(field) {
+                    value.min_length = Some(1);
+                    value.pattern = Some(no_nul.into());
+                }
+            }
+        }
+        if let Some(RefOr::T(Schema::OneOf(command))) = components.schemas.get_mut("CommandBody") {
+            for variant in &mut command.items {
+                match variant {
+                    RefOr::T(Schema::Object(line)) => {
+                        line.min_length = Some(1);
+                        line.pattern = Some(no_nul.into());
+                    }
+                    RefOr::T(Schema::Array(argv)) => {
+                        argv.min_items = Some(1);
+                        argv.items = utoipa::openapi::schema::ArrayItems::RefOrSchema(Box::new(
+                            RefOr::T(Schema::Object(matching(no_nul, None, None))),
+                        ));
+                        argv.prefix_items = vec![Schema::Object(matching(no_nul, Some(1), None))];
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -721,6 +842,16 @@ mod tests {
             json!({"a": 18, "b": [2, 2.5, -3], "c": {"d": 1e300}, "e": "7.0"})
         );
         assert!(body["a"].is_u64() && body["b"][2].is_i64());
+    }
+
+    #[test]
+    fn integers_past_int64_are_found_anywhere() {
+        assert!(!super::has_integer_above_int64(
+            &json!({"a": i64::MAX, "b": [-1, 2.5]})
+        ));
+        assert!(super::has_integer_above_int64(
+            &json!({"a": {"b": [1, 9_223_372_036_854_775_808_u64]}})
+        ));
     }
 
     #[test]

@@ -478,6 +478,15 @@ pub struct UpdateSandboxBody {
     pub on_expiry: Option<OnExpiryBody>,
 }
 
+/// Whether `tag` may name a background command: 1 to 128 characters of `A-Z a-z 0-9 . _ :
+/// @ + = -` (it stands for the pid in a URL path, and the agent takes at most 128 bytes).
+pub(crate) fn is_tag(tag: &str) -> bool {
+    (1..=128).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@+=-".contains(&b))
+}
+
 /// A command: a shell command line (run by `/bin/sh -c`) or an argv array.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -502,6 +511,7 @@ pub struct ExecBody {
     pub cwd: Option<String>,
     /// `name`, `uid` or `uid:gid` (the template's user if absent).
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub user: Option<String>,
     /// Kill the command after this many milliseconds.
     #[serde(default)]
@@ -517,8 +527,9 @@ pub struct ExecBody {
     /// `/processes`.
     #[serde(default)]
     pub background: bool,
-    /// A name to find a background command by.
+    /// A name to find a background command by (in place of its pid in `/processes/{process}`).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:@+=-]+$")]
     pub tag: Option<String>,
     /// Keep stdin open after `stdin`'s text (if any), to write more with
     /// `/processes/{process}/stdin` and close it there.
@@ -714,18 +725,18 @@ pub struct MkdirBody {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameBody {
-    /// Absolute source path.
+    /// Absolute source path, not `/`.
     #[schema(
-        min_length = 1,
+        min_length = 2,
         max_length = 4095,
-        pattern = "^(/[^/\\u0000]{0,255})+$"
+        pattern = "^(/[^/\\u0000]{0,255})*/[^/\\u0000]{1,255}(/[^/\\u0000]{0,255})*$"
     )]
     pub from: String,
-    /// Absolute destination path.
+    /// Absolute destination path, not `/`.
     #[schema(
-        min_length = 1,
+        min_length = 2,
         max_length = 4095,
-        pattern = "^(/[^/\\u0000]{0,255})+$"
+        pattern = "^(/[^/\\u0000]{0,255})*/[^/\\u0000]{1,255}(/[^/\\u0000]{0,255})*$"
     )]
     pub to: String,
 }
@@ -871,6 +882,7 @@ pub struct InteractiveStartBody {
     pub cwd: Option<String>,
     /// User.
     #[serde(default)]
+    #[schema(min_length = 1)]
     pub user: Option<String>,
     /// Kill the command after this many milliseconds.
     #[serde(default)]

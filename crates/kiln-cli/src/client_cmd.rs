@@ -16,15 +16,28 @@ use kiln_api::types::{
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
-/// Where the daemon is and how to authenticate.
-#[derive(Debug, Clone, clap::Args)]
+/// Where the daemon is and how to authenticate: the options of every command that talks to
+/// the daemon (and of its subcommands). The environment is read in [`Client::new`], after
+/// both places a flag may be given (`kiln --url U sandbox ls`, `kiln sandbox ls --url U`).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ClientArgs {
-    /// The daemon's URL [default: the CLI config file's, else http://127.0.0.1:7070].
-    #[arg(long, env = "KILN_URL", global = true)]
+    /// The daemon's URL [env: KILN_URL; default: the CLI config file's, else
+    /// http://127.0.0.1:7070].
+    #[arg(long, global = true)]
     pub url: Option<String>,
-    /// API key [default: the CLI config file's].
-    #[arg(long, env = "KILN_API_KEY", global = true, hide_env_values = true)]
+    /// API key [env: KILN_API_KEY; default: the CLI config file's].
+    #[arg(long, global = true)]
     pub api_key: Option<String>,
+}
+
+impl ClientArgs {
+    /// These flags, each falling back to `outer`'s (given before the command's name).
+    pub fn or(&self, outer: &ClientArgs) -> ClientArgs {
+        ClientArgs {
+            url: self.url.clone().or_else(|| outer.url.clone()),
+            api_key: self.api_key.clone().or_else(|| outer.api_key.clone()),
+        }
+    }
 }
 
 /// The CLI's own config file (`kiln keys create --save` writes it).
@@ -66,18 +79,24 @@ pub struct Client {
 }
 
 impl Client {
-    /// From flags, environment and the CLI config file.
+    /// From flags, then `KILN_URL` / `KILN_API_KEY`, then the CLI config file.
     pub fn new(args: &ClientArgs) -> Result<Client> {
         let file = read_cli_config()?;
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let url = args
             .url
             .clone()
+            .or_else(|| env("KILN_URL"))
             .or(file.url)
             .unwrap_or_else(|| "http://127.0.0.1:7070".into());
         Ok(Client {
             http: reqwest::Client::new(),
             url: url.trim_end_matches('/').to_owned(),
-            key: args.api_key.clone().or(file.api_key),
+            key: args
+                .api_key
+                .clone()
+                .or_else(|| env("KILN_API_KEY"))
+                .or(file.api_key),
         })
     }
 

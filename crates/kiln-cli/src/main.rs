@@ -29,9 +29,32 @@ use clap::{Parser, Subcommand};
 #[command(version, about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    client: client_cmd::ClientArgs,
+    client: LeadingClientArgs,
     #[command(subcommand)]
     command: Commands,
+}
+
+/// `--url` and `--api-key` given before the command's name (`kiln --url U run ...`), for the
+/// commands that talk to the daemon; they take them after their name too.
+#[derive(Debug, Clone, clap::Args)]
+struct LeadingClientArgs {
+    /// The daemon's URL, for commands that talk to it [env: KILN_URL; default: the CLI
+    /// config file's, else http://127.0.0.1:7070].
+    #[arg(long)]
+    url: Option<String>,
+    /// API key, for commands that talk to the daemon [env: KILN_API_KEY; default: the CLI
+    /// config file's].
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+impl From<LeadingClientArgs> for client_cmd::ClientArgs {
+    fn from(args: LeadingClientArgs) -> Self {
+        client_cmd::ClientArgs {
+            url: args.url,
+            api_key: args.api_key,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,12 +65,16 @@ enum Commands {
     Serve(serve_cmd::ServeArgs),
     /// Create, list, inspect and destroy sandboxes.
     Sandbox {
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
         #[command(subcommand)]
         command: SandboxCommand,
     },
     /// Snapshots: a sandbox's memory, device state and disk kept, to make sandboxes from
     /// (`kiln sandbox create --snapshot NAME`).
     Snapshot {
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
         #[command(subcommand)]
         command: SnapshotCommand,
     },
@@ -62,6 +89,8 @@ enum Commands {
         env: Vec<String>,
         #[command(flatten)]
         exec: client_cmd::ExecArgs,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Run Python code in a sandbox's code interpreter (variables and imports persist between
     /// runs); prints its output and the value of its last expression; exits 1 if it raised.
@@ -75,6 +104,8 @@ enum Commands {
         id: String,
         #[command(flatten)]
         code: client_cmd::CodeArgs,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Create a sandbox, run one command in it and destroy it; exits with the command's code.
     ///
@@ -84,6 +115,8 @@ enum Commands {
         create: client_cmd::CreateArgs,
         #[command(flatten)]
         exec: client_cmd::ExecArgs,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// An interactive terminal in a sandbox (a login shell unless a command is given).
     ///
@@ -94,9 +127,13 @@ enum Commands {
         /// The command to run in the terminal.
         #[arg(last = true)]
         command: Vec<String>,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Files in a sandbox.
     Fs {
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
         #[command(subcommand)]
         command: FsCommand,
     },
@@ -125,7 +162,10 @@ enum Commands {
     /// that speak streamable HTTP can use the daemon's own endpoint, `<url>/mcp`, instead.
     ///
     /// Example client entry: {"command": "kiln", "args": ["mcp"], "env": {"KILN_API_KEY": "…"}}
-    Mcp,
+    Mcp {
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
+    },
     /// Measure kiln's performance.
     Bench {
         #[command(subcommand)]
@@ -385,6 +425,8 @@ enum TemplateCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Send a template spec to the daemon: stored as one of your templates and built there
     /// (progress is shown; a build from nothing takes minutes).
@@ -394,11 +436,15 @@ enum TemplateCommand {
         /// Print the progress events as JSON lines.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Delete one of your templates from the daemon.
     Rm {
         /// Template name.
         name: String,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
     },
     /// Build a template's images into the cache (only what changed is rebuilt).
     ///
@@ -470,11 +516,35 @@ fn init_logging() {
         .init();
 }
 
+impl Commands {
+    /// The daemon's URL and key as given after the command's name, for commands that talk
+    /// to the daemon.
+    fn client(&self) -> Option<client_cmd::ClientArgs> {
+        match self {
+            Commands::Sandbox { client, .. }
+            | Commands::Snapshot { client, .. }
+            | Commands::Exec { client, .. }
+            | Commands::Code { client, .. }
+            | Commands::Run { client, .. }
+            | Commands::Shell { client, .. }
+            | Commands::Fs { client, .. }
+            | Commands::Mcp { client }
+            | Commands::Template {
+                command:
+                    TemplateCommand::Ls { client, .. }
+                    | TemplateCommand::Create { client, .. }
+                    | TemplateCommand::Rm { client, .. },
+            } => Some(client.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Runs a command that talks to the daemon.
-async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> anyhow::Result<u8> {
-    let client = client_cmd::Client::new(args)?;
+async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> anyhow::Result<u8> {
+    let client = client_cmd::Client::new(&command.client().unwrap_or_default().or(leading))?;
     match command {
-        Commands::Sandbox { command } => match command {
+        Commands::Sandbox { command, .. } => match command {
             SandboxCommand::Create { create, json } => {
                 client_cmd::create(&client, &create, json).await?
             }
@@ -506,14 +576,20 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
                 client_cmd::net(&client, &id, &network, json).await?
             }
         },
-        Commands::Exec { id, env, mut exec } => {
+        Commands::Exec {
+            id, env, mut exec, ..
+        } => {
             exec.exec_env.extend(env);
             return client_cmd::exec(&client, &id, &exec).await;
         }
-        Commands::Code { id, code } => return client_cmd::code(&client, &id, &code).await,
-        Commands::Shell { id, command } => return client_cmd::shell(&client, &id, &command).await,
-        Commands::Run { create, exec } => return client_cmd::run(&client, &create, &exec).await,
-        Commands::Fs { command } => match command {
+        Commands::Code { id, code, .. } => return client_cmd::code(&client, &id, &code).await,
+        Commands::Shell { id, command, .. } => {
+            return client_cmd::shell(&client, &id, &command).await
+        }
+        Commands::Run { create, exec, .. } => {
+            return client_cmd::run(&client, &create, &exec).await
+        }
+        Commands::Fs { command, .. } => match command {
             FsCommand::Ls {
                 id,
                 path,
@@ -528,7 +604,7 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
                 client_cmd::fs_put(&client, &id, &local, &remote).await?
             }
         },
-        Commands::Snapshot { command } => match command {
+        Commands::Snapshot { command, .. } => match command {
             SnapshotCommand::Create {
                 sandbox,
                 name,
@@ -539,19 +615,19 @@ async fn client_command(args: &client_cmd::ClientArgs, command: Commands) -> any
             SnapshotCommand::Rm { ids } => client_cmd::snapshot_remove(&client, &ids).await?,
         },
         Commands::Template {
-            command: TemplateCommand::Ls { json },
+            command: TemplateCommand::Ls { json, .. },
         } => client_cmd::templates(&client, json).await?,
         Commands::Template {
-            command: TemplateCommand::Create { spec, json },
+            command: TemplateCommand::Create { spec, json, .. },
         } => client_cmd::template_create(&client, &spec, json).await?,
         Commands::Template {
-            command: TemplateCommand::Rm { name },
+            command: TemplateCommand::Rm { name, .. },
         } => client_cmd::template_remove(&client, &name).await?,
         // Handled by `main` itself.
         Commands::Serve(_)
         | Commands::Keys { .. }
         | Commands::Agent { .. }
-        | Commands::Mcp
+        | Commands::Mcp { .. }
         | Commands::Bench { .. }
         | Commands::Template {
             command: TemplateCommand::Build { .. },
@@ -571,6 +647,7 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let leading = client_cmd::ClientArgs::from(cli.client);
     // The commands that keep state on this host (the daemon, keys in its database, template
     // artefacts, benchmark sandboxes) make it root's alone; client commands (`fs get`) keep
     // the user's umask.
@@ -609,7 +686,7 @@ async fn main() -> ExitCode {
         Commands::Agent {
             command: AgentCommand::Selftest { agent },
         } => agent_cmd::selftest(agent).await,
-        Commands::Mcp => match client_cmd::Client::new(&cli.client) {
+        Commands::Mcp { client } => match client_cmd::Client::new(&client.or(&leading)) {
             Ok(client) => mcp_cmd::serve(client).await,
             Err(e) => Err(e),
         },
@@ -655,7 +732,7 @@ async fn main() -> ExitCode {
         } => agent_cmd::bench(agent, iterations, file_mib, json).await,
         // Everything else talks to the daemon.
         command => {
-            return match client_command(&cli.client, command).await {
+            return match client_command(&leading, command).await {
                 Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("error: {e:#}");

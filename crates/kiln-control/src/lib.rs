@@ -234,7 +234,12 @@ pub struct ForkSandbox {
 pub const EVENTS_PER_TENANT: usize = 1024;
 
 /// Limits on what a create may carry.
-const MAX_METADATA_ENTRIES: usize = 64;
+/// Most entries of a sandbox's metadata.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest metadata key, in characters (a key has at least one).
+pub const MAX_METADATA_KEY_CHARS: usize = 256;
+/// Longest metadata value, in characters.
+pub const MAX_METADATA_VALUE_CHARS: usize = 1024;
 const MAX_LABEL_BYTES: usize = 256;
 
 /// The control plane; cheap to clone.
@@ -577,9 +582,15 @@ impl Control {
         Ok(self.inner.templates.save(&who.tenant, spec)?.name)
     }
 
-    /// Deletes one of the caller's own templates (sandboxes made from it keep running).
-    pub fn delete_template(&self, who: &Principal, name: &str) -> Result<(), ControlError> {
-        self.inner.templates.delete(&who.tenant, name)
+    /// Deletes one of the caller's own templates (sandboxes made from it keep running); its
+    /// bakes go now, or with the last sandbox of the caller's that uses them.
+    pub async fn delete_template(&self, who: &Principal, name: &str) -> Result<(), ControlError> {
+        self.inner.templates.delete(&who.tenant, name)?;
+        self.inner
+            .engine
+            .remove_unused_bakes(name, Some(&who.tenant), None)
+            .await;
+        Ok(())
     }
 
     fn check_ttl(&self, ttl: Duration) -> Result<(), ControlError> {
@@ -601,10 +612,14 @@ impl Control {
             )));
         }
         for (k, v) in map {
-            if k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > 4 * MAX_LABEL_BYTES {
+            let key_chars = k.chars().count();
+            if key_chars == 0
+                || key_chars > MAX_METADATA_KEY_CHARS
+                || v.chars().count() > MAX_METADATA_VALUE_CHARS
+            {
                 return Err(ControlError::Invalid(format!(
-                    "{what} keys are 1 to {MAX_LABEL_BYTES} bytes and values at most {} bytes",
-                    4 * MAX_LABEL_BYTES
+                    "{what} keys are 1 to {MAX_METADATA_KEY_CHARS} characters and values at \
+                     most {MAX_METADATA_VALUE_CHARS}"
                 )));
             }
             if k.contains('\0') || v.contains('\0') {
@@ -649,6 +664,11 @@ impl Control {
         self.check_ttl(ttl)?;
         Control::check_labels(&request.metadata, "metadata")?;
         Control::check_labels(&request.env, "env")?;
+        if request.env.keys().any(|name| name.contains('=')) {
+            return Err(ControlError::Invalid(
+                "env names may not contain `=`".into(),
+            ));
+        }
         let _slot = self.hold_slots(who, 1)?;
         let name = request
             .template
@@ -1098,13 +1118,24 @@ impl Control {
         // Published here (the engine's event is not, while this runs): that event may be
         // handled after the record below is gone, when its owner is no longer known.
         self.inner.publish_to(
-            record.tenant,
+            record.tenant.clone(),
             SandboxEvent::Destroyed {
                 id: id.to_owned(),
                 expired: false,
             },
         );
         self.inner.store.delete_sandbox(id)?;
+        if !self
+            .inner
+            .templates
+            .is_tenant_template(&record.tenant, &record.template)
+        {
+            // Made from a tenant template since deleted: its bakes go with their last user.
+            self.inner
+                .engine
+                .remove_unused_bakes(&record.template, Some(&record.tenant), None)
+                .await;
+        }
         Ok(())
     }
 

@@ -244,6 +244,11 @@ impl Templates {
         Ok(spec)
     }
 
+    /// Whether `tenant` has a template of its own named `name`.
+    pub fn is_tenant_template(&self, tenant: &str, name: &str) -> bool {
+        check_name(name).is_ok() && self.own(tenant, name).is_file()
+    }
+
     /// Deletes `tenant`'s template `name` (global templates are read-only).
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), ControlError> {
         let located = self.locate(tenant, name)?;
@@ -342,6 +347,11 @@ impl Templates {
         if located.tenant.is_none() {
             engine.prestart(&baked);
         }
+        // Earlier bakes of this template (before a spec edit, another agent or QEMU) go once
+        // nothing uses them.
+        engine
+            .remove_unused_bakes(&baked.meta.name, located.tenant.as_deref(), Some(&baked))
+            .await;
         Ok(baked)
     }
 }

@@ -405,6 +405,20 @@ pub(crate) fn users(engine: &Inner, dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether a capture or snapshot of this engine has a disk layer in `dir`.
+pub(crate) fn layered_on(engine: &Inner, dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(engine.config.data_dir.join("templates")) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = name.strip_prefix(".bake-").unwrap_or(&name);
+        (name.starts_with(CAPTURE_PREFIX) || name.starts_with(SNAPSHOT_PREFIX))
+            && BakedTemplate::open(&entry.path())
+                .is_ok_and(|capture| capture.meta.lower.iter().any(|l| l.path.starts_with(dir)))
+    })
+}
+
 /// Removes every capture no live sandbox uses.
 pub(crate) fn remove_unused_captures(engine: &Inner) {
     let templates = engine.config.data_dir.join("templates");
@@ -492,14 +506,15 @@ pub(crate) async fn fork(
     Ok((children, report))
 }
 
-/// Keeps a capture from being removed while its children are being made.
-struct Pin<'a> {
+/// Keeps a capture (or a baked template) from being removed while sandboxes are being made
+/// from it.
+pub(crate) struct Pin<'a> {
     engine: &'a Inner,
     dir: PathBuf,
 }
 
 impl<'a> Pin<'a> {
-    fn new(engine: &'a Inner, dir: &Path) -> Pin<'a> {
+    pub(crate) fn new(engine: &'a Inner, dir: &Path) -> Pin<'a> {
         lock(&engine.pinned_captures).insert(dir.to_owned());
         Pin {
             engine,

@@ -602,6 +602,66 @@ impl Engine {
             .map_err(|e| EngineError::io("removing a baked template that failed its check", e))
     }
 
+    /// Removes the baked templates of template `name` of `owner` (`None`: a shared template)
+    /// other than `keep` that nothing uses: no sandbox runs or is paused on one, no fork
+    /// capture or snapshot has a disk layer in one, and no create is making a sandbox from
+    /// one; their pre-started VMMs go too. A bake is a cache of its inputs: one removed is
+    /// made again if those inputs come back. Returns the directories removed.
+    pub async fn remove_unused_bakes(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        keep: Option<&BakedTemplate>,
+    ) -> Vec<PathBuf> {
+        let inner = Arc::clone(&self.inner);
+        let (name, owner) = (name.to_owned(), owner.map(str::to_owned));
+        let keep = keep.map(|k| k.dir.clone());
+        let run = move || {
+            let templates = inner.config.data_dir.join("templates");
+            let Ok(entries) = std::fs::read_dir(&templates) else {
+                return Vec::new();
+            };
+            let mut removed = Vec::new();
+            for entry in entries.flatten() {
+                let dir = entry.path();
+                if Some(&dir) == keep.as_ref() {
+                    continue;
+                }
+                let Ok(baked) = BakedTemplate::open(&dir) else {
+                    continue;
+                };
+                let owned_by = baked
+                    .meta
+                    .inputs
+                    .iter()
+                    .find(|(input, _)| input == "owner")
+                    .map(|(_, value)| value.as_str());
+                if baked.meta.name != name
+                    || baked.meta.capture_of.is_some()
+                    || owned_by != owner.as_deref()
+                    || !fork::users(&inner, &dir).is_empty()
+                    || lock(&inner.pinned_captures).contains(&dir)
+                    || fork::layered_on(&inner, &dir)
+                {
+                    continue;
+                }
+                let pool = lock(&inner.prestarted).remove(&baked.meta.key);
+                drop(pool);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::info!(bake = %dir.display(), "removed a bake nothing uses");
+                        removed.push(dir);
+                    }
+                    Err(e) => {
+                        tracing::warn!(bake = %dir.display(), error = %e, "removing an unused bake")
+                    }
+                }
+            }
+            removed
+        };
+        tokio::task::spawn_blocking(run).await.unwrap_or_default()
+    }
+
     /// Describes how an earlier bake of `name` differs from `inputs`, if there is one.
     fn previous_bake(&self, name: &str, inputs: &kiln_image::cache::Inputs) -> Option<String> {
         let entries = std::fs::read_dir(self.data_dir().join("templates")).ok()?;

@@ -837,6 +837,8 @@ pub(crate) async fn create(
             (None, None) => None,
         };
     crate::space::admit(engine, crate::space::NEW_SANDBOX_BYTES, "create a sandbox")?;
+    // Not collected as an unused bake while a sandbox is being made from it.
+    let _pin = crate::fork::Pin::new(engine, &template.dir);
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let mut phase = Instant::now();

@@ -306,3 +306,55 @@ async fn limits_crashes_and_time_to_live() {
     engine.shutdown_prestarted().await;
     assert!(engine.prestarted_pids().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bakes_nothing_uses_are_removed() {
+    let data = tempfile::tempdir().expect("data dir");
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build task");
+    let old = Engine::new(EngineConfig {
+        prestart: 0,
+        ..EngineConfig::new(data.path())
+    })
+    .expect("engine")
+    .bake(&images)
+    .await
+    .expect("bake");
+    // Another input (the guest's log filter is on the kernel's command line) makes another
+    // bake of the same template: what a changed spec, agent or QEMU does.
+    let engine = Engine::new(EngineConfig {
+        prestart: 0,
+        guest_log: Some("info".into()),
+        ..EngineConfig::new(data.path())
+    })
+    .expect("engine");
+    let new = engine.bake(&images).await.expect("second bake");
+    assert_ne!(old.dir, new.dir, "a changed input makes another bake");
+    let sandbox = engine
+        .create(&old, CreateOptions::default())
+        .await
+        .expect("create from the earlier bake");
+
+    let removed = engine.remove_unused_bakes("base", None, Some(&new)).await;
+    assert!(
+        removed.is_empty(),
+        "a bake a sandbox runs on stays: {removed:?}"
+    );
+    // Another tenant's template of the same name is not this one.
+    assert!(engine
+        .remove_unused_bakes("base", Some("tenant-a"), Some(&new))
+        .await
+        .is_empty());
+    assert_eq!(sh(&sandbox, "echo still-here").await, "still-here");
+
+    sandbox.destroy().await.expect("destroy");
+    let removed = engine.remove_unused_bakes("base", None, Some(&new)).await;
+    assert_eq!(removed, vec![old.dir.clone()]);
+    assert!(!old.dir.exists() && new.dir.join("meta.json").is_file());
+    let sandbox = engine
+        .create(&new, CreateOptions::default())
+        .await
+        .expect("create from the bake kept");
+    sandbox.destroy().await.expect("destroy");
+}
