@@ -37,6 +37,11 @@ fn guest_path(path: &str) -> Result<String, ApiError> {
     Ok(path.to_owned())
 }
 
+/// Whether `path` (absolute) names the root directory.
+fn is_root(path: &str) -> bool {
+    path.bytes().all(|b| b == b'/')
+}
+
 fn file_body(stat: FileStat) -> FileBody {
     FileBody {
         path: stat.path,
@@ -267,7 +272,7 @@ pub(crate) async fn remove(
     Query(query): Query<RemoveQuery>,
 ) -> Result<StatusCode, ApiError> {
     let path = guest_path(&query.path)?;
-    if path.bytes().all(|b| b == b'/') {
+    if is_root(&path) {
         return Err(ApiError::invalid("refusing to remove /"));
     }
     let (sandbox, _) = state.control.agent(&who, &id).await?;
@@ -288,7 +293,7 @@ pub(crate) async fn rename(
     Json(body): Json<RenameBody>,
 ) -> Result<StatusCode, ApiError> {
     let (from, to) = (guest_path(&body.from)?, guest_path(&body.to)?);
-    if [&from, &to].iter().any(|p| p.bytes().all(|b| b == b'/')) {
+    if is_root(&from) || is_root(&to) {
         return Err(ApiError::invalid("refusing to move / or to replace it"));
     }
     let (sandbox, _) = state.control.agent(&who, &id).await?;

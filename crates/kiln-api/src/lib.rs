@@ -542,14 +542,6 @@ impl utoipa::Modify for ValueConstraints {
             }
         }
         let no_nul = "^[^\\u0000]*$";
-        let text = |min: usize, max: usize| {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(min))
-                .max_length(Some(max))
-                .pattern(Some(no_nul))
-                .build()
-        };
         let matching = |pattern: &str, min: Option<usize>, max: Option<usize>| {
             ObjectBuilder::new()
                 .schema_type(Type::String)
@@ -579,8 +571,12 @@ impl utoipa::Modify for ValueConstraints {
             {
                 map(
                     metadata,
-                    text(1, kiln_control::MAX_METADATA_KEY_CHARS),
-                    text(0, kiln_control::MAX_METADATA_VALUE_CHARS),
+                    matching(no_nul, Some(1), Some(kiln_control::MAX_METADATA_KEY_CHARS)),
+                    matching(
+                        no_nul,
+                        Some(0),
+                        Some(kiln_control::MAX_METADATA_VALUE_CHARS),
+                    ),
                     Some(kiln_control::MAX_METADATA_ENTRIES),
                 );
             }
@@ -594,7 +590,11 @@ impl utoipa::Modify for ValueConstraints {
                             Some(1),
                             Some(kiln_control::MAX_METADATA_KEY_CHARS),
                         ),
-                        text(0, kiln_control::MAX_METADATA_VALUE_CHARS),
+                        matching(
+                            no_nul,
+                            Some(0),
+                            Some(kiln_control::MAX_METADATA_VALUE_CHARS),
+                        ),
                         Some(kiln_control::MAX_METADATA_ENTRIES),
                     );
                 } else {

@@ -1128,7 +1128,7 @@ impl Control {
         if !self
             .inner
             .templates
-            .is_tenant_template(&record.tenant, &record.template)
+            .exists(&record.tenant, &record.template)
         {
             // Made from a tenant template since deleted: its bakes go with their last user.
             self.inner

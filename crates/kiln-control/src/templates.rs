@@ -244,9 +244,9 @@ impl Templates {
         Ok(spec)
     }
 
-    /// Whether `tenant` has a template of its own named `name`.
-    pub fn is_tenant_template(&self, tenant: &str, name: &str) -> bool {
-        check_name(name).is_ok() && self.own(tenant, name).is_file()
+    /// Whether `tenant` sees a template named `name` (its own or a global one).
+    pub fn exists(&self, tenant: &str, name: &str) -> bool {
+        self.locate(tenant, name).is_ok()
     }
 
     /// Deletes `tenant`'s template `name` (global templates are read-only).

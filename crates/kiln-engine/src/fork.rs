@@ -405,18 +405,25 @@ pub(crate) fn users(engine: &Inner, dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Whether a capture or snapshot of this engine has a disk layer in `dir`.
-pub(crate) fn layered_on(engine: &Inner, dir: &Path) -> bool {
+/// Whether `name`, an entry of the templates directory, holds a sandbox's capture (a fork's
+/// or a snapshot, finished or being made) rather than a baked template.
+pub(crate) fn is_capture_name(name: &str) -> bool {
+    let name = name.strip_prefix(".bake-").unwrap_or(name);
+    name.starts_with(CAPTURE_PREFIX) || name.starts_with(SNAPSHOT_PREFIX)
+}
+
+/// The disk layers the engine's captures and snapshots read through (paths into other
+/// artefact directories).
+pub(crate) fn capture_layers(engine: &Inner) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(engine.config.data_dir.join("templates")) else {
-        return false;
+        return Vec::new();
     };
-    entries.flatten().any(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let name = name.strip_prefix(".bake-").unwrap_or(&name);
-        (name.starts_with(CAPTURE_PREFIX) || name.starts_with(SNAPSHOT_PREFIX))
-            && BakedTemplate::open(&entry.path())
-                .is_ok_and(|capture| capture.meta.lower.iter().any(|l| l.path.starts_with(dir)))
-    })
+    entries
+        .flatten()
+        .filter(|entry| is_capture_name(&entry.file_name().to_string_lossy()))
+        .filter_map(|entry| BakedTemplate::open(&entry.path()).ok())
+        .flat_map(|capture| capture.meta.lower.into_iter().map(|layer| layer.path))
+        .collect()
 }
 
 /// Removes every capture no live sandbox uses.

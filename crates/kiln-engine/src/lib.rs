@@ -621,6 +621,7 @@ impl Engine {
             let Ok(entries) = std::fs::read_dir(&templates) else {
                 return Vec::new();
             };
+            let layers = fork::capture_layers(&inner);
             let mut removed = Vec::new();
             for entry in entries.flatten() {
                 let dir = entry.path();
@@ -641,7 +642,7 @@ impl Engine {
                     || owned_by != owner.as_deref()
                     || !fork::users(&inner, &dir).is_empty()
                     || lock(&inner.pinned_captures).contains(&dir)
-                    || fork::layered_on(&inner, &dir)
+                    || layers.iter().any(|layer| layer.starts_with(&dir))
                 {
                     continue;
                 }

@@ -309,11 +309,10 @@ impl Sandbox {
             .unwrap_or_default();
         // The directory is root's; the disk file in it is the one thing the VMM may write,
         // and its allocated size is what it costs the host.
-        let disk_bytes = ["disk.qcow2", "disk.raw"].iter().find_map(|name| {
+        let disk_bytes = disk_file(&self.dir).and_then(|disk| {
             use std::os::unix::fs::MetadataExt;
-            std::fs::symlink_metadata(self.dir.join(name))
+            std::fs::symlink_metadata(disk)
                 .ok()
-                .filter(|meta| meta.is_file())
                 .map(|meta| meta.blocks().saturating_mul(512))
         });
         let network = self.link.and_then(|link| {
@@ -970,6 +969,15 @@ pub(crate) async fn create(
     // Start the next create's VMM now that this one no longer competes for the CPU.
     refill(engine, template);
     Ok(sandbox)
+}
+
+/// The disk file a sandbox's VMM writes, in the sandbox's directory `dir` (a qcow2 layer, or
+/// a reflinked raw image); not followed through a link.
+pub(crate) fn disk_file(dir: &Path) -> Option<PathBuf> {
+    ["disk.qcow2", "disk.raw"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|path| std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()))
 }
 
 /// Grows the root disk to `disk_mib` and the guest's filesystem with it.

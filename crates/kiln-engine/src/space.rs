@@ -143,13 +143,6 @@ fn allocated_under(path: &Path) -> u64 {
     }
 }
 
-/// Whether `name`, an entry of the templates directory, holds a sandbox's capture (a fork's
-/// or a snapshot, finished or being made) rather than a baked template.
-fn is_capture(name: &str) -> bool {
-    let name = name.strip_prefix(".bake-").unwrap_or(name);
-    name.starts_with(crate::fork::CAPTURE_PREFIX) || name.starts_with(crate::fork::SNAPSHOT_PREFIX)
-}
-
 /// Measures the data directory's space (blocking: walks the sandboxes' files).
 pub(crate) fn measure(engine: &Inner) -> Result<DiskSpace, EngineError> {
     let data = &engine.config.data_dir;
@@ -164,7 +157,7 @@ pub(crate) fn measure(engine: &Inner) -> Result<DiskSpace, EngineError> {
     let mut used_bytes = allocated_under(&data.join("sandboxes"));
     if let Ok(entries) = std::fs::read_dir(data.join("templates")) {
         for entry in entries.flatten() {
-            if is_capture(&entry.file_name().to_string_lossy()) {
+            if crate::fork::is_capture_name(&entry.file_name().to_string_lossy()) {
                 used_bytes = used_bytes.saturating_add(allocated_under(&entry.path()));
             }
         }
@@ -253,14 +246,6 @@ pub(crate) fn lift(vmm: Vmm) {
     }
 }
 
-/// The disk file a sandbox's VMM writes.
-fn disk_file(dir: &Path) -> Option<PathBuf> {
-    ["disk.qcow2", "disk.raw"]
-        .iter()
-        .map(|name| dir.join(name))
-        .find(|path| path.is_file())
-}
-
 /// The file-size limit the VMM of the sandbox in `dir` gets now: its disk file may grow by
 /// what the last measurement left to each running VMM (`None`: not measured yet).
 fn target(engine: &Inner, dir: &Path) -> Option<u64> {
@@ -268,7 +253,7 @@ fn target(engine: &Inner, dir: &Path) -> Option<u64> {
     if share == u64::MAX {
         return None;
     }
-    let length = std::fs::metadata(disk_file(dir)?).map_or(0, |m| m.len());
+    let length = std::fs::metadata(crate::sandbox::disk_file(dir)?).map_or(0, |m| m.len());
     Some(length.saturating_add(share))
 }
 
@@ -431,9 +416,10 @@ mod tests {
 
     #[test]
     fn captures_are_told_from_bakes() {
-        assert!(is_capture("snap-0a1b2c"));
-        assert!(is_capture(".bake-fork-0a1b2c"));
-        assert!(!is_capture("python-5e2402b0"));
-        assert!(!is_capture(".bake-python-x"));
+        use crate::fork::is_capture_name;
+        assert!(is_capture_name("snap-0a1b2c"));
+        assert!(is_capture_name(".bake-fork-0a1b2c"));
+        assert!(!is_capture_name("python-5e2402b0"));
+        assert!(!is_capture_name(".bake-python-x"));
     }
 }
