@@ -758,4 +758,64 @@ mod tests {
     fn the_command_line_is_consistent() {
         <Cli as clap::CommandFactory>::command().debug_assert();
     }
+
+    #[test]
+    fn daemon_options_are_on_the_commands_that_use_them() {
+        let mut cli = <Cli as clap::CommandFactory>::command();
+        cli.build();
+        let has_url = |path: &[&str]| {
+            let mut command = &cli;
+            for name in path {
+                command = command.find_subcommand(name).expect("subcommand");
+            }
+            command.get_arguments().any(|a| a.get_id() == "url")
+        };
+        for path in [
+            &["serve"][..],
+            &["keys", "ls"],
+            &["bench", "create"],
+            &["agent", "selftest"],
+        ] {
+            assert!(!has_url(path), "{path:?} lists --url");
+        }
+        for path in [
+            &["sandbox", "ls"][..],
+            &["run"],
+            &["exec"],
+            &["mcp"],
+            &["template", "ls"],
+        ] {
+            assert!(has_url(path), "{path:?} lacks --url");
+        }
+        // After the command's name, or before it as always; the later one wins.
+        let parsed = Cli::try_parse_from(["kiln", "--url", "http://a", "sandbox", "ls"])
+            .expect("before the command");
+        let leading = client_cmd::ClientArgs::from(parsed.client);
+        assert_eq!(
+            parsed
+                .command
+                .client()
+                .unwrap_or_default()
+                .or(&leading)
+                .url
+                .as_deref(),
+            Some("http://a")
+        );
+        let parsed = Cli::try_parse_from([
+            "kiln", "--url", "http://a", "sandbox", "ls", "--url", "http://b",
+        ])
+        .expect("after the command");
+        let leading = client_cmd::ClientArgs::from(parsed.client);
+        assert_eq!(
+            parsed
+                .command
+                .client()
+                .unwrap_or_default()
+                .or(&leading)
+                .url
+                .as_deref(),
+            Some("http://b")
+        );
+        assert!(Cli::try_parse_from(["kiln", "serve", "--url", "http://a"]).is_err());
+    }
 }
