@@ -5,7 +5,7 @@
 //! Layout (cgroup v2, mounted by the agent as init):
 //!
 //! ```text
-//! /sys/fs/cgroup/kiln-agent   the agent: cpu.weight 10000, memory.min
+//! /sys/fs/cgroup/kiln-agent   the agent: cpu.weight 10000, memory.min, its pages locked
 //! /sys/fs/cgroup/user         every process the agent starts: pids.max, memory.max
 //! ```
 //!
@@ -44,15 +44,19 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits for a guest of `total` bytes of memory: the agent keeps an eighth of it
-    /// (32 MiB to 256 MiB) out of the users' reach, and they may run 4 tasks per MiB (at
-    /// least 1024): a fork bomb meets the process or the memory limit long before the
-    /// guest kernel's own.
-    pub fn for_memory(total: u64) -> Limits {
-        let reserve = (total / 8).clamp(32 << 20, 256 << 20).min(total / 2);
+    /// The limits for a guest of `total` bytes of memory of which `available` are free for
+    /// processes once the kernel has booted. The users may take all of `available` but a
+    /// reserve (a sixteenth of the total, 16 MiB to 128 MiB, never more than half), so their
+    /// own limit is met before the guest runs out: their cgroup then reclaims and kills
+    /// inside itself, while the agent and the kernel keep what they need. Were the limit
+    /// above what is free, a bomb would drive the whole guest into reclaim first and the
+    /// agent would stall with it. They may run 4 tasks per MiB (at least 1024).
+    pub fn for_memory(total: u64, available: u64) -> Limits {
+        let available = available.min(total);
+        let reserve = (total / 16).clamp(16 << 20, 128 << 20).min(available / 2);
         Limits {
             pids: (total >> 20).saturating_mul(4).max(1024),
-            memory: total - reserve,
+            memory: available - reserve,
             agent_memory: reserve / 2,
         }
     }
@@ -75,11 +79,14 @@ impl UserCgroup {
             .map_err(|e| io::Error::other(format!("mounting cgroup2 on {ROOT}: {e}")))?;
         }
         write(&root.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
-        let total = crate::info::memory().total_bytes;
-        if total == 0 {
-            return Err(io::Error::other("no MemTotal in /proc/meminfo"));
+        lock_in_memory();
+        let memory = crate::info::memory();
+        if memory.total_bytes == 0 || memory.available_bytes == 0 {
+            return Err(io::Error::other(
+                "no MemTotal or MemAvailable in /proc/meminfo",
+            ));
         }
-        let limits = Limits::for_memory(total);
+        let limits = Limits::for_memory(memory.total_bytes, memory.available_bytes);
 
         let agent = root.join("kiln-agent");
         make_dir(&agent)?;
@@ -100,7 +107,7 @@ impl UserCgroup {
         tracing::info!(
             pids = limits.pids,
             memory_mib = limits.memory >> 20,
-            agent_reserve_mib = (total - limits.memory) >> 20,
+            guest_mib = memory.total_bytes >> 20,
             "user processes confined"
         );
         Ok(UserCgroup {
@@ -145,6 +152,47 @@ impl UserCgroup {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Keeps the agent's pages in memory: its program's now (a guest short of memory would
+/// otherwise evict them and the agent would stall reading them back), the rest as they are
+/// first touched (thread stacks are not filled in ahead). Failures are logged: the agent
+/// still works, only less surely under memory pressure.
+fn lock_in_memory() {
+    use std::os::unix::fs::MetadataExt;
+    let program = std::fs::metadata("/proc/self/exe").map_or(0, |m| m.ino());
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for (start, end) in program_mappings(&maps, program) {
+        // SAFETY: locks pages of mappings this process holds; no memory is changed.
+        if unsafe { libc::mlock(start as *const libc::c_void, end - start) } != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot lock the agent's program in memory");
+            break;
+        }
+    }
+    // SAFETY: a flag change on this process's mappings.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot lock the agent's memory");
+    }
+}
+
+/// The address ranges of `/proc/self/maps` lines that map the file of inode `program` (by
+/// inode: a path may have been replaced, or end in " (deleted)").
+fn program_mappings(maps: &str, program: u64) -> Vec<(usize, usize)> {
+    if program == 0 {
+        return Vec::new();
+    }
+    let inode = program.to_string();
+    maps.lines()
+        .filter(|line| line.split_whitespace().nth(4) == Some(inode.as_str()))
+        .filter_map(|line| {
+            let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .filter(|(start, end)| start < end)
+        .collect()
 }
 
 /// In a new process between fork and exec: moves it into the users' cgroup (`procs_fd`, see
@@ -204,17 +252,42 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
     #[test]
-    fn limits_leave_the_agent_room_at_every_size() {
-        let small = Limits::for_memory(512 << 20);
-        assert_eq!(small.memory, (512 - 64) << 20);
-        assert_eq!(small.pids, 2048);
-        assert_eq!(small.agent_memory, 32 << 20);
-        let tiny = Limits::for_memory(64 << 20);
-        assert_eq!(tiny.memory, 32 << 20, "never more than half kept back");
-        assert_eq!(tiny.pids, 1024);
-        let large = Limits::for_memory(16 << 30);
-        assert_eq!(large.memory, (16 << 30) - (256 << 20));
+    fn limits_stay_below_what_the_guest_has_free() {
+        // A 256 MiB guest as Debian's kernel boots it: 206 MiB in MemTotal, 165 MiB free.
+        let small = Limits::for_memory(206 * MIB, 165 * MIB);
+        assert_eq!(small.memory, (165 - 16) * MIB);
+        assert_eq!(small.agent_memory, 8 * MIB);
+        assert_eq!(small.pids, 1024);
+        let tiny = Limits::for_memory(64 * MIB, 20 * MIB);
+        assert_eq!(tiny.memory, 10 * MIB, "never more than half kept back");
+        let large = Limits::for_memory(16 << 30, 15 << 30);
+        assert_eq!(large.memory, (15 << 30) - 128 * MIB);
         assert_eq!(large.pids, 65536);
+        let odd = Limits::for_memory(100 * MIB, 200 * MIB);
+        assert!(
+            odd.memory < 100 * MIB,
+            "free memory is never more than the total"
+        );
+    }
+
+    #[test]
+    fn the_program_mappings_are_found_by_inode() {
+        let maps = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fe:01 12 /sbin/kiln-agent
+55d0c0100000-55d0c0400000 r-xp 00100000 fe:01 12 /sbin/kiln-agent
+55d0c0600000-55d0c0700000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000001000 r--p 00000000 fe:01 13 /sbin/kiln-agent-old
+";
+        assert_eq!(
+            program_mappings(maps, 12),
+            vec![
+                (0x55d0_c000_0000, 0x55d0_c010_0000),
+                (0x55d0_c010_0000, 0x55d0_c040_0000)
+            ]
+        );
+        assert!(program_mappings(maps, 0).is_empty());
     }
 }
