@@ -3,6 +3,7 @@
 //! host-side API decides what a caller may ask for.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -208,7 +209,8 @@ pub async fn mkdir(
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => continue,
                 Err(e) => return Err(io_error(dir, &e)),
             }
-            set_owner_then_mode(dir, ids.as_ref(), mode.unwrap_or(0o755), dir)?;
+            let made = std::fs::File::open(dir).map_err(|e| io_error(dir, &e))?;
+            set_owner_then_mode(&made, ids.as_ref(), mode.unwrap_or(0o755), dir)?;
         }
         Ok(())
     })
@@ -349,15 +351,35 @@ where
         .map(|o| resolve_user(Path::new("/"), &o))
         .transpose()?;
 
-    let temp = parent.join(temp_name(&file_name, rand::random()));
-    let guard = TempFile(Some(temp.clone()));
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
-        .await
-        .map_err(|e| io_error(&temp, &e))?;
+    // The temporary file is made, renamed and (on failure) removed relative to the parent
+    // directory's descriptor: its path may pass PATH_MAX when the target's is near it, and
+    // the directory cannot be swapped for another between the steps.
+    let dir = std::sync::Arc::new(
+        blocking({
+            let parent = parent.clone();
+            move || std::fs::File::open(&parent).map_err(|e| io_error(&parent, &e))
+        })
+        .await?,
+    );
+    let temp = temp_name(&file_name, rand::random());
+    let file = blocking({
+        let (dir, temp, path) = (dir.clone(), temp.clone(), path.clone());
+        move || {
+            use nix::fcntl::OFlag;
+            nix::fcntl::openat(
+                Some(dir.as_raw_fd()),
+                temp.as_os_str(),
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+            )
+            // SAFETY: openat returned a new descriptor that nothing else owns.
+            .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) })
+            .map_err(|e| io_error(&path, &io::Error::from(e)))
+        }
+    })
+    .await?;
+    let guard = TempFile(Some((dir.clone(), temp.clone())));
+    let mut file = tokio::fs::File::from_std(file);
     let mut written = 0u64;
     let end: FileWriteEnd = loop {
         let frame = frames
@@ -384,15 +406,20 @@ where
     }
     file.flush().await.map_err(|e| io_error(&path, &e))?;
     file.sync_all().await.map_err(|e| io_error(&path, &e))?;
-    drop(file);
+    let file = file.into_std().await;
     blocking(move || {
-        set_owner_then_mode(&temp, ids.as_ref(), mode, &path)?;
-        std::fs::rename(&temp, &path).map_err(|e| io_error(&path, &e))?;
+        set_owner_then_mode(&file, ids.as_ref(), mode, &path)?;
+        drop(file);
+        nix::fcntl::renameat(
+            Some(dir.as_raw_fd()),
+            temp.as_os_str(),
+            Some(dir.as_raw_fd()),
+            file_name.as_os_str(),
+        )
+        .map_err(|e| io_error(&path, &io::Error::from(e)))?;
         guard.disarm();
         // Make the rename durable; a failure here does not undo the write.
-        if let Ok(dir) = std::fs::File::open(&parent) {
-            let _ = dir.sync_all();
-        }
+        let _ = dir.sync_all();
         Ok(())
     })
     .await?;
@@ -413,8 +440,8 @@ fn temp_name(file_name: &std::ffi::OsStr, suffix: u64) -> std::ffi::OsString {
     std::ffi::OsString::from_vec(temp)
 }
 
-/// Removes a temporary file on drop unless disarmed.
-struct TempFile(Option<PathBuf>);
+/// Removes a temporary file (a name in a directory) on drop unless disarmed.
+struct TempFile(Option<(std::sync::Arc<std::fs::File>, std::ffi::OsString)>);
 
 impl TempFile {
     fn disarm(mut self) {
@@ -424,8 +451,12 @@ impl TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
+        if let Some((dir, name)) = self.0.take() {
+            let _ = nix::unistd::unlinkat(
+                Some(dir.as_raw_fd()),
+                name.as_os_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
     }
 }
@@ -438,20 +469,21 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::new(ErrorKind::Internal, format!("file task failed: {e}")))?
 }
 
-/// Gives `target` its owner (if any), then its mode: in this order, because a chown clears
-/// the setuid and setgid bits the mode may set. Errors name `shown` (the path the caller
-/// asked for, when `target` is a temporary file beside it).
+/// Gives the open file or directory `target` its owner (if any), then its mode: in this
+/// order, because a chown clears the setuid and setgid bits the mode may set. Errors name
+/// `shown` (the path the caller asked for, when `target` is a temporary file beside it).
 fn set_owner_then_mode(
-    target: &Path,
+    target: &std::fs::File,
     ids: Option<&crate::users::UserIds>,
     mode: u32,
     shown: &Path,
 ) -> Result<(), AgentError> {
     if let Some(ids) = ids {
-        std::os::unix::fs::chown(target, Some(ids.uid), Some(ids.gid))
+        std::os::unix::fs::fchown(target, Some(ids.uid), Some(ids.gid))
             .map_err(|e| io_error(shown, &e))?;
     }
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))
+    target
+        .set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_error(shown, &e))
 }
 

@@ -525,3 +525,37 @@ async fn concurrent_transfers_and_execs_share_one_session() {
         "all of it went over the first session"
     );
 }
+
+/// A target path of the longest length Linux takes (4095 bytes): the temporary file beside
+/// it has a longer path, so it is made, renamed and removed relative to its directory.
+#[tokio::test]
+async fn a_write_to_the_longest_path_succeeds_and_leaves_nothing_beside_it() {
+    let (_agent, client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut parent = dir.path().to_string_lossy().into_owned();
+    while parent.len() + 1 + 200 + 1 + 20 < 4095 {
+        parent.push('/');
+        parent.push_str(&"d".repeat(200));
+    }
+    let name = "f".repeat(4095 - parent.len() - 1);
+    let file = format!("{parent}/{name}");
+    assert_eq!(file.len(), 4095);
+    let start = FileWriteStart {
+        path: file.clone(),
+        mode: None,
+        user: None,
+        create_parents: true,
+    };
+    let data = b"at the limit".to_vec();
+    for _ in 0..2 {
+        let written = client
+            .write_file_from(start.clone(), &mut &data[..])
+            .await
+            .expect("write (new, then replaced)");
+        assert_eq!(written, data.len() as u64);
+    }
+    assert_eq!(client.read_file(&file, 1 << 10).await.expect("read"), data);
+    let listed = client.list(&parent, 1).await.expect("list");
+    let names: Vec<&str> = listed.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, [file.as_str()], "nothing but the file beside it");
+}
