@@ -61,6 +61,8 @@ pub struct AppState {
     pub config: ApiConfig,
     /// The figures `/metrics` serves.
     metrics: std::sync::Arc<metrics::Metrics>,
+    /// This daemon's OpenAPI document (with its bounds), made once.
+    openapi: axum::body::Bytes,
 }
 
 /// An error response: `{code, message}` with its status.
@@ -519,7 +521,7 @@ impl utoipa::Modify for ErrorResponses {
 
 /// Constraints utoipa's attributes cannot state on these types, as the handlers and the agent
 /// check them: a PATCH changes at least one thing, a template build names exactly one of
-/// `spec` and `name`; commands are not empty (a shell line has a character, an argv a
+/// `spec` and `name`; egress entries are addresses, CIDRs or names; commands are not empty (a shell line has a character, an argv a
 /// non-empty program) and hold no NUL; metadata and a sandbox's env are bounded (entries, key
 /// and value lengths); env names are not empty and hold no `=`; nothing holds a NUL.
 #[derive(Debug)]
@@ -613,6 +615,20 @@ impl utoipa::Modify for ValueConstraints {
                 }
             }
         }
+        // Egress entries: what `Destination::parse` takes (a property test holds the two).
+        if let Some(RefOr::T(Schema::Object(network))) = components.schemas.get_mut("NetworkBody") {
+            for field in ["allow_out", "deny_out"] {
+                if let Some(RefOr::T(Schema::Array(list))) = network.properties.get_mut(field) {
+                    list.items = utoipa::openapi::schema::ArrayItems::RefOrSchema(Box::new(
+                        RefOr::T(Schema::Object(matching(
+                            kiln_network::policy::ENTRY_PATTERN,
+                            Some(1),
+                            Some(kiln_network::policy::MAX_ENTRY_LEN),
+                        ))),
+                    ));
+                }
+            }
+        }
         if let Some(RefOr::T(Schema::OneOf(command))) = components.schemas.get_mut("CommandBody") {
             for variant in &mut command.items {
                 match variant {
@@ -634,19 +650,70 @@ impl utoipa::Modify for ValueConstraints {
     }
 }
 
-/// The OpenAPI document as JSON.
+/// The OpenAPI document as JSON, for a daemon with the default settings (the one in
+/// docs/openapi.json).
 pub fn openapi_json() -> String {
-    ApiDoc::openapi()
+    openapi_json_for(kiln_control::DEFAULT_MAX_TTL)
+}
+
+/// The OpenAPI document of a daemon whose longest time to live is `max_ttl`: what that
+/// daemon serves at `/v1/openapi.json`, its exact contract.
+pub fn openapi_json_for(max_ttl: std::time::Duration) -> String {
+    let mut document = ApiDoc::openapi();
+    refine(&mut document, max_ttl);
+    document
         .to_pretty_json()
         .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-async fn openapi() -> impl IntoResponse {
-    // Made once: the document is the same for the life of the process.
-    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(openapi_json);
+/// What utoipa's attributes cannot say: fields that exclude each other (both may be absent
+/// or null, never both given: JSON Schema's `not`, which utoipa's types lack, is added as a
+/// raw keyword), and the daemon's own bounds.
+fn refine(document: &mut utoipa::openapi::OpenApi, max_ttl: std::time::Duration) {
+    use utoipa::openapi::{RefOr, Schema};
+    let Some(components) = document.components.as_mut() else {
+        return;
+    };
+    fn object<'a>(
+        components: &'a mut utoipa::openapi::Components,
+        name: &str,
+    ) -> Option<&'a mut utoipa::openapi::schema::Object> {
+        match components.schemas.get_mut(name) {
+            Some(RefOr::T(Schema::Object(object))) => Some(object),
+            _ => None,
+        }
+    }
+    for (schema, [a, b]) in [
+        ("CreateSandboxBody", ["template", "snapshot"]),
+        ("ProcessStdinBody", ["data", "data_b64"]),
+    ] {
+        if let Some(object) = object(components, schema) {
+            object
+                .extensions
+                .get_or_insert_with(Default::default)
+                .insert(
+                    "not".into(),
+                    serde_json::json!({
+                        "required": [a, b],
+                        "properties": {a: {"type": "string"}, b: {"type": "string"}}
+                    }),
+                );
+        }
+    }
+    let max = usize::try_from(max_ttl.as_secs()).unwrap_or(usize::MAX);
+    for schema in ["CreateSandboxBody", "ForkBody", "UpdateSandboxBody"] {
+        if let Some(RefOr::T(Schema::Object(ttl))) =
+            object(components, schema).and_then(|o| o.properties.get_mut("ttl_secs"))
+        {
+            ttl.maximum = Some(utoipa::Number::UInt(max));
+        }
+    }
+}
+
+async fn openapi(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        DOCUMENT.as_str(),
+        state.openapi,
     )
 }
 
@@ -684,6 +751,7 @@ pub struct Routers {
 /// See [`Routers`].
 pub fn routers(control: Control, config: ApiConfig) -> Routers {
     let state = AppState {
+        openapi: openapi_json_for(control.config().max_ttl).into(),
         control,
         config,
         metrics: Default::default(),
@@ -889,6 +957,37 @@ mod tests {
             }
         }
         assert!(checked > 40, "{checked} operations");
+    }
+
+    /// A daemon's document carries its longest time to live, and says which fields exclude
+    /// each other: both given is refused by the schema; one, or null beside one, is not.
+    #[test]
+    fn the_document_carries_the_daemons_bounds_and_exclusive_fields() {
+        let document: serde_json::Value = serde_json::from_str(&super::openapi_json_for(
+            std::time::Duration::from_secs(600),
+        ))
+        .expect("JSON");
+        let schemas = &document["components"]["schemas"];
+        for schema in ["CreateSandboxBody", "ForkBody", "UpdateSandboxBody"] {
+            assert_eq!(
+                schemas[schema]["properties"]["ttl_secs"]["maximum"], 600,
+                "{schema}"
+            );
+        }
+        for (schema, [a, b]) in [
+            ("CreateSandboxBody", ["template", "snapshot"]),
+            ("ProcessStdinBody", ["data", "data_b64"]),
+        ] {
+            let not = &schemas[schema]["not"];
+            assert_eq!(not["required"], json!([a, b]), "{schema}");
+            for field in [a, b] {
+                assert_eq!(not["properties"][field]["type"], "string", "{schema}");
+                assert!(
+                    schemas[schema]["properties"][field].is_object(),
+                    "{schema}.{field} exists"
+                );
+            }
+        }
     }
 
     /// The document in the repository (which the SDKs' coverage test reads) is the one the

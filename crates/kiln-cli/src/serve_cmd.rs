@@ -229,7 +229,10 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         .default_ttl_secs
         .or(file.default_ttl_secs)
         .unwrap_or(1800);
-    let max_ttl = args.max_ttl_secs.or(file.max_ttl_secs).unwrap_or(86_400);
+    let max_ttl = args
+        .max_ttl_secs
+        .or(file.max_ttl_secs)
+        .unwrap_or(kiln_control::DEFAULT_MAX_TTL.as_secs());
     if default_ttl == 0 || default_ttl > max_ttl {
         bail!("setting `default_ttl_secs`: must be between 1 and max_ttl_secs ({max_ttl})");
     }

@@ -236,6 +236,9 @@ pub const EVENTS_PER_TENANT: usize = 1024;
 /// Limits on what a create may carry.
 /// Most entries of a sandbox's metadata.
 pub const MAX_METADATA_ENTRIES: usize = 64;
+/// The longest time to live a sandbox may have unless the operator sets another
+/// (`kiln serve --max-ttl-secs`).
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(86_400);
 /// Longest metadata key, in characters (a key has at least one).
 pub const MAX_METADATA_KEY_CHARS: usize = 256;
 /// Longest metadata value, in characters.

@@ -15,6 +15,23 @@ use crate::NetworkError;
 /// Most entries in `allow_out` or `deny_out`.
 pub const MAX_ENTRIES: usize = 256;
 
+/// Longest entry, in bytes (a domain name's longest presentation form).
+pub const MAX_ENTRY_LEN: usize = 253;
+
+/// What [`Destination::parse`] accepts, as an ECMA-262 (and Python) pattern for the API's
+/// document, together with [`MAX_ENTRY_LEN`]: an IPv4 address or CIDR (decimal octets
+/// without leading zeros), or a name or wildcard of labels of letters, digits, `_` and
+/// inner `-` (1 to 63 each) with at most one trailing dot. A property test holds the two
+/// to each other.
+pub const ENTRY_PATTERN: &str = concat!(
+    "^(",
+    "((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
+    "(/(3[0-2]|[12]?[0-9]))?",
+    "|(\\*\\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?",
+    "(\\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\\.?",
+    ")$"
+);
+
 /// Where a sandbox may (or may not) connect to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Destination {
@@ -27,16 +44,28 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// Parses an entry; `what` names it in errors.
+    /// Parses an entry, exactly as given (no spaces around it).
     pub fn parse(entry: &str) -> Result<Destination, String> {
-        let entry = entry.trim();
+        if entry.len() > MAX_ENTRY_LEN {
+            return Err(format!(
+                "`{entry}` is longer than {MAX_ENTRY_LEN} bytes, the longest a name may be"
+            ));
+        }
         if entry.contains(':') {
             return Err(format!(
                 "`{entry}`: IPv6 is disabled for sandboxes; only IPv4 addresses and names"
             ));
         }
-        if let Ok(net) = entry.parse::<Ipv4Net>() {
-            return Ok(Destination::Net(net.trunc()));
+        if let Some((address, prefix)) = entry.split_once('/') {
+            // Decimal, without leading zeros (`/08` is refused, as the document says).
+            return match (address.parse(), prefix.parse::<u8>()) {
+                (Ok(address), Ok(len)) if prefix == len.to_string() => Ipv4Net::new(address, len)
+                    .map(|net| Destination::Net(net.trunc()))
+                    .map_err(|_| format!("`{entry}`: a prefix length is 0 to 32")),
+                _ => Err(format!(
+                    "`{entry}` is not a CIDR (an IPv4 address, `/` and a prefix length of 0 to 32)"
+                )),
+            };
         }
         if let Ok(address) = entry.parse::<Ipv4Addr>() {
             return Ok(Destination::Net(Ipv4Net::from(address)));
@@ -86,7 +115,7 @@ impl<'de> serde::Deserialize<'de> for Destination {
 /// A domain name as kiln compares them: lowercase, no trailing dot, labels of letters,
 /// digits and hyphens.
 fn valid_name(name: &str) -> Result<String, String> {
-    let lower = name.trim_end_matches('.').to_ascii_lowercase();
+    let lower = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     let ok = !lower.is_empty()
         && lower.len() <= 253
         && lower.split('.').all(|label| {
@@ -231,9 +260,68 @@ impl AlwaysDenied {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn dest(text: &str) -> Destination {
         Destination::parse(text).expect(text)
+    }
+
+    fn documented(entry: &str) -> bool {
+        static PATTERN: std::sync::LazyLock<regex::Regex> =
+            std::sync::LazyLock::new(|| regex::Regex::new(ENTRY_PATTERN).expect("pattern"));
+        entry.len() <= MAX_ENTRY_LEN && PATTERN.is_match(entry)
+    }
+
+    #[test]
+    fn the_documented_pattern_is_what_parses() {
+        for (entry, ok) in [
+            ("203.0.113.7", true),
+            ("203.0.113.0/24", true),
+            ("0.0.0.0/0", true),
+            ("example.test", true),
+            ("Example.TEST.", true),
+            ("*.example.test", true),
+            ("1.2.3.4.", true),
+            ("010.0.0.1", true),
+            ("_dmarc.example.test", true),
+            ("1.2.3.4/33", false),
+            ("10.0.0.0/08", false),
+            ("10.0.0.0/024", false),
+            ("1.2.3.4/", false),
+            ("example.test..", false),
+            (" example.test", false),
+            ("-a.test", false),
+            ("a-.test", false),
+            ("*.", false),
+            ("", false),
+            ("::1", false),
+            ("a..b", false),
+        ] {
+            assert_eq!(Destination::parse(entry).is_ok(), ok, "{entry:?}");
+            assert_eq!(documented(entry), ok, "{entry:?}");
+        }
+        let label = "a".repeat(63);
+        let long = [label.as_str(); 4].join(".");
+        assert_eq!(long.len(), 255);
+        assert!(Destination::parse(&long).is_err() && !documented(&long));
+        assert!(Destination::parse(&long[2..]).is_ok() && documented(&long[2..]));
+        let wide = format!("{}.test", "a".repeat(64));
+        assert!(Destination::parse(&wide).is_err() && !documented(&wide));
+    }
+
+    proptest! {
+        /// Whatever the document's pattern allows parses, and whatever parses the pattern
+        /// allows: the API's contract is exact both ways.
+        #[test]
+        fn pattern_and_parser_agree_on_generated_entries(
+            entry in prop_oneof![
+                "(((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(/[0-9]{1,3})?)",
+                "(\\*\\.)?[A-Za-z0-9_-]{0,70}(\\.[A-Za-z0-9_-]{0,8}){0,4}\\.{0,2}",
+                "[0-9a-zA-Z.*/_: -]{0,24}",
+            ]
+        ) {
+            prop_assert_eq!(Destination::parse(&entry).is_ok(), documented(&entry), "{:?}", entry);
+        }
     }
 
     #[test]
@@ -312,7 +400,10 @@ mod tests {
                 deny_out: Vec::new(),
             };
             let err = always.check(&policy).expect_err(bad);
-            assert!(err.to_string().contains("always denied"), "{err}");
+            assert!(
+                matches!(&err, NetworkError::Policy(m) if m.contains("always denied")),
+                "{err}"
+            );
         }
         let fine = EgressPolicy {
             internet: false,
