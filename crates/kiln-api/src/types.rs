@@ -401,7 +401,8 @@ pub struct SnapshotBody {
     pub sandbox_id: String,
     /// That sandbox's template.
     pub template: String,
-    /// Its files' size on disk in bytes.
+    /// Its files' size on disk in bytes (a memory file it shares with its template, whose
+    /// pages it holds no copy of, is not counted).
     pub size_bytes: i64,
     /// Creation time, ms since the Unix epoch.
     pub created_at_ms: i64,

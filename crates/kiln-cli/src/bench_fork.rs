@@ -23,6 +23,10 @@ pub struct ForkBenchOptions {
     /// Forks (each of a new parent).
     #[arg(long, default_value_t = 5)]
     pub iterations: usize,
+    /// MiB of guest RAM each parent writes (random bytes into a tmpfs) before it is forked:
+    /// what a fork captures follows it.
+    #[arg(long, default_value_t = 0)]
+    pub dirty_mib: u32,
     #[command(flatten)]
     pub engine: crate::stats::EngineArgs,
 }
@@ -32,11 +36,13 @@ struct Report {
     template: String,
     accel: String,
     children: usize,
+    parent_dirtied_mib: u32,
     parent_paused: Summary,
     capture: Summary,
     first_child_answers: Summary,
     all_children_answer: Summary,
     mib_written_per_fork: Vec<f64>,
+    ram_mib_written_per_fork: Vec<f64>,
     idle_child_pss_mib_mean: f64,
     idle_child_pss_mib_max: f64,
     snapshot_ms: f64,
@@ -56,7 +62,7 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
     engine.prestart(&template);
     let ms = |d: f64| Duration::from_secs_f64(d / 1000.0);
     let (mut paused, mut captures, mut firsts, mut alls) = (vec![], vec![], vec![], vec![]);
-    let mut written = Vec::new();
+    let (mut written, mut ram_written) = (Vec::new(), Vec::new());
     let mut phases: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
     let mut pss = Vec::new();
     let (mut snapshot_ms, mut snapshot_mib) = (0.0, 0.0);
@@ -68,6 +74,27 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
             options.children
         );
         let parent = engine.create(&template, CreateOptions::default()).await?;
+        if options.dirty_mib > 0 {
+            let script = format!(
+                "mkdir -p /mnt/dirty && mount -t tmpfs -o size={m}m tmpfs /mnt/dirty && \
+                 head -c {m}M /dev/urandom > /mnt/dirty/fill",
+                m = options.dirty_mib + 1
+            );
+            let done = parent
+                .agent()
+                .run(
+                    kiln_proto::messages::ExecRequest::new(kiln_proto::messages::Command::Shell(
+                        script,
+                    )),
+                    1 << 16,
+                )
+                .await?;
+            anyhow::ensure!(
+                done.status.code == Some(0),
+                "dirtying the parent's RAM: {}",
+                String::from_utf8_lossy(&done.stderr)
+            );
+        }
         let (children, report) = engine
             .fork(&parent, options.children, CreateOptions::default())
             .await?;
@@ -96,6 +123,7 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
         firsts.push(ms(capture + fastest_child));
         alls.push(ms(total));
         written.push(report.bytes_written as f64 / f64::from(1u32 << 20));
+        ram_written.push(report.ram_bytes_written as f64 / f64::from(1u32 << 20));
         for (name, value) in &report.phases {
             phases.entry(name.clone()).or_default().push(ms(*value));
         }
@@ -116,9 +144,11 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
             let start = std::time::Instant::now();
             let snapshot = engine.snapshot(&parent).await?;
             snapshot_ms = start.elapsed().as_secs_f64() * 1000.0;
+            // Its own files: a memory file it shares with its template (a hard link) is not.
             snapshot_mib = std::fs::read_dir(&snapshot.dir)?
                 .flatten()
                 .filter_map(|e| e.metadata().ok())
+                .filter(|m| std::os::unix::fs::MetadataExt::nlink(m) == 1)
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) as f64 * 512.0)
                 .sum::<f64>()
                 / f64::from(1u32 << 20);
@@ -131,11 +161,13 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
         template: images.spec.name.clone(),
         accel: engine.accel().accel.qemu_name().into(),
         children: options.children,
+        parent_dirtied_mib: options.dirty_mib,
         parent_paused: Summary::of(&paused),
         capture: Summary::of(&captures),
         first_child_answers: Summary::of(&firsts),
         all_children_answer: Summary::of(&alls),
         mib_written_per_fork: written,
+        ram_mib_written_per_fork: ram_written,
         idle_child_pss_mib_mean: pss.iter().sum::<f64>() / pss.len().max(1) as f64,
         idle_child_pss_mib_max: pss.iter().copied().fold(0.0, f64::max),
         snapshot_ms,
@@ -150,8 +182,8 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
         return Ok(());
     }
     println!(
-        "template {} ({}), {} children per fork",
-        report.template, report.accel, report.children
+        "template {} ({}), {} children per fork, {} MiB dirtied by each parent",
+        report.template, report.accel, report.children, report.parent_dirtied_mib
     );
     println!("parent stopped:       {}", report.parent_paused);
     println!("capture:              {}", report.capture);
@@ -159,11 +191,15 @@ pub async fn run(options: ForkBenchOptions) -> Result<()> {
     println!("all children answer:  {}", report.all_children_answer);
     println!("MiB written per fork: {:?}", report.mib_written_per_fork);
     println!(
+        "of which guest RAM:   {:?}",
+        report.ram_mib_written_per_fork
+    );
+    println!(
         "idle child PSS: mean {:.1} MiB, max {:.1} MiB",
         report.idle_child_pss_mib_mean, report.idle_child_pss_mib_max
     );
     println!(
-        "snapshot of the parent: {:.0} ms, {:.1} MiB on disk",
+        "snapshot of the parent: {:.0} ms, {:.1} MiB on disk of its own",
         report.snapshot_ms, report.snapshot_mib_on_disk
     );
     println!("phases (p50 ms): {:?}", report.phases_p50_ms);

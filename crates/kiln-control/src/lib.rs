@@ -969,11 +969,14 @@ impl Control {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Its own files: a memory file it shares with its template (a hard link) is the
+        // template's cost while that exists.
         let size_bytes = std::fs::read_dir(&snapshot.dir)
             .map(|entries| {
                 entries
                     .flatten()
                     .filter_map(|e| e.metadata().ok())
+                    .filter(|m| std::os::unix::fs::MetadataExt::nlink(m) == 1)
                     .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                     .sum::<u64>()
             })

@@ -75,6 +75,11 @@ pub struct BakedMeta {
     /// For a fork's capture: the sandbox it was captured from.
     #[serde(default)]
     pub capture_of: Option<String>,
+    /// For a capture of changed pages: SHA-256 of `ram.delta` (the pages the sandbox had
+    /// written over its memory file, which is `memory`), checked on every restore. `None`:
+    /// `memory` holds all of RAM.
+    #[serde(default)]
+    pub ram_delta_sha256: Option<String>,
 }
 
 /// A baked template on disk.
@@ -95,6 +100,31 @@ impl BakedTemplate {
     /// The device state file.
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
+    }
+
+    /// The changed pages of a capture (see [`BakedMeta::ram_delta_sha256`]).
+    pub fn ram_delta(&self) -> PathBuf {
+        self.dir.join("ram.delta")
+    }
+
+    /// Reads and checks the changed pages a restore writes over the memory file, if this is
+    /// a capture of changed pages (done on every restore).
+    pub(crate) fn read_ram_delta(&self) -> Result<Option<crate::ramdelta::Delta>, EngineError> {
+        let Some(expected) = &self.meta.ram_delta_sha256 else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(self.ram_delta())
+            .map_err(|e| EngineError::io("reading the capture's changed pages", e))?;
+        if &kiln_image::cache::sha256_hex(&bytes) != expected {
+            return Err(EngineError::Corrupt(format!(
+                "{}: changed pages checksum mismatch",
+                self.dir.display()
+            )));
+        }
+        let ram = u64::from(self.meta.machine.memory_mib) << 20;
+        crate::ramdelta::Delta::parse(bytes, ram)
+            .map(Some)
+            .map_err(|e| EngineError::Corrupt(format!("{}: {e}", self.ram_delta().display())))
     }
 
     /// The template's root disk (backing of every sandbox disk).
@@ -154,6 +184,7 @@ impl BakedTemplate {
                 self.dir.display()
             )));
         }
+        self.read_ram_delta()?;
         Ok(())
     }
 
@@ -188,6 +219,10 @@ pub struct MachineShape {
     /// MAC address of the guest NIC (the same in every clone).
     #[serde(default)]
     pub nic_mac: Option<String>,
+    /// Its saved states hold no configuration section (a fork's capture of changed pages:
+    /// see [`kiln_vmm::driver::VmSpec::devices_state_only`]).
+    #[serde(default)]
+    pub devices_state_only: bool,
 }
 
 impl MachineShape {
@@ -209,6 +244,7 @@ impl MachineShape {
             memory_mib: images.spec.resources.memory_mib,
             extra_cmdline: Vec::new(),
             nic_mac: Some(kiln_net::GUEST_MAC.to_owned()),
+            devices_state_only: false,
         }
     }
 
@@ -230,6 +266,7 @@ impl MachineShape {
             memory,
             incoming,
             nic_mac: self.nic_mac.clone(),
+            devices_state_only: self.devices_state_only,
             run_dir: run_dir.to_owned(),
         }
     }
@@ -455,6 +492,7 @@ pub(crate) async fn bake_into(job: BakeJob<'_>) -> Result<BakedTemplate, EngineE
         init: init.clone(),
         lower: Vec::new(),
         capture_of: None,
+        ram_delta_sha256: None,
     };
     persist::write(&out.join("meta.json"), META_VERSION, &meta)?;
     Ok(BakedTemplate {

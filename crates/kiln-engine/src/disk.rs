@@ -45,7 +45,9 @@ pub fn qcow2_overlay(overlay: &Path, virtual_size: u64) -> Result<(), DiskError>
 /// Only the clusters `untrusted` holds are copied. The header `untrusted` carries is never
 /// followed: `qemu-img` gets the whole chain spelled out, and itself runs in a jail as
 /// `jail.run_as` (its parsing of a hostile image can reach nothing but these files), within
-/// `cgroups`, for at most `timeout`.
+/// `cgroups`, for at most `timeout`. The VMM that wrote the layer may still hold it, stopped
+/// (a QMP `stop` flushes every block device to the file): it is read without QEMU's image
+/// lock.
 pub fn rewrite_qcow2(
     jail_root: &Path,
     run_as: Option<(u32, u32)>,
@@ -101,6 +103,8 @@ pub fn rewrite_qcow2(
     let mut args: Vec<String> = vec![
         "convert".into(),
         "-q".into(),
+        // Share the input with the stopped VMM that holds its lock.
+        "-U".into(),
         format!("json:{source}"),
         "-O".into(),
         "qcow2".into(),

@@ -3,7 +3,16 @@
 //! path: restored into pre-started-style confined VMMs, RAM mapped privately from the
 //! capture, each with its own copy-on-write disk layer and a new identity.
 //!
-//! Capture, in three steps:
+//! A parent whose RAM is a private mapping of its template's memory file (every sandbox
+//! made by a create or a fork) is captured by what it changed:
+//! 1. The parent stops; QEMU saves its device state alone, kiln reads the pages the guest
+//!    wrote (the VMM's own copies, see [`crate::ramdelta`]) into `ram.delta`, and copies its
+//!    writable disk layer as below; the parent continues.
+//! 2. The capture's `memory` is the template's memory file itself (a hard link: nothing is
+//!    copied); each child's VMM maps it privately and gets `ram.delta` written into its
+//!    mapping before it loads the device state. Bytes written follow the pages changed.
+//!
+//! A parent whose RAM is anonymous (a resumed sandbox's) is captured whole, in three steps:
 //! 1. The parent stops; QEMU writes its device state and all of its RAM into a stream
 //!    (`x-ignore-shared` off: the parent's RAM is a private mapping, which QEMU migrates
 //!    whole); its writable disk layer is copied by kiln into a file its VMM never held (a
@@ -59,9 +68,13 @@ fn disk_name(format: DiskFormat) -> &'static str {
 pub struct ForkReport {
     /// How long the parent was stopped.
     pub parent_paused_ms: f64,
-    /// Bytes written to capture the parent: the stream (its device state and RAM), the
-    /// capture's memory file (allocated) and its disk layer.
+    /// Bytes written to capture the parent: its changed pages (or for a parent captured
+    /// whole, the stream of its device state and RAM and the capture's memory file), its
+    /// device state and its disk layer.
     pub bytes_written: u64,
+    /// Of those, the guest RAM pages written (the pages the parent had changed, or all of
+    /// its RAM that is not zero).
+    pub ram_bytes_written: u64,
     /// Phases of the capture and the creates.
     pub phases: Vec<(String, f64)>,
 }
@@ -111,28 +124,37 @@ impl Sandbox {
         let mut timings = PhaseTimings::default();
         let stream = building.join(STREAM);
         let disk = building.join(disk_name(template.meta.disk_format));
-        tokio::task::block_in_place(|| {
+        let changed = tokio::task::block_in_place(|| {
             self.capture_parent(engine, &template, &building, &mut timings, report)
         })?;
         let _ = std::fs::remove_dir_all(building.join("jail"));
-        report.bytes_written += allocated(&stream) + allocated(&disk);
         let mut lower = template.disk_chain();
         if template.meta.disk_format == DiskFormat::Raw {
             // A reflinked raw disk stands alone.
             lower.clear();
         }
-        let meta = tokio::task::block_in_place(|| {
-            convert(
-                engine,
-                &template,
-                &building,
-                &stream,
-                &disk,
-                &lower,
-                &mut timings,
-            )
-        })?;
-        report.bytes_written += allocated(&building.join("memory"));
+        let meta = if changed {
+            report.bytes_written += allocated(&building.join("state"))
+                + allocated(&building.join("ram.delta"))
+                + allocated(&disk);
+            tokio::task::block_in_place(|| seal_changed(&template, &building, &disk, &lower))?
+        } else {
+            report.bytes_written += allocated(&stream) + allocated(&disk);
+            report.ram_bytes_written = allocated(&stream);
+            let meta = tokio::task::block_in_place(|| {
+                convert(
+                    engine,
+                    &template,
+                    &building,
+                    &stream,
+                    &disk,
+                    &lower,
+                    &mut timings,
+                )
+            })?;
+            report.bytes_written += allocated(&building.join("memory"));
+            meta
+        };
         let mut inputs = template.meta.inputs.clone();
         inputs.push(("captured from".into(), self.id.clone()));
         let mut meta = BakedMeta {
@@ -147,13 +169,21 @@ impl Sandbox {
             // later run checks what it restores from.
             tokio::task::block_in_place(|| {
                 let memory = building.join("memory");
-                for file in [&memory, &disk, &building.join("state")] {
+                let delta = building.join("ram.delta");
+                for file in [&memory, &disk, &building.join("state"), &delta] {
+                    if file == &delta && !changed {
+                        continue;
+                    }
                     std::fs::File::open(file)
                         .and_then(|f| f.sync_all())
                         .map_err(|e| EngineError::io("flushing the snapshot", e))?;
                 }
-                meta.memory_sha256 = crate::bake::sha256_file(&memory)
-                    .map_err(|e| EngineError::io("hashing the memory file", e))?;
+                if !changed {
+                    // A capture of changed pages shares the template's memory file, hashed
+                    // with the template; a whole capture's is its own.
+                    meta.memory_sha256 = crate::bake::sha256_file(&memory)
+                        .map_err(|e| EngineError::io("hashing the memory file", e))?;
+                }
                 meta.disk_sha256 = crate::disk::sparse_sha256(&disk)
                     .map_err(|e| EngineError::io("hashing the disk", e))?;
                 meta.disk_hash = crate::disk::DiskHash::Content;
@@ -182,9 +212,11 @@ impl Sandbox {
         (self.limits.memory_mib << 20).saturating_add(own)
     }
 
-    /// Stops the VM, writes its state with all of RAM into `dir`'s stream and a sealed copy
-    /// of its writable disk layer into `dir`'s disk (rewritten in a jail under `dir`), and
-    /// lets it run again (blocking).
+    /// Stops the VM; writes its device state alone and the pages it changed into `dir`
+    /// (returns `true`), or where its RAM is not its template's memory file, its state with
+    /// all of RAM into `dir`'s stream (`false`); writes a sealed copy of its writable disk
+    /// layer into `dir`'s disk (rewritten in a jail under `dir`); and lets it run again
+    /// (blocking).
     fn capture_parent(
         &self,
         engine: &Inner,
@@ -192,7 +224,7 @@ impl Sandbox {
         dir: &Path,
         timings: &mut PhaseTimings,
         report: &mut ForkReport,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let (mut vm, resources) = {
             let mut runtime = lock(&self.runtime);
             if runtime.state != SandboxState::Running {
@@ -225,28 +257,53 @@ impl Sandbox {
             dir.join(STREAM),
             dir.join(disk_name(template.meta.disk_format)),
         );
-        let copied = vm
-            .capture(&stream)
-            .map_err(EngineError::from)
-            .and_then(|saved| {
-                timings.phases.extend(
-                    saved
-                        .phases
-                        .into_iter()
-                        .map(|(name, ms)| (format!("parent: {name}"), ms)),
-                );
-                let mut phase = Instant::now();
-                let own = self.dir.join(disk_name(template.meta.disk_format));
-                let layer = match template.meta.disk_format {
-                    DiskFormat::Raw => DiskLayer::raw(&own),
-                    DiskFormat::Qcow2 => DiskLayer::qcow2(&own),
-                };
-                let mut chain = vec![layer];
-                chain.extend(template.disk_chain());
-                copy_disk(engine, resources.run_as(), &dir.join("jail"), &chain, &disk)?;
-                record(timings, "copy disk", &mut phase);
-                Ok(())
-            });
+        let memory = template.memory();
+        let changed = crate::ramdelta::maps(vm.pid(), &memory).unwrap_or(false);
+        let ram_bytes = u64::from(template.meta.machine.memory_mib) << 20;
+        let saved = if changed {
+            vm.save_devices(&dir.join("state"))
+                .map_err(EngineError::from)
+                .and_then(|saved| {
+                    let phase = Instant::now();
+                    let written = crate::ramdelta::capture(
+                        vm.pid(),
+                        &memory,
+                        ram_bytes,
+                        &dir.join("ram.delta"),
+                    )
+                    .map_err(|e| EngineError::io("reading the parent's changed pages", e))?
+                    .ok_or_else(|| {
+                        EngineError::Conflict(
+                            "the parent's VMM no longer maps its memory file".into(),
+                        )
+                    })?;
+                    report.ram_bytes_written = written;
+                    let mut timings = saved;
+                    timings.record("write changed pages", phase);
+                    Ok(timings)
+                })
+        } else {
+            vm.capture(&stream).map_err(EngineError::from)
+        };
+        let copied = saved.and_then(|saved| {
+            timings.phases.extend(
+                saved
+                    .phases
+                    .into_iter()
+                    .map(|(name, ms)| (format!("parent: {name}"), ms)),
+            );
+            let mut phase = Instant::now();
+            let own = self.dir.join(disk_name(template.meta.disk_format));
+            let layer = match template.meta.disk_format {
+                DiskFormat::Raw => DiskLayer::raw(&own),
+                DiskFormat::Qcow2 => DiskLayer::qcow2(&own),
+            };
+            let mut chain = vec![layer];
+            chain.extend(template.disk_chain());
+            copy_disk(engine, resources.run_as(), &dir.join("jail"), &chain, &disk)?;
+            record(timings, "copy disk", &mut phase);
+            Ok(())
+        });
         // The parent runs again whatever happened.
         let continued = vm.resume();
         report.parent_paused_ms = stopped.elapsed().as_secs_f64() * 1000.0;
@@ -257,8 +314,40 @@ impl Sandbox {
         }
         copied?;
         continued?;
-        Ok(())
+        Ok(changed)
     }
+}
+
+/// The last step of a capture of changed pages: its memory file is the template's (a hard
+/// link), its files are sealed; returns its metadata (blocking).
+fn seal_changed(
+    template: &BakedTemplate,
+    dir: &Path,
+    disk: &Path,
+    lower: &[DiskLayer],
+) -> Result<BakedMeta, EngineError> {
+    let (memory, state, delta) = (dir.join("memory"), dir.join("state"), dir.join("ram.delta"));
+    std::fs::hard_link(template.memory(), &memory)
+        .map_err(|e| EngineError::io("linking the template's memory file", e))?;
+    for file in [disk, &state, &delta] {
+        crate::bake::seal(file)?;
+    }
+    let hash = |file: &Path| {
+        crate::bake::sha256_file(file).map_err(|e| EngineError::io("hashing the capture", e))
+    };
+    Ok(BakedMeta {
+        state_sha256: hash(&state)?,
+        ram_delta_sha256: Some(hash(&delta)?),
+        // The template's own memory file, hashed with it.
+        memory_sha256: template.meta.memory_sha256.clone(),
+        disk_sha256: String::new(),
+        lower: lower.to_vec(),
+        machine: crate::bake::MachineShape {
+            devices_state_only: true,
+            ..template.meta.machine.clone()
+        },
+        ..template.meta.clone()
+    })
 }
 
 /// Step 2: a helper VMM loads `stream` into a shared memory file in `dir` and saves the
@@ -349,6 +438,8 @@ fn convert(
         memory_sha256: String::new(),
         disk_sha256: String::new(),
         lower: lower.to_vec(),
+        // All of RAM is in the memory file.
+        ram_delta_sha256: None,
         ..template.meta.clone()
     })
 }

@@ -13,6 +13,7 @@ mod pause;
 pub mod persist;
 mod prestart;
 pub mod procstat;
+mod ramdelta;
 pub mod sandbox;
 pub mod space;
 

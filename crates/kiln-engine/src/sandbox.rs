@@ -885,6 +885,13 @@ pub(crate) async fn create(
         .and_then(|()| state_file.rewind())
         .map_err(|e| EngineError::io("staging the device state", e))?;
     record(&mut timings, "limits and state", &mut phase);
+    if let Some(delta) = template.read_ram_delta()? {
+        // Before the VMM reads any saved state: root writes into a process that has run
+        // nothing but its own start-up.
+        tokio::task::block_in_place(|| delta.inject(slot.vm.pid(), &template.memory()))
+            .map_err(|e| EngineError::io("writing the capture's changed pages into the VMM", e))?;
+        record(&mut timings, "changed pages", &mut phase);
+    }
     let restore = tokio::task::block_in_place(|| slot.vm.restore(&state_file))?;
     timings.phases.extend(restore.phases);
     phase = Instant::now();

@@ -58,6 +58,13 @@ async fn children_continue_from_the_parent_and_diverge() {
     eprintln!("fork: {report:?}");
     assert_eq!(children.len(), 2);
     assert!(report.bytes_written > 0, "{report:?}");
+    // The capture writes the pages the parent changed, not its RAM.
+    let ram = u64::from(template.meta.machine.memory_mib) << 20;
+    assert!(
+        report.ram_bytes_written > 0 && report.ram_bytes_written < ram / 2,
+        "{} bytes of RAM written for a guest of {ram}",
+        report.ram_bytes_written
+    );
     let mut randoms = Vec::new();
     for child in &children {
         assert_ne!(child.id(), parent.id());

@@ -116,6 +116,10 @@ pub struct VmSpec {
     pub incoming: bool,
     /// MAC address of the guest NIC; the tap comes with the [`Confinement`].
     pub nic_mac: Option<String>,
+    /// Saved states it loads and writes carry no configuration section, as device state
+    /// saved alone ([`Vm::save_devices`]) has none: every VMM of a fork's capture, so that
+    /// what one saves the next loads.
+    pub devices_state_only: bool,
     /// Directory for the VM's sockets and logs: the daemon's own (no VMM can write it);
     /// the VMM gets descriptors, never this path.
     pub run_dir: PathBuf,
@@ -265,6 +269,10 @@ pub trait Vm: Send + Debug {
     fn load_captured(&mut self, state: &std::fs::File) -> Result<PhaseTimings, DriverError>;
     /// Pauses the VM and saves its device state into a new file at `state`.
     fn snapshot(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
+    /// Pauses the VM and saves its device state alone into a new file at `state`: no RAM,
+    /// whatever backs it (the caller takes what it needs of RAM itself). It loads with
+    /// [`Vm::load`] into a VM whose spec has [`VmSpec::devices_state_only`].
+    fn save_devices(&mut self, state: &Path) -> Result<PhaseTimings, DriverError>;
     /// Pauses the guest's CPUs.
     fn pause(&mut self) -> Result<(), DriverError>;
     /// Resumes a paused guest.

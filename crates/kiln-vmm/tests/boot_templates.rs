@@ -59,6 +59,7 @@ async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect
         memory: MemoryBacking::Anonymous,
         incoming: false,
         nic_mac: None,
+        devices_state_only: false,
         run_as: None,
         // The strictest filter (no set*id at all) holds for a plain boot.
         seccomp: true,

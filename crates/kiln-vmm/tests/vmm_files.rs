@@ -70,6 +70,7 @@ fn bake_and_restore_shapes_hold_shared_files_read_only_in_their_jails() {
             },
             incoming: !shared_memory,
             nic_mac: None,
+            devices_state_only: false,
             run_dir: vm_dir.join("run"),
         };
         let mut vm = driver

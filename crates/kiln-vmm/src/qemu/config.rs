@@ -56,6 +56,8 @@ pub struct BootConfig {
     pub incoming: bool,
     /// MAC address of the guest NIC (virtio-net on the tap handed over), if any.
     pub nic_mac: Option<String>,
+    /// Saved states without a configuration section (see [`VmSpec::devices_state_only`]).
+    pub devices_state_only: bool,
     /// The user and group the VMM runs as from its first instruction.
     pub run_as: Option<(u32, u32)>,
     /// Filter QEMU's system calls (`-sandbox on` with every deny option).
@@ -77,6 +79,7 @@ impl BootConfig {
             memory: spec.memory,
             incoming: spec.incoming,
             nic_mac: spec.nic_mac,
+            devices_state_only: spec.devices_state_only,
             run_as: confinement.run_as,
             seccomp: confinement.seccomp,
         }
@@ -286,7 +289,15 @@ impl BootConfig {
             args.push("-incoming".into());
             args.push("defer".into());
         }
-        if self.start_paused() {
+        if self.devices_state_only {
+            // `xen-save-devices-state` writes no configuration section; a loader that
+            // expects one refuses the stream.
+            args.push("-global".into());
+            args.push("migration.send-configuration=off".into());
+        }
+        if self.start_paused() || self.devices_state_only {
+            // Device state saved alone says the VM was running: without `-S` a VM that
+            // loads it would run at once, not when told.
             args.push("-S".into());
         }
         if self.seccomp {
@@ -299,8 +310,9 @@ impl BootConfig {
         args
     }
 
-    /// Whether the guest waits to be told to run (`-S`, then QMP `cont`): a cold boot starts
-    /// paused so that the console is connected before the guest prints anything.
+    /// Whether the guest waits to be told to run (`-S`, then QMP `cont` once started): a
+    /// cold boot starts paused so that the console is connected before the guest prints
+    /// anything.
     pub fn start_paused(&self) -> bool {
         !self.incoming
     }
@@ -316,6 +328,7 @@ impl BootConfig {
         normalised.root_disk = vec![DiskLayer::raw("D")];
         normalised.run_dir = PathBuf::from("R");
         normalised.incoming = false;
+        normalised.devices_state_only = false;
         normalised.run_as = None;
         normalised.seccomp = false;
         if let MemoryBacking::File { .. } = normalised.memory {
@@ -357,6 +370,7 @@ mod tests {
             },
             incoming: true,
             nic_mac: None,
+            devices_state_only: false,
             run_as: None,
             seccomp: false,
         }

@@ -200,6 +200,10 @@ impl Vm for QemuVm {
         Ok(self.process.snapshot_to(state)?)
     }
 
+    fn save_devices(&mut self, state: &Path) -> Result<PhaseTimings, DriverError> {
+        Ok(self.process.save_devices_to(state)?)
+    }
+
     fn pause(&mut self) -> Result<(), DriverError> {
         self.process.qmp()?.execute("stop", None)?;
         Ok(())

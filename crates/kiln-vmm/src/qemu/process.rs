@@ -238,12 +238,13 @@ impl QemuProcess {
         self.save_to(state, false, false)
     }
 
-    fn save_to(
+    /// Creates the state file `state` (write-only: QEMU takes a descriptor from an fd set
+    /// only in the mode it opens with) and stops the VM; returns the file, the timings so far
+    /// and when the stop was done.
+    fn stop_for_save(
         &mut self,
         state: &Path,
-        ignore_shared: bool,
-        durable: bool,
-    ) -> Result<PhaseTimings, SnapshotError> {
+    ) -> Result<(std::fs::File, PhaseTimings, std::time::Instant), SnapshotError> {
         let mut timings = PhaseTimings::default();
         let start = std::time::Instant::now();
         let file = std::fs::OpenOptions::new()
@@ -254,9 +255,43 @@ impl QemuProcess {
                 path: state.to_owned(),
                 source,
             })?;
-        let qmp = self.qmp()?;
-        qmp.execute("stop", None)?;
+        self.qmp()?.execute("stop", None)?;
         let at = timings.record("stop", start);
+        Ok((file, timings, at))
+    }
+
+    /// Pauses the VM and writes its device state alone (no RAM, whatever backs it) to a
+    /// new file at `state`: QEMU's `xen-save-devices-state`, the device sections of a
+    /// migration stream. The VM stays paused; the file is not synced.
+    pub fn save_devices_to(&mut self, state: &Path) -> Result<PhaseTimings, SnapshotError> {
+        let (file, mut timings, at) = self.stop_for_save(state)?;
+        let qmp = self.qmp()?;
+        qmp.execute_with_fd(
+            "add-fd",
+            Some(serde_json::json!({ "fdset-id": STATE_FDSET })),
+            file.as_fd(),
+        )?;
+        let saved = qmp.execute(
+            "xen-save-devices-state",
+            Some(serde_json::json!({
+                "filename": format!("/dev/fdset/{STATE_FDSET}"),
+                "live": false
+            })),
+        );
+        release_state(qmp);
+        saved?;
+        timings.record("save device state alone", at);
+        Ok(timings)
+    }
+
+    fn save_to(
+        &mut self,
+        state: &Path,
+        ignore_shared: bool,
+        durable: bool,
+    ) -> Result<PhaseTimings, SnapshotError> {
+        let (file, mut timings, at) = self.stop_for_save(state)?;
+        let qmp = self.qmp()?;
         let uri = hand_over_state(qmp, &file, ignore_shared)?;
         // QEMU throttles a migration to 128 MiB/s by default (a network's courtesy): a
         // stopped VM writing to a local file goes as fast as the disk takes it.
@@ -391,6 +426,7 @@ impl QemuProcess {
             memory: crate::driver::MemoryBacking::Anonymous,
             incoming: false,
             nic_mac: None,
+            devices_state_only: false,
             run_as: None,
             seccomp: false,
         };
