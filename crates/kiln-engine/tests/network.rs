@@ -1,6 +1,7 @@
 //! Sandbox networking with real guests (QEMU, TCG here): egress through a test internet
 //! namespace the test makes (never the machine's uplink), by each sandbox's policy, changed
-//! live; decoys and the host unreachable; the guest's identity fixed; nothing left after.
+//! live; decoys and the host unreachable; the guest's identity fixed, also in a fork's child
+//! and after a pause and resume; nothing left after.
 
 use std::time::Duration;
 
@@ -137,12 +138,37 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
     let outcome = connect(&b, a_link.sandbox, 7000).await;
     assert!(refused_quickly(&outcome), "{outcome}");
 
+    // A fork's child and a resumed sandbox keep working networking: the same guest identity
+    // in a namespace of their own, and the policy in force.
+    b.set_egress(policy(false, &["203.0.113.0/24"]))
+        .expect("close");
+    let (mut children, _) = engine
+        .fork(&b, 1, CreateOptions::default())
+        .await
+        .expect("fork");
+    let child = children.pop().expect("a child");
+    assert_ne!(child.netns(), b.netns(), "a namespace of its own");
+    assert_eq!(child.egress(), b.egress(), "the parent's policy");
+    assert_eq!(kiln_testinfra::sh(child.agent(), identity).await, seen);
+    b.pause().await.expect("pause");
+    b.resume().await.expect("resume");
+    for sandbox in [&child, &b] {
+        assert_eq!(
+            connect(sandbox, OTHER_WEB, 7000).await,
+            format!("hello from {OTHER_WEB}:7000"),
+            "{}",
+            sandbox.id()
+        );
+        let outcome = connect(sandbox, WEB, 7000).await;
+        assert!(refused_quickly(&outcome), "{}: {outcome}", sandbox.id());
+    }
+
     // Everything goes with the sandboxes.
-    let namespaces: Vec<String> = [&a, &b]
+    let namespaces: Vec<String> = [&a, &b, &child]
         .iter()
         .filter_map(|s| s.netns().map(str::to_owned))
         .collect();
-    for sandbox in [a, b] {
+    for sandbox in [a, b, child] {
         sandbox.destroy().await.expect("destroy");
     }
     engine.shutdown_prestarted().await;

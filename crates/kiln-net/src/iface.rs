@@ -57,6 +57,19 @@ fn ioctl(sock: &OwnedFd, request: libc::Ioctl, arg: *mut libc::c_void) -> io::Re
     Ok(())
 }
 
+/// Sets the interface's Ethernet address (while it is down).
+pub fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut req = ifreq(name)?;
+    // SAFETY: writes the hwaddr member of the union, which SIOCSIFHWADDR reads.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+    }
+    ioctl(sock, libc::SIOCSIFHWADDR, (&raw mut req).cast())
+}
+
 /// Sets the interface up.
 pub fn link_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
     let mut req = ifreq(name)?;
