@@ -6,8 +6,12 @@
 //! What is on disk, in the sandbox's directory (root's alone):
 //! - `sandbox.json`: what the sandbox runs on (its template's directory, its limits), written
 //!   by the daemon at create;
-//! - `paused.state`: the VM's saved state, all of its RAM included, written by its VMM
-//!   through a descriptor the daemon opened;
+//! - `paused.state`: the VM's saved state, written by its VMM through a descriptor the
+//!   daemon opened: its device state alone where its RAM is a private mapping of its
+//!   template's memory file (every sandbox made by a create or a fork), with
+//!   `paused.delta` beside it, the pages the guest changed (read by the daemon, see
+//!   [`crate::ramdelta`]); otherwise (a sandbox resumed from an older pause) all of its
+//!   RAM included;
 //! - `paused.json`: written by the daemon once the state file, the disk and the directory
 //!   are on stable storage. Its presence is what "paused" means on disk: without it a pause
 //!   was not finished (the VMM, stopped, is taken over and continued); it goes as soon as a
@@ -30,6 +34,7 @@ use crate::{lock, persist, BakedTemplate, EngineError, Inner};
 const SANDBOX_FILE: &str = "sandbox.json";
 const SANDBOX_VERSION: u32 = 1;
 const STATE_FILE: &str = "paused.state";
+const DELTA_FILE: &str = "paused.delta";
 const PAUSED_FILE: &str = "paused.json";
 const PAUSED_VERSION: u32 = 1;
 
@@ -54,6 +59,10 @@ struct PausedFile {
     state_bytes: u64,
     /// When, ms since the epoch.
     paused_at_ms: u64,
+    /// SHA-256 of `paused.delta` where the state is the device state alone; `None`: the
+    /// state holds all of RAM.
+    #[serde(default)]
+    delta_sha256: Option<String>,
 }
 
 /// Records what the sandbox in `dir` runs on.
@@ -115,6 +124,7 @@ pub(crate) fn continue_unfinished(dir: &Path, vm: &mut dyn Vm) -> Result<(), Eng
         vm.resume()?;
         std::fs::remove_file(&state).map_err(|e| EngineError::io("removing a partial state", e))?;
     }
+    let _ = std::fs::remove_file(dir.join(DELTA_FILE));
     Ok(())
 }
 
@@ -236,8 +246,32 @@ impl Sandbox {
         vm: &mut dyn Vm,
     ) -> Result<PhaseTimings, EngineError> {
         let state = self.dir.join(STATE_FILE);
+        let delta = self.dir.join(DELTA_FILE);
         let _ = std::fs::remove_file(&state);
-        let mut timings = vm.snapshot(&state)?;
+        let _ = std::fs::remove_file(&delta);
+        let memory = template.memory();
+        let changed = crate::ramdelta::maps(vm.pid(), &memory).unwrap_or(false);
+        let mut timings;
+        let delta_sha256 = if changed {
+            timings = vm.save_devices(&state)?;
+            let phase = Instant::now();
+            let ram = u64::from(template.meta.machine.memory_mib) << 20;
+            crate::ramdelta::capture(vm.pid(), &memory, ram, &delta)
+                .map_err(|e| EngineError::io("reading the changed pages", e))?
+                .ok_or_else(|| {
+                    EngineError::Conflict("the VMM no longer maps its memory file".into())
+                })?;
+            timings.record("write changed pages", phase);
+            // The delta is synced as it is written; the state is the VMM's, written unsynced.
+            sync_file(&state)?;
+            Some(
+                crate::bake::sha256_file(&delta)
+                    .map_err(|e| EngineError::io("hashing the changed pages", e))?,
+            )
+        } else {
+            timings = vm.snapshot(&state)?;
+            None
+        };
         let mut phase = Instant::now();
         // Root disks run with guest flushes ignored (cache=unsafe): what the guest wrote is
         // in the host's page cache, made durable here, with the state file and the directory.
@@ -253,12 +287,15 @@ impl Sandbox {
                 vmm: vmm_version(engine),
                 state_bytes,
                 paused_at_ms: now_ms(),
+                delta_sha256,
             },
         )?;
         record(&mut timings, "flush", &mut phase);
+        // What the pause holds on disk: the state and the changed pages.
+        let pages = std::fs::metadata(&delta).map_or(0, |m| m.len());
         timings
             .phases
-            .push(("state bytes".into(), state_bytes as f64));
+            .push(("state bytes".into(), (state_bytes + pages) as f64));
         Ok(timings)
     }
 
@@ -414,12 +451,45 @@ impl Sandbox {
         if template.meta.disk_format == DiskFormat::Qcow2 {
             chain.extend(template.disk_chain());
         }
-        let spec = template.meta.machine.vm_spec(
-            &self.dir.join("run"),
-            chain,
-            MemoryBacking::Private,
-            true,
-        );
+        // The changed pages, checked whole, or all of RAM in the state.
+        let delta = match &paused.delta_sha256 {
+            Some(expected) => {
+                let path = self.dir.join(DELTA_FILE);
+                let bytes = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)
+                    .and_then(|mut file| {
+                        let mut bytes = Vec::new();
+                        std::io::Read::read_to_end(&mut file, &mut bytes).map(|_| bytes)
+                    })
+                    .map_err(|e| EngineError::io("reading the changed pages", e))?;
+                if &kiln_image::cache::sha256_hex(&bytes) != expected {
+                    return Err(EngineError::Corrupt(format!(
+                        "{}: checksum mismatch",
+                        path.display()
+                    )));
+                }
+                let ram = u64::from(template.meta.machine.memory_mib) << 20;
+                Some(
+                    crate::ramdelta::Delta::parse(bytes, ram)
+                        .map_err(|e| EngineError::Corrupt(format!("{}: {e}", path.display())))?,
+                )
+            }
+            None => None,
+        };
+        let memory = match delta {
+            Some(_) => MemoryBacking::File {
+                path: template.memory(),
+                shared: false,
+            },
+            None => MemoryBacking::Private,
+        };
+        let mut spec = template
+            .meta
+            .machine
+            .vm_spec(&self.dir.join("run"), chain, memory, true);
+        spec.devices_state_only |= delta.is_some();
         let confinement = confine_again(engine, &self.id, self.limits, &[&disk], resources)?;
         record(&mut timings, "confinement", &mut phase);
         let started =
@@ -429,6 +499,13 @@ impl Sandbox {
             });
         let mut vm = started?;
         record(&mut timings, "VMM ready", &mut phase);
+        if let Some(delta) = &delta {
+            // Before the VMM reads the saved state: it has run nothing but its start-up.
+            delta
+                .inject(vm.pid(), &template.memory())
+                .map_err(|e| EngineError::io("writing the changed pages into the VMM", e))?;
+            record(&mut timings, "changed pages", &mut phase);
+        }
         vm.load(&state)?;
         record(&mut timings, "load state", &mut phase);
         crate::failpoint("resume-loaded");
@@ -448,6 +525,7 @@ impl Sandbox {
             return Err(e.into());
         }
         let _ = std::fs::remove_file(&state_path);
+        let _ = std::fs::remove_file(self.dir.join(DELTA_FILE));
         record(&mut timings, "run", &mut phase);
         Ok((vm, timings))
     }
