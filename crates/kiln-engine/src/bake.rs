@@ -107,15 +107,20 @@ impl BakedTemplate {
         self.dir.join("ram.delta")
     }
 
-    /// Reads and checks the changed pages a restore writes over the memory file, if this is
-    /// a capture of changed pages (done on every restore).
-    pub(crate) fn read_ram_delta(&self) -> Result<Option<crate::ramdelta::Delta>, EngineError> {
+    /// Reads the changed pages a restore writes over the memory file, if this is a capture of
+    /// changed pages, and checks their structure (every restore does). `hash`: also their
+    /// checksum, which [`BakedTemplate::verify`] does once per run of the daemon, as for the
+    /// memory file (the file is root's and sealed; the checksum finds corruption).
+    pub(crate) fn read_ram_delta(
+        &self,
+        hash: bool,
+    ) -> Result<Option<crate::ramdelta::Delta>, EngineError> {
         let Some(expected) = &self.meta.ram_delta_sha256 else {
             return Ok(None);
         };
         let bytes = std::fs::read(self.ram_delta())
             .map_err(|e| EngineError::io("reading the capture's changed pages", e))?;
-        if &kiln_image::cache::sha256_hex(&bytes) != expected {
+        if hash && &kiln_image::cache::sha256_hex(&bytes) != expected {
             return Err(EngineError::Corrupt(format!(
                 "{}: changed pages checksum mismatch",
                 self.dir.display()
@@ -184,7 +189,7 @@ impl BakedTemplate {
                 self.dir.display()
             )));
         }
-        self.read_ram_delta()?;
+        self.read_ram_delta(true)?;
         Ok(())
     }
 

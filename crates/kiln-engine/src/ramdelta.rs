@@ -3,7 +3,7 @@
 //! A sandbox restored from a template (or a fork's capture) maps the template's memory file
 //! privately: pages the guest never wrote are the file's, pages it wrote are the VMM's own
 //! anonymous copies. A fork captures only those copies, read from the stopped parent VMM
-//! (`/proc/<pid>/pagemap` says which pages they are, `/proc/<pid>/mem` holds them), so its
+//! (`/proc/<pid>/pagemap` says which pages they are, `process_vm_readv` copies them), so its
 //! cost follows what the guest changed, not its size. Each child's VMM maps the same memory
 //! file and gets the pages written into its private mapping before it loads any state or
 //! runs guest code: they become its own copy-on-write pages, and every other page stays
@@ -170,7 +170,6 @@ pub(crate) fn capture(
         }
         runs.extend(changed_runs(&pagemap, mapping, page)?);
     }
-    let mem = File::open(format!("/proc/{pid}/mem"))?;
     let mut writer = BufWriter::with_capacity(
         1 << 20,
         std::fs::OpenOptions::new()
@@ -184,13 +183,13 @@ pub(crate) fn capture(
         writer.write_all(&run.offset.to_le_bytes())?;
         writer.write_all(&run.len.to_le_bytes())?;
     }
-    let mut buffer = vec![0u8; 1 << 20];
+    let mut buffer = vec![0u8; 4 << 20];
     let mut written = 0;
     for run in &runs {
         let mut done = 0;
         while done < run.len {
             let chunk = (run.len - done).min(buffer.len() as u64) as usize;
-            mem.read_exact_at(&mut buffer[..chunk], run.address + done)?;
+            read_remote(pid, &mut buffer[..chunk], run.address + done)?;
             writer.write_all(&buffer[..chunk])?;
             done += chunk as u64;
         }
@@ -201,6 +200,45 @@ pub(crate) fn capture(
         .map_err(|e| e.into_error())?
         .sync_all()?;
     Ok(Some(written))
+}
+
+/// Copies `into.len()` bytes at `address` in process `pid` (`process_vm_readv`).
+fn read_remote(pid: u32, into: &mut [u8], address: u64) -> io::Result<()> {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    in_pieces(into.len(), address, |done, remote| {
+        let local = &mut [io::IoSliceMut::new(&mut into[done..])];
+        nix::sys::uio::process_vm_readv(pid, local, &[remote])
+    })
+}
+
+/// Copies `bytes` to `address` in process `pid` (`process_vm_writev`: a write into a private
+/// mapping makes the process's own copy of the page).
+fn write_remote(pid: u32, bytes: &[u8], address: u64) -> io::Result<()> {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    in_pieces(bytes.len(), address, |done, remote| {
+        nix::sys::uio::process_vm_writev(pid, &[io::IoSlice::new(&bytes[done..])], &[remote])
+    })
+}
+
+/// Runs `copy` (of the bytes from `done` on, to or from `remote`) until `len` bytes at
+/// `address` are copied: the calls copy what they can and say how much.
+fn in_pieces(
+    len: usize,
+    address: u64,
+    mut copy: impl FnMut(usize, nix::sys::uio::RemoteIoVec) -> nix::Result<usize>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let remote = nix::sys::uio::RemoteIoVec {
+            base: (address + done as u64) as usize,
+            len: len - done,
+        };
+        match copy(done, remote)? {
+            0 => return Err(io::Error::other(format!("no memory at {address:#x}"))),
+            n => done += n,
+        }
+    }
+    Ok(())
 }
 
 /// A delta read and checked: its extents and their bytes.
@@ -252,13 +290,9 @@ impl Delta {
     }
 
     /// Writes its pages into process `pid`'s private mapping of `memory` (a VMM that has not
-    /// run guest code nor loaded any state yet).
+    /// run guest code nor loaded any state yet; the mapping is writable, as QEMU maps RAM).
     pub(crate) fn inject(&self, pid: u32, memory: &Path) -> io::Result<()> {
         let found = mappings(pid, memory)?;
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))?;
         let mut at = 0usize;
         for &(offset, len) in &self.extents {
             let mut done = 0;
@@ -274,7 +308,7 @@ impl Delta {
                     })?;
                 let chunk = (len - done).min(mapping.offset + mapping.len - ram);
                 let bytes = &self.bytes[at..at + chunk as usize];
-                mem.write_all_at(bytes, mapping.start + (ram - mapping.offset))?;
+                write_remote(pid, bytes, mapping.start + (ram - mapping.offset))?;
                 at += chunk as usize;
                 done += chunk;
             }

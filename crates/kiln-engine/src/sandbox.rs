@@ -885,7 +885,7 @@ pub(crate) async fn create(
         .and_then(|()| state_file.rewind())
         .map_err(|e| EngineError::io("staging the device state", e))?;
     record(&mut timings, "limits and state", &mut phase);
-    if let Some(delta) = template.read_ram_delta()? {
+    if let Some(delta) = template.read_ram_delta(false)? {
         // Before the VMM reads any saved state: root writes into a process that has run
         // nothing but its own start-up.
         tokio::task::block_in_place(|| delta.inject(slot.vm.pid(), &template.memory()))
