@@ -533,9 +533,10 @@ async fn a_write_to_the_longest_path_succeeds_and_leaves_nothing_beside_it() {
     let (_agent, client) = start().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut parent = dir.path().to_string_lossy().into_owned();
-    while parent.len() + 1 + 200 + 1 + 20 < 4095 {
+    // Names of the longest length too (255 bytes), as far as they fit.
+    while parent.len() + 1 + 255 + 1 + 20 < 4095 {
         parent.push('/');
-        parent.push_str(&"d".repeat(200));
+        parent.push_str(&"d".repeat(255));
     }
     let name = "f".repeat(4095 - parent.len() - 1);
     let file = format!("{parent}/{name}");
