@@ -171,7 +171,7 @@ contract_suite() {
   local update=()
   [ -n "${KILN_CONTRACT_UPDATE:-}" ] && update=(--baseline-update --baseline-prune)
   (cd "$run" && KILN_CONTRACT_API_KEY="$key" KILN_CONTRACT_SANDBOX="$sandbox" \
-    "$venv/bin/schemathesis" run "${update[@]}" --no-color "$KILN_URL/v1/openapi.json") || {
+    "$venv/bin/schemathesis" run "${update[@]}" --no-color --output-truncate false "$KILN_URL/v1/openapi.json") || {
     [ -n "${KILN_CONTRACT_UPDATE:-}" ] && cp "$run/baseline.json" tests/contract/baseline.json
     return 1
   }

@@ -328,9 +328,15 @@ where
         None => return Err(bad("empty write stream".into())),
     };
     let (path, owner) = resolve(&start)?;
+    // A path that ends in `/`, `.` or `..` names a directory, never a file to write.
     let file_name = path
         .file_name()
-        .ok_or_else(|| AgentError::new(ErrorKind::InvalidArgument, "path has no file name"))?
+        .ok_or_else(|| {
+            AgentError::new(
+                ErrorKind::IsADirectory,
+                format!("{} is a directory", path.display()),
+            )
+        })?
         .to_owned();
     let parent = path.parent().unwrap_or(Path::new("/")).to_owned();
     if start.create_parents {

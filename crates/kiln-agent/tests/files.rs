@@ -111,6 +111,13 @@ async fn errors_are_typed() {
         kind(client.write_file(&root, b"x").await),
         Some(ErrorKind::IsADirectory)
     );
+    for directory in ["/", "/.", &format!("{root}/..")] {
+        assert_eq!(
+            kind(client.write_file(directory, b"x").await),
+            Some(ErrorKind::IsADirectory),
+            "{directory}"
+        );
+    }
     assert_eq!(
         kind(client.write_file(&format!("{root}/no/parent"), b"x").await),
         Some(ErrorKind::NotFound)

@@ -523,6 +523,7 @@ pub struct ExecBody {
     /// Most bytes of stdout and of stderr returned (default 1 MiB, at most 16 MiB); the
     /// result says when output was cut.
     #[serde(default)]
+    #[schema(maximum = 16777216)]
     pub max_output_bytes: Option<usize>,
     /// Start it in the background and return at once; list, attach and signal it through
     /// `/processes`.
