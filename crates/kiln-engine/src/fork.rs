@@ -12,7 +12,8 @@
 //!    copied); each child's VMM maps it privately and gets `ram.delta` written into its
 //!    mapping before it loads the device state. Bytes written follow the pages changed.
 //!
-//! A parent whose RAM is anonymous (a resumed sandbox's) is captured whole, in three steps:
+//! A parent whose RAM is anonymous (resumed from a pause an earlier engine made) is captured
+//! whole, in three steps:
 //! 1. The parent stops; QEMU writes its device state and all of its RAM into a stream
 //!    (`x-ignore-shared` off: the parent's RAM is a private mapping, which QEMU migrates
 //!    whole); its writable disk layer is copied by kiln into a file its VMM never held (a
