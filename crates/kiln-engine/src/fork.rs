@@ -262,27 +262,17 @@ impl Sandbox {
         let changed = crate::ramdelta::maps(vm.pid(), &memory).unwrap_or(false);
         let ram_bytes = u64::from(template.meta.machine.memory_mib) << 20;
         let saved = if changed {
-            vm.save_devices(&dir.join("state"))
-                .map_err(EngineError::from)
-                .and_then(|saved| {
-                    let phase = Instant::now();
-                    let written = crate::ramdelta::capture(
-                        vm.pid(),
-                        &memory,
-                        ram_bytes,
-                        &dir.join("ram.delta"),
-                    )
-                    .map_err(|e| EngineError::io("reading the parent's changed pages", e))?
-                    .ok_or_else(|| {
-                        EngineError::Conflict(
-                            "the parent's VMM no longer maps its memory file".into(),
-                        )
-                    })?;
-                    report.ram_bytes_written = written;
-                    let mut timings = saved;
-                    timings.record("write changed pages", phase);
-                    Ok(timings)
-                })
+            crate::ramdelta::save_changed(
+                vm.as_mut(),
+                &memory,
+                ram_bytes,
+                &dir.join("state"),
+                &dir.join("ram.delta"),
+            )
+            .map(|(timings, written)| {
+                report.ram_bytes_written = written;
+                timings
+            })
         } else {
             vm.capture(&stream).map_err(EngineError::from)
         };

@@ -253,15 +253,8 @@ impl Sandbox {
         let changed = crate::ramdelta::maps(vm.pid(), &memory).unwrap_or(false);
         let mut timings;
         let delta_bytes = if changed {
-            timings = vm.save_devices(&state)?;
-            let phase = Instant::now();
             let ram = u64::from(template.meta.machine.memory_mib) << 20;
-            crate::ramdelta::capture(vm.pid(), &memory, ram, &delta)
-                .map_err(|e| EngineError::io("reading the changed pages", e))?
-                .ok_or_else(|| {
-                    EngineError::Conflict("the VMM no longer maps its memory file".into())
-                })?;
-            timings.record("write changed pages", phase);
+            (timings, _) = crate::ramdelta::save_changed(vm, &memory, ram, &state, &delta)?;
             // The delta is synced as it is written; the state is the VMM's, written unsynced.
             sync_file(&state)?;
             Some(

@@ -95,6 +95,26 @@ pub(crate) fn maps(pid: u32, memory: &Path) -> io::Result<bool> {
     Ok(!mappings(pid, memory)?.is_empty())
 }
 
+/// Stops `vm` and saves its device state alone to `state` and the pages it changed in its
+/// private mapping of `memory` (a guest of `ram_bytes`) to `delta` (blocking); returns the
+/// timings and the bytes of pages written.
+pub(crate) fn save_changed(
+    vm: &mut dyn kiln_vmm::driver::Vm,
+    memory: &Path,
+    ram_bytes: u64,
+    state: &Path,
+    delta: &Path,
+) -> Result<(kiln_vmm::driver::PhaseTimings, u64), crate::EngineError> {
+    use crate::EngineError;
+    let mut timings = vm.save_devices(state)?;
+    let phase = std::time::Instant::now();
+    let written = capture(vm.pid(), memory, ram_bytes, delta)
+        .map_err(|e| EngineError::io("reading the VMM's changed pages", e))?
+        .ok_or_else(|| EngineError::Conflict("the VMM no longer maps its memory file".into()))?;
+    timings.record("write changed pages", phase);
+    Ok((timings, written))
+}
+
 /// A run of changed pages: where it is in guest RAM and in the VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Run {
