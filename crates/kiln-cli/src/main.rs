@@ -788,33 +788,20 @@ mod tests {
             assert!(has_url(path), "{path:?} lacks --url");
         }
         // After the command's name, or before it as always; the later one wins.
-        let parsed = Cli::try_parse_from(["kiln", "--url", "http://a", "sandbox", "ls"])
-            .expect("before the command");
-        let leading = client_cmd::ClientArgs::from(parsed.client);
+        let url = |args: &[&str]| {
+            let parsed = Cli::try_parse_from(args).expect("parses");
+            let leading = client_cmd::ClientArgs::from(parsed.client);
+            parsed.command.client().unwrap_or_default().or(&leading).url
+        };
         assert_eq!(
-            parsed
-                .command
-                .client()
-                .unwrap_or_default()
-                .or(&leading)
-                .url
-                .as_deref(),
-            Some("http://a")
+            url(&["kiln", "--url", "http://a", "sandbox", "ls"]).as_deref(),
+            Some("http://a"),
+            "before the command"
         );
-        let parsed = Cli::try_parse_from([
-            "kiln", "--url", "http://a", "sandbox", "ls", "--url", "http://b",
-        ])
-        .expect("after the command");
-        let leading = client_cmd::ClientArgs::from(parsed.client);
         assert_eq!(
-            parsed
-                .command
-                .client()
-                .unwrap_or_default()
-                .or(&leading)
-                .url
-                .as_deref(),
-            Some("http://b")
+            url(&["kiln", "--url", "http://a", "sandbox", "ls", "--url", "http://b"]).as_deref(),
+            Some("http://b"),
+            "after the command"
         );
         assert!(Cli::try_parse_from(["kiln", "serve", "--url", "http://a"]).is_err());
     }
