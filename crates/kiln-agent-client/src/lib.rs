@@ -335,47 +335,35 @@ impl AgentClient {
         request: FileReadRequest,
         sink: &mut W,
     ) -> Result<u64, ClientError> {
+        self.open_file(request).await?.copy_to(sink).await
+    }
+
+    /// Opens a file in the guest for download: returns once the agent has opened it (or
+    /// failed to), so a missing file or a directory is an error before any byte is sent.
+    pub async fn open_file(&self, request: FileReadRequest) -> Result<FileDownload, ClientError> {
         let json = serde_json::to_vec(&request)
             .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
         let response = self
             .send(routes::FILE_READ, Full::new(Bytes::from(json)).boxed())
             .await?;
-        let mut frames = framed_response(response).await?;
-        let idle = self.config.call_timeout;
-        let mut received = 0u64;
-        let mut opened = false;
-        loop {
-            let frame = bounded("file download progress", idle, async {
-                frames.next().await.map_err(protocol_error)
-            })
-            .await?
-            .ok_or_else(|| {
-                ClientError::Protocol("file stream ended without its end event".into())
-            })?;
-            match frame.kind {
-                FrameKind::Data if opened => {
-                    sink.write_all(&frame.payload)
-                        .await
-                        .map_err(ClientError::LocalIo)?;
-                    received += frame.payload.len() as u64;
-                }
-                FrameKind::Control => match frame.parse_control().map_err(protocol_error)? {
-                    FileReadEvent::Opened { .. } if !opened => opened = true,
-                    FileReadEvent::End { sent } if opened => {
-                        if sent != received {
-                            return Err(ClientError::Protocol(format!(
-                                "agent announced {sent} bytes, sent {received}"
-                            )));
-                        }
-                        sink.flush().await.map_err(ClientError::LocalIo)?;
-                        return Ok(received);
-                    }
-                    FileReadEvent::Error(e) => return Err(e.into()),
-                    other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
-                },
-                other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
-            }
+        let mut download = FileDownload {
+            frames: framed_response(response).await?,
+            idle: self.config.call_timeout,
+            size: 0,
+        };
+        let frame = download.next_frame().await?;
+        if frame.kind != FrameKind::Control {
+            return Err(ClientError::Protocol(format!(
+                "unexpected {:?} frame before the file was opened",
+                frame.kind
+            )));
         }
+        match frame.parse_control().map_err(protocol_error)? {
+            FileReadEvent::Opened { size } => download.size = size,
+            FileReadEvent::Error(e) => return Err(e.into()),
+            other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        }
+        Ok(download)
     }
 
     /// Reads a whole file into memory, failing if it is larger than `max_bytes`.
@@ -574,6 +562,70 @@ async fn write_answer(
 }
 
 /// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
+/// A file the agent has opened for download ([`AgentClient::open_file`]).
+pub struct FileDownload {
+    frames: FrameReader<Incoming>,
+    idle: Duration,
+    size: u64,
+}
+
+impl std::fmt::Debug for FileDownload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileDownload")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileDownload {
+    /// The file's size when the agent opened it (it may change while it is read).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, ClientError> {
+        bounded("file download progress", self.idle, async {
+            self.frames.next().await.map_err(protocol_error)
+        })
+        .await?
+        .ok_or_else(|| ClientError::Protocol("file stream ended without its end event".into()))
+    }
+
+    /// Copies the rest of the file into `sink`; returns the bytes copied. Each piece must
+    /// arrive within the call timeout; time spent writing into `sink` does not count.
+    pub async fn copy_to<W: AsyncWrite + Unpin>(
+        mut self,
+        sink: &mut W,
+    ) -> Result<u64, ClientError> {
+        let mut received = 0u64;
+        loop {
+            let frame = self.next_frame().await?;
+            match frame.kind {
+                FrameKind::Data => {
+                    sink.write_all(&frame.payload)
+                        .await
+                        .map_err(ClientError::LocalIo)?;
+                    received += frame.payload.len() as u64;
+                }
+                FrameKind::Control => match frame.parse_control().map_err(protocol_error)? {
+                    FileReadEvent::End { sent } => {
+                        if sent != received {
+                            return Err(ClientError::Protocol(format!(
+                                "agent announced {sent} bytes, sent {received}"
+                            )));
+                        }
+                        sink.flush().await.map_err(ClientError::LocalIo)?;
+                        return Ok(received);
+                    }
+                    FileReadEvent::Error(e) => return Err(e.into()),
+                    other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+                },
+                other => return Err(ClientError::Protocol(format!("unexpected {other:?} frame"))),
+            }
+        }
+    }
+}
+
 async fn bounded<T>(
     what: &'static str,
     limit: Duration,

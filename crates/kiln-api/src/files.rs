@@ -9,7 +9,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use kiln_proto::messages::{FileReadRequest, FileStat, FileType, FileWriteStart, MkdirRequest};
+use kiln_agent_client::ClientError;
+use kiln_proto::messages::{
+    ErrorKind, FileReadRequest, FileStat, FileType, FileWriteStart, MkdirRequest,
+};
 
 use crate::types::{ErrorBody, FileBody, FileListBody, MkdirBody, RenameBody, WrittenBody};
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
@@ -69,8 +72,10 @@ pub(crate) struct PathQuery {
     security(("api_key" = [])),
     params(("id" = String, Path, description = "Sandbox id"),
            ("path" = String, Query, description = "Absolute path in the sandbox", min_length = 1, max_length = 4095, pattern = "^(/[^/\\u0000]{0,255})+$")),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
+               headers(("x-kiln-file-size" = u64, description = "The file's size when it was opened"))),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 409, description = "The path names a directory", body = ErrorBody)))]
 pub(crate) async fn read(
     State(state): State<AppState>,
     Caller(who): Caller,
@@ -79,22 +84,29 @@ pub(crate) async fn read(
 ) -> Result<Response, ApiError> {
     let path = guest_path(&query.path)?;
     let (sandbox, _) = state.control.agent(&who, &id).await?;
-    let stat = sandbox.agent().stat(&path).await?;
-    if stat.file_type == FileType::Dir {
-        return Err(ControlError::Conflict(format!(
-            "{path} is a directory: list it with GET /v1/sandboxes/{id}/files?path=…"
-        ))
-        .into());
-    }
+    // Opened before the response starts, so a missing file or a directory (also one reached
+    // through a symbolic link) is an error status, not a stream cut after a 200.
+    let request = FileReadRequest {
+        path: path.clone(),
+        offset: 0,
+        limit: None,
+    };
+    let download = match sandbox.agent().open_file(request).await {
+        Err(ClientError::Agent(e)) if e.kind == ErrorKind::IsADirectory => {
+            return Err(ControlError::Conflict(format!(
+                "{path} is a directory: list it with GET /v1/sandboxes/{id}/files?path=…"
+            ))
+            .into())
+        }
+        other => other?,
+    };
+    let size = download.size();
     let (mut writer, reader) = tokio::io::duplex(256 << 10);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let request = FileReadRequest {
-            path,
-            offset: 0,
-            limit: None,
-        };
-        let result = sandbox.agent().read_file_to(request, &mut writer).await;
+        // The sandbox is held until the copy ends.
+        let _sandbox = sandbox;
+        let result = download.copy_to(&mut writer).await;
         let _ = done_tx.send(result.map(drop).map_err(|e| e.to_string()));
     });
     // The data, then an error if the transfer broke: the connection is then cut instead of
@@ -116,7 +128,7 @@ pub(crate) async fn read(
             ),
             (
                 axum::http::HeaderName::from_static("x-kiln-file-size"),
-                stat.size.to_string(),
+                size.to_string(),
             ),
         ],
         Body::from_stream(stream),

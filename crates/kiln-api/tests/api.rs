@@ -57,6 +57,7 @@ struct Reply {
     body: Vec<u8>,
     /// Its `X-Request-Id`, which every answer has.
     request_id: String,
+    headers: axum::http::HeaderMap,
 }
 
 impl Reply {
@@ -114,6 +115,7 @@ impl Api {
             .and_then(|v| v.to_str().ok())
             .expect("an X-Request-Id header")
             .to_owned();
+        let headers = response.headers().clone();
         let body = response
             .into_body()
             .collect()
@@ -125,6 +127,7 @@ impl Api {
             status,
             body,
             request_id,
+            headers,
         }
     }
 
@@ -785,6 +788,39 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     )
     .await
     .assert_error(StatusCode::CONFLICT, "conflict");
+    // Through symbolic links: a directory is refused before the response starts (not a
+    // stream cut after a 200), a file's size is the target's.
+    let linked = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/exec"),
+            &alice,
+            json!({"command": ["sh", "-c",
+                "ln -s /root/a /root/dir-link && ln -s /root/a/blob.bin /root/file-link"]}),
+        )
+        .await;
+    assert_eq!(linked.json()["exit_code"], 0, "{:?}", linked.json());
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/content?path=/root/dir-link"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::CONFLICT, "conflict");
+    let through_link = api
+        .get(
+            &format!("/v1/sandboxes/{id}/files/content?path=/root/file-link"),
+            &alice,
+        )
+        .await;
+    assert_eq!(through_link.status, StatusCode::OK);
+    assert_eq!(
+        through_link.headers["x-kiln-file-size"],
+        payload.len().to_string().as_str()
+    );
+    assert!(
+        through_link.body == payload,
+        "bytes read through a link differ"
+    );
     api.get(
         &format!("/v1/sandboxes/{id}/files/stat?path=relative/path"),
         &alice,
