@@ -73,6 +73,7 @@ fn main() -> ExitCode {
         if duties.has(Duty::Mounts) {
             duties::mount_pseudo_filesystems();
         }
+        duties::quiet_idle();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -9,6 +9,7 @@ pub mod output;
 pub mod pidfd;
 pub mod qemu;
 pub mod qmp;
+pub mod tsc;
 
 /// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`):
 /// with the pid, it identifies a process safely across pid reuse.

@@ -44,8 +44,10 @@ async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect
     assert!(created.success());
     // Under TCG on every host: the images must not depend on KVM to boot.
     let accel = resolve(AccelChoice::Fixed(Accel::Tcg));
+    let config_tsc_known = kiln_vmm::tsc::host_tsc_khz().is_some();
     let config = BootConfig {
         accel: accel.accel,
+        tsc_khz: kiln_vmm::tsc::host_tsc_khz(),
         vcpus,
         memory_mib: images.spec.resources.memory_mib,
         kernel: images.kernel.vmlinux.clone(),
@@ -124,6 +126,26 @@ async fn boot_and_check(images: &TemplateImages, vcpus: u32, check: &str, expect
         "kernel release: {out}"
     );
     assert!(out.contains("bookworm"), "{out}");
+
+    // The guest keeps the TSC as its clock when told the host's rate (a tickless idle and
+    // fine-grained time; see docs/qemu.md), and the agent quieted what wakes an idle kernel.
+    let (code, out) = exec(
+        &client,
+        "cat /sys/devices/system/clocksource/clocksource0/current_clocksource \
+         /proc/sys/vm/compaction_proactiveness /proc/sys/kernel/watchdog \
+         /proc/sys/vm/stat_interval /sys/block/vda/queue/wbt_lat_usec",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let values: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        values[1..],
+        ["0", "0", "10", "0"],
+        "compaction_proactiveness, watchdog, stat_interval, wbt_lat_usec: {out}"
+    );
+    if config_tsc_known {
+        assert_eq!(values[0], "tsc", "the guest's clocksource");
+    }
 
     // The agent's init mounts, and the template's runtime defaults and VM size.
     let (code, out) = exec(&client, "cat /proc/mounts").await;

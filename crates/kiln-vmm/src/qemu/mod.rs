@@ -12,7 +12,7 @@ use std::time::Duration;
 pub use config::{BootConfig, AGENT_PORT_NAME};
 pub use process::{Attachments, QemuProcess, SnapshotError};
 
-use crate::accel::{AccelChoice, AccelDecision};
+use crate::accel::{Accel, AccelChoice, AccelDecision};
 use crate::driver::{
     AgentTransport, Capabilities, Confinement, DriverError, ExitReport, Hypervisor, PhaseTimings,
     Vm, VmSpec,
@@ -27,6 +27,8 @@ pub const MINIMUM_VERSION: (u32, u32) = (10, 0);
 pub struct QemuDriver {
     binary: PathBuf,
     accel: AccelDecision,
+    /// The host's TSC frequency, under TCG.
+    tsc_khz: Option<u32>,
     version: String,
 }
 
@@ -73,9 +75,14 @@ impl QemuDriver {
                 )))
             }
         }
+        let tsc_khz = match accel.accel {
+            Accel::Tcg => crate::tsc::host_tsc_khz(),
+            Accel::Kvm => None,
+        };
         Ok(QemuDriver {
             binary: binary.to_owned(),
             accel,
+            tsc_khz,
             version,
         })
     }
@@ -119,8 +126,13 @@ impl Hypervisor for QemuDriver {
     }
 
     fn restore_signature(&self, spec: &VmSpec) -> String {
-        BootConfig::from_spec(self.accel.accel, spec.clone(), &Confinement::default())
-            .device_signature()
+        BootConfig::from_spec(
+            self.accel.accel,
+            self.tsc_khz,
+            spec.clone(),
+            &Confinement::default(),
+        )
+        .device_signature()
     }
 
     fn run_files(&self, run_dir: &Path) -> (PathBuf, PathBuf) {
@@ -141,7 +153,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn launch(&self, spec: VmSpec, confinement: Confinement) -> Result<Box<dyn Vm>, DriverError> {
-        let config = BootConfig::from_spec(self.accel.accel, spec, &confinement);
+        let config = BootConfig::from_spec(self.accel.accel, self.tsc_khz, spec, &confinement);
         let attachments = Attachments {
             netns: confinement.netns,
             tap: confinement.tap,

@@ -416,6 +416,7 @@ impl QemuProcess {
         let pidfd = crate::pidfd::open_if_same(pid, start_ticks)?;
         let config = BootConfig {
             accel: crate::accel::Accel::Tcg,
+            tsc_khz: None,
             vcpus: 0,
             memory_mib: 0,
             kernel: PathBuf::new(),
