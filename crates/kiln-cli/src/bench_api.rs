@@ -2,7 +2,6 @@
 //! (sequential and with concurrent clients), exec round trip, sustained create-and-destroy
 //! throughput, and memory after.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,12 +39,8 @@ pub struct ApiBenchOptions {
     /// Workers creating and destroying in the sustained phase.
     #[arg(long, default_value_t = 4)]
     pub sustain_workers: usize,
-    /// Artefact cache directory.
-    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
-    pub cache_dir: PathBuf,
-    /// Print the results as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub daemon: crate::stats::DaemonArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,8 +121,13 @@ pub(crate) struct InProcessDaemon {
 }
 
 impl InProcessDaemon {
-    /// Starts one with `template` as its default, artefacts from `cache_dir`.
-    pub(crate) async fn start(template: &str, cache_dir: &std::path::Path) -> Result<Self> {
+    /// Starts one with `template` as its default, artefacts from `cache_dir`, and sandbox
+    /// networking if `network` is given.
+    pub(crate) async fn start(
+        template: &str,
+        cache_dir: &std::path::Path,
+        network: Option<kiln_network::NetworkConfig>,
+    ) -> Result<Self> {
         let data = tempfile::Builder::new()
             .prefix("kiln-bench-api-")
             .tempdir()?;
@@ -135,7 +135,10 @@ impl InProcessDaemon {
             cache_dir: cache_dir.to_owned(),
             templates_dirs: crate::template_cmd::templates_dirs(),
             agent_binary: crate::template_cmd::static_agent()?,
-            engine: kiln_engine::EngineConfig::new(data.path()),
+            engine: kiln_engine::EngineConfig {
+                network,
+                ..kiln_engine::EngineConfig::new(data.path())
+            },
             default_template: template.to_owned(),
             default_ttl: Duration::from_secs(600),
             max_ttl: Duration::from_secs(3600),
@@ -166,7 +169,7 @@ impl InProcessDaemon {
 
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: ApiBenchOptions) -> Result<()> {
-    let daemon = InProcessDaemon::start(&options.template, &options.cache_dir).await?;
+    let daemon = InProcessDaemon::start(&options.template, &options.daemon.cache_dir, None).await?;
     let control = daemon.control.clone();
     let api = Api {
         client: daemon.client.clone(),
@@ -284,7 +287,7 @@ pub async fn run(options: ApiBenchOptions) -> Result<()> {
         vmms_left_after: vmms_left,
     };
     daemon.stop().await;
-    if options.json {
+    if options.daemon.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(

@@ -3,7 +3,6 @@
 //! first import of pandas in the warm context against a cold context, which shows what
 //! starting the interpreter at bake saves.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -25,12 +24,8 @@ pub struct CodeBenchOptions {
     /// Sandboxes created and measured one after another.
     #[arg(long, default_value_t = 10)]
     pub iterations: usize,
-    /// Artefact cache directory.
-    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
-    pub cache_dir: PathBuf,
-    /// Print the results as JSON.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub daemon: crate::stats::DaemonArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,7 +73,7 @@ async fn timed<T>(
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: CodeBenchOptions) -> Result<()> {
     ensure!(options.iterations > 0, "--iterations must be at least 1");
-    let daemon = InProcessDaemon::start(&options.template, &options.cache_dir).await?;
+    let daemon = InProcessDaemon::start(&options.template, &options.daemon.cache_dir, None).await?;
     let client = daemon.client.clone();
     let create = || async {
         let body = CreateSandboxBody {
@@ -140,7 +135,7 @@ pub async fn run(options: CodeBenchOptions) -> Result<()> {
         import_pandas_cold_context: Summary::of(pandas_cold),
     };
     daemon.stop().await;
-    if options.json {
+    if options.daemon.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }

@@ -61,7 +61,7 @@ struct Report {
     sequential_prestarted: usize,
 }
 
-async fn exec_true(agent: &AgentClient) -> Result<()> {
+pub(crate) async fn exec_true(agent: &AgentClient) -> Result<()> {
     let result = agent
         .run(ExecRequest::new(Command::Argv(vec!["true".into()])), 1024)
         .await?;

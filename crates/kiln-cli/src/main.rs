@@ -5,9 +5,11 @@ mod bench_api;
 mod bench_code;
 mod bench_create;
 mod bench_fork;
+mod bench_idle;
 mod bench_images;
 mod bench_net;
 mod bench_pause;
+mod bench_tti;
 mod client_cmd;
 mod keys_cmd;
 mod mcp_cmd;
@@ -475,6 +477,12 @@ enum BenchCommand {
     /// Stateful code execution through the API: create, first and later `run_code`, warm
     /// and cold imports (a template with the code interpreter; python by default).
     Code(bench_code::CodeBenchOptions),
+    /// Time to interactive through the HTTP API: create, then the output of `echo ok`
+    /// received (sequential and with concurrent clients), with a per-phase breakdown.
+    Tti(bench_tti::TtiBenchOptions),
+    /// What idle sandboxes cost: their VMMs' CPU time (pre-started ones included) and
+    /// memory, and create and exec latency on the empty host against the full one.
+    Idle(bench_idle::IdleBenchOptions),
     /// Template images: build time from nothing (into an empty cache, downloads included)
     /// and from the cache, sizes, and cold boot to the first exec (p50/p99).
     Images(bench_images::ImagesBenchOptions),
@@ -710,6 +718,12 @@ async fn main() -> ExitCode {
             command: BenchCommand::Code(options),
         } => bench_code::run(options).await,
         Commands::Bench {
+            command: BenchCommand::Tti(options),
+        } => bench_tti::run(options).await,
+        Commands::Bench {
+            command: BenchCommand::Idle(options),
+        } => bench_idle::run(options).await,
+        Commands::Bench {
             command: BenchCommand::Images(options),
         } => bench_images::run(options).await,
         Commands::Bench {
@@ -804,5 +818,49 @@ mod tests {
             "after the command"
         );
         assert!(Cli::try_parse_from(["kiln", "serve", "--url", "http://a"]).is_err());
+    }
+
+    #[test]
+    fn the_tti_and_idle_benchmarks_take_their_options() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parses").command;
+        let Commands::Bench {
+            command: BenchCommand::Tti(tti),
+        } = parse(&[
+            "kiln",
+            "bench",
+            "tti",
+            "--iterations",
+            "3",
+            "--clients",
+            "0",
+            "--no-network",
+            "--json",
+        ])
+        else {
+            panic!("not bench tti");
+        };
+        assert_eq!((tti.iterations, tti.clients, tti.rounds), (3, 0, 3));
+        assert!(tti.no_network && tti.daemon.json);
+        assert_eq!(tti.template, kiln_image::template::DEFAULT_TEMPLATE);
+        let Commands::Bench {
+            command: BenchCommand::Idle(idle),
+        } = parse(&[
+            "kiln",
+            "bench",
+            "idle",
+            "--sandboxes",
+            "200",
+            "--measure-secs",
+            "60",
+        ])
+        else {
+            panic!("not bench idle");
+        };
+        assert_eq!(
+            (idle.sandboxes, idle.measure_secs, idle.settle_secs),
+            (200, 60, 20)
+        );
+        assert_eq!(idle.template, "base");
+        assert!(!idle.engine.json);
     }
 }

@@ -9,6 +9,17 @@ use kiln_image::template::TemplateImages;
 use kiln_vmm::accel::AccelChoice;
 use serde::Serialize;
 
+/// Options of every benchmark that runs a daemon in this process and calls its HTTP API.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Artefact cache directory.
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = kiln_image::cache::DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Options of every benchmark that runs an engine in this process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {

@@ -818,6 +818,14 @@ impl Engine {
             .collect()
     }
 
+    /// CPU time the pre-started VMMs have used so far, from their cgroups, in seconds.
+    pub fn prestarted_cpu_seconds(&self) -> f64 {
+        lock(&self.inner.prestarted)
+            .values()
+            .map(|pool| pool.cpu_seconds())
+            .sum()
+    }
+
     /// Lifecycle events of every sandbox from now on. A subscriber that falls more than 1024
     /// events behind gets `Lagged` and should re-read [`Engine::list`].
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<SandboxEvent> {

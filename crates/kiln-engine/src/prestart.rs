@@ -107,6 +107,14 @@ impl PrestartPool {
     pub(crate) fn pids(&self) -> Vec<u32> {
         self.ready.iter().map(|p| p.vm.pid()).collect()
     }
+
+    /// CPU time the ready VMMs' cgroups have used, in seconds (those with a known figure).
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        self.ready
+            .iter()
+            .filter_map(|p| p.resources.cgroup.as_ref()?.usage().cpu_seconds)
+            .sum()
+    }
 }
 
 /// Takes a pre-started VMM for `template` if one is ready and still alive.
