@@ -3,7 +3,8 @@
 KILN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export KILN_ROOT
 
-step() { printf '\n==> %s\n' "$*"; }
+# A step's heading, with the seconds since the script started (where CI time goes).
+step() { printf '\n==> [%d s] %s\n' "$SECONDS" "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 source "$KILN_ROOT/scripts/lib/packages.sh"
