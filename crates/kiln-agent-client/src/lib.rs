@@ -561,7 +561,6 @@ async fn write_answer(
     .await
 }
 
-/// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
 /// A file the agent has opened for download ([`AgentClient::open_file`]).
 pub struct FileDownload {
     frames: FrameReader<Incoming>,
@@ -626,6 +625,7 @@ impl FileDownload {
     }
 }
 
+/// Runs `future`, failing with a timeout that names `what` if it takes longer than `limit`.
 async fn bounded<T>(
     what: &'static str,
     limit: Duration,

@@ -109,8 +109,8 @@ const QUIET_IDLE: [(&str, &str); 3] = [
 ];
 
 /// Applies [`QUIET_IDLE`] and turns off block-layer writeback throttling (its latency
-/// timer runs while the disk is idle). Failures are logged: a kernel without one of these
-/// only costs CPU time.
+/// timer runs while the disk is idle). Kernel-wide: for the guest's init only. Failures are
+/// logged: a kernel without one of these only costs CPU time.
 pub fn quiet_idle() {
     let mut settings: Vec<(String, &str)> = QUIET_IDLE
         .iter()
@@ -125,8 +125,13 @@ pub fn quiet_idle() {
         }
     }
     for (path, value) in settings {
-        if let Err(e) = std::fs::write(&path, value) {
-            tracing::debug!(%path, error = %e, "kernel setting not applied");
+        match std::fs::write(&path, value) {
+            Ok(()) => {}
+            // A kernel built without the feature.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::debug!(%path, "kernel setting absent");
+            }
+            Err(e) => tracing::warn!(%path, error = %e, "kernel setting not applied"),
         }
     }
 }

@@ -73,7 +73,10 @@ fn main() -> ExitCode {
         if duties.has(Duty::Mounts) {
             duties::mount_pseudo_filesystems();
         }
-        duties::quiet_idle();
+        // Kernel-wide settings: only as the guest's init, never for an agent on a host.
+        if std::process::id() == 1 {
+            duties::quiet_idle();
+        }
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -146,6 +146,11 @@ fn phases_p50(samples: &[Sample]) -> Vec<(String, f64)> {
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: TtiBenchOptions) -> Result<()> {
     ensure!(options.iterations > 0, "--iterations must be at least 1");
+    ensure!(
+        options.no_network || nix::unistd::geteuid().is_root(),
+        "sandbox networking needs root (its namespaces and links): run as root, or pass \
+         --no-network"
+    );
     // Sandbox egress ends in a namespace of this benchmark's.
     let internet = (!options.no_network).then(|| TestInternet::new(0));
     let network = internet.as_ref().map(|internet| internet.network_config());
