@@ -16,7 +16,7 @@ KILN_QEMU_GENERATION=10.0
 KILN_PACKAGES=(
   util-linux mount iproute2 coreutils hostname gcc binutils kmod
   e2fsprogs xfsprogs mmdebstrap xz-utils zstd cpio curl ca-certificates python3
-  nftables conntrack dnsmasq-base openssl iperf3
+  nftables conntrack dnsmasq-base openssl iperf3 uidmap
 )
 
 # The QEMU family: every package whose version must be the same generation.
@@ -47,6 +47,7 @@ KILN_TOOLS=(
   "dnsmasq:dnsmasq-base"
   "openssl:openssl"
   "iperf3:iperf3"
+  "newuidmap:uidmap"
   "qemu-system-x86_64:qemu-system-x86"
   "qemu-img:qemu-utils"
 )
@@ -146,10 +147,34 @@ install_packages() {
       die "installing kiln's packages failed (apt-get's output above says why)"
   fi
   check_tools
+  ensure_build_user
   # The guest kernel is fetched with apt-get download, which needs package lists.
   if ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
     step "apt-get update (package lists for the guest kernel)"
     apt-get update -qq || die "apt-get update failed: check the machine's apt sources and its network"
+  fi
+}
+
+# The unprivileged user template packages are installed as (mmdebstrap's unshare mode, see
+# crates/kiln-image/src/mmdebstrap.rs), and the 65536 subordinate ids of its own that the
+# package scripts run as, root of a user namespace owning nothing on the host. The range lies
+# below the sandboxes' VMM uids (from 2000000000) and far above what adduser hands out.
+KILN_BUILD_USER=kiln-build
+KILN_BUILD_SUBIDS=1900000000-1900065535
+
+ensure_build_user() {
+  if ! id -u "$KILN_BUILD_USER" >/dev/null 2>&1; then
+    step "adding the system user $KILN_BUILD_USER (template packages are installed as it)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+      "$KILN_BUILD_USER" || die "adding the user $KILN_BUILD_USER failed"
+  fi
+  if ! grep -qs "^$KILN_BUILD_USER:" /etc/subuid; then
+    usermod --add-subuids "$KILN_BUILD_SUBIDS" "$KILN_BUILD_USER" ||
+      die "giving $KILN_BUILD_USER subordinate uids failed"
+  fi
+  if ! grep -qs "^$KILN_BUILD_USER:" /etc/subgid; then
+    usermod --add-subgids "$KILN_BUILD_SUBIDS" "$KILN_BUILD_USER" ||
+      die "giving $KILN_BUILD_USER subordinate gids failed"
   fi
 }
 

@@ -109,6 +109,12 @@ version_flag() {
 }
 for entry in "${KILN_TOOLS[@]}"; do
   tool=${entry%%:*}
+  if [ "$tool" = newuidmap ]; then
+    # It has no version flag; what matters is that it is setuid root.
+    in_root sh -c 'test -u "$(command -v newuidmap)"' || die "newuidmap is not setuid in the fresh root"
+    printf '  %-20s %s\n' "$tool" "setuid"
+    continue
+  fi
   flag=$(version_flag "$tool")
   if ! out=$(in_root "$tool" "$flag" 2>&1); then
     die "$tool $flag failed in the fresh root: $out"
@@ -124,10 +130,21 @@ for tool in "${KILN_QEMU_TOOLS[@]}"; do
 done
 in_root dpkg-query -W -f='  ${Package} ${Version}\n' "${KILN_QEMU_PACKAGES[@]}"
 
+step "the build user exists with its subordinate ids"
+in_root id "$KILN_BUILD_USER"
+for file in subuid subgid; do
+  line=$(in_root grep "^$KILN_BUILD_USER:" "/etc/$file") || die "no $KILN_BUILD_USER in the fresh root's /etc/$file"
+  [ "$line" = "$KILN_BUILD_USER:1900000000:65536" ] || die "/etc/$file has $line"
+done
+
 step "a second run installs nothing"
 second=$(in_root bash -c 'source /kiln/scripts/lib/common.sh && install_packages' 2>&1)
-if grep -q "installing kiln's packages" <<<"$second"; then
+if grep -q "installing kiln's packages\|adding the system user" <<<"$second"; then
   die "install_packages installed again on a machine that has everything: $second"
 fi
+for file in subuid subgid; do
+  count=$(in_root grep -c "^$KILN_BUILD_USER:" "/etc/$file")
+  [ "$count" = 1 ] || die "a second run left $count entries for $KILN_BUILD_USER in /etc/$file"
+done
 
 printf '\nfresh-machine set-up proven in %d s\n' "$((SECONDS - started))"

@@ -396,7 +396,8 @@ impl utoipa::Modify for BearerAuth {
 /// * on a sandbox's sub-resources (`/v1/sandboxes/{id}/...`, which reach its VM): 409
 ///   `conflict` (not in a state for it), 422 `guest_error`, 503 `unavailable` (the sandbox does
 ///   not answer), 504 `timeout`;
-/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity); a create or change of a
+/// * what makes a sandbox: 429 `quota_exceeded` and 503 (no capacity); a template's spec: 429
+///   (the tenant's quota of templates); a create or change of a
 ///   sandbox: 409 (networking off, a snapshot of another VMM, a failed sandbox);
 /// * what takes disk space (create, fork, pause, snapshot): 507 `insufficient_storage`.
 #[derive(Debug)]
@@ -457,10 +458,17 @@ impl ErrorResponses {
             statuses.extend([
                 (
                     429,
-                    "The tenant is at its limit of live sandboxes (`quota_exceeded`)",
+                    "The tenant is at one of its quotas: live sandboxes, CPU, memory or disk \
+                     (`quota_exceeded`)",
                 ),
                 (503, "No capacity for another sandbox now (`unavailable`)"),
             ]);
+        }
+        if operation.operation_id.as_deref() == Some("build_template") {
+            statuses.push((
+                429,
+                "The tenant is at its limit of templates (`quota_exceeded`)",
+            ));
         }
         if matches!(
             operation.operation_id.as_deref(),

@@ -31,11 +31,14 @@ async fn api() -> Api {
 
 /// A daemon whose tenants may have at most `max_sandboxes` live sandboxes each.
 async fn api_with(max_sandboxes: Option<usize>) -> Api {
+    api_configured(|config| config.quotas.sandboxes = max_sandboxes).await
+}
+
+/// A daemon of the test configuration as `change` leaves it.
+async fn api_configured(change: impl FnOnce(&mut kiln_control::ControlConfig)) -> Api {
     let data = tempfile::tempdir().expect("data dir");
-    let config = kiln_control::ControlConfig {
-        max_sandboxes_per_tenant: max_sandboxes,
-        ..common::control_config(data.path())
-    };
+    let mut config = common::control_config(data.path());
+    change(&mut config);
     let control = Control::open(config).await.expect("control plane");
     let kiln_api::Routers { api: app, metrics } = kiln_api::routers(
         control.clone(),
@@ -50,6 +53,27 @@ async fn api_with(max_sandboxes: Option<usize>) -> Api {
         control,
         _data: data,
     }
+}
+
+/// The root filesystem artefact the (only) bake of template `name` was made from.
+fn rootfs_of_bake(api: &Api, name: &str) -> std::path::PathBuf {
+    let templates = api.control.config().engine.data_dir.join("templates");
+    let found: Vec<std::path::PathBuf> = std::fs::read_dir(&templates)
+        .expect("bakes")
+        .flatten()
+        .filter_map(|entry| kiln_engine::BakedTemplate::open(&entry.path()).ok())
+        .filter(|baked| baked.meta.name == name && baked.meta.capture_of.is_none())
+        .filter_map(|baked| {
+            baked
+                .meta
+                .inputs
+                .iter()
+                .find(|(input, _)| input == "rootfs")
+                .map(|(_, path)| std::path::PathBuf::from(path))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0].clone()
 }
 
 struct Reply {
@@ -1082,6 +1106,9 @@ disk_mib = 768
     )
     .await
     .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    // The root filesystem `mine` was built into, in the image cache.
+    let rootfs = rootfs_of_bake(&api, "mine");
+    assert!(rootfs.join("rootfs.ext4").is_file(), "{}", rootfs.display());
     let deleted = api
         .call(
             Method::DELETE,
@@ -1094,6 +1121,7 @@ disk_mib = 768
     api.get("/v1/templates/mine", &alice)
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert!(rootfs.is_dir(), "removed while a sandbox runs on its bake");
     api.call(
         Method::DELETE,
         &format!("/v1/sandboxes/{mine_id}"),
@@ -1101,6 +1129,8 @@ disk_mib = 768
         Body::empty(),
     )
     .await;
+    // With its last sandbox, the deleted template's bake and root filesystem are gone.
+    assert!(!rootfs.exists(), "{} left in the cache", rootfs.display());
 
     // Time to live.
     let kept = api
@@ -1813,4 +1843,157 @@ async fn a_tenant_is_held_to_its_quota_of_live_sandboxes() {
             .await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_is_held_to_its_resource_quotas_and_caps() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // `base`: 1 vCPU, 256 MiB (its VMM's limit 512 MiB), a 1024 MiB disk.
+    let api = api_configured(|config| {
+        config.quotas = kiln_control::TenantQuotas {
+            cpus: Some(1.5),
+            memory_mib: Some(1000),
+            disk_mib: Some(3072),
+            templates: Some(1),
+            ..kiln_control::TenantQuotas::default()
+        };
+        config.spec_caps.build_time = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let alice = api.key("alice", false);
+    let create = |body: Value| {
+        let (api, alice) = (&api, &alice);
+        async move { api.json(Method::POST, "/v1/sandboxes", alice, body).await }
+    };
+    let made = |reply: &Reply| -> String {
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json());
+        reply.json()["id"].as_str().expect("id").to_owned()
+    };
+    let refused = |reply: &Reply, says: &str| {
+        reply.assert_error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded");
+        let message = reply.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(says), "{message}");
+    };
+
+    let first = made(&create(json!({"ttl_secs": 300, "cpus": 1.0})).await);
+    // A second at the template's 1 vCPU passes the 1.5 cores.
+    refused(&create(json!({"ttl_secs": 300})).await, "cores");
+    // Half a core fits, but not with the VMM's default 512 MiB more memory, nor with a
+    // 2100 MiB disk.
+    refused(
+        &create(json!({"ttl_secs": 300, "cpus": 0.5})).await,
+        "MiB of memory",
+    );
+    refused(
+        &create(json!({"ttl_secs": 300, "cpus": 0.5, "memory_mib": 400, "disk_mib": 2100})).await,
+        "MiB of disk",
+    );
+    let second = made(&create(json!({"ttl_secs": 300, "cpus": 0.5, "memory_mib": 400})).await);
+    // A fork's children hold what their parent does.
+    refused(
+        &api.json(
+            Method::POST,
+            &format!("/v1/sandboxes/{second}/fork"),
+            &alice,
+            json!({"count": 1}),
+        )
+        .await,
+        "cores",
+    );
+    // A destroyed sandbox gives its share back.
+    let deleted = api.delete(&format!("/v1/sandboxes/{first}"), &alice).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let third = made(&create(json!({"ttl_secs": 300, "cpus": 1.0})).await);
+
+    // Template specs: the operator's caps (400), the quota of templates (429), and the
+    // build time (the stream's last event).
+    let spec = |name: &str, packages: &str| {
+        format!(
+            "name = \"{name}\"\npackages = [{packages}]\n[base]\nsuite = \"bookworm\"\n\
+             [resources]\nvcpus = 1\nmemory_mib = 256\ndisk_mib = 768\n"
+        )
+    };
+    let too_big = spec("big", "").replace("vcpus = 1", "vcpus = 64");
+    let reply = api
+        .json(
+            Method::POST,
+            "/v1/templates",
+            &alice,
+            json!({"spec": too_big}),
+        )
+        .await;
+    reply.assert_error(StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(
+        reply.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("resources.vcpus") && m.contains("at most 8")),
+        "{:?}",
+        reply.json()
+    );
+    let last_event = |reply: &Reply| -> Value {
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        let text = String::from_utf8_lossy(&reply.body).into_owned();
+        serde_json::from_str(text.lines().last().expect("events")).expect("an event")
+    };
+    // Installing real packages takes longer than the 2 s this daemon allows a build.
+    let slow = api
+        .json(
+            Method::POST,
+            "/v1/templates",
+            &alice,
+            json!({"spec": spec("slow", "\"python3\"")}),
+        )
+        .await;
+    let last = last_event(&slow);
+    assert_eq!(
+        (last["type"].as_str(), last["code"].as_str()),
+        (Some("error"), Some("quota_exceeded")),
+        "{last}"
+    );
+    assert!(
+        last["message"].as_str().is_some_and(|m| m.contains("2 s")),
+        "{last}"
+    );
+    // `slow` is saved, so a second template is past the quota of one; replacing `slow` is
+    // not, and once it is deleted there is room again.
+    refused(
+        &api.json(
+            Method::POST,
+            "/v1/templates",
+            &alice,
+            json!({"spec": spec("other", "")}),
+        )
+        .await,
+        "templates of at most 1",
+    );
+    let replaced = api
+        .json(
+            Method::POST,
+            "/v1/templates",
+            &alice,
+            json!({"spec": spec("slow", "\"no-such-package-in-debian\"")}),
+        )
+        .await;
+    assert_eq!(last_event(&replaced)["type"], "error");
+    let deleted = api.delete("/v1/templates/slow", &alice).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let other = api
+        .json(
+            Method::POST,
+            "/v1/templates",
+            &alice,
+            json!({"spec": spec("other", "\"no-such-package-in-debian\"")}),
+        )
+        .await;
+    // Saved (the stream started); its build fails, by the package or by the deadline.
+    assert_eq!(last_event(&other)["type"], "error");
+
+    for id in [second, third] {
+        let deleted = api.delete(&format!("/v1/sandboxes/{id}"), &alice).await;
+        assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    }
+    api.control.shutdown().await;
 }

@@ -143,7 +143,8 @@ impl InProcessDaemon {
             default_ttl: Duration::from_secs(600),
             max_ttl: Duration::from_secs(3600),
             paused_retention: Duration::from_secs(3600),
-            max_sandboxes_per_tenant: None,
+            quotas: kiln_control::TenantQuotas::default(),
+            spec_caps: kiln_control::SpecCaps::default(),
         })
         .await?;
         let store = kiln_control::open_store(data.path())?;

@@ -64,7 +64,7 @@ enum Commands {
     /// Run the daemon: the REST API over the engine, state in SQLite. SIGTERM stops it and
     /// leaves its sandboxes running (the next start re-adopts them); SIGINT (Ctrl-C) stops it
     /// and destroys them.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Create, list, inspect and destroy sandboxes.
     Sandbox {
         #[command(flatten)]
@@ -673,7 +673,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Serve(args) => {
             init_logging();
-            match serve_cmd::serve(args).await {
+            match serve_cmd::serve(*args).await {
                 // Sandboxes are detached or destroyed by now; a template build still running
                 // on a blocking thread must not keep the process alive.
                 Ok(()) => std::process::exit(0),

@@ -60,6 +60,36 @@ pub struct ServeArgs {
     /// is refused with 429 `quota_exceeded`; 0: no limit [default: 100].
     #[arg(long)]
     pub max_sandboxes_per_tenant: Option<usize>,
+    /// Most CPU quota, in cores, one tenant's live sandboxes may hold together (each holds
+    /// its `cpus`, its template's vCPUs by default); past it, 429 `quota_exceeded`; 0: no
+    /// limit [default: no limit].
+    #[arg(long)]
+    pub max_cpus_per_tenant: Option<f64>,
+    /// Most memory, in MiB, one tenant's live sandboxes may hold together (each holds its
+    /// VMM's limit: `memory_mib`, its template's memory plus the VMM's own by default); 0: no
+    /// limit [default: no limit].
+    #[arg(long)]
+    pub max_memory_mib_per_tenant: Option<u64>,
+    /// Most root disk, in MiB, one tenant's live sandboxes may hold together (each holds its
+    /// disk's size); 0: no limit [default: no limit].
+    #[arg(long)]
+    pub max_disk_mib_per_tenant: Option<u64>,
+    /// Most templates of its own one tenant may have; 0: no limit [default: 50].
+    #[arg(long)]
+    pub max_templates_per_tenant: Option<usize>,
+    /// Most vCPUs a tenant's template may ask for [default: 8].
+    #[arg(long)]
+    pub max_template_vcpus: Option<u32>,
+    /// Most guest memory, in MiB, a tenant's template may ask for [default: 16384].
+    #[arg(long)]
+    pub max_template_memory_mib: Option<u32>,
+    /// Most root disk, in MiB, a tenant's template may ask for [default: 65536].
+    #[arg(long)]
+    pub max_template_disk_mib: Option<u32>,
+    /// Longest build of a tenant's template (its package installation), in seconds; a build
+    /// past it is stopped and refused with 429 `quota_exceeded` [default: 1800].
+    #[arg(long)]
+    pub max_template_build_secs: Option<u64>,
     /// VMMs kept pre-started per template, 0 to 2 [default: 1].
     #[arg(long)]
     pub prestart: Option<usize>,
@@ -145,6 +175,14 @@ struct FileConfig {
     max_ttl_secs: Option<u64>,
     paused_retention_secs: Option<u64>,
     max_sandboxes_per_tenant: Option<usize>,
+    max_cpus_per_tenant: Option<f64>,
+    max_memory_mib_per_tenant: Option<u64>,
+    max_disk_mib_per_tenant: Option<u64>,
+    max_templates_per_tenant: Option<usize>,
+    max_template_vcpus: Option<u32>,
+    max_template_memory_mib: Option<u32>,
+    max_template_disk_mib: Option<u32>,
+    max_template_build_secs: Option<u64>,
     prestart: Option<usize>,
     max_upload_bytes: Option<u64>,
     disk_reserve_mib: Option<u64>,
@@ -342,6 +380,56 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     {
         bail!("setting `mcp_allowed_origins`: `{origin}` is not an origin like https://app.example.com:443");
     }
+    // 0 (or unset where the default is none) is no limit.
+    let cpus = args.max_cpus_per_tenant.or(file.max_cpus_per_tenant);
+    if cpus.is_some_and(|cpus| !cpus.is_finite() || cpus < 0.0) {
+        bail!("setting `max_cpus_per_tenant`: give a number of cores, or 0 for no limit");
+    }
+    let quotas = kiln_control::TenantQuotas {
+        sandboxes: Some(
+            args.max_sandboxes_per_tenant
+                .or(file.max_sandboxes_per_tenant)
+                .unwrap_or(100),
+        )
+        .filter(|max| *max > 0),
+        cpus: cpus.filter(|max| *max > 0.0),
+        memory_mib: args
+            .max_memory_mib_per_tenant
+            .or(file.max_memory_mib_per_tenant)
+            .filter(|max| *max > 0),
+        disk_mib: args
+            .max_disk_mib_per_tenant
+            .or(file.max_disk_mib_per_tenant)
+            .filter(|max| *max > 0),
+        templates: Some(
+            args.max_templates_per_tenant
+                .or(file.max_templates_per_tenant)
+                .unwrap_or(50),
+        )
+        .filter(|max| *max > 0),
+    };
+    let caps = kiln_control::SpecCaps::default();
+    let spec_caps = kiln_control::SpecCaps {
+        vcpus: args
+            .max_template_vcpus
+            .or(file.max_template_vcpus)
+            .unwrap_or(caps.vcpus),
+        memory_mib: args
+            .max_template_memory_mib
+            .or(file.max_template_memory_mib)
+            .unwrap_or(caps.memory_mib),
+        disk_mib: args
+            .max_template_disk_mib
+            .or(file.max_template_disk_mib)
+            .unwrap_or(caps.disk_mib),
+        build_time: args
+            .max_template_build_secs
+            .or(file.max_template_build_secs)
+            .map_or(caps.build_time, Duration::from_secs),
+    };
+    if spec_caps.build_time.is_zero() {
+        bail!("setting `max_template_build_secs`: give at least 1 s");
+    }
     let metrics_listen = args.metrics_listen.or(file.metrics_listen);
     if metrics_listen == Some(listen) {
         bail!("setting `metrics_listen`: {listen} is the API's own address (leave it out to scrape /metrics there with an admin key)");
@@ -361,12 +449,8 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             default_ttl: Duration::from_secs(default_ttl),
             max_ttl: Duration::from_secs(max_ttl),
             paused_retention: Duration::from_secs(paused_retention),
-            max_sandboxes_per_tenant: Some(
-                args.max_sandboxes_per_tenant
-                    .or(file.max_sandboxes_per_tenant)
-                    .unwrap_or(100),
-            )
-            .filter(|max| *max > 0),
+            quotas,
+            spec_caps,
         },
         api: kiln_api::ApiConfig {
             max_upload_bytes: args

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_agent_client::ClientError;
-use kiln_engine::{CreateOptions, Engine, EngineConfig, EngineError, Sandbox, SandboxEvent};
+use kiln_engine::{
+    CreateOptions, Engine, EngineConfig, EngineError, Resources, Sandbox, SandboxEvent,
+};
 use kiln_proto::messages::ErrorKind;
 use sha2::Digest;
 
-pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord, SnapshotRecord};
+pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord, SnapshotRecord, TenantUsage};
 pub use templates::TemplateInfo;
 
 /// Errors of the control plane, each with a meaning a front end can map (HTTP status codes
@@ -173,8 +175,53 @@ pub struct ControlConfig {
     pub max_ttl: Duration,
     /// How long a paused sandbox is kept (from its pause) before it is destroyed.
     pub paused_retention: Duration,
-    /// Most live (running or paused) sandboxes one tenant may have; `None`: no limit.
-    pub max_sandboxes_per_tenant: Option<usize>,
+    /// What one tenant may hold.
+    pub quotas: TenantQuotas,
+    /// What a tenant's own template spec may ask for.
+    pub spec_caps: SpecCaps,
+}
+
+/// What one tenant may hold at once; `None`: no limit. A create, fork, restore or template
+/// save past one is refused with [`ControlError::QuotaExceeded`] before anything is made.
+#[derive(Debug, Clone, Default)]
+pub struct TenantQuotas {
+    /// Live (running or paused) sandboxes.
+    pub sandboxes: Option<usize>,
+    /// CPU quotas of its live sandboxes together, in cores.
+    pub cpus: Option<f64>,
+    /// Memory limits of its live sandboxes' VMMs together (guest RAM and the VMM's own), in
+    /// MiB.
+    pub memory_mib: Option<u64>,
+    /// Root disk sizes of its live sandboxes together, in MiB.
+    pub disk_mib: Option<u64>,
+    /// Its own templates.
+    pub templates: Option<usize>,
+}
+
+/// The most a tenant's own template spec may ask for (the operator's templates are not held
+/// to it), and how long building one may take.
+#[derive(Debug, Clone)]
+pub struct SpecCaps {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory, in MiB.
+    pub memory_mib: u32,
+    /// Root disk, in MiB.
+    pub disk_mib: u32,
+    /// Longest build of its images (the package installation); a build past it is stopped
+    /// and fails.
+    pub build_time: Duration,
+}
+
+impl Default for SpecCaps {
+    fn default() -> SpecCaps {
+        SpecCaps {
+            vcpus: 8,
+            memory_mib: 16 << 10,
+            disk_mib: 64 << 10,
+            build_time: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 /// What a create asks for.
@@ -269,29 +316,122 @@ struct Inner {
     >,
     /// Set when the daemon stops.
     closing: tokio::sync::watch::Sender<bool>,
-    /// Sandboxes being made, by tenant: counted against the quota with the recorded ones,
-    /// so concurrent creates cannot pass it together.
-    making: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// What sandboxes being made hold, by tenant: counted against the quotas with the
+    /// recorded ones, so concurrent creates cannot pass them together.
+    making: std::sync::Mutex<std::collections::HashMap<String, TenantUsage>>,
 }
 
-/// `count` of a tenant's sandbox slots, held while its sandboxes are made and recorded.
+/// What a tenant's sandboxes being made hold, until they are made and recorded.
 #[derive(Debug)]
-struct SlotHold<'a> {
-    making: &'a std::sync::Mutex<std::collections::HashMap<String, usize>>,
+struct QuotaHold<'a> {
+    making: &'a std::sync::Mutex<std::collections::HashMap<String, TenantUsage>>,
     tenant: String,
-    count: usize,
+    held: TenantUsage,
 }
 
-impl Drop for SlotHold<'_> {
+impl Drop for QuotaHold<'_> {
     fn drop(&mut self) {
         let mut making = self.making.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = making.get_mut(&self.tenant) {
-            *held = held.saturating_sub(self.count);
-            if *held == 0 {
+        if let Some(usage) = making.get_mut(&self.tenant) {
+            *usage = usage.less(&self.held);
+            if usage.sandboxes == 0 {
                 making.remove(&self.tenant);
             }
         }
     }
+}
+
+impl TenantUsage {
+    fn plus(&self, other: &TenantUsage) -> TenantUsage {
+        TenantUsage {
+            sandboxes: self.sandboxes + other.sandboxes,
+            resources: Resources {
+                cpus: self.resources.cpus + other.resources.cpus,
+                memory_mib: self.resources.memory_mib + other.resources.memory_mib,
+                disk_mib: self.resources.disk_mib + other.resources.disk_mib,
+            },
+        }
+    }
+
+    fn less(&self, other: &TenantUsage) -> TenantUsage {
+        TenantUsage {
+            sandboxes: self.sandboxes.saturating_sub(other.sandboxes),
+            resources: Resources {
+                cpus: (self.resources.cpus - other.resources.cpus).max(0.0),
+                memory_mib: self
+                    .resources
+                    .memory_mib
+                    .saturating_sub(other.resources.memory_mib),
+                disk_mib: self
+                    .resources
+                    .disk_mib
+                    .saturating_sub(other.resources.disk_mib),
+            },
+        }
+    }
+
+    /// `count` sandboxes holding `each`.
+    fn of(count: usize, each: Resources) -> TenantUsage {
+        TenantUsage {
+            sandboxes: count,
+            resources: Resources {
+                cpus: each.cpus * count as f64,
+                memory_mib: each.memory_mib.saturating_mul(count as u64),
+                disk_mib: each.disk_mib.saturating_mul(count as u64),
+            },
+        }
+    }
+}
+
+/// The first of `quotas` that `usage` passes, as a message that says what to do.
+fn over_quota(quotas: &TenantQuotas, have: &TenantUsage, asked: &TenantUsage) -> Option<String> {
+    let after = have.plus(asked);
+    if let Some(max) = quotas.sandboxes {
+        if after.sandboxes > max {
+            return Some(format!(
+                "this tenant has {} live sandboxes (running, paused or being made) of at most \
+                 {max}; {} more would pass the limit: destroy some first",
+                have.sandboxes, asked.sandboxes
+            ));
+        }
+    }
+    // A little slack for sums of fractional cores (0.1 * 3 is not 0.3).
+    if let Some(max) = quotas.cpus {
+        if after.resources.cpus > max + 1e-9 {
+            return Some(format!(
+                "this tenant's live sandboxes hold {:.1} cores of CPU quota of at most {max}; \
+                 this would add {:.1}: destroy or pause some, or ask for fewer `cpus`",
+                have.resources.cpus, asked.resources.cpus
+            ));
+        }
+    }
+    let mib = [
+        (
+            "memory",
+            quotas.memory_mib,
+            have.resources.memory_mib,
+            asked.resources.memory_mib,
+            "memory_mib",
+        ),
+        (
+            "disk",
+            quotas.disk_mib,
+            have.resources.disk_mib,
+            asked.resources.disk_mib,
+            "disk_mib",
+        ),
+    ];
+    for (what, max, have, asked, field) in mib {
+        if let Some(max) = max {
+            if have.saturating_add(asked) > max {
+                return Some(format!(
+                    "this tenant's live sandboxes hold {have} MiB of {what} of at most {max} \
+                     MiB; this would add {asked} MiB: destroy some, or ask for less `{field}`"
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -353,6 +493,7 @@ impl Control {
             data_dir.join("tenant-templates"),
             kiln_image::cache::Cache::new(&config.cache_dir),
             config.agent_binary.clone(),
+            config.spec_caps.build_time,
         );
         let control = Control {
             inner: Arc::new(Inner {
@@ -582,7 +723,16 @@ impl Control {
 
     /// Stores `spec` (TOML) as one of the caller's own templates, without building it.
     pub fn save_template(&self, who: &Principal, spec: &str) -> Result<String, ControlError> {
-        Ok(self.inner.templates.save(&who.tenant, spec)?.name)
+        Ok(self
+            .inner
+            .templates
+            .save(
+                &who.tenant,
+                spec,
+                &self.inner.config.spec_caps,
+                self.inner.config.quotas.templates,
+            )?
+            .name)
     }
 
     /// Deletes one of the caller's own templates (sandboxes made from it keep running); its
@@ -590,8 +740,8 @@ impl Control {
     pub async fn delete_template(&self, who: &Principal, name: &str) -> Result<(), ControlError> {
         self.inner.templates.delete(&who.tenant, name)?;
         self.inner
-            .engine
-            .remove_unused_bakes(name, Some(&who.tenant), None)
+            .templates
+            .remove_unused_bakes(&self.inner.engine, name, Some(&who.tenant), None)
             .await;
         Ok(())
     }
@@ -632,29 +782,28 @@ impl Control {
         Ok(())
     }
 
-    /// Holds `count` sandbox slots of the caller's tenant, or refuses if that would take it
-    /// past its quota of live sandboxes.
-    fn hold_slots(&self, who: &Principal, count: usize) -> Result<SlotHold<'_>, ControlError> {
-        let hold = |count| SlotHold {
+    /// Holds what `count` new sandboxes holding `each` take of the caller's tenant's quotas,
+    /// or refuses if that would take it past one.
+    fn hold_quota(
+        &self,
+        who: &Principal,
+        count: usize,
+        each: Resources,
+    ) -> Result<QuotaHold<'_>, ControlError> {
+        let asked = TenantUsage::of(count, each);
+        let mut making = self.inner.making.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = self.inner.store.tenant_usage(&who.tenant)?;
+        let have = recorded.plus(&making.get(&who.tenant).copied().unwrap_or_default());
+        if let Some(message) = over_quota(&self.inner.config.quotas, &have, &asked) {
+            return Err(ControlError::QuotaExceeded(message));
+        }
+        let entry = making.entry(who.tenant.clone()).or_default();
+        *entry = entry.plus(&asked);
+        Ok(QuotaHold {
             making: &self.inner.making,
             tenant: who.tenant.clone(),
-            count,
-        };
-        let Some(max) = self.inner.config.max_sandboxes_per_tenant else {
-            return Ok(hold(0));
-        };
-        let mut making = self.inner.making.lock().unwrap_or_else(|e| e.into_inner());
-        let live = self.inner.store.count_live_sandboxes(&who.tenant)?;
-        let held = making.get(&who.tenant).copied().unwrap_or(0);
-        if live + held + count > max {
-            return Err(ControlError::QuotaExceeded(format!(
-                "this tenant has {} live sandboxes (running, paused or being made) of at most \
-                 {max}; {count} more would pass the limit: destroy some first",
-                live + held
-            )));
-        }
-        *making.entry(who.tenant.clone()).or_default() += count;
-        Ok(hold(count))
+            held: asked,
+        })
     }
 
     /// Creates a sandbox for the caller.
@@ -672,7 +821,8 @@ impl Control {
                 "env names may not contain `=`".into(),
             ));
         }
-        let _slot = self.hold_slots(who, 1)?;
+        // Refused at once when already at the quota of sandboxes, before a template is built.
+        drop(self.hold_quota(who, 1, Resources::default())?);
         let name = request
             .template
             .clone()
@@ -700,23 +850,19 @@ impl Control {
                 (name, template)
             }
         };
-        let sandbox = self
-            .inner
-            .engine
-            .create(
-                &template,
-                CreateOptions {
-                    metadata: request.metadata.clone(),
-                    ttl: Some(ttl),
-                    cpus: request.cpus,
-                    memory_mib: request.memory_mib,
-                    disk_mib: request.disk_mib,
-                    network: request.network,
-                    on_expiry: request.on_expiry.unwrap_or_default(),
-                    ..CreateOptions::default()
-                },
-            )
-            .await?;
+        let options = CreateOptions {
+            metadata: request.metadata.clone(),
+            ttl: Some(ttl),
+            cpus: request.cpus,
+            memory_mib: request.memory_mib,
+            disk_mib: request.disk_mib,
+            network: request.network,
+            on_expiry: request.on_expiry.unwrap_or_default(),
+            ..CreateOptions::default()
+        };
+        let resources = kiln_engine::resources_for(&template, &options)?;
+        let _quota = self.hold_quota(who, 1, resources)?;
+        let sandbox = self.inner.engine.create(&template, options).await?;
         let info = sandbox.info();
         let record = SandboxRecord {
             id: info.id.clone(),
@@ -737,6 +883,7 @@ impl Control {
             auto_resume: request.auto_resume.unwrap_or(true),
             on_expiry: request.on_expiry.unwrap_or_default(),
             parent_id: None,
+            resources,
         };
         if let Err(e) = self.inner.store.insert_sandbox(&record) {
             let _ = sandbox.destroy().await;
@@ -884,7 +1031,7 @@ impl Control {
         let mut metadata = record.metadata.clone();
         metadata.extend(request.metadata);
         Control::check_labels(&metadata, "metadata")?;
-        let _slots = self.hold_slots(who, request.count)?;
+        let _quota = self.hold_quota(who, request.count, record.resources)?;
         let (children, report) = self
             .inner
             .engine
@@ -921,6 +1068,7 @@ impl Control {
                 auto_resume: record.auto_resume,
                 on_expiry: record.on_expiry,
                 parent_id: Some(id.to_owned()),
+                resources: record.resources,
             };
             if let Err(e) = self.inner.store.insert_sandbox(&child_record) {
                 for child in &children {
@@ -1138,8 +1286,13 @@ impl Control {
         {
             // Made from a tenant template since deleted: its bakes go with their last user.
             self.inner
-                .engine
-                .remove_unused_bakes(&record.template, Some(&record.tenant), None)
+                .templates
+                .remove_unused_bakes(
+                    &self.inner.engine,
+                    &record.template,
+                    Some(&record.tenant),
+                    None,
+                )
                 .await;
         }
         Ok(())

@@ -9,8 +9,13 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+/// `value` as SQLite stores integers, the largest one if it does not fit.
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -43,7 +48,10 @@ CREATE TABLE sandboxes (
     public_ports INTEGER NOT NULL DEFAULT 0,
     auto_resume INTEGER NOT NULL DEFAULT 1,
     on_expiry TEXT NOT NULL DEFAULT 'destroy',
-    parent_id TEXT
+    parent_id TEXT,
+    cpus REAL NOT NULL DEFAULT 0,
+    memory_mib INTEGER NOT NULL DEFAULT 0,
+    disk_mib INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
 CREATE TABLE snapshots (
@@ -87,6 +95,11 @@ const MIGRATIONS: &[&str] = &[
         created_at_ms INTEGER NOT NULL,
         UNIQUE (tenant_id, name)
      );",
+    // 7 -> 8: what each sandbox holds of the host, counted against its tenant's quotas
+    // (sandboxes recorded before hold 0 until they go).
+    "ALTER TABLE sandboxes ADD COLUMN cpus REAL NOT NULL DEFAULT 0;
+     ALTER TABLE sandboxes ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sandboxes ADD COLUMN disk_mib INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Errors of the store.
@@ -128,8 +141,17 @@ pub struct KeyRecord {
     pub revoked_at_ms: Option<i64>,
 }
 
+/// What a tenant's live sandboxes hold, together.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TenantUsage {
+    /// How many there are.
+    pub sandboxes: usize,
+    /// Their CPU quotas, memory limits and disk sizes, summed.
+    pub resources: kiln_engine::Resources,
+}
+
 /// A sandbox as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SandboxRecord {
     /// Its id.
     pub id: String,
@@ -164,6 +186,8 @@ pub struct SandboxRecord {
     pub on_expiry: kiln_engine::OnExpiry,
     /// The sandbox it was forked from.
     pub parent_id: Option<String>,
+    /// What it holds of the host.
+    pub resources: kiln_engine::Resources,
 }
 
 /// A snapshot as recorded.
@@ -388,8 +412,10 @@ impl Store {
         self.conn().execute(
             "INSERT INTO sandboxes (id, tenant_id, template, state, reason, metadata, ttl_ms,
                                     created_at_ms, expires_at_ms, env, network, access_token,
-                                    public_ports, auto_resume, on_expiry, parent_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                    public_ports, auto_resume, on_expiry, parent_id, cpus,
+                                    memory_mib, disk_mib)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                     ?17, ?18, ?19)",
             params![
                 record.id,
                 record.tenant,
@@ -406,7 +432,10 @@ impl Store {
                 record.public_ports,
                 record.auto_resume,
                 on_expiry_name(record.on_expiry),
-                record.parent_id
+                record.parent_id,
+                record.resources.cpus,
+                saturating_i64(record.resources.memory_mib),
+                saturating_i64(record.resources.disk_mib)
             ],
         )?;
         Ok(())
@@ -448,6 +477,11 @@ impl Store {
                     _ => kiln_engine::OnExpiry::Destroy,
                 },
                 parent_id: row.get(15)?,
+                resources: kiln_engine::Resources {
+                    cpus: row.get(16)?,
+                    memory_mib: row.get::<_, i64>(17)?.max(0).unsigned_abs(),
+                    disk_mib: row.get::<_, i64>(18)?.max(0).unsigned_abs(),
+                },
             },
             row.get::<_, String>(5)?,
             row.get::<_, String>(9)?,
@@ -471,7 +505,7 @@ impl Store {
     const SANDBOX_COLUMNS: &'static str = "id, tenant_id, template, state, reason, metadata, \
                                            ttl_ms, created_at_ms, expires_at_ms, env, network, \
                                            access_token, public_ports, auto_resume, on_expiry, \
-                                           parent_id";
+                                           parent_id, cpus, memory_mib, disk_mib";
 
     /// Sandbox `id`, if it belongs to `tenant` (any tenant when `None`).
     pub fn sandbox(
@@ -546,14 +580,23 @@ impl Store {
         rows.map(|row| Store::finish(row?)).collect()
     }
 
-    /// How many live sandboxes (any state but failed) `tenant` has.
-    pub fn count_live_sandboxes(&self, tenant: &str) -> Result<usize, StoreError> {
-        let count: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM sandboxes WHERE tenant_id = ?1 AND state != 'failed'",
+    /// What `tenant`'s live sandboxes (any state but failed) hold, together.
+    pub fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage, StoreError> {
+        let (sandboxes, cpus, memory_mib, disk_mib): (i64, f64, i64, i64) = self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(cpus), 0), COALESCE(SUM(memory_mib), 0),
+                        COALESCE(SUM(disk_mib), 0)
+                 FROM sandboxes WHERE tenant_id = ?1 AND state != 'failed'",
             params![tenant],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
         )?;
-        Ok(usize::try_from(count).unwrap_or(0))
+        Ok(TenantUsage {
+            sandboxes: usize::try_from(sandboxes).unwrap_or(0),
+            resources: kiln_engine::Resources {
+                cpus,
+                memory_mib: memory_mib.max(0).unsigned_abs(),
+                disk_mib: disk_mib.max(0).unsigned_abs(),
+            },
+        })
     }
 
     /// How many sandboxes there are, by state and template, of all tenants.
@@ -724,6 +767,11 @@ mod tests {
             auto_resume: true,
             on_expiry: kiln_engine::OnExpiry::Destroy,
             parent_id: None,
+            resources: kiln_engine::Resources {
+                cpus: 0.5,
+                memory_mib: 320,
+                disk_mib: 1024,
+            },
         }
     }
 
@@ -860,7 +908,28 @@ mod tests {
                 .len(),
             3
         );
+        // What a tenant's live sandboxes hold, summed (read back as written).
+        assert_eq!(
+            store
+                .sandbox("sb-a1", None)
+                .expect("get")
+                .map(|r| r.resources),
+            Some(record("x", "a", 0, "").resources)
+        );
+        let usage = store.tenant_usage("a").expect("usage");
+        assert_eq!(usage.sandboxes, 5);
+        assert_eq!(
+            (usage.resources.memory_mib, usage.resources.disk_mib),
+            (1600, 5120)
+        );
+        assert!((usage.resources.cpus - 2.5).abs() < 1e-9, "{usage:?}");
+        assert_eq!(
+            store.tenant_usage("nobody").expect("usage"),
+            TenantUsage::default()
+        );
         store.mark_failed("sb-a0", "boom").expect("fail");
+        // A failed sandbox holds nothing.
+        assert_eq!(store.tenant_usage("a").expect("usage").sandboxes, 4);
         let failed = SandboxFilter {
             state: Some("failed".into()),
             ..SandboxFilter::default()

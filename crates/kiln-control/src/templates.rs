@@ -66,6 +66,8 @@ pub struct Templates {
     /// Templates made ready (built and baked, or their bake found on disk), and attempts
     /// that failed.
     prepared: [std::sync::atomic::AtomicU64; 2],
+    /// Longest build of a tenant's template.
+    tenant_build_time: std::time::Duration,
 }
 
 /// Whether `name` can name a template, a tenant (and so a directory).
@@ -97,6 +99,7 @@ impl Templates {
         tenant_root: PathBuf,
         cache: Cache,
         agent: PathBuf,
+        tenant_build_time: std::time::Duration,
     ) -> Templates {
         Templates {
             dirs,
@@ -105,6 +108,7 @@ impl Templates {
             agent,
             baked: Mutex::new(HashMap::new()),
             prepared: Default::default(),
+            tenant_build_time,
         }
     }
 
@@ -190,13 +194,43 @@ impl Templates {
     }
 
     /// Stores `spec_text` (a TOML template spec) as one of `tenant`'s templates, replacing an
-    /// earlier one of the same name. Specs from the API may not reach into the server's
+    /// earlier one of the same name, if it asks for no more than `caps` and the tenant has
+    /// fewer than `max_templates` others. Specs from the API may not reach into the server's
     /// files: no `files` and no `base.image`.
-    pub fn save(&self, tenant: &str, spec_text: &str) -> Result<TemplateSpec, ControlError> {
+    pub fn save(
+        &self,
+        tenant: &str,
+        spec_text: &str,
+        caps: &crate::SpecCaps,
+        max_templates: Option<usize>,
+    ) -> Result<TemplateSpec, ControlError> {
         check_name(tenant)?;
         let spec = TemplateSpec::parse(spec_text, "the request's spec")
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         check_name(&spec.name)?;
+        let resources = &spec.resources;
+        for (field, asked, cap) in [
+            ("vcpus", resources.vcpus, caps.vcpus),
+            ("memory_mib", resources.memory_mib, caps.memory_mib),
+            ("disk_mib", resources.disk_mib, caps.disk_mib),
+        ] {
+            if asked > cap {
+                return Err(ControlError::Invalid(format!(
+                    "`resources.{field}` is {asked}; this host's templates may ask for at most {cap}"
+                )));
+            }
+        }
+        if let Some(max) = max_templates {
+            let others = Templates::names_in(&self.tenant_root.join(tenant))
+                .iter()
+                .filter(|name| **name != spec.name)
+                .count();
+            if others >= max {
+                return Err(ControlError::QuotaExceeded(format!(
+                    "this tenant has {others} templates of at most {max}: delete one first"
+                )));
+            }
+        }
         if !spec.files.is_empty() || spec.base.image.is_some() {
             return Err(ControlError::Invalid(
                 "a spec sent through the API cannot copy files from the server (`files`, \
@@ -279,15 +313,71 @@ impl Templates {
     ) -> Result<BakedTemplate, ControlError> {
         let located = self.locate(tenant, name)?;
         let cell = self.cell(&located, name);
+        let mut made = false;
         let baked = cell
             .get_or_try_init(|| async {
+                made = true;
                 let prepared = self.prepare(engine, &located, name, progress).await;
                 self.prepared[usize::from(prepared.is_err())]
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 prepared
             })
-            .await?;
-        Ok(baked.clone())
+            .await?
+            .clone();
+        if made {
+            // Earlier bakes of this template (before a spec edit, another agent or QEMU) go
+            // once nothing uses them.
+            self.remove_unused_bakes(
+                engine,
+                &baked.meta.name,
+                located.tenant.as_deref(),
+                Some(&baked),
+            )
+            .await;
+        }
+        Ok(baked)
+    }
+
+    /// Removes the bakes of `owner`'s template `name` other than `keep` that nothing uses
+    /// ([`Engine::remove_unused_bakes`]) and, for a tenant's template, the root filesystems
+    /// they were made from that no bake left uses. The operator's templates' root filesystems
+    /// stay in the cache (where `kiln template build` and the operator's tools find them).
+    pub async fn remove_unused_bakes(
+        &self,
+        engine: &Engine,
+        name: &str,
+        owner: Option<&str>,
+        keep: Option<&BakedTemplate>,
+    ) {
+        let removed = engine.remove_unused_bakes(name, owner, keep).await;
+        if owner.is_none() {
+            return;
+        }
+        let mut unused: Vec<PathBuf> = removed.into_iter().filter_map(|r| r.rootfs).collect();
+        unused.sort();
+        unused.dedup();
+        if unused.is_empty() {
+            return;
+        }
+        let (cache, engine) = (self.cache.clone(), engine.clone());
+        // A bake in progress holds its root filesystem (see `prepare`): the check of what
+        // uses one is made once no one holds it, and a bake since then counts.
+        let collect = move || {
+            for rootfs in unused {
+                match cache.remove_unless(&rootfs, || engine.bakes_use_rootfs(&rootfs)) {
+                    Ok(true) => {
+                        tracing::info!(rootfs = %rootfs.display(), "removed a root filesystem nothing uses")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(rootfs = %rootfs.display(), error = %e, "removing an unused root filesystem")
+                    }
+                }
+            }
+        };
+        if let Err(e) = tokio::task::spawn_blocking(collect).await {
+            tracing::warn!(error = %e, "collecting unused root filesystems");
+        }
     }
 
     /// How many times a template was made ready, and how many attempts failed.
@@ -311,8 +401,30 @@ impl Templates {
         let (cache, agent) = (self.cache.clone(), self.agent.clone());
         let spec = located.spec.clone();
         let forward = Forward(progress);
-        let images = tokio::task::spawn_blocking(move || {
-            kiln_image::template::build_template(&spec, &agent, &cache, &forward)
+        // A tenant's build is held to the operator's limit; the operator's own are not.
+        let deadline = located
+            .tenant
+            .as_ref()
+            .map(|_| kiln_image::tool::Deadline::after(self.tenant_build_time));
+        let (images, _rootfs_held) = tokio::task::spawn_blocking(move || {
+            // Held until the bake has its own copy: a collection of the cache (another
+            // template's delete) cannot take the root filesystem from under it.
+            loop {
+                let images = kiln_image::template::build_template_until(
+                    &spec, &agent, &cache, &forward, deadline,
+                )?;
+                match cache.hold(&images.rootfs.dir) {
+                    Ok(Some(held)) => return Ok((images, held)),
+                    // Collected between the build and the hold: built again.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        return Err(ImageError::Io {
+                            context: format!("holding {}", images.rootfs.dir.display()),
+                            source: e,
+                        })
+                    }
+                }
+            }
         })
         .await
         .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
@@ -347,11 +459,6 @@ impl Templates {
         if located.tenant.is_none() {
             engine.prestart(&baked);
         }
-        // Earlier bakes of this template (before a spec edit, another agent or QEMU) go once
-        // nothing uses them.
-        engine
-            .remove_unused_bakes(&baked.meta.name, located.tenant.as_deref(), Some(&baked))
-            .await;
         Ok(baked)
     }
 }
@@ -368,7 +475,11 @@ fn build_error(name: &str, error: ImageError) -> ControlError {
         | ImageError::DiskTooSmall { .. }
         | ImageError::CommandFailed { .. } => ControlError::Invalid(message),
         ImageError::PackagesChanged { .. } => ControlError::Unavailable(message),
-        ImageError::MissingTool { .. }
+        ImageError::TimedOut { .. } => ControlError::QuotaExceeded(format!(
+            "{message}: ask for fewer packages, or ask the operator for more build time"
+        )),
+        ImageError::BuildUser(_)
+        | ImageError::MissingTool { .. }
         | ImageError::Io { .. }
         | ImageError::Kernel(_)
         | ImageError::AgentNotStatic { .. } => ControlError::Internal(message),
@@ -410,6 +521,7 @@ mod tests {
             dir.path().join("tenants"),
             Cache::new(dir.path().join("cache")),
             dir.path().join("agent"),
+            std::time::Duration::from_secs(60),
         );
         let listed = templates.list("acme");
         assert_eq!(listed.len(), 1, "{listed:?}");
@@ -425,8 +537,9 @@ mod tests {
         ));
 
         // A tenant's own template: seen by that tenant only, deletable by it.
+        let caps = crate::SpecCaps::default();
         let own = TINY.replace("\"tiny\"", "\"mine\"");
-        templates.save("acme", &own).expect("save");
+        templates.save("acme", &own, &caps, None).expect("save");
         assert!(templates.get("acme", "mine").is_ok_and(|t| !t.global));
         assert!(matches!(
             templates.get("other", "mine"),
@@ -434,21 +547,21 @@ mod tests {
         ));
         assert_eq!(templates.list("acme").len(), 2);
         assert!(matches!(
-            templates.save("acme", TINY),
+            templates.save("acme", TINY, &caps, None),
             Err(ControlError::Conflict(_))
         ));
         assert!(matches!(
-            templates.save("acme", "name = \"x\""),
+            templates.save("acme", "name = \"x\"", &caps, None),
             Err(ControlError::Invalid(_))
         ));
         let with_files = format!("{own}\n[[files]]\nsrc = \"/etc/shadow\"\ndest = \"/x\"\n");
         assert!(matches!(
-            templates.save("acme", &with_files),
+            templates.save("acme", &with_files, &caps, None),
             Err(ControlError::Invalid(_))
         ));
         let with_run = own.replace("[base]", "run = [\"mount /dev/sda1 /mnt\"]\n[base]");
         assert!(matches!(
-            templates.save("acme", &with_run),
+            templates.save("acme", &with_run, &caps, None),
             Err(ControlError::Invalid(_))
         ));
         assert!(matches!(
@@ -457,6 +570,41 @@ mod tests {
         ));
         templates.delete("acme", "mine").expect("delete");
         assert!(templates.get("acme", "mine").is_err());
+
+        // The operator's caps on what a spec asks for, and on how many a tenant has.
+        let small = crate::SpecCaps {
+            vcpus: 1,
+            memory_mib: 128,
+            disk_mib: 512,
+            ..caps.clone()
+        };
+        templates
+            .save("acme", &own, &small, Some(1))
+            .expect("at the caps");
+        for (from, to) in [
+            ("vcpus = 1", "vcpus = 2"),
+            ("memory_mib = 128", "memory_mib = 129"),
+            ("disk_mib = 512", "disk_mib = 513"),
+        ] {
+            let refused = templates.save("acme", &own.replace(from, to), &small, None);
+            let field = from.split(' ').next().unwrap_or_default();
+            assert!(
+                matches!(&refused, Err(ControlError::Invalid(m)) if m.contains(field)),
+                "{refused:?}"
+            );
+        }
+        // Saving one again is not another; a second one is past a quota of one.
+        templates
+            .save("acme", &own, &caps, Some(1))
+            .expect("replaced");
+        let second = own.replace("\"mine\"", "\"second\"");
+        assert!(matches!(
+            templates.save("acme", &second, &caps, Some(1)),
+            Err(ControlError::QuotaExceeded(_))
+        ));
+        templates
+            .save("acme", &second, &caps, Some(2))
+            .expect("under two");
     }
 
     #[test]

@@ -32,10 +32,29 @@ pub use bake::{BakeOptions, BakedTemplate};
 pub use cgroup::{CgroupLimits, Cgroups};
 pub use fork::ForkReport;
 pub use sandbox::{
-    AdoptRequest, CreateOptions, NetworkUsage, OnExpiry, ResourceUsage, Sandbox, SandboxInfo,
-    SandboxState,
+    resources_for, AdoptRequest, CreateOptions, NetworkUsage, OnExpiry, ResourceUsage, Resources,
+    Sandbox, SandboxInfo, SandboxState,
 };
 pub use space::{DiskLimits, DiskSpace};
+
+/// A baked template [`Engine::remove_unused_bakes`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovedBake {
+    /// Its directory (gone).
+    pub dir: PathBuf,
+    /// The root filesystem artefact it was made from.
+    pub rootfs: Option<PathBuf>,
+}
+
+/// Input `name` of `baked`'s key.
+fn bake_input<'a>(baked: &'a BakedTemplate, name: &str) -> Option<&'a str> {
+    baked
+        .meta
+        .inputs
+        .iter()
+        .find(|(input, _)| input == name)
+        .map(|(_, value)| value.as_str())
+}
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]
@@ -607,13 +626,13 @@ impl Engine {
     /// other than `keep` that nothing uses: no sandbox runs or is paused on one, no fork
     /// capture or snapshot has a disk layer in one, and no create is making a sandbox from
     /// one; their pre-started VMMs go too. A bake is a cache of its inputs: one removed is
-    /// made again if those inputs come back. Returns the directories removed.
+    /// made again if those inputs come back. Returns what it removed.
     pub async fn remove_unused_bakes(
         &self,
         name: &str,
         owner: Option<&str>,
         keep: Option<&BakedTemplate>,
-    ) -> Vec<PathBuf> {
+    ) -> Vec<RemovedBake> {
         let inner = Arc::clone(&self.inner);
         let (name, owner) = (name.to_owned(), owner.map(str::to_owned));
         let keep = keep.map(|k| k.dir.clone());
@@ -632,12 +651,7 @@ impl Engine {
                 let Ok(baked) = BakedTemplate::open(&dir) else {
                     continue;
                 };
-                let owned_by = baked
-                    .meta
-                    .inputs
-                    .iter()
-                    .find(|(input, _)| input == "owner")
-                    .map(|(_, value)| value.as_str());
+                let owned_by = bake_input(&baked, "owner");
                 if baked.meta.name != name
                     || baked.meta.capture_of.is_some()
                     || owned_by != owner.as_deref()
@@ -652,7 +666,10 @@ impl Engine {
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => {
                         tracing::info!(bake = %dir.display(), "removed a bake nothing uses");
-                        removed.push(dir);
+                        removed.push(RemovedBake {
+                            dir,
+                            rootfs: bake_input(&baked, "rootfs").map(PathBuf::from),
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(bake = %dir.display(), error = %e, "removing an unused bake")
@@ -662,6 +679,18 @@ impl Engine {
             removed
         };
         tokio::task::spawn_blocking(run).await.unwrap_or_default()
+    }
+
+    /// Whether a baked template (a template's, a capture's or a snapshot's) was made from the
+    /// root filesystem artefact `rootfs`.
+    pub fn bakes_use_rootfs(&self, rootfs: &Path) -> bool {
+        let Ok(entries) = std::fs::read_dir(self.data_dir().join("templates")) else {
+            return false;
+        };
+        entries.flatten().any(|entry| {
+            BakedTemplate::open(&entry.path())
+                .is_ok_and(|baked| bake_input(&baked, "rootfs") == Some(&*rootfs.to_string_lossy()))
+        })
     }
 
     /// Describes how an earlier bake of `name` differs from `inputs`, if there is one.

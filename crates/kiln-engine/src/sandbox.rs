@@ -595,6 +595,33 @@ pub const MIN_CPUS: f64 = 0.1;
 /// The least memory a sandbox's VMM may be limited to beyond its guest's, in MiB.
 pub const MIN_VMM_MIB: u64 = 64;
 
+/// What a sandbox holds of the host, as its create asked for it or its template gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Resources {
+    /// CPU quota, in cores.
+    pub cpus: f64,
+    /// Memory limit of its VMM (guest RAM and the VMM's own), in MiB.
+    pub memory_mib: u64,
+    /// Size of its root disk, in MiB.
+    pub disk_mib: u64,
+}
+
+/// What a sandbox of `template` created with `options` would hold, or why `options` are not
+/// valid for it.
+pub fn resources_for(
+    template: &BakedTemplate,
+    options: &CreateOptions,
+) -> Result<Resources, EngineError> {
+    let limits = limits_for(template, options)?;
+    Ok(Resources {
+        cpus: limits.cpus,
+        memory_mib: limits.memory_mib,
+        disk_mib: options
+            .disk_mib
+            .unwrap_or_else(|| template.meta.disk_bytes.div_ceil(1 << 20)),
+    })
+}
+
 /// Checks a create's resource requests against the template.
 fn limits_for(
     template: &BakedTemplate,

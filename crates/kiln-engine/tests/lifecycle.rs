@@ -350,8 +350,17 @@ async fn bakes_nothing_uses_are_removed() {
 
     sandbox.destroy().await.expect("destroy");
     let removed = engine.remove_unused_bakes("base", None, Some(&new)).await;
-    assert_eq!(removed, vec![old.dir.clone()]);
+    assert_eq!(
+        removed,
+        vec![kiln_engine::RemovedBake {
+            dir: old.dir.clone(),
+            rootfs: Some(images.rootfs.dir.clone()),
+        }]
+    );
     assert!(!old.dir.exists() && new.dir.join("meta.json").is_file());
+    // The kept bake still uses the root filesystem; nothing uses another path.
+    assert!(engine.bakes_use_rootfs(&images.rootfs.dir));
+    assert!(!engine.bakes_use_rootfs(&images.rootfs.dir.join("elsewhere")));
     let sandbox = engine
         .create(&new, CreateOptions::default())
         .await

@@ -202,6 +202,63 @@ impl Cache {
         Ok((target, Origin::Built))
     }
 
+    /// The lock file of the artefact at `artefact`, if it is one of this cache's.
+    fn lock_of(&self, artefact: &Path) -> io::Result<PathBuf> {
+        let (Some(key), Some(kind_dir)) = (
+            artefact.file_name().and_then(|k| k.to_str()),
+            artefact.parent(),
+        ) else {
+            return Err(not_an_artefact(artefact));
+        };
+        if kind_dir.parent() != Some(self.root.as_path())
+            || key.is_empty()
+            || !key.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(not_an_artefact(artefact));
+        }
+        Ok(kind_dir.join(format!("{key}.lock")))
+    }
+
+    /// Keeps the complete artefact at `artefact` from being removed while the hold lives
+    /// (builds and other holds go on); `None` if it is not there (removed since it was
+    /// returned: build it again).
+    pub fn hold(&self, artefact: &Path) -> io::Result<Option<ArtefactHold>> {
+        let lock_file = File::create(self.lock_of(artefact)?)?;
+        let lock =
+            Flock::lock(lock_file, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
+        Ok(artefact
+            .join(MANIFEST)
+            .is_file()
+            .then_some(ArtefactHold { _lock: lock }))
+    }
+
+    /// Removes the artefact at `artefact` (a directory [`Cache::get_or_build`] returned)
+    /// unless `keep` says otherwise, asked once builds of the same key and holds on it are
+    /// over; returns whether it removed one. A path that is not an artefact of this cache is
+    /// refused.
+    pub fn remove_unless(&self, artefact: &Path, keep: impl FnOnce() -> bool) -> io::Result<bool> {
+        let lock_file = File::create(self.lock_of(artefact)?)?;
+        let _lock =
+            Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+        if keep() {
+            return Ok(false);
+        }
+        let (Some(kind_dir), Some(key)) = (artefact.parent(), artefact.file_name()) else {
+            return Err(not_an_artefact(artefact));
+        };
+        match std::fs::symlink_metadata(artefact) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+            Ok(meta) if !meta.is_dir() => return Err(not_an_artefact(artefact)),
+            Ok(_) => {}
+        }
+        // Unpublished first (no manifest: not valid to a reader that looks now), then gone.
+        let doomed = kind_dir.join(format!(".{}-removing", key.to_string_lossy()));
+        std::fs::rename(artefact, &doomed)?;
+        std::fs::remove_dir_all(&doomed)?;
+        Ok(true)
+    }
+
     /// Reads the manifest of a complete artefact.
     pub fn manifest(artefact: &Path) -> io::Result<Manifest> {
         let bytes = std::fs::read(artefact.join(MANIFEST))?;
@@ -215,9 +272,91 @@ impl Cache {
     }
 }
 
+/// An artefact kept from removal ([`Cache::hold`]).
+#[derive(Debug)]
+pub struct ArtefactHold {
+    _lock: Flock<File>,
+}
+
+fn not_an_artefact(path: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{} is not an artefact of this cache", path.display()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn artefacts_are_removed_and_nothing_else_is() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cache = Cache::new(dir.path().join("cache"));
+        let mut inputs = Inputs::new("rootfs");
+        inputs.add("spec", "x");
+        let (artefact, origin) = cache
+            .get_or_build("rootfs", &inputs, |out| {
+                std::fs::write(out.join("file"), b"content")
+            })
+            .expect("built");
+        assert_eq!(origin, Origin::Built);
+        // Kept while held, or while the caller says so.
+        let hold = cache.hold(&artefact).expect("hold").expect("there");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let remover = {
+            let (cache, artefact) = (cache.clone(), artefact.clone());
+            std::thread::spawn(move || {
+                let removed = cache.remove_unless(&artefact, || false);
+                tx.send(()).expect("send");
+                removed
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "removed under a hold"
+        );
+        assert!(artefact.join(MANIFEST).is_file());
+        drop(hold);
+        assert!(remover.join().expect("thread").expect("removed"));
+        assert!(!artefact.exists());
+        assert!(
+            cache.hold(&artefact).expect("hold").is_none(),
+            "nothing to hold"
+        );
+        assert!(!cache
+            .remove_unless(&artefact, || false)
+            .expect("gone already"));
+        // Built again from nothing after.
+        let (_, origin) = cache
+            .get_or_build("rootfs", &inputs, |out| {
+                std::fs::write(out.join("file"), b"content")
+            })
+            .expect("built");
+        assert_eq!(origin, Origin::Built);
+        assert!(!cache.remove_unless(&artefact, || true).expect("kept"));
+        assert!(artefact.join(MANIFEST).is_file());
+        let outside = dir.path().join("elsewhere");
+        std::fs::create_dir_all(outside.join("rootfs/abc")).expect("mkdir");
+        for path in [
+            outside.join("rootfs/abc"),
+            dir.path().join("cache/rootfs"),
+            dir.path().join("cache/rootfs/../rootfs/abc"),
+            dir.path().join("cache/rootfs/.abc-removing"),
+            dir.path().join("cache"),
+        ] {
+            let refused = cache.remove_unless(&path, || false);
+            assert!(
+                refused
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput),
+                "{}: {refused:?}",
+                path.display()
+            );
+        }
+        assert!(outside.join("rootfs/abc").is_dir());
+    }
 
     #[test]
     fn key_changes_with_every_input_and_is_unambiguous() {

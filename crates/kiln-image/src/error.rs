@@ -15,6 +15,17 @@ pub enum ImageError {
         /// The package that provides it.
         package: String,
     },
+    /// An external command ran past the time the build allows it; it was stopped.
+    #[error("{what} took longer than the {limit_secs} s a build may take; it was stopped")]
+    TimedOut {
+        /// What was being done.
+        what: String,
+        /// The limit.
+        limit_secs: u64,
+    },
+    /// The unprivileged user package installation runs as is not set up.
+    #[error("{0}")]
+    BuildUser(String),
     /// An external command failed.
     #[error("{what} failed ({status}):\n{stderr}")]
     CommandFailed {
@@ -95,4 +106,16 @@ impl<T> IoContext<T> for std::io::Result<T> {
             source,
         })
     }
+}
+
+/// `error` and its sources, one after another.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

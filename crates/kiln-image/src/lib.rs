@@ -6,6 +6,7 @@ pub mod cpio;
 pub mod elf;
 pub mod error;
 pub mod kernel;
+pub mod mmdebstrap;
 pub mod oci;
 pub mod progress;
 pub mod rootfs;

@@ -36,8 +36,9 @@
 //! layer stays, whatever the order of entries in the tar), and an entry replacing a path of a
 //! different type removes the old one first. Modes (including setuid/setgid/sticky bits) and
 //! mtimes are preserved; numeric ownership is applied when the process may `chown` and
-//! silently skipped otherwise. Not preserved: symlink mtimes, extended attributes (including
-//! file capabilities), and atimes. Sparse entries and PAX size overrides (which no image
+//! silently skipped otherwise, as are a regular file's capabilities (`security.capability`
+//! in a PAX record, which the kernel checks when it is set). Not preserved: symlink mtimes,
+//! other extended attributes, and atimes. Sparse entries and PAX size overrides (which no image
 //! builder emits) are rejected.
 //!
 //! The root filesystem must not be modified by anyone else while an import runs.
@@ -56,6 +57,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 use tracing::debug;
+
+/// The PAX record of a file's capabilities, as GNU tar writes it (`--xattrs`).
+const CAPABILITY_RECORD: &[u8] = b"SCHILY.xattr.security.capability";
 
 /// Upper bound for any JSON document read from the archive (index, manifest, config).
 const MAX_METADATA_BYTES: u64 = 4 << 20;
@@ -389,6 +393,22 @@ pub fn unpack_image_archive(archive: &Path, rootfs: &Path) -> Result<ImageConfig
     }
     extractor.finish().map_err(OciError::Finalize)?;
     Ok(config)
+}
+
+/// Unpacks a root filesystem tar stream (as `mmdebstrap --format=tar` writes one) into
+/// `rootfs`, an existing empty directory, under the same rules as an image's layers (see the
+/// module documentation): the stream is not trusted either.
+pub fn unpack_rootfs_tar(reader: impl Read, rootfs: &Path) -> Result<(), OciError> {
+    check_empty_dir(rootfs)?;
+    let mut extractor = Extractor::new(rootfs.to_path_buf());
+    extractor
+        .apply_layer(BufReader::with_capacity(64 << 10, reader))
+        .map_err(|source| OciError::Layer {
+            index: 0,
+            name: "root filesystem tar".into(),
+            source,
+        })?;
+    extractor.finish().map_err(OciError::Finalize)
 }
 
 fn check_empty_dir(rootfs: &Path) -> Result<(), OciError> {
@@ -878,6 +898,8 @@ struct Member {
     pax_uid: Option<u64>,
     pax_gid: Option<u64>,
     pax_mtime: Option<u64>,
+    /// Its file capabilities (the `security.capability` extended attribute).
+    capability: Option<Vec<u8>>,
 }
 
 impl Member {
@@ -931,6 +953,7 @@ struct PendingExtensions {
     uid: Option<u64>,
     gid: Option<u64>,
     mtime: Option<u64>,
+    capability: Option<Vec<u8>>,
     sparse: bool,
 }
 
@@ -951,6 +974,7 @@ impl PendingExtensions {
                 b"uid" => self.uid = number(),
                 b"gid" => self.gid = number(),
                 b"mtime" => self.mtime = number(),
+                CAPABILITY_RECORD => self.capability = Some(value.to_vec()),
                 key if key.starts_with(b"GNU.sparse.") => self.sparse = true,
                 _ => {}
             }
@@ -1039,6 +1063,7 @@ fn for_each_member<R: Read>(
             pax_uid: extensions.uid,
             pax_gid: extensions.gid,
             pax_mtime: extensions.mtime,
+            capability: extensions.capability,
             path,
         };
         visit(&member, &mut entry)?;
@@ -1383,7 +1408,39 @@ impl Extractor {
             file.set_modified(mtime)
                 .map_err(io_error("set the mtime of", rel))?;
         }
+        // Last: a chown or chmod would clear it.
+        if let Some(capability) = &member.capability {
+            self.set_capability(rel, &file, capability)?;
+        }
         Ok(())
+    }
+
+    /// Gives the file `rel` the capabilities `value` (a `vfs_cap_data` as the kernel takes
+    /// it, which it checks); skipped where the process may not.
+    fn set_capability(&self, rel: &Path, file: &File, value: &[u8]) -> Result<(), EntryError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the name is NUL-terminated and the value's pointer and length describe a
+        // live slice; the descriptor is open for the call's length.
+        let set = unsafe {
+            nix::libc::fsetxattr(
+                file.as_raw_fd(),
+                c"security.capability".as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if set == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(nix::libc::EPERM | nix::libc::ENOTSUP) => {
+                debug!(path = %rel.display(), error = %e, "cannot set file capabilities; skipping them");
+                Ok(())
+            }
+            _ => Err(io_error("set the capabilities of", rel)(e)),
+        }
     }
 
     fn make_symlink(&mut self, rel: &Path, member: &Member) -> Result<(), EntryError> {

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{sha256_file, Cache, Inputs, Origin};
 use crate::error::{ImageError, IoContext};
+use crate::mmdebstrap::BuildUser;
 use crate::progress::{human_bytes, step, BuildEvent, Progress};
 use crate::spec::{ReadinessSpec, Resources, TemplateSpec};
-use crate::tool::{run, shell_quote};
+use crate::tool::{run, shell_quote, Deadline};
 
 /// Where the agent is installed in every image.
 pub const AGENT_PATH: &str = "/sbin/kiln-agent";
@@ -55,21 +56,26 @@ const PACKAGES_FILE: &str = "packages.txt";
 
 /// Resolves the exact package set mmdebstrap would install (`name=version` lines, sorted),
 /// so the cache key changes whenever the archive would give a different image.
-pub fn resolve_packages(spec: &TemplateSpec) -> Result<Vec<String>, ImageError> {
+pub fn resolve_packages(
+    spec: &TemplateSpec,
+    deadline: Option<Deadline>,
+) -> Result<Vec<String>, ImageError> {
     let Some(suite) = &spec.base.suite else {
         return Ok(Vec::new());
     };
-    let mut command = Command::new("mmdebstrap");
-    command.args([
-        "--simulate",
-        "--verbose",
-        &format!("--variant={}", spec.base.variant),
-    ]);
-    if !spec.packages.is_empty() {
-        command.arg(format!("--include={}", spec.packages.join(",")));
-    }
-    command.args([suite.as_str(), "/dev/null"]);
-    let output = run(&mut command, "resolving packages (mmdebstrap --simulate)")?;
+    let mut args = vec![
+        "--simulate".to_owned(),
+        "--verbose".to_owned(),
+        format!("--variant={}", spec.base.variant),
+    ];
+    args.extend(include_arg(spec));
+    args.extend([suite.clone(), "/dev/null".to_owned()]);
+    let output = BuildUser::find()?.mmdebstrap(
+        &args,
+        None,
+        "resolving packages (mmdebstrap --simulate)",
+        deadline,
+    )?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     let packages = parse_simulated_installs(&text);
@@ -144,7 +150,7 @@ fn check_installed_packages(
         .chain(resolved.iter().filter(|p| !installed.contains(p)))
         .take(6)
         .collect();
-    if resolve_packages(spec)? != resolved {
+    if resolve_packages(spec, None)? != resolved {
         return Err(ImageError::PackagesChanged {
             differing: format!("{differing:?}"),
         });
@@ -175,6 +181,8 @@ pub fn rootfs_inputs(
         sha256_file(agent).context(|| format!("reading agent {}", agent.display()))?,
     );
     inputs.add_bytes("packages", packages.join("\n").as_bytes());
+    // How packages are installed (unprivileged, through a tar stream since this version).
+    inputs.add("installer", "mmdebstrap-unshare-tar");
     for file in checked_files(spec, spec_dir)? {
         let path = &file.path;
         inputs.add(
@@ -235,16 +243,30 @@ pub fn build_rootfs(
     cache: &Cache,
     progress: &dyn Progress,
 ) -> Result<RootfsArtefact, ImageError> {
+    build_rootfs_until(spec, spec_dir, agent, cache, progress, None)
+}
+
+/// [`build_rootfs`], with package installation stopped (and the build failed) at `deadline`.
+pub fn build_rootfs_until(
+    spec: &TemplateSpec,
+    spec_dir: &Path,
+    agent: &Path,
+    cache: &Cache,
+    progress: &dyn Progress,
+    deadline: Option<Deadline>,
+) -> Result<RootfsArtefact, ImageError> {
     check_files(spec, spec_dir)?;
     let artefact = format!("rootfs {}", spec.name);
     let packages = step(progress, &artefact, "resolve packages", || {
-        let packages = resolve_packages(spec)?;
+        let packages = resolve_packages(spec, deadline)?;
         let detail = (!packages.is_empty()).then(|| format!("{} packages", packages.len()));
         Ok::<_, ImageError>((packages, detail))
     })?;
     let inputs = rootfs_inputs(spec, spec_dir, agent, &packages)?;
     let (dir, origin) = cache.get_or_build("rootfs", &inputs, |out| {
-        build_into(spec, spec_dir, agent, &packages, out, &artefact, progress)
+        build_into(
+            spec, spec_dir, agent, &packages, out, &artefact, progress, deadline,
+        )
     })?;
     if origin == Origin::Cached {
         progress.event(BuildEvent::Cached {
@@ -266,6 +288,7 @@ pub fn build_rootfs(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_into(
     spec: &TemplateSpec,
     spec_dir: &Path,
@@ -274,21 +297,23 @@ fn build_into(
     out: &Path,
     artefact: &str,
     progress: &dyn Progress,
+    deadline: Option<Deadline>,
 ) -> Result<(), ImageError> {
     let tree = out.join("tree");
     let image_config = match (&spec.base.suite, &spec.base.image) {
         (Some(suite), _) => step(
             progress,
             artefact,
-            &format!("mmdebstrap {suite} ({})", spec.base.variant),
+            &format!("mmdebstrap {suite} ({}, unprivileged)", spec.base.variant),
             || {
-                let mut command = Command::new("mmdebstrap");
-                command.args(["--quiet", &format!("--variant={}", spec.base.variant)]);
-                if !spec.packages.is_empty() {
-                    command.arg(format!("--include={}", spec.packages.join(",")));
-                }
-                command.arg(suite).arg(&tree);
-                run(&mut command, "mmdebstrap")?;
+                // Not quiet: its progress lines are what a failure's tail says.
+                let mut args = vec![
+                    "--format=tar".to_owned(),
+                    format!("--variant={}", spec.base.variant),
+                ];
+                args.extend(include_arg(spec));
+                args.extend([suite.clone(), "-".to_owned()]);
+                BuildUser::find()?.install_into(&args, &tree, deadline)?;
                 check_installed_packages(spec, &tree, packages)?;
                 Ok::<_, ImageError>((None, Some(format!("{} packages", packages.len()))))
             },
@@ -373,6 +398,11 @@ fn build_into(
     std::fs::write(out.join(PACKAGES_FILE), packages.join("\n") + "\n")
         .context(|| "writing packages.txt".into())?;
     Ok(())
+}
+
+/// mmdebstrap's `--include` of the spec's packages, if it has any.
+fn include_arg(spec: &TemplateSpec) -> Option<String> {
+    (!spec.packages.is_empty()).then(|| format!("--include={}", spec.packages.join(",")))
 }
 
 fn first_line(text: &str) -> String {

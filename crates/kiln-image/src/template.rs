@@ -8,8 +8,9 @@ use crate::elf::is_static_executable;
 use crate::error::{ImageError, IoContext};
 use crate::kernel::{build_kernel, KernelArtefact};
 use crate::progress::{human_bytes, Progress};
-use crate::rootfs::{build_rootfs, RootfsArtefact};
+use crate::rootfs::{build_rootfs_until, RootfsArtefact};
 use crate::spec::TemplateSpec;
+use crate::tool::Deadline;
 
 /// The template built when none is named.
 pub const DEFAULT_TEMPLATE: &str = "python";
@@ -70,6 +71,18 @@ pub fn build_template(
     cache: &Cache,
     progress: &dyn Progress,
 ) -> Result<TemplateImages, ImageError> {
+    build_template_until(spec_path, agent, cache, progress, None)
+}
+
+/// [`build_template`], with the installation of the spec's packages stopped (and the build
+/// failed) at `deadline`. The kernel, shared by every template, is not held to it.
+pub fn build_template_until(
+    spec_path: &Path,
+    agent: &Path,
+    cache: &Cache,
+    progress: &dyn Progress,
+    deadline: Option<Deadline>,
+) -> Result<TemplateImages, ImageError> {
     let spec = TemplateSpec::from_file(spec_path)?;
     let agent_bytes =
         std::fs::read(agent).context(|| format!("reading the agent {}", agent.display()))?;
@@ -83,7 +96,7 @@ pub fn build_template(
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
     crate::rootfs::check_files(&spec, &spec_dir)?;
     let kernel = build_kernel(agent, cache, progress)?;
-    let rootfs = build_rootfs(&spec, &spec_dir, agent, cache, progress)?;
+    let rootfs = build_rootfs_until(&spec, &spec_dir, agent, cache, progress, deadline)?;
     Ok(TemplateImages {
         spec,
         kernel,

@@ -6,14 +6,16 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use kiln_image::oci::{unpack_image_archive, EntryError, ImageConfig, OciError};
+use kiln_image::oci::{unpack_image_archive, unpack_rootfs_tar, EntryError, ImageConfig, OciError};
 use proptest::prelude::*;
 use serde_json::json;
 use tar::{EntryType, Header};
 
 mod common;
 
-use common::{gzip, outer_tar, sha256_hex, zstd, Layer, OciLayout, INDEX_MEDIA_TYPE, MTIME};
+use common::{
+    file_capability, gzip, outer_tar, sha256_hex, zstd, Layer, OciLayout, INDEX_MEDIA_TYPE, MTIME,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -475,6 +477,41 @@ fn long_and_pax_names_are_honoured() -> TestResult {
         ])
     );
     assert_eq!(fs::metadata(root.join("pax/named"))?.mtime(), 1_700_000_000);
+    Ok(())
+}
+
+#[test]
+fn a_root_filesystem_tar_keeps_file_capabilities() -> TestResult {
+    let scratch = Scratch::new()?;
+    if !running_as_root(&scratch) {
+        return Err("setting file capabilities needs root".into());
+    }
+    // A revision 2 vfs_cap_data: permitted CAP_NET_RAW (bit 13), as Debian's ping has.
+    let mut net_raw = vec![0u8; 20];
+    net_raw[..4].copy_from_slice(&0x0200_0000u32.to_le_bytes());
+    net_raw[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    let record = "SCHILY.xattr.security.capability";
+    let layer = Layer::new()
+        .dir("usr", 0o755)
+        .pax_bytes(&[(record, &net_raw)])
+        .file("usr/ping", 0o755, "elf\n")
+        .file("usr/plain", 0o755, "elf\n")
+        .bytes();
+    let root = scratch.root();
+    unpack_rootfs_tar(layer.as_slice(), &root)?;
+    assert_eq!(file_capability(&root.join("usr/ping")), Some(net_raw));
+    assert_eq!(file_capability(&root.join("usr/plain")), None);
+    assert_eq!(fs::metadata(root.join("usr/ping"))?.mode() & 0o7777, 0o755);
+
+    // One the kernel does not take is an error that names the file, not a silent skip.
+    let broken = Layer::new()
+        .pax_bytes(&[(record, b"\x01\x02")])
+        .file("bad", 0o755, "elf\n")
+        .bytes();
+    let other = scratch.dir.path().join("other");
+    fs::create_dir(&other)?;
+    let error = unpack_rootfs_tar(broken.as_slice(), &other).expect_err("refused");
+    assert!(format!("{error:?}").contains("bad"), "{error:?}");
     Ok(())
 }
 

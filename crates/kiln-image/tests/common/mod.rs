@@ -1,5 +1,5 @@
 //! Archive builders shared by the image tests: layer tars written header by header, outer
-//! archives, OCI image layouts.
+//! archives, OCI image layouts; reading a file's capabilities.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -77,6 +77,14 @@ impl Layer {
     }
 
     /// Writes a PAX extended header that applies to the next entry.
+    /// PAX records with binary values (extended attributes).
+    pub fn pax_bytes(mut self, records: &[(&str, &[u8])]) -> Self {
+        self.builder
+            .append_pax_extensions(records.iter().copied())
+            .expect("writing a tar to a Vec cannot fail");
+        self
+    }
+
     pub fn pax(mut self, records: &[(&str, &str)]) -> Self {
         self.builder
             .append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
@@ -247,4 +255,22 @@ impl OciLayout {
         }
         outer_tar(&files)
     }
+}
+
+/// The `security.capability` attribute of `path`, if it has one.
+pub fn file_capability(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    let mut value = [0u8; 64];
+    // SAFETY: both names are NUL-terminated and the buffer's pointer and length describe
+    // live memory for the call's length.
+    let len = unsafe {
+        nix::libc::getxattr(
+            path.as_ptr(),
+            c"security.capability".as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    usize::try_from(len).ok().map(|len| value[..len].to_vec())
 }
