@@ -236,6 +236,16 @@ pub struct NetworkBody {
     #[serde(default)]
     #[schema(max_items = 256)]
     pub deny_out: Vec<String>,
+    /// Most bandwidth each way (to the sandbox and from it, ingress through its ports
+    /// included), in Mbit/s; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100_000)]
+    pub bandwidth_mbit: Option<u32>,
+    /// Most connections it may have open at once (TCP, UDP and other flows it starts; DNS to
+    /// kiln's resolver aside): a new one past it is refused at connect. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1_000_000)]
+    pub max_connections: Option<u32>,
 }
 
 fn default_internet() -> bool {
@@ -251,6 +261,8 @@ impl From<kiln_network::policy::EgressPolicy> for NetworkBody {
             internet: policy.internet,
             allow_out: show(&policy.allow_out),
             deny_out: show(&policy.deny_out),
+            bandwidth_mbit: policy.bandwidth_mbit,
+            max_connections: policy.max_connections,
         }
     }
 }
@@ -271,6 +283,8 @@ impl NetworkBody {
             internet: self.internet,
             allow_out: parse("allow_out", &self.allow_out)?,
             deny_out: parse("deny_out", &self.deny_out)?,
+            bandwidth_mbit: self.bandwidth_mbit,
+            max_connections: self.max_connections,
         })
     }
 }

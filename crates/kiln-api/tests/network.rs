@@ -258,26 +258,38 @@ async fn policies_and_ports_through_the_api() {
         format!("http://{{port}}-{id}.localhost:{}/", d.addr.port())
     );
     // PATCH changes the policy alone; the time to live stays.
+    let uri = format!("/v1/sandboxes/{id}");
+    let patch = |body: Value| d.api(Method::PATCH, &uri, &alice, Some(body));
     let ttl = sandbox["ttl_secs"].clone();
-    let (status, patched) = d
-        .api(
-            Method::PATCH,
-            &format!("/v1/sandboxes/{id}"),
-            &alice,
-            Some(json!({"network": {"internet": true}})),
-        )
-        .await;
+    let (status, patched) = patch(json!({"network": {"internet": true}})).await;
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["network"]["internet"], true);
     assert_eq!(patched["ttl_secs"], ttl);
-    let (status, body) = d
-        .api(
-            Method::PATCH,
-            &format!("/v1/sandboxes/{id}"),
-            &alice,
-            Some(json!({})),
-        )
+    // Limits travel with the policy (and go when a policy without them replaces it); out of
+    // range is a 400 that leaves the policy as it was.
+    let limited = json!({"internet": true, "bandwidth_mbit": 50, "max_connections": 500});
+    let (status, patched) = patch(json!({ "network": limited })).await;
+    assert_eq!(status, 200, "{patched}");
+    assert_eq!(
+        (
+            &patched["network"]["bandwidth_mbit"],
+            &patched["network"]["max_connections"]
+        ),
+        (&json!(50), &json!(500))
+    );
+    let (status, body) = patch(json!({"network": {"internet": true, "bandwidth_mbit": 0}})).await;
+    assert_eq!(status, 400, "{body}");
+    let (_, shown) = d
+        .api(Method::GET, &format!("/v1/sandboxes/{id}"), &alice, None)
         .await;
+    assert_eq!(shown["network"]["max_connections"], 500, "{shown}");
+    let (status, patched) = patch(json!({"network": {"internet": true}})).await;
+    assert_eq!(status, 200, "{patched}");
+    assert!(
+        patched["network"].get("bandwidth_mbit").is_none(),
+        "{patched}"
+    );
+    let (status, body) = patch(json!({})).await;
     assert_eq!(status, 400, "nothing to change: {body}");
     let (status, _) = d
         .api(

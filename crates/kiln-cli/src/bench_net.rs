@@ -128,6 +128,8 @@ fn policy(internet: bool, deny: &[&str]) -> EgressPolicy {
             .iter()
             .map(|d| Destination::parse(d).unwrap_or(Destination::Domain((*d).to_owned())))
             .collect(),
+        bandwidth_mbit: None,
+        max_connections: None,
     }
 }
 

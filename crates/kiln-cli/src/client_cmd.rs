@@ -261,11 +261,22 @@ pub struct NetworkArgs {
     /// Never reachable (wins over --allow-out): an address, a CIDR or a name. Repeatable.
     #[arg(long = "deny-out", value_name = "DEST")]
     pub deny_out: Vec<String>,
+    /// Most bandwidth each way, in Mbit/s; 0: no limit.
+    #[arg(long, value_name = "MBIT")]
+    pub bandwidth_mbit: Option<u32>,
+    /// Most connections open at once (new ones past it are refused); 0: no limit.
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections: Option<u32>,
 }
 
 impl NetworkArgs {
     fn given(&self) -> bool {
-        self.no_internet || self.internet || !self.allow_out.is_empty() || !self.deny_out.is_empty()
+        self.no_internet
+            || self.internet
+            || !self.allow_out.is_empty()
+            || !self.deny_out.is_empty()
+            || self.bandwidth_mbit.is_some()
+            || self.max_connections.is_some()
     }
 
     /// The policy these options make of `base` (lists given replace the base's).
@@ -282,6 +293,12 @@ impl NetworkArgs {
         if !self.deny_out.is_empty() {
             base.deny_out = self.deny_out.clone();
         }
+        if let Some(mbit) = self.bandwidth_mbit {
+            base.bandwidth_mbit = (mbit > 0).then_some(mbit);
+        }
+        if let Some(count) = self.max_connections {
+            base.max_connections = (count > 0).then_some(count);
+        }
         base
     }
 }
@@ -293,6 +310,8 @@ impl CreateArgs {
                 internet: true,
                 allow_out: Vec::new(),
                 deny_out: Vec::new(),
+                bandwidth_mbit: None,
+                max_connections: None,
             })
         });
         Ok(CreateSandboxBody {
@@ -544,6 +563,17 @@ pub async fn net(client: &Client, id: &str, args: &NetworkArgs, json: bool) -> R
     };
     println!("allow out: {}", list(&network.allow_out));
     println!("deny out:  {}", list(&network.deny_out));
+    let limit = |value: Option<u32>, unit: &str| {
+        value.map_or_else(|| "no limit".to_owned(), |v| format!("{v}{unit}"))
+    };
+    println!(
+        "bandwidth: {}",
+        limit(network.bandwidth_mbit, " Mbit/s each way")
+    );
+    println!(
+        "connections: {}",
+        limit(network.max_connections, " at once")
+    );
     Ok(())
 }
 

@@ -34,6 +34,8 @@ fn policy(internet: bool, allow: &[&str]) -> EgressPolicy {
             .map(|e| Destination::parse(e).expect("entry"))
             .collect(),
         deny_out: Vec::new(),
+        bandwidth_mbit: None,
+        max_connections: None,
     }
 }
 

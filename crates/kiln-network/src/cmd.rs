@@ -1,4 +1,4 @@
-//! Running the system's network tools (`ip`, `nft`, `conntrack`), on the host or inside a
+//! Running the system's network tools (`ip`, `nft`, `tc`, `conntrack`), on the host or inside a
 //! sandbox's network namespace, each with a whole batch of work on its standard input so
 //! that one set-up costs one process per tool.
 
@@ -80,6 +80,11 @@ pub fn nft(place: Place<'_>, script: &str) -> Result<(), NetworkError> {
 /// Runs `ip -batch -` with `commands` in `place`.
 pub fn ip(place: Place<'_>, commands: &str) -> Result<(), NetworkError> {
     run(place, "ip", &["-batch", "-"], commands).map(drop)
+}
+
+/// Runs `tc -batch -` with `commands` in `place`.
+pub fn tc(place: Place<'_>, commands: &str) -> Result<(), NetworkError> {
+    run(place, "tc", &["-batch", "-"], commands).map(drop)
 }
 
 /// Writes a sysctl under `/proc/sys/net` of the calling thread's namespace.

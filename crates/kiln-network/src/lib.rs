@@ -272,6 +272,14 @@ impl Drop for TrackGuard {
     }
 }
 
+/// A token bucket of `mbit` Mbit/s for `tc`: bursts of 20 ms at that rate (at least 32 KiB,
+/// so a full-size packet always fits), and packets that would wait more than 100 ms dropped.
+fn token_bucket(mbit: u32) -> String {
+    let bytes_per_second = u64::from(mbit) * 125_000;
+    let burst = (bytes_per_second / 50).max(32 << 10);
+    format!("tbf rate {mbit}mbit burst {burst} latency 100ms")
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -668,7 +676,39 @@ impl Network {
             Place::Namespace(netns.as_fd()),
             &nft::sandbox_table(&self.sandbox_table(link), policy),
         )?;
+        self.shape(netns.as_fd(), slot, policy.bandwidth_mbit, None)?;
         Ok(link)
+    }
+
+    /// Limits the link of `slot` to `mbit` each way (or lifts the limit `before` set): the
+    /// host's end shapes what goes to the sandbox, the namespace's end what comes from it.
+    fn shape(
+        &self,
+        netns: std::os::fd::BorrowedFd<'_>,
+        slot: Slot,
+        mbit: Option<u32>,
+        before: Option<u32>,
+    ) -> Result<(), NetworkError> {
+        let host_if = self.host_interface(slot);
+        let ends = [
+            (Place::Host, host_if.as_str()),
+            (Place::Namespace(netns), UPLINK),
+        ];
+        match mbit {
+            Some(mbit) => {
+                let qdisc = token_bucket(mbit);
+                for (place, device) in ends {
+                    cmd::tc(place, &format!("qdisc replace dev {device} root {qdisc}\n"))?;
+                }
+            }
+            None if before.is_some() => {
+                for (place, device) in ends {
+                    cmd::tc(place, &format!("qdisc del dev {device} root\n"))?;
+                }
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     fn sandbox_table(&self, link: Link) -> nft::SandboxTable<'_> {
@@ -697,13 +737,20 @@ impl Network {
             Place::Namespace(netns.as_fd()),
             &nft::policy_script(&self.table, self.service, policy),
         )?;
-        if let Some(link) = self.link_of(ns) {
-            if let Some(entry) = self
+        if let Some(slot) = self.link_of(ns) {
+            let entry = self
                 .sandboxes
                 .read()
                 .ok()
-                .and_then(|s| s.get(&link).cloned())
-            {
+                .and_then(|s| s.get(&slot).cloned());
+            // Every wired (or adopted) namespace is registered with the policy it has.
+            let before = entry
+                .as_ref()
+                .and_then(|entry| lock(&entry.policy).bandwidth_mbit);
+            if policy.bandwidth_mbit != before {
+                self.shape(netns.as_fd(), slot, policy.bandwidth_mbit, before)?;
+            }
+            if let Some(entry) = entry {
                 *lock(&entry.policy) = policy.clone();
                 entry.cut_proxied(policy);
             }

@@ -285,7 +285,21 @@ pub fn policy_script(table: &str, service: Ipv4Addr, policy: &EgressPolicy) -> S
         let _ = writeln!(s, "add rule inet {table} {chain} {text}");
     };
     rule(&mut s, "egress", "meta nfproto ipv6 goto deny");
-    // DNS and the proxies (after their translation) are the daemon's.
+    // DNS is the daemon's, and not counted as a connection.
+    rule(
+        &mut s,
+        "egress",
+        &format!("ip daddr {service} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept"),
+    );
+    if let Some(max) = policy.max_connections {
+        // Flows this sandbox has open (proxied ones included), refused past the limit.
+        rule(
+            &mut s,
+            "egress",
+            &format!("ct state new ct count over {max} goto deny"),
+        );
+    }
+    // The proxies (after their translation) are the daemon's.
     rule(&mut s, "egress", &format!("ip daddr {service} accept"));
     // DNS over TLS would bypass the resolver.
     rule(&mut s, "egress", "tcp dport 853 goto deny");
@@ -351,6 +365,8 @@ mod tests {
             internet: false,
             allow_out: vec![Destination::parse("203.0.113.0/24").expect("net")],
             deny_out: vec![Destination::parse("203.0.113.7").expect("net")],
+            bandwidth_mbit: None,
+            max_connections: None,
         };
         let script = sandbox_table(&table(&always), &policy);
         assert!(script.contains("add element inet kiln allow { 203.0.113.0/24 }"));
@@ -380,6 +396,8 @@ mod tests {
             internet: true,
             allow_out: Vec::new(),
             deny_out: vec![Destination::parse("bad.example.test").expect("name")],
+            bandwidth_mbit: None,
+            max_connections: None,
         };
         let script = policy_script("kiln", Ipv4Addr::new(10, 251, 0, 1), &policy);
         assert!(script.contains("udp dport 443 goto deny"));
@@ -392,6 +410,37 @@ mod tests {
             resolved,
             "add element inet kiln resolved { 203.0.113.5 timeout 30s }\n"
         );
+    }
+
+    #[test]
+    fn a_connection_limit_counts_all_but_dns() {
+        let service = Ipv4Addr::new(10, 251, 0, 1);
+        let unlimited = policy_script("kiln", service, &EgressPolicy::open(true));
+        assert!(!unlimited.contains("ct count"));
+        let limited = policy_script(
+            "kiln",
+            service,
+            &EgressPolicy {
+                max_connections: Some(64),
+                ..EgressPolicy::open(true)
+            },
+        );
+        let egress: Vec<&str> = limited
+            .lines()
+            .filter(|l| l.starts_with("add rule inet kiln egress"))
+            .collect();
+        let at = |needle: &str| {
+            egress
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle}: {egress:?}"))
+        };
+        assert!(at("th dport 53 accept") < at("ct count over 64 goto deny"));
+        assert!(
+            at("ct count over 64") < at("ip daddr 10.251.0.1 accept"),
+            "proxied flows count"
+        );
+        assert!(at("ct count over 64") < at("egress accept"));
     }
 
     #[test]

@@ -147,7 +147,20 @@ pub struct EgressPolicy {
     /// Never reachable (wins over `allow_out`).
     #[serde(default)]
     pub deny_out: Vec<Destination>,
+    /// Most bandwidth each way (to the sandbox and from it), in Mbit/s; `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_mbit: Option<u32>,
+    /// Most connections (TCP, UDP and other flows, DNS to kiln's resolver aside) the
+    /// sandbox may have open at once; a new one past it is refused. `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
+
+/// The largest bandwidth limit, in Mbit/s.
+pub const MAX_BANDWIDTH_MBIT: u32 = 100_000;
+
+/// The largest connection limit.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
 
 impl EgressPolicy {
     /// Internet on or off, nothing listed.
@@ -156,6 +169,8 @@ impl EgressPolicy {
             internet,
             allow_out: Vec::new(),
             deny_out: Vec::new(),
+            bandwidth_mbit: None,
+            max_connections: None,
         }
     }
 
@@ -235,6 +250,22 @@ impl AlwaysDenied {
 
     /// Checks a policy: a CIDR it allows must not overlap what is always denied.
     pub fn check(&self, policy: &EgressPolicy) -> Result<(), NetworkError> {
+        if policy
+            .bandwidth_mbit
+            .is_some_and(|mbit| !(1..=MAX_BANDWIDTH_MBIT).contains(&mbit))
+        {
+            return Err(NetworkError::Policy(format!(
+                "bandwidth_mbit is 1 to {MAX_BANDWIDTH_MBIT}"
+            )));
+        }
+        if policy
+            .max_connections
+            .is_some_and(|count| !(1..=MAX_CONNECTIONS).contains(&count))
+        {
+            return Err(NetworkError::Policy(format!(
+                "max_connections is 1 to {MAX_CONNECTIONS}"
+            )));
+        }
         for list in [&policy.allow_out, &policy.deny_out] {
             if list.len() > MAX_ENTRIES {
                 return Err(NetworkError::Policy(format!(
@@ -370,6 +401,8 @@ mod tests {
             internet: false,
             allow_out: vec![dest("*.example.test"), dest("example.test")],
             deny_out: vec![dest("bad.example.test")],
+            bandwidth_mbit: None,
+            max_connections: None,
         };
         assert!(policy.allows_name("Example.Test."));
         assert!(policy.allows_name("ok.example.test"));
@@ -398,6 +431,8 @@ mod tests {
                 internet: false,
                 allow_out: vec![dest(bad)],
                 deny_out: Vec::new(),
+                bandwidth_mbit: None,
+                max_connections: None,
             };
             let err = always.check(&policy).expect_err(bad);
             assert!(
@@ -409,6 +444,8 @@ mod tests {
             internet: false,
             allow_out: vec![dest("203.0.113.0/24")],
             deny_out: vec![dest("10.0.0.0/8")],
+            bandwidth_mbit: None,
+            max_connections: None,
         };
         always.check(&fine).expect("allowed");
         // The operator can open private ranges (but never the pool).

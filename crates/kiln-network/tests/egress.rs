@@ -58,6 +58,8 @@ fn policy(internet: bool, allow: &[&str], deny: &[&str]) -> EgressPolicy {
         internet,
         allow_out: parse(allow),
         deny_out: parse(deny),
+        bandwidth_mbit: None,
+        max_connections: None,
     }
 }
 
@@ -291,4 +293,107 @@ fn fifty_wire_and_release_cycles_leave_nothing() {
         "no tracked connection of the pool is left: {}",
         String::from_utf8_lossy(&conntrack.stdout)
     );
+}
+
+/// iperf3's measured rate from the guest namespace to the test internet's server, in Mbit/s:
+/// what the guest sends, or with `download` what it receives.
+fn iperf3_mbit(guest: &NetNs, download: bool) -> f64 {
+    let mut command = std::process::Command::new("ip");
+    command.args(["netns", "exec", guest.name(), "iperf3", "-c"]);
+    command.arg(kiln_testinfra::internet::WEB.to_string());
+    command.args(["-t", "2", "-J"]);
+    if download {
+        command.arg("-R");
+    }
+    let output = command.output().expect("iperf3");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("a rate")
+        / 1e6
+}
+
+#[test]
+fn bandwidth_and_connection_limits_hold_and_can_be_lifted() {
+    let mut world = World::new(2);
+    world.internet.start_iperf3();
+    let limited = EgressPolicy {
+        bandwidth_mbit: Some(8),
+        max_connections: Some(3),
+        ..policy(true, &[], &[])
+    };
+    let (ns, guest, link) = world.sandbox("l", &limited);
+    let network = world.network();
+
+    // Both ways shaped to 8 Mbit/s (a burst of 32 KiB on top).
+    for download in [false, true] {
+        let rate = iperf3_mbit(&guest, download);
+        assert!(
+            (2.0..10.0).contains(&rate),
+            "{rate:.1} Mbit/s {}",
+            if download { "down" } else { "up" }
+        );
+    }
+
+    // Three connections at once, a fourth refused at connect; one closed makes room.
+    let open = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                guest
+                    .run_in(|| TcpStream::connect_timeout(&web(7000), Duration::from_secs(3)))
+                    .expect("connects")
+            })
+            .collect()
+    };
+    let mut held = open(3);
+    assert_eq!(reach(&guest, web(7000)), Reach::Refused);
+    held.pop();
+    // The closed one leaves the count once its side is shut (FIN seen both ways).
+    let mut again = Reach::Refused;
+    for _ in 0..50 {
+        again = reach(&guest, web(7000));
+        if again != Reach::Refused {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(matches!(again, Reach::Greeted(_)), "{again:?}");
+
+    // Lifted live: full speed, and more connections than before.
+    network.apply(&ns, &policy(true, &[], &[])).expect("lifted");
+    let rate = iperf3_mbit(&guest, true);
+    assert!(rate > 50.0, "{rate:.1} Mbit/s after lifting the limit");
+    held.extend(open(5));
+    assert_eq!(held.len(), 7);
+    let qdiscs = std::process::Command::new("tc")
+        .args(["qdisc", "show", "dev", &network.host_interface(link.slot)])
+        .output()
+        .expect("tc");
+    assert!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("tbf"),
+        "{}",
+        String::from_utf8_lossy(&qdiscs.stdout)
+    );
+    // Out of range is refused.
+    for bad in [
+        EgressPolicy {
+            bandwidth_mbit: Some(0),
+            ..policy(true, &[], &[])
+        },
+        EgressPolicy {
+            max_connections: Some(0),
+            ..policy(true, &[], &[])
+        },
+    ] {
+        assert!(network.apply(&ns, &bad).is_err(), "{bad:?}");
+    }
+    drop(held);
+    drop(guest);
+    drop(ns);
+    network.release(link);
 }

@@ -26,6 +26,8 @@ fn policy(internet: bool, allow: &[&str], deny: &[&str]) -> EgressPolicy {
         internet,
         allow_out: parse(allow),
         deny_out: parse(deny),
+        bandwidth_mbit: None,
+        max_connections: None,
     }
 }
 

@@ -296,16 +296,17 @@ pub struct TestInternet {
 }
 
 impl TestInternet {
-    /// A test internet of its own for test number `index` (0..=1) of this process: names,
+    /// A test internet of its own for test number `index` (0..=3) of this process: names,
     /// and the link's subnet differ per index, so tests run side by side.
     pub fn new(index: u8) -> TestInternet {
+        assert!(index < 4, "test internets are numbered 0 to 3");
         let tag = format!(
             "k{:04x}{}",
             std::process::id() % 0xffff,
             char::from(b'a' + index)
         );
-        let host_end = Ipv4Addr::new(192, 0, 2, 126 + 128 * index);
-        let gateway = Ipv4Addr::new(192, 0, 2, 1 + 128 * index);
+        let host_end = Ipv4Addr::new(192, 0, 2, 62 + 64 * index);
+        let gateway = Ipv4Addr::new(192, 0, 2, 1 + 64 * index);
         let ns = NetNs::create(&format!("{tag}-inet")).expect("test internet namespace");
         let egress_interface = format!("{tag}e");
         let mut internet = TestInternet {
@@ -325,12 +326,12 @@ impl TestInternet {
         ));
         internet.ns = Some(ns);
         ip(&format!(
-            "addr add {host_end}/25 dev {}",
+            "addr add {host_end}/26 dev {}",
             internet.egress_interface
         ));
         ip(&format!("link set {} up", internet.egress_interface));
         let n = internet.namespace().name().to_owned();
-        ip(&format!("-n {n} addr add {gateway}/25 dev uplink"));
+        ip(&format!("-n {n} addr add {gateway}/26 dev uplink"));
         ip(&format!("-n {n} link set uplink up"));
         ip(&format!("-n {n} link set lo up"));
         for addr in ADDRESSES {
@@ -524,13 +525,13 @@ while True:
         let pid = std::process::id();
         let index = self.index;
         kiln_network::NetworkConfig {
-            pool: format!("10.252.{}.0/24", (pid % 125) * 2 + u32::from(index))
+            pool: format!("10.252.{}.0/24", (pid % 62) * 4 + u32::from(index))
                 .parse()
                 .expect("pool"),
             prefix: format!("{}-", self.tag),
             egress_interface: Some(self.egress_interface.clone()),
             egress_gateway: Some(self.gateway),
-            route_table: 7300 + (pid % 250) * 2 + u32::from(index),
+            route_table: 7300 + (pid % 125) * 4 + u32::from(index),
             ..kiln_network::NetworkConfig::new()
         }
     }

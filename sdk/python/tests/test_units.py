@@ -147,3 +147,21 @@ def test_config_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     (tmp_path / "kiln" / "cli.toml").write_text("url = [")
     with pytest.raises(kiln.InvalidRequestError, match="cli.toml"):
         _config.resolve()
+
+
+def test_network_policies_carry_their_limits_both_ways() -> None:
+    limited = kiln.NetworkPolicy(
+        internet=False, allow_out=["example.test"], bandwidth_mbit=8, max_connections=64
+    )
+    body = limited.to_json()
+    assert body == {
+        "internet": False,
+        "allow_out": ["example.test"],
+        "deny_out": [],
+        "bandwidth_mbit": 8,
+        "max_connections": 64,
+    }
+    assert kiln.NetworkPolicy.from_json(body) == limited
+    # No limit is no field, and a policy without them reads back without them.
+    assert "bandwidth_mbit" not in kiln.NetworkPolicy().to_json()
+    assert kiln.NetworkPolicy.from_json({"internet": True}).max_connections is None

@@ -2,11 +2,24 @@
 
 export type SandboxState = "running" | "pausing" | "paused" | "resuming" | "failed";
 
-/** A sandbox's egress policy (see docs/networking.md). */
+/** A sandbox's egress policy and its limits (see docs/networking.md). */
 export interface NetworkPolicy {
   internet?: boolean;
   allowOut?: string[];
   denyOut?: string[];
+  /** Most bandwidth each way, in Mbit/s (absent: no limit). */
+  bandwidthMbit?: number;
+  /** Most connections open at once; new ones past it are refused (absent: no limit). */
+  maxConnections?: number;
+}
+
+/** A sandbox's egress policy as the daemon reports it (no limit: `null`). */
+export interface NetworkPolicyInfo {
+  internet: boolean;
+  allowOut: string[];
+  denyOut: string[];
+  bandwidthMbit: number | null;
+  maxConnections: number | null;
 }
 
 export interface SandboxInfo {
@@ -21,7 +34,7 @@ export interface SandboxInfo {
   parentId: string | null;
   autoResume: boolean;
   onExpiry: "destroy" | "pause";
-  network: Required<NetworkPolicy> | null;
+  network: NetworkPolicyInfo | null;
   portsPublic: boolean;
   /** `http://{port}-<id>.<domain>/`: the URL pattern of its ports. */
   portUrl: string | null;
@@ -162,6 +175,8 @@ export function sandboxInfo(data: Json): SandboxInfo {
           internet: network.internet !== false,
           allowOut: [...((network.allow_out ?? []) as string[])],
           denyOut: [...((network.deny_out ?? []) as string[])],
+          bandwidthMbit: optNum(network.bandwidth_mbit),
+          maxConnections: optNum(network.max_connections),
         }
       : null,
     portsPublic: ports.public === true,
@@ -175,6 +190,8 @@ export function networkJson(policy: NetworkPolicy): Json {
     internet: policy.internet ?? true,
     allow_out: policy.allowOut ?? [],
     deny_out: policy.denyOut ?? [],
+    ...(policy.bandwidthMbit === undefined ? {} : { bandwidth_mbit: policy.bandwidthMbit }),
+    ...(policy.maxConnections === undefined ? {} : { max_connections: policy.maxConnections }),
   };
 }
 

@@ -102,3 +102,28 @@ test("lines are split across chunk boundaries and multi-byte characters", async 
   for await (const line of splitLines(pieces())) lines.push(line);
   assert.deepEqual(lines, ['{"a":"é"}', '{"b":2}', '{"c":3}']);
 });
+
+test("network policies carry their limits both ways", async () => {
+  const { networkJson, sandboxInfo } = await import("../src/models.js");
+  const body = networkJson({ internet: false, allowOut: ["example.test"], bandwidthMbit: 8, maxConnections: 64 });
+  assert.deepEqual(body, {
+    internet: false,
+    allow_out: ["example.test"],
+    deny_out: [],
+    bandwidth_mbit: 8,
+    max_connections: 64,
+  });
+  assert.deepEqual(networkJson({}), { internet: true, allow_out: [], deny_out: [] });
+  const info = sandboxInfo({ id: "sb-1", template: "base", network: body });
+  assert.deepEqual(info.network, {
+    internet: false,
+    allowOut: ["example.test"],
+    denyOut: [],
+    bandwidthMbit: 8,
+    maxConnections: 64,
+  });
+  assert.equal(
+    sandboxInfo({ id: "sb-1", template: "base", network: { internet: true } }).network?.maxConnections,
+    null,
+  );
+});

@@ -15,19 +15,27 @@ def _opt_int(value: Any) -> Optional[int]:
 
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """A sandbox's egress policy: the internet on or off, and domains or CIDRs allowed or
-    denied on top (see docs/networking.md)."""
+    """A sandbox's egress policy: the internet on or off, domains or CIDRs allowed or
+    denied on top, and optional limits: bandwidth each way in Mbit/s and connections open at
+    once (see docs/networking.md)."""
 
     internet: bool = True
     allow_out: list[str] = field(default_factory=list)
     deny_out: list[str] = field(default_factory=list)
+    bandwidth_mbit: Optional[int] = None
+    max_connections: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "internet": self.internet,
             "allow_out": list(self.allow_out),
             "deny_out": list(self.deny_out),
         }
+        if self.bandwidth_mbit is not None:
+            body["bandwidth_mbit"] = self.bandwidth_mbit
+        if self.max_connections is not None:
+            body["max_connections"] = self.max_connections
+        return body
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> NetworkPolicy:
@@ -35,6 +43,8 @@ class NetworkPolicy:
             internet=bool(data.get("internet", True)),
             allow_out=list(data.get("allow_out", [])),
             deny_out=list(data.get("deny_out", [])),
+            bandwidth_mbit=_opt_int(data.get("bandwidth_mbit")),
+            max_connections=_opt_int(data.get("max_connections")),
         )
 
 
