@@ -1,7 +1,7 @@
 //! Sandbox networking with real guests (QEMU, TCG here): egress through a test internet
 //! namespace the test makes (never the machine's uplink), by each sandbox's policy, changed
 //! live; decoys and the host unreachable; the guest's identity fixed, also in a fork's child
-//! and after a pause and resume; nothing left after.
+//! and after a pause and resume; nothing left after, also after 50 sandboxes made and destroyed.
 
 use std::time::Duration;
 
@@ -191,4 +191,133 @@ async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
         "the host table is gone"
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Lines of `program args` that mention `needle`.
+fn lines_with(program: &str, args: &[&str], needle: &str) -> Vec<String> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sandboxes_made_and_destroyed_leave_nothing_behind() {
+    let internet = TestInternet::new(1);
+    let data = tempfile::tempdir().expect("data dir");
+    let config = internet.network_config();
+    let (pool, prefix, route_table) = (config.pool, config.prefix.clone(), config.route_table);
+    let engine = Engine::new(EngineConfig {
+        network: Some(config),
+        ..EngineConfig::new(data.path())
+    })
+    .expect("engine");
+    let network = engine.network().expect("networking").clone();
+    let _cleanup = kiln_testinfra::internet::ShutdownOnDrop(network.clone());
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build");
+    let template = engine.bake(&images).await.expect("bake");
+    engine.prestart(&template);
+
+    let mut gone = Vec::new();
+    for cycle in 0..50 {
+        // Every fifth with limits, so their shaping and counting go with the sandbox too.
+        let limited = EgressPolicy {
+            bandwidth_mbit: Some(100),
+            max_connections: Some(64),
+            ..EgressPolicy::open(true)
+        };
+        let sandbox = engine
+            .create(
+                &template,
+                CreateOptions {
+                    network: (cycle % 5 == 0).then_some(limited),
+                    ..CreateOptions::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create {cycle}: {e}"));
+        if cycle % 10 == 0 {
+            assert_eq!(
+                connect(&sandbox, WEB, 7000).await,
+                format!("hello from {WEB}:7000"),
+                "cycle {cycle}"
+            );
+        }
+        let link = sandbox.link().expect("a link");
+        gone.push((
+            sandbox.netns().expect("netns").to_owned(),
+            network.host_interface(link.slot),
+            sandbox.pid().expect("a VMM"),
+            sandbox.cgroup_dirs(),
+        ));
+        sandbox.destroy().await.expect("destroy");
+    }
+    engine.shutdown_prestarted().await;
+
+    assert_eq!(network.links_in_use(), 0, "every link given back");
+    for (netns, host_if, pid, cgroups) in &gone {
+        assert!(
+            !std::path::Path::new("/run/netns").join(netns).exists(),
+            "{netns} left"
+        );
+        assert!(
+            !std::path::Path::new("/sys/class/net")
+                .join(host_if)
+                .exists(),
+            "{host_if} left"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "VMM {pid} left"
+        );
+        for dir in cgroups {
+            assert!(!dir.exists(), "{} left", dir.display());
+        }
+    }
+    // Nothing of this daemon's names, pool or table anywhere on the host (the test
+    // internet's own namespace and link aside).
+    let ours = |name: &str| name.starts_with(&prefix) && !name.ends_with("-inet");
+    let links: Vec<String> = lines_with("ip", &["-o", "link"], "")
+        .into_iter()
+        .filter(|line| {
+            let name = line.split(": ").nth(1).unwrap_or_default();
+            ours(name.split('@').next().unwrap_or_default())
+        })
+        .collect();
+    assert_eq!(links, Vec::<String>::new());
+    let namespaces: Vec<String> = lines_with("ip", &["netns", "list"], "")
+        .into_iter()
+        .filter(|line| ours(line.split_whitespace().next().unwrap_or_default()))
+        .collect();
+    assert_eq!(namespaces, Vec::<String>::new());
+    let pool_text = pool.to_string();
+    for flag in ["-s", "-d"] {
+        assert_eq!(
+            lines_with("conntrack", &["-L", flag, &pool_text], ""),
+            Vec::<String>::new(),
+            "tracked connections of the pool ({flag})"
+        );
+    }
+    engine.close_network();
+    let table = route_table.to_string();
+    assert_eq!(
+        lines_with("ip", &["route", "show", "table", &table], ""),
+        Vec::<String>::new(),
+        "routes of table {table}"
+    );
+    assert_eq!(
+        lines_with("ip", &["rule", "list"], &format!("lookup {table}")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        lines_with("nft", &["list", "tables"], &internet.tag),
+        Vec::<String>::new()
+    );
 }
