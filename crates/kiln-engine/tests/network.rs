@@ -39,26 +39,49 @@ fn policy(internet: bool, allow: &[&str]) -> EgressPolicy {
     }
 }
 
+/// An engine with networking by `config`, the base template baked and a VMM pre-started.
+struct World {
+    engine: Engine,
+    network: std::sync::Arc<kiln_network::Network>,
+    template: kiln_engine::BakedTemplate,
+    _cleanup: kiln_testinfra::internet::ShutdownOnDrop,
+    _data: tempfile::TempDir,
+}
+
+impl World {
+    async fn new(config: kiln_network::NetworkConfig) -> World {
+        let data = tempfile::tempdir().expect("data dir");
+        let engine = Engine::new(EngineConfig {
+            network: Some(config),
+            ..EngineConfig::new(data.path())
+        })
+        .expect("engine");
+        let network = engine.network().expect("networking").clone();
+        let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+            .await
+            .expect("build");
+        let template = engine.bake(&images).await.expect("bake");
+        engine.prestart(&template);
+        World {
+            engine,
+            _cleanup: kiln_testinfra::internet::ShutdownOnDrop(network.clone()),
+            network,
+            template,
+            _data: data,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guests_reach_the_test_internet_by_their_policy_and_nothing_else() {
     let mut internet = TestInternet::new(0);
     let upstream = internet.start_dns();
-    let data = tempfile::tempdir().expect("data dir");
-    let engine = Engine::new(EngineConfig {
-        network: Some(kiln_network::NetworkConfig {
-            dns_upstreams: vec![upstream],
-            ..internet.network_config()
-        }),
-        ..EngineConfig::new(data.path())
+    let world = World::new(kiln_network::NetworkConfig {
+        dns_upstreams: vec![upstream],
+        ..internet.network_config()
     })
-    .expect("engine");
-    let network = engine.network().expect("networking").clone();
-    let _cleanup = kiln_testinfra::internet::ShutdownOnDrop(network.clone());
-    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
-        .await
-        .expect("build");
-    let template = engine.bake(&images).await.expect("bake");
-    engine.prestart(&template);
+    .await;
+    let (engine, network, template) = (&world.engine, &world.network, world.template.clone());
 
     // Internet on (the default): the test internet answers.
     let a = engine
@@ -209,21 +232,10 @@ fn lines_with(program: &str, args: &[&str], needle: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_sandboxes_made_and_destroyed_leave_nothing_behind() {
     let internet = TestInternet::new(1);
-    let data = tempfile::tempdir().expect("data dir");
     let config = internet.network_config();
     let (pool, prefix, route_table) = (config.pool, config.prefix.clone(), config.route_table);
-    let engine = Engine::new(EngineConfig {
-        network: Some(config),
-        ..EngineConfig::new(data.path())
-    })
-    .expect("engine");
-    let network = engine.network().expect("networking").clone();
-    let _cleanup = kiln_testinfra::internet::ShutdownOnDrop(network.clone());
-    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
-        .await
-        .expect("build");
-    let template = engine.bake(&images).await.expect("bake");
-    engine.prestart(&template);
+    let world = World::new(config).await;
+    let (engine, network, template) = (&world.engine, &world.network, world.template.clone());
 
     let mut gone = Vec::new();
     for cycle in 0..50 {
