@@ -10,9 +10,9 @@ use kiln_control::{CreateSandbox, SandboxFilter};
 
 use crate::types::{
     BuildEventBody, BuildTemplateBody, CreateKeyBody, CreateSandboxBody, CreateSnapshotBody,
-    ErrorBody, ForkBody, ForkedBody, HealthBody, KeyBody, KeyList, NetworkBody, SandboxBody,
-    SandboxList, SandboxMetricsBody, SnapshotBody, SnapshotList, TemplateBody, TemplateList,
-    UpdateSandboxBody,
+    ErrorBody, ForkBody, ForkedBody, ForwardBody, ForwardListBody, HealthBody, KeyBody, KeyList,
+    NetworkBody, OpenForwardBody, SandboxBody, SandboxList, SandboxMetricsBody, SnapshotBody,
+    SnapshotList, TemplateBody, TemplateList, UpdateSandboxBody,
 };
 use crate::{ApiError, AppState, Caller, Json, Path, Query};
 
@@ -503,6 +503,83 @@ pub(crate) struct LogQuery {
 
 fn default_lines() -> usize {
     200
+}
+
+fn forward_body(state: &AppState, forward: kiln_control::ForwardRecord) -> ForwardBody {
+    ForwardBody {
+        port: forward.port,
+        address: state
+            .control
+            .forward_address(&forward)
+            .map_or_else(String::new, |a| a.to_string()),
+        created_at_ms: forward.created_at_ms,
+    }
+}
+
+/// Forwards a port of the host to a port of the sandbox, for what is not HTTP (a database,
+/// SSH): every connection to the answer's `address` is carried to the sandbox's port (a
+/// paused sandbox is resumed first unless its `auto_resume` is off). Open to anyone who
+/// reaches that address: TCP carries no token. A port forwarded already answers its forward
+/// (200). Off unless the operator gives a port range (`kiln serve --tcp-forward-ports`): 409.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/forwards", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = OpenForwardBody,
+    responses((status = 201, body = ForwardBody), (status = 200, body = ForwardBody),
+              (status = 409, body = ErrorBody, description = "Forwarding is off on this host, networking is off, or the sandbox failed"),
+              (status = 429, body = ErrorBody, description = "The sandbox has the most forwards it may have (`quota_exceeded`)"),
+              (status = 503, body = ErrorBody, description = "Every port of the range is taken")))]
+pub(crate) async fn open_forward(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+    Json(body): Json<OpenForwardBody>,
+) -> Result<(StatusCode, Json<ForwardBody>), ApiError> {
+    if body.port == 0 {
+        return Err(ApiError::invalid("port is 1 to 65535"));
+    }
+    let before = state.control.list_forwards(&who, &id)?;
+    let forward = state.control.open_forward(&who, &id, body.port).await?;
+    let status = if before.iter().any(|f| f.port == body.port) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(forward_body(&state, forward))))
+}
+
+/// The sandbox's plain TCP forwards.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/forwards", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, body = ForwardListBody)))]
+pub(crate) async fn list_forwards(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ForwardListBody>, ApiError> {
+    let forwards = state.control.list_forwards(&who, &id)?;
+    Ok(Json(ForwardListBody {
+        forwards: forwards
+            .into_iter()
+            .map(|f| forward_body(&state, f))
+            .collect(),
+    }))
+}
+
+/// Closes a plain TCP forward and the connections it carries.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/forwards/{port}", tag = "sandboxes",
+    security(("api_key" = [])),
+    params(("id" = String, Path, description = "Sandbox id"),
+           ("port" = u16, Path, description = "The sandbox's port", minimum = 1, maximum = 65535)),
+    responses((status = 204)))]
+pub(crate) async fn close_forward(
+    State(state): State<AppState>,
+    Caller(who): Caller,
+    Path((id, port)): Path<(String, u16)>,
+) -> Result<StatusCode, ApiError> {
+    state.control.close_forward(&who, &id, port)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// What the sandbox uses now (CPU time, memory, disk, network bytes), measured on the host;

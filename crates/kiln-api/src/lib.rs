@@ -323,6 +323,9 @@ impl FromRequestParts<AppState> for Caller {
         handlers::resume_sandbox,
         handlers::console_log,
         handlers::get_sandbox_metrics,
+        handlers::open_forward,
+        handlers::list_forwards,
+        handlers::close_forward,
         handlers::events,
         exec::run,
         exec::stream,
@@ -832,6 +835,14 @@ fn api_router(state: AppState) -> Router {
         .route(
             "/v1/sandboxes/{id}/metrics",
             get(handlers::get_sandbox_metrics),
+        )
+        .route(
+            "/v1/sandboxes/{id}/forwards",
+            post(handlers::open_forward).get(handlers::list_forwards),
+        )
+        .route(
+            "/v1/sandboxes/{id}/forwards/{port}",
+            axum::routing::delete(handlers::close_forward),
         )
         .route("/v1/events", get(handlers::events))
         .route("/v1/sandboxes/{id}/exec", post(exec::run))

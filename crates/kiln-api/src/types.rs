@@ -90,6 +90,34 @@ pub struct SandboxMetricsBody {
     pub measured_at_ms: i64,
 }
 
+/// Forward a port of the host to a port of the sandbox (plain TCP).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenForwardBody {
+    /// The sandbox's port.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+}
+
+/// A plain TCP forward: connections to `address` go to `port` of the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForwardBody {
+    /// The sandbox's port.
+    pub port: u16,
+    /// The host's address and port that lead to it (`127.0.0.1:30000`): open to anyone who
+    /// reaches it.
+    pub address: String,
+    /// When it was opened, ms since the epoch.
+    pub created_at_ms: i64,
+}
+
+/// A sandbox's TCP forwards.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ForwardListBody {
+    /// By port.
+    pub forwards: Vec<ForwardBody>,
+}
+
 /// Fork a sandbox.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

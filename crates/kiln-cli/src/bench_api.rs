@@ -145,6 +145,7 @@ impl InProcessDaemon {
             paused_retention: Duration::from_secs(3600),
             quotas: kiln_control::TenantQuotas::default(),
             spec_caps: kiln_control::SpecCaps::default(),
+            forwards: None,
         })
         .await?;
         let store = kiln_control::open_store(data.path())?;

@@ -604,6 +604,54 @@ pub async fn port(client: &Client, id: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Opens (prints its address), closes (`close`) or, without a port, lists the TCP forwards
+/// of sandbox `id`.
+pub async fn forward(
+    client: &Client,
+    id: &str,
+    port: Option<u16>,
+    close: bool,
+    json: bool,
+) -> Result<()> {
+    let path = format!("/v1/sandboxes/{id}/forwards");
+    match (port, close) {
+        (Some(port), true) => {
+            client
+                .send(client.request(Method::DELETE, &format!("{path}/{port}")))
+                .await?;
+            Ok(())
+        }
+        (Some(port), false) => {
+            let forward: kiln_api::types::ForwardBody = client
+                .json(
+                    client
+                        .request(Method::POST, &path)
+                        .json(&kiln_api::types::OpenForwardBody { port }),
+                )
+                .await?;
+            if json {
+                return print_json(&forward);
+            }
+            println!("{}", forward.address);
+            eprintln!(
+                "(port {port} of {id}: open to anyone who reaches it; close it with `kiln sandbox forward {id} {port} --close`)"
+            );
+            Ok(())
+        }
+        (None, _) => {
+            let list: kiln_api::types::ForwardListBody =
+                client.json(client.request(Method::GET, &path)).await?;
+            if json {
+                return print_json(&list);
+            }
+            for forward in list.forwards {
+                println!("{}\t{}", forward.port, forward.address);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Snapshots sandbox `sandbox` as `name`; prints the snapshot's id (or JSON).
 pub async fn snapshot_create(client: &Client, sandbox: &str, name: &str, json: bool) -> Result<()> {
     let snapshot: kiln_api::types::SnapshotBody = client

@@ -292,6 +292,24 @@ enum SandboxCommand {
         /// The port the guest listens on.
         port: u16,
     },
+    /// Forward a port of the host to a port of a sandbox, for what is not HTTP (a database,
+    /// SSH): prints the host's address and port, open to anyone who reaches it. Without a
+    /// port, lists the sandbox's forwards; with --close, closes one. The daemon's operator
+    /// turns forwarding on with `kiln serve --tcp-forward-ports`.
+    ///
+    /// Example: kiln sandbox forward sb-1234 5432
+    Forward {
+        /// Sandbox id.
+        id: String,
+        /// The port the guest listens on.
+        port: Option<u16>,
+        /// Close the forward of PORT instead.
+        #[arg(long, requires = "port")]
+        close: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a sandbox's egress policy, or change it while it runs (new connections follow
     /// the new policy at once; established ones to what it denies are cut).
     ///
@@ -580,6 +598,12 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
                 client_cmd::pause_or_resume(&client, &id, "resume", json).await?
             }
             SandboxCommand::Port { id, port } => client_cmd::port(&client, &id, port).await?,
+            SandboxCommand::Forward {
+                id,
+                port,
+                close,
+                json,
+            } => client_cmd::forward(&client, &id, port, close, json).await?,
             SandboxCommand::Net { id, network, json } => {
                 client_cmd::net(&client, &id, &network, json).await?
             }

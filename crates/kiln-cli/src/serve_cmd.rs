@@ -152,6 +152,14 @@ pub struct ServeArgs {
     /// [default: the listen port].
     #[arg(long)]
     pub ingress_port: Option<u16>,
+    /// Host ports for plain TCP forwards to sandbox ports (`30000-30999`): a sandbox's owner
+    /// opens one with `POST /v1/sandboxes/{id}/forwards` (`kiln sandbox forward`), and it is
+    /// open to anyone who reaches the forwarding address [default: off].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub tcp_forward_ports: Option<String>,
+    /// The address TCP forwards listen on [default: --listen's address].
+    #[arg(long)]
+    pub tcp_forward_address: Option<std::net::IpAddr>,
     /// A browser origin allowed to call the MCP endpoint `/mcp`, with scheme and port
     /// (`https://app.example.com:443`; repeat for more). Requests carrying any other
     /// `Origin` are refused; MCP clients that are not browsers send none [default: none].
@@ -200,6 +208,8 @@ struct FileConfig {
     ingress_domain: Option<String>,
     ingress_port: Option<u16>,
     mcp_allowed_origins: Option<Vec<String>>,
+    tcp_forward_ports: Option<String>,
+    tcp_forward_address: Option<std::net::IpAddr>,
 }
 
 /// Everything `kiln serve` runs with, checked.
@@ -430,6 +440,18 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     if spec_caps.build_time.is_zero() {
         bail!("setting `max_template_build_secs`: give at least 1 s");
     }
+    let forwards = match args.tcp_forward_ports.or(file.tcp_forward_ports) {
+        None => None,
+        Some(range) => Some(kiln_control::ForwardConfig {
+            address: args
+                .tcp_forward_address
+                .or(file.tcp_forward_address)
+                .unwrap_or(listen.ip()),
+            ports: port_range(&range).with_context(|| {
+                format!("setting `tcp_forward_ports`: `{range}` is not a range of ports like 30000-30999")
+            })?,
+        }),
+    };
     let metrics_listen = args.metrics_listen.or(file.metrics_listen);
     if metrics_listen == Some(listen) {
         bail!("setting `metrics_listen`: {listen} is the API's own address (leave it out to scrape /metrics there with an admin key)");
@@ -451,6 +473,7 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             paused_retention: Duration::from_secs(paused_retention),
             quotas,
             spec_caps,
+            forwards,
         },
         api: kiln_api::ApiConfig {
             max_upload_bytes: args
@@ -462,6 +485,16 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
             mcp_allowed_origins,
         },
     })
+}
+
+/// `FIRST-LAST` (or one port) as a range of non-zero ports.
+fn port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let (first, last): (u16, u16) = (first.trim().parse()?, last.trim().parse()?);
+    if first == 0 || last < first {
+        bail!("the first port is 1 or more and the last not below it");
+    }
+    Ok(first..=last)
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -585,5 +618,14 @@ mod tests {
         assert!(bad.to_string().contains("listen"), "{bad}");
         let good = toml_config("listen = \"127.0.0.1:9000\"\nprestart = 2\n").expect("valid");
         assert_eq!(good.prestart, Some(2));
+    }
+
+    #[test]
+    fn forwarding_ranges_are_checked() {
+        assert_eq!(port_range("30000-30999").expect("range"), 30000..=30999);
+        assert_eq!(port_range("2222").expect("one port"), 2222..=2222);
+        for bad in ["0-10", "10-5", "a-b", "1-70000", ""] {
+            assert!(port_range(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -35,10 +35,6 @@ fn free_port() -> u16 {
 }
 
 impl Daemon {
-    fn new() -> Daemon {
-        Daemon::with_args(Vec::new())
-    }
-
     /// A daemon started with `args` added to its command line.
     fn with_args(args: Vec<&'static str>) -> Daemon {
         let port = free_port();
@@ -301,7 +297,7 @@ fn assert_no_leftovers(daemon: &Daemon, ids: &[String]) {
 
 #[test]
 fn serve_use_crash_restart_and_stop() {
-    let mut daemon = Daemon::new();
+    let mut daemon = Daemon::with_args(vec!["--tcp-forward-ports", "42000-42999"]);
 
     // Without a key the CLI says what to do.
     let refused = daemon.kiln(None, &["sandbox", "ls"]);
@@ -450,12 +446,23 @@ fn serve_use_crash_restart_and_stop() {
     };
     let vmm = vmm_of(&daemon, &id);
     assert_eq!(vmm.len(), 1, "one VMM for {id}: {vmm:?}");
+    // A TCP forward listens on the host; it is the daemon's, and comes back with it.
+    let forwarded = daemon.kiln_ok(key, &["sandbox", "forward", &id, "7777"]);
+    let address: std::net::SocketAddr = forwarded.parse().expect("an address");
+    let listens = || std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)).is_ok();
+    assert!(listens(), "{address}");
     daemon.kill_daemon();
     assert!(
         Path::new(&format!("/proc/{}", vmm[0])).exists(),
         "the VMM outlived the daemon"
     );
+    assert!(!listens(), "the forward went with the daemon");
     daemon.start();
+    assert_eq!(
+        daemon.kiln_ok(key, &["sandbox", "forward", &id]),
+        format!("7777\t{address}")
+    );
+    assert!(listens(), "the forward is back on {address}");
     let got = daemon.state_of(key, &id);
     assert_eq!(got["state"], "running", "{got}\n{}", daemon.log());
     assert_eq!(vmm_of(&daemon, &id), vmm, "the same VMM process");
@@ -489,6 +496,8 @@ fn serve_use_crash_restart_and_stop() {
     daemon.start();
     let got = daemon.state_of(key, &id);
     assert_eq!(got["state"], "failed", "{got}");
+    assert!(!listens(), "a failed sandbox's forward is dropped");
+    assert_eq!(daemon.kiln_ok(key, &["sandbox", "forward", &id]), "");
     assert!(
         got["reason"]
             .as_str()

@@ -6,6 +6,7 @@
 //! sandbox, its metadata and time to live, and API keys (hashed).
 
 pub mod code;
+pub mod forwards;
 pub mod store;
 pub mod templates;
 
@@ -21,7 +22,10 @@ use kiln_engine::{
 use kiln_proto::messages::ErrorKind;
 use sha2::Digest;
 
-pub use store::{Cursor, KeyRecord, SandboxFilter, SandboxRecord, SnapshotRecord, TenantUsage};
+pub use forwards::ForwardConfig;
+pub use store::{
+    Cursor, ForwardRecord, KeyRecord, SandboxFilter, SandboxRecord, SnapshotRecord, TenantUsage,
+};
 pub use templates::TemplateInfo;
 
 /// Errors of the control plane, each with a meaning a front end can map (HTTP status codes
@@ -179,6 +183,8 @@ pub struct ControlConfig {
     pub quotas: TenantQuotas,
     /// What a tenant's own template spec may ask for.
     pub spec_caps: SpecCaps,
+    /// Plain TCP forwarding (`None`: off).
+    pub forwards: Option<ForwardConfig>,
 }
 
 /// What one tenant may hold at once; `None`: no limit. A create, fork, restore or template
@@ -319,6 +325,10 @@ struct Inner {
     /// What sandboxes being made hold, by tenant: counted against the quotas with the
     /// recorded ones, so concurrent creates cannot pass them together.
     making: std::sync::Mutex<std::collections::HashMap<String, TenantUsage>>,
+    /// The TCP forwards listening now.
+    forwards: forwards::Forwards,
+    /// Held while a forward is opened (one host port is chosen at a time).
+    opening_forward: tokio::sync::Mutex<()>,
 }
 
 /// What a tenant's sandboxes being made hold, until they are made and recorded.
@@ -506,10 +516,13 @@ impl Control {
                 events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
                 making: std::sync::Mutex::new(std::collections::HashMap::new()),
+                forwards: forwards::Forwards::default(),
+                opening_forward: tokio::sync::Mutex::new(()),
             }),
         };
         control.follow_engine();
         control.reconcile().await?;
+        control.restore_forwards()?;
         let warm = control.clone();
         tokio::spawn(async move {
             let name = warm.inner.config.default_template.clone();
@@ -576,6 +589,7 @@ impl Control {
                     Ok(event) => match &event {
                         SandboxEvent::Failed { id, reason } => {
                             inner.publish(id, event.clone());
+                            inner.forwards.stop_sandbox(id);
                             inner.store.mark_failed(id, reason)
                         }
                         SandboxEvent::Destroyed { id, .. } => {
@@ -587,6 +601,7 @@ impl Control {
                             if !deleting {
                                 inner.publish(id, event.clone());
                             }
+                            inner.forwards.stop_sandbox(id);
                             inner.store.delete_sandbox(id)
                         }
                         // Published by `create_sandbox` once the owner is recorded.
@@ -1413,14 +1428,199 @@ impl Control {
         if !allowed {
             return Err(ControlError::Unauthenticated);
         }
-        // The token stands for the sandbox's owner.
-        let who = Principal {
+        let (sandbox, _) = self.live(&Control::owner_of(&record), id).await?;
+        Control::port_of(&sandbox, port)
+    }
+
+    /// Forwards a port of the host to port `port` of the caller's sandbox `id`, for what is
+    /// not HTTP: every connection to the returned host port (on the operator's forwarding
+    /// address) is carried to the sandbox, resumed first if paused and its `auto_resume` is
+    /// on. Open to anyone who reaches that address. A port forwarded already keeps its forward.
+    pub async fn open_forward(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<ForwardRecord, ControlError> {
+        let config = self.forward_config()?;
+        let (sandbox, _) = self.handle(who, id)?;
+        Control::port_of(&sandbox, port)?;
+        let _one_at_a_time = self.inner.opening_forward.lock().await;
+        let existing = self.inner.store.forwards(Some(id))?;
+        if let Some(forward) = existing.iter().find(|f| f.port == port) {
+            return Ok(forward.clone());
+        }
+        if existing.len() >= forwards::MAX_PER_SANDBOX {
+            return Err(ControlError::QuotaExceeded(format!(
+                "sandbox `{id}` has {} TCP forwards, the most it may have: close one first",
+                forwards::MAX_PER_SANDBOX
+            )));
+        }
+        let taken: std::collections::HashSet<u16> = self
+            .inner
+            .store
+            .forwards(None)?
+            .iter()
+            .map(|f| f.host_port)
+            .chain(self.inner.forwards.host_ports())
+            .collect();
+        let mut chosen = None;
+        for host_port in config.ports.clone().filter(|p| !taken.contains(p)) {
+            match forwards::listen(config.address, host_port) {
+                Ok(listener) => {
+                    chosen = Some((host_port, listener));
+                    break;
+                }
+                // Taken by another program: the next one.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    return Err(ControlError::Internal(format!(
+                        "listening on {}:{host_port}: {e}",
+                        config.address
+                    )))
+                }
+            }
+        }
+        let (host_port, listener) = chosen.ok_or_else(|| {
+            ControlError::Unavailable(format!(
+                "every port of this host's TCP forwarding range ({}-{}) is taken: close a                  forward, or ask the operator for a wider range",
+                config.ports.start(),
+                config.ports.end()
+            ))
+        })?;
+        let record = ForwardRecord {
+            sandbox_id: id.to_owned(),
+            port,
+            host_port,
+            created_at_ms: store::now_ms(),
+        };
+        if !self.inner.store.insert_forward(&record)? {
+            return Err(ControlError::Conflict(format!(
+                "port {port} of sandbox `{id}` was forwarded meanwhile"
+            )));
+        }
+        self.start_forward(&record, listener);
+        Ok(record)
+    }
+
+    /// The TCP forwards of the caller's sandbox `id`, by port.
+    pub fn list_forwards(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Vec<ForwardRecord>, ControlError> {
+        self.get_sandbox(who, id)?;
+        Ok(self.inner.store.forwards(Some(id))?)
+    }
+
+    /// Closes the TCP forward of port `port` of the caller's sandbox `id`, and the
+    /// connections it carries.
+    pub fn close_forward(&self, who: &Principal, id: &str, port: u16) -> Result<(), ControlError> {
+        self.get_sandbox(who, id)?;
+        if !self.inner.store.delete_forward(id, port)? {
+            return Err(ControlError::NotFound {
+                what: "forward",
+                id: format!("{id}:{port}"),
+            });
+        }
+        self.inner.forwards.stop(id, port);
+        Ok(())
+    }
+
+    /// Where a forward listens, as its users connect to it.
+    pub fn forward_address(&self, forward: &ForwardRecord) -> Option<std::net::SocketAddr> {
+        let config = self.inner.config.forwards.as_ref()?;
+        Some(std::net::SocketAddr::new(config.address, forward.host_port))
+    }
+
+    fn forward_config(&self) -> Result<&ForwardConfig, ControlError> {
+        self.inner.config.forwards.as_ref().ok_or_else(|| {
+            ControlError::Conflict(
+                "plain TCP forwarding is off on this host (the operator turns it on with \
+                 `kiln serve --tcp-forward-ports`); HTTP ports are reachable by their URLs"
+                    .into(),
+            )
+        })
+    }
+
+    /// Serves `listener` as `forward`; connections find the sandbox as they come.
+    fn start_forward(&self, forward: &ForwardRecord, listener: tokio::net::TcpListener) {
+        // The forward must not keep the control plane alive.
+        let weak = Arc::downgrade(&self.inner);
+        let (id, port) = (forward.sandbox_id.clone(), forward.port);
+        self.inner
+            .forwards
+            .start(&id.clone(), port, listener, forward.host_port, move || {
+                let (weak, id) = (weak.clone(), id.clone());
+                async move {
+                    let control = Control {
+                        inner: weak.upgrade()?,
+                    };
+                    control
+                        .forward_target(&id, port)
+                        .await
+                        .inspect_err(|e| tracing::debug!(sandbox = %id, port, error = %e, "a forwarded connection found no sandbox"))
+                        .ok()
+                }
+            });
+    }
+
+    /// Where a forwarded connection goes: port `port` of sandbox `id`, resumed if paused
+    /// (unless its `auto_resume` is off).
+    async fn forward_target(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, ControlError> {
+        let record = self
+            .inner
+            .store
+            .sandbox(id, None)?
+            .ok_or_else(|| ControlError::NotFound {
+                what: "sandbox",
+                id: id.to_owned(),
+            })?;
+        let (sandbox, _) = self.live(&Control::owner_of(&record), id).await?;
+        Control::port_of(&sandbox, port)
+    }
+
+    /// The forwards recorded before a restart, listening again on their ports; one whose
+    /// sandbox is gone, or whose port cannot be had, is dropped (and said in the log).
+    fn restore_forwards(&self) -> Result<(), ControlError> {
+        for forward in self.inner.store.forwards(None)? {
+            let live = self
+                .inner
+                .store
+                .sandbox(&forward.sandbox_id, None)?
+                .is_some_and(|record| record.state != "failed");
+            let listened = match &self.inner.config.forwards {
+                Some(config) if live => forwards::listen(config.address, forward.host_port)
+                    .map_err(|e| {
+                        format!("listening on {}:{}: {e}", config.address, forward.host_port)
+                    }),
+                Some(_) => Err("its sandbox is gone".to_owned()),
+                None => Err("TCP forwarding is now off".to_owned()),
+            };
+            match listened {
+                Ok(listener) => self.start_forward(&forward, listener),
+                Err(why) => {
+                    tracing::warn!(sandbox = %forward.sandbox_id, port = forward.port, host_port = forward.host_port, "dropping a TCP forward: {why}");
+                    self.inner
+                        .store
+                        .delete_forward(&forward.sandbox_id, forward.port)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner of `record`, as a principal (a token or a forward stands for it).
+    fn owner_of(record: &SandboxRecord) -> Principal {
+        Principal {
             tenant: record.tenant.clone(),
             key_id: String::new(),
             admin: false,
-        };
-        let (sandbox, _) = self.live(&who, id).await?;
-        Control::port_of(&sandbox, port)
+        }
     }
 
     fn port_of(sandbox: &Sandbox, port: u16) -> Result<std::net::SocketAddr, ControlError> {
@@ -1491,12 +1691,15 @@ impl Control {
     /// Stops the daemon's work, leaving its sandboxes running for the next start to re-adopt
     /// (pre-started VMMs are removed).
     pub async fn detach(&self) {
+        // Forwards stop listening (they stay recorded: the next run listens again).
+        self.inner.forwards.stop_all();
         self.inner.engine.detach_all().await;
     }
 
     /// Destroys every sandbox and stops pre-started VMMs (a daemon's shutdown that leaves
     /// nothing behind).
     pub async fn shutdown(&self) {
+        self.inner.forwards.stop_all();
         self.inner.engine.shutdown_prestarted().await;
         for info in self.inner.engine.list() {
             match self.inner.engine.destroy(&info.id).await {
@@ -1585,7 +1788,10 @@ fn resync(inner: &Inner) -> Result<(), store::StoreError> {
             Some(kiln_engine::SandboxState::Failed { reason }) if record.state == "running" => {
                 inner.store.mark_failed(&record.id, reason)?;
             }
-            None if record.state == "running" => inner.store.delete_sandbox(&record.id)?,
+            None if record.state == "running" => {
+                inner.forwards.stop_sandbox(&record.id);
+                inner.store.delete_sandbox(&record.id)?
+            }
             _ => {}
         }
     }

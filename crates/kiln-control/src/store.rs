@@ -15,7 +15,7 @@ fn saturating_i64(value: u64) -> i64 {
 }
 
 /// Schema version this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 8;
+const SCHEMA_VERSION: i64 = 9;
 
 /// The current schema, for a new database.
 const SCHEMA: &str = "
@@ -54,6 +54,13 @@ CREATE TABLE sandboxes (
     disk_mib INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant_id, created_at_ms, id);
+CREATE TABLE forwards (
+    sandbox_id TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    host_port INTEGER NOT NULL UNIQUE,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sandbox_id, port)
+);
 CREATE TABLE snapshots (
     id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL REFERENCES tenants(id),
@@ -100,6 +107,14 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN cpus REAL NOT NULL DEFAULT 0;
      ALTER TABLE sandboxes ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE sandboxes ADD COLUMN disk_mib INTEGER NOT NULL DEFAULT 0;",
+    // 8 -> 9: plain TCP forwards from host ports to sandbox ports.
+    "CREATE TABLE forwards (
+        sandbox_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        host_port INTEGER NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (sandbox_id, port)
+     );",
 ];
 
 /// Errors of the store.
@@ -188,6 +203,20 @@ pub struct SandboxRecord {
     pub parent_id: Option<String>,
     /// What it holds of the host.
     pub resources: kiln_engine::Resources,
+}
+
+/// A plain TCP forward as recorded: connections to `host_port` on the daemon's forwarding
+/// address go to port `port` of the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardRecord {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Its port.
+    pub port: u16,
+    /// The host's port.
+    pub host_port: u16,
+    /// When it was opened, ms since the epoch.
+    pub created_at_ms: i64,
 }
 
 /// A snapshot as recorded.
@@ -732,9 +761,54 @@ impl Store {
 
     /// Forgets sandbox `id`.
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM forwards WHERE sandbox_id = ?1", params![id])?;
+        tx.execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Records a TCP forward; false if the sandbox's port or the host port has one already.
+    pub fn insert_forward(&self, forward: &ForwardRecord) -> Result<bool, StoreError> {
+        let inserted = self.conn().execute(
+            "INSERT OR IGNORE INTO forwards (sandbox_id, port, host_port, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                forward.sandbox_id,
+                forward.port,
+                forward.host_port,
+                forward.created_at_ms
+            ],
+        )?;
+        Ok(inserted == 1)
+    }
+
+    /// Forgets the forward of port `port` of sandbox `sandbox_id`; false if there was none.
+    pub fn delete_forward(&self, sandbox_id: &str, port: u16) -> Result<bool, StoreError> {
+        let deleted = self.conn().execute(
+            "DELETE FROM forwards WHERE sandbox_id = ?1 AND port = ?2",
+            params![sandbox_id, port],
+        )?;
+        Ok(deleted == 1)
+    }
+
+    /// The forwards of sandbox `sandbox_id` (all sandboxes' with `None`), by port.
+    pub fn forwards(&self, sandbox_id: Option<&str>) -> Result<Vec<ForwardRecord>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT sandbox_id, port, host_port, created_at_ms FROM forwards
+             WHERE ?1 IS NULL OR sandbox_id = ?1 ORDER BY sandbox_id, port",
+        )?;
+        let rows = statement.query_map(params![sandbox_id], |row| {
+            Ok(ForwardRecord {
+                sandbox_id: row.get(0)?,
+                port: row.get(1)?,
+                host_port: row.get(2)?,
+                created_at_ms: row.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
@@ -908,6 +982,40 @@ mod tests {
                 .len(),
             3
         );
+        // Forwards: one per sandbox port and per host port; they go with their sandbox.
+        let forward = |sandbox: &str, port, host_port| ForwardRecord {
+            sandbox_id: sandbox.into(),
+            port,
+            host_port,
+            created_at_ms: 1,
+        };
+        assert!(store
+            .insert_forward(&forward("sb-a1", 22, 30001))
+            .expect("insert"));
+        assert!(store
+            .insert_forward(&forward("sb-a1", 80, 30002))
+            .expect("insert"));
+        assert!(!store
+            .insert_forward(&forward("sb-a1", 22, 30003))
+            .expect("same port"));
+        assert!(!store
+            .insert_forward(&forward("sb-a2", 22, 30001))
+            .expect("same host port"));
+        assert!(store
+            .insert_forward(&forward("sb-a2", 22, 30004))
+            .expect("insert"));
+        assert_eq!(store.forwards(Some("sb-a1")).expect("list").len(), 2);
+        assert_eq!(store.forwards(None).expect("all").len(), 3);
+        assert!(store.delete_forward("sb-a1", 80).expect("delete"));
+        assert!(!store.delete_forward("sb-a1", 80).expect("gone"));
+        store.delete_sandbox("sb-a2").expect("delete");
+        assert_eq!(
+            store.forwards(None).expect("all"),
+            vec![forward("sb-a1", 22, 30001)]
+        );
+        store
+            .insert_sandbox(&record("sb-a2", "a", 102, "red"))
+            .expect("again");
         // What a tenant's live sandboxes hold, summed (read back as written).
         assert_eq!(
             store

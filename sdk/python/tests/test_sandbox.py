@@ -161,8 +161,13 @@ def test_lifecycle_connect_list_timeout_and_errors(
     assert (usage.cpu_seconds or 0) > 0 and (usage.memory_bytes or 0) > 0
     assert (usage.memory_limit_bytes or 0) >= (usage.memory_bytes or 0)
     assert (usage.disk_bytes or 0) > 0
-    # This suite's daemon runs without sandbox networking.
+    # This suite's daemon runs without sandbox networking, and so without TCP forwarding.
     assert usage.network_rx_bytes is None
+    with pytest.raises(kiln.ConflictError, match="forwarding is off"):
+        sandbox.forward_port(5432)
+    assert sandbox.list_forwards() == []
+    with pytest.raises(kiln.NotFoundError):
+        sandbox.close_forward(5432)
     sandbox.commands.run(
         "sleep 600 & sleep 600 & touch /tmp/sleepers; wait", background=True, tag="sleepers"
     )

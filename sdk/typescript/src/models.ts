@@ -95,6 +95,14 @@ export interface ForkResult {
   bytesWritten: number;
 }
 
+/** A plain TCP forward: connections to `address` (`host:port`) go to `port` of the sandbox.
+ * Open to anyone who reaches that address. */
+export interface Forward {
+  port: number;
+  address: string;
+  createdAtMs: number;
+}
+
 export interface SnapshotInfo {
   snapshotId: string;
   name: string;
@@ -228,6 +236,14 @@ export function entryInfo(data: Json): EntryInfo {
     size: num(data.size),
     mode: num(data.mode),
     modifiedMs: num(data.modified_ms),
+  };
+}
+
+export function forward(data: Json): Forward {
+  return {
+    port: num(data.port),
+    address: str(data.address),
+    createdAtMs: num(data.created_at_ms),
   };
 }
 

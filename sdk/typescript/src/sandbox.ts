@@ -10,6 +10,7 @@ import {
   executionFromJson,
   commandResult,
   entryInfo,
+  forward,
   networkJson,
   processInfo,
   sandboxEvent,
@@ -24,6 +25,7 @@ import {
   type ExecutionError,
   type Result,
   type ForkResult,
+  type Forward,
   type Health,
   type NetworkPolicy,
   type OutputChunk,
@@ -886,6 +888,42 @@ export class Sandbox {
       json: { name },
     });
     return snapshotInfo(reply.json<Json>());
+  }
+
+  /** Forwards a port of the daemon's host to `port` of the sandbox, for what is not HTTP (a
+   * database, SSH); connect to the answer's `address`. Open to anyone who reaches it; a port
+   * forwarded already keeps its forward. The operator turns forwarding on (`kiln serve
+   * --tcp-forward-ports`). */
+  @operations("open_forward")
+  async forwardPort(port: number): Promise<Forward> {
+    const reply = await this.transport.request({
+      operation: "open_forward",
+      method: "POST",
+      path: sandboxPath(this.sandboxId, "/forwards"),
+      json: { port },
+    });
+    return forward(reply.json<Json>());
+  }
+
+  /** Its plain TCP forwards, by port. */
+  @operations("list_forwards")
+  async listForwards(): Promise<Forward[]> {
+    const reply = await this.transport.request({
+      operation: "list_forwards",
+      method: "GET",
+      path: sandboxPath(this.sandboxId, "/forwards"),
+    });
+    return (reply.json<Json>().forwards as Json[]).map(forward);
+  }
+
+  /** Closes the forward of `port` and the connections it carries. */
+  @operations("close_forward")
+  async closeForward(port: number): Promise<void> {
+    await this.transport.request({
+      operation: "close_forward",
+      method: "DELETE",
+      path: sandboxPath(this.sandboxId, `/forwards/${port}`),
+    });
   }
 
   /** Kills every process in the sandbox but its agent (what was started, what that started,

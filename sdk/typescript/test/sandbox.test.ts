@@ -157,6 +157,13 @@ describe("one sandbox", () => {
     assert.equal(usage.sandboxId, sandbox.sandboxId);
     assert.ok((usage.cpuSeconds ?? 0) > 0 && (usage.memoryBytes ?? 0) > 0 && (usage.diskBytes ?? 0) > 0);
     assert.equal(usage.networkRxBytes, null);
+    // Without sandbox networking, there is no TCP forwarding either.
+    await assert.rejects(
+      sandbox.forwardPort(5432),
+      (e: unknown) => e instanceof kiln.ConflictError && /forwarding is off/.test(String(e)),
+    );
+    assert.deepEqual(await sandbox.listForwards(), []);
+    await assert.rejects(sandbox.closeForward(5432), kiln.NotFoundError);
     await sandbox.commands.run("sleep 600 & sleep 600 & touch /tmp/sleepers; wait", {
       background: true,
       tag: "sleepers",

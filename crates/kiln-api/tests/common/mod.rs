@@ -18,5 +18,6 @@ pub fn control_config(data: &Path) -> ControlConfig {
         paused_retention: Duration::from_secs(3600),
         quotas: kiln_control::TenantQuotas::default(),
         spec_caps: kiln_control::SpecCaps::default(),
+        forwards: None,
     }
 }

@@ -257,6 +257,24 @@ class ForkResult:
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A plain TCP forward: connections to ``address`` (``host:port``) go to ``port`` of the
+    sandbox. Open to anyone who reaches that address."""
+
+    port: int
+    address: str
+    created_at_ms: int
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Forward:
+        return Forward(
+            port=int(data["port"]),
+            address=str(data.get("address", "")),
+            created_at_ms=int(data.get("created_at_ms", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     """A snapshot: a sandbox's memory, device state and disk at one moment."""
 

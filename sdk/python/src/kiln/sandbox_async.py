@@ -31,6 +31,7 @@ from .models import (
     CommandResult,
     EntryInfo,
     ForkResult,
+    Forward,
     Health,
     NetworkPolicy,
     OutputChunk,
@@ -760,6 +761,41 @@ class AsyncSandbox:
             )
         )
         return SandboxMetrics.from_json(reply.json())
+
+    @operations("open_forward")
+    async def forward_port(self, port: int) -> Forward:
+        """Forwards a port of the daemon's host to ``port`` of the sandbox, for what is not
+        HTTP (a database, SSH); connect to the answer's ``address``. Open to anyone who
+        reaches it; a port forwarded already keeps its forward. The operator turns
+        forwarding on (``kiln serve --tcp-forward-ports``)."""
+        reply = await self._transport.request(
+            Call(
+                "open_forward",
+                "POST",
+                _ops.sandbox_path(self.sandbox_id, "/forwards"),
+                json={"port": port},
+            )
+        )
+        return Forward.from_json(reply.json())
+
+    @operations("list_forwards")
+    async def list_forwards(self) -> List[Forward]:
+        """Its plain TCP forwards, by port."""
+        reply = await self._transport.request(
+            Call("list_forwards", "GET", _ops.sandbox_path(self.sandbox_id, "/forwards"))
+        )
+        return [Forward.from_json(f) for f in reply.json()["forwards"]]
+
+    @operations("close_forward")
+    async def close_forward(self, port: int) -> None:
+        """Closes the forward of ``port`` and the connections it carries."""
+        await self._transport.request(
+            Call(
+                "close_forward",
+                "DELETE",
+                _ops.sandbox_path(self.sandbox_id, f"/forwards/{port}"),
+            )
+        )
 
     @operations("console_log")
     async def logs(self, lines: Optional[int] = None) -> str:

@@ -1,0 +1,224 @@
+//! Plain TCP forwarding, for what a sandbox serves that is not HTTP (a database, SSH, a game
+//! server): a port of the host, from a range the operator sets, whose connections go to a
+//! port of the sandbox. Off unless the operator gives the range. A forward is open to anyone
+//! who can reach the host's address (TCP carries no token); its owner opens and closes it.
+//! Forwards are recorded, so they come back with a restarted daemon, and they go with their
+//! sandbox.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Most forwards one sandbox may have.
+pub const MAX_PER_SANDBOX: usize = 16;
+
+/// Most connections one forward carries at once; more are closed as they come.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long connecting to the sandbox (resuming it first, if paused) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where forwards listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    /// The host's address they listen on.
+    pub address: IpAddr,
+    /// The ports they may take.
+    pub ports: RangeInclusive<u16>,
+}
+
+/// The forwards listening now, by sandbox and port.
+#[derive(Debug, Default)]
+pub(crate) struct Forwards {
+    active: Mutex<HashMap<(String, u16), Listening>>,
+}
+
+/// A forward's listener task; it and the connections it carries end when this drops.
+#[derive(Debug)]
+struct Listening {
+    host_port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Forwards {
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), Listening>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The host ports taken now.
+    pub(crate) fn host_ports(&self) -> Vec<u16> {
+        self.active().values().map(|l| l.host_port).collect()
+    }
+
+    /// Whether port `port` of `sandbox` is forwarded now.
+    #[cfg(test)]
+    fn contains(&self, sandbox: &str, port: u16) -> bool {
+        self.active().contains_key(&(sandbox.to_owned(), port))
+    }
+
+    /// Serves `listener` as the forward of `sandbox`'s port `port`: each connection goes to
+    /// where `target` says the port is now (it resumes a paused sandbox).
+    pub(crate) fn start<T, F>(
+        &self,
+        sandbox: &str,
+        port: u16,
+        listener: TcpListener,
+        host_port: u16,
+        target: T,
+    ) where
+        T: Fn() -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
+    {
+        let task = tokio::spawn(serve(listener, Arc::new(target)));
+        self.active()
+            .insert((sandbox.to_owned(), port), Listening { host_port, task });
+    }
+
+    /// Stops the forward of `sandbox`'s port `port` and the connections it carries.
+    pub(crate) fn stop(&self, sandbox: &str, port: u16) -> bool {
+        self.active().remove(&(sandbox.to_owned(), port)).is_some()
+    }
+
+    /// Stops every forward.
+    pub(crate) fn stop_all(&self) {
+        self.active().clear();
+    }
+
+    /// Stops every forward of `sandbox`.
+    pub(crate) fn stop_sandbox(&self, sandbox: &str) {
+        self.active().retain(|(id, _), _| id != sandbox);
+    }
+}
+
+/// Listens on `port` of `address` (address reuse on, so a restarted daemon gets its ports
+/// back while old connections linger).
+pub(crate) fn listen(address: IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::new(address, port))?;
+    socket.listen(1024)
+}
+
+/// Accepts connections and carries each to the sandbox, at most [`MAX_CONNECTIONS`] at once.
+/// The connections are this task's: they end with it.
+async fn serve<T, F>(listener: TcpListener, target: Arc<T>)
+where
+    T: Fn() -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
+{
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) if connections.len() < MAX_CONNECTIONS => {
+                    let target = Arc::clone(&target);
+                    connections.spawn(carry(client, target));
+                }
+                // Past the limit: closed at once.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a forwarded connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Carries `client` to the sandbox and back until either side closes.
+async fn carry<T, F>(mut client: TcpStream, target: Arc<T>)
+where
+    T: Fn() -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
+{
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let address = target().await?;
+        TcpStream::connect(address).await.ok()
+    })
+    .await;
+    let Ok(Some(mut upstream)) = connected else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn connections_are_carried_until_the_forward_stops() {
+        // An echo server stands in for the sandbox's port.
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let echo_address = echo.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        let forwards = Forwards::default();
+        let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
+        let forwarded = listener.local_addr().expect("address");
+        forwards.start("sb-1", 7, listener, forwarded.port(), move || async move {
+            Some(echo_address)
+        });
+        assert!(forwards.contains("sb-1", 7));
+        assert_eq!(forwards.host_ports(), vec![forwarded.port()]);
+
+        let mut client = TcpStream::connect(forwarded).await.expect("connect");
+        client.write_all(b"ping").await.expect("write");
+        let mut reply = [0u8; 4];
+        client.read_exact(&mut reply).await.expect("read");
+        assert_eq!(&reply, b"ping");
+
+        // Stopped: the open connection ends and no new one is taken.
+        forwards.stop_sandbox("sb-1");
+        assert!(!forwards.contains("sb-1", 7));
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("the connection ends");
+        assert!(ended.is_ok_and(|n| n == 0) || rest.is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            TcpStream::connect(forwarded).await.is_err(),
+            "still listening"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_cannot_be_reached_closes_the_connection() {
+        let forwards = Forwards::default();
+        let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
+        let forwarded = listener.local_addr().expect("address");
+        forwards.start("sb-2", 7, listener, forwarded.port(), || async { None });
+        let mut client = TcpStream::connect(forwarded).await.expect("connect");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("closed");
+        assert!(read.is_ok() && rest.is_empty());
+        assert!(forwards.stop("sb-2", 7));
+        assert!(!forwards.stop("sb-2", 7));
+    }
+}
