@@ -350,6 +350,7 @@ impl AgentClient {
             frames: framed_response(response).await?,
             idle: self.config.call_timeout,
             size: 0,
+            limit: request.limit,
         };
         let frame = download.next_frame().await?;
         if frame.kind != FrameKind::Control {
@@ -566,6 +567,8 @@ pub struct FileDownload {
     frames: FrameReader<Incoming>,
     idle: Duration,
     size: u64,
+    /// The most bytes asked for: an agent that sends more is not believed.
+    limit: Option<u64>,
 }
 
 impl std::fmt::Debug for FileDownload {
@@ -591,7 +594,9 @@ impl FileDownload {
     }
 
     /// Copies the rest of the file into `sink`; returns the bytes copied. Each piece must
-    /// arrive within the call timeout; time spent writing into `sink` does not count.
+    /// arrive within the call timeout; time spent writing into `sink` does not count. An
+    /// agent that sends more than the request's limit is an error before the excess reaches
+    /// `sink`.
     pub async fn copy_to<W: AsyncWrite + Unpin>(
         mut self,
         sink: &mut W,
@@ -601,10 +606,16 @@ impl FileDownload {
             let frame = self.next_frame().await?;
             match frame.kind {
                 FrameKind::Data => {
+                    let after = received.saturating_add(frame.payload.len() as u64);
+                    if let Some(limit) = self.limit.filter(|limit| after > *limit) {
+                        return Err(ClientError::Protocol(format!(
+                            "the agent sent more than the {limit} bytes asked for"
+                        )));
+                    }
                     sink.write_all(&frame.payload)
                         .await
                         .map_err(ClientError::LocalIo)?;
-                    received += frame.payload.len() as u64;
+                    received = after;
                 }
                 FrameKind::Control => match frame.parse_control().map_err(protocol_error)? {
                     FileReadEvent::End { sent } => {

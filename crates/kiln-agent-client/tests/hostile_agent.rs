@@ -318,6 +318,34 @@ async fn a_download_that_stalls_after_its_start_times_out() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+#[tokio::test]
+async fn a_download_past_its_limit_is_refused_before_it_is_kept() {
+    // The agent ignores the request's limit and sends without end.
+    let agent = FakeAgent::start(http(|_req| async {
+        let (out, body) = frame_channel(4);
+        tokio::spawn(async move {
+            let _ = out
+                .send(&Frame::control(&FileReadEvent::Opened { size: 10 }))
+                .await;
+            let piece = Bytes::from(vec![b'x'; 64 << 10]);
+            while out
+                .send(&Frame::new(FrameKind::Data, piece.clone()))
+                .await
+                .is_ok()
+            {}
+        });
+        Response::new(body.boxed())
+    }))
+    .await;
+    let err = within(agent.client().read_file("/x", 100))
+        .await
+        .expect_err("more than asked for");
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("more than the 101 bytes")),
+        "{err:?}"
+    );
+}
+
 /// Yields `chunks` pieces of `chunk` bytes, one every `every`.
 fn throttled_source(chunks: usize, chunk: usize, every: Duration) -> tokio::io::DuplexStream {
     let (mut writer, reader) = tokio::io::duplex(chunk);
