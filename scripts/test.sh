@@ -27,7 +27,7 @@ export KILN_AGENT_BIN
 step "cargo test (the boot tests build the base and python templates on first run)"
 cargo test --locked --workspace
 
-step "the Python and TypeScript SDKs and the MCP server against a daemon of their own (scripts/tests/sdk.sh)"
+step "the Python and TypeScript SDKs, the MCP server, the API contract and a 2-minute soak against a daemon of their own (scripts/tests/sdk.sh)"
 KILN_BIN="$KILN_ROOT/target/debug/kiln" bash scripts/tests/sdk.sh
 
 printf '\nall checks passed in %d s\n' "$((SECONDS - started))"

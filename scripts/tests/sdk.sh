@@ -5,7 +5,8 @@
 # Starts `kiln serve` on a free loopback port with a data directory of its own (sandbox
 # networking off: nothing leaves the sandboxes), makes a key for each of two tenants, then
 # runs the Python SDK's checks (mypy --strict, pytest), the TypeScript SDK's (tsc,
-# node --test), the MCP tests (pytest) and the API contract test (schemathesis) against it.
+# node --test), the MCP tests (pytest), the API contract test (schemathesis) and the
+# reliability suite's soak (`kiln check soak`, $KILN_SOAK_SECS, default 120 s) against it.
 # Each tenant may have 16 live sandboxes, so the contract test's stateful phase cannot fill
 # the host.
 # The daemon is stopped with SIGINT on exit, also on failure, which destroys every sandbox
@@ -178,9 +179,19 @@ contract_suite() {
   if [ -n "${KILN_CONTRACT_UPDATE:-}" ]; then cp "$run/baseline.json" tests/contract/baseline.json; fi
 }
 
+# The reliability suite's soak against the same daemon: a steady mixed load, no error and
+# nothing left allowed; the daemon's memory, descriptors and threads are reported.
+soak_suite() {
+  local key
+  key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant soak 2>/dev/null)
+  step "reliability: kiln check soak, ${KILN_SOAK_SECS:-120} s"
+  "$kiln_bin" check soak --url "$KILN_URL" --api-key "$key" \
+    --duration-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid"
+}
+
 case "$only" in
-  python | typescript | mcp | contract | all) ;;
-  *) die "usage: $0 [python|typescript|mcp|contract|all]" ;;
+  python | typescript | mcp | contract | soak | all) ;;
+  *) die "usage: $0 [python|typescript|mcp|contract|soak|all]" ;;
 esac
 step "a daemon for the client tests"
 start_daemon
@@ -189,6 +200,7 @@ case "$only" in
   typescript) typescript_suite ;;
   mcp) mcp_suite ;;
   contract) contract_suite ;;
-  all) python_suite; typescript_suite; mcp_suite; contract_suite ;;
+  soak) soak_suite ;;
+  all) python_suite; typescript_suite; mcp_suite; contract_suite; soak_suite ;;
 esac
 printf '\nclient tests passed in %d s\n' "$((SECONDS - started))"

@@ -10,6 +10,7 @@ mod bench_images;
 mod bench_net;
 mod bench_pause;
 mod bench_tti;
+mod check_cmd;
 mod client_cmd;
 mod keys_cmd;
 mod mcp_cmd;
@@ -168,11 +169,29 @@ enum Commands {
         #[command(flatten)]
         client: client_cmd::ClientArgs,
     },
+    /// Check a running daemon's reliability under load (the reliability suite; this
+    /// version has the soak).
+    ///
+    /// Example: kiln check soak --duration-secs 120 --daemon-pid "$(pidof kiln)"
+    Check {
+        #[command(subcommand)]
+        command: CheckCommand,
+        #[command(flatten)]
+        client: client_cmd::ClientArgs,
+    },
     /// Measure kiln's performance.
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckCommand {
+    /// A steady mixed load (create, exec, upload and download compared, fork, pause and
+    /// resume, destroy) for a while: every error counted, the daemon's memory, descriptors
+    /// and threads sampled, nothing left after. Exit status 1 on any error or leftover.
+    Soak(check_cmd::SoakOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -555,6 +574,7 @@ impl Commands {
             | Commands::Shell { client, .. }
             | Commands::Fs { client, .. }
             | Commands::Mcp { client }
+            | Commands::Check { client, .. }
             | Commands::Template {
                 command:
                     TemplateCommand::Ls { client, .. }
@@ -655,6 +675,13 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
         Commands::Template {
             command: TemplateCommand::Rm { name, .. },
         } => client_cmd::template_remove(&client, &name).await?,
+        Commands::Check {
+            command: CheckCommand::Soak(options),
+            ..
+        } => {
+            let passed = check_cmd::soak(&client, &options).await?;
+            return Ok(if passed { 0 } else { 1 });
+        }
         // Handled by `main` itself.
         Commands::Serve(_)
         | Commands::Keys { .. }
@@ -822,6 +849,8 @@ mod tests {
             &["exec"],
             &["mcp"],
             &["template", "ls"],
+            &["check", "soak"],
+            &["sandbox", "forward"],
         ] {
             assert!(has_url(path), "{path:?} lacks --url");
         }

@@ -1,0 +1,387 @@
+//! `kiln check`: the reliability suite's checks, against a running daemon over its API.
+//!
+//! `kiln check soak`: a steady mixed load (create, exec, upload and download with the bytes
+//! compared, fork, pause and resume, destroy) for a while, with every error counted and the
+//! daemon's memory, descriptors and threads sampled from start to end; nothing of the
+//! check's may be left. Fails (exit status 1) on any error or anything left; the daemon's
+//! growth is reported, not judged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln_api::types::{ExecResultBody, ForkedBody, SandboxBody, SandboxList};
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::client_cmd::Client;
+use crate::stats::Summary;
+
+/// Options of `kiln check soak`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SoakOptions {
+    /// Seconds of load (the quick profile's 120; the full one's 1800).
+    #[arg(long, default_value_t = 120)]
+    pub duration_secs: u64,
+    /// Sandboxes worked on at once.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Template of the sandboxes.
+    #[arg(long, default_value = "base")]
+    pub template: String,
+    /// The daemon's process id on this host, to sample its memory, open descriptors and
+    /// threads (without it they are not reported).
+    #[arg(long)]
+    pub daemon_pid: Option<u32>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one kind of operation did.
+#[derive(Debug, Default, Clone, Serialize)]
+struct OperationFigures {
+    count: usize,
+    errors: usize,
+    #[serde(skip)]
+    samples: Vec<Duration>,
+    latency: Option<Summary>,
+}
+
+/// The daemon's figures at one moment.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct DaemonSample {
+    at_secs: f64,
+    rss_mib: f64,
+    open_fds: usize,
+    threads: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct SoakReport {
+    duration_secs: f64,
+    workers: usize,
+    template: String,
+    cycles: usize,
+    operations: Vec<(String, OperationFigures)>,
+    errors: usize,
+    first_errors: Vec<String>,
+    daemon_start: Option<DaemonSample>,
+    daemon_end: Option<DaemonSample>,
+    daemon_max_rss_mib: Option<f64>,
+    sandboxes_left: usize,
+    passed: bool,
+}
+
+/// Operations in the order they are reported.
+const OPERATIONS: [&str; 7] = [
+    "create",
+    "exec",
+    "upload",
+    "download",
+    "fork",
+    "pause+resume",
+    "destroy",
+];
+
+#[derive(Debug, Default)]
+struct Tally {
+    operations: Vec<OperationFigures>,
+    first_errors: Vec<String>,
+    cycles: usize,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            operations: vec![OperationFigures::default(); OPERATIONS.len()],
+            ..Tally::default()
+        }
+    }
+}
+
+/// Times `operation` (one of [`OPERATIONS`]) and counts it, or its error.
+async fn timed<T>(
+    tally: &Mutex<Tally>,
+    operation: &str,
+    future: impl std::future::Future<Output = Result<T>>,
+) -> Option<T> {
+    let index = OPERATIONS
+        .iter()
+        .position(|o| *o == operation)
+        .unwrap_or_default();
+    let started = Instant::now();
+    let result = future.await;
+    let mut tally = tally.lock().await;
+    let figures = &mut tally.operations[index];
+    figures.count += 1;
+    match result {
+        Ok(value) => {
+            figures.samples.push(started.elapsed());
+            Some(value)
+        }
+        Err(e) => {
+            figures.errors += 1;
+            if tally.first_errors.len() < 5 {
+                tally.first_errors.push(format!("{operation}: {e:#}"));
+            }
+            None
+        }
+    }
+}
+
+async fn exec(client: &Client, id: &str, command: &str) -> Result<String> {
+    let request = client
+        .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .json(&json!({"command": command}));
+    let result: ExecResultBody = client.json(request).await?;
+    ensure!(
+        result.exit_code == Some(0),
+        "`{command}` exited {:?}: {}",
+        result.exit_code,
+        result.stderr
+    );
+    Ok(result.stdout)
+}
+
+async fn delete(client: &Client, id: &str) -> Result<()> {
+    client
+        .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
+        .await?;
+    Ok(())
+}
+
+/// One sandbox's life under load; `cycle` picks whether it is also forked or paused.
+async fn cycle(client: &Client, tally: &Mutex<Tally>, template: &str, cycle: usize) {
+    let create = async {
+        let request = client
+            .request(Method::POST, "/v1/sandboxes")
+            .json(&json!({"template": template, "ttl_secs": 600}));
+        Ok(client.json::<SandboxBody>(request).await?.id)
+    };
+    let Some(id) = timed(tally, "create", create).await else {
+        return;
+    };
+    let marker = format!("soak-{cycle}");
+    timed(tally, "exec", async {
+        let out = exec(client, &id, &format!("echo {marker}")).await?;
+        ensure!(out.trim() == marker, "echo answered {out:?}");
+        Ok(())
+    })
+    .await;
+    // 256 KiB that differ per cycle, there and back, compared.
+    let payload: Vec<u8> = (0..256 << 10)
+        .map(|i: usize| (i.wrapping_mul(31) ^ cycle) as u8)
+        .collect();
+    let path = "/tmp/soak.bin";
+    let uploaded = timed(tally, "upload", async {
+        let request = client
+            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files/content"))
+            .query(&[("path", path)])
+            .body(payload.clone());
+        client.send(request).await?;
+        Ok(())
+    })
+    .await;
+    if uploaded.is_some() {
+        timed(tally, "download", async {
+            let request = client
+                .request(Method::GET, &format!("/v1/sandboxes/{id}/files/content"))
+                .query(&[("path", path)]);
+            let body = client.send(request).await?.bytes().await?;
+            ensure!(
+                body.as_ref() == payload.as_slice(),
+                "the file came back changed"
+            );
+            Ok(())
+        })
+        .await;
+    }
+    match cycle % 4 {
+        1 => {
+            timed(tally, "fork", async {
+                let request = client
+                    .request(Method::POST, &format!("/v1/sandboxes/{id}/fork"))
+                    .json(&json!({"count": 1}));
+                let forked: ForkedBody = client.json(request).await?;
+                let child = forked.sandboxes.first().context("no child")?.id.clone();
+                let seen = exec(client, &child, &format!("wc -c < {path}")).await;
+                delete(client, &child).await?;
+                ensure!(
+                    seen?.trim() == (256 << 10).to_string(),
+                    "the child's copy differs"
+                );
+                Ok(())
+            })
+            .await;
+        }
+        3 => {
+            timed(tally, "pause+resume", async {
+                for action in ["pause", "resume"] {
+                    let request =
+                        client.request(Method::POST, &format!("/v1/sandboxes/{id}/{action}"));
+                    client.send(request).await?;
+                }
+                exec(client, &id, "true").await?;
+                Ok(())
+            })
+            .await;
+        }
+        _ => {}
+    }
+    timed(tally, "destroy", delete(client, &id)).await;
+    tally.lock().await.cycles += 1;
+}
+
+/// The daemon's resident memory, open descriptors and threads now.
+fn sample(pid: u32, started: Instant) -> Option<DaemonSample> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+    };
+    Some(DaemonSample {
+        at_secs: started.elapsed().as_secs_f64(),
+        rss_mib: field("VmRSS:")? / 1024.0,
+        threads: field("Threads:")? as usize,
+        open_fds: std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count(),
+    })
+}
+
+/// Runs the soak and prints its report; returns whether it passed.
+pub async fn soak(client: &Client, options: &SoakOptions) -> Result<bool> {
+    ensure!(options.workers > 0, "--workers must be at least 1");
+    if let Some(pid) = options.daemon_pid {
+        ensure!(
+            sample(pid, Instant::now()).is_some(),
+            "no process {pid} to sample: --daemon-pid takes the daemon's pid on this host"
+        );
+    }
+    let tally = Arc::new(Mutex::new(Tally::new()));
+    eprintln!(
+        "soak: {} s, {} workers, template {} ...",
+        options.duration_secs, options.workers, options.template
+    );
+    // A first cycle makes the template ready before the clock starts.
+    cycle(client, &tally, &options.template, 0).await;
+    let warm = std::mem::replace(&mut *tally.lock().await, Tally::new());
+    ensure!(
+        warm.first_errors.is_empty(),
+        "the first sandbox already failed: {}",
+        warm.first_errors.join("; ")
+    );
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(options.duration_secs);
+    let first = options.daemon_pid.and_then(|pid| sample(pid, started));
+    let mut samples: Vec<DaemonSample> = first.into_iter().collect();
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..options.workers {
+        let (client, tally, counter) = (client.clone(), tally.clone(), counter.clone());
+        let template = options.template.clone();
+        workers.spawn(async move {
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                cycle(&client, &tally, &template, n).await;
+            }
+        });
+    }
+    while !workers.is_empty() {
+        tokio::select! {
+            _ = workers.join_next() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {
+                samples.extend(options.daemon_pid.and_then(|pid| sample(pid, started)));
+            }
+        }
+    }
+    let duration = started.elapsed();
+    samples.extend(options.daemon_pid.and_then(|pid| sample(pid, started)));
+    let left = client
+        .json::<SandboxList>(client.request(Method::GET, "/v1/sandboxes?limit=500"))
+        .await
+        .context("listing what is left")?
+        .sandboxes
+        .len();
+
+    let tally = std::mem::take(&mut *tally.lock().await);
+    let errors: usize = tally.operations.iter().map(|o| o.errors).sum();
+    let operations = OPERATIONS
+        .iter()
+        .zip(tally.operations)
+        .map(|(name, mut figures)| {
+            figures.latency = (!figures.samples.is_empty()).then(|| Summary::of(&figures.samples));
+            (name.to_string(), figures)
+        })
+        .collect();
+    let report = SoakReport {
+        duration_secs: duration.as_secs_f64(),
+        workers: options.workers,
+        template: options.template.clone(),
+        cycles: tally.cycles,
+        operations,
+        errors,
+        first_errors: tally.first_errors,
+        daemon_start: samples.first().copied(),
+        daemon_end: samples.last().copied(),
+        daemon_max_rss_mib: samples.iter().map(|s| s.rss_mib).reduce(f64::max),
+        sandboxes_left: left,
+        passed: errors == 0 && left == 0,
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_soak(&report);
+    }
+    Ok(report.passed)
+}
+
+fn print_soak(report: &SoakReport) {
+    println!(
+        "soak: {:.0} s, {} workers, template {}, {} sandboxes made and destroyed",
+        report.duration_secs, report.workers, report.template, report.cycles
+    );
+    println!(
+        "{:<14} {:>7} {:>7} {:>9} {:>9}",
+        "operation", "count", "errors", "p50 ms", "p99 ms"
+    );
+    for (name, figures) in &report.operations {
+        let (p50, p99) = figures
+            .latency
+            .as_ref()
+            .map_or((f64::NAN, f64::NAN), |s| (s.p50_ms, s.p99_ms));
+        println!(
+            "{name:<14} {:>7} {:>7} {p50:>9.1} {p99:>9.1}",
+            figures.count, figures.errors
+        );
+    }
+    if let (Some(start), Some(end)) = (report.daemon_start, report.daemon_end) {
+        println!(
+            "daemon         start      end  (at {:.0} s and {:.0} s)",
+            start.at_secs, end.at_secs
+        );
+        println!(
+            "  rss MiB   {:>9.1} {:>8.1}  (max {:.1})",
+            start.rss_mib,
+            end.rss_mib,
+            report.daemon_max_rss_mib.unwrap_or(end.rss_mib)
+        );
+        println!("  open fds  {:>9} {:>8}", start.open_fds, end.open_fds);
+        println!("  threads   {:>9} {:>8}", start.threads, end.threads);
+    }
+    println!("sandboxes left: {}", report.sandboxes_left);
+    for error in &report.first_errors {
+        println!("error: {error}");
+    }
+    println!(
+        "result: {}",
+        if report.passed {
+            "passed (no error, nothing left)"
+        } else {
+            "FAILED"
+        }
+    );
+}
