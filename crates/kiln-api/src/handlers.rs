@@ -527,7 +527,7 @@ fn forward_body(state: &AppState, forward: kiln_control::ForwardRecord) -> Forwa
     request_body = OpenForwardBody,
     responses((status = 201, body = ForwardBody), (status = 200, body = ForwardBody),
               (status = 409, body = ErrorBody, description = "Forwarding is off on this host, networking is off, or the sandbox failed"),
-              (status = 429, body = ErrorBody, description = "The sandbox has the most forwards it may have (`quota_exceeded`)"),
+              (status = 429, body = ErrorBody, description = "The sandbox, or its tenant, has the most forwards it may have (`quota_exceeded`)"),
               (status = 503, body = ErrorBody, description = "Every port of the range is taken")))]
 pub(crate) async fn open_forward(
     State(state): State<AppState>,
@@ -538,12 +538,11 @@ pub(crate) async fn open_forward(
     if body.port == 0 {
         return Err(ApiError::invalid("port is 1 to 65535"));
     }
-    let before = state.control.list_forwards(&who, &id)?;
-    let forward = state.control.open_forward(&who, &id, body.port).await?;
-    let status = if before.iter().any(|f| f.port == body.port) {
-        StatusCode::OK
-    } else {
+    let (forward, created) = state.control.open_forward(&who, &id, body.port).await?;
+    let status = if created {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
     Ok((status, Json(forward_body(&state, forward))))
 }
@@ -578,7 +577,7 @@ pub(crate) async fn close_forward(
     Caller(who): Caller,
     Path((id, port)): Path<(String, u16)>,
 ) -> Result<StatusCode, ApiError> {
-    state.control.close_forward(&who, &id, port)?;
+    state.control.close_forward(&who, &id, port).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

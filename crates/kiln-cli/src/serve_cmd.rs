@@ -487,6 +487,21 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     })
 }
 
+/// Raises this process's soft limit of open descriptors to its hard limit: the daemon holds
+/// several per sandbox (sockets, the tap, pidfds) and two per forwarded connection.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "raising the limit of open files");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "reading the limit of open files"),
+    }
+}
+
 /// `FIRST-LAST` (or one port) as a range of non-zero ports.
 fn port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
     let (first, last) = text.split_once('-').unwrap_or((text, text));
@@ -500,6 +515,7 @@ fn port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let settings = settings(args)?;
+    raise_open_files_limit();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;

@@ -16,11 +16,17 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// Most forwards one sandbox may have.
 pub const MAX_PER_SANDBOX: usize = 16;
 
+/// Most forwards one tenant's sandboxes may have together.
+pub const MAX_PER_TENANT: usize = 64;
+
 /// Most connections one forward carries at once; more are closed as they come.
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// How long connecting to the sandbox (resuming it first, if paused) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A carried connection with no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// Where forwards listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,9 +38,12 @@ pub struct ForwardConfig {
 }
 
 /// The forwards listening now, by sandbox and port.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Forwards {
     active: Mutex<HashMap<(String, u16), Listening>>,
+    /// Connections all forwards may carry at once (each holds two of the daemon's
+    /// descriptors): whoever reaches the forwarding address cannot starve the daemon.
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// A forward's listener task; it and the connections it carries end when this drops.
@@ -51,6 +60,14 @@ impl Drop for Listening {
 }
 
 impl Forwards {
+    /// Forwards that carry at most `connections` connections at once in all.
+    pub(crate) fn new(connections: usize) -> Forwards {
+        Forwards {
+            active: Mutex::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(connections)),
+        }
+    }
+
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u16), Listening>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -79,7 +96,11 @@ impl Forwards {
         T: Fn() -> F + Send + Sync + 'static,
         F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
     {
-        let task = tokio::spawn(serve(listener, Arc::new(target)));
+        let task = tokio::spawn(serve(
+            listener,
+            Arc::new(target),
+            Arc::clone(&self.connections),
+        ));
         self.active()
             .insert((sandbox.to_owned(), port), Listening { host_port, task });
     }
@@ -112,9 +133,9 @@ pub(crate) fn listen(address: IpAddr, port: u16) -> std::io::Result<TcpListener>
     socket.listen(1024)
 }
 
-/// Accepts connections and carries each to the sandbox, at most [`MAX_CONNECTIONS`] at once.
-/// The connections are this task's: they end with it.
-async fn serve<T, F>(listener: TcpListener, target: Arc<T>)
+/// Accepts connections and carries each to the sandbox, at most [`MAX_CONNECTIONS`] at once
+/// and within the daemon's total. The connections are this task's: they end with it.
+async fn serve<T, F>(listener: TcpListener, target: Arc<T>, total: Arc<tokio::sync::Semaphore>)
 where
     T: Fn() -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
@@ -124,10 +145,17 @@ where
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) if connections.len() < MAX_CONNECTIONS => {
+                    // Past the daemon's total: closed at once.
+                    let Ok(permit) = Arc::clone(&total).try_acquire_owned() else {
+                        continue;
+                    };
                     let target = Arc::clone(&target);
-                    connections.spawn(carry(client, target));
+                    connections.spawn(async move {
+                        carry(client, target).await;
+                        drop(permit);
+                    });
                 }
-                // Past the limit: closed at once.
+                // Past the forward's limit: closed at once.
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a forwarded connection");
@@ -139,8 +167,10 @@ where
     }
 }
 
-/// Carries `client` to the sandbox and back until either side closes.
-async fn carry<T, F>(mut client: TcpStream, target: Arc<T>)
+/// Carries `client` to the sandbox and back until both sides have closed, or nothing moved
+/// for [`IDLE_TIMEOUT`]. (Finding the sandbox may resume it; the resume runs to its end in a
+/// task of its own even if this connection gives up first.)
+async fn carry<T, F>(client: TcpStream, target: Arc<T>)
 where
     T: Fn() -> F + Send + Sync + 'static,
     F: std::future::Future<Output = Option<SocketAddr>> + Send + 'static,
@@ -150,12 +180,51 @@ where
         TcpStream::connect(address).await.ok()
     })
     .await;
-    let Ok(Some(mut upstream)) = connected else {
+    let Ok(Some(upstream)) = connected else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    pump(client, upstream, IDLE_TIMEOUT).await;
+}
+
+/// Copies bytes both ways between `a` and `b` until both have ended their side, an error, or
+/// `idle` without a byte either way (a write that cannot go on for `idle` ends it too).
+async fn pump(mut a: TcpStream, mut b: TcpStream, idle: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let (mut a_buf, mut b_buf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            read = a_read.read(&mut a_buf), if a_open => match read {
+                Ok(0) | Err(_) => {
+                    a_open = false;
+                    let _ = b_write.shutdown().await;
+                }
+                Ok(n) => {
+                    let written = tokio::time::timeout(idle, b_write.write_all(&a_buf[..n])).await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+            },
+            read = b_read.read(&mut b_buf), if b_open => match read {
+                Ok(0) | Err(_) => {
+                    b_open = false;
+                    let _ = a_write.shutdown().await;
+                }
+                Ok(n) => {
+                    let written = tokio::time::timeout(idle, a_write.write_all(&b_buf[..n])).await;
+                    if !matches!(written, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+            },
+            () = tokio::time::sleep(idle) => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -176,7 +245,7 @@ mod tests {
                 });
             }
         });
-        let forwards = Forwards::default();
+        let forwards = Forwards::new(16);
         let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
         let forwarded = listener.local_addr().expect("address");
         forwards.start("sb-1", 7, listener, forwarded.port(), move || async move {
@@ -208,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sandbox_that_cannot_be_reached_closes_the_connection() {
-        let forwards = Forwards::default();
+        let forwards = Forwards::new(16);
         let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
         let forwarded = listener.local_addr().expect("address");
         forwards.start("sb-2", 7, listener, forwarded.port(), || async { None });
@@ -220,5 +289,65 @@ mod tests {
         assert!(read.is_ok() && rest.is_empty());
         assert!(forwards.stop("sb-2", 7));
         assert!(!forwards.stop("sb-2", 7));
+    }
+
+    #[tokio::test]
+    async fn the_daemons_total_and_idleness_bound_the_connections() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let echo_address = echo.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        // A total of one: a second connection is closed at once while the first is held.
+        let forwards = Forwards::new(1);
+        let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
+        let forwarded = listener.local_addr().expect("address");
+        forwards.start("sb-3", 7, listener, forwarded.port(), move || async move {
+            Some(echo_address)
+        });
+        let mut first = TcpStream::connect(forwarded).await.expect("connect");
+        first.write_all(b"a").await.expect("write");
+        let mut one = [0u8; 1];
+        first.read_exact(&mut one).await.expect("echoed");
+        let mut second = TcpStream::connect(forwarded)
+            .await
+            .expect("accepted by the kernel");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut rest))
+            .await
+            .expect("closed at once");
+        assert!(read.is_ok() && rest.is_empty());
+
+        // Idle: a carried connection with nothing moving is closed.
+        let (a_listener, b_listener) = (
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        );
+        let (a_address, b_address) = (
+            a_listener.local_addr().expect("a"),
+            b_listener.local_addr().expect("b"),
+        );
+        let (mut a_outer, mut b_outer) = (
+            TcpStream::connect(a_address).await.expect("a"),
+            TcpStream::connect(b_address).await.expect("b"),
+        );
+        let (a_inner, b_inner) = (
+            a_listener.accept().await.expect("a").0,
+            b_listener.accept().await.expect("b").0,
+        );
+        let pumping = tokio::spawn(pump(a_inner, b_inner, Duration::from_millis(300)));
+        a_outer.write_all(b"x").await.expect("write");
+        b_outer.read_exact(&mut one).await.expect("carried");
+        tokio::time::timeout(Duration::from_secs(5), pumping)
+            .await
+            .expect("ended when idle")
+            .expect("task");
+        let mut rest = Vec::new();
+        assert!(a_outer.read_to_end(&mut rest).await.is_ok_and(|n| n == 0));
     }
 }

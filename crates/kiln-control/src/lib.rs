@@ -410,7 +410,8 @@ fn over_quota(quotas: &TenantQuotas, have: &TenantUsage, asked: &TenantUsage) ->
         if after.resources.cpus > max + 1e-9 {
             return Some(format!(
                 "this tenant's live sandboxes hold {:.1} cores of CPU quota of at most {max}; \
-                 this would add {:.1}: destroy or pause some, or ask for fewer `cpus`",
+                 this would add {:.1}: destroy some (paused ones count too), or ask for fewer \
+                 `cpus`",
                 have.resources.cpus, asked.resources.cpus
             ));
         }
@@ -442,6 +443,15 @@ fn over_quota(quotas: &TenantQuotas, have: &TenantUsage, asked: &TenantUsage) ->
         }
     }
     None
+}
+
+/// The daemon's limit of open descriptors (its soft limit; the daemon raises it to the hard
+/// one at start).
+fn open_files_limit() -> usize {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| {
+            usize::try_from(soft).unwrap_or(usize::MAX)
+        })
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -503,7 +513,7 @@ impl Control {
             data_dir.join("tenant-templates"),
             kiln_image::cache::Cache::new(&config.cache_dir),
             config.agent_binary.clone(),
-            config.spec_caps.build_time,
+            config.spec_caps.clone(),
         );
         let control = Control {
             inner: Arc::new(Inner {
@@ -516,7 +526,9 @@ impl Control {
                 events: std::sync::Mutex::new(std::collections::HashMap::new()),
                 closing: tokio::sync::watch::Sender::new(false),
                 making: std::sync::Mutex::new(std::collections::HashMap::new()),
-                forwards: forwards::Forwards::default(),
+                // Each carried connection holds two descriptors: a quarter of the daemon's
+                // for forwards at most.
+                forwards: forwards::Forwards::new((open_files_limit() / 8).clamp(16, 4096)),
                 opening_forward: tokio::sync::Mutex::new(()),
             }),
         };
@@ -590,7 +602,10 @@ impl Control {
                         SandboxEvent::Failed { id, reason } => {
                             inner.publish(id, event.clone());
                             inner.forwards.stop_sandbox(id);
-                            inner.store.mark_failed(id, reason)
+                            inner
+                                .store
+                                .delete_forwards(id)
+                                .and_then(|()| inner.store.mark_failed(id, reason))
                         }
                         SandboxEvent::Destroyed { id, .. } => {
                             let deleting = inner
@@ -741,12 +756,7 @@ impl Control {
         Ok(self
             .inner
             .templates
-            .save(
-                &who.tenant,
-                spec,
-                &self.inner.config.spec_caps,
-                self.inner.config.quotas.templates,
-            )?
+            .save(&who.tenant, spec, self.inner.config.quotas.templates)?
             .name)
     }
 
@@ -1014,7 +1024,10 @@ impl Control {
         id: &str,
     ) -> Result<SandboxRecord, ControlError> {
         let (sandbox, _) = self.handle(who, id)?;
-        sandbox.pause().await?;
+        Control::to_the_end(&sandbox, |sandbox| async move {
+            sandbox.pause().await.map(drop)
+        })
+        .await?;
         self.inner.record_pause_state(id)?;
         self.get_sandbox(who, id)
     }
@@ -1250,10 +1263,27 @@ impl Control {
         self.get_sandbox(who, id)
     }
 
-    async fn resume(&self, sandbox: &Sandbox) -> Result<(), ControlError> {
-        sandbox.resume().await?;
+    async fn resume(&self, sandbox: &Arc<Sandbox>) -> Result<(), ControlError> {
+        Control::to_the_end(sandbox, |sandbox| async move {
+            sandbox.resume().await.map(drop)
+        })
+        .await?;
         self.inner.record_pause_state(sandbox.id())?;
         Ok(())
+    }
+
+    /// Runs `operation` on `sandbox` in a task of its own and waits for it: a pause or resume
+    /// cut halfway (its caller gone: a client that hung up, a forward closed, a connection
+    /// timed out) would leave the sandbox neither paused nor running.
+    async fn to_the_end<F, Fut>(sandbox: &Arc<Sandbox>, operation: F) -> Result<(), ControlError>
+    where
+        F: FnOnce(Arc<Sandbox>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), EngineError>> + Send + 'static,
+    {
+        tokio::spawn(operation(Arc::clone(sandbox)))
+            .await
+            .map_err(|e| ControlError::Internal(format!("sandbox operation task: {e}")))?
+            .map_err(ControlError::from)
     }
 
     /// Destroys the caller's sandbox `id`.
@@ -1435,25 +1465,37 @@ impl Control {
     /// Forwards a port of the host to port `port` of the caller's sandbox `id`, for what is
     /// not HTTP: every connection to the returned host port (on the operator's forwarding
     /// address) is carried to the sandbox, resumed first if paused and its `auto_resume` is
-    /// on. Open to anyone who reaches that address. A port forwarded already keeps its forward.
+    /// on. Open to anyone who reaches that address. A port forwarded already keeps its
+    /// forward; returns the forward and whether it is new.
     pub async fn open_forward(
         &self,
         who: &Principal,
         id: &str,
         port: u16,
-    ) -> Result<ForwardRecord, ControlError> {
+    ) -> Result<(ForwardRecord, bool), ControlError> {
         let config = self.forward_config()?;
         let (sandbox, _) = self.handle(who, id)?;
-        Control::port_of(&sandbox, port)?;
+        Control::port_of(&sandbox, port).map_err(|e| match e {
+            // Networking off on this host: a state of the host, as forwarding off is.
+            ControlError::Unavailable(message) => ControlError::Conflict(message),
+            e => e,
+        })?;
         let _one_at_a_time = self.inner.opening_forward.lock().await;
         let existing = self.inner.store.forwards(Some(id))?;
         if let Some(forward) = existing.iter().find(|f| f.port == port) {
-            return Ok(forward.clone());
+            return Ok((forward.clone(), false));
         }
         if existing.len() >= forwards::MAX_PER_SANDBOX {
             return Err(ControlError::QuotaExceeded(format!(
                 "sandbox `{id}` has {} TCP forwards, the most it may have: close one first",
                 forwards::MAX_PER_SANDBOX
+            )));
+        }
+        if self.inner.store.count_tenant_forwards(&who.tenant)? >= forwards::MAX_PER_TENANT {
+            return Err(ControlError::QuotaExceeded(format!(
+                "this tenant's sandboxes have {} TCP forwards, the most they may have together: \
+                 close one first",
+                forwards::MAX_PER_TENANT
             )));
         }
         let taken: std::collections::HashSet<u16> = self
@@ -1483,7 +1525,8 @@ impl Control {
         }
         let (host_port, listener) = chosen.ok_or_else(|| {
             ControlError::Unavailable(format!(
-                "every port of this host's TCP forwarding range ({}-{}) is taken: close a                  forward, or ask the operator for a wider range",
+                "every port of this host's TCP forwarding range ({}-{}) is taken: close a \
+                 forward, or ask the operator for a wider range",
                 config.ports.start(),
                 config.ports.end()
             ))
@@ -1494,13 +1537,28 @@ impl Control {
             host_port,
             created_at_ms: store::now_ms(),
         };
+        let gone = || {
+            ControlError::Conflict(format!(
+                "sandbox `{id}` was destroyed or failed while its forward was opened"
+            ))
+        };
         if !self.inner.store.insert_forward(&record)? {
-            return Err(ControlError::Conflict(format!(
-                "port {port} of sandbox `{id}` was forwarded meanwhile"
-            )));
+            return Err(gone());
         }
         self.start_forward(&record, listener);
-        Ok(record)
+        // Its destroy may have come between the check above and the start (and found
+        // nothing to stop): then the forward goes now.
+        let live = self
+            .inner
+            .store
+            .sandbox(id, None)?
+            .is_some_and(|r| r.state != "failed");
+        if !live {
+            self.inner.forwards.stop(id, port);
+            self.inner.store.delete_forward(id, port)?;
+            return Err(gone());
+        }
+        Ok((record, true))
     }
 
     /// The TCP forwards of the caller's sandbox `id`, by port.
@@ -1515,8 +1573,15 @@ impl Control {
 
     /// Closes the TCP forward of port `port` of the caller's sandbox `id`, and the
     /// connections it carries.
-    pub fn close_forward(&self, who: &Principal, id: &str, port: u16) -> Result<(), ControlError> {
+    pub async fn close_forward(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<(), ControlError> {
         self.get_sandbox(who, id)?;
+        // Not between an open's record and its listener.
+        let _one_at_a_time = self.inner.opening_forward.lock().await;
         if !self.inner.store.delete_forward(id, port)? {
             return Err(ControlError::NotFound {
                 what: "forward",
@@ -1594,6 +1659,9 @@ impl Control {
                 .sandbox(&forward.sandbox_id, None)?
                 .is_some_and(|record| record.state != "failed");
             let listened = match &self.inner.config.forwards {
+                Some(config) if !config.ports.contains(&forward.host_port) => {
+                    Err("its port is outside the forwarding range now".to_owned())
+                }
                 Some(config) if live => forwards::listen(config.address, forward.host_port)
                     .map_err(|e| {
                         format!("listening on {}:{}: {e}", config.address, forward.host_port)
@@ -1786,6 +1854,8 @@ fn resync(inner: &Inner) -> Result<(), store::StoreError> {
     for record in inner.store.all_sandboxes()? {
         match live.get(&record.id).map(|info| &info.state) {
             Some(kiln_engine::SandboxState::Failed { reason }) if record.state == "running" => {
+                inner.forwards.stop_sandbox(&record.id);
+                inner.store.delete_forwards(&record.id)?;
                 inner.store.mark_failed(&record.id, reason)?;
             }
             None if record.state == "running" => {

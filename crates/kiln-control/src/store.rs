@@ -769,11 +769,13 @@ impl Store {
         Ok(())
     }
 
-    /// Records a TCP forward; false if the sandbox's port or the host port has one already.
+    /// Records a TCP forward; false if the sandbox's port or the host port has one already,
+    /// or the sandbox is gone or failed.
     pub fn insert_forward(&self, forward: &ForwardRecord) -> Result<bool, StoreError> {
         let inserted = self.conn().execute(
             "INSERT OR IGNORE INTO forwards (sandbox_id, port, host_port, created_at_ms)
-             VALUES (?1, ?2, ?3, ?4)",
+             SELECT ?1, ?2, ?3, ?4 WHERE EXISTS
+                 (SELECT 1 FROM sandboxes WHERE id = ?1 AND state != 'failed')",
             params![
                 forward.sandbox_id,
                 forward.port,
@@ -782,6 +784,26 @@ impl Store {
             ],
         )?;
         Ok(inserted == 1)
+    }
+
+    /// Forgets every forward of sandbox `sandbox_id`.
+    pub fn delete_forwards(&self, sandbox_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM forwards WHERE sandbox_id = ?1",
+            params![sandbox_id],
+        )?;
+        Ok(())
+    }
+
+    /// How many forwards `tenant`'s sandboxes have.
+    pub fn count_tenant_forwards(&self, tenant: &str) -> Result<usize, StoreError> {
+        let count: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM forwards JOIN sandboxes ON sandboxes.id = forwards.sandbox_id
+             WHERE sandboxes.tenant_id = ?1",
+            params![tenant],
+            |row| row.get(0),
+        )?;
+        Ok(usize::try_from(count).unwrap_or(0))
     }
 
     /// Forgets the forward of port `port` of sandbox `sandbox_id`; false if there was none.

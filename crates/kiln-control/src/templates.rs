@@ -66,8 +66,10 @@ pub struct Templates {
     /// Templates made ready (built and baked, or their bake found on disk), and attempts
     /// that failed.
     prepared: [std::sync::atomic::AtomicU64; 2],
-    /// Longest build of a tenant's template.
-    tenant_build_time: std::time::Duration,
+    /// What a tenant's template may ask for, and how long its build may take.
+    caps: crate::SpecCaps,
+    /// Held while a spec is saved: the count of a tenant's templates and the write are one.
+    saving: Mutex<()>,
 }
 
 /// Whether `name` can name a template, a tenant (and so a directory).
@@ -99,7 +101,7 @@ impl Templates {
         tenant_root: PathBuf,
         cache: Cache,
         agent: PathBuf,
-        tenant_build_time: std::time::Duration,
+        caps: crate::SpecCaps,
     ) -> Templates {
         Templates {
             dirs,
@@ -108,7 +110,8 @@ impl Templates {
             agent,
             baked: Mutex::new(HashMap::new()),
             prepared: Default::default(),
-            tenant_build_time,
+            caps,
+            saving: Mutex::new(()),
         }
     }
 
@@ -194,32 +197,21 @@ impl Templates {
     }
 
     /// Stores `spec_text` (a TOML template spec) as one of `tenant`'s templates, replacing an
-    /// earlier one of the same name, if it asks for no more than `caps` and the tenant has
-    /// fewer than `max_templates` others. Specs from the API may not reach into the server's
-    /// files: no `files` and no `base.image`.
+    /// earlier one of the same name, if it asks for no more than the operator's caps and the
+    /// tenant has fewer than `max_templates` others. Specs from the API may not reach into
+    /// the server's files: no `files` and no `base.image`.
     pub fn save(
         &self,
         tenant: &str,
         spec_text: &str,
-        caps: &crate::SpecCaps,
         max_templates: Option<usize>,
     ) -> Result<TemplateSpec, ControlError> {
         check_name(tenant)?;
         let spec = TemplateSpec::parse(spec_text, "the request's spec")
             .map_err(|e| ControlError::Invalid(e.to_string()))?;
         check_name(&spec.name)?;
-        let resources = &spec.resources;
-        for (field, asked, cap) in [
-            ("vcpus", resources.vcpus, caps.vcpus),
-            ("memory_mib", resources.memory_mib, caps.memory_mib),
-            ("disk_mib", resources.disk_mib, caps.disk_mib),
-        ] {
-            if asked > cap {
-                return Err(ControlError::Invalid(format!(
-                    "`resources.{field}` is {asked}; this host's templates may ask for at most {cap}"
-                )));
-            }
-        }
+        self.check_caps(&spec)?;
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(max) = max_templates {
             let others = Templates::names_in(&self.tenant_root.join(tenant))
                 .iter()
@@ -276,6 +268,23 @@ impl Templates {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(Some(tenant.to_owned()), spec.name.clone()));
         Ok(spec)
+    }
+
+    /// Refuses a spec that asks for more than the operator's caps on tenants' templates.
+    fn check_caps(&self, spec: &TemplateSpec) -> Result<(), ControlError> {
+        let (resources, caps) = (&spec.resources, &self.caps);
+        for (field, asked, cap) in [
+            ("vcpus", resources.vcpus, caps.vcpus),
+            ("memory_mib", resources.memory_mib, caps.memory_mib),
+            ("disk_mib", resources.disk_mib, caps.disk_mib),
+        ] {
+            if asked > cap {
+                return Err(ControlError::Invalid(format!(
+                    "`resources.{field}` is {asked}; this host's templates may ask for at most {cap}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `tenant` sees a template named `name` (its own or a global one).
@@ -353,7 +362,12 @@ impl Templates {
         if owner.is_none() {
             return;
         }
-        let mut unused: Vec<PathBuf> = removed.into_iter().filter_map(|r| r.rootfs).collect();
+        let unused: Vec<PathBuf> = removed.into_iter().filter_map(|r| r.rootfs).collect();
+        self.collect_rootfs(engine, unused).await;
+    }
+
+    /// Removes the root filesystem artefacts `unused` from the cache unless a bake uses one.
+    async fn collect_rootfs(&self, engine: &Engine, mut unused: Vec<PathBuf>) {
         unused.sort();
         unused.dedup();
         if unused.is_empty() {
@@ -401,17 +415,20 @@ impl Templates {
         let (cache, agent) = (self.cache.clone(), self.agent.clone());
         let spec = located.spec.clone();
         let forward = Forward(progress);
-        // A tenant's build is held to the operator's limit; the operator's own are not.
-        let deadline = located
-            .tenant
-            .as_ref()
-            .map(|_| kiln_image::tool::Deadline::after(self.tenant_build_time));
-        let (images, _rootfs_held) = tokio::task::spawn_blocking(move || {
+        // A tenant's build is held to the operator's limits (saved before they changed, or
+        // not: checked again); the operator's own are not.
+        if located.tenant.is_some() {
+            let parsed = TemplateSpec::from_file(&spec)
+                .map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
+            self.check_caps(&parsed)?;
+        }
+        let limit = located.tenant.as_ref().map(|_| self.caps.build_time);
+        let (images, rootfs_held) = tokio::task::spawn_blocking(move || {
             // Held until the bake has its own copy: a collection of the cache (another
             // template's delete) cannot take the root filesystem from under it.
             loop {
                 let images = kiln_image::template::build_template_until(
-                    &spec, &agent, &cache, &forward, deadline,
+                    &spec, &agent, &cache, &forward, limit,
                 )?;
                 match cache.hold(&images.rootfs.dir) {
                     Ok(Some(held)) => return Ok((images, held)),
@@ -429,12 +446,36 @@ impl Templates {
         .await
         .map_err(|e| ControlError::Internal(format!("template build task: {e}")))?
         .map_err(|e| build_error(name, e))?;
+        let baked = Templates::bake(engine, &images, located, name).await;
+        if baked.is_err() && located.tenant.is_some() {
+            // No bake holds this tenant's root filesystem: it would stay in the cache.
+            drop(rootfs_held);
+            self.collect_rootfs(engine, vec![images.rootfs.dir.clone()])
+                .await;
+        }
+        let baked = baked?;
+        // VMMs are kept pre-started for the shared templates only: a tenant's own
+        // templates must not hold host resources between creates.
+        if located.tenant.is_none() {
+            engine.prestart(&baked);
+        }
+        Ok(baked)
+    }
+
+    /// Bakes `images` (owned by `located`'s tenant) and checks the bake, baking again once if
+    /// a bake found on disk fails its check.
+    async fn bake(
+        engine: &Engine,
+        images: &kiln_image::template::TemplateImages,
+        located: &Located,
+        name: &str,
+    ) -> Result<BakedTemplate, ControlError> {
         let options = kiln_engine::BakeOptions {
             owner: located.tenant.clone(),
             ..kiln_engine::BakeOptions::default()
         };
         let bake = |options| async {
-            let baked = engine.bake_with(&images, options).await.map_err(|e| {
+            let baked = engine.bake_with(images, options).await.map_err(|e| {
                 ControlError::Internal(format!("baking template `{name}`: {}", crate::chain(&e)))
             })?;
             let checked = baked.clone();
@@ -454,11 +495,6 @@ impl Templates {
             (baked, check) = bake(options).await?;
         }
         check.map_err(|e| ControlError::Internal(format!("template `{name}`: {e}")))?;
-        // VMMs are kept pre-started for the shared templates only: a tenant's own
-        // templates must not hold host resources between creates.
-        if located.tenant.is_none() {
-            engine.prestart(&baked);
-        }
         Ok(baked)
     }
 }
@@ -521,7 +557,7 @@ mod tests {
             dir.path().join("tenants"),
             Cache::new(dir.path().join("cache")),
             dir.path().join("agent"),
-            std::time::Duration::from_secs(60),
+            crate::SpecCaps::default(),
         );
         let listed = templates.list("acme");
         assert_eq!(listed.len(), 1, "{listed:?}");
@@ -537,9 +573,8 @@ mod tests {
         ));
 
         // A tenant's own template: seen by that tenant only, deletable by it.
-        let caps = crate::SpecCaps::default();
         let own = TINY.replace("\"tiny\"", "\"mine\"");
-        templates.save("acme", &own, &caps, None).expect("save");
+        templates.save("acme", &own, None).expect("save");
         assert!(templates.get("acme", "mine").is_ok_and(|t| !t.global));
         assert!(matches!(
             templates.get("other", "mine"),
@@ -547,21 +582,21 @@ mod tests {
         ));
         assert_eq!(templates.list("acme").len(), 2);
         assert!(matches!(
-            templates.save("acme", TINY, &caps, None),
+            templates.save("acme", TINY, None),
             Err(ControlError::Conflict(_))
         ));
         assert!(matches!(
-            templates.save("acme", "name = \"x\"", &caps, None),
+            templates.save("acme", "name = \"x\"", None),
             Err(ControlError::Invalid(_))
         ));
         let with_files = format!("{own}\n[[files]]\nsrc = \"/etc/shadow\"\ndest = \"/x\"\n");
         assert!(matches!(
-            templates.save("acme", &with_files, &caps, None),
+            templates.save("acme", &with_files, None),
             Err(ControlError::Invalid(_))
         ));
         let with_run = own.replace("[base]", "run = [\"mount /dev/sda1 /mnt\"]\n[base]");
         assert!(matches!(
-            templates.save("acme", &with_run, &caps, None),
+            templates.save("acme", &with_run, None),
             Err(ControlError::Invalid(_))
         ));
         assert!(matches!(
@@ -572,21 +607,25 @@ mod tests {
         assert!(templates.get("acme", "mine").is_err());
 
         // The operator's caps on what a spec asks for, and on how many a tenant has.
-        let small = crate::SpecCaps {
-            vcpus: 1,
-            memory_mib: 128,
-            disk_mib: 512,
-            ..caps.clone()
-        };
-        templates
-            .save("acme", &own, &small, Some(1))
-            .expect("at the caps");
+        let small = Templates::new(
+            vec![dir.path().join("global")],
+            dir.path().join("tenants"),
+            Cache::new(dir.path().join("cache")),
+            dir.path().join("agent"),
+            crate::SpecCaps {
+                vcpus: 1,
+                memory_mib: 128,
+                disk_mib: 512,
+                ..crate::SpecCaps::default()
+            },
+        );
+        small.save("acme", &own, Some(1)).expect("at the caps");
         for (from, to) in [
             ("vcpus = 1", "vcpus = 2"),
             ("memory_mib = 128", "memory_mib = 129"),
             ("disk_mib = 512", "disk_mib = 513"),
         ] {
-            let refused = templates.save("acme", &own.replace(from, to), &small, None);
+            let refused = small.save("acme", &own.replace(from, to), None);
             let field = from.split(' ').next().unwrap_or_default();
             assert!(
                 matches!(&refused, Err(ControlError::Invalid(m)) if m.contains(field)),
@@ -594,17 +633,13 @@ mod tests {
             );
         }
         // Saving one again is not another; a second one is past a quota of one.
-        templates
-            .save("acme", &own, &caps, Some(1))
-            .expect("replaced");
+        templates.save("acme", &own, Some(1)).expect("replaced");
         let second = own.replace("\"mine\"", "\"second\"");
         assert!(matches!(
-            templates.save("acme", &second, &caps, Some(1)),
+            templates.save("acme", &second, Some(1)),
             Err(ControlError::QuotaExceeded(_))
         ));
-        templates
-            .save("acme", &second, &caps, Some(2))
-            .expect("under two");
+        templates.save("acme", &second, Some(2)).expect("under two");
     }
 
     #[test]

@@ -222,6 +222,12 @@ fn lines_with(program: &str, args: &[&str], needle: &str) -> Vec<String> {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
+    // A failed listing prints nothing: it must not pass for an empty one.
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains(needle))

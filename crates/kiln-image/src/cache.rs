@@ -252,8 +252,13 @@ impl Cache {
             Ok(meta) if !meta.is_dir() => return Err(not_an_artefact(artefact)),
             Ok(_) => {}
         }
-        // Unpublished first (no manifest: not valid to a reader that looks now), then gone.
+        // Unpublished first (no manifest: not valid to a reader that looks now), then gone;
+        // what an interrupted removal left goes first.
         let doomed = kind_dir.join(format!(".{}-removing", key.to_string_lossy()));
+        match std::fs::remove_dir_all(&doomed) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         std::fs::rename(artefact, &doomed)?;
         std::fs::remove_dir_all(&doomed)?;
         Ok(true)

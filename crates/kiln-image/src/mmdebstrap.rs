@@ -19,6 +19,9 @@ use crate::tool::{run_until, Deadline};
 /// The user mmdebstrap runs as.
 pub const BUILD_USER: &str = "kiln-build";
 
+/// Where builds make their temporary trees.
+const BUILD_TMP: &str = "/var/tmp";
+
 /// How to set the build user up, for errors that say what is missing.
 const SET_UP: &str = "`bash scripts/up.sh` sets it up; by hand: `useradd --system --shell \
                       /usr/sbin/nologin kiln-build && usermod --add-subuids \
@@ -90,12 +93,13 @@ impl BuildUser {
         what: &str,
         deadline: Option<Deadline>,
     ) -> Result<Output, ImageError> {
-        // mmdebstrap makes its own temporary directory in here: the user owns it, and the
-        // namespace's root (a subordinate id) must be able to pass through it.
+        // mmdebstrap builds the whole tree in its own temporary directory in here before it
+        // streams it: on disk (`/var/tmp`; `/tmp` may be memory), owned by the user, and
+        // passable by the namespace's root (a subordinate id).
         let work = tempfile::Builder::new()
             .prefix("kiln-build-")
-            .tempdir()
-            .context(|| "making the build's temporary directory".into())?;
+            .tempdir_in(BUILD_TMP)
+            .context(|| format!("making the build's temporary directory in {BUILD_TMP}"))?;
         std::os::unix::fs::chown(work.path(), Some(self.uid), Some(self.gid))
             .and_then(|()| {
                 std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o711))

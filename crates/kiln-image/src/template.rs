@@ -74,14 +74,15 @@ pub fn build_template(
     build_template_until(spec_path, agent, cache, progress, None)
 }
 
-/// [`build_template`], with the installation of the spec's packages stopped (and the build
-/// failed) at `deadline`. The kernel, shared by every template, is not held to it.
+/// [`build_template`], with the root filesystem's build (its packages resolved and
+/// installed) stopped, and failed, once it has taken `limit`. The kernel, shared by every
+/// template, is not held to it.
 pub fn build_template_until(
     spec_path: &Path,
     agent: &Path,
     cache: &Cache,
     progress: &dyn Progress,
-    deadline: Option<Deadline>,
+    limit: Option<std::time::Duration>,
 ) -> Result<TemplateImages, ImageError> {
     let spec = TemplateSpec::from_file(spec_path)?;
     let agent_bytes =
@@ -96,6 +97,7 @@ pub fn build_template_until(
         .map_or_else(|| PathBuf::from("."), Path::to_owned);
     crate::rootfs::check_files(&spec, &spec_dir)?;
     let kernel = build_kernel(agent, cache, progress)?;
+    let deadline = limit.map(Deadline::after);
     let rootfs = build_rootfs_until(&spec, &spec_dir, agent, cache, progress, deadline)?;
     Ok(TemplateImages {
         spec,

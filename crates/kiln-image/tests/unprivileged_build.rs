@@ -115,9 +115,23 @@ fn package_scripts_run_unprivileged_and_a_late_build_is_stopped() {
     assert!(status.success());
     assert_eq!(first_mapping(&root_tree), (0, 0, 4_294_967_295));
 
-    // A build past its deadline is stopped, with what it started, and says why.
+    // A build past its deadline is stopped, with what it started, and says why; the hook is
+    // seen running before the deadline (so the check after means something).
     let argv = ["sleep", "301.25"];
     let started = Instant::now();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            while started.elapsed() < Duration::from_secs(5) {
+                if processes_running(&argv) > 0 {
+                    seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     let late = user.install_into(
         &args(
             "--variant=essential",
@@ -125,6 +139,11 @@ fn package_scripts_run_unprivileged_and_a_late_build_is_stopped() {
         ),
         &dir.path().join("late"),
         Some(Deadline::after(Duration::from_secs(5))),
+    );
+    watcher.join().expect("watcher");
+    assert!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        "the hook never ran before the deadline"
     );
     assert!(
         matches!(&late, Err(ImageError::TimedOut { limit_secs: 5, .. })),

@@ -703,7 +703,13 @@ impl Network {
             }
             None if before.is_some() => {
                 for (place, device) in ends {
-                    cmd::tc(place, &format!("qdisc del dev {device} root\n"))?;
+                    match cmd::tc(place, &format!("qdisc del dev {device} root\n")) {
+                        // Gone already (the default has no handle to delete).
+                        Err(NetworkError::Tool { message, .. })
+                            if message.contains("handle of zero")
+                                || message.contains("No such file") => {}
+                        result => result?,
+                    }
                 }
             }
             None => {}
@@ -733,27 +739,30 @@ impl Network {
             source: e,
         })?;
         use std::os::fd::AsFd;
-        cmd::nft(
-            Place::Namespace(netns.as_fd()),
-            &nft::policy_script(&self.table, self.service, policy),
-        )?;
-        if let Some(slot) = self.link_of(ns) {
-            let entry = self
-                .sandboxes
+        let slot = self.link_of(ns);
+        let entry = slot.and_then(|slot| {
+            self.sandboxes
                 .read()
                 .ok()
-                .and_then(|s| s.get(&slot).cloned());
-            // Every wired (or adopted) namespace is registered with the policy it has.
+                .and_then(|s| s.get(&slot).cloned())
+        });
+        // Shaped first: a failure leaves the old policy whole. Every wired (or adopted)
+        // namespace is registered with the policy it has.
+        if let Some(slot) = slot {
             let before = entry
                 .as_ref()
                 .and_then(|entry| lock(&entry.policy).bandwidth_mbit);
             if policy.bandwidth_mbit != before {
                 self.shape(netns.as_fd(), slot, policy.bandwidth_mbit, before)?;
             }
-            if let Some(entry) = entry {
-                *lock(&entry.policy) = policy.clone();
-                entry.cut_proxied(policy);
-            }
+        }
+        cmd::nft(
+            Place::Namespace(netns.as_fd()),
+            &nft::policy_script(&self.table, self.service, policy),
+        )?;
+        if let Some(entry) = entry {
+            *lock(&entry.policy) = policy.clone();
+            entry.cut_proxied(policy);
         }
         self.cut_denied(netns.as_fd(), policy)
     }
