@@ -232,11 +232,10 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[tokio::test]
-    async fn connections_are_carried_until_the_forward_stops() {
-        // An echo server stands in for the sandbox's port.
+    /// An echo server standing in for the sandbox's port.
+    async fn echo_server() -> SocketAddr {
         let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let echo_address = echo.local_addr().expect("address");
+        let address = echo.local_addr().expect("address");
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = echo.accept().await {
                 tokio::spawn(async move {
@@ -245,6 +244,12 @@ mod tests {
                 });
             }
         });
+        address
+    }
+
+    #[tokio::test]
+    async fn connections_are_carried_until_the_forward_stops() {
+        let echo_address = echo_server().await;
         let forwards = Forwards::new(16);
         let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
         let forwarded = listener.local_addr().expect("address");
@@ -293,16 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_daemons_total_and_idleness_bound_the_connections() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let echo_address = echo.local_addr().expect("address");
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut read, mut write) = stream.split();
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
-                });
-            }
-        });
+        let echo_address = echo_server().await;
         // A total of one: a second connection is closed at once while the first is held.
         let forwards = Forwards::new(1);
         let listener = listen("127.0.0.1".parse().expect("ip"), 0).expect("listen");
