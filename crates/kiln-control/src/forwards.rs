@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::{store, Control, ControlError, ForwardRecord, Principal};
+
 /// Most forwards one sandbox may have.
 pub const MAX_PER_SANDBOX: usize = 16;
 
@@ -224,6 +226,227 @@ async fn pump(mut a: TcpStream, mut b: TcpStream, idle: Duration) {
             },
             () = tokio::time::sleep(idle) => return,
         }
+    }
+}
+
+impl Control {
+    /// Forwards a port of the host to port `port` of the caller's sandbox `id`, for what is
+    /// not HTTP: every connection to the returned host port (on the operator's forwarding
+    /// address) is carried to the sandbox, resumed first if paused and its `auto_resume` is
+    /// on. Open to anyone who reaches that address. A port forwarded already keeps its
+    /// forward; returns the forward and whether it is new.
+    pub async fn open_forward(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<(ForwardRecord, bool), ControlError> {
+        let config = self.forward_config()?;
+        let (sandbox, _) = self.handle(who, id)?;
+        Control::port_of(&sandbox, port).map_err(|e| match e {
+            // Networking off on this host: a state of the host, as forwarding off is.
+            ControlError::Unavailable(message) => ControlError::Conflict(message),
+            e => e,
+        })?;
+        let _one_at_a_time = self.inner.opening_forward.lock().await;
+        let existing = self.inner.store.forwards(Some(id))?;
+        if let Some(forward) = existing.iter().find(|f| f.port == port) {
+            return Ok((forward.clone(), false));
+        }
+        if existing.len() >= MAX_PER_SANDBOX {
+            return Err(ControlError::QuotaExceeded(format!(
+                "sandbox `{id}` has {} TCP forwards, the most it may have: close one first",
+                MAX_PER_SANDBOX
+            )));
+        }
+        if self.inner.store.count_tenant_forwards(&who.tenant)? >= MAX_PER_TENANT {
+            return Err(ControlError::QuotaExceeded(format!(
+                "this tenant's sandboxes have {} TCP forwards, the most they may have together: \
+                 close one first",
+                MAX_PER_TENANT
+            )));
+        }
+        let taken: std::collections::HashSet<u16> = self
+            .inner
+            .store
+            .forwards(None)?
+            .iter()
+            .map(|f| f.host_port)
+            .chain(self.inner.forwards.host_ports())
+            .collect();
+        let mut chosen = None;
+        for host_port in config.ports.clone().filter(|p| !taken.contains(p)) {
+            match listen(config.address, host_port) {
+                Ok(listener) => {
+                    chosen = Some((host_port, listener));
+                    break;
+                }
+                // Taken by another program: the next one.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    return Err(ControlError::Internal(format!(
+                        "listening on {}:{host_port}: {e}",
+                        config.address
+                    )))
+                }
+            }
+        }
+        let (host_port, listener) = chosen.ok_or_else(|| {
+            ControlError::Unavailable(format!(
+                "every port of this host's TCP forwarding range ({}-{}) is taken: close a \
+                 forward, or ask the operator for a wider range",
+                config.ports.start(),
+                config.ports.end()
+            ))
+        })?;
+        let record = ForwardRecord {
+            sandbox_id: id.to_owned(),
+            port,
+            host_port,
+            created_at_ms: store::now_ms(),
+        };
+        let gone = || {
+            ControlError::Conflict(format!(
+                "sandbox `{id}` was destroyed or failed while its forward was opened"
+            ))
+        };
+        if !self.inner.store.insert_forward(&record)? {
+            return Err(gone());
+        }
+        self.start_forward(&record, listener);
+        // Its destroy may have come between the check above and the start (and found
+        // nothing to stop): then the forward goes now.
+        let live = self
+            .inner
+            .store
+            .sandbox(id, None)?
+            .is_some_and(|r| r.state != "failed");
+        if !live {
+            self.inner.forwards.stop(id, port);
+            self.inner.store.delete_forward(id, port)?;
+            return Err(gone());
+        }
+        Ok((record, true))
+    }
+
+    /// The TCP forwards of the caller's sandbox `id`, by port.
+    pub fn list_forwards(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Vec<ForwardRecord>, ControlError> {
+        self.get_sandbox(who, id)?;
+        Ok(self.inner.store.forwards(Some(id))?)
+    }
+
+    /// Closes the TCP forward of port `port` of the caller's sandbox `id`, and the
+    /// connections it carries.
+    pub async fn close_forward(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+    ) -> Result<(), ControlError> {
+        self.get_sandbox(who, id)?;
+        // Not between an open's record and its listener.
+        let _one_at_a_time = self.inner.opening_forward.lock().await;
+        if !self.inner.store.delete_forward(id, port)? {
+            return Err(ControlError::NotFound {
+                what: "forward",
+                id: format!("{id}:{port}"),
+            });
+        }
+        self.inner.forwards.stop(id, port);
+        Ok(())
+    }
+
+    /// Where a forward listens, as its users connect to it.
+    pub fn forward_address(&self, forward: &ForwardRecord) -> Option<std::net::SocketAddr> {
+        let config = self.inner.config.forwards.as_ref()?;
+        Some(std::net::SocketAddr::new(config.address, forward.host_port))
+    }
+
+    fn forward_config(&self) -> Result<&ForwardConfig, ControlError> {
+        self.inner.config.forwards.as_ref().ok_or_else(|| {
+            ControlError::Conflict(
+                "plain TCP forwarding is off on this host (the operator turns it on with \
+                 `kiln serve --tcp-forward-ports`); HTTP ports are reachable by their URLs"
+                    .into(),
+            )
+        })
+    }
+
+    /// Serves `listener` as `forward`; connections find the sandbox as they come.
+    fn start_forward(&self, forward: &ForwardRecord, listener: tokio::net::TcpListener) {
+        // The forward must not keep the control plane alive.
+        let weak = Arc::downgrade(&self.inner);
+        let (id, port) = (forward.sandbox_id.clone(), forward.port);
+        self.inner
+            .forwards
+            .start(&id.clone(), port, listener, forward.host_port, move || {
+                let (weak, id) = (weak.clone(), id.clone());
+                async move {
+                    let control = Control {
+                        inner: weak.upgrade()?,
+                    };
+                    control
+                        .forward_target(&id, port)
+                        .await
+                        .inspect_err(|e| tracing::debug!(sandbox = %id, port, error = %e, "a forwarded connection found no sandbox"))
+                        .ok()
+                }
+            });
+    }
+
+    /// Where a forwarded connection goes: port `port` of sandbox `id`, resumed if paused
+    /// (unless its `auto_resume` is off).
+    async fn forward_target(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Result<std::net::SocketAddr, ControlError> {
+        let record = self
+            .inner
+            .store
+            .sandbox(id, None)?
+            .ok_or_else(|| ControlError::NotFound {
+                what: "sandbox",
+                id: id.to_owned(),
+            })?;
+        let (sandbox, _) = self.live(&Control::owner_of(&record), id).await?;
+        Control::port_of(&sandbox, port)
+    }
+
+    /// The forwards recorded before a restart, listening again on their ports; one whose
+    /// sandbox is gone, or whose port cannot be had, is dropped (and said in the log).
+    pub(crate) fn restore_forwards(&self) -> Result<(), ControlError> {
+        for forward in self.inner.store.forwards(None)? {
+            let live = self
+                .inner
+                .store
+                .sandbox(&forward.sandbox_id, None)?
+                .is_some_and(|record| record.state != "failed");
+            let listened = match &self.inner.config.forwards {
+                Some(config) if !config.ports.contains(&forward.host_port) => {
+                    Err("its port is outside the forwarding range now".to_owned())
+                }
+                Some(config) if live => listen(config.address, forward.host_port).map_err(|e| {
+                    format!("listening on {}:{}: {e}", config.address, forward.host_port)
+                }),
+                Some(_) => Err("its sandbox is gone".to_owned()),
+                None => Err("TCP forwarding is now off".to_owned()),
+            };
+            match listened {
+                Ok(listener) => self.start_forward(&forward, listener),
+                Err(why) => {
+                    tracing::warn!(sandbox = %forward.sandbox_id, port = forward.port, host_port = forward.host_port, "dropping a TCP forward: {why}");
+                    self.inner
+                        .store
+                        .delete_forward(&forward.sandbox_id, forward.port)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
