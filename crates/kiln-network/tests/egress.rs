@@ -333,6 +333,10 @@ fn bandwidth_and_connection_limits_hold_and_can_be_lifted() {
     // Both ways shaped to 8 Mbit/s (a burst of 32 KiB on top).
     for download in [false, true] {
         let rate = iperf3_mbit(&guest, download);
+        eprintln!(
+            "under 8 Mbit/s, {}: {rate:.2} Mbit/s",
+            if download { "down" } else { "up" }
+        );
         assert!(
             (2.0..10.0).contains(&rate),
             "{rate:.1} Mbit/s {}",
@@ -367,6 +371,7 @@ fn bandwidth_and_connection_limits_hold_and_can_be_lifted() {
     // Lifted live: full speed, and more connections than before.
     network.apply(&ns, &policy(true, &[], &[])).expect("lifted");
     let rate = iperf3_mbit(&guest, true);
+    eprintln!("limit lifted, down: {rate:.0} Mbit/s");
     assert!(rate > 50.0, "{rate:.1} Mbit/s after lifting the limit");
     held.extend(open(5));
     assert_eq!(held.len(), 7);
