@@ -1,5 +1,8 @@
 //! `kiln check`: the reliability suite's checks, against a running daemon over its API.
 //!
+//! `kiln check faults`: a sandbox's VMM killed with SIGKILL is marked failed with a reason,
+//! refuses work, can be destroyed, and its neighbour carries on.
+//!
 //! `kiln check soak`: a steady mixed load (create, exec, upload and download with the bytes
 //! compared, fork, pause and resume, destroy) for a while, with every error counted and the
 //! daemon's memory, descriptors and threads sampled from start to end; nothing of the
@@ -384,4 +387,139 @@ fn print_soak(report: &SoakReport) {
             "FAILED"
         }
     );
+}
+
+/// Options of `kiln check faults`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FaultOptions {
+    /// Template of the sandboxes.
+    #[arg(long, default_value = "base")]
+    pub template: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct FaultReport {
+    vmm_killed_marked_failed_ms: Option<f64>,
+    reason: Option<String>,
+    failed_sandbox_refuses_exec: bool,
+    failed_sandbox_destroyed: bool,
+    neighbour_exec_after_ms: Option<f64>,
+    sandboxes_left: usize,
+    passed: bool,
+}
+
+/// The VMM process of sandbox `id`: the QEMU process in its cgroup (`.../kiln/<id>`).
+fn vmm_of(id: &str) -> Option<u32> {
+    let suffix = format!("/kiln/{id}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+            (comm.starts_with("qemu-system") && cgroup.lines().any(|l| l.ends_with(&suffix)))
+                .then_some(pid)
+        })
+}
+
+/// A VMM killed with SIGKILL (as a guest that escaped into it and crashed it would end it):
+/// its sandbox is marked failed with a reason, refuses work, can be destroyed, and a
+/// neighbour is not affected. Must run as root on the daemon's host.
+pub async fn faults(client: &Client, options: &FaultOptions) -> Result<bool> {
+    let create = || async {
+        let request = client
+            .request(Method::POST, "/v1/sandboxes")
+            .json(&json!({"template": options.template, "ttl_secs": 600}));
+        client.json::<SandboxBody>(request).await.map(|s| s.id)
+    };
+    let victim = create().await.context("creating the victim")?;
+    let neighbour = create().await.context("creating the neighbour")?;
+    exec(client, &neighbour, "true").await?;
+    let pid = vmm_of(&victim).with_context(|| {
+        format!("no VMM of {victim} in this host's /proc: run kiln check faults as root on the daemon's host")
+    })?;
+    eprintln!("faults: killing the VMM of {victim} (pid {pid}) ...");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .context("killing the VMM")?;
+    let killed = Instant::now();
+    let (mut marked, mut reason) = (None, None);
+    while killed.elapsed() < Duration::from_secs(20) {
+        let state: SandboxBody = client
+            .json(client.request(Method::GET, &format!("/v1/sandboxes/{victim}")))
+            .await?;
+        if serde_json::to_value(state.state)?.as_str() == Some("failed") {
+            marked = Some(killed.elapsed().as_secs_f64() * 1000.0);
+            reason = state.reason;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refuses = exec(client, &victim, "true").await.is_err();
+    let neighbour_started = Instant::now();
+    let neighbour_ok = exec(client, &neighbour, "echo fine").await;
+    let neighbour_ms = neighbour_ok
+        .as_ref()
+        .ok()
+        .filter(|out| out.trim() == "fine")
+        .map(|_| neighbour_started.elapsed().as_secs_f64() * 1000.0);
+    let destroyed = delete(client, &victim).await.is_ok();
+    delete(client, &neighbour).await?;
+    let left = client
+        .json::<SandboxList>(client.request(Method::GET, "/v1/sandboxes?limit=500"))
+        .await?
+        .sandboxes
+        .len();
+    let report = FaultReport {
+        vmm_killed_marked_failed_ms: marked,
+        passed: marked.is_some()
+            && reason.as_deref().is_some_and(|r| !r.is_empty())
+            && refuses
+            && destroyed
+            && neighbour_ms.is_some()
+            && left == 0,
+        reason,
+        failed_sandbox_refuses_exec: refuses,
+        failed_sandbox_destroyed: destroyed,
+        neighbour_exec_after_ms: neighbour_ms,
+        sandboxes_left: left,
+    };
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let ms = |v: Option<f64>| v.map_or_else(|| "never".to_owned(), |ms| format!("{ms:.0} ms"));
+        println!("faults: a VMM killed with SIGKILL");
+        println!(
+            "  marked failed after     {}",
+            ms(report.vmm_killed_marked_failed_ms)
+        );
+        println!(
+            "  reason                  {}",
+            report.reason.as_deref().unwrap_or("-")
+        );
+        println!(
+            "  refuses an exec         {}",
+            report.failed_sandbox_refuses_exec
+        );
+        println!(
+            "  destroyed               {}",
+            report.failed_sandbox_destroyed
+        );
+        println!(
+            "  neighbour's exec after  {}",
+            ms(report.neighbour_exec_after_ms)
+        );
+        println!("  sandboxes left          {}", report.sandboxes_left);
+        println!(
+            "result: {}",
+            if report.passed { "passed" } else { "FAILED" }
+        );
+    }
+    Ok(report.passed)
 }

@@ -169,8 +169,8 @@ enum Commands {
         #[command(flatten)]
         client: client_cmd::ClientArgs,
     },
-    /// Check a running daemon's reliability under load (the reliability suite; this
-    /// version has the soak).
+    /// Check a running daemon's reliability (the reliability suite; this version has the
+    /// soak and a fault).
     ///
     /// Example: kiln check soak --duration-secs 120 --daemon-pid "$(pidof kiln)"
     Check {
@@ -192,6 +192,9 @@ enum CheckCommand {
     /// resume, destroy) for a while: every error counted, the daemon's memory, descriptors
     /// and threads sampled, nothing left after. Exit status 1 on any error or leftover.
     Soak(check_cmd::SoakOptions),
+    /// A sandbox's VMM killed with SIGKILL: it is marked failed with a reason, refuses work,
+    /// can be destroyed, and a neighbour is not affected. Run as root on the daemon's host.
+    Faults(check_cmd::FaultOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -682,6 +685,13 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
             let passed = check_cmd::soak(&client, &options).await?;
             return Ok(if passed { 0 } else { 1 });
         }
+        Commands::Check {
+            command: CheckCommand::Faults(options),
+            ..
+        } => {
+            let passed = check_cmd::faults(&client, &options).await?;
+            return Ok(if passed { 0 } else { 1 });
+        }
         // Handled by `main` itself.
         Commands::Serve(_)
         | Commands::Keys { .. }
@@ -850,6 +860,7 @@ mod tests {
             &["mcp"],
             &["template", "ls"],
             &["check", "soak"],
+            &["check", "faults"],
             &["sandbox", "forward"],
         ] {
             assert!(has_url(path), "{path:?} lacks --url");
