@@ -193,39 +193,48 @@ where
 /// Copies bytes both ways between `a` and `b` until both have ended their side, an error, or
 /// `idle` without a byte either way (a write that cannot go on for `idle` ends it too).
 async fn pump(mut a: TcpStream, mut b: TcpStream, idle: Duration) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let (mut a_read, mut a_write) = a.split();
     let (mut b_read, mut b_write) = b.split();
     let (mut a_buf, mut b_buf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     let (mut a_open, mut b_open) = (true, true);
     while a_open || b_open {
-        tokio::select! {
-            read = a_read.read(&mut a_buf), if a_open => match read {
-                Ok(0) | Err(_) => {
-                    a_open = false;
-                    let _ = b_write.shutdown().await;
-                }
-                Ok(n) => {
-                    let written = tokio::time::timeout(idle, b_write.write_all(&a_buf[..n])).await;
-                    if !matches!(written, Ok(Ok(()))) {
-                        return;
-                    }
-                }
-            },
-            read = b_read.read(&mut b_buf), if b_open => match read {
-                Ok(0) | Err(_) => {
-                    b_open = false;
-                    let _ = a_write.shutdown().await;
-                }
-                Ok(n) => {
-                    let written = tokio::time::timeout(idle, a_write.write_all(&b_buf[..n])).await;
-                    if !matches!(written, Ok(Ok(()))) {
-                        return;
-                    }
-                }
-            },
-            () = tokio::time::sleep(idle) => return,
+        let moved = tokio::select! {
+            read = a_read.read(&mut a_buf), if a_open => {
+                pass(read, &a_buf, &mut b_write, &mut a_open, idle).await
+            }
+            read = b_read.read(&mut b_buf), if b_open => {
+                pass(read, &b_buf, &mut a_write, &mut b_open, idle).await
+            }
+            () = tokio::time::sleep(idle) => false,
+        };
+        if !moved {
+            return;
         }
+    }
+}
+
+/// Passes on what one side's `read` gave (from `buf`) to the other side's `write`: its end
+/// shuts `write` and clears `open`. False when the connection is done for (a write that
+/// failed or could not go on for `idle`).
+async fn pass<W: tokio::io::AsyncWrite + Unpin>(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    write: &mut W,
+    open: &mut bool,
+    idle: Duration,
+) -> bool {
+    use tokio::io::AsyncWriteExt;
+    match read {
+        Ok(0) | Err(_) => {
+            *open = false;
+            let _ = write.shutdown().await;
+            true
+        }
+        Ok(n) => matches!(
+            tokio::time::timeout(idle, write.write_all(&buf[..n])).await,
+            Ok(Ok(()))
+        ),
     }
 }
 
