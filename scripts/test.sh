@@ -30,4 +30,8 @@ cargo test --locked --workspace
 step "the Python and TypeScript SDKs, the MCP server, the API contract and a 2-minute soak against a daemon of their own (scripts/tests/sdk.sh)"
 KILN_BIN="$KILN_ROOT/target/debug/kiln" bash scripts/tests/sdk.sh
 
+step "smoke: kiln bench tti (base, 3 sequential and 2 clients at once, warmed pre-started VMMs; no thresholds)"
+target/debug/kiln bench tti --template base --no-network --gap-ms 1000 --iterations 3 \
+  --clients 2 --rounds 1
+
 printf '\nall checks passed in %d s\n' "$((SECONDS - started))"

@@ -121,12 +121,13 @@ pub(crate) struct InProcessDaemon {
 }
 
 impl InProcessDaemon {
-    /// Starts one with `template` as its default, artefacts from `cache_dir`, and sandbox
-    /// networking if `network` is given.
+    /// Starts one with `template` as its default, artefacts from `cache_dir`, and its engine
+    /// configured by default but for what `configure` changes (its data directory is the
+    /// daemon's own).
     pub(crate) async fn start(
         template: &str,
         cache_dir: &std::path::Path,
-        network: Option<kiln_network::NetworkConfig>,
+        configure: impl FnOnce(&mut kiln_engine::EngineConfig),
     ) -> Result<Self> {
         let data = tempfile::Builder::new()
             .prefix("kiln-bench-api-")
@@ -135,9 +136,10 @@ impl InProcessDaemon {
             cache_dir: cache_dir.to_owned(),
             templates_dirs: crate::template_cmd::templates_dirs(),
             agent_binary: crate::template_cmd::static_agent()?,
-            engine: kiln_engine::EngineConfig {
-                network,
-                ..kiln_engine::EngineConfig::new(data.path())
+            engine: {
+                let mut engine = kiln_engine::EngineConfig::new(data.path());
+                configure(&mut engine);
+                engine
             },
             default_template: template.to_owned(),
             default_ttl: Duration::from_secs(600),
@@ -171,7 +173,8 @@ impl InProcessDaemon {
 
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: ApiBenchOptions) -> Result<()> {
-    let daemon = InProcessDaemon::start(&options.template, &options.daemon.cache_dir, None).await?;
+    let daemon =
+        InProcessDaemon::start(&options.template, &options.daemon.cache_dir, |_| {}).await?;
     let control = daemon.control.clone();
     let api = Api {
         client: daemon.client.clone(),

@@ -73,7 +73,8 @@ async fn timed<T>(
 /// Runs the benchmark against a daemon started in this process on a loopback port.
 pub async fn run(options: CodeBenchOptions) -> Result<()> {
     ensure!(options.iterations > 0, "--iterations must be at least 1");
-    let daemon = InProcessDaemon::start(&options.template, &options.daemon.cache_dir, None).await?;
+    let daemon =
+        InProcessDaemon::start(&options.template, &options.daemon.cache_dir, |_| {}).await?;
     let client = daemon.client.clone();
     let create = || async {
         let body = CreateSandboxBody {

@@ -143,7 +143,7 @@ pub async fn run(options: BenchOptions) -> Result<()> {
             .timings()
             .phases
             .iter()
-            .any(|(name, _)| name == "take pre-started VMM")
+            .any(|(name, _)| name == "take pre-started VMM" || name == "take warmed VMM")
         {
             sequential_prestarted += 1;
         }

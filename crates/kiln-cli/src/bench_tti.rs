@@ -27,6 +27,18 @@ pub struct TtiBenchOptions {
     /// Sequential creates, each followed by its first exec.
     #[arg(long, default_value_t = 30)]
     pub iterations: usize,
+    /// Time between the end of one sequential sample (its sandbox destroyed) and the next
+    /// create, in ms: 0 sends them back to back, faster than pre-started VMMs are replaced
+    /// on a small host; a user working in one sandbox at a time leaves more.
+    #[arg(long, default_value_t = 0)]
+    pub gap_ms: u64,
+    /// VMMs kept pre-started for the template, 0 to 2 (as `kiln serve --prestart`).
+    #[arg(long, default_value_t = 1)]
+    pub prestart: usize,
+    /// Whether pre-started VMMs restore and run the template's guest ahead of a create (as
+    /// `kiln serve --warm-prestart`).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub warm_prestart: bool,
     /// Concurrent clients (0: none).
     #[arg(long, default_value_t = 8)]
     pub clients: usize,
@@ -46,14 +58,20 @@ struct Report {
     template: String,
     accel: String,
     network: bool,
+    /// Time between sequential samples, ms.
+    gap_ms: u64,
+    prestart: usize,
+    warm_prestart: bool,
     /// Create, then `echo ok`'s output received; one client.
     tti_sequential: Summary,
     /// The create call alone; one client.
     create_sequential: Summary,
     /// Per phase (p50, ms), in the order they happen.
     phases_p50_ms: Vec<(String, f64)>,
-    /// Sequential creates that took a pre-started VMM.
+    /// Sequential creates that took a pre-started VMM (warmed or not).
     prestarted: usize,
+    /// Of those, the ones that took a warmed VMM (its guest restored and run ahead).
+    warmed: usize,
     clients: usize,
     tti_concurrent: Option<Summary>,
     create_concurrent: Option<Summary>,
@@ -154,8 +172,12 @@ pub async fn run(options: TtiBenchOptions) -> Result<()> {
     // Sandbox egress ends in a namespace of this benchmark's.
     let internet = (!options.no_network).then(|| TestInternet::new(0));
     let network = internet.as_ref().map(|internet| internet.network_config());
-    let daemon =
-        InProcessDaemon::start(&options.template, &options.daemon.cache_dir, network).await?;
+    let daemon = InProcessDaemon::start(&options.template, &options.daemon.cache_dir, |engine| {
+        engine.network = network;
+        engine.prestart = options.prestart;
+        engine.warm_prestart = options.warm_prestart;
+    })
+    .await?;
     let _cleanup = daemon
         .control
         .engine()
@@ -172,16 +194,17 @@ pub async fn run(options: TtiBenchOptions) -> Result<()> {
     eprintln!("sequential ({}) ...", options.iterations);
     let mut samples = Vec::new();
     for _ in 0..options.iterations {
+        tokio::time::sleep(Duration::from_millis(options.gap_ms)).await;
         samples.push(one(&client, &control, &options.template).await?);
     }
-    let prestarted = samples
-        .iter()
-        .filter(|s| {
-            s.phases
-                .iter()
-                .any(|(n, _)| n.ends_with("take pre-started VMM"))
-        })
-        .count();
+    let took = |phase: &str| {
+        samples
+            .iter()
+            .filter(|s| s.phases.iter().any(|(n, _)| n.ends_with(phase)))
+            .count()
+    };
+    let warmed = took("take warmed VMM");
+    let prestarted = took("take pre-started VMM") + warmed;
 
     let mut concurrent = Vec::new();
     if options.clients > 0 {
@@ -213,10 +236,14 @@ pub async fn run(options: TtiBenchOptions) -> Result<()> {
         template: options.template.clone(),
         accel,
         network: !options.no_network,
+        gap_ms: options.gap_ms,
+        prestart: options.prestart,
+        warm_prestart: options.warm_prestart,
         tti_sequential: Summary::of(&samples.iter().map(|s| s.tti).collect::<Vec<_>>()),
         create_sequential: Summary::of(&samples.iter().map(|s| s.create).collect::<Vec<_>>()),
         phases_p50_ms: phases_p50(&samples),
         prestarted,
+        warmed,
         clients: options.clients,
         tti_concurrent: of(&concurrent, |s| s.tti),
         create_concurrent: of(&concurrent, |s| s.create),
@@ -226,21 +253,26 @@ pub async fn run(options: TtiBenchOptions) -> Result<()> {
         return Ok(());
     }
     println!(
-        "template {} ({}), networking {}, through the HTTP API on loopback",
+        "template {} ({}), networking {}, {} pre-started VMM(s) per template{}, through the HTTP API on loopback",
         report.template,
         report.accel,
-        if report.network { "on" } else { "off" }
+        if report.network { "on" } else { "off" },
+        report.prestart,
+        if report.warm_prestart { ", warmed" } else { "" }
     );
     println!("time to interactive (create, then `echo ok` received):");
-    println!("  sequential:            {}", report.tti_sequential);
+    println!(
+        "  sequential ({} ms apart): {}",
+        report.gap_ms, report.tti_sequential
+    );
     println!("  create alone:          {}", report.create_sequential);
     if let (Some(tti), Some(create)) = (&report.tti_concurrent, &report.create_concurrent) {
         println!("  {} clients at once:    {tti}", report.clients);
         println!("  create alone:          {create}");
     }
     println!(
-        "phases, sequential (p50, ms; {} of {} took a pre-started VMM):",
-        report.prestarted, report.tti_sequential.count
+        "phases, sequential (p50, ms; {} of {} took a pre-started VMM, {} of them warmed):",
+        report.prestarted, report.tti_sequential.count, report.warmed
     );
     for (name, ms) in &report.phases_p50_ms {
         println!("  {name:<48} {ms:>8.1}");

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// VMMs kept pre-started per template, 0 to 2 [default: 1].
     #[arg(long)]
     pub prestart: Option<usize>,
+    /// Whether pre-started VMMs restore their template and run its guest ahead of a create
+    /// (`true`: the create and the sandbox's first command are faster, each waiting guest
+    /// costs a little idle CPU and memory) or wait for the create to do so [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub warm_prestart: Option<bool>,
     /// Largest file upload in bytes [default: 4 GiB].
     #[arg(long)]
     pub max_upload_bytes: Option<u64>,
@@ -192,6 +197,7 @@ struct FileConfig {
     max_template_disk_mib: Option<u32>,
     max_template_build_secs: Option<u64>,
     prestart: Option<usize>,
+    warm_prestart: Option<bool>,
     max_upload_bytes: Option<u64>,
     disk_reserve_mib: Option<u64>,
     disk_budget_mib: Option<u64>,
@@ -349,6 +355,7 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
         accel,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
         prestart,
+        warm_prestart: args.warm_prestart.or(file.warm_prestart).unwrap_or(true),
         network,
         disk: kiln_engine::DiskLimits {
             budget: disk_budget.map(|mib| mib.saturating_mul(1 << 20)),

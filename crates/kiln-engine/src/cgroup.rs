@@ -281,6 +281,22 @@ impl SandboxCgroup {
         Ok(())
     }
 
+    /// Gives its processes the least CPU weight (`background`: they run when no sandbox at
+    /// the default weight wants the CPU) or the default one back.
+    pub fn set_background(&self, background: bool) -> Result<(), CgroupError> {
+        let (path, value) = match &self.layout {
+            Layout::V2 { .. } => (
+                self.dirs[0].join("cpu.weight"),
+                if background { "1" } else { "100" },
+            ),
+            Layout::V1 { .. } => (
+                self.dirs[0].join("cpu.shares"),
+                if background { "2" } else { "1024" },
+            ),
+        };
+        std::fs::write(&path, value).map_err(file_error(&path))
+    }
+
     /// What its processes use now, as the kernel counts it (a figure the kernel does not
     /// offer here is `None`).
     pub fn usage(&self) -> CgroupUsage {

@@ -196,9 +196,15 @@ pub struct EngineConfig {
     pub guest_log: Option<String>,
     /// Confinement of the VMM processes.
     pub confinement: ConfinementConfig,
-    /// VMMs kept started per template, waiting for device state, so that a create skips the
-    /// VMM's start-up (at most [`MAX_PRESTART`]; they hold no guest state).
+    /// VMMs kept started per template, so that a create skips the VMM's start-up (at most
+    /// [`MAX_PRESTART`]).
     pub prestart: usize,
+    /// Pre-started VMMs also restore their template and run a command in its guest ahead of
+    /// a create (with the template's identity, and no way out of their namespace until the
+    /// create): a create is then the sandbox's own clock, entropy and name given to a running
+    /// guest, and its first command does not pay for code run the first time. `false`: they
+    /// wait for the device state, holding no guest state, and cost no CPU while they wait.
+    pub warm_prestart: bool,
     /// Sandbox networking (links to the host, NAT egress with policy); `None`: sandboxes have
     /// a namespace and a tap but no way out.
     pub network: Option<kiln_network::NetworkConfig>,
@@ -219,6 +225,7 @@ impl EngineConfig {
             guest_log: None,
             confinement: ConfinementConfig::default(),
             prestart: 1,
+            warm_prestart: true,
             network: None,
             disk: DiskLimits::default(),
         }
@@ -817,10 +824,12 @@ impl Engine {
             .map_err(|e| EngineError::io("removing the snapshot", e))
     }
 
-    /// Starts VMMs for `template` in the background, up to the configured number, so that its
-    /// next creates skip the VMM's start-up (creates also do this after they take one).
+    /// Keeps VMMs pre-started for `template` from now on: starts them in the background, up to
+    /// the configured number (and warms them, [`EngineConfig::warm_prestart`]), so that its next
+    /// creates skip the VMM's start-up; each create from the template starts the next one. A
+    /// template never passed here gets none (a tenant's own templates, snapshots).
     pub fn prestart(&self, template: &BakedTemplate) {
-        prestart::refill(&self.inner, template);
+        prestart::refill(&self.inner, template, true);
     }
 
     /// Stops pre-starting, waits for VMMs being pre-started and removes every pre-started one

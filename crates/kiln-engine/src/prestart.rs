@@ -1,15 +1,26 @@
 //! VMMs started ahead of creates: confined (namespace wired, cgroup, uid, jail), with the
-//! sandbox's directory and disk, waiting for a template's device state. At most
-//! [`crate::MAX_PRESTART`] per template; they hold no guest state.
+//! sandbox's directory and disk. At most [`crate::MAX_PRESTART`] per template.
+//!
+//! A cold one waits for the template's device state. A warm one (the default,
+//! [`crate::EngineConfig::warm_prestart`]) has also restored the template and run a command in
+//! the guest once, so that the create skips the restore and the handshake and the sandbox's
+//! first command runs on paths the VMM has run before (under TCG, already translated; under
+//! KVM, already faulted in). What a warm guest holds is the template's, the same for every
+//! sandbox of the template: nothing in it is made per sandbox until the create gives it its
+//! own clock, entropy and name (the post-restore call). While it waits its link to the host
+//! is held closed (nothing in or out); the create puts the sandbox's egress policy in force
+//! and opens it after that call.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiln_agent_client::AgentClient;
+use kiln_proto::messages::{Command, ExecRequest};
 use kiln_vmm::driver::{DiskFormat, DiskLayer, MemoryBacking, PhaseTimings, Vm};
 
 use crate::confine::{confine, default_limits, launch_recorded, VmResources};
-use crate::sandbox::record;
+use crate::sandbox::{record, restore_guest};
 use crate::{lock, BakedTemplate, EngineError, Inner};
 
 pub(crate) fn new_id() -> String {
@@ -18,21 +29,26 @@ pub(crate) fn new_id() -> String {
 }
 
 /// A VMM started ahead of a create: confined, with the sandbox's directory and disk, waiting
-/// for the template's device state. It holds no guest state (no guest code has run).
+/// for the template's device state (`guest` is `None`: no guest code has run) or running the
+/// template's guest, warmed (`guest` is its agent, connected).
 #[derive(Debug)]
 pub(crate) struct Prestarted {
     pub(crate) id: String,
     pub(crate) dir: PathBuf,
     pub(crate) vm: Box<dyn Vm>,
     pub(crate) resources: VmResources,
+    /// The warmed guest's agent.
+    pub(crate) guest: Option<AgentClient>,
     // Declared last: the directory goes after the VMM using it.
     pub(crate) cleanup: DirGuard,
 }
 
-/// Starts a VMM for `template` that waits for its device state (blocking).
+/// Starts a VMM for `template` that waits for its device state (blocking). Its namespace
+/// gets the default egress policy; its link is held closed if the VMM is to be `warmed`.
 pub(crate) fn prestart(
     engine: &Arc<Inner>,
     template: &BakedTemplate,
+    warmed: bool,
     timings: &mut PhaseTimings,
 ) -> Result<Prestarted, EngineError> {
     let mut phase = Instant::now();
@@ -73,6 +89,7 @@ pub(crate) fn prestart(
         memory,
         true,
     );
+    let egress = engine.default_egress();
     // Only the disk is the VMM user's: the directory, its pid record, sockets and console
     // log stay root's, and outside the VMM's jail.
     let (confinement, resources) = confine(
@@ -80,8 +97,18 @@ pub(crate) fn prestart(
         &id,
         default_limits(&template.meta.machine),
         &[&disk],
-        engine.default_egress().as_ref(),
+        egress.as_ref(),
     )?;
+    if warmed {
+        // A guest that runs before its create has no way in or out until then, and gets the
+        // CPU only when no sandbox wants it.
+        if let Some((network, link)) = &resources.link {
+            network.hold(*link, true)?;
+        }
+        if let Some(cgroup) = &resources.cgroup {
+            cgroup.set_background(true)?;
+        }
+    }
     record(timings, "confinement", &mut phase);
     let mut vm = launch_recorded(engine, spec, confinement, &dir, &id)?;
     record(timings, "spawn", &mut phase);
@@ -92,8 +119,45 @@ pub(crate) fn prestart(
         dir,
         vm,
         resources,
+        guest: None,
         cleanup,
     })
+}
+
+/// What a warm-up runs in the guest: a program every template has, that prints a line, on
+/// the paths the sandbox's first command takes too (the agent's spawn and output, fork, exec,
+/// the dynamic loader, the C library's start-up).
+const WARM_UP: [&str; 2] = ["echo", "warm"];
+
+/// Restores `template` into `prestarted`'s VMM, connects to its agent, runs the post-restore
+/// call as the create will (with the sandbox-to-be's name, which is its VMM's) and one
+/// command.
+async fn warm(
+    engine: &Arc<Inner>,
+    template: &BakedTemplate,
+    prestarted: &mut Prestarted,
+) -> Result<(), EngineError> {
+    let client = restore_guest(engine, template, prestarted, &mut PhaseTimings::default()).await?;
+    client
+        .post_restore(&crate::sandbox::identity(&prestarted.id, None))
+        .await?;
+    // A template without the program still warms the agent's side of an exec.
+    let argv = WARM_UP.iter().map(|s| s.to_string()).collect();
+    match client
+        .run(ExecRequest::new(Command::Argv(argv)), 1 << 10)
+        .await
+    {
+        Ok(result) if result.status.code == Some(0) => {}
+        Ok(result) => {
+            tracing::debug!(template = %template.meta.name, status = ?result.status, "warm-up command failed")
+        }
+        Err(kiln_agent_client::ClientError::Agent(e)) => {
+            tracing::debug!(template = %template.meta.name, error = %e, "warm-up command refused");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    prestarted.guest = Some(client);
+    Ok(())
 }
 
 /// VMMs started ahead of creates, per template key.
@@ -117,7 +181,8 @@ impl PrestartPool {
     }
 }
 
-/// Takes a pre-started VMM for `template` if one is ready and still alive.
+/// Takes a pre-started VMM for `template` if one is ready and still alive (a warm one's guest
+/// may still have stopped answering: the create's first call finds out).
 pub(crate) fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> Option<Prestarted> {
     loop {
         let mut taken = lock(&engine.prestarted)
@@ -134,8 +199,10 @@ pub(crate) fn take_prestarted(engine: &Arc<Inner>, template: &BakedTemplate) -> 
     }
 }
 
-/// Starts VMMs in the background until `template` has as many waiting as configured.
-pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
+/// Starts VMMs in the background until `template` has as many waiting as configured; if
+/// `open` is false, only for a template that has a pool already (one [`crate::Engine::prestart`]
+/// opened: a tenant's templates and snapshots get none).
+pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate, open: bool) {
     // A fork's capture gets its children at once; none come later.
     if template.meta.capture_of.is_some() {
         return;
@@ -150,6 +217,9 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
         {
             return;
         }
+        if !open && !pools.contains_key(&key) {
+            return;
+        }
         let pool = pools.entry(key.clone()).or_default();
         if pool.ready.len() + pool.starting >= target {
             return;
@@ -159,8 +229,22 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate) {
     }
     let engine = Arc::clone(engine);
     let template = template.clone();
-    tokio::task::spawn_blocking(move || {
-        let result = prestart(&engine, &template, &mut PhaseTimings::default());
+    let warmed = engine.config.warm_prestart;
+    tokio::spawn(async move {
+        let started = {
+            let (engine, template) = (Arc::clone(&engine), template.clone());
+            tokio::task::spawn_blocking(move || {
+                prestart(&engine, &template, warmed, &mut PhaseTimings::default())
+            })
+            .await
+        };
+        let result = match started {
+            Ok(Ok(mut prestarted)) if warmed => warm(&engine, &template, &mut prestarted)
+                .await
+                .map(|()| prestarted),
+            Ok(result) => result,
+            Err(e) => Err(EngineError::Boot(format!("pre-starting a VMM: {e}"))),
+        };
         {
             let mut pools = lock(&engine.prestarted);
             let pool = pools.entry(key).or_default();

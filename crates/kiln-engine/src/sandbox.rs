@@ -53,7 +53,8 @@ pub struct CreateOptions {
     /// Metadata handed to the guest.
     pub metadata: BTreeMap<String, String>,
     /// Run the post-restore call (clock, RNG reseed, identity). Only tests turn this off, to
-    /// show what goes wrong without it.
+    /// show what goes wrong without it; such a create takes no warmed VMM (its guest has had
+    /// a post-restore call of its own).
     pub post_restore: bool,
     /// Destroy the sandbox this long after it was created.
     pub ttl: Option<Duration>,
@@ -848,7 +849,40 @@ pub(crate) async fn create(
     template: &BakedTemplate,
     options: CreateOptions,
 ) -> Result<Arc<Sandbox>, EngineError> {
-    let limits = limits_for(template, &options)?;
+    match create_from(engine, template, &options, true).await {
+        Ok(sandbox) => Ok(sandbox),
+        Err(Attempt::Failed(e)) => Err(e),
+        Err(Attempt::WarmGuestFailed(e)) => {
+            tracing::warn!(template = %template.meta.name, error = %crate::error_chain(&e), "a warmed guest failed its create: creating without it");
+            match create_from(engine, template, &options, false).await {
+                Ok(sandbox) => Ok(sandbox),
+                Err(Attempt::Failed(e) | Attempt::WarmGuestFailed(e)) => Err(e),
+            }
+        }
+    }
+}
+
+/// Why a create failed: a warmed guest that failed its first call is worth a retry without
+/// one (its VMM went with it).
+enum Attempt {
+    Failed(EngineError),
+    WarmGuestFailed(EngineError),
+}
+
+impl<E: Into<EngineError>> From<E> for Attempt {
+    fn from(e: E) -> Attempt {
+        Attempt::Failed(e.into())
+    }
+}
+
+/// A create, from a pre-started VMM if `pooled` and one is ready.
+async fn create_from(
+    engine: &Arc<Inner>,
+    template: &BakedTemplate,
+    options: &CreateOptions,
+    pooled: bool,
+) -> Result<Arc<Sandbox>, Attempt> {
+    let limits = limits_for(template, options)?;
     let egress =
         match (&engine.network, &options.network) {
             (Some(network), Some(policy)) => {
@@ -859,7 +893,8 @@ pub(crate) async fn create(
             (None, Some(_)) => return Err(EngineError::Conflict(
                 "networking is not enabled on this host: a create may not ask for a network policy"
                     .into(),
-            )),
+            )
+            .into()),
             (None, None) => None,
         };
     crate::space::admit(engine, crate::space::NEW_SANDBOX_BYTES, "create a sandbox")?;
@@ -868,23 +903,27 @@ pub(crate) async fn create(
     let started = Instant::now();
     let mut timings = PhaseTimings::default();
     let mut phase = Instant::now();
-    let prestarted = match take_prestarted(engine, template) {
+    let pooled = pooled && options.post_restore;
+    let mut slot = match pooled.then(|| take_prestarted(engine, template)).flatten() {
         Some(prestarted) => {
-            record(&mut timings, "take pre-started VMM", &mut phase);
+            let name = match prestarted.guest {
+                Some(_) => "take warmed VMM",
+                None => "take pre-started VMM",
+            };
+            record(&mut timings, name, &mut phase);
             prestarted
         }
-        None => tokio::task::block_in_place(|| prestart(engine, template, &mut timings))?,
+        None => tokio::task::block_in_place(|| prestart(engine, template, false, &mut timings))?,
     };
     phase = Instant::now();
     // Dropped whole on an error below: the VMM dies before its resources and directory go.
-    let mut slot = prestarted;
     if limits != default_limits(&template.meta.machine) {
         if let Some(cgroup) = &slot.resources.cgroup {
             cgroup.set_limits(limits)?;
         }
     }
     // The pre-started VMM's namespace is wired with the default policy: another one is put
-    // in force before the guest runs.
+    // in force before the guest runs as the sandbox.
     if let (Some(network), Some(policy), Some(ns)) =
         (&engine.network, &egress, slot.resources.netns.as_ref())
     {
@@ -892,68 +931,37 @@ pub(crate) async fn create(
             tokio::task::block_in_place(|| network.apply(ns, policy))?;
         }
     }
+    if slot.guest.is_some() {
+        if let Some(cgroup) = &slot.resources.cgroup {
+            cgroup.set_background(false)?;
+        }
+    }
     let exit = exit_watch(slot.vm.pid())?;
-    crate::space::hold(
-        engine,
-        crate::space::Vmm {
-            pid: slot.vm.pid(),
-            run_as: slot.resources.run_as(),
-        },
-        &slot.dir,
-    );
     crate::pause::write_sandbox_file(&slot.dir, template, limits)?;
-    // The verified bytes go to the VMM through an anonymous file: what was checked is what
-    // loads.
-    let state = template.read_state()?;
-    let mut state_file = tempfile::tempfile_in(&slot.dir)
-        .map_err(|e| EngineError::io("staging the device state", e))?;
-    state_file
-        .write_all(&state)
-        .and_then(|()| state_file.rewind())
-        .map_err(|e| EngineError::io("staging the device state", e))?;
-    record(&mut timings, "limits and state", &mut phase);
-    if let Some(delta) = template.read_ram_delta(false)? {
-        // Before the VMM reads any saved state: root writes into a process that has run
-        // nothing but its own start-up.
-        tokio::task::block_in_place(|| delta.inject(slot.vm.pid(), &template.memory()))
-            .map_err(|e| EngineError::io("writing the capture's changed pages into the VMM", e))?;
-        record(&mut timings, "changed pages", &mut phase);
-    }
-    let restore = tokio::task::block_in_place(|| slot.vm.restore(&state_file))?;
-    timings.phases.extend(restore.phases);
+    record(&mut timings, "limits", &mut phase);
+    let (client, warmed) = match slot.guest.take() {
+        Some(client) => (client, true),
+        None => (
+            restore_guest(engine, template, &mut slot, &mut timings).await?,
+            false,
+        ),
+    };
     phase = Instant::now();
-
-    let client = AgentClient::new(
-        Arc::new(UnixConnector::new(slot.vm.agent_socket())),
-        ClientConfig {
-            hello_interval: Duration::from_millis(20),
-            handshake_timeout: Duration::from_secs(30),
-            ..ClientConfig::default()
-        },
-    );
-    if let Err(e) = client.connect().await {
-        return Err(EngineError::Boot(format!(
-            "restored agent did not answer: {e}; VMM: {}; console:\n{}",
-            slot.vm.diagnostics(),
-            slot.vm.console_tail(20)
-        )));
-    }
-    record(&mut timings, "agent handshake", &mut phase);
     if options.post_restore {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        let mut entropy = [0u8; 64];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut entropy);
         client
-            .post_restore(&PostRestoreRequest {
-                wall_clock_ns: now,
-                entropy_hex: hex::encode(entropy),
-                hostname: Some(slot.id.clone()),
-                metadata: Some(options.metadata.clone()),
-            })
-            .await?;
+            .post_restore(&identity(&slot.id, Some(&options.metadata)))
+            .await
+            .map_err(|e| match warmed {
+                true => Attempt::WarmGuestFailed(e.into()),
+                false => Attempt::Failed(e.into()),
+            })?;
         record(&mut timings, "post-restore", &mut phase);
+    }
+    // A warmed guest's link opens once it is the sandbox (its own entropy and name).
+    if warmed {
+        if let Some((network, link)) = &slot.resources.link {
+            network.hold(*link, false)?;
+        }
     }
     if let Some(disk_mib) = options.disk_mib {
         grow_disk(slot.vm.as_mut(), &client, disk_mib).await?;
@@ -968,6 +976,7 @@ pub(crate) async fn create(
         vm,
         resources,
         cleanup,
+        ..
     } = slot;
     cleanup.disarm();
     let netns = resources.netns.as_ref().map(|ns| ns.name().to_owned());
@@ -1000,9 +1009,94 @@ pub(crate) async fn create(
         id,
         template: template.meta.name.clone(),
     });
-    // Start the next create's VMM now that this one no longer competes for the CPU.
-    refill(engine, template);
+    // The next create's VMM is started once this sandbox's first moments (its first command,
+    // usually) are past, so that it does not compete with them for the CPU.
+    let (engine, template) = (Arc::clone(engine), template.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(REFILL_DELAY).await;
+        refill(&engine, &template, false);
+    });
     Ok(sandbox)
+}
+
+/// How long after a create the next one's VMM is started (measured with `kiln bench tti`:
+/// started at once, it took about 30 ms from the sandbox's create and first command on a
+/// 2-core host).
+const REFILL_DELAY: Duration = Duration::from_millis(300);
+
+/// What a restored guest is told to become sandbox `id`: the host's clock, fresh entropy,
+/// its name and the create's metadata.
+pub(crate) fn identity(
+    id: &str,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> PostRestoreRequest {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut entropy = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut entropy);
+    PostRestoreRequest {
+        wall_clock_ns: now,
+        entropy_hex: hex::encode(entropy),
+        hostname: Some(id.to_owned()),
+        metadata: metadata.cloned(),
+    }
+}
+
+/// Loads `template`'s device state into `slot`'s waiting VMM, lets the guest run and connects
+/// to its agent.
+pub(crate) async fn restore_guest(
+    engine: &Arc<Inner>,
+    template: &BakedTemplate,
+    slot: &mut Prestarted,
+    timings: &mut PhaseTimings,
+) -> Result<AgentClient, EngineError> {
+    let mut phase = Instant::now();
+    crate::space::hold(
+        engine,
+        crate::space::Vmm {
+            pid: slot.vm.pid(),
+            run_as: slot.resources.run_as(),
+        },
+        &slot.dir,
+    );
+    // The verified bytes go to the VMM through an anonymous file: what was checked is what
+    // loads.
+    let state = template.read_state()?;
+    let mut state_file = tempfile::tempfile_in(&slot.dir)
+        .map_err(|e| EngineError::io("staging the device state", e))?;
+    state_file
+        .write_all(&state)
+        .and_then(|()| state_file.rewind())
+        .map_err(|e| EngineError::io("staging the device state", e))?;
+    record(timings, "state", &mut phase);
+    if let Some(delta) = template.read_ram_delta(false)? {
+        // Before the VMM reads any saved state: root writes into a process that has run
+        // nothing but its own start-up.
+        tokio::task::block_in_place(|| delta.inject(slot.vm.pid(), &template.memory()))
+            .map_err(|e| EngineError::io("writing the capture's changed pages into the VMM", e))?;
+        record(timings, "changed pages", &mut phase);
+    }
+    let restore = tokio::task::block_in_place(|| slot.vm.restore(&state_file))?;
+    timings.phases.extend(restore.phases);
+    phase = Instant::now();
+    let client = AgentClient::new(
+        Arc::new(UnixConnector::new(slot.vm.agent_socket())),
+        ClientConfig {
+            hello_interval: Duration::from_millis(20),
+            handshake_timeout: Duration::from_secs(30),
+            ..ClientConfig::default()
+        },
+    );
+    if let Err(e) = client.connect().await {
+        return Err(EngineError::Boot(format!(
+            "restored agent did not answer: {e}; VMM: {}; console:\n{}",
+            slot.vm.diagnostics(),
+            slot.vm.console_tail(20)
+        )));
+    }
+    record(timings, "agent handshake", &mut phase);
+    Ok(client)
 }
 
 /// The disk file a sandbox's VMM writes, in the sandbox's directory `dir` (a qcow2 layer, or

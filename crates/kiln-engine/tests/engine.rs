@@ -3,7 +3,7 @@
 //! (each with a negative control), then destroy them and prove nothing is left.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -97,12 +97,30 @@ async fn bake_create_isolate_reseed_and_destroy() {
     );
 
     let mut sandboxes = Vec::new();
-    for _ in 0..5 {
+    // Three cold creates, then two from warmed VMMs (the template's guest restored and run
+    // ahead of the create, the same in both): all must come out distinct.
+    for i in 0..5 {
+        if i == 3 {
+            engine.prestart(&template);
+        }
+        if i >= 3 {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while engine.prestarted_pids().is_empty() {
+                assert!(Instant::now() < deadline, "no warmed VMM");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let sandbox = engine
             .create(&template, CreateOptions::default())
             .await
             .expect("create");
         eprintln!("create {}: {:?}", sandbox.id(), sandbox.timings().phases);
+        let warmed = sandbox
+            .timings()
+            .phases
+            .iter()
+            .any(|(name, _)| name == "take warmed VMM");
+        assert_eq!(warmed, i >= 3, "{:?}", sandbox.timings().phases);
         sandboxes.push(sandbox);
     }
     let pids: Vec<u32> = sandboxes.iter().filter_map(|s| s.pid()).collect();

@@ -339,3 +339,95 @@ async fn fifty_sandboxes_made_and_destroyed_leave_nothing_behind() {
         Vec::<String>::new()
     );
 }
+
+/// The flags of host interface lines (`ip -o link`) naming `needle`: `<BROADCAST,UP,...>`.
+fn link_flags(needle: &str) -> Vec<Vec<String>> {
+    lines_with("ip", &["-o", "link", "show"], needle)
+        .iter()
+        .map(|line| {
+            let flags = line
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .map_or("", |(flags, _)| flags);
+            flags.split(',').map(str::to_owned).collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmed_guest_is_held_closed_until_its_create_gives_it_its_own_identity() {
+    let internet = TestInternet::new(2);
+    let config = internet.network_config();
+    // The hosts' ends of sandbox links (the test internet's own link has the prefix too).
+    let links = format!("{}v", config.prefix);
+    let world = World::new(config).await;
+    let (engine, template) = (&world.engine, world.template.clone());
+    // The pre-started VMM is listed once its guest has been restored and run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while engine.prestarted_pids().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no warmed VMM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its link to the host is down: nothing of a running guest gets in or out.
+    let waiting = link_flags(&links);
+    assert_eq!(waiting.len(), 1, "one link, the waiting VMM's: {waiting:?}");
+    assert!(!waiting[0].contains(&"UP".to_owned()), "{waiting:?}");
+
+    let metadata = std::collections::BTreeMap::from([("purpose".to_owned(), "warm".to_owned())]);
+    let sandbox = engine
+        .create(
+            &template,
+            CreateOptions {
+                metadata: metadata.clone(),
+                ..CreateOptions::default()
+            },
+        )
+        .await
+        .expect("create");
+    assert!(
+        sandbox
+            .timings()
+            .phases
+            .iter()
+            .any(|(name, _)| name == "take warmed VMM"),
+        "{:?}",
+        sandbox.timings().phases
+    );
+    // Its own name, clock and metadata; the warm-up's command is not among its processes.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let seen = kiln_testinfra::sh(sandbox.agent(), "hostname; cat /etc/hostname; date +%s").await;
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[..2], [sandbox.id(), sandbox.id()], "{seen}");
+    let guest_now: u64 = lines[2].parse().expect("date");
+    assert!(
+        guest_now.abs_diff(host_now) <= 5,
+        "guest {guest_now}, host {host_now}"
+    );
+    assert_eq!(
+        sandbox.agent().info().await.expect("info").metadata,
+        metadata
+    );
+    assert!(
+        sandbox
+            .agent()
+            .processes()
+            .await
+            .expect("processes")
+            .is_empty(),
+        "no process of the warm-up listed"
+    );
+    // Its link is open: the test internet answers.
+    assert_eq!(
+        connect(&sandbox, WEB, 7000).await,
+        format!("hello from {WEB}:7000")
+    );
+    let open = link_flags(&format!("{links}{}@", sandbox.link().expect("link").slot.0));
+    assert!(open[0].contains(&"UP".to_owned()), "{open:?}");
+
+    sandbox.destroy().await.expect("destroy");
+    engine.shutdown_prestarted().await;
+    assert_eq!(link_flags(&links), Vec::<Vec<String>>::new(), "links left");
+}

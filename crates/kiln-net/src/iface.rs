@@ -72,10 +72,21 @@ pub fn set_mac(sock: &OwnedFd, name: &str, mac: [u8; 6]) -> io::Result<()> {
 
 /// Sets the interface up.
 pub fn link_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    set_link(sock, name, true)
+}
+
+/// Sets the interface up or down.
+pub fn set_link(sock: &OwnedFd, name: &str, up: bool) -> io::Result<()> {
     let mut req = ifreq(name)?;
     ioctl(sock, libc::SIOCGIFFLAGS, (&raw mut req).cast())?;
+    let flag = libc::IFF_UP as libc::c_short;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    unsafe {
+        match up {
+            true => req.ifr_ifru.ifru_flags |= flag,
+            false => req.ifr_ifru.ifru_flags &= !flag,
+        }
+    }
     ioctl(sock, libc::SIOCSIFFLAGS, (&raw mut req).cast())
 }
 

@@ -680,6 +680,19 @@ impl Network {
         Ok(link)
     }
 
+    /// Holds `link` closed (its host end down: nothing goes in or out of its namespace, the
+    /// policy in force there stays) or opens it again. One system call each way, in the
+    /// daemon's own namespace.
+    pub fn hold(&self, link: Link, closed: bool) -> Result<(), NetworkError> {
+        let host_if = self.host_interface(link.slot);
+        kiln_net::iface::ioctl_socket()
+            .and_then(|sock| kiln_net::iface::set_link(&sock, &host_if, !closed))
+            .map_err(|e| NetworkError::Io {
+                context: format!("setting {host_if} {}", if closed { "down" } else { "up" }),
+                source: e,
+            })
+    }
+
     /// Limits the link of `slot` to `mbit` each way (or lifts the limit `before` set): the
     /// host's end shapes what goes to the sandbox, the namespace's end what comes from it.
     fn shape(
