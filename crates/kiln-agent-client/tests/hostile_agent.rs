@@ -1,7 +1,8 @@
 //! The client against agents that misbehave: garbage instead of HTTP/2, oversized frames,
 //! oversized or malformed JSON, silence, stalled transfers, truncated streams and arbitrary
-//! bytes. Every case must end in an error within the configured time, without a panic or
-//! unbounded memory; and a transfer that is slow but keeps moving must not be cut off.
+//! bytes, and a million frames of hostile exec streams. Every case must end in an error
+//! within the configured time, without a panic or unbounded memory; and a transfer that is
+//! slow but keeps moving must not be cut off.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -442,4 +443,126 @@ proptest! {
             let _ = within(client.read_file("/x", 100)).await;
         });
     }
+}
+
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// One exec stream of a hostile agent, from `seed`: a start, then up to 2,000 frames (in a
+/// third of the streams only output, of any size up to 512 bytes; in the others also
+/// control messages that do not belong, frames the host never receives, JSON that is not
+/// JSON), then an exit, an error, nothing, or bytes that are not a frame. Returns the stream
+/// and how many frames it holds.
+fn hostile_exec_stream(seed: u64) -> (Vec<u8>, u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = Frame::control(&ExecEvent::Started { pid: 7 })
+        .encode()
+        .to_vec();
+    let random_bytes = |rng: &mut rand::rngs::StdRng, most: usize| {
+        let mut bytes = vec![0u8; rng.gen_range(0..=most)];
+        rng.fill(&mut bytes[..]);
+        bytes
+    };
+    let count = rng.gen_range(1..2000u64);
+    let clean = rng.gen_range(0..3) == 0;
+    for _ in 0..count {
+        let pick = if clean { 0 } else { rng.gen_range(0..100) };
+        let frame = match pick {
+            0..=69 => {
+                let kind = if rng.gen() {
+                    FrameKind::Stdout
+                } else {
+                    FrameKind::Stderr
+                };
+                Frame::new(kind, random_bytes(&mut rng, 512).into())
+            }
+            70..=79 => Frame::control(&ExecEvent::OutputDropped { bytes: rng.gen() }),
+            80..=84 => Frame::new(FrameKind::Stdin, random_bytes(&mut rng, 64).into()),
+            85..=89 => Frame::new(FrameKind::Data, random_bytes(&mut rng, 64).into()),
+            90..=94 => Frame::new(FrameKind::Control, random_bytes(&mut rng, 64).into()),
+            _ => Frame::control(&ExecEvent::Started { pid: rng.gen() }),
+        };
+        out.extend_from_slice(&frame.encode());
+    }
+    match if clean { 0 } else { rng.gen_range(0..100) } {
+        0..=49 => out.extend_from_slice(
+            &Frame::control(&ExecEvent::Exited {
+                status: kiln_proto::messages::ExitStatus {
+                    code: Some(rng.gen()),
+                    signal: None,
+                },
+                timed_out: false,
+            })
+            .encode(),
+        ),
+        50..=69 => out.extend_from_slice(
+            &Frame::control(&ExecEvent::Error(kiln_proto::messages::AgentError::new(
+                kiln_proto::messages::ErrorKind::Io,
+                "hostile",
+            )))
+            .encode(),
+        ),
+        70..=84 => {}
+        _ => out.extend_from_slice(&random_bytes(&mut rng, 64)),
+    }
+    (out, count + 2)
+}
+
+/// Frames of the hostile-stream test: `KILN_FUZZ_FRAMES`, 1,000,000 by default (about 2 s
+/// in a debug build).
+fn fuzz_frames() -> u64 {
+    std::env::var("KILN_FUZZ_FRAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_exec_streams_end_in_an_answer_or_an_error_with_memory_bounded() {
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let session = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let agent = {
+        let (sent, session) = (sent.clone(), session.clone());
+        FakeAgent::start(http(move |_req| {
+            let seed = session.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (stream, frames) = hostile_exec_stream(seed);
+            sent.fetch_add(frames, std::sync::atomic::Ordering::SeqCst);
+            async move { ok(stream) }
+        }))
+        .await
+    };
+    let client = agent.client();
+    let target = fuzz_frames();
+    let (mut answered, mut refused) = (0u64, 0u64);
+    let mut rss_at_start = None;
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < target {
+        match within(client.run(exec(), 64 << 10)).await {
+            Ok(result) => {
+                assert!(result.stdout.len() + result.stderr.len() <= 2 * (64 << 10) + 1024);
+                answered += 1;
+            }
+            Err(ClientError::Protocol(_) | ClientError::Agent(_)) => refused += 1,
+            Err(other) => panic!("a hostile stream must be a protocol or agent error: {other:?}"),
+        }
+        // Measured once the client's buffers and the runtime have grown to their working size.
+        if answered + refused == 20 {
+            rss_at_start = Some(rss_kib());
+        }
+    }
+    let grown = rss_kib().saturating_sub(rss_at_start.unwrap_or_else(rss_kib));
+    eprintln!(
+        "{} frames in {} streams: {answered} answered, {refused} refused; RSS grew {grown} KiB",
+        sent.load(std::sync::atomic::Ordering::SeqCst),
+        answered + refused
+    );
+    assert!(answered > 0 && refused > 0, "both endings seen");
+    assert!(grown < 32 << 10, "memory grew {grown} KiB");
 }

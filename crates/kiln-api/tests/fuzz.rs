@@ -201,7 +201,7 @@ fn random_requests_never_get_a_server_error() {
     let cases: u32 = std::env::var("KILN_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(10_000);
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,

@@ -199,10 +199,11 @@ pub struct EngineConfig {
     /// VMMs kept started per template, so that a create skips the VMM's start-up (at most
     /// [`MAX_PRESTART`]).
     pub prestart: usize,
-    /// Pre-started VMMs also restore their template and run a command in its guest ahead of
-    /// a create (with the template's identity, and no way out of their namespace until the
-    /// create): a create is then the sandbox's own clock, entropy and name given to a running
-    /// guest, and its first command does not pay for code run the first time. `false`: they
+    /// Pre-started VMMs also restore their template, make the post-restore call and run a
+    /// command in its guest ahead of a create (with no way in or out of their namespace and
+    /// the least CPU weight until the create): a create is then the sandbox's own clock,
+    /// entropy, name and metadata given to a running guest, and its first command does not
+    /// pay for code run the first time. `false`: they
     /// wait for the device state, holding no guest state, and cost no CPU while they wait.
     pub warm_prestart: bool,
     /// Sandbox networking (links to the host, NAT egress with policy); `None`: sandboxes have

@@ -5,9 +5,9 @@
 //! [`crate::EngineConfig::warm_prestart`]) has also restored the template and run a command in
 //! the guest once, so that the create skips the restore and the handshake and the sandbox's
 //! first command runs on paths the VMM has run before (under TCG, already translated; under
-//! KVM, already faulted in). What a warm guest holds is the template's, the same for every
-//! sandbox of the template: nothing in it is made per sandbox until the create gives it its
-//! own clock, entropy and name (the post-restore call). While it waits its link to the host
+//! KVM, already faulted in). A warm guest holds the template's state, the same for every
+//! sandbox of the template, plus what its warm-up gave it (a post-restore call with the
+//! sandbox-to-be's name and entropy, which the create's own call replaces with fresh ones). While it waits its link to the host
 //! is held closed (nothing in or out); the create puts the sandbox's egress policy in force
 //! and opens it after that call.
 
@@ -124,6 +124,10 @@ pub(crate) fn prestart(
     })
 }
 
+/// Longest warm-up (restore, handshake, post-restore call, command); past it the VMM is
+/// discarded. Bounds what an engine's shutdown waits for.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a warm-up runs in the guest: a program every template has, that prints a line, on
 /// the paths the sandbox's first command takes too (the agent's spawn and output, fork, exec,
 /// the dynamic loader, the C library's start-up).
@@ -161,13 +165,24 @@ async fn warm(
 }
 
 /// VMMs started ahead of creates, per template key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PrestartPool {
     ready: Vec<Prestarted>,
     starting: usize,
+    /// Tells this pool from one made for the same key after it was removed.
+    generation: u64,
 }
 
 impl PrestartPool {
+    fn new() -> PrestartPool {
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        PrestartPool {
+            ready: Vec::new(),
+            starting: 0,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     pub(crate) fn pids(&self) -> Vec<u32> {
         self.ready.iter().map(|p| p.vm.pid()).collect()
     }
@@ -209,7 +224,7 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate, open: bool) 
     }
     let target = engine.config.prestart;
     let key = template.meta.key.clone();
-    {
+    let generation = {
         let mut pools = lock(&engine.prestarted);
         if engine
             .shutting_down
@@ -220,13 +235,14 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate, open: bool) 
         if !open && !pools.contains_key(&key) {
             return;
         }
-        let pool = pools.entry(key.clone()).or_default();
+        let pool = pools.entry(key.clone()).or_insert_with(PrestartPool::new);
         if pool.ready.len() + pool.starting >= target {
             return;
         }
         pool.starting += 1;
         engine.prestarting.send_modify(|n| *n += 1);
-    }
+        pool.generation
+    };
     let engine = Arc::clone(engine);
     let template = template.clone();
     let warmed = engine.config.warm_prestart;
@@ -238,23 +254,56 @@ pub(crate) fn refill(engine: &Arc<Inner>, template: &BakedTemplate, open: bool) 
             })
             .await
         };
+        // A failed VMM comes back with its error, to be dropped off the async runtime.
         let result = match started {
-            Ok(Ok(mut prestarted)) if warmed => warm(&engine, &template, &mut prestarted)
+            Ok(Ok(mut prestarted)) if warmed => {
+                match tokio::time::timeout(
+                    WARM_UP_TIMEOUT,
+                    warm(&engine, &template, &mut prestarted),
+                )
                 .await
-                .map(|()| prestarted),
-            Ok(result) => result,
-            Err(e) => Err(EngineError::Boot(format!("pre-starting a VMM: {e}"))),
-        };
-        {
-            let mut pools = lock(&engine.prestarted);
-            let pool = pools.entry(key).or_default();
-            pool.starting -= 1;
-            match result {
-                Ok(prestarted) => pool.ready.push(prestarted),
-                Err(e) => {
-                    tracing::warn!(template = %template.meta.name, error = %e, "pre-starting a VMM");
+                {
+                    Ok(Ok(())) => Ok(prestarted),
+                    Ok(Err(e)) => Err((e, Some(prestarted))),
+                    Err(_) => Err((
+                        EngineError::Boot(format!(
+                            "warming the VMM took over {} s",
+                            WARM_UP_TIMEOUT.as_secs()
+                        )),
+                        Some(prestarted),
+                    )),
                 }
             }
+            Ok(Ok(prestarted)) => Ok(prestarted),
+            Ok(Err(e)) => Err((e, None)),
+            Err(e) => Err((EngineError::Boot(format!("pre-starting a VMM: {e}")), None)),
+        };
+        let discard = {
+            let mut pools = lock(&engine.prestarted);
+            // The pool may have gone while this VMM was made (its bake removed; perhaps made
+            // again since): then the VMM goes too.
+            let pool = pools
+                .get_mut(&key)
+                .filter(|pool| pool.generation == generation);
+            match (pool, result) {
+                (Some(pool), Ok(prestarted)) => {
+                    pool.starting -= 1;
+                    pool.ready.push(prestarted);
+                    None
+                }
+                (None, Ok(prestarted)) => Some(prestarted),
+                (pool, Err((e, prestarted))) => {
+                    if let Some(pool) = pool {
+                        pool.starting -= 1;
+                    }
+                    tracing::warn!(template = %template.meta.name, error = %crate::error_chain(&e), "pre-starting a VMM");
+                    prestarted
+                }
+            }
+        };
+        if let Some(prestarted) = discard {
+            // Its teardown kills a process and runs tools: blocking work.
+            let _ = tokio::task::spawn_blocking(move || drop(prestarted)).await;
         }
         engine.prestarting.send_modify(|n| *n -= 1);
     });

@@ -935,6 +935,8 @@ async fn create_from(
         if let Some(cgroup) = &slot.resources.cgroup {
             cgroup.set_background(false)?;
         }
+        // Its share of the disk space as of now (it got one when it was warmed).
+        hold_space(engine, &slot);
     }
     let exit = exit_watch(slot.vm.pid())?;
     crate::pause::write_sandbox_file(&slot.dir, template, limits)?;
@@ -948,19 +950,31 @@ async fn create_from(
     };
     phase = Instant::now();
     if options.post_restore {
-        client
-            .post_restore(&identity(&slot.id, Some(&options.metadata)))
-            .await
-            .map_err(|e| match warmed {
-                true => Attempt::WarmGuestFailed(e.into()),
-                false => Attempt::Failed(e.into()),
-            })?;
+        let request = identity(&slot.id, Some(&options.metadata));
+        let call = client.post_restore(&request);
+        if warmed {
+            // A warmed guest that stopped answering while it waited is not worth the call's
+            // whole timeout: a fresh VMM is.
+            match tokio::time::timeout(WARMED_ANSWER, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(Attempt::WarmGuestFailed(e.into())),
+                Err(_) => {
+                    return Err(Attempt::WarmGuestFailed(EngineError::Boot(format!(
+                        "the warmed guest did not answer its post-restore call in {} s",
+                        WARMED_ANSWER.as_secs()
+                    ))))
+                }
+            }
+        } else {
+            call.await?;
+        }
         record(&mut timings, "post-restore", &mut phase);
     }
     // A warmed guest's link opens once it is the sandbox (its own entropy and name).
     if warmed {
         if let Some((network, link)) = &slot.resources.link {
             network.hold(*link, false)?;
+            record(&mut timings, "open link", &mut phase);
         }
     }
     if let Some(disk_mib) = options.disk_mib {
@@ -1024,6 +1038,10 @@ async fn create_from(
 /// 2-core host).
 const REFILL_DELAY: Duration = Duration::from_millis(300);
 
+/// How long a warmed guest has to answer the create's post-restore call before the create
+/// gives up on it and starts a fresh VMM.
+const WARMED_ANSWER: Duration = Duration::from_secs(10);
+
 /// What a restored guest is told to become sandbox `id`: the host's clock, fresh entropy,
 /// its name and the create's metadata.
 pub(crate) fn identity(
@@ -1043,6 +1061,15 @@ pub(crate) fn identity(
     }
 }
 
+/// Gives `slot`'s VMM its share of the sandboxes' disk space (see [`crate::space`]).
+fn hold_space(engine: &Inner, slot: &Prestarted) {
+    let vmm = crate::space::Vmm {
+        pid: slot.vm.pid(),
+        run_as: slot.resources.run_as(),
+    };
+    crate::space::hold(engine, vmm, &slot.dir);
+}
+
 /// Loads `template`'s device state into `slot`'s waiting VMM, lets the guest run and connects
 /// to its agent.
 pub(crate) async fn restore_guest(
@@ -1052,14 +1079,7 @@ pub(crate) async fn restore_guest(
     timings: &mut PhaseTimings,
 ) -> Result<AgentClient, EngineError> {
     let mut phase = Instant::now();
-    crate::space::hold(
-        engine,
-        crate::space::Vmm {
-            pid: slot.vm.pid(),
-            run_as: slot.resources.run_as(),
-        },
-        &slot.dir,
-    );
+    hold_space(engine, slot);
     // The verified bytes go to the VMM through an anonymous file: what was checked is what
     // loads.
     let state = template.read_state()?;

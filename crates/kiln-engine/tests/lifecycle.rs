@@ -367,3 +367,25 @@ async fn bakes_nothing_uses_are_removed() {
         .expect("create from the bake kept");
     sandbox.destroy().await.expect("destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bake_removed_while_its_vmm_warms_leaves_nothing() {
+    let data = tempfile::tempdir().expect("data dir");
+    let images = tokio::task::spawn_blocking(|| kiln_testinfra::template_images("base"))
+        .await
+        .expect("build task");
+    let engine = Engine::new(EngineConfig::new(data.path())).expect("engine");
+    let baked = engine.bake(&images).await.expect("bake");
+    engine.prestart(&baked);
+    // The pool goes with its bake while its VMM is being started and warmed.
+    let removed = engine.remove_unused_bakes("base", None, None).await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    tokio::time::timeout(Duration::from_secs(120), engine.shutdown_prestarted())
+        .await
+        .expect("the warm-up in flight ends, and shutdown with it");
+    assert!(engine.prestarted_pids().is_empty());
+    let left: Vec<_> = std::fs::read_dir(data.path().join("sandboxes"))
+        .expect("sandboxes dir")
+        .collect();
+    assert!(left.is_empty(), "left: {left:?}");
+}
