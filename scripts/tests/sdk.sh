@@ -6,8 +6,8 @@
 # networking off: nothing leaves the sandboxes), makes a key for each of two tenants, then
 # runs the Python SDK's checks (mypy --strict, pytest), the TypeScript SDK's (tsc,
 # node --test), the MCP tests (pytest), the API contract test (schemathesis) and the
-# reliability suite's soak and fault check (`kiln check soak`, $KILN_SOAK_SECS, default
-# 120 s; `kiln check faults`) against it.
+# reliability suite's soak, fault and abuse checks (`kiln check soak`, $KILN_SOAK_SECS,
+# default 120 s; `kiln check faults`; `kiln check abuse`) against it.
 # Each tenant may have 16 live sandboxes, so the contract test's stateful phase cannot fill
 # the host.
 # The daemon is stopped with SIGINT on exit, also on failure, which destroys every sandbox
@@ -182,7 +182,8 @@ contract_suite() {
 
 # The reliability suite's soak against the same daemon (a steady mixed load, no error and
 # nothing left allowed; the daemon's memory, descriptors and threads are reported), then its
-# fault check (a VMM killed: its sandbox marked failed, the neighbour unaffected).
+# fault check (a VMM killed: its sandbox marked failed, the neighbour unaffected) and its
+# abuse check (six abuses, each beside a neighbour whose execs are timed).
 soak_suite() {
   local key
   key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant soak 2>/dev/null)
@@ -191,6 +192,8 @@ soak_suite() {
     --duration-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid"
   step "reliability: kiln check faults (a VMM killed with SIGKILL)"
   "$kiln_bin" check faults --url "$KILN_URL" --api-key "$key"
+  step "reliability: kiln check abuse (6 abuses, each beside a neighbour whose execs are timed)"
+  "$kiln_bin" check abuse --url "$KILN_URL" --api-key "$key"
 }
 
 case "$only" in

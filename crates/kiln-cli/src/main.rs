@@ -10,6 +10,7 @@ mod bench_images;
 mod bench_net;
 mod bench_pause;
 mod bench_tti;
+mod check_abuse;
 mod check_cmd;
 mod client_cmd;
 mod keys_cmd;
@@ -170,7 +171,7 @@ enum Commands {
         client: client_cmd::ClientArgs,
     },
     /// Check a running daemon's reliability (the reliability suite; this version has the
-    /// soak and a fault).
+    /// soak, a fault and the abuses).
     ///
     /// Example: kiln check soak --duration-secs 120 --daemon-pid "$(pidof kiln)"
     Check {
@@ -195,6 +196,11 @@ enum CheckCommand {
     /// A sandbox's VMM killed with SIGKILL: it is marked failed with a reason, refuses work,
     /// can be destroyed, and a neighbour is not affected. Run as root on the daemon's host.
     Faults(check_cmd::FaultOptions),
+    /// One sandbox at a time abuses its guest (fork bomb, memory bomb, every vCPU busy, disk
+    /// filled, output without end, descriptors exhausted) while a neighbour's exec latency is
+    /// measured against its baseline and the abuser's agent is timed; each abuser is then
+    /// destroyed. Exit status 1 on a failed exec or destroy, or a leftover.
+    Abuse(check_abuse::AbuseOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -690,6 +696,13 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
             ..
         } => {
             let passed = check_cmd::faults(&client, &options).await?;
+            return Ok(if passed { 0 } else { 1 });
+        }
+        Commands::Check {
+            command: CheckCommand::Abuse(options),
+            ..
+        } => {
+            let passed = check_abuse::abuse(&client, &options).await?;
             return Ok(if passed { 0 } else { 1 });
         }
         // Handled by `main` itself.
