@@ -187,13 +187,9 @@ contract_suite() {
 soak_suite() {
   local key
   key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant soak 2>/dev/null)
-  step "reliability: kiln check soak, ${KILN_SOAK_SECS:-120} s"
-  "$kiln_bin" check soak --url "$KILN_URL" --api-key "$key" \
-    --duration-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid"
-  step "reliability: kiln check faults (a VMM killed with SIGKILL)"
-  "$kiln_bin" check faults --url "$KILN_URL" --api-key "$key"
-  step "reliability: kiln check abuse (6 abuses, each beside a neighbour whose execs are timed)"
-  "$kiln_bin" check abuse --url "$KILN_URL" --api-key "$key"
+  step "reliability: kiln check suite --profile quick (a ${KILN_SOAK_SECS:-120} s soak, a VMM killed with SIGKILL, 6 abuses beside a neighbour)"
+  "$kiln_bin" check suite --url "$KILN_URL" --api-key "$key" --profile quick \
+    --soak-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid"
 }
 
 case "$only" in

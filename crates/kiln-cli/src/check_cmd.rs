@@ -3,6 +3,9 @@
 //! `kiln check faults`: a sandbox's VMM killed with SIGKILL is marked failed with a reason,
 //! refuses work, can be destroyed, and its neighbour carries on.
 //!
+//! `kiln check suite`: the checks in one run, by profile (quick for CI, full for the
+//! published figures).
+//!
 //! `kiln check soak`: a steady mixed load (create, exec, upload and download with the bytes
 //! compared, fork, pause and resume, destroy) for a while, with every error counted and the
 //! daemon's memory, descriptors and threads sampled from start to end; nothing of the
@@ -522,4 +525,73 @@ pub async fn faults(client: &Client, options: &FaultOptions) -> Result<bool> {
         );
     }
     Ok(report.passed)
+}
+
+/// How much of the reliability suite `kiln check suite` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    /// For CI: a 2-minute soak, the fault, the abuses with their goals reported.
+    Quick,
+    /// For the published figures: a 30-minute soak, the fault, the abuses with their goals
+    /// enforced.
+    Full,
+}
+
+/// Options of `kiln check suite`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuiteOptions {
+    /// Which profile.
+    #[arg(long, value_enum, default_value_t = Profile::Quick)]
+    pub profile: Profile,
+    /// Template of the sandboxes.
+    #[arg(long, default_value = "base")]
+    pub template: String,
+    /// The daemon's process id on this host (its memory, descriptors and threads are
+    /// sampled during the soak).
+    #[arg(long)]
+    pub daemon_pid: Option<u32>,
+    /// Seconds of soak in place of the profile's (120 quick, 1800 full).
+    #[arg(long)]
+    pub soak_secs: Option<u64>,
+}
+
+/// Runs the soak, the fault check and the abuses in turn (each prints its report), then a
+/// line per check. Returns whether all passed.
+pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
+    let full = options.profile == Profile::Full;
+    let soak_options = SoakOptions {
+        duration_secs: options.soak_secs.unwrap_or(if full { 1800 } else { 120 }),
+        workers: 2,
+        template: options.template.clone(),
+        daemon_pid: options.daemon_pid,
+        json: false,
+    };
+    let fault_options = FaultOptions {
+        template: options.template.clone(),
+        json: false,
+    };
+    let abuse_options = crate::check_abuse::AbuseOptions {
+        template: options.template.clone(),
+        samples: if full { 50 } else { 20 },
+        ramp_secs: 3,
+        enforce_goals: full,
+        json: false,
+    };
+    let started = Instant::now();
+    let mut results = Vec::new();
+    results.push(("soak", soak(client, &soak_options).await?));
+    results.push(("faults", faults(client, &fault_options).await?));
+    results.push((
+        "abuse",
+        crate::check_abuse::abuse(client, &abuse_options).await?,
+    ));
+    println!(
+        "suite ({} profile, {:.0} s):",
+        if full { "full" } else { "quick" },
+        started.elapsed().as_secs_f64()
+    );
+    for (check, passed) in &results {
+        println!("  {check:<8} {}", if *passed { "passed" } else { "FAILED" });
+    }
+    Ok(results.iter().all(|(_, passed)| *passed))
 }

@@ -173,7 +173,7 @@ enum Commands {
     /// Check a running daemon's reliability (the reliability suite; this version has the
     /// soak, a fault and the abuses).
     ///
-    /// Example: kiln check soak --duration-secs 120 --daemon-pid "$(pidof kiln)"
+    /// Example: kiln check suite --profile quick --daemon-pid "$(pidof kiln)"
     Check {
         #[command(subcommand)]
         command: CheckCommand,
@@ -201,6 +201,10 @@ enum CheckCommand {
     /// measured against its baseline and the abuser's agent is timed; each abuser is then
     /// destroyed. Exit status 1 on a failed exec or destroy, or a leftover.
     Abuse(check_abuse::AbuseOptions),
+    /// The checks above in one run: `--profile quick` (CI: a 2-minute soak, goals reported)
+    /// or `--profile full` (a 30-minute soak, the abuses' goals enforced). Exit status 1 if
+    /// any check fails. Run as root on the daemon's host (the fault check kills a VMM).
+    Suite(check_cmd::SuiteOptions),
 }
 
 #[derive(Debug, Subcommand)]
@@ -703,6 +707,13 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
             ..
         } => {
             let passed = check_abuse::abuse(&client, &options).await?;
+            return Ok(if passed { 0 } else { 1 });
+        }
+        Commands::Check {
+            command: CheckCommand::Suite(options),
+            ..
+        } => {
+            let passed = check_cmd::suite(&client, &options).await?;
             return Ok(if passed { 0 } else { 1 });
         }
         // Handled by `main` itself.
