@@ -158,10 +158,12 @@ async fn one(
     let request = client
         .request(Method::POST, &format!("/v1/sandboxes/{abuser}/exec"))
         .json(&json!({"command": script, "user": "root", "background": true}));
-    client
-        .send(request)
-        .await
-        .with_context(|| format!("starting the {name}"))?;
+    if let Err(e) = client.send(request).await {
+        let _ = client
+            .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{abuser}")))
+            .await;
+        return Err(e.context(format!("starting the {name}")));
+    }
     tokio::time::sleep(Duration::from_secs(options.ramp_secs)).await;
     let (times, neighbour_errors) = neighbour_execs(client, neighbour, options.samples).await;
     let summary = (!times.is_empty()).then(|| Summary::of(&times));
