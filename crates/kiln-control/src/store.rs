@@ -126,6 +126,19 @@ pub enum StoreError {
     /// A stored value does not parse.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The database file is damaged or is not a database (it is left as it is).
+    #[error(
+        "{} is damaged or is not a kiln database ({detail}); it was left untouched: restore it \
+         from a backup, or move it aside to start with an empty one (sandboxes still running \
+         are then not taken over)",
+        path.display()
+    )]
+    Damaged {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What SQLite said.
+        detail: String,
+    },
     /// The database is newer than this build.
     #[error(
         "database schema {found} is newer than this kiln (schema {SCHEMA_VERSION}): upgrade kiln"
@@ -293,6 +306,23 @@ pub fn now_ms() -> i64 {
 impl Store {
     /// Opens (creating or migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_file(path).map_err(|e| match e {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(failure, message))
+                if matches!(
+                    failure.code,
+                    rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+                ) =>
+            {
+                StoreError::Damaged {
+                    path: path.to_owned(),
+                    detail: message.unwrap_or_else(|| failure.to_string()),
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<Store, StoreError> {
         // The daemon and `kiln keys` may open a new database at the same moment: opening
         // (creating the schema, migrating) is done by one process at a time, under a lock
         // on a file next to it.
@@ -892,6 +922,31 @@ mod tests {
                 handle.join().expect("thread").expect("open");
             }
         }
+    }
+
+    #[test]
+    fn a_damaged_database_is_refused_by_name_and_left_as_it_was() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("kiln.db");
+        let garbage: Vec<u8> = (0..8192u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&path, &garbage).expect("write");
+        let Err(err) = Store::open(&path) else {
+            panic!("a damaged database opened");
+        };
+        assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("backup"), "{message}");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            garbage,
+            "left as it was"
+        );
+        // Negative control: a good database opens.
+        std::fs::remove_file(&path).expect("remove");
+        Store::open(&path).expect("a new database");
     }
 
     #[test]
