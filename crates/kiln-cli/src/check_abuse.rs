@@ -9,11 +9,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kiln_api::types::{ExecResultBody, SandboxBody, SandboxList};
+use kiln_api::types::{ExecResultBody, SandboxList};
 use reqwest::Method;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::check_cmd::{create, delete};
 use crate::client_cmd::Client;
 use crate::stats::Summary;
 
@@ -90,13 +91,6 @@ struct AbuseReport {
     passed: bool,
 }
 
-async fn create(client: &Client, template: &str) -> Result<String> {
-    let request = client
-        .request(Method::POST, "/v1/sandboxes")
-        .json(&json!({"template": template, "ttl_secs": 600}));
-    Ok(client.json::<SandboxBody>(request).await?.id)
-}
-
 /// Runs `true` in sandbox `id` and times it; an exit status other than 0 is an error.
 async fn timed_true(client: &Client, id: &str) -> Result<Duration> {
     let started = Instant::now();
@@ -159,9 +153,7 @@ async fn one(
         .request(Method::POST, &format!("/v1/sandboxes/{abuser}/exec"))
         .json(&json!({"command": script, "user": "root", "background": true}));
     if let Err(e) = client.send(request).await {
-        let _ = client
-            .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{abuser}")))
-            .await;
+        let _ = delete(client, &abuser).await;
         return Err(e.context(format!("starting the {name}")));
     }
     tokio::time::sleep(Duration::from_secs(options.ramp_secs)).await;
@@ -182,9 +174,7 @@ async fn one(
         .map_err(&mut note)
         .ok();
     let destroy_started = Instant::now();
-    let destroyed = client
-        .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{abuser}")))
-        .await;
+    let destroyed = delete(client, &abuser).await;
     if let Err(e) = &destroyed {
         eprintln!("abuse: destroying the abuser of the {name} failed: {e:#}");
     }
@@ -217,9 +207,7 @@ pub async fn abuse(client: &Client, options: &AbuseOptions) -> Result<bool> {
     for abuse in ABUSES {
         abuses.push(one(client, options, &neighbour, &baseline, *abuse).await?);
     }
-    client
-        .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{neighbour}")))
-        .await?;
+    delete(client, &neighbour).await?;
     let left = client
         .json::<SandboxList>(client.request(Method::GET, "/v1/sandboxes?limit=500"))
         .await?

@@ -152,7 +152,16 @@ async fn exec(client: &Client, id: &str, command: &str) -> Result<String> {
     Ok(result.stdout)
 }
 
-async fn delete(client: &Client, id: &str) -> Result<()> {
+/// Creates a sandbox of `template` that lives at most 10 minutes (a check that fails
+/// half-way leaves nothing for long).
+pub(crate) async fn create(client: &Client, template: &str) -> Result<String> {
+    let request = client
+        .request(Method::POST, "/v1/sandboxes")
+        .json(&json!({"template": template, "ttl_secs": 600}));
+    Ok(client.json::<SandboxBody>(request).await?.id)
+}
+
+pub(crate) async fn delete(client: &Client, id: &str) -> Result<()> {
     client
         .send(client.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
         .await?;
@@ -433,14 +442,12 @@ fn vmm_of(id: &str) -> Option<u32> {
 /// its sandbox is marked failed with a reason, refuses work, can be destroyed, and a
 /// neighbour is not affected. Must run as root on the daemon's host.
 pub async fn faults(client: &Client, options: &FaultOptions) -> Result<bool> {
-    let create = || async {
-        let request = client
-            .request(Method::POST, "/v1/sandboxes")
-            .json(&json!({"template": options.template, "ttl_secs": 600}));
-        client.json::<SandboxBody>(request).await.map(|s| s.id)
-    };
-    let victim = create().await.context("creating the victim")?;
-    let neighbour = create().await.context("creating the neighbour")?;
+    let victim = create(client, &options.template)
+        .await
+        .context("creating the victim")?;
+    let neighbour = create(client, &options.template)
+        .await
+        .context("creating the neighbour")?;
     exec(client, &neighbour, "true").await?;
     let pid = vmm_of(&victim).with_context(|| {
         format!("no VMM of {victim} in this host's /proc: run kiln check faults as root on the daemon's host")

@@ -688,32 +688,13 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
         Commands::Template {
             command: TemplateCommand::Rm { name, .. },
         } => client_cmd::template_remove(&client, &name).await?,
-        Commands::Check {
-            command: CheckCommand::Soak(options),
-            ..
-        } => {
-            let passed = check_cmd::soak(&client, &options).await?;
-            return Ok(if passed { 0 } else { 1 });
-        }
-        Commands::Check {
-            command: CheckCommand::Faults(options),
-            ..
-        } => {
-            let passed = check_cmd::faults(&client, &options).await?;
-            return Ok(if passed { 0 } else { 1 });
-        }
-        Commands::Check {
-            command: CheckCommand::Abuse(options),
-            ..
-        } => {
-            let passed = check_abuse::abuse(&client, &options).await?;
-            return Ok(if passed { 0 } else { 1 });
-        }
-        Commands::Check {
-            command: CheckCommand::Suite(options),
-            ..
-        } => {
-            let passed = check_cmd::suite(&client, &options).await?;
+        Commands::Check { command, .. } => {
+            let passed = match command {
+                CheckCommand::Soak(options) => check_cmd::soak(&client, &options).await?,
+                CheckCommand::Faults(options) => check_cmd::faults(&client, &options).await?,
+                CheckCommand::Abuse(options) => check_abuse::abuse(&client, &options).await?,
+                CheckCommand::Suite(options) => check_cmd::suite(&client, &options).await?,
+            };
             return Ok(if passed { 0 } else { 1 });
         }
         // Handled by `main` itself.
