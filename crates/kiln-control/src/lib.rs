@@ -83,7 +83,30 @@ pub enum ControlError {
 
 impl From<store::StoreError> for ControlError {
     fn from(e: store::StoreError) -> Self {
-        ControlError::Internal(chain(&e))
+        use rusqlite::ErrorCode;
+        let code = match &e {
+            store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => {
+                Some(failure.code)
+            }
+            _ => None,
+        };
+        match code {
+            // Another process (a backup, a `sqlite3` shell) holds the database past the busy
+            // timeout: the request can be tried again; nothing was written.
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                ControlError::Unavailable(format!(
+                    "the daemon's database is locked by another process; nothing was changed, \
+                     try again ({})",
+                    chain(&e)
+                ))
+            }
+            Some(ErrorCode::DiskFull) => ControlError::InsufficientStorage(format!(
+                "the daemon's data disk is full: its database cannot be written; nothing was \
+                 changed ({})",
+                chain(&e)
+            )),
+            _ => ControlError::Internal(chain(&e)),
+        }
     }
 }
 
@@ -1467,4 +1490,34 @@ fn resync(inner: &Inner) -> Result<(), store::StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite(code: i32) -> store::StoreError {
+        store::StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_busy_or_full_database_is_told_apart_from_a_bug() {
+        let busy = ControlError::from(sqlite(rusqlite::ffi::SQLITE_BUSY));
+        assert!(
+            matches!(&busy, ControlError::Unavailable(m) if m.contains("locked by another process")),
+            "{busy:?}"
+        );
+        let locked = ControlError::from(sqlite(rusqlite::ffi::SQLITE_LOCKED));
+        assert!(matches!(locked, ControlError::Unavailable(_)), "{locked:?}");
+        let full = ControlError::from(sqlite(rusqlite::ffi::SQLITE_FULL));
+        assert!(
+            matches!(&full, ControlError::InsufficientStorage(m) if m.contains("disk is full")),
+            "{full:?}"
+        );
+        let corrupt = ControlError::from(sqlite(rusqlite::ffi::SQLITE_CORRUPT));
+        assert!(matches!(corrupt, ControlError::Internal(_)), "{corrupt:?}");
+    }
 }
