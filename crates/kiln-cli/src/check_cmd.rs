@@ -4,7 +4,8 @@
 //! refuses work, can be destroyed, and its neighbour carries on.
 //!
 //! `kiln check suite`: the checks in one run, by profile (quick for CI, full for the
-//! published figures).
+//! published figures). `kiln check escape` (the escape probes) is in `check_escape.rs`, the
+//! abuses in `check_abuse.rs`.
 //!
 //! `kiln check soak`: a steady mixed load (create, exec, upload and download with the bytes
 //! compared, fork, pause and resume, destroy) for a while, with every error counted and the
@@ -138,7 +139,8 @@ async fn timed<T>(
     }
 }
 
-async fn exec(client: &Client, id: &str, command: &str) -> Result<String> {
+/// Runs the shell command `command` in sandbox `id`; its standard output if it exited 0.
+pub(crate) async fn exec(client: &Client, id: &str, command: &str) -> Result<String> {
     let request = client
         .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
         .json(&json!({"command": command}));
@@ -424,7 +426,7 @@ struct FaultReport {
 }
 
 /// The VMM process of sandbox `id`: the QEMU process in its cgroup (`.../kiln/<id>`).
-fn vmm_of(id: &str) -> Option<u32> {
+pub(crate) fn vmm_of(id: &str) -> Option<u32> {
     let suffix = format!("/kiln/{id}");
     std::fs::read_dir("/proc")
         .ok()?
@@ -537,10 +539,12 @@ pub async fn faults(client: &Client, options: &FaultOptions) -> Result<bool> {
 /// How much of the reliability suite `kiln check suite` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
-    /// For CI: a 2-minute soak, the fault, the abuses with their goals reported.
+    /// For CI: each escape probe once (as root) with its control, a 2-minute soak, a VMM
+    /// killed, the recovery faults with 10 sandboxes, the abuses with their goals reported.
     Quick,
-    /// For the published figures: a 30-minute soak, the fault, the abuses with their goals
-    /// enforced.
+    /// For the published figures: each escape probe as root and as an unprivileged user, a
+    /// 30-minute soak, a VMM killed, the recovery faults with 50 sandboxes, the abuses with
+    /// their goals enforced.
     Full,
 }
 
@@ -560,9 +564,14 @@ pub struct SuiteOptions {
     /// Seconds of soak in place of the profile's (120 quick, 1800 full).
     #[arg(long)]
     pub soak_secs: Option<u64>,
+    /// Template of the escape probes' sandboxes (its guest needs Python 3 and iproute2).
+    #[arg(long, default_value = "python")]
+    pub escape_template: String,
+    #[command(flatten)]
+    pub inputs: crate::check_daemon::DaemonInputs,
 }
 
-/// Runs the soak, the fault check and the abuses in turn (each prints its report), then a
+/// Runs the escape probes, the soak, the fault checks and the abuses in turn (each prints its report), then a
 /// line per check. Returns whether all passed.
 pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
     let full = options.profile == Profile::Full;
@@ -584,10 +593,30 @@ pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
         enforce_goals: full,
         json: false,
     };
+    let recovery_options = crate::check_recovery::RecoveryOptions {
+        template: options.template.clone(),
+        sandboxes: if full { 50 } else { 10 },
+        inputs: options.inputs.clone(),
+        json: false,
+    };
+    let escape_options = crate::check_escape::EscapeOptions {
+        template: options.escape_template.clone(),
+        inputs: options.inputs.clone(),
+        root_only: !full,
+        json: false,
+    };
     let started = Instant::now();
     let mut results = Vec::new();
+    results.push((
+        "escape",
+        crate::check_escape::escape(&escape_options).await?,
+    ));
     results.push(("soak", soak(client, &soak_options).await?));
     results.push(("faults", faults(client, &fault_options).await?));
+    results.push((
+        "recovery",
+        crate::check_recovery::recovery(&recovery_options).await?,
+    ));
     results.push((
         "abuse",
         crate::check_abuse::abuse(client, &abuse_options).await?,

@@ -12,6 +12,9 @@ mod bench_pause;
 mod bench_tti;
 mod check_abuse;
 mod check_cmd;
+mod check_daemon;
+mod check_escape;
+mod check_recovery;
 mod client_cmd;
 mod keys_cmd;
 mod mcp_cmd;
@@ -170,8 +173,8 @@ enum Commands {
         #[command(flatten)]
         client: client_cmd::ClientArgs,
     },
-    /// Check a running daemon's reliability (the reliability suite; this version has the
-    /// soak, a fault and the abuses).
+    /// Check a running daemon's reliability and isolation (the reliability suite: escape
+    /// probes, soak, a fault, abuses).
     ///
     /// Example: kiln check suite --profile quick --daemon-pid "$(pidof kiln)"
     Check {
@@ -201,9 +204,23 @@ enum CheckCommand {
     /// measured against its baseline and the abuser's agent is timed; each abuser is then
     /// destroyed. Exit status 1 on a failed exec or destroy, or a leftover.
     Abuse(check_abuse::AbuseOptions),
-    /// The checks above in one run: `--profile quick` (CI: a 2-minute soak, goals reported)
-    /// or `--profile full` (a 30-minute soak, the abuses' goals enforced). Exit status 1 if
-    /// any check fails. Run as root on the daemon's host (the fault check kills a VMM).
+    /// Escape probes from inside guests (host services and addresses, the daemon's port,
+    /// cloud metadata, a LAN, other sandboxes, DNS rebinding, spoofing, device pokes, a
+    /// guest that hangs, crashes or answers garbage), each as root and as an unprivileged
+    /// user, each with a negative control; decoys record whatever arrives. Runs a daemon of
+    /// its own whose only uplink is a decoy namespace it makes. Run as root.
+    Escape(check_escape::EscapeOptions),
+    /// Faults on a daemon of the check's own, its data directory on a small loop filesystem:
+    /// the daemon killed with SIGKILL while sandboxes live (a new one adopts them all,
+    /// nothing leaks), a template artefact tampered with (re-baked), the data disk full,
+    /// the database locked by another process and damaged at start (clear errors, nothing
+    /// lost). Run as root.
+    Recovery(check_recovery::RecoveryOptions),
+    /// The checks above in one run: `--profile quick` (CI: each escape probe as root, a
+    /// 2-minute soak, goals reported) or `--profile full` (escape probes also as an
+    /// unprivileged user, a 30-minute soak, the abuses' goals enforced). Exit status 1 if any
+    /// check fails. Run as root on the daemon's host (the fault check kills a VMM; the escape
+    /// probes run a daemon of their own).
     Suite(check_cmd::SuiteOptions),
 }
 
@@ -693,6 +710,8 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
                 CheckCommand::Soak(options) => check_cmd::soak(&client, &options).await?,
                 CheckCommand::Faults(options) => check_cmd::faults(&client, &options).await?,
                 CheckCommand::Abuse(options) => check_abuse::abuse(&client, &options).await?,
+                CheckCommand::Escape(options) => check_escape::escape(&options).await?,
+                CheckCommand::Recovery(options) => check_recovery::recovery(&options).await?,
                 CheckCommand::Suite(options) => check_cmd::suite(&client, &options).await?,
             };
             return Ok(if passed { 0 } else { 1 });

@@ -1,0 +1,210 @@
+//! A daemon of a check's own: `kiln serve` (this binary) on a loopback port the system picks,
+//! with a data directory the check chooses, for checks that must kill, restart, starve or
+//! re-wire a daemon (`kiln check escape`, `kiln check recovery`). Stopped on drop (its own
+//! process, by its pid).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::client_cmd::Client;
+
+/// Where a check's daemon finds its agent, templates and cache (the check's options).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DaemonInputs {
+    /// Guest agent binary for the check's own daemon [default: as `kiln serve`'s].
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Templates directories for the check's own daemon [default: as `kiln serve`'s].
+    #[arg(long)]
+    pub templates_dir: Vec<PathBuf>,
+    /// Cache directory for the check's own daemon (built images are reused from it)
+    /// [default: as `kiln serve`'s].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A running `kiln serve`.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its URL.
+    pub url: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `kiln serve` on `data_dir` with `extra` flags, logging to `log`, and waits until
+    /// it answers (or fails, with the log's end).
+    pub async fn start(
+        inputs: &DaemonInputs,
+        data_dir: &Path,
+        log: &Path,
+        extra: &[String],
+    ) -> Result<Daemon> {
+        let port = TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+        let mut command = std::process::Command::new(exe()?);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env("KILN_CONFIG", "/dev/null");
+        if let Some(agent) = &inputs.agent {
+            command.arg("--agent").arg(agent);
+        }
+        for templates in &inputs.templates_dir {
+            command.arg("--templates-dir").arg(templates);
+        }
+        if let Some(cache) = &inputs.cache_dir {
+            command.arg("--cache-dir").arg(cache);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("{}", log.display()))?;
+        command.stdout(file.try_clone()?).stderr(file);
+        let child = command.spawn().context("starting a daemon for the check")?;
+        let mut daemon = Daemon {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            data_dir: data_dir.to_owned(),
+            log: log.to_owned(),
+        };
+        if let Err(e) = daemon.answering().await {
+            return Err(e.context(format!("the check's daemon; {}", daemon.log_tail())));
+        }
+        Ok(daemon)
+    }
+
+    async fn answering(&mut self) -> Result<()> {
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("it exited ({status})");
+            }
+            if http
+                .get(format!("{}/v1/health", self.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "it did not answer in 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last lines of its log, to explain a failure.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "its log ({}) ends:\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A new API key of `tenant` (made as `kiln keys create` does, in its database).
+    pub fn key(&self, tenant: &str) -> Result<String> {
+        let output = std::process::Command::new(exe()?)
+            .args(["keys", "create", "--tenant", tenant])
+            .env("KILN_DATA_DIR", &self.data_dir)
+            .env("KILN_CONFIG", "/dev/null")
+            .output()?;
+        ensure!(
+            output.status.success(),
+            "kiln keys create: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+    }
+
+    /// A client of it with `key`.
+    pub fn client(&self, key: &str) -> Client {
+        Client::with_key(&self.url, key.to_owned())
+    }
+
+    /// Bakes `template` (built first if it must be) and waits until it is ready.
+    pub async fn bake(&self, client: &Client, template: &str) -> Result<()> {
+        let response = client
+            .send(
+                client
+                    .request(Method::POST, "/v1/templates")
+                    .json(&json!({"name": template})),
+            )
+            .await?;
+        let text = response.text().await?;
+        let last = text.lines().last().unwrap_or_default();
+        ensure!(
+            last.contains("\"ready\""),
+            "baking {template} did not end ready: {last}"
+        );
+        Ok(())
+    }
+
+    /// Kills it with SIGKILL (its sandboxes' VMMs live on, for the next daemon to adopt).
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Stops it (SIGINT: it removes its sandboxes, namespaces, links and tables) and checks
+    /// that it ended well.
+    pub fn stop(mut self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let status = self.child.wait()?;
+        ensure!(
+            status.success(),
+            "the check's daemon ended with {status}; {}",
+            self.log_tail()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// This binary (`kiln`).
+pub fn exe() -> Result<PathBuf> {
+    std::env::current_exe().context("this binary's path")
+}

@@ -1,0 +1,1166 @@
+//! `kiln check escape`: escape probes from inside guests, each as root and as an unprivileged
+//! user, each with a negative control that proves the probe notices success.
+//!
+//! The check runs a daemon of its own (`kiln serve`, this binary) whose only uplink is a
+//! decoy namespace it makes: test servers, the cloud metadata address (169.254.169.254), an
+//! RFC 1918 "LAN" address, a recorder that notes where each arrival came from, and a DNS
+//! server with names that rebind to the decoys. A fake host service listens on every host
+//! address. Probes target the host's own addresses, the decoys and a neighbour sandbox,
+//! never the machine's uplink. Every decoy is read before and after every probe: anything
+//! that arrived is an escape. After each probe the daemon must answer and the neighbour
+//! must run a command.
+//!
+//! Verdicts: *blocked* (the probe got nothing and its sandbox still works), *contained* (the
+//! probe broke its own sandbox or acted only inside it; host and neighbour unaffected),
+//! *ESCAPED*, *HOST AFFECTED*. A control that does not notice makes the probe *INCONCLUSIVE*.
+//! Needs root (namespaces, the daemon's networking).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln_api::types::{ExecResultBody, SandboxBody, SandboxList};
+use kiln_net::netns::NetNs;
+use kiln_testinfra::internet::{TestInternet, LAN, METADATA, WEB};
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::check_cmd::delete;
+use crate::check_daemon::{Daemon, DaemonInputs};
+use crate::client_cmd::Client;
+
+/// The probes' script, run by the guest's Python.
+const SCRIPT: &str = include_str!("escape_probes.py");
+/// Where it is put in each guest.
+const SCRIPT_PATH: &str = "/tmp/kiln-probe.py";
+/// The recorder's TCP and UDP port on [`WEB`].
+const RECORDER_PORT: u16 = 7002;
+/// The neighbour's listener (in its guest, not exposed).
+const NEIGHBOUR_PORT: u16 = 8000;
+/// Every guest's gateway (fixed at bake, docs/networking.md).
+const GATEWAY: &str = "172.31.255.1";
+/// Every guest's MAC address.
+const GUEST_MAC: &str = "02:6b:69:6c:6e:01";
+/// The unprivileged user probes also run as.
+const UNPRIVILEGED: &str = "nobody";
+
+/// Options of `kiln check escape`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EscapeOptions {
+    /// Template of the sandboxes (its guest must have Python 3 and iproute2).
+    #[arg(long, default_value = "python")]
+    pub template: String,
+    #[command(flatten)]
+    pub inputs: DaemonInputs,
+    /// Each probe as root only (the quick profile); by default also as an unprivileged user.
+    #[arg(long)]
+    pub root_only: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a probe's result is judged beyond the decoys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judge {
+    /// The guest's own report: reached or not.
+    Guest,
+    /// Datagrams or a connection carrying a token reach the recorder: from any address but
+    /// the sandbox's egress address they are an escape (an impersonation); the control's
+    /// must arrive.
+    Recorder,
+    /// ARP claims: the host's or the neighbour's neighbour table learning the guest's MAC is
+    /// an escape; the control's frames must reach the sandbox's tap.
+    Arp,
+}
+
+/// One probe.
+#[derive(Debug, Clone)]
+struct Probe {
+    name: &'static str,
+    function: &'static str,
+    args: Value,
+    control: Value,
+    judge: Judge,
+    /// Whether it may break its sandbox (run in a fresh one as root).
+    destructive: bool,
+    /// Whether its sandbox is asked to run a command after it even when the probe's own call
+    /// failed (reported, not judged: a hung guest costs the daemon's 30 s agent timeout).
+    answers_after: bool,
+}
+
+impl Probe {
+    fn new(name: &'static str, function: &'static str, args: Value, control: Value) -> Probe {
+        Probe {
+            name,
+            function,
+            args,
+            control,
+            judge: Judge::Guest,
+            destructive: false,
+            answers_after: false,
+        }
+    }
+
+    fn judged(mut self, judge: Judge) -> Probe {
+        self.judge = judge;
+        self
+    }
+
+    fn destructive(mut self) -> Probe {
+        self.destructive = true;
+        self
+    }
+
+    fn answers_after(mut self) -> Probe {
+        self.answers_after = true;
+        self
+    }
+}
+
+/// What the probes aim at, learnt from the check's daemon and the host.
+#[derive(Debug, Clone)]
+struct Targets {
+    api_port: u16,
+    decoy_port: u16,
+    service: Ipv4Addr,
+    pool: String,
+    /// The prober's link: the host's end.
+    link_host: Ipv4Addr,
+    /// The neighbour's link: the host's end and the sandbox's end.
+    neighbour_host: Ipv4Addr,
+    neighbour_link: Ipv4Addr,
+    /// The egress interface's address (what the decoy internet sees sandboxes as).
+    egress: Ipv4Addr,
+    /// The test DNS server in the decoy namespace.
+    dns: Ipv4Addr,
+    /// An address of the host on its own uplink, if it has one.
+    uplink: Option<Ipv4Addr>,
+    /// The prober's VMM's monitor socket on the host.
+    monitor: String,
+}
+
+fn probes(t: &Targets) -> Vec<Probe> {
+    let web = WEB.to_string();
+    let reach_web = json!({"host": web, "port": 7000});
+    let tcp = |host: String, port: u16| json!({"host": host, "port": port});
+    let http = |host: String, name: &str, expect: &str| {
+        json!({"host": host, "port": 80, "expect": expect,
+               "send": format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n")})
+    };
+    // A TCP connect to a host and port, its control the same to a test server.
+    let reach = |name: &'static str, host: String, port: u16| {
+        Probe::new(name, "connect", tcp(host, port), reach_web.clone())
+    };
+    // A probe that acts inside its guest (as root, in a sandbox of its own); its control
+    // runs it dry (shows it has the access it needs, changes nothing).
+    let inside = |name: &'static str, function: &'static str, args: Value| {
+        Probe::new(name, function, args, json!({"dry": true})).destructive()
+    };
+    let mut list = vec![
+        reach("daemon API on the guest's gateway", GATEWAY.into(), t.api_port),
+        reach("host service on the guest's gateway", GATEWAY.into(), t.decoy_port),
+        reach("host service on the daemon's service address", t.service.to_string(), t.decoy_port),
+        reach("host service on the host's end of the link", t.link_host.to_string(), t.decoy_port),
+        reach("host service on the egress address", t.egress.to_string(), t.decoy_port),
+        Probe::new(
+            "host loopback (daemon API) by a hand-made frame",
+            "frame_syn",
+            json!({"dst": "127.0.0.1", "port": t.api_port}),
+            json!({"dst": web, "port": 7000}),
+        ),
+        Probe::new(
+            "host loopback (host service) by a hand-made frame",
+            "frame_syn",
+            json!({"dst": "127.0.0.1", "port": t.decoy_port}),
+            json!({"dst": web, "port": 7000}),
+        ),
+        Probe::new(
+            "cloud metadata 169.254.169.254",
+            "connect",
+            http(METADATA.to_string(), "169.254.169.254", "hello from"),
+            http(web.clone(), "web.test", "hello from"),
+        ),
+        Probe::new(
+            "cloud metadata by DNS rebinding",
+            "resolve_connect",
+            json!({"name": "rebind.test", "port": 80}),
+            json!({"name": "web.test", "port": 80}),
+        ),
+        Probe::new(
+            "cloud metadata through the egress proxy",
+            "connect",
+            http(t.service.to_string(), "169.254.169.254", "hello from 169.254"),
+            http(t.service.to_string(), "web.test", "hello from"),
+        ),
+        reach("RFC 1918 LAN address", LAN.to_string(), 7000),
+        Probe::new(
+            "LAN by DNS rebinding",
+            "resolve_connect",
+            json!({"name": "lan.test", "port": 7000}),
+            json!({"name": "web.test", "port": 7000}),
+        ),
+        Probe::new(
+            "LAN through the egress proxy",
+            "connect",
+            http(t.service.to_string(), "lan.test", "hello from 10.99"),
+            http(t.service.to_string(), "web.test", "hello from"),
+        ),
+        Probe::new(
+            "DNS rebinding asked of another server",
+            "dns_direct",
+            json!({"server": t.dns.to_string(), "name": "rebind.test", "forbidden": METADATA.to_string()}),
+            json!({"server": t.dns.to_string(), "name": "web.test", "forbidden": web}),
+        ),
+        reach("neighbour sandbox by its link address", t.neighbour_link.to_string(), NEIGHBOUR_PORT),
+        reach("neighbour sandbox by its host-side address", t.neighbour_host.to_string(), NEIGHBOUR_PORT),
+        Probe::new(
+            "every sandbox address of the pool",
+            "scan",
+            json!({"cidr": t.pool, "port": NEIGHBOUR_PORT}),
+            json!({"cidr": "198.51.100.0/28", "port": 7000}),
+        ),
+        Probe::new(
+            "IPv6 neighbours on the link",
+            "ipv6_neighbours",
+            json!({}),
+            json!({"dst": "::1", "own_counts": true}),
+        ),
+        Probe::new(
+            "ARP claims for the gateway and the neighbour",
+            "arp_claim",
+            json!({"claim": [GATEWAY, t.neighbour_link.to_string(), t.neighbour_host.to_string(), t.link_host.to_string()]}),
+            json!({"claim": ["172.31.255.2"]}),
+        )
+        .judged(Judge::Arp),
+        Probe::new(
+            "IP spoofing (neighbour, LAN and host sources)",
+            "udp_spoof",
+            json!({"src": [t.neighbour_link.to_string(), LAN.to_string(), t.egress.to_string()],
+                   "dst": web, "port": RECORDER_PORT, "token": "spoof"}),
+            json!({"src": ["172.31.255.2"], "dst": web, "port": RECORDER_PORT, "token": "spoof-control"}),
+        )
+        .judged(Judge::Recorder),
+        Probe::new(
+            "host's other devices and vsock",
+            "host_channels",
+            json!({"allowed": [1, 2, 3], "ports": ["kiln.agent"]}),
+            json!({"allowed": [], "ports": []}),
+        ),
+        Probe::new(
+            "VMM monitor socket by its host path",
+            "unix_socket",
+            json!({"path": t.monitor}),
+            json!({"path": t.monitor, "listen": true}),
+        ),
+        Probe::new(
+            "MAC spoofing",
+            "mac_spoof",
+            json!({"mac": "02:00:5e:00:53:01", "host": web, "port": RECORDER_PORT, "token": "mac"}),
+            json!({"mac": GUEST_MAC, "host": web, "port": RECORDER_PORT, "token": "mac-control"}),
+        )
+        .judged(Judge::Recorder)
+        .destructive(),
+        inside("garbage into virtio queues through /dev/mem", "devmem_poke", json!({"seed": 7})),
+        inside("garbage to the chipset's I/O ports", "ioport_poke", json!({"seed": 7})),
+        Probe::new(
+            "console flood",
+            "console_flood",
+            json!({"seconds": 5}),
+            json!({"seconds": 0.2, "dry": true}),
+        )
+        .destructive(),
+        inside("garbage to the host's agent client", "agent_garbage", json!({"seed": 7}))
+        .answers_after(),
+        inside("a guest that never answers", "agent_hang", json!({})),
+        inside("guest kernel crash", "kernel_panic", json!({})),
+        inside("raw writes over the root disk", "disk_overwrite", json!({"mib": 16})),
+    ];
+    if let Some(uplink) = t.uplink {
+        list.insert(
+            5,
+            reach(
+                "host service on the host's uplink address",
+                uplink.to_string(),
+                t.decoy_port,
+            ),
+        );
+    }
+    list
+}
+
+/// A run of a probe's script in a guest.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+struct GuestReport {
+    reached: bool,
+    detail: String,
+    /// It did what it tries inside its own guest (wrote to a device, stopped the agent).
+    #[serde(default)]
+    acted: bool,
+    /// The exec running it failed: the probe broke its sandbox's agent, or its guest.
+    #[serde(skip)]
+    exec_failed: bool,
+}
+
+/// What arrived where it must not, counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Decoys {
+    counts: BTreeMap<&'static str, usize>,
+    /// Recorder arrivals: (source, token).
+    recorded: Vec<(Ipv4Addr, String)>,
+    /// Neighbour-table entries with the guest's MAC, on the host and in the neighbour's
+    /// namespace.
+    arp: Vec<String>,
+}
+
+/// One run's verdict.
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    verdict: String,
+    detail: String,
+    evidence: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ProbeReport {
+    probe: String,
+    seconds: f64,
+    root: Run,
+    unprivileged: Run,
+    control: Run,
+}
+
+#[derive(Debug, Serialize)]
+struct EscapeReport {
+    template: String,
+    probes: Vec<ProbeReport>,
+    template_intact_after: bool,
+    sandboxes_left: usize,
+    seconds: f64,
+    passed: bool,
+}
+
+/// Runs the check. Returns whether it passed.
+pub async fn escape(options: &EscapeOptions) -> Result<bool> {
+    ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "kiln check escape makes namespaces and runs a daemon with networking: run it as root"
+    );
+    let started = Instant::now();
+    let mut internet = tokio::task::spawn_blocking(|| {
+        let mut internet = TestInternet::new(0);
+        internet.start_dns();
+        internet
+    })
+    .await?;
+    let recorder = Recorder::start(internet.namespace(), SocketAddr::from((WEB, RECORDER_PORT)))?;
+    let host_decoy = HostDecoy::start()?;
+    let network = internet.network_config();
+    let daemon = EscapeDaemon::start(options, &network, internet.gateway).await?;
+    let outcome = run(
+        options,
+        &daemon,
+        &mut internet,
+        &recorder,
+        &host_decoy,
+        &network,
+    )
+    .await;
+    let stopped = daemon.daemon.stop();
+    drop(internet);
+    let mut report = outcome?;
+    stopped?;
+    report.seconds = started.elapsed().as_secs_f64();
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(report.passed)
+}
+
+/// Facts about one sandbox on the host.
+#[derive(Debug, Clone)]
+struct Sandbox {
+    id: String,
+    namespace: String,
+    link_host: Ipv4Addr,
+    link_guest: Ipv4Addr,
+}
+
+async fn run(
+    options: &EscapeOptions,
+    daemon: &EscapeDaemon,
+    internet: &mut TestInternet,
+    recorder: &Recorder,
+    host_decoy: &HostDecoy,
+    network: &kiln_network::NetworkConfig,
+) -> Result<EscapeReport> {
+    let client = daemon.daemon.client(&daemon.key);
+    let checker = Checker {
+        client: &client,
+        template: &options.template,
+        prefix: &network.prefix,
+        last: Mutex::new(None),
+    };
+    eprintln!("escape: a neighbour, a prober and a control sandbox ...");
+    let neighbour = checker.sandbox().await?;
+    checker
+        .exec(&neighbour.id, "root", &["sh", "-c", ": > /tmp/hits"])
+        .await?;
+    let listener = client
+        .request(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/exec", neighbour.id),
+        )
+        .json(&json!({"command": ["python3", "-c", NEIGHBOUR_LISTENER], "background": true}));
+    client.send(listener).await?;
+    // The decoys record: proved once from the host before any probe.
+    let ns = NetNs::existing(&neighbour.namespace).context("the neighbour's namespace")?;
+    let mut recorded = false;
+    for _ in 0..50 {
+        let hit = ns
+            .run_in(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from(([172, 31, 255, 2], NEIGHBOUR_PORT)),
+                    Duration::from_secs(1),
+                )
+            })
+            .is_ok();
+        if hit {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(recorded, "the neighbour's listener never answered");
+    ns.detach();
+    drop(TcpStream::connect(("127.0.0.1", host_decoy.port)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline = checker
+        .decoys(internet, recorder, host_decoy, &neighbour)
+        .await?;
+    ensure!(
+        baseline.counts.get("neighbour listener") == Some(&1) && host_decoy.count() == 1,
+        "the decoys did not record the host's own connections: {baseline:?}"
+    );
+    let checksum = checker
+        .exec(&neighbour.id, "root", &["md5sum", "/usr/bin/python3"])
+        .await?
+        .detail;
+    let prober = checker.sandbox().await?;
+    let control = checker.sandbox().await?;
+    let targets = Targets {
+        api_port: daemon.daemon.port,
+        decoy_port: host_decoy.port,
+        service: network_service(network),
+        pool: network.pool.to_string(),
+        link_host: prober.link_host,
+        neighbour_host: neighbour.link_host,
+        neighbour_link: neighbour.link_guest,
+        egress: internet.host_end,
+        dns: internet.gateway,
+        uplink: uplink_address(&internet.egress_interface),
+        monitor: monitor_path(&daemon.daemon.data_dir, &prober.id),
+    };
+    let mut reports = Vec::new();
+    for probe in probes(&targets) {
+        eprintln!("escape: {}", probe.name);
+        let probe_started = Instant::now();
+        let unprivileged = if options.root_only {
+            Run {
+                verdict: "not run".into(),
+                detail: "--root-only".into(),
+                evidence: Vec::new(),
+            }
+        } else {
+            checker
+                .attempt(
+                    &probe,
+                    &probe.args,
+                    UNPRIVILEGED,
+                    &prober,
+                    &neighbour,
+                    internet,
+                    recorder,
+                    host_decoy,
+                )
+                .await?
+        };
+        let root = if probe.destructive {
+            let victim = checker.sandbox().await?;
+            let run = checker
+                .attempt(
+                    &probe,
+                    &probe.args,
+                    "root",
+                    &victim,
+                    &neighbour,
+                    internet,
+                    recorder,
+                    host_decoy,
+                )
+                .await?;
+            // What the guest could make the host keep: its console log is capped.
+            let console = console_bytes(&daemon.daemon.data_dir, &victim.id);
+            let mut run = run;
+            run.detail = format!(
+                "{}; console log on the host {} KiB",
+                run.detail,
+                console >> 10
+            );
+            if console > 2 * kiln_vmm::output::CONSOLE_LOG_CAP {
+                run.verdict = "HOST AFFECTED".into();
+                run.evidence
+                    .push(format!("the console log grew to {console} bytes"));
+            }
+            let started = Instant::now();
+            let destroyed = delete(&client, &victim.id).await;
+            match destroyed {
+                Ok(()) => run,
+                Err(e) => Run {
+                    verdict: "HOST AFFECTED".into(),
+                    detail: format!(
+                        "its sandbox could not be destroyed after {:.1} s: {e:#}",
+                        started.elapsed().as_secs_f64()
+                    ),
+                    evidence: run.evidence,
+                },
+            }
+        } else {
+            checker
+                .attempt(
+                    &probe,
+                    &probe.args,
+                    "root",
+                    &prober,
+                    &neighbour,
+                    internet,
+                    recorder,
+                    host_decoy,
+                )
+                .await?
+        };
+        let control_run = checker
+            .control(&probe, &control, &neighbour, internet, recorder, host_decoy)
+            .await?;
+        reports.push(ProbeReport {
+            probe: probe.name.to_owned(),
+            seconds: probe_started.elapsed().as_secs_f64(),
+            root,
+            unprivileged,
+            control: control_run,
+        });
+    }
+    // The template and the neighbour are as they were: a new sandbox runs, the neighbour's
+    // files read the same.
+    let fresh = checker.sandbox().await?;
+    let intact = checker
+        .exec(&fresh.id, "root", &["md5sum", "/usr/bin/python3"])
+        .await
+        .is_ok_and(|r| r.detail == checksum)
+        && checker
+            .exec(&neighbour.id, "root", &["md5sum", "/usr/bin/python3"])
+            .await
+            .is_ok_and(|r| r.detail == checksum);
+    for sandbox in [&fresh, &prober, &control, &neighbour] {
+        delete(&client, &sandbox.id).await?;
+    }
+    let left = client
+        .json::<SandboxList>(client.request(Method::GET, "/v1/sandboxes?limit=500"))
+        .await?
+        .sandboxes
+        .len();
+    let passed = intact
+        && left == 0
+        && reports.iter().all(|r| {
+            [&r.root, &r.unprivileged]
+                .iter()
+                .all(|run| matches!(run.verdict.as_str(), "blocked" | "contained" | "not run"))
+                && r.control.verdict == "noticed"
+        });
+    Ok(EscapeReport {
+        template: options.template.clone(),
+        probes: reports,
+        template_intact_after: intact,
+        sandboxes_left: left,
+        seconds: 0.0,
+        passed,
+    })
+}
+
+/// The neighbour's listener: notes every connection in `/tmp/hits`.
+const NEIGHBOUR_LISTENER: &str = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8000))
+s.listen(64)
+while True:
+    c, a = s.accept()
+    with open("/tmp/hits", "a") as f:
+        f.write(a[0] + "\n")
+    c.close()
+"#;
+
+/// The pool's first address: the daemon's service address.
+fn network_service(network: &kiln_network::NetworkConfig) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(network.pool.network()) + 1)
+}
+
+/// The host's address on the interface of its default route (not the check's own), if any.
+fn uplink_address(own: &str) -> Option<Ipv4Addr> {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "get", "192.0.2.200"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut words = text.split_whitespace();
+    let mut address = None;
+    let mut device = None;
+    while let Some(word) = words.next() {
+        match word {
+            "src" => address = words.next().and_then(|a| a.parse().ok()),
+            "dev" => device = words.next().map(str::to_owned),
+            _ => {}
+        }
+    }
+    // 192.0.2.200 is on the check's own link: ask for what the main table would use.
+    if device.as_deref() == Some(own) {
+        let output = std::process::Command::new("ip")
+            .args(["-4", "-o", "route", "show", "default"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let device = text
+            .split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)?
+            .to_owned();
+        let output = std::process::Command::new("ip")
+            .args([
+                "-4", "-o", "addr", "show", "dev", &device, "scope", "global",
+            ])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        return text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .parse()
+            .ok();
+    }
+    address
+}
+
+/// Bytes of the sandbox's console log (and its rotated copy) on the host.
+fn console_bytes(data_dir: &std::path::Path, id: &str) -> u64 {
+    let run = data_dir.join("sandboxes").join(id).join("run");
+    ["console.log", "console.log.1"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(run.join(name)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Where the sandbox's VMM's monitor socket is on the host (the probe looks for it from the
+/// guest).
+fn monitor_path(data_dir: &std::path::Path, id: &str) -> String {
+    data_dir
+        .join("sandboxes")
+        .join(id)
+        .join("run/qmp.sock")
+        .display()
+        .to_string()
+}
+
+struct Checker<'a> {
+    client: &'a Client,
+    template: &'a str,
+    prefix: &'a str,
+    /// The decoys as last read (after the previous probe: the next one's "before").
+    last: Mutex<Option<Decoys>>,
+}
+
+impl Checker<'_> {
+    /// A sandbox with the probes' script in it, and its link's addresses.
+    async fn sandbox(&self) -> Result<Sandbox> {
+        let request = self
+            .client
+            .request(Method::POST, "/v1/sandboxes")
+            .json(&json!({"template": self.template, "ttl_secs": 1200}));
+        let id = self.client.json::<SandboxBody>(request).await?.id;
+        let upload = self
+            .client
+            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files/content"))
+            .query(&[("path", SCRIPT_PATH)])
+            .body(SCRIPT);
+        self.client.send(upload).await?;
+        self.exec(&id, "root", &["chmod", "0755", SCRIPT_PATH])
+            .await?;
+        let namespace = format!("{}{id}", self.prefix);
+        let output = std::process::Command::new("ip")
+            .args(["-n", &namespace, "-4", "-o", "addr", "show", "dev", "up0"])
+            .output()
+            .context("ip")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let link_guest: Ipv4Addr = text
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next()?.parse().ok())
+            .with_context(|| format!("no link address in {namespace}: {text}"))?;
+        Ok(Sandbox {
+            id,
+            namespace,
+            link_host: Ipv4Addr::from(u32::from(link_guest) & !1),
+            link_guest,
+        })
+    }
+
+    /// Runs `argv` as `user`; the exec's error, if any, as an unreached report.
+    async fn exec(&self, id: &str, user: &str, argv: &[&str]) -> Result<GuestReport> {
+        let request = self
+            .client
+            .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+            .timeout(Duration::from_secs(90))
+            .json(&json!({"command": argv, "user": user, "cwd": "/tmp", "timeout_ms": 30_000}));
+        let result: ExecResultBody = self.client.json(request).await?;
+        ensure!(
+            result.exit_code == Some(0),
+            "`{}` exited {:?}: {}",
+            argv.join(" "),
+            result.exit_code,
+            result.stderr
+        );
+        Ok(GuestReport {
+            detail: result.stdout.trim().to_owned(),
+            ..GuestReport::default()
+        })
+    }
+
+    /// The probe's script in a guest; an exec that fails is a probe that did not get through.
+    async fn probe(
+        &self,
+        sandbox: &Sandbox,
+        user: &str,
+        function: &str,
+        args: &Value,
+    ) -> GuestReport {
+        let args = args.to_string();
+        match self
+            .exec(
+                &sandbox.id,
+                user,
+                &["python3", SCRIPT_PATH, function, &args],
+            )
+            .await
+        {
+            Ok(report) => serde_json::from_str(report.detail.lines().last().unwrap_or(""))
+                .unwrap_or(GuestReport {
+                    detail: format!("no report: {}", report.detail),
+                    ..GuestReport::default()
+                }),
+            Err(e) => GuestReport {
+                detail: format!("the exec failed: {e:#}"),
+                exec_failed: true,
+                ..GuestReport::default()
+            },
+        }
+    }
+
+    /// Counts at every decoy.
+    async fn decoys(
+        &self,
+        internet: &TestInternet,
+        recorder: &Recorder,
+        host_decoy: &HostDecoy,
+        neighbour: &Sandbox,
+    ) -> Result<Decoys> {
+        let mut counts = BTreeMap::new();
+        counts.insert("metadata 169.254.169.254", internet.hits(METADATA));
+        counts.insert("LAN 10.99.0.1", internet.hits(LAN));
+        counts.insert("host service", host_decoy.count());
+        let hits = self
+            .exec(&neighbour.id, "root", &["sh", "-c", "wc -l < /tmp/hits"])
+            .await
+            .context("the neighbour does not answer")?;
+        counts.insert(
+            "neighbour listener",
+            hits.detail
+                .trim()
+                .parse()
+                .context("the neighbour's count")?,
+        );
+        let mut arp = Vec::new();
+        for namespace in [None, Some(neighbour.namespace.as_str())] {
+            let mut command = std::process::Command::new("ip");
+            if let Some(ns) = namespace {
+                command.args(["-n", ns]);
+            }
+            let output = command
+                .args(["neigh", "show"])
+                .output()
+                .context("ip neigh")?;
+            for line in String::from_utf8_lossy(&output.stdout).lines() {
+                // Every guest has the same MAC: the neighbour's own guest is no claim.
+                let own_guest = namespace.is_some() && line.starts_with("172.31.255.2 ");
+                if line.contains(GUEST_MAC) && !own_guest {
+                    arp.push(format!("{}: {line}", namespace.unwrap_or("host")));
+                }
+            }
+        }
+        Ok(Decoys {
+            counts,
+            recorded: recorder.arrivals(),
+            arp,
+        })
+    }
+
+    /// One probe as `user` in `sandbox`, judged.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        probe: &Probe,
+        args: &Value,
+        user: &str,
+        sandbox: &Sandbox,
+        neighbour: &Sandbox,
+        internet: &TestInternet,
+        recorder: &Recorder,
+        host_decoy: &HostDecoy,
+    ) -> Result<Run> {
+        let before = self
+            .decoys(internet, recorder, host_decoy, neighbour)
+            .await?;
+        let report = self.probe(sandbox, user, probe.function, args).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut evidence = Vec::new();
+        let health = self
+            .client
+            .send(self.client.request(Method::GET, "/v1/health"))
+            .await;
+        if let Err(e) = &health {
+            evidence.push(format!("the daemon does not answer: {e:#}"));
+        }
+        let after = match self.decoys(internet, recorder, host_decoy, neighbour).await {
+            Ok(after) => {
+                *self.last.lock().expect("decoys") = Some(after.clone());
+                after
+            }
+            Err(e) => {
+                evidence.push(format!("{e:#}"));
+                return Ok(Run {
+                    verdict: "HOST AFFECTED".into(),
+                    detail: report.detail,
+                    evidence,
+                });
+            }
+        };
+        if health.is_err() {
+            return Ok(Run {
+                verdict: "HOST AFFECTED".into(),
+                detail: report.detail,
+                evidence,
+            });
+        }
+        for (name, count) in &after.counts {
+            let was = before.counts.get(name).copied().unwrap_or_default();
+            if *count > was {
+                evidence.push(format!("{} arrival(s) at the {name} decoy", count - was));
+            }
+        }
+        let mut acted_inside = false;
+        for (source, token) in after.recorded.iter().skip(before.recorded.len()) {
+            if *source == internet.host_end {
+                acted_inside = true;
+            } else {
+                evidence.push(format!(
+                    "{token:?} arrived from {source}, not the sandbox's egress address"
+                ));
+            }
+        }
+        for entry in after.arp.iter().filter(|e| !before.arp.contains(e)) {
+            evidence.push(format!("the guest's MAC learnt: {entry}"));
+        }
+        let mut detail = report.detail.clone();
+        if probe.answers_after && user == "root" {
+            let answers = self.answers(sandbox).await;
+            detail = format!("{detail}; runs a command after: {answers}");
+        }
+        if probe.judge == Judge::Guest && report.reached {
+            evidence.push(format!("the probe reached its target: {}", report.detail));
+        }
+        let verdict = if !evidence.is_empty() {
+            "ESCAPED"
+        } else if acted_inside
+            || report.acted
+            || (probe.destructive && user == "root" && report.exec_failed)
+            || (probe.destructive && user == "root" && !self.answers(sandbox).await)
+        {
+            "contained"
+        } else {
+            "blocked"
+        };
+        Ok(Run {
+            verdict: verdict.into(),
+            detail,
+            evidence,
+        })
+    }
+
+    /// Whether the sandbox still runs a command (bounded: a hung guest costs the daemon's
+    /// agent timeout).
+    async fn answers(&self, sandbox: &Sandbox) -> bool {
+        self.exec(&sandbox.id, "root", &["true"]).await.is_ok()
+    }
+
+    /// The probe's negative control, as root: it must notice what it was pointed at.
+    async fn control(
+        &self,
+        probe: &Probe,
+        sandbox: &Sandbox,
+        neighbour: &Sandbox,
+        internet: &TestInternet,
+        recorder: &Recorder,
+        host_decoy: &HostDecoy,
+    ) -> Result<Run> {
+        let before = recorder.arrivals().len();
+        let rx_before = tap_received(&sandbox.namespace);
+        let report = self
+            .probe(sandbox, "root", probe.function, &probe.control)
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let noticed = match probe.judge {
+            Judge::Guest => report.reached,
+            Judge::Recorder => recorder.arrivals().len() > before,
+            Judge::Arp => tap_received(&sandbox.namespace) >= rx_before + 5,
+        };
+        // The control sandbox is not a decoy: nothing it does may reach one either.
+        let decoys = self
+            .decoys(internet, recorder, host_decoy, neighbour)
+            .await?;
+        Ok(Run {
+            verdict: if noticed { "noticed" } else { "MISSED" }.into(),
+            detail: report.detail,
+            evidence: vec![format!("decoys: {:?}", decoys.counts)],
+        })
+    }
+}
+
+/// Frames the host's end of a sandbox's tap has received.
+fn tap_received(namespace: &str) -> u64 {
+    let output = std::process::Command::new("ip")
+        .args(["-n", namespace, "-s", "-j", "link", "show", "dev", "tap0"])
+        .output();
+    output
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| v[0]["stats64"]["rx"]["packets"].as_u64())
+        .unwrap_or_default()
+}
+
+/// A TCP and UDP listener in the decoy namespace noting each arrival's source and first
+/// bytes.
+struct Recorder {
+    arrivals: Arc<Mutex<Vec<(Ipv4Addr, String)>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Recorder {
+    fn start(ns: &NetNs, addr: SocketAddr) -> Result<Recorder> {
+        let (tcp, udp) = ns
+            .run_in(move || {
+                let tcp = TcpListener::bind(addr)?;
+                tcp.set_nonblocking(true)?;
+                let udp = UdpSocket::bind(addr)?;
+                udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+                Ok((tcp, udp))
+            })
+            .context("the recorder")?;
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (arrivals.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::SeqCst) {
+                if let Ok((n, SocketAddr::V4(peer))) = udp.recv_from(&mut buf) {
+                    let token = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    a.lock().expect("recorder").push((*peer.ip(), token));
+                }
+                while let Ok((stream, SocketAddr::V4(peer))) = tcp.accept() {
+                    let _ = stream.set_nonblocking(false);
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+                    let mut token = Vec::new();
+                    let _ = stream.take(256).read_to_end(&mut token);
+                    let token = String::from_utf8_lossy(&token).into_owned();
+                    a.lock().expect("recorder").push((*peer.ip(), token));
+                }
+            }
+        });
+        Ok(Recorder { arrivals, stop })
+    }
+
+    fn arrivals(&self) -> Vec<(Ipv4Addr, String)> {
+        self.arrivals.lock().expect("recorder").clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A fake service of the host listening on every host address (a port the system picks),
+/// counting connections.
+struct HostDecoy {
+    port: u16,
+    count: Arc<Mutex<usize>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HostDecoy {
+    fn start() -> Result<HostDecoy> {
+        let listener = TcpListener::bind(("0.0.0.0", 0)).context("the host decoy")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let count = Arc::new(Mutex::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        *c.lock().expect("decoy") += 1;
+                        let _ = stream.write_all(b"kiln host decoy\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(HostDecoy { port, count, stop })
+    }
+
+    fn count(&self) -> usize {
+        *self.count.lock().expect("decoy")
+    }
+}
+
+impl Drop for HostDecoy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The check's own daemon, with the decoy namespace as its only uplink, a key and the
+/// template baked.
+struct EscapeDaemon {
+    daemon: Daemon,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EscapeDaemon {
+    async fn start(
+        options: &EscapeOptions,
+        network: &kiln_network::NetworkConfig,
+        dns: Ipv4Addr,
+    ) -> Result<EscapeDaemon> {
+        let dir = tempfile::Builder::new().prefix("kiln-escape.").tempdir()?;
+        let mut extra: Vec<String> = [
+            "--network",
+            "on",
+            "--network-pool",
+            &network.pool.to_string(),
+            "--name-prefix",
+            &network.prefix,
+            "--route-table",
+            &network.route_table.to_string(),
+            "--egress-interface",
+            network.egress_interface.as_deref().unwrap_or_default(),
+            "--dns-upstream",
+            &format!("{dns}:53"),
+            "--default-template",
+            &options.template,
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(gateway) = network.egress_gateway {
+            extra.extend(["--egress-gateway".to_owned(), gateway.to_string()]);
+        }
+        let daemon = Daemon::start(
+            &options.inputs,
+            &dir.path().join("state"),
+            &dir.path().join("daemon.log"),
+            &extra,
+        )
+        .await?;
+        let key = daemon.key("escape-check")?;
+        eprintln!(
+            "escape: baking {} for the check's daemon ...",
+            options.template
+        );
+        daemon
+            .bake(&daemon.client(&key), &options.template)
+            .await
+            .with_context(|| daemon.log_tail())?;
+        Ok(EscapeDaemon {
+            daemon,
+            key,
+            _dir: dir,
+        })
+    }
+}
+
+fn print_report(report: &EscapeReport) {
+    println!(
+        "escape probes ({} template, {:.0} s):",
+        report.template, report.seconds
+    );
+    println!(
+        "{:<50} {:<13} {:<13} {:<8} {:>6}",
+        "probe", "as root", "as nobody", "control", "s"
+    );
+    for p in &report.probes {
+        println!(
+            "{:<50} {:<13} {:<13} {:<8} {:>6.1}",
+            p.probe, p.root.verdict, p.unprivileged.verdict, p.control.verdict, p.seconds
+        );
+    }
+    for p in &report.probes {
+        for (who, run) in [
+            ("root", &p.root),
+            ("nobody", &p.unprivileged),
+            ("control", &p.control),
+        ] {
+            let bad = !matches!(
+                run.verdict.as_str(),
+                "blocked" | "contained" | "noticed" | "not run"
+            );
+            if bad {
+                println!(
+                    "{}, {who}: {} ({}) {:?}",
+                    p.probe, run.verdict, run.detail, run.evidence
+                );
+            }
+        }
+    }
+    println!(
+        "template and neighbour intact after: {}",
+        report.template_intact_after
+    );
+    println!("sandboxes left: {}", report.sandboxes_left);
+    println!(
+        "result: {}",
+        if report.passed { "passed" } else { "FAILED" }
+    );
+}
