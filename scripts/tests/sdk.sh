@@ -187,7 +187,7 @@ contract_suite() {
 soak_suite() {
   local key
   key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant soak 2>/dev/null)
-  step "reliability: kiln check suite --profile quick (escape probes as root with their controls, a ${KILN_SOAK_SECS:-120} s soak, a VMM killed with SIGKILL, 6 abuses beside a neighbour)"
+  step "reliability: kiln check suite --profile quick (escape probes as root with their controls, a ${KILN_SOAK_SECS:-120} s soak, a VMM killed with SIGKILL, recovery faults with 10 sandboxes, 6 abuses beside a neighbour)"
   "$kiln_bin" check suite --url "$KILN_URL" --api-key "$key" --profile quick \
     --soak-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid" \
     --templates-dir "$KILN_ROOT/templates" --agent "$KILN_AGENT_BIN" --cache-dir "$cache_root"

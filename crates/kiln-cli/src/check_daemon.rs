@@ -13,6 +13,9 @@ use serde_json::json;
 
 use crate::client_cmd::Client;
 
+/// Longest a check's daemon may take to stop after SIGINT (it destroys every sandbox).
+const STOP_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Where a check's daemon finds its agent, templates and cache (the check's options).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonInputs {
@@ -96,6 +99,7 @@ impl Daemon {
             }
             if http
                 .get(format!("{}/v1/health", self.url))
+                .timeout(Duration::from_secs(2))
                 .send()
                 .await
                 .is_ok()
@@ -148,11 +152,13 @@ impl Daemon {
 
     /// Bakes `template` (built first if it must be) and waits until it is ready.
     pub async fn bake(&self, client: &Client, template: &str) -> Result<()> {
+        // A first build of a template's image can take many minutes.
         let response = client
             .send(
                 client
                     .request(Method::POST, "/v1/templates")
-                    .json(&json!({"name": template})),
+                    .json(&json!({"name": template}))
+                    .timeout(Duration::from_secs(3600)),
             )
             .await?;
         let text = response.text().await?;
@@ -172,11 +178,26 @@ impl Daemon {
     }
 
     /// Stops it (SIGINT: it removes its sandboxes, namespaces, links and tables) and checks
-    /// that it ended well.
+    /// that it ended well within [`STOP_TIMEOUT`] (then it is killed).
     pub fn stop(mut self) -> Result<()> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-        let status = self.child.wait()?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                bail!(
+                    "the check's daemon did not stop in {} s after SIGINT (killed); {}",
+                    STOP_TIMEOUT.as_secs(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         ensure!(
             status.success(),
             "the check's daemon ended with {status}; {}",
@@ -191,7 +212,7 @@ impl Drop for Daemon {
         if let Ok(None) = self.child.try_wait() {
             let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let deadline = Instant::now() + STOP_TIMEOUT;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
                     return;

@@ -12,7 +12,9 @@
 //!
 //! Verdicts: *blocked* (the probe got nothing and its sandbox still works), *contained* (the
 //! probe broke its own sandbox or acted only inside it; host and neighbour unaffected),
-//! *ESCAPED*, *HOST AFFECTED*. A control that does not notice makes the probe *INCONCLUSIVE*.
+//! *ESCAPED*, *HOST AFFECTED*; *NOT BLOCKED* when an unprivileged user got as far as acting
+//! inside the guest, *INCONCLUSIVE* when the shared prober broke. A control that does not
+//! notice is *MISSED*. Any of these fails the check.
 //! Needs root (namespaces, the daemon's networking).
 
 use std::collections::BTreeMap;
@@ -77,6 +79,11 @@ enum Judge {
     /// ARP claims: the host's or the neighbour's neighbour table learning the guest's MAC is
     /// an escape; the control's frames must reach the sandbox's tap.
     Arp,
+    /// Packets with a source of the guest's choosing: any that leaves the sandbox's
+    /// namespace with a source other than its link's is an escape (seen on the host's end of
+    /// the link); the control's own-address packets must be seen there and reach the
+    /// recorder.
+    Spoof,
 }
 
 /// One probe.
@@ -245,7 +252,7 @@ fn probes(t: &Targets) -> Vec<Probe> {
                    "dst": web, "port": RECORDER_PORT, "token": "spoof"}),
             json!({"src": ["172.31.255.2"], "dst": web, "port": RECORDER_PORT, "token": "spoof-control"}),
         )
-        .judged(Judge::Recorder),
+        .judged(Judge::Spoof),
         Probe::new(
             "host's other devices and vsock",
             "host_channels",
@@ -318,6 +325,31 @@ struct Decoys {
     arp: Vec<String>,
 }
 
+impl Decoys {
+    /// What reached a decoy between `self` and `after`: decoy hits, recorder arrivals from
+    /// anywhere but the sandboxes' egress address `egress`, MACs learnt.
+    fn arrivals_until(&self, after: &Decoys, egress: Ipv4Addr) -> Vec<String> {
+        let mut evidence = Vec::new();
+        for (name, count) in &after.counts {
+            let was = self.counts.get(name).copied().unwrap_or_default();
+            if *count > was {
+                evidence.push(format!("{} arrival(s) at the {name} decoy", count - was));
+            }
+        }
+        for (source, token) in after.recorded.iter().skip(self.recorded.len()) {
+            if *source != egress {
+                evidence.push(format!(
+                    "{token:?} arrived from {source}, not the sandbox's egress address"
+                ));
+            }
+        }
+        for entry in after.arp.iter().filter(|e| !self.arp.contains(e)) {
+            evidence.push(format!("the guest's MAC learnt: {entry}"));
+        }
+        evidence
+    }
+}
+
 /// One run's verdict.
 #[derive(Debug, Clone, Serialize)]
 struct Run {
@@ -340,6 +372,7 @@ struct EscapeReport {
     template: String,
     probes: Vec<ProbeReport>,
     template_intact_after: bool,
+    neighbour_listener_alive_after: bool,
     sandboxes_left: usize,
     seconds: f64,
     passed: bool,
@@ -373,6 +406,17 @@ pub async fn escape(options: &EscapeOptions) -> Result<bool> {
     .await;
     let stopped = daemon.daemon.stop();
     drop(internet);
+    let failed = !matches!(&outcome, Ok(report) if report.passed) || stopped.is_err();
+    if failed {
+        // The daemon's log goes with its directory: kept for whoever looks into it.
+        let kept = std::env::temp_dir().join(format!("kiln-escape-{}.log", std::process::id()));
+        if std::fs::copy(daemon._dir.path().join("daemon.log"), &kept).is_ok() {
+            eprintln!(
+                "escape: the check's daemon's log is kept in {}",
+                kept.display()
+            );
+        }
+    }
     let mut report = outcome?;
     stopped?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -391,6 +435,8 @@ struct Sandbox {
     namespace: String,
     link_host: Ipv4Addr,
     link_guest: Ipv4Addr,
+    /// The index of the host's end of its link (where what it sends leaves its namespace).
+    host_interface: u32,
 }
 
 async fn run(
@@ -421,25 +467,15 @@ async fn run(
         .json(&json!({"command": ["python3", "-c", NEIGHBOUR_LISTENER], "background": true}));
     client.send(listener).await?;
     // The decoys record: proved once from the host before any probe.
-    let ns = NetNs::existing(&neighbour.namespace).context("the neighbour's namespace")?;
     let mut recorded = false;
     for _ in 0..50 {
-        let hit = ns
-            .run_in(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddr::from(([172, 31, 255, 2], NEIGHBOUR_PORT)),
-                    Duration::from_secs(1),
-                )
-            })
-            .is_ok();
-        if hit {
+        if knock(&neighbour.namespace) {
             recorded = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ensure!(recorded, "the neighbour's listener never answered");
-    ns.detach();
     drop(TcpStream::connect(("127.0.0.1", host_decoy.port)));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let baseline = checker
@@ -557,6 +593,18 @@ async fn run(
             control: control_run,
         });
     }
+    // The neighbour's listener still records (or its zero counts proved nothing).
+    let before_knock = checker
+        .decoys(internet, recorder, host_decoy, &neighbour)
+        .await?;
+    let knocked = knock(&neighbour.namespace);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_knock = checker
+        .decoys(internet, recorder, host_decoy, &neighbour)
+        .await?;
+    let listener_alive = knocked
+        && after_knock.counts.get("neighbour listener")
+            > before_knock.counts.get("neighbour listener");
     // The template and the neighbour are as they were: a new sandbox runs, the neighbour's
     // files read the same.
     let fresh = checker.sandbox().await?;
@@ -577,6 +625,7 @@ async fn run(
         .sandboxes
         .len();
     let passed = intact
+        && listener_alive
         && left == 0
         && reports.iter().all(|r| {
             [&r.root, &r.unprivileged]
@@ -588,10 +637,30 @@ async fn run(
         template: options.template.clone(),
         probes: reports,
         template_intact_after: intact,
+        neighbour_listener_alive_after: listener_alive,
         sandboxes_left: left,
         seconds: 0.0,
         passed,
     })
+}
+
+/// Connects to the neighbour's listener from inside its namespace (as the host could):
+/// whether it was reached. The listener's count must rise by one.
+fn knock(namespace: &str) -> bool {
+    let Some(ns) = NetNs::existing(namespace) else {
+        return false;
+    };
+    let hit = ns
+        .run_in(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([172, 31, 255, 2], NEIGHBOUR_PORT)),
+                Duration::from_secs(1),
+            )
+        })
+        .is_ok();
+    // The namespace is the daemon's: this handle must not remove it.
+    ns.detach();
+    hit
 }
 
 /// The neighbour's listener: notes every connection in `/tmp/hits`.
@@ -630,7 +699,7 @@ fn uplink_address(own: &str) -> Option<Ipv4Addr> {
             _ => {}
         }
     }
-    // 192.0.2.200 is on the check's own link: ask for what the main table would use.
+    // The route went to the check's own link: ask what the main table's default uses.
     if device.as_deref() == Some(own) {
         let output = std::process::Command::new("ip")
             .args(["-4", "-o", "route", "show", "default"])
@@ -696,13 +765,15 @@ impl Checker<'_> {
         let request = self
             .client
             .request(Method::POST, "/v1/sandboxes")
-            .json(&json!({"template": self.template, "ttl_secs": 1200}));
+            .json(&json!({"template": self.template, "ttl_secs": 1200}))
+            .timeout(CALL_TIMEOUT);
         let id = self.client.json::<SandboxBody>(request).await?.id;
         let upload = self
             .client
             .request(Method::PUT, &format!("/v1/sandboxes/{id}/files/content"))
             .query(&[("path", SCRIPT_PATH)])
-            .body(SCRIPT);
+            .body(SCRIPT)
+            .timeout(CALL_TIMEOUT);
         self.client.send(upload).await?;
         self.exec(&id, "root", &["chmod", "0755", SCRIPT_PATH])
             .await?;
@@ -718,11 +789,13 @@ impl Checker<'_> {
             .nth(1)
             .and_then(|a| a.split('/').next()?.parse().ok())
             .with_context(|| format!("no link address in {namespace}: {text}"))?;
+        let link_host = Ipv4Addr::from(u32::from(link_guest) & !1);
         Ok(Sandbox {
             id,
             namespace,
-            link_host: Ipv4Addr::from(u32::from(link_guest) & !1),
+            link_host,
             link_guest,
+            host_interface: interface_with(link_host)?,
         })
     }
 
@@ -814,7 +887,12 @@ impl Checker<'_> {
                 // Every guest has the same MAC: the neighbour's own guest is no claim.
                 let own_guest = namespace.is_some() && line.starts_with("172.31.255.2 ");
                 if line.contains(GUEST_MAC) && !own_guest {
-                    arp.push(format!("{}: {line}", namespace.unwrap_or("host")));
+                    // Address and MAC only: the entry's state changes by itself.
+                    let address = line.split_whitespace().next().unwrap_or_default();
+                    arp.push(format!(
+                        "{}: {address} {GUEST_MAC}",
+                        namespace.unwrap_or("host")
+                    ));
                 }
             }
         }
@@ -823,6 +901,22 @@ impl Checker<'_> {
             recorded: recorder.arrivals(),
             arp,
         })
+    }
+
+    /// The decoys before a run: as the previous run left them, so nothing that arrives
+    /// between runs goes unseen.
+    async fn before(
+        &self,
+        internet: &TestInternet,
+        recorder: &Recorder,
+        host_decoy: &HostDecoy,
+        neighbour: &Sandbox,
+    ) -> Result<Decoys> {
+        let last = self.last.lock().expect("decoys").take();
+        match last {
+            Some(decoys) => Ok(decoys),
+            None => self.decoys(internet, recorder, host_decoy, neighbour).await,
+        }
     }
 
     /// One probe as `user` in `sandbox`, judged.
@@ -839,22 +933,38 @@ impl Checker<'_> {
         host_decoy: &HostDecoy,
     ) -> Result<Run> {
         let before = self
-            .decoys(internet, recorder, host_decoy, neighbour)
+            .before(internet, recorder, host_decoy, neighbour)
             .await?;
+        let capture = Capture::open()?;
         let report = self.probe(sandbox, user, probe.function, args).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut evidence = Vec::new();
+        for source in capture.sources_from(sandbox.host_interface) {
+            if source != sandbox.link_guest {
+                evidence.push(format!(
+                    "a packet from {source} left the sandbox's namespace"
+                ));
+            }
+        }
         let health = self
             .client
-            .send(self.client.request(Method::GET, "/v1/health"))
+            .send(
+                self.client
+                    .request(Method::GET, "/v1/health")
+                    .timeout(CALL_TIMEOUT),
+            )
             .await;
         if let Err(e) = &health {
             evidence.push(format!("the daemon does not answer: {e:#}"));
         }
         let after = match self.decoys(internet, recorder, host_decoy, neighbour).await {
-            Ok(after) => {
-                *self.last.lock().expect("decoys") = Some(after.clone());
-                after
+            Ok(after) if health.is_ok() => after,
+            Ok(_) => {
+                return Ok(Run {
+                    verdict: "HOST AFFECTED".into(),
+                    detail: report.detail,
+                    evidence,
+                })
             }
             Err(e) => {
                 evidence.push(format!("{e:#}"));
@@ -865,48 +975,45 @@ impl Checker<'_> {
                 });
             }
         };
-        if health.is_err() {
-            return Ok(Run {
-                verdict: "HOST AFFECTED".into(),
-                detail: report.detail,
-                evidence,
-            });
-        }
-        for (name, count) in &after.counts {
-            let was = before.counts.get(name).copied().unwrap_or_default();
-            if *count > was {
-                evidence.push(format!("{} arrival(s) at the {name} decoy", count - was));
-            }
-        }
-        let mut acted_inside = false;
-        for (source, token) in after.recorded.iter().skip(before.recorded.len()) {
-            if *source == internet.host_end {
-                acted_inside = true;
-            } else {
-                evidence.push(format!(
-                    "{token:?} arrived from {source}, not the sandbox's egress address"
-                ));
-            }
-        }
-        for entry in after.arp.iter().filter(|e| !before.arp.contains(e)) {
-            evidence.push(format!("the guest's MAC learnt: {entry}"));
-        }
+        *self.last.lock().expect("decoys") = Some(after.clone());
+        evidence.extend(before.arrivals_until(&after, internet.host_end));
+        let acted_inside = after
+            .recorded
+            .iter()
+            .skip(before.recorded.len())
+            .any(|(source, _)| *source == internet.host_end);
         let mut detail = report.detail.clone();
+        let mut answers = None;
         if probe.answers_after && user == "root" {
-            let answers = self.answers(sandbox).await;
-            detail = format!("{detail}; runs a command after: {answers}");
+            let answered = self.answers(sandbox).await;
+            detail = format!("{detail}; runs a command after: {answered}");
+            answers = Some(answered);
         }
         if probe.judge == Judge::Guest && report.reached {
             evidence.push(format!("the probe reached its target: {}", report.detail));
         }
+        let own_sandbox = probe.destructive && user == "root";
         let verdict = if !evidence.is_empty() {
             "ESCAPED"
+        } else if report.exec_failed && !own_sandbox {
+            // The shared prober broke (or the probe did not run): later probes in it would
+            // prove nothing.
+            "INCONCLUSIVE"
         } else if acted_inside
             || report.acted
-            || (probe.destructive && user == "root" && report.exec_failed)
-            || (probe.destructive && user == "root" && !self.answers(sandbox).await)
+            || report.exec_failed
+            || (own_sandbox
+                && !match answers {
+                    Some(answered) => answered,
+                    None => self.answers(sandbox).await,
+                })
         {
-            "contained"
+            // An unprivileged user must not get as far as acting inside the guest.
+            if user == "root" {
+                "contained"
+            } else {
+                "NOT BLOCKED"
+            }
         } else {
             "blocked"
         };
@@ -923,7 +1030,8 @@ impl Checker<'_> {
         self.exec(&sandbox.id, "root", &["true"]).await.is_ok()
     }
 
-    /// The probe's negative control, as root: it must notice what it was pointed at.
+    /// The probe's negative control, as root: it must notice what it was pointed at, and
+    /// nothing may reach a decoy meanwhile.
     async fn control(
         &self,
         probe: &Probe,
@@ -933,26 +1041,106 @@ impl Checker<'_> {
         recorder: &Recorder,
         host_decoy: &HostDecoy,
     ) -> Result<Run> {
-        let before = recorder.arrivals().len();
+        let before = self
+            .before(internet, recorder, host_decoy, neighbour)
+            .await?;
         let rx_before = tap_received(&sandbox.namespace);
+        let capture = Capture::open()?;
         let report = self
             .probe(sandbox, "root", probe.function, &probe.control)
             .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let recorded = recorder.arrivals().len() > before.recorded.len();
         let noticed = match probe.judge {
             Judge::Guest => report.reached,
-            Judge::Recorder => recorder.arrivals().len() > before,
+            Judge::Recorder => recorded,
             Judge::Arp => tap_received(&sandbox.namespace) >= rx_before + 5,
+            // The capture sees what leaves the namespace, and the recorder gets it.
+            Judge::Spoof => {
+                recorded
+                    && capture
+                        .sources_from(sandbox.host_interface)
+                        .contains(&sandbox.link_guest)
+            }
         };
-        // The control sandbox is not a decoy: nothing it does may reach one either.
-        let decoys = self
+        let after = self
             .decoys(internet, recorder, host_decoy, neighbour)
             .await?;
+        *self.last.lock().expect("decoys") = Some(after.clone());
+        let evidence = before.arrivals_until(&after, internet.host_end);
+        let verdict = if !evidence.is_empty() {
+            "ESCAPED"
+        } else if noticed {
+            "noticed"
+        } else {
+            "MISSED"
+        };
         Ok(Run {
-            verdict: if noticed { "noticed" } else { "MISSED" }.into(),
+            verdict: verdict.into(),
             detail: report.detail,
-            evidence: vec![format!("decoys: {:?}", decoys.counts)],
+            evidence,
         })
+    }
+}
+
+/// Longest a call to the check's daemon that is not an exec may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The index of the host interface that has `address`.
+fn interface_with(address: Ipv4Addr) -> Result<u32> {
+    let output = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .context("ip addr")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("inet {address}/");
+    let name = text
+        .lines()
+        .find(|l| l.contains(&needle))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .with_context(|| format!("no host interface has {address}"))?;
+    Ok(nix::net::if_::if_nametoindex(name)?)
+}
+
+/// A packet socket on every host interface, to see the IPv4 sources of what sandboxes send
+/// out of their namespaces while a probe runs.
+struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    fn open() -> Result<Capture> {
+        use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+        let fd = socket::socket(
+            AddressFamily::Packet,
+            SockType::Datagram,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::EthAll,
+        )
+        .context("a packet socket")?;
+        socket::setsockopt(&fd, sockopt::RcvBuf, &(8 << 20))?;
+        Ok(Capture { fd })
+    }
+
+    /// Sources of the IPv4 packets that arrived on the host from interface `index` (not
+    /// those the host sent into it) since it was opened.
+    fn sources_from(&self, index: u32) -> Vec<Ipv4Addr> {
+        use nix::sys::socket::{recvfrom, LinkAddr};
+        use std::os::fd::AsRawFd;
+        /// `PACKET_OUTGOING`: a packet the host sent.
+        const OUTGOING: u8 = 4;
+        let mut sources = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, Some(from))) = recvfrom::<LinkAddr>(self.fd.as_raw_fd(), &mut buf) {
+            if from.ifindex() == index as usize
+                && u16::from_be(from.protocol()) == 0x0800
+                && from.pkttype() != OUTGOING
+                && n >= 20
+            {
+                sources.push(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
+            }
+        }
+        sources
     }
 }
 
@@ -1157,6 +1345,10 @@ fn print_report(report: &EscapeReport) {
     println!(
         "template and neighbour intact after: {}",
         report.template_intact_after
+    );
+    println!(
+        "the neighbour's listener still records after: {}",
+        report.neighbour_listener_alive_after
     );
     println!("sandboxes left: {}", report.sandboxes_left);
     println!(

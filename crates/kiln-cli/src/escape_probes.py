@@ -80,18 +80,18 @@ def dns_query(name):
 def dns_answers(packet):
     """The A records of a DNS answer (names compressed or not)."""
     count = struct.unpack("!H", packet[6:8])[0]
-    at = 12
-    while packet[at] != 0:
-        at += packet[at] + 1
-    at += 5
+
+    def skip_name(at):
+        while packet[at] != 0:
+            if packet[at] & 0xC0 == 0xC0:
+                return at + 2
+            at += packet[at] + 1
+        return at + 1
+
+    at = skip_name(12) + 4
     found = []
     for _ in range(count):
-        if packet[at] & 0xC0 == 0xC0:
-            at += 2
-        else:
-            while packet[at] != 0:
-                at += packet[at] + 1
-            at += 1
+        at = skip_name(at)
         kind, _, _, length = struct.unpack("!HHIH", packet[at : at + 10])
         at += 10
         if kind == 1 and length == 4:
@@ -503,7 +503,8 @@ def agent_garbage(args):
     carries random bytes and frames claiming huge lengths."""
     try:
         with open("/dev/vport0p1", "wb") as f:
-            f.write(b"\xff" * 64)
+            if not args.get("dry"):
+                f.write(b"\xff" * 64)
         opened = "opened /dev/vport0p1 directly"
     except OSError as e:
         opened = "/dev/vport0p1: %s" % e
@@ -541,7 +542,8 @@ def agent_hang(args):
             message = "attached" if attached else "ptrace: %s" % os.strerror(ctypes.get_errno())
             os.write(write, message.encode())
             if attached and args.get("dry"):
-                time.sleep(0.2)
+                # Detach only once the agent has stopped (or it could stay stopped).
+                os.waitpid(1, 0x40000000)  # __WALL
                 libc.ptrace(17, 1, 0, 0)
             elif attached:
                 time.sleep(3600)

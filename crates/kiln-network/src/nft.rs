@@ -195,6 +195,16 @@ pub fn sandbox_table(t: &SandboxTable<'_>, policy: &EgressPolicy) -> String {
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  chain proxy {{");
     let _ = writeln!(s, "  }}");
+    // A guest sends only from its own address: anything else (another sandbox's, the LAN's,
+    // the host's) is dropped before conntrack or NAT sees it, so it can neither leave
+    // unmasqueraded nor draw replies to someone else.
+    let _ = writeln!(s, "  chain spoofed {{");
+    let _ = writeln!(
+        s,
+        "    type filter hook prerouting priority raw; policy accept;"
+    );
+    let _ = writeln!(s, "    iifname \"{tap}\" ip saddr != {guest} drop");
+    let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  chain prerouting {{");
     let _ = writeln!(
         s,
@@ -388,6 +398,22 @@ mod tests {
         assert!(!script.contains("udp dport 443"), "no names, no QUIC rule");
         assert!(script.contains("snat ip to 10.251.0.3"));
         assert!(script.contains("dnat ip to 10.251.0.1:53"));
+    }
+
+    #[test]
+    fn a_guest_sends_only_from_its_own_address() {
+        let always = AlwaysDenied::new("10.251.0.0/16".parse().expect("pool"), false, &[]);
+        let table = sandbox_table(&table(&always), &EgressPolicy::open(true));
+        let chain = table
+            .split("chain spoofed {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .expect("a spoofed chain");
+        assert!(chain.contains("hook prerouting priority raw"), "{chain}");
+        assert!(
+            chain.contains("iifname \"tap0\" ip saddr != 172.31.255.2 drop"),
+            "{chain}"
+        );
     }
 
     #[test]
