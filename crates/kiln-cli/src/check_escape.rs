@@ -501,7 +501,7 @@ async fn run(
         neighbour_link: neighbour.link_guest,
         egress: internet.host_end,
         dns: internet.gateway,
-        uplink: uplink_address(&internet.egress_interface),
+        uplink: uplink_address(),
         monitor: monitor_path(&daemon.daemon.data_dir, &prober.id),
     };
     let mut reports = Vec::new();
@@ -682,52 +682,21 @@ fn network_service(network: &kiln_network::NetworkConfig) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(network.pool.network()) + 1)
 }
 
-/// The host's address on the interface of its default route (not the check's own), if any.
-fn uplink_address(own: &str) -> Option<Ipv4Addr> {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "route", "get", "192.0.2.200"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut words = text.split_whitespace();
-    let mut address = None;
-    let mut device = None;
-    while let Some(word) = words.next() {
-        match word {
-            "src" => address = words.next().and_then(|a| a.parse().ok()),
-            "dev" => device = words.next().map(str::to_owned),
-            _ => {}
-        }
-    }
-    // The route went to the check's own link: ask what the main table's default uses.
-    if device.as_deref() == Some(own) {
-        let output = std::process::Command::new("ip")
-            .args(["-4", "-o", "route", "show", "default"])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let device = text
-            .split_whitespace()
-            .skip_while(|w| *w != "dev")
-            .nth(1)?
-            .to_owned();
-        let output = std::process::Command::new("ip")
-            .args([
-                "-4", "-o", "addr", "show", "dev", &device, "scope", "global",
-            ])
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        return text
-            .split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)?
-            .split('/')
-            .next()?
-            .parse()
-            .ok();
-    }
-    address
+/// The host's address on the interface of its main default route, if it has one.
+fn uplink_address() -> Option<Ipv4Addr> {
+    let words = |args: &[&str]| -> Option<Vec<String>> {
+        let output = std::process::Command::new("ip").args(args).output().ok()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        Some(text.split_whitespace().map(str::to_owned).collect())
+    };
+    let after = |words: &[String], key: &str| -> Option<String> {
+        words.iter().skip_while(|w| *w != key).nth(1).cloned()
+    };
+    let device = after(&words(&["-4", "-o", "route", "show", "default"])?, "dev")?;
+    let addr = words(&[
+        "-4", "-o", "addr", "show", "dev", &device, "scope", "global",
+    ])?;
+    after(&addr, "inet")?.split('/').next()?.parse().ok()
 }
 
 /// Bytes of the sandbox's console log (and its rotated copy) on the host.

@@ -24,7 +24,7 @@ use kiln_api::types::{SandboxBody, SandboxList};
 use reqwest::Method;
 use serde::Serialize;
 
-use crate::check_cmd::exec;
+use crate::check_cmd::{create, exec};
 use crate::check_daemon::{Daemon, DaemonInputs};
 use crate::client_cmd::Client;
 
@@ -474,11 +474,6 @@ impl Recovery<'_> {
         daemon.stop()?;
         Ok(fault)
     }
-}
-
-/// Creates a sandbox of `template` that lives at most 10 minutes.
-async fn create(client: &Client, template: &str) -> Result<String> {
-    crate::check_cmd::create(client, template).await
 }
 
 async fn list(client: &Client) -> Result<Vec<SandboxBody>> {
