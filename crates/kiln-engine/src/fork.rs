@@ -467,10 +467,15 @@ fn copy_disk(
     copied
 }
 
-/// Whether `dir` (a capture) is used by a live sandbox: as its source, or as a layer of its
-/// source's disk chain.
-fn in_use(engine: &Inner, dir: &Path) -> bool {
-    !users(engine, dir).is_empty() || lock(&engine.pinned_captures).contains(dir)
+/// Whether `dir` (a capture) is used: by a live sandbox (as its source, or as a layer of its
+/// source's disk chain), by a fork making sandboxes from it, or as a layer under another
+/// capture or snapshot (`layers`, from [`capture_layers`]): a fork under way whose parent is
+/// destroyed has its children not yet counted as users, but its capture stands on the
+/// parent's source.
+fn in_use(engine: &Inner, dir: &Path, layers: &[PathBuf]) -> bool {
+    !users(engine, dir).is_empty()
+        || lock(&engine.pinned_captures).contains(dir)
+        || layers.iter().any(|layer| layer.starts_with(dir))
 }
 
 /// The live sandboxes (running, paused or failed) whose memory or disk is backed by files
@@ -508,24 +513,35 @@ pub(crate) fn capture_layers(engine: &Inner) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Removes every capture no live sandbox uses.
+/// Removes every capture nothing uses, until none is left to remove (removing one can leave
+/// the capture it stood on unused).
 pub(crate) fn remove_unused_captures(engine: &Inner) {
     let templates = engine.config.data_dir.join("templates");
-    let Ok(entries) = std::fs::read_dir(&templates) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(CAPTURE_PREFIX) {
-            continue;
+    loop {
+        let Ok(entries) = std::fs::read_dir(&templates) else {
+            return;
+        };
+        let layers = capture_layers(engine);
+        let mut removed = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(CAPTURE_PREFIX) {
+                continue;
+            }
+            let dir = entry.path();
+            if in_use(engine, &dir, &layers) {
+                continue;
+            }
+            tracing::info!(capture = %dir.display(), "removing a capture nothing uses");
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => removed = true,
+                Err(e) => {
+                    tracing::warn!(capture = %dir.display(), error = %e, "removing a capture")
+                }
+            }
         }
-        let dir = entry.path();
-        if in_use(engine, &dir) {
-            continue;
-        }
-        tracing::info!(capture = %dir.display(), "removing a capture no sandbox uses");
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(capture = %dir.display(), error = %e, "removing a capture");
+        if !removed {
+            return;
         }
     }
 }

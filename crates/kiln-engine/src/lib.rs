@@ -812,7 +812,7 @@ impl Engine {
     }
 
     /// Removes `snapshot`'s files, unless a sandbox still depends on them (a conflict listing
-    /// them).
+    /// them), and any fork capture left unused by that.
     pub fn remove_snapshot(&self, snapshot: &BakedTemplate) -> Result<(), EngineError> {
         let users = self.snapshot_users(snapshot);
         if !users.is_empty() {
@@ -822,7 +822,10 @@ impl Engine {
             )));
         }
         std::fs::remove_dir_all(&snapshot.dir)
-            .map_err(|e| EngineError::io("removing the snapshot", e))
+            .map_err(|e| EngineError::io("removing the snapshot", e))?;
+        // A fork's capture it stood on (a snapshot of a fork's child) may be unused now.
+        fork::remove_unused_captures(&self.inner);
+        Ok(())
     }
 
     /// Keeps VMMs pre-started for `template` from now on: starts them in the background, up to

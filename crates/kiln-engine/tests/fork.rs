@@ -2,7 +2,9 @@
 //! files on its disk is forked twice; every child continues from the parent's moment (same
 //! process, count not behind it, files written before the fork) with its own identity
 //! (hostname, RNG output) and the parent's guest address; files written after the fork are
-//! in one sandbox only; a child forks again; 20 fork/destroy cycles leave no capture behind.
+//! in one sandbox only; a child forks again, and is forked while it is destroyed; a snapshot
+//! of a grandchild outlives the captures' sandboxes; 20 fork/destroy cycles leave no capture
+//! behind.
 
 use std::time::Duration;
 
@@ -131,9 +133,53 @@ async fn children_continue_from_the_parent_and_diverge() {
         .await,
         "before"
     );
-    for sandbox in grandchildren.iter().chain(&children[1..]) {
+    // A child destroyed while it is being forked: the destroy waits for the capture, and
+    // then the new capture stands on the child's, which must stay for the grandchild.
+    let forking = engine.fork(&children[1], 1, CreateOptions::default());
+    let destroying = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !captures(data.path())
+            .iter()
+            .any(|c| c.starts_with(".bake-"))
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        children[1].destroy().await
+    };
+    let (forked, destroyed) = tokio::join!(forking, destroying);
+    destroyed.expect("destroy");
+    let (late, _) = forked.expect("a fork under way outlives its parent's destroy");
+    assert_eq!(
+        sh(
+            &late[0],
+            "sync; echo 3 > /proc/sys/vm/drop_caches; cat /root/before"
+        )
+        .await,
+        "before"
+    );
+    // A snapshot of a fork's grandchild stands on the captures below it: they stay while it
+    // does, and go with it.
+    let snapshot = engine.snapshot(&late[0]).await.expect("snapshot");
+    for sandbox in grandchildren.iter().chain(&late) {
         sandbox.destroy().await.expect("destroy");
     }
+    let restored = engine
+        .create(&snapshot, CreateOptions::default())
+        .await
+        .expect("a sandbox from the snapshot of a fork's grandchild");
+    assert_eq!(
+        sh(
+            &restored,
+            "sync; echo 3 > /proc/sys/vm/drop_caches; cat /root/before"
+        )
+        .await,
+        "before"
+    );
+    restored.destroy().await.expect("destroy");
+    engine
+        .remove_snapshot(&snapshot)
+        .expect("remove the snapshot");
     assert!(
         captures(data.path()).is_empty(),
         "captures left: {:?}",
