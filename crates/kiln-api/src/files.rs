@@ -107,14 +107,30 @@ pub(crate) async fn read(
         // The sandbox is held until the copy ends.
         let _sandbox = sandbox;
         let result = download.copy_to(&mut writer).await;
-        let _ = done_tx.send(result.map(drop).map_err(|e| e.to_string()));
+        let _ = done_tx.send(result.map(drop));
     });
+    // The first bytes (or the end) before the response starts, so a file that opens but
+    // cannot be read (`/proc/self/mem`, an I/O error) is an error status too.
+    let mut reader = tokio::io::BufReader::with_capacity(64 << 10, reader);
+    let nothing_yet = tokio::io::AsyncBufReadExt::fill_buf(&mut reader)
+        .await
+        .map_err(|e| ControlError::Internal(format!("reading the download: {e}")))?
+        .is_empty();
+    let under_way = if nothing_yet {
+        match done_rx.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(ControlError::Internal("the transfer task ended".into()).into()),
+        }
+    } else {
+        Some(done_rx)
+    };
     // The data, then an error if the transfer broke: the connection is then cut instead of
     // ending as if the file were complete.
     let tail = futures_util::stream::once(async move {
-        match done_rx.await {
+        match under_way?.await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(Err(std::io::Error::other(e))),
+            Ok(Err(e)) => Some(Err(std::io::Error::other(e.to_string()))),
             Err(_) => Some(Err(std::io::Error::other("transfer task ended"))),
         }
     })

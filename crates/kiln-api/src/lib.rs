@@ -13,6 +13,7 @@ pub mod mcp;
 mod metrics;
 pub mod request_id;
 pub mod types;
+mod unread_body;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
 use axum::http::{request::Parts, StatusCode};
@@ -911,6 +912,12 @@ fn api_router(state: AppState) -> Router {
             state.clone(),
             ingress::by_host,
         ))
+        .layer(axum::middleware::from_fn(
+            |request: axum::extract::Request, next: axum::middleware::Next| {
+                kiln_control::in_flight::scope(next.run(request))
+            },
+        ))
+        .layer(axum::middleware::from_fn(unread_body::close_if_unread))
         // Outermost: every answer (proxied ports' included) carries its request id.
         .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)

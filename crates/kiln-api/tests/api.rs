@@ -819,6 +819,13 @@ async fn sandboxes_exec_files_tenants_and_bad_input() {
     )
     .await
     .assert_error(StatusCode::CONFLICT, "conflict");
+    // A file that opens but cannot be read is an error status, not a 200 cut short.
+    api.get(
+        &format!("/v1/sandboxes/{id}/files/content?path=/proc/self/mem"),
+        &alice,
+    )
+    .await
+    .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "guest_error");
     // Through symbolic links: a directory is refused before the response starts (not a
     // stream cut after a 200), a file's size is the target's.
     let linked = api
@@ -1402,6 +1409,30 @@ async fn pause_resume_fork_and_expiry() {
 
     let pause_uri = format!("/v1/sandboxes/{id}/pause");
     let pause = || api.json(Method::POST, &pause_uri, &alice, json!({}));
+    // A call under way when another request pauses the sandbox is answered with that (409),
+    // not with a 503 that says "try again".
+    let (cut, paused) = tokio::join!(exec("sleep 60"), async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        pause().await
+    });
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.json());
+    assert_eq!(cut.status, StatusCode::CONFLICT, "{}", cut.json());
+    assert!(
+        cut.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("paused while the call ran")),
+        "{}",
+        cut.json()
+    );
+    let resumed = api
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            &alice,
+            json!({}),
+        )
+        .await;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.json());
     // Paused: listed as such; calls that need it running get 409 while auto_resume is off.
     let paused = pause().await;
     assert_eq!(paused.status, StatusCode::OK, "{}", paused.json());
@@ -1540,8 +1571,27 @@ async fn pause_resume_fork_and_expiry() {
             )
             .await;
         assert_eq!(read.json()["stdout"], format!("kept\n{child}\n"));
-        let gone = api.delete(&format!("/v1/sandboxes/{child}"), &alice).await;
+        // A call under way when the sandbox is destroyed is answered 404, as the next is.
+        let exec_uri = format!("/v1/sandboxes/{child}/exec");
+        let sleep = api.json(
+            Method::POST,
+            &exec_uri,
+            &alice,
+            json!({ "command": "sleep 60" }),
+        );
+        let (cut, gone) = tokio::join!(sleep, async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            api.delete(&format!("/v1/sandboxes/{child}"), &alice).await
+        });
         assert_eq!(gone.status, StatusCode::NO_CONTENT);
+        assert_eq!(cut.status, StatusCode::NOT_FOUND, "{}", cut.json());
+        assert!(
+            cut.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("destroyed while the call ran")),
+            "{}",
+            cut.json()
+        );
     }
 
     // on_expiry pause: its time to live running out pauses it, with the paused retention.

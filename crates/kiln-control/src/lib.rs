@@ -7,6 +7,7 @@
 
 pub mod code;
 pub mod forwards;
+pub mod in_flight;
 mod quotas;
 pub mod store;
 pub mod templates;
@@ -153,9 +154,9 @@ impl From<ClientError> for ControlError {
             },
             ClientError::Timeout { .. } => ControlError::Timeout(chain(&e)),
             ClientError::InputClosed => ControlError::Conflict(e.to_string()),
-            _ if e.is_connection_error() => {
+            _ if e.is_connection_error() => in_flight::changed_under_call().unwrap_or_else(|| {
                 ControlError::Unavailable(format!("the sandbox does not answer: {}", chain(&e)))
-            }
+            }),
             // A protocol violation is the guest's doing: the host stays healthy.
             ClientError::Protocol(_) => ControlError::Guest(chain(&e)),
             _ => ControlError::Internal(chain(&e)),
@@ -840,6 +841,7 @@ impl Control {
                 )));
             }
         }
+        in_flight::note(&sandbox);
         Ok((sandbox, record))
     }
 
