@@ -75,7 +75,8 @@ pub(crate) struct PathQuery {
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
                headers(("x-kiln-file-size" = u64, description = "The file's size when it was opened"))),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-              (status = 409, description = "The path names a directory, or a component of it is not one", body = ErrorBody)))]
+              (status = 409, description = "The path names a directory, or a component of it is not one", body = ErrorBody),
+              (status = 422, description = "The file opened but could not be read (`guest_error`)", body = ErrorBody)))]
 pub(crate) async fn read(
     State(state): State<AppState>,
     Caller(who): Caller,
