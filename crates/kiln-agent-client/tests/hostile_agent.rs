@@ -4,131 +4,26 @@
 //! within the configured time, without a panic or unbounded memory; and a transfer that is
 //! slow but keeps moving must not be cut off.
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use kiln_agent_client::{AgentClient, ClientConfig, ClientError, UnixConnector};
+use kiln_agent_client::ClientError;
 use kiln_proto::frame::{Frame, FrameKind, MAX_FRAME_PAYLOAD};
-use kiln_proto::handshake::{Hello, LineBuffer, Welcome};
 use kiln_proto::messages::{
     Command, ExecEvent, ExecRequest, FileReadEvent, FileWriteResponse, FileWriteStart,
 };
 use kiln_proto::stream::{frame_channel, FrameReader};
+use kiln_testinfra::hostile_agent::{fuzz_exec_streams, http, ok, Behaviour, FakeAgent};
 use proptest::prelude::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-type Body = BoxBody<Bytes, Infallible>;
-
-type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// What the fake agent does after a correct handshake.
-#[derive(Clone)]
-enum Behaviour {
-    /// Writes these bytes instead of speaking HTTP/2.
-    Raw(Vec<u8>),
-    /// Serves HTTP/2 with this handler.
-    Http(Handler),
-}
-
-fn http<F, Fut>(handler: F) -> Behaviour
-where
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response<Body>> + Send + 'static,
-{
-    Behaviour::Http(Arc::new(move |req| Box::pin(handler(req))))
-}
-
-struct FakeAgent {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl FakeAgent {
-    async fn start(behaviour: Behaviour) -> FakeAgent {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("agent.sock");
-        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let behaviour = behaviour.clone();
-                tokio::spawn(async move {
-                    let mut lines = LineBuffer::new();
-                    let mut buf = [0u8; 1024];
-                    let hello = loop {
-                        if let Some(hello) = lines.next_line().and_then(|l| Hello::parse(&l)) {
-                            break hello;
-                        }
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => lines.push(&buf[..n]),
-                        }
-                    };
-                    let welcome = Welcome {
-                        protocol: kiln_proto::PROTOCOL_VERSION,
-                        nonce: hello.nonce,
-                        agent_version: "fake".into(),
-                        boot_id: "fake".into(),
-                        initialized: true,
-                    };
-                    if stream
-                        .write_all(welcome.to_line().as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    match behaviour {
-                        Behaviour::Raw(bytes) => {
-                            let _ = stream.write_all(&bytes).await;
-                            // Keep the stream open and silent.
-                            let _ = stream.read(&mut buf).await;
-                            std::future::pending::<()>().await;
-                        }
-                        Behaviour::Http(handler) => {
-                            let service = hyper::service::service_fn(move |req| {
-                                let handler = handler.clone();
-                                async move { Ok::<_, Infallible>(handler(req).await) }
-                            });
-                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        }
-                    }
-                });
-            }
-        });
-        FakeAgent { _dir: dir, socket }
-    }
-
-    fn client(&self) -> AgentClient {
-        let config = ClientConfig {
-            handshake_timeout: Duration::from_secs(2),
-            call_timeout: Duration::from_millis(500),
-            keepalive: Duration::from_secs(1),
-            ..ClientConfig::default()
-        };
-        AgentClient::new(Arc::new(UnixConnector::new(&self.socket)), config)
-    }
-}
-
-fn body(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
-}
-
-fn ok(bytes: impl Into<Bytes>) -> Response<Body> {
-    Response::new(body(bytes))
+/// The fake agent, started.
+async fn start(behaviour: Behaviour) -> FakeAgent {
+    FakeAgent::start(behaviour).await.expect("fake agent")
 }
 
 fn exec() -> ExecRequest {
@@ -144,7 +39,7 @@ async fn within<T>(f: impl Future<Output = T>) -> T {
 
 #[tokio::test]
 async fn garbage_instead_of_http2_is_an_error() {
-    let agent = FakeAgent::start(Behaviour::Raw(vec![0xAB; 100_000])).await;
+    let agent = start(Behaviour::Raw(vec![0xAB; 100_000])).await;
     let err = within(agent.client().info()).await.expect_err("garbage");
     assert!(
         matches!(
@@ -157,7 +52,7 @@ async fn garbage_instead_of_http2_is_an_error() {
 
 #[tokio::test]
 async fn silence_after_the_handshake_times_out() {
-    let agent = FakeAgent::start(Behaviour::Raw(Vec::new())).await;
+    let agent = start(Behaviour::Raw(Vec::new())).await;
     let err = within(agent.client().info()).await.expect_err("silence");
     assert!(
         matches!(
@@ -170,14 +65,14 @@ async fn silence_after_the_handshake_times_out() {
 
 #[tokio::test]
 async fn an_agent_that_never_answers_a_call_times_out() {
-    let agent = FakeAgent::start(http(|_req| std::future::pending())).await;
+    let agent = start(http(|_req| std::future::pending())).await;
     let err = within(agent.client().info()).await.expect_err("no answer");
     assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
 }
 
 #[tokio::test]
 async fn oversized_json_is_refused() {
-    let agent = FakeAgent::start(http(|_req| async {
+    let agent = start(http(|_req| async {
         let mut json = b"{\"agent_version\":\"".to_vec();
         json.extend(std::iter::repeat_n(b'a', kiln_proto::MAX_JSON_BODY + 10));
         ok(json)
@@ -192,7 +87,7 @@ async fn oversized_json_is_refused() {
 
 #[tokio::test]
 async fn malformed_json_and_error_bodies_are_protocol_errors() {
-    let agent = FakeAgent::start(http(|req| async move {
+    let agent = start(http(|req| async move {
         if req.uri().path() == kiln_proto::routes::INFO {
             ok("{not json")
         } else {
@@ -215,7 +110,7 @@ async fn malformed_json_and_error_bodies_are_protocol_errors() {
 
 #[tokio::test]
 async fn oversized_frame_declaration_is_refused_without_allocating_it() {
-    let agent = FakeAgent::start(http(|_req| async {
+    let agent = start(http(|_req| async {
         let mut bytes = Frame::control(&ExecEvent::Started { pid: 1 })
             .encode()
             .to_vec();
@@ -231,7 +126,7 @@ async fn oversized_frame_declaration_is_refused_without_allocating_it() {
 
 #[tokio::test]
 async fn stream_that_ends_without_exit_is_an_error() {
-    let agent = FakeAgent::start(http(|_req| async {
+    let agent = start(http(|_req| async {
         ok(Frame::control(&ExecEvent::Started { pid: 1 }).encode())
     }))
     .await;
@@ -244,7 +139,7 @@ async fn stream_that_ends_without_exit_is_an_error() {
 
 #[tokio::test]
 async fn unknown_frames_and_bad_first_events_are_errors() {
-    let agent = FakeAgent::start(http(|req| async move {
+    let agent = start(http(|req| async move {
         if req.uri().path() == kiln_proto::routes::EXEC {
             ok(Frame::control(&ExecEvent::OutputDropped { bytes: 1 }).encode())
         } else {
@@ -296,7 +191,7 @@ fn timeout_of(err: &ClientError) -> Option<&'static str> {
 
 #[tokio::test]
 async fn a_download_that_stalls_after_its_start_times_out() {
-    let agent = FakeAgent::start(http(|_req| async {
+    let agent = start(http(|_req| async {
         let (out, body) = frame_channel(4);
         tokio::spawn(async move {
             let _ = out
@@ -322,7 +217,7 @@ async fn a_download_that_stalls_after_its_start_times_out() {
 #[tokio::test]
 async fn a_download_past_its_limit_is_refused_before_it_is_kept() {
     // The agent ignores the request's limit and sends without end.
-    let agent = FakeAgent::start(http(|_req| async {
+    let agent = start(http(|_req| async {
         let (out, body) = frame_channel(4);
         tokio::spawn(async move {
             let _ = out
@@ -363,7 +258,7 @@ fn throttled_source(chunks: usize, chunk: usize, every: Duration) -> tokio::io::
 
 #[tokio::test]
 async fn a_slow_upload_that_keeps_moving_outlives_the_call_timeout() {
-    let agent = FakeAgent::start(http(|req| async move {
+    let agent = start(http(|req| async move {
         let size = consume_upload(req).await;
         ok(serde_json::to_vec(&FileWriteResponse { size }).expect("serializable"))
     }))
@@ -381,7 +276,7 @@ async fn a_slow_upload_that_keeps_moving_outlives_the_call_timeout() {
 
 #[tokio::test]
 async fn an_upload_the_agent_stops_reading_times_out() {
-    let agent = FakeAgent::start(http(|req| async move {
+    let agent = start(http(|req| async move {
         // Keep the request (and so the stream) without reading it, and never answer.
         let _request = req;
         std::future::pending().await
@@ -396,7 +291,7 @@ async fn an_upload_the_agent_stops_reading_times_out() {
 
 #[tokio::test]
 async fn an_agent_that_takes_an_upload_but_never_answers_times_out() {
-    let agent = FakeAgent::start(http(|req| async move {
+    let agent = start(http(|req| async move {
         consume_upload(req).await;
         std::future::pending().await
     }))
@@ -423,7 +318,7 @@ proptest! {
         runtime.block_on(async move {
             let tail = Bytes::from(tail);
             let unary = Bytes::from(unary);
-            let agent = FakeAgent::start(http(move |req| {
+            let agent = start(http(move |req| {
                 let (tail, unary) = (tail.clone(), unary.clone());
                 async move {
                     if req.uri().path() == kiln_proto::routes::EXEC {
@@ -445,79 +340,8 @@ proptest! {
     }
 }
 
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-/// One exec stream of a hostile agent, from `seed`: a start, then up to 2,000 frames (in a
-/// third of the streams only output, of any size up to 512 bytes; in the others also
-/// control messages that do not belong, frames the host never receives, JSON that is not
-/// JSON), then an exit, an error, nothing, or bytes that are not a frame. Returns the stream
-/// and how many frames it holds.
-fn hostile_exec_stream(seed: u64) -> (Vec<u8>, u64) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Frame::control(&ExecEvent::Started { pid: 7 })
-        .encode()
-        .to_vec();
-    let random_bytes = |rng: &mut rand::rngs::StdRng, most: usize| {
-        let mut bytes = vec![0u8; rng.gen_range(0..=most)];
-        rng.fill(&mut bytes[..]);
-        bytes
-    };
-    let count = rng.gen_range(1..2000u64);
-    let clean = rng.gen_range(0..3) == 0;
-    for _ in 0..count {
-        let pick = if clean { 0 } else { rng.gen_range(0..100) };
-        let frame = match pick {
-            0..=69 => {
-                let kind = if rng.gen() {
-                    FrameKind::Stdout
-                } else {
-                    FrameKind::Stderr
-                };
-                Frame::new(kind, random_bytes(&mut rng, 512).into())
-            }
-            70..=79 => Frame::control(&ExecEvent::OutputDropped { bytes: rng.gen() }),
-            80..=84 => Frame::new(FrameKind::Stdin, random_bytes(&mut rng, 64).into()),
-            85..=89 => Frame::new(FrameKind::Data, random_bytes(&mut rng, 64).into()),
-            90..=94 => Frame::new(FrameKind::Control, random_bytes(&mut rng, 64).into()),
-            _ => Frame::control(&ExecEvent::Started { pid: rng.gen() }),
-        };
-        out.extend_from_slice(&frame.encode());
-    }
-    match if clean { 0 } else { rng.gen_range(0..100) } {
-        0..=49 => out.extend_from_slice(
-            &Frame::control(&ExecEvent::Exited {
-                status: kiln_proto::messages::ExitStatus {
-                    code: Some(rng.gen()),
-                    signal: None,
-                },
-                timed_out: false,
-            })
-            .encode(),
-        ),
-        50..=69 => out.extend_from_slice(
-            &Frame::control(&ExecEvent::Error(kiln_proto::messages::AgentError::new(
-                kiln_proto::messages::ErrorKind::Io,
-                "hostile",
-            )))
-            .encode(),
-        ),
-        70..=84 => {}
-        _ => out.extend_from_slice(&random_bytes(&mut rng, 64)),
-    }
-    (out, count + 2)
-}
-
 /// Frames of the hostile-stream test: `KILN_FUZZ_FRAMES`, 1,000,000 by default (about 2 s
-/// in a debug build).
+/// in a debug build). `kiln check fuzz` runs the same fuzz against its own build.
 fn fuzz_frames() -> u64 {
     std::env::var("KILN_FUZZ_FRAMES")
         .ok()
@@ -527,42 +351,9 @@ fn fuzz_frames() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_exec_streams_end_in_an_answer_or_an_error_with_memory_bounded() {
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let session = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let agent = {
-        let (sent, session) = (sent.clone(), session.clone());
-        FakeAgent::start(http(move |_req| {
-            let seed = session.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let (stream, frames) = hostile_exec_stream(seed);
-            sent.fetch_add(frames, std::sync::atomic::Ordering::SeqCst);
-            async move { ok(stream) }
-        }))
+    let report = fuzz_exec_streams(fuzz_frames(), 0)
         .await
-    };
-    let client = agent.client();
-    let target = fuzz_frames();
-    let (mut answered, mut refused) = (0u64, 0u64);
-    let mut rss_at_start = None;
-    while sent.load(std::sync::atomic::Ordering::SeqCst) < target {
-        match within(client.run(exec(), 64 << 10)).await {
-            Ok(result) => {
-                assert!(result.stdout.len() + result.stderr.len() <= 2 * (64 << 10) + 1024);
-                answered += 1;
-            }
-            Err(ClientError::Protocol(_) | ClientError::Agent(_)) => refused += 1,
-            Err(other) => panic!("a hostile stream must be a protocol or agent error: {other:?}"),
-        }
-        // Measured once the client's buffers and the runtime have grown to their working size.
-        if answered + refused == 20 {
-            rss_at_start = Some(rss_kib());
-        }
-    }
-    let grown = rss_kib().saturating_sub(rss_at_start.unwrap_or_else(rss_kib));
-    eprintln!(
-        "{} frames in {} streams: {answered} answered, {refused} refused; RSS grew {grown} KiB",
-        sent.load(std::sync::atomic::Ordering::SeqCst),
-        answered + refused
-    );
-    assert!(answered > 0 && refused > 0, "both endings seen");
-    assert!(grown < 32 << 10, "memory grew {grown} KiB");
+        .expect("fake agent");
+    eprintln!("{report:?}");
+    assert!(report.passed(), "{report:?}");
 }

@@ -59,11 +59,11 @@ struct OperationFigures {
 
 /// The daemon's figures at one moment.
 #[derive(Debug, Clone, Copy, Serialize)]
-struct DaemonSample {
-    at_secs: f64,
-    rss_mib: f64,
-    open_fds: usize,
-    threads: usize,
+pub(crate) struct DaemonSample {
+    pub(crate) at_secs: f64,
+    pub(crate) rss_mib: f64,
+    pub(crate) open_fds: usize,
+    pub(crate) threads: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,7 +260,7 @@ async fn cycle(client: &Client, tally: &Mutex<Tally>, template: &str, cycle: usi
 }
 
 /// The daemon's resident memory, open descriptors and threads now.
-fn sample(pid: u32, started: Instant) -> Option<DaemonSample> {
+pub(crate) fn sample(pid: u32, started: Instant) -> Option<DaemonSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -546,12 +546,13 @@ pub async fn faults(client: &Client, options: &FaultOptions) -> Result<bool> {
 /// How much of the reliability suite `kiln check suite` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Profile {
-    /// For CI: each escape probe once (as root) with its control, a 2-minute soak, a VMM
-    /// killed, the recovery faults with 10 sandboxes, the abuses with their goals reported.
+    /// For CI: each escape probe once (as root) with its control, a 2-minute soak, 500
+    /// fuzzed API requests and 50,000 hostile agent frames, a VMM killed, the recovery
+    /// faults with 10 sandboxes, the abuses with their goals reported.
     Quick,
     /// For the published figures: each escape probe as root and as an unprivileged user, a
-    /// 30-minute soak, a VMM killed, the recovery faults with 50 sandboxes, the abuses with
-    /// their goals enforced.
+    /// 30-minute soak, 10,000 fuzzed API requests and 1,000,000 hostile agent frames, a VMM
+    /// killed, the recovery faults with 50 sandboxes, the abuses with their goals enforced.
     Full,
 }
 
@@ -578,7 +579,7 @@ pub struct SuiteOptions {
     pub inputs: crate::check_daemon::DaemonInputs,
 }
 
-/// Runs the escape probes, the soak, the fault checks and the abuses in turn (each prints its report), then a
+/// Runs the escape probes, the soak, the fuzz, the fault checks and the abuses in turn (each prints its report), then a
 /// line per check. Returns whether all passed.
 pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
     let full = options.profile == Profile::Full;
@@ -612,6 +613,16 @@ pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
         root_only: !full,
         json: false,
     };
+    let fuzz_options = crate::check_fuzz::FuzzOptions {
+        requests: if full { 10_000 } else { 500 },
+        frames: if full { 1_000_000 } else { 50_000 },
+        seed: None,
+        workers: 2,
+        template: options.template.clone(),
+        daemon_pid: options.daemon_pid,
+        verbose: false,
+        json: false,
+    };
     let started = Instant::now();
     let mut results = Vec::new();
     // A check that cannot finish is a failed one; the others still run.
@@ -623,6 +634,7 @@ pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
     };
     outcome("escape", crate::check_escape::escape(&escape_options).await);
     outcome("soak", soak(client, &soak_options).await);
+    outcome("fuzz", crate::check_fuzz::fuzz(client, &fuzz_options).await);
     outcome("faults", faults(client, &fault_options).await);
     outcome(
         "recovery",

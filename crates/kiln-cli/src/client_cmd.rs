@@ -114,6 +114,11 @@ impl Client {
         &self.url
     }
 
+    /// The API key it sends.
+    pub(crate) fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// Whether it has an API key to send.
     pub(crate) fn has_key(&self) -> bool {
         self.key.is_some()

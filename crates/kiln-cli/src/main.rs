@@ -14,6 +14,7 @@ mod check_abuse;
 mod check_cmd;
 mod check_daemon;
 mod check_escape;
+mod check_fuzz;
 mod check_recovery;
 mod client_cmd;
 mod keys_cmd;
@@ -216,6 +217,13 @@ enum CheckCommand {
     /// the database locked by another process and damaged at start (clear errors, nothing
     /// lost). Run as root.
     Recovery(check_recovery::RecoveryOptions),
+    /// Requests generated from the daemon's OpenAPI document (valid, valid with one part
+    /// broken, random JSON, bytes that are not JSON, hostile ids, paths, queries and keys):
+    /// no 5xx, every error the API's JSON with its request id, the daemon healthy after and
+    /// nothing the fuzz made left. Then hostile exec streams from a fake agent against the
+    /// host's agent client: no panic or hang, memory bounded. Use a tenant's key: the fuzz
+    /// does whatever that key may (it never names what existed before it started).
+    Fuzz(check_fuzz::FuzzOptions),
     /// The checks above in one run: `--profile quick` (CI: each escape probe as root, a
     /// 2-minute soak, goals reported) or `--profile full` (escape probes also as an
     /// unprivileged user, a 30-minute soak, the abuses' goals enforced). Exit status 1 if any
@@ -712,6 +720,7 @@ async fn client_command(leading: &client_cmd::ClientArgs, command: Commands) -> 
                 CheckCommand::Abuse(options) => check_abuse::abuse(&client, &options).await?,
                 CheckCommand::Escape(options) => check_escape::escape(&options).await?,
                 CheckCommand::Recovery(options) => check_recovery::recovery(&options).await?,
+                CheckCommand::Fuzz(options) => check_fuzz::fuzz(&client, &options).await?,
                 CheckCommand::Suite(options) => check_cmd::suite(&client, &options).await?,
             };
             return Ok(if passed { 0 } else { 1 });

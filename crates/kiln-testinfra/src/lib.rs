@@ -1,6 +1,7 @@
 //! Helpers shared by kiln's end-to-end tests (real QEMU, real templates).
 
 pub mod dns;
+pub mod hostile_agent;
 pub mod internet;
 pub mod loopfs;
 
