@@ -854,6 +854,24 @@ impl Network {
                 ns.name()
             )));
         }
+        // A namespace an earlier daemon wired may lack rules added since: its guest's
+        // packets with another source, or that leave untranslated, are dropped from now on
+        // as in a new one.
+        let guard = ns
+            .open()
+            .map_err(|e| NetworkError::Io {
+                context: "opening the sandbox namespace".into(),
+                source: e,
+            })
+            .and_then(|netns| {
+                use std::os::fd::AsFd;
+                let script = nft::guard_chains(&self.sandbox_table(self.link(slot)));
+                cmd::nft(Place::Namespace(netns.as_fd()), &script)
+            });
+        if let Err(e) = guard {
+            lock(&self.slots).give_back(slot);
+            return Err(e);
+        }
         self.register(slot, ns, policy)?;
         Ok(self.link(slot))
     }

@@ -166,6 +166,43 @@ pub struct SandboxTable<'a> {
     pub always: &'a AlwaysDenied,
 }
 
+/// The hook of chain `spoofed`: before conntrack and NAT.
+const SPOOFED_HOOK: &str = "type filter hook prerouting priority raw; policy accept;";
+
+/// The rule of chain `spoofed`: what comes from the guest with another source is dropped.
+fn spoofed_rule(tap: &str, guest: Ipv4Addr) -> String {
+    format!("iifname \"{tap}\" ip saddr != {guest} drop")
+}
+
+/// The hook of chain `untranslated`: after source NAT (`srcnat`, 100).
+const UNTRANSLATED_HOOK: &str = "type filter hook postrouting priority 110; policy accept;";
+
+/// The rule of chain `untranslated`: what leaves the link untranslated is dropped.
+fn untranslated_rule(uplink: &str, link: Ipv4Addr) -> String {
+    format!("oifname \"{uplink}\" ip saddr != {link} counter drop")
+}
+
+/// Puts chains `spoofed` and `untranslated` (as [`sandbox_table`] makes them) into a
+/// sandbox's table that may lack them: a namespace wired by an earlier daemon, adopted.
+/// Running it again changes nothing.
+pub fn guard_chains(t: &SandboxTable<'_>) -> String {
+    let table = t.table;
+    let mut s = String::new();
+    for (chain, hook, rule) in [
+        ("spoofed", SPOOFED_HOOK, spoofed_rule(t.tap, t.guest)),
+        (
+            "untranslated",
+            UNTRANSLATED_HOOK,
+            untranslated_rule(t.uplink, t.link),
+        ),
+    ] {
+        let _ = writeln!(s, "add chain inet {table} {chain} {{ {hook} }}");
+        let _ = writeln!(s, "flush chain inet {table} {chain}");
+        let _ = writeln!(s, "add rule inet {table} {chain} {rule}");
+    }
+    s
+}
+
 /// The sandbox namespace's table (in a fresh namespace), with `policy` in force.
 pub fn sandbox_table(t: &SandboxTable<'_>, policy: &EgressPolicy) -> String {
     let SandboxTable {
@@ -199,11 +236,15 @@ pub fn sandbox_table(t: &SandboxTable<'_>, policy: &EgressPolicy) -> String {
     // the host's) is dropped before conntrack or NAT sees it, so it can neither leave
     // unmasqueraded nor draw replies to someone else.
     let _ = writeln!(s, "  chain spoofed {{");
-    let _ = writeln!(
-        s,
-        "    type filter hook prerouting priority raw; policy accept;"
-    );
-    let _ = writeln!(s, "    iifname \"{tap}\" ip saddr != {guest} drop");
+    let _ = writeln!(s, "    {SPOOFED_HOOK}");
+    let _ = writeln!(s, "    {}", spoofed_rule(tap, guest));
+    let _ = writeln!(s, "  }}");
+    // What conntrack finds invalid (an echo reply or a TCP segment of no connection) skips
+    // source NAT: after it, anything leaving the link with another source than the link's
+    // is dropped (and counted).
+    let _ = writeln!(s, "  chain untranslated {{");
+    let _ = writeln!(s, "    {UNTRANSLATED_HOOK}");
+    let _ = writeln!(s, "    {}", untranslated_rule(uplink, link));
     let _ = writeln!(s, "  }}");
     let _ = writeln!(s, "  chain prerouting {{");
     let _ = writeln!(
@@ -413,6 +454,43 @@ mod tests {
         assert!(
             chain.contains("iifname \"tap0\" ip saddr != 172.31.255.2 drop"),
             "{chain}"
+        );
+        let chain = table
+            .split("chain untranslated {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .expect("an untranslated chain");
+        assert!(chain.contains("hook postrouting priority 110"), "{chain}");
+        assert!(
+            chain.contains("oifname \"up0\" ip saddr != 10.251.0.3 counter drop"),
+            "{chain}"
+        );
+    }
+
+    #[test]
+    fn the_guard_chains_of_an_adopted_namespace_are_put_in_whole_and_once() {
+        let always = AlwaysDenied::new("10.251.0.0/16".parse().expect("pool"), false, &[]);
+        let script = guard_chains(&table(&always));
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines.len(), 6, "{script}");
+        assert!(lines[0].starts_with(
+            "add chain inet kiln spoofed { type filter hook prerouting priority raw;"
+        ));
+        assert_eq!(
+            lines[1], "flush chain inet kiln spoofed",
+            "run again, it replaces"
+        );
+        assert_eq!(
+            lines[2],
+            "add rule inet kiln spoofed iifname \"tap0\" ip saddr != 172.31.255.2 drop"
+        );
+        assert!(lines[3].starts_with(
+            "add chain inet kiln untranslated { type filter hook postrouting priority 110;"
+        ));
+        assert_eq!(lines[4], "flush chain inet kiln untranslated");
+        assert_eq!(
+            lines[5],
+            "add rule inet kiln untranslated oifname \"up0\" ip saddr != 10.251.0.3 counter drop"
         );
     }
 

@@ -402,3 +402,117 @@ fn bandwidth_and_connection_limits_hold_and_can_be_lifted() {
     drop(ns);
     network.release(link);
 }
+
+/// `nft ARGS` in sandbox namespace `ns`: its output, or its error.
+fn nft_in(ns: &NetNs, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "nft"])
+        .args(args)
+        .output()
+        .expect("nft");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The rules of chain `chain` in sandbox namespace `ns`, or nft's error.
+fn chain_in(ns: &NetNs, table: &str, chain: &str) -> Result<String, String> {
+    nft_in(ns, &["list", "chain", "inet", table, chain])
+}
+
+#[test]
+fn untranslated_packets_are_dropped_and_adopted_namespaces_get_the_guards_too() {
+    let world = World::new(3);
+    let network = world.network();
+    let open = policy(true, &[], &[]);
+    let (ns, guest, link) = world.sandbox("adopted", &open);
+    let table = network.config().table();
+    // What conntrack finds invalid skips source NAT, and is dropped after it. The control:
+    // the guest's own connections are translated, so nothing is dropped.
+    assert!(matches!(reach(&guest, web(7000)), Reach::Greeted(_)));
+    assert_eq!(untranslated_drops(&ns, &table), 0);
+    unsolicited_echo_reply(&guest, WEB);
+    assert_eq!(
+        untranslated_drops(&ns, &table),
+        1,
+        "an echo reply to no request skips source NAT and is dropped after it"
+    );
+    // One to an address no policy opens is refused before: it never reaches the chain.
+    unsolicited_echo_reply(&guest, METADATA);
+    assert_eq!(untranslated_drops(&ns, &table), 1);
+    // As an earlier daemon left it: no chain `spoofed` or `untranslated`.
+    for chain in ["spoofed", "untranslated"] {
+        assert!(chain_in(&ns, &table, chain).is_ok(), "{chain} is made");
+        nft_in(&ns, &["delete", "chain", "inet", &table, chain]).expect("delete");
+        assert!(
+            chain_in(&ns, &table, chain).is_err(),
+            "the control: {chain} is gone"
+        );
+    }
+    // The daemon restarts (a new one, which knows no link yet) and adopts the namespace:
+    // the chains are back, each with its one rule.
+    let restarted = Network::open(world.internet.network_config()).expect("network");
+    let adopted = restarted.adopt(&ns, &open).expect("adopt");
+    assert_eq!(adopted, link);
+    let spoofed = chain_in(&ns, &table, "spoofed").expect("spoofed is back");
+    assert_eq!(
+        spoofed.matches("saddr != 172.31.255.2 drop").count(),
+        1,
+        "{spoofed}"
+    );
+    let untranslated = chain_in(&ns, &table, "untranslated").expect("untranslated is back");
+    assert_eq!(
+        untranslated.matches("counter packets").count(),
+        1,
+        "{untranslated}"
+    );
+    assert!(matches!(reach(&guest, web(7000)), Reach::Greeted(_)));
+    drop(ns);
+    drop(guest);
+    restarted.release(adopted);
+}
+
+/// Packets the chain `untranslated` of `ns` dropped.
+fn untranslated_drops(ns: &NetNs, table: &str) -> u64 {
+    let chain = chain_in(ns, table, "untranslated").expect("chain");
+    chain
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {chain}"))
+}
+
+/// Sends an ICMP echo reply (to no request: conntrack finds it invalid) from `guest` to
+/// `to`, through a raw socket.
+fn unsolicited_echo_reply(guest: &NetNs, to: std::net::Ipv4Addr) {
+    use nix::sys::socket::{
+        sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    guest
+        .run_in(move || {
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Raw,
+                SockFlag::empty(),
+                SockProtocol::Icmp,
+            )?;
+            // Type 0 (echo reply), code 0, checksum, id, sequence 1, 8 bytes of data.
+            let mut packet = vec![0u8, 0, 0, 0, 0x6b, 0x6e, 0, 1];
+            packet.extend_from_slice(b"kilnkiln");
+            let sum: u32 = packet
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            let folded = (sum & 0xffff) + (sum >> 16);
+            let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+            packet[2..4].copy_from_slice(&checksum.to_be_bytes());
+            let address = SockaddrIn::from(std::net::SocketAddrV4::new(to, 0));
+            sendto(fd.as_raw_fd(), &packet, &address, MsgFlags::empty())?;
+            Ok(())
+        })
+        .expect("sending from the guest");
+}
