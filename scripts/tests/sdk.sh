@@ -180,14 +180,16 @@ contract_suite() {
   if [ -n "${KILN_CONTRACT_UPDATE:-}" ]; then cp "$run/baseline.json" tests/contract/baseline.json; fi
 }
 
-# The reliability suite's soak against the same daemon (a steady mixed load, no error and
-# nothing left allowed; the daemon's memory, descriptors and threads are reported), then its
-# fault check (a VMM killed: its sandbox marked failed, the neighbour unaffected) and its
-# abuse check (six abuses, each beside a neighbour whose execs are timed).
+# The reliability suite's quick profile against the same daemon: the escape probes (on a
+# daemon of their own), the soak (a steady mixed load, no error and nothing left allowed;
+# the daemon's memory, descriptors and threads are reported), the fuzz (requests from the
+# OpenAPI document, hostile frames against the agent client), the fault check (a VMM killed:
+# its sandbox marked failed, the neighbour unaffected), the recovery faults (on a daemon of
+# their own) and the abuse check (six abuses, each beside a neighbour whose execs are timed).
 soak_suite() {
   local key
   key=$(KILN_DATA_DIR="$work/state" HOME="$work" "$kiln_bin" keys create --tenant soak 2>/dev/null)
-  step "reliability: kiln check suite --profile quick (escape probes as root with their controls, a ${KILN_SOAK_SECS:-120} s soak, a VMM killed with SIGKILL, recovery faults with 10 sandboxes, 6 abuses beside a neighbour)"
+  step "reliability: kiln check suite --profile quick (escape probes as root with their controls, a ${KILN_SOAK_SECS:-120} s soak, 500 fuzzed API requests and 50,000 hostile agent frames, a VMM killed with SIGKILL, recovery faults with 10 sandboxes, 6 abuses beside a neighbour)"
   "$kiln_bin" check suite --url "$KILN_URL" --api-key "$key" --profile quick \
     --soak-secs "${KILN_SOAK_SECS:-120}" --daemon-pid "$daemon_pid" \
     --templates-dir "$KILN_ROOT/templates" --agent "$KILN_AGENT_BIN" --cache-dir "$cache_root"

@@ -625,12 +625,19 @@ pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
     };
     let started = Instant::now();
     let mut results = Vec::new();
-    // A check that cannot finish is a failed one; the others still run.
+    // A check that cannot finish is a failed one; the others still run. The checks run one
+    // after another: each took the time since the one before it ended.
+    let mut ended = Instant::now();
     let mut outcome = |check: &'static str, result: Result<bool>| {
         if let Err(e) = &result {
             println!("{check}: could not finish: {e:#}");
         }
-        results.push((check, result.unwrap_or(false)));
+        results.push((
+            check,
+            result.unwrap_or(false),
+            ended.elapsed().as_secs_f64(),
+        ));
+        ended = Instant::now();
     };
     outcome("escape", crate::check_escape::escape(&escape_options).await);
     outcome("soak", soak(client, &soak_options).await);
@@ -649,8 +656,9 @@ pub async fn suite(client: &Client, options: &SuiteOptions) -> Result<bool> {
         if full { "full" } else { "quick" },
         started.elapsed().as_secs_f64()
     );
-    for (check, passed) in &results {
-        println!("  {check:<8} {}", if *passed { "passed" } else { "FAILED" });
+    for (check, passed, secs) in &results {
+        let verdict = if *passed { "passed" } else { "FAILED" };
+        println!("  {check:<8} {verdict:<6} {secs:>5.0} s");
     }
-    Ok(results.iter().all(|(_, passed)| *passed))
+    Ok(results.iter().all(|(_, passed, _)| *passed))
 }
