@@ -40,9 +40,9 @@ pub struct FuzzOptions {
     /// the full one's 1,000,000; 0 skips this part).
     #[arg(long, default_value_t = 50_000)]
     pub frames: u64,
-    /// Seed of the generated requests and streams (printed; random if absent). The same seed
-    /// against the same daemon and document sends the same requests in the same order when
-    /// `--workers 1`.
+    /// Seed of the generated requests and streams (printed; random if absent). With
+    /// `--workers 1` the same seed generates the same requests in the same order, but for the
+    /// ids of the sandboxes the fuzz makes.
     #[arg(long)]
     pub seed: Option<u64>,
     /// Requests in flight at once.
@@ -1041,15 +1041,15 @@ async fn api_fuzz(client: &Client, options: &FuzzOptions, seed: u64) -> Result<A
 }
 
 /// Keeps the fuzz's own sandboxes between one and [`MOST_SANDBOXES`]: learns the ones its
-/// requests made (by create or fork), destroys the oldest past the limit, makes one when none
-/// is left.
+/// requests made (by create or fork), destroys those past the limit, makes one when none is
+/// left.
 async fn tend(client: &Client, before: &Known, known: &Mutex<Known>, template: &str) -> Result<()> {
     let now = inventory(client).await?;
     let mut made = made_since(before, &now);
     while made.sandboxes.len() > MOST_SANDBOXES {
-        let oldest = made.sandboxes.remove(0);
+        let extra = made.sandboxes.remove(0);
         // Gone meanwhile (destroyed by a fuzzed request, or its time to live ran out).
-        if let Err(e) = crate::check_cmd::delete(client, &oldest).await {
+        if let Err(e) = crate::check_cmd::delete(client, &extra).await {
             if !format!("{e:#}").contains("not found") {
                 return Err(e);
             }

@@ -30,6 +30,10 @@ pub struct BakeOptions {
     /// key, so two tenants' byte-identical specs never share a bake (its start command ran
     /// with one tenant's inputs).
     pub owner: Option<String>,
+    /// Publish the bake without first making a sandbox from it. By default a bake is
+    /// checked so (a snapshot whose agent does not answer when restored is baked again, at
+    /// most twice); a test of restores themselves skips the check to see every bake as made.
+    pub skip_restore_check: bool,
 }
 
 /// What a restore needs, saved next to the snapshot files.

@@ -533,12 +533,54 @@ impl Engine {
         self.bake_with(images, BakeOptions::default()).await
     }
 
-    /// [`Engine::bake`] with options.
+    /// [`Engine::bake`] with options. Unless `options.skip_restore_check`, a new bake is
+    /// published only once a sandbox made from it has answered: a snapshot whose restored
+    /// agent does not answer (seen under TCG, rarely: every restore of such a bake fails the
+    /// same way) is discarded and baked again, at most twice.
     pub async fn bake_with(
         &self,
         images: &TemplateImages,
         options: BakeOptions,
     ) -> Result<BakedTemplate, EngineError> {
+        const BAKES: usize = 3;
+        let mut attempt = 1;
+        loop {
+            let (baked, fresh) = self.bake_once(images, options.clone()).await?;
+            if !fresh || options.skip_restore_check {
+                return Ok(baked);
+            }
+            let checked = async {
+                let sandbox =
+                    sandbox::create(&self.inner, &baked, CreateOptions::default()).await?;
+                sandbox.destroy().await
+            };
+            match checked.await {
+                Ok(()) => return Ok(baked),
+                Err(EngineError::Boot(reason)) if attempt < BAKES => {
+                    tracing::warn!(template = %images.spec.name, attempt, %reason, "a new bake did not restore: baking again");
+                    self.discard_bake(&baked)?;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if let Err(discard) = self.discard_bake(&baked) {
+                        tracing::warn!(template = %images.spec.name, error = %discard, "removing a bake that did not restore");
+                    }
+                    return Err(EngineError::Boot(format!(
+                        "a sandbox made from the new bake of `{}` failed ({attempt} bakes): {}",
+                        images.spec.name,
+                        crate::error_chain(&e)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// One bake of `images`, or the one already made of the same inputs; whether it is new.
+    async fn bake_once(
+        &self,
+        images: &TemplateImages,
+        options: BakeOptions,
+    ) -> Result<(BakedTemplate, bool), EngineError> {
         let init = InitRequest {
             env: images.rootfs.config.env.clone(),
             workdir: images.rootfs.config.workdir.clone(),
@@ -578,7 +620,7 @@ impl Engine {
             .join(format!("{}-{key}", images.spec.name));
         if dir.join("meta.json").is_file() {
             match BakedTemplate::open(&dir) {
-                Ok(baked) => return Ok(baked),
+                Ok(baked) => return Ok((baked, false)),
                 Err(e) => {
                     tracing::warn!(template = %images.spec.name, error = %e, "re-baking: saved snapshot is unusable");
                     std::fs::remove_dir_all(&dir)
@@ -610,10 +652,13 @@ impl Engine {
         }
         std::fs::rename(&staged, &dir)
             .map_err(|e| EngineError::io("publishing the baked template", e))?;
-        Ok(BakedTemplate {
-            dir,
-            meta: baked.meta,
-        })
+        Ok((
+            BakedTemplate {
+                dir,
+                meta: baked.meta,
+            },
+            true,
+        ))
     }
 
     /// Deletes a baked template (one that failed [`BakedTemplate::verify`]), so that the
