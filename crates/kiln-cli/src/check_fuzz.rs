@@ -33,7 +33,8 @@ use crate::stats::Summary;
 /// Options of `kiln check fuzz`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FuzzOptions {
-    /// Requests to send to the API (the quick profile's 500; the full one's 10,000).
+    /// Requests to send to the API (the quick profile's 500; the full one's 10,000). The
+    /// fuzz stops early after 25 findings.
     #[arg(long, default_value_t = 500)]
     pub requests: usize,
     /// Frames of hostile exec streams against the agent client (the quick profile's 50,000;
@@ -76,6 +77,10 @@ const SKIPPED: [(&str, &str, &str); 3] = [
 
 /// Sandboxes of the fuzz's own alive at once (a create or fork past it first destroys one).
 const MOST_SANDBOXES: usize = 3;
+
+/// Findings after which the fuzz stops early: the daemon is broken, and more requests
+/// would only wait out their timeouts.
+const ENOUGH_FINDINGS: usize = 25;
 
 /// How long one request may take before it counts as unanswered.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
@@ -957,7 +962,7 @@ async fn api_fuzz(client: &Client, options: &FuzzOptions, seed: u64) -> Result<A
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(worker as u64));
             loop {
                 let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= total {
+                if n >= total || tally.lock().await.findings >= ENOUGH_FINDINGS {
                     break;
                 }
                 if n % 20 == 0 {
