@@ -435,10 +435,20 @@ impl Recovery<'_> {
         let mut fault = Fault::new("database damaged at start");
         daemon.stop()?;
         let db = self.data_dir.join("kiln.db");
+        // The stopped daemon's last writes may still be in the write-ahead log, page 1 among
+        // them, and SQLite reads a page from the log before the file: damage there would be
+        // masked. Everything goes into the file first, so the damage hits what is read.
+        rusqlite::Connection::open(&db)
+            .and_then(|db| db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
+            .context("checkpointing the stopped daemon's database")?;
         let good = std::fs::read(&db)?;
+        ensure!(
+            good.len() >= 100,
+            "the database file holds {} bytes: no header to damage",
+            good.len()
+        );
         let mut bad = good.clone();
-        let header = bad.len().min(100);
-        bad[..header].fill(0x5a);
+        bad[..100].fill(0x5a);
         std::fs::write(&db, &bad)?;
         let log_before = std::fs::metadata(self.log).map(|m| m.len()).unwrap_or(0);
         let refused = self.daemon().await;
