@@ -163,11 +163,24 @@ impl AgentClient {
         route: &str,
         request: &Req,
     ) -> Result<Resp, ClientError> {
+        self.call_within(route, request, self.config.call_timeout)
+            .await
+    }
+
+    /// A unary call whose answer may take up to `answer_within` to start (the agent works
+    /// before it answers); reading the answer is bounded by the call timeout.
+    async fn call_within<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        route: &str,
+        request: &Req,
+        answer_within: Duration,
+    ) -> Result<Resp, ClientError> {
         let json = serde_json::to_vec(request)
             .map_err(|e| ClientError::Protocol(format!("encoding request: {e}")))?;
         let response = self
-            .send(route, Full::new(Bytes::from(json)).boxed())
+            .start_request(route, Full::new(Bytes::from(json)).boxed())
             .await?;
+        let response = bounded("agent call", answer_within, response).await?;
         bounded(
             "agent response",
             self.config.call_timeout,
@@ -265,10 +278,12 @@ impl AgentClient {
             .processes)
     }
 
-    /// Kills every user process of the guest (all but the agent); returns how many.
+    /// Kills every user process of the guest (all but the agent); returns how many, once
+    /// they are gone. The agent may take up to [`kiln_proto::KILL_ALL_WAIT`] to see them go.
     pub async fn kill_all(&self) -> Result<u32, ClientError> {
+        let answer_within = self.config.call_timeout + kiln_proto::KILL_ALL_WAIT;
         Ok(self
-            .call::<_, KillAllResponse>(routes::KILL_ALL, &Empty {})
+            .call_within::<_, KillAllResponse>(routes::KILL_ALL, &Empty {}, answer_within)
             .await?
             .killed)
     }

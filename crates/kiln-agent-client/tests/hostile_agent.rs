@@ -275,6 +275,29 @@ async fn a_slow_upload_that_keeps_moving_outlives_the_call_timeout() {
 }
 
 #[tokio::test]
+async fn a_kill_all_may_answer_after_the_call_timeout() {
+    // The agent answers every call three call timeouts late, as a kill-all of a fork bomb
+    // does under emulation: a kill-all waits for that answer, other calls do not.
+    let agent = start(http(|req| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if req.uri().path() == kiln_proto::routes::KILL_ALL {
+            ok(br#"{"killed":700}"#.to_vec())
+        } else {
+            ok(b"{}".to_vec())
+        }
+    }))
+    .await;
+    let client = agent.client();
+    assert_eq!(client.config().call_timeout, Duration::from_millis(500));
+    let killed = within(client.kill_all())
+        .await
+        .expect("a late kill-all answer");
+    assert_eq!(killed, 700);
+    let err = within(client.info()).await.expect_err("a late info answer");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test]
 async fn an_upload_the_agent_stops_reading_times_out() {
     let agent = start(http(|req| async move {
         // Keep the request (and so the stream) without reading it, and never answer.

@@ -17,6 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_proto::KILL_ALL_WAIT;
 use nix::mount::{mount, MsFlags};
 
 /// Where the agent mounts cgroup v2.
@@ -127,8 +128,9 @@ impl UserCgroup {
         self.limits
     }
 
-    /// Kills every process in the users' cgroup and below it, and waits (up to
-    /// [`KILL_WAIT`]) until they are gone. Returns how many there were.
+    /// Kills every process in the users' cgroup and below it, and waits until they are gone.
+    /// Returns how many there were. It waits while they keep leaving: at most
+    /// [`KILL_STALL`] without one leaving, and [`KILL_ALL_WAIT`] in all.
     pub fn kill_all(&self) -> io::Result<u32> {
         let count = count_processes(&self.dir);
         write(&self.dir.join("cgroup.kill"), "1").map_err(|e| {
@@ -137,30 +139,36 @@ impl UserCgroup {
                 format!("{e} (killing a cgroup's processes needs Linux 5.14 or later)"),
             )
         })?;
-        let deadline = Instant::now() + KILL_WAIT;
+        let started = Instant::now();
+        let (mut left, mut last_progress) = (count, started);
         loop {
             let events = std::fs::read_to_string(self.dir.join("cgroup.events"))?;
             if events.lines().any(|line| line == "populated 0") {
                 return Ok(count);
             }
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            let still = count_processes(&self.dir);
+            if still < left {
+                (left, last_progress) = (still, now);
+            }
+            if now - last_progress > KILL_STALL || now - started > KILL_ALL_WAIT {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "processes were still exiting {} s after they were killed",
-                        KILL_WAIT.as_secs()
+                        "processes were still exiting {} s after they were killed, none in the last {} s ({})",
+                        (now - started).as_secs(),
+                        (now - last_progress).as_secs(),
+                        describe_processes(&self.dir)
                     ),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-/// How long a kill-all waits for the killed to be gone. A fork bomb's thousands of
-/// processes took more than 10 s to exit under TCG on a loaded host; this stays under the
-/// host's 30 s call timeout, so a kill-all that does not finish is an error, not a timeout.
-const KILL_WAIT: Duration = Duration::from_secs(25);
+/// How long a kill-all waits without any killed process leaving before it gives up.
+const KILL_STALL: Duration = Duration::from_secs(15);
 
 /// Keeps the agent's pages in memory: its program's now (a guest short of memory would
 /// otherwise evict them and the agent would stall reading them back), the rest as they are
@@ -240,6 +248,53 @@ fn count_processes(dir: &Path) -> u32 {
     u32::try_from(own).unwrap_or(u32::MAX).saturating_add(below)
 }
 
+/// The processes in `dir` and below it, counted by state and by where they wait: for an
+/// error that says why they are not gone ("3 processes: 2 D in rwsem_down_read, 1 R").
+fn describe_processes(dir: &Path) -> String {
+    let mut pids = Vec::new();
+    collect_pids(dir, &mut pids);
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for pid in &pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = state_of(&stat).unwrap_or("gone").to_owned();
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        let kind = match wchan.trim() {
+            "" | "0" => state,
+            wchan => format!("{state} in {wchan}"),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let mut kinds: Vec<_> = kinds.into_iter().collect();
+    kinds.sort_by_key(|kind| std::cmp::Reverse(kind.1));
+    let shown: Vec<String> = kinds
+        .iter()
+        .take(6)
+        .map(|(kind, n)| format!("{n} {kind}"))
+        .collect();
+    format!("{} processes: {}", pids.len(), shown.join(", "))
+}
+
+/// The state letter of a `/proc/<pid>/stat` line: the field after the command, which is in
+/// parentheses and may itself hold any character.
+fn state_of(stat: &str) -> Option<&str> {
+    stat.rsplit_once(')')?.1.split_whitespace().next()
+}
+
+/// The process ids in `dir`'s `cgroup.procs` and those of every cgroup below it.
+fn collect_pids(dir: &Path, pids: &mut Vec<u32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(
+            text.lines()
+                .filter_map(|line| line.trim().parse::<u32>().ok()),
+        );
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_pids(&entry.path(), pids);
+        }
+    }
+}
+
 fn make_dir(dir: &Path) -> io::Result<()> {
     match std::fs::create_dir(dir) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
@@ -279,6 +334,13 @@ mod tests {
             odd.memory < 100 * MIB,
             "free memory is never more than the total"
         );
+    }
+
+    #[test]
+    fn the_state_follows_the_last_parenthesis() {
+        assert_eq!(state_of("42 (bash) D 1 42 42 0"), Some("D"));
+        assert_eq!(state_of("43 (a) R (b)) Z 1 43"), Some("Z"));
+        assert_eq!(state_of(""), None);
     }
 
     #[test]

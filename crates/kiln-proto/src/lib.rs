@@ -51,6 +51,13 @@ pub fn host_accepts_version(version: u32) -> bool {
 /// Largest JSON body (request or unary response) either side accepts.
 pub const MAX_JSON_BODY: usize = 4 << 20;
 
+/// The longest a kill-all waits for the killed processes to be gone before it answers. It
+/// waits while they keep exiting: thousands of a fork bomb's processes leave one at a time
+/// (each tears down its memory map under locks the others wait for), a second on KVM and
+/// up to a minute under emulation. A host waits this long, plus its usual call timeout, for
+/// the answer.
+pub const KILL_ALL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// HTTP/2 routes served by the agent. All are `POST` with a JSON or framed body.
 pub mod routes {
     /// Agent version, uptime, load, memory and disk use.
