@@ -18,9 +18,9 @@ use kiln_proto::messages::{Command, ExecRequest};
 const HANG: Duration = Duration::from_secs(10);
 
 /// The same for kill-all, which answers once the users' cgroup is empty: under TCG a fork
-/// bomb's hundreds of processes take 5 to over 25 s to exit (most of them waiting in
-/// `unlink_file_vma` for the lock of the program file they all map), while health calls
-/// during the bomb answer in milliseconds. The agent waits as long as they keep leaving.
+/// bomb's hundreds of processes take about 2 s to exit (5 to over 25 s before the agent
+/// lifted their memory limit for the kill), while health calls during the bomb answer in
+/// milliseconds. The agent waits as long as they keep leaving.
 const KILL_ALL_HANG: Duration = Duration::from_secs(kiln_proto::KILL_ALL_WAIT.as_secs() + 10);
 
 /// How long each abuse runs before it is killed.
@@ -174,17 +174,19 @@ async fn a_guest_cannot_wedge_its_agent() {
             summary("health", &mut health),
             summary("neighbour exec", &mut next_door)
         );
-        // Fully usable afterwards: a shell that forks, files, and nothing left of the abuse.
+        // Fully usable afterwards: a shell that forks, files, nothing left of the abuse, and
+        // the users' memory limit (lifted during the kill) back in force.
         assert_eq!(
             sh(
                 victim.agent(),
                 // Counted with builtins only: the shell itself is the one process left.
                 "echo usable > /root/after && cat /root/after && n=0 && \
-                 while read -r pid; do n=$((n+1)); done < /sys/fs/cgroup/user/cgroup.procs; echo $n"
+                 while read -r pid; do n=$((n+1)); done < /sys/fs/cgroup/user/cgroup.procs; echo $n; \
+                 cat /sys/fs/cgroup/user/memory.max"
             )
             .await,
-            "usable\n1",
-            "{name}: only the shell itself runs in the users' cgroup"
+            format!("usable\n1\n{}", figures[2]),
+            "{name}: only the shell itself runs in the users' cgroup, under its memory limit"
         );
     }
 
