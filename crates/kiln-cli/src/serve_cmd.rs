@@ -112,6 +112,11 @@ pub struct ServeArgs {
     /// [default: no budget beyond the reserve].
     #[arg(long)]
     pub disk_budget_mib: Option<u64>,
+    /// Seconds the daemon waits for a sandbox's agent to answer a call (an exec's start, a
+    /// file's stat, a health check) before the call fails with 503; output and transfers
+    /// wait on progress instead. Raise it on a slow host [default: 30].
+    #[arg(long)]
+    pub agent_call_timeout_secs: Option<u64>,
     /// Sandbox networking: `on` (each sandbox gets a link to the host, NAT egress with a
     /// policy, DNS) or `off` (a namespace and a tap, no way out) [default: on].
     #[arg(long, env = "KILN_NETWORK", value_parser = ["on", "off"])]
@@ -201,6 +206,7 @@ struct FileConfig {
     max_upload_bytes: Option<u64>,
     disk_reserve_mib: Option<u64>,
     disk_budget_mib: Option<u64>,
+    agent_call_timeout_secs: Option<u64>,
     network: Option<String>,
     network_pool: Option<ipnet::Ipv4Net>,
     name_prefix: Option<String>,
@@ -351,8 +357,16 @@ pub fn settings(args: ServeArgs) -> Result<Settings> {
     if disk_budget == Some(0) {
         bail!("setting `disk_budget_mib`: must be at least 1 (leave it out for no budget)");
     }
+    let agent_call_timeout = args
+        .agent_call_timeout_secs
+        .or(file.agent_call_timeout_secs)
+        .map_or(kiln_engine::DEFAULT_AGENT_CALL_TIMEOUT, Duration::from_secs);
+    if agent_call_timeout.is_zero() {
+        bail!("setting `agent_call_timeout_secs`: must be at least 1");
+    }
     let engine = EngineConfig {
         accel,
+        agent_call_timeout,
         guest_log: std::env::var("KILN_GUEST_LOG").ok(),
         prestart,
         warm_prestart: args.warm_prestart.or(file.warm_prestart).unwrap_or(true),

@@ -127,6 +127,11 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     fn kiln(&self, key: Option<&str>, args: &[&str]) -> Output {
+        self.kiln_command(key, args).output().expect("kiln runs")
+    }
+
+    /// The CLI against this daemon, to run.
+    fn kiln_command(&self, key: Option<&str>, args: &[&str]) -> Command {
         let mut command = Command::new(KILN);
         command
             .args(args)
@@ -137,7 +142,7 @@ impl Daemon {
         if let Some(key) = key {
             command.env("KILN_API_KEY", key);
         }
-        command.output().expect("kiln runs")
+        command
     }
 
     fn kiln_ok(&self, key: Option<&str>, args: &[&str]) -> String {
@@ -510,13 +515,33 @@ fn serve_use_crash_restart_and_stop() {
     assert!(String::from_utf8_lossy(&exec.stderr).contains("failed"));
     daemon.kiln_ok(key, &["sandbox", "rm", &id]);
 
-    // SIGINT (Ctrl-C, scripts/down.sh) stops the daemon and destroys what runs.
+    // SIGINT (Ctrl-C, scripts/down.sh) stops the daemon and destroys what runs, a sandbox
+    // whose create is in flight included: the daemon waits for the create, then destroys it.
     let second = daemon.kiln_ok(key, &["sandbox", "create"]);
     daemon.sandboxes.push(second.clone());
+    let in_flight = daemon
+        .kiln_command(key, &["sandbox", "create"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln runs");
+    std::thread::sleep(Duration::from_millis(300));
     let status = daemon.stop_daemon(libc::SIGINT);
     assert!(status.success(), "daemon exit: {status}\n{}", daemon.log());
+    let created = in_flight.wait_with_output().expect("kiln ends");
+    if created.status.success() {
+        daemon
+            .sandboxes
+            .push(String::from_utf8_lossy(&created.stdout).trim().to_owned());
+    }
     let ids = daemon.sandboxes.clone();
     assert_no_leftovers(&daemon, &ids);
+    let left: Vec<_> = std::fs::read_dir(daemon.data.path().join("state/sandboxes"))
+        .expect("sandboxes directory")
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert!(left.is_empty(), "sandbox directories left: {left:?}");
 
     // A bake damaged on disk while the daemon was down fails its check at the next start's
     // first use, and is made again.

@@ -120,6 +120,7 @@ impl From<EngineError> for ControlError {
                 id,
             },
             EngineError::Exhausted(message) => ControlError::Unavailable(message),
+            EngineError::Stopping => ControlError::Unavailable(EngineError::Stopping.to_string()),
             EngineError::NoSpace(message) => ControlError::InsufficientStorage(message),
             EngineError::Conflict(message) => ControlError::Conflict(message),
             EngineError::Network(kiln_network::NetworkError::Policy(message)) => {
@@ -1395,6 +1396,11 @@ impl Control {
     pub async fn shutdown(&self) {
         self.inner.forwards.stop_all();
         self.inner.engine.shutdown_prestarted().await;
+        // A create in flight would otherwise register its sandbox after the list below.
+        self.inner
+            .engine
+            .stop_creating(kiln_engine::STOP_WAIT)
+            .await;
         for info in self.inner.engine.list() {
             match self.inner.engine.destroy(&info.id).await {
                 // Gone meanwhile (its time to live ran out, or its VMM ended).

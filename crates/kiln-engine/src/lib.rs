@@ -20,6 +20,7 @@ pub mod space;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use kiln_image::template::TemplateImages;
 use kiln_proto::messages::InitRequest;
@@ -113,6 +114,9 @@ pub enum EngineError {
     /// Sandbox networking failed or refused a policy.
     #[error(transparent)]
     Network(#[from] kiln_network::NetworkError),
+    /// The engine is stopping and makes no new sandboxes ([`Engine::stop_creating`]).
+    #[error("the daemon is stopping: it makes no new sandboxes")]
+    Stopping,
 }
 
 /// Ends the process at once (as `kill -9` would, its VMMs left running) if failpoint `name`
@@ -211,7 +215,18 @@ pub struct EngineConfig {
     pub network: Option<kiln_network::NetworkConfig>,
     /// Limits on the disk space sandboxes take on the host (see [`space`]).
     pub disk: DiskLimits,
+    /// How long the host waits for a sandbox's agent to answer a call before the call fails
+    /// (a guest that stopped answering, or one too slow); streams wait on progress instead.
+    pub agent_call_timeout: Duration,
 }
+
+/// How long the host waits by default for an agent's answer: a loaded host under emulation
+/// may take seconds where KVM takes milliseconds.
+pub const DEFAULT_AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stopping engine waits for creates in flight ([`Engine::stop_creating`]): a
+/// create takes seconds, a fork of many children under emulation a minute.
+pub const STOP_WAIT: Duration = Duration::from_secs(120);
 
 /// Most VMMs kept pre-started per template.
 pub const MAX_PRESTART: usize = 2;
@@ -229,6 +244,7 @@ impl EngineConfig {
             warm_prestart: true,
             network: None,
             disk: DiskLimits::default(),
+            agent_call_timeout: DEFAULT_AGENT_CALL_TIMEOUT,
         }
     }
 }
@@ -296,6 +312,10 @@ pub(crate) struct Inner {
     /// VMMs being pre-started right now; none start once the engine shuts down.
     pub(crate) prestarting: tokio::sync::watch::Sender<usize>,
     pub(crate) shutting_down: std::sync::atomic::AtomicBool,
+    /// Creates and bakes in flight (see [`sandbox::Creating`]); none start once `closed`
+    /// is set, which is set under this channel's lock.
+    pub(crate) creating: tokio::sync::watch::Sender<usize>,
+    pub(crate) closed: std::sync::atomic::AtomicBool,
     pub(crate) events: tokio::sync::broadcast::Sender<SandboxEvent>,
     /// Sandbox networking, if configured.
     pub(crate) network: Option<Arc<kiln_network::Network>>,
@@ -446,6 +466,8 @@ impl Engine {
                 prestarted: Mutex::new(std::collections::HashMap::new()),
                 prestarting: tokio::sync::watch::Sender::new(0),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
+                creating: tokio::sync::watch::Sender::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
                 events: tokio::sync::broadcast::Sender::new(1024),
                 network,
                 pinned_captures: Mutex::new(std::collections::HashSet::new()),
@@ -543,6 +565,8 @@ impl Engine {
         options: BakeOptions,
     ) -> Result<BakedTemplate, EngineError> {
         const BAKES: usize = 3;
+        // A stopping engine waits for the bake too: its VMM and files are its own to remove.
+        let _baking = sandbox::Creating::enter(&self.inner)?;
         let mut attempt = 1;
         loop {
             let (baked, fresh) = self.bake_once(images, options.clone()).await?;
@@ -564,6 +588,9 @@ impl Engine {
                 Err(e) => {
                     if let Err(discard) = self.discard_bake(&baked) {
                         tracing::warn!(template = %images.spec.name, error = %discard, "removing a bake that did not restore");
+                    }
+                    if matches!(e, EngineError::Stopping) {
+                        return Err(e);
                     }
                     return Err(EngineError::Boot(format!(
                         "a sandbox made from the new bake of `{}` failed ({attempt} bakes): {}",
@@ -978,11 +1005,35 @@ impl Engine {
         results
     }
 
+    /// Makes no new sandboxes from now on (creates, forks and bakes fail with
+    /// [`EngineError::Stopping`]) and waits up to `limit` for those in flight to end, so that
+    /// a stopping daemon's last list of sandboxes holds every one; whether they all ended.
+    pub async fn stop_creating(&self, limit: Duration) -> bool {
+        self.inner.creating.send_modify(|_| {
+            self.inner
+                .closed
+                .store(true, std::sync::atomic::Ordering::SeqCst)
+        });
+        let mut in_flight = self.inner.creating.subscribe();
+        let drained = tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                creates = *self.inner.creating.borrow(),
+                "creates still in flight after {} s: their sandboxes may be left for the next start to clean up",
+                limit.as_secs()
+            );
+        }
+        drained
+    }
+
     /// Lets every sandbox run on without this engine (their VMMs, namespaces, cgroups and
     /// files stay, for the next run to adopt with [`Engine::recover`]); pre-started VMMs are
-    /// removed.
+    /// removed, and creates in flight end first ([`STOP_WAIT`]).
     pub async fn detach_all(&self) {
         self.shutdown_prestarted().await;
+        self.stop_creating(STOP_WAIT).await;
         let sandboxes: Vec<Arc<Sandbox>> = std::mem::take(&mut *lock(&self.inner.sandboxes))
             .into_values()
             .collect();

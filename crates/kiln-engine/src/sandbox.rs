@@ -786,6 +786,7 @@ pub(crate) async fn adopt(
         ClientConfig {
             hello_interval: Duration::from_millis(50),
             handshake_timeout: Duration::from_secs(30),
+            call_timeout: engine.config.agent_call_timeout,
             ..ClientConfig::default()
         },
     );
@@ -843,12 +844,41 @@ pub(crate) async fn adopt(
     Ok(sandbox)
 }
 
+/// A create (or a bake) in flight, counted until dropped so that a stopping engine waits for
+/// it before it lists its sandboxes for the last time ([`crate::Engine::stop_creating`]).
+pub(crate) struct Creating<'a>(&'a Inner);
+
+impl Creating<'_> {
+    /// Counts a create or bake, unless the engine no longer makes sandboxes.
+    pub(crate) fn enter(engine: &Inner) -> Result<Creating<'_>, EngineError> {
+        let admitted = engine.creating.send_if_modified(|n| {
+            let open = !engine.closed.load(std::sync::atomic::Ordering::SeqCst);
+            if open {
+                *n += 1;
+            }
+            open
+        });
+        if admitted {
+            Ok(Creating(engine))
+        } else {
+            Err(EngineError::Stopping)
+        }
+    }
+}
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.creating.send_modify(|n| *n -= 1);
+    }
+}
+
 /// Restores `template` into a new sandbox.
 pub(crate) async fn create(
     engine: &Arc<Inner>,
     template: &BakedTemplate,
     options: CreateOptions,
 ) -> Result<Arc<Sandbox>, EngineError> {
+    let _creating = Creating::enter(engine)?;
     match create_from(engine, template, &options, true).await {
         Ok(sandbox) => Ok(sandbox),
         Err(Attempt::Failed(e)) => Err(e),
@@ -1105,6 +1135,7 @@ pub(crate) async fn restore_guest(
         ClientConfig {
             hello_interval: Duration::from_millis(20),
             handshake_timeout: Duration::from_secs(30),
+            call_timeout: engine.config.agent_call_timeout,
             ..ClientConfig::default()
         },
     );

@@ -366,6 +366,24 @@ async fn bakes_nothing_uses_are_removed() {
         .await
         .expect("create from the bake kept");
     sandbox.destroy().await.expect("destroy");
+
+    // A stopping engine waits for a create in flight (here: one that starts its own VMM,
+    // seconds under TCG), so that its last list holds the sandbox; later creates are refused.
+    let creating = {
+        let (engine, new) = (engine.clone(), new.clone());
+        tokio::spawn(async move { engine.create(&new, CreateOptions::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(engine.stop_creating(Duration::from_secs(120)).await);
+    let listed: Vec<String> = engine.list().into_iter().map(|info| info.id).collect();
+    let sandbox = creating
+        .await
+        .expect("create task")
+        .expect("the create in flight ends");
+    assert_eq!(listed, vec![sandbox.id().to_owned()]);
+    let refused = engine.create(&new, CreateOptions::default()).await;
+    assert!(matches!(refused, Err(EngineError::Stopping)), "{refused:?}");
+    sandbox.destroy().await.expect("destroy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
