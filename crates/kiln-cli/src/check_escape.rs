@@ -15,9 +15,10 @@
 //! *ESCAPED*, *HOST AFFECTED*; *NOT BLOCKED* when an unprivileged user got as far as acting
 //! inside the guest, *INCONCLUSIVE* when the shared prober broke. A control that does not
 //! notice is *MISSED*. Any of these fails the check.
-//! Needs root (namespaces, the daemon's networking).
+//! Probes run in the guest's Python, started once per sandbox and user as a probe server
+//! (see [`ASK_SERVER`]). Needs root (namespaces, the daemon's networking).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +41,26 @@ use crate::client_cmd::Client;
 const SCRIPT: &str = include_str!("escape_probes.py");
 /// Where it is put in each guest.
 const SCRIPT_PATH: &str = "/tmp/kiln-probe.py";
+/// Asks the probe server of the exec's user (`escape_probes.py serve`, started once per
+/// sandbox and user: Python's start takes seconds under TCG) to run probe `$1` with the
+/// JSON arguments `$2`, and prints its report. Waits up to 30 s for the server to be ready.
+/// A probe whose process ends without a report (it crashed, or was killed) fails the exec,
+/// as the probe's own process failing did when each probe was an exec of its own.
+const ASK_SERVER: &str = r#"in=/tmp/kiln-probe-$(id -u).in
+n=0
+while [ ! -p "$in" ]; do
+  n=$((n + 1))
+  [ "$n" -le 600 ] || { echo "no probe server at $in" >&2; exit 3; }
+  sleep 0.05
+done
+reply=$(mktemp -u /tmp/kiln-probe-reply.XXXXXX)
+mkfifo -m 600 "$reply" || exit 3
+trap 'rm -f "$reply"' EXIT
+printf '%s %s %s\n' "$reply" "$1" "$2" > "$in"
+report=$(cat "$reply")
+[ -n "$report" ] || { echo "the probe's process ended without a report" >&2; exit 4; }
+printf '%s\n' "$report"
+"#;
 /// The recorder's TCP and UDP port on [`WEB`].
 const RECORDER_PORT: u16 = 7002;
 /// The neighbour's listener (in its guest, not exposed).
@@ -254,6 +275,13 @@ fn probes(t: &Targets) -> Vec<Probe> {
         )
         .judged(Judge::Spoof),
         Probe::new(
+            "packets of no connection (left untranslated by NAT)",
+            "invalid_packets",
+            json!({"dst": web, "port": RECORDER_PORT}),
+            json!({"valid": true, "dst": web, "port": RECORDER_PORT, "token": "invalid-control"}),
+        )
+        .judged(Judge::Spoof),
+        Probe::new(
             "host's other devices and vsock",
             "host_channels",
             json!({"allowed": [1, 2, 3], "ports": ["kiln.agent"]}),
@@ -453,6 +481,7 @@ async fn run(
         template: &options.template,
         prefix: &network.prefix,
         last: Mutex::new(None),
+        servers: Mutex::new(BTreeSet::new()),
     };
     eprintln!("escape: a neighbour, a prober and a control sandbox ...");
     let neighbour = checker.sandbox().await?;
@@ -726,6 +755,8 @@ struct Checker<'a> {
     prefix: &'a str,
     /// The decoys as last read (after the previous probe: the next one's "before").
     last: Mutex<Option<Decoys>>,
+    /// The sandboxes and users whose probe server runs.
+    servers: Mutex<BTreeSet<(String, String)>>,
 }
 
 impl Checker<'_> {
@@ -789,6 +820,28 @@ impl Checker<'_> {
         })
     }
 
+    /// Starts the probe server of `user` in `sandbox` unless it runs; the first probe's
+    /// exec waits until it is ready.
+    async fn start_server(&self, sandbox: &Sandbox, user: &str) -> Result<()> {
+        let key = (sandbox.id.clone(), user.to_owned());
+        if self.servers.lock().expect("servers").contains(&key) {
+            return Ok(());
+        }
+        let request = self
+            .client
+            .request(Method::POST, &format!("/v1/sandboxes/{}/exec", sandbox.id))
+            .timeout(CALL_TIMEOUT)
+            .json(&json!({
+                "command": ["python3", SCRIPT_PATH, "serve"],
+                "user": user,
+                "cwd": "/tmp",
+                "background": true,
+            }));
+        self.client.send(request).await?;
+        self.servers.lock().expect("servers").insert(key);
+        Ok(())
+    }
+
     /// The probe's script in a guest; an exec that fails is a probe that did not get through.
     async fn probe(
         &self,
@@ -798,14 +851,18 @@ impl Checker<'_> {
         args: &Value,
     ) -> GuestReport {
         let args = args.to_string();
-        match self
-            .exec(
-                &sandbox.id,
-                user,
-                &["python3", SCRIPT_PATH, function, &args],
-            )
-            .await
-        {
+        let ran = match self.start_server(sandbox, user).await {
+            Ok(()) => {
+                self.exec(
+                    &sandbox.id,
+                    user,
+                    &["sh", "-c", ASK_SERVER, "sh", function, &args],
+                )
+                .await
+            }
+            Err(e) => Err(e.context("starting the probe server")),
+        };
+        match ran {
             Ok(report) => serde_json::from_str(report.detail.lines().last().unwrap_or(""))
                 .unwrap_or(GuestReport {
                     detail: format!("no report: {}", report.detail),
@@ -1248,6 +1305,11 @@ impl EscapeDaemon {
             &format!("{dns}:53"),
             "--default-template",
             &options.template,
+            // A probe that silences its agent costs this long (its exec's stream ends when
+            // the agent misses keep-alive pings, every 5 s), not the default 30 s; the
+            // probes' own calls answer in a second or two.
+            "--agent-call-timeout-secs",
+            "10",
         ]
         .map(String::from)
         .to_vec();

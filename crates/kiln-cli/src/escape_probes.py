@@ -1,4 +1,5 @@
-"""kiln check escape: the probes, run inside a sandbox's guest by `python3 probes.py NAME ARGS`.
+"""kiln check escape: the probes, run inside a sandbox's guest by `python3 probes.py NAME ARGS`,
+or by a probe server (`python3 probes.py serve`, see `serve`).
 
 Each probe tries one way out of the sandbox and prints one JSON line: {"reached": bool,
 "detail": str}. "reached" means the probe got what it went for (a connection, an answer, a
@@ -14,6 +15,7 @@ import mmap
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -242,6 +244,42 @@ def udp_spoof(args):
             raw.sendto(packet, (dst, 0))
     time.sleep(0.3)
     report(True, "sent 3 datagrams each from %s to %s:%d" % (args["src"], dst, port))
+
+
+def invalid_packets(args):
+    """Packets of no connection from the guest's own address (an echo reply nobody asked
+    for, a TCP RST and a TCP FIN+ACK out of the blue): conntrack finds them invalid, so NAT
+    leaves them untranslated, and were they to leave its namespace the host's end of the link
+    would see the guest's fixed address. With `valid`, a UDP datagram that starts a flow
+    instead (the control: it leaves translated, and arrives)."""
+    dst, port = args["dst"], int(args["port"])
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except OSError as e:
+        return report(False, "no raw socket: %s" % e)
+    src = own_address()
+    packets = []
+    if args.get("valid"):
+        payload = args["token"].encode()
+        udp = struct.pack("!HHHH", 40001, port, 8 + len(payload), 0) + payload
+        packets.append(ipv4_header(src, dst, 17, len(udp)) + udp)
+    else:
+        echo = struct.pack("!BBHHH", 0, 0, 0, random.randrange(65536), 1) + b"kiln"
+        echo = echo[:2] + struct.pack("!H", checksum(echo)) + echo[4:]
+        packets.append(ipv4_header(src, dst, 1, len(echo)) + echo)
+        for flags in (0x04, 0x11):  # RST; FIN+ACK
+            tcp = struct.pack("!HHIIBBHHH", random.randrange(20000, 60000), port,
+                              random.randrange(1 << 32), random.randrange(1 << 32), 5 << 4,
+                              flags, 64240, 0, 0)
+            pseudo = (socket.inet_aton(src) + socket.inet_aton(dst)
+                      + struct.pack("!BBH", 0, 6, len(tcp)))
+            tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+            packets.append(ipv4_header(src, dst, 6, len(tcp)) + tcp)
+    for packet in packets:
+        for _ in range(3):
+            raw.sendto(packet, (dst, 0))
+    time.sleep(0.3)
+    report(True, "sent %d packets 3 times each from %s to %s" % (len(packets), src, dst))
 
 
 def mac_spoof(args):
@@ -587,12 +625,51 @@ def disk_overwrite(args):
 
 
 PROBES = {f.__name__: f for f in (
-    connect, resolve_connect, dns_direct, scan, frame_syn, udp_spoof, mac_spoof, arp_claim,
+    connect, resolve_connect, dns_direct, scan, frame_syn, udp_spoof, invalid_packets, mac_spoof,
+    arp_claim,
     ipv6_neighbours, unix_socket, host_channels, devmem_poke, ioport_poke, console_flood,
     agent_garbage, agent_hang, kernel_panic, disk_overwrite)}
 
-if __name__ == "__main__":
+def run(name, args):
     try:
-        PROBES[sys.argv[1]](json.loads(sys.argv[2]))
+        PROBES[name](json.loads(args) if isinstance(args, str) else args)
     except Exception as e:  # A probe that breaks is a probe that did not get through.
         report(False, "%s: %s" % (type(e).__name__, e))
+
+
+def serve():
+    """Runs probes on request, each in a child forked from this process, so that a probe
+    does not pay Python's start (seconds under emulation). Requests arrive one per line on
+    the FIFO /tmp/kiln-probe-UID.in as "REPLY NAME ARGS" (ARGS: the probe's JSON object); the
+    child writes its report to the FIFO REPLY, which the requesting exec reads. The FIFO
+    appears only once ready (made under another name, then renamed)."""
+    path = "/tmp/kiln-probe-%d.in" % os.getuid()
+    staging = path + ".new"
+    for stale in (path, staging):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    os.mkfifo(staging, 0o600)
+    os.rename(staging, path)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    while True:
+        with open(path) as requests:
+            for line in requests:
+                reply, _, request = line.rstrip("\n").partition(" ")
+                if os.fork() == 0:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    try:
+                        os.dup2(os.open(reply, os.O_WRONLY), 1)
+                        name, _, args = request.partition(" ")
+                        run(name, args)
+                    finally:
+                        sys.stdout.flush()
+                        os._exit(0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        run(sys.argv[1], sys.argv[2])

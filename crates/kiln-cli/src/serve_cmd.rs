@@ -114,7 +114,8 @@ pub struct ServeArgs {
     pub disk_budget_mib: Option<u64>,
     /// Seconds the daemon waits for a sandbox's agent to answer a call (an exec's start, a
     /// file's stat, a health check) before the call fails with 503; output and transfers
-    /// wait on progress instead. Raise it on a slow host [default: 30].
+    /// wait on progress instead, and end within it if the agent stops answering pings.
+    /// Raise it on a slow host [default: 30].
     #[arg(long)]
     pub agent_call_timeout_secs: Option<u64>,
     /// Sandbox networking: `on` (each sandbox gets a link to the host, NAT egress with a

@@ -216,7 +216,9 @@ pub struct EngineConfig {
     /// Limits on the disk space sandboxes take on the host (see [`space`]).
     pub disk: DiskLimits,
     /// How long the host waits for a sandbox's agent to answer a call before the call fails
-    /// (a guest that stopped answering, or one too slow); streams wait on progress instead.
+    /// (a guest that stopped answering, or one too slow). Streams wait on progress instead;
+    /// a stream whose agent stops answering is dropped within this time (keep-alive pings
+    /// every half of it).
     pub agent_call_timeout: Duration,
 }
 

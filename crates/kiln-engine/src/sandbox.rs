@@ -787,6 +787,7 @@ pub(crate) async fn adopt(
             hello_interval: Duration::from_millis(50),
             handshake_timeout: Duration::from_secs(30),
             call_timeout: engine.config.agent_call_timeout,
+            keepalive: keepalive(engine),
             ..ClientConfig::default()
         },
     );
@@ -842,6 +843,12 @@ pub(crate) async fn adopt(
     );
     tracing::info!(sandbox = %id, paused, "re-adopted");
     Ok(sandbox)
+}
+
+/// The keep-alive of a sandbox's agent session: a peer that stops answering in the middle
+/// of a stream (where no call timeout applies) is dropped within the agent call timeout.
+fn keepalive(engine: &Inner) -> Duration {
+    engine.config.agent_call_timeout / 2
 }
 
 /// A create (or a bake) in flight, counted until dropped so that a stopping engine waits for
@@ -1136,6 +1143,7 @@ pub(crate) async fn restore_guest(
             hello_interval: Duration::from_millis(20),
             handshake_timeout: Duration::from_secs(30),
             call_timeout: engine.config.agent_call_timeout,
+            keepalive: keepalive(engine),
             ..ClientConfig::default()
         },
     );
