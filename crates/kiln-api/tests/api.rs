@@ -181,6 +181,45 @@ impl Api {
             .await
     }
 
+    /// Runs `sleep 60` in sandbox `id` and, 2 s into it, `change` (another request); checks
+    /// that the change is answered `changed`, and the call it cut `cut_status` with a
+    /// message that says `why`.
+    async fn cut_by(
+        &self,
+        (id, key): (&str, &str),
+        change: impl std::future::Future<Output = Reply>,
+        changed: StatusCode,
+        (cut_status, why): (StatusCode, &str),
+    ) {
+        let exec_uri = format!("/v1/sandboxes/{id}/exec");
+        let (cut, change) = tokio::join!(
+            self.json(
+                Method::POST,
+                &exec_uri,
+                key,
+                json!({ "command": "sleep 60" })
+            ),
+            async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                change.await
+            }
+        );
+        assert_eq!(
+            change.status,
+            changed,
+            "{:?}",
+            String::from_utf8_lossy(&change.body)
+        );
+        assert_eq!(cut.status, cut_status, "{}", cut.json());
+        assert!(
+            cut.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(why)),
+            "{}",
+            cut.json()
+        );
+    }
+
     fn key(&self, tenant: &str, admin: bool) -> String {
         let store =
             kiln_control::open_store(&self.control.config().engine.data_dir).expect("store");
@@ -1411,19 +1450,13 @@ async fn pause_resume_fork_and_expiry() {
     let pause = || api.json(Method::POST, &pause_uri, &alice, json!({}));
     // A call under way when another request pauses the sandbox is answered with that (409),
     // not with a 503 that says "try again".
-    let (cut, paused) = tokio::join!(exec("sleep 60"), async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        pause().await
-    });
-    assert_eq!(paused.status, StatusCode::OK, "{}", paused.json());
-    assert_eq!(cut.status, StatusCode::CONFLICT, "{}", cut.json());
-    assert!(
-        cut.json()["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("paused while the call ran")),
-        "{}",
-        cut.json()
-    );
+    api.cut_by(
+        (&id, &alice),
+        pause(),
+        StatusCode::OK,
+        (StatusCode::CONFLICT, "paused while the call ran"),
+    )
+    .await;
     let resumed = api
         .json(
             Method::POST,
@@ -1572,26 +1605,14 @@ async fn pause_resume_fork_and_expiry() {
             .await;
         assert_eq!(read.json()["stdout"], format!("kept\n{child}\n"));
         // A call under way when the sandbox is destroyed is answered 404, as the next is.
-        let exec_uri = format!("/v1/sandboxes/{child}/exec");
-        let sleep = api.json(
-            Method::POST,
-            &exec_uri,
-            &alice,
-            json!({ "command": "sleep 60" }),
-        );
-        let (cut, gone) = tokio::join!(sleep, async {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            api.delete(&format!("/v1/sandboxes/{child}"), &alice).await
-        });
-        assert_eq!(gone.status, StatusCode::NO_CONTENT);
-        assert_eq!(cut.status, StatusCode::NOT_FOUND, "{}", cut.json());
-        assert!(
-            cut.json()["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("destroyed while the call ran")),
-            "{}",
-            cut.json()
-        );
+        let child_uri = format!("/v1/sandboxes/{child}");
+        api.cut_by(
+            (child, &alice),
+            api.delete(&child_uri, &alice),
+            StatusCode::NO_CONTENT,
+            (StatusCode::NOT_FOUND, "destroyed while the call ran"),
+        )
+        .await;
     }
 
     // on_expiry pause: its time to live running out pauses it, with the paused retention.

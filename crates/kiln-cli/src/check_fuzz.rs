@@ -759,28 +759,17 @@ struct Finding {
 
 #[derive(Debug, Default)]
 struct Tally {
-    sent: usize,
-    statuses: std::collections::BTreeMap<u16, usize>,
-    unanswered: usize,
-    not_sent: usize,
-    cut_while_sending: usize,
-    cut_by_change: usize,
-    findings: usize,
-    first_findings: Vec<Finding>,
+    counts: Counts,
     latencies: Vec<Duration>,
     operations: BTreeSet<String>,
     valid_answered_2xx: usize,
 }
 
-/// What the API part found.
-#[derive(Debug, Serialize)]
-struct ApiReport {
-    seed: u64,
+/// The requests' outcomes, counted as they come and reported as they are.
+#[derive(Debug, Default, Serialize)]
+struct Counts {
     requests: usize,
-    operations_called: usize,
-    operations_skipped: Vec<String>,
     statuses: std::collections::BTreeMap<u16, usize>,
-    successes: usize,
     unanswered: usize,
     /// Generated but not a valid URL (not sent, not counted in `requests`).
     not_sent: usize,
@@ -790,7 +779,28 @@ struct ApiReport {
     /// Streams cut because another request paused or destroyed their sandbox meanwhile.
     cut_by_change: usize,
     findings: usize,
+    /// The first ten findings.
     first_findings: Vec<Finding>,
+}
+
+impl Counts {
+    fn found(&mut self, finding: Finding) {
+        self.findings += 1;
+        if self.first_findings.len() < 10 {
+            self.first_findings.push(finding);
+        }
+    }
+}
+
+/// What the API part found.
+#[derive(Debug, Serialize)]
+struct ApiReport {
+    seed: u64,
+    operations_called: usize,
+    operations_skipped: Vec<String>,
+    successes: usize,
+    #[serde(flatten)]
+    counts: Counts,
     latency: Option<Summary>,
     healthy_after: bool,
     left_after: Vec<String>,
@@ -962,22 +972,18 @@ async fn api_fuzz(client: &Client, options: &FuzzOptions, seed: u64) -> Result<A
             let mut rng = StdRng::seed_from_u64(seed.wrapping_add(worker as u64));
             loop {
                 let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= total || tally.lock().await.findings >= ENOUGH_FINDINGS {
+                if n >= total || tally.lock().await.counts.findings >= ENOUGH_FINDINGS {
                     break;
                 }
                 if n % 20 == 0 {
                     if let Err(e) = tend(&client, &before, &known, &template).await {
-                        let mut tally = tally.lock().await;
-                        tally.findings += 1;
-                        if tally.first_findings.len() < 10 {
-                            tally.first_findings.push(Finding {
-                                operation: "keeping the fuzz's sandboxes".into(),
-                                method: String::new(),
-                                url: String::new(),
-                                status: None,
-                                what: format!("{e:#}"),
-                            });
-                        }
+                        tally.lock().await.counts.found(Finding {
+                            operation: "keeping the fuzz's sandboxes".into(),
+                            method: String::new(),
+                            url: String::new(),
+                            status: None,
+                            what: format!("{e:#}"),
+                        });
                     }
                 }
                 let snapshot = known.lock().await.clone();
@@ -1017,24 +1023,19 @@ async fn api_fuzz(client: &Client, options: &FuzzOptions, seed: u64) -> Result<A
         .daemon_pid
         .and_then(|pid| crate::check_cmd::sample(pid, started));
     let tally = std::mem::take(&mut *tally.lock().await);
-    let passed =
-        tally.findings == 0 && tally.unanswered == 0 && healthy_after && left_after.is_empty();
+    let passed = tally.counts.findings == 0
+        && tally.counts.unanswered == 0
+        && healthy_after
+        && left_after.is_empty();
     Ok(ApiReport {
         seed,
-        requests: tally.sent,
         operations_called: tally.operations.len(),
         operations_skipped: SKIPPED
             .iter()
             .map(|(m, p, why)| format!("{m} {p} ({why})"))
             .collect(),
         successes: tally.valid_answered_2xx,
-        statuses: tally.statuses,
-        unanswered: tally.unanswered,
-        not_sent: tally.not_sent,
-        cut_while_sending: tally.cut_while_sending,
-        cut_by_change: tally.cut_by_change,
-        findings: tally.findings,
-        first_findings: tally.first_findings,
+        counts: tally.counts,
         latency: (!tally.latencies.is_empty()).then(|| Summary::of(&tally.latencies)),
         healthy_after,
         left_after,
@@ -1098,24 +1099,24 @@ async fn send(
             if finding.as_deref().is_some_and(|f| f.starts_with(BROKE_OFF))
                 && !still_running(client, &request.url).await
             {
-                let mut tally = tally.lock().await;
-                tally.sent += 1;
-                tally.cut_by_change += 1;
+                let counts = &mut tally.lock().await.counts;
+                counts.requests += 1;
+                counts.cut_by_change += 1;
                 return;
             }
             (Some(status), finding)
         }
         Err(e) if e.is_builder() => {
-            tally.lock().await.not_sent += 1;
+            tally.lock().await.counts.not_sent += 1;
             return;
         }
         // A body the daemon refuses before reading it all (a wrong key, over its limit): it
         // answers and closes the connection, and a client still sending may see the close
         // before the answer. Only a body larger than the sockets' buffers can be caught so.
         Err(e) if body_len >= 256 << 10 && chain(&e).contains("error writing a body") => {
-            let mut tally = tally.lock().await;
-            tally.sent += 1;
-            tally.cut_while_sending += 1;
+            let counts = &mut tally.lock().await.counts;
+            counts.requests += 1;
+            counts.cut_while_sending += 1;
             return;
         }
         Err(e) => (None, Some(format!("no answer: {}", chain(&e)))),
@@ -1130,39 +1131,37 @@ async fn send(
         );
     }
     let mut tally = tally.lock().await;
-    tally.sent += 1;
+    tally.counts.requests += 1;
     tally.latencies.push(started.elapsed());
     tally.operations.insert(request.operation.clone());
     match outcome.0 {
         Some(status) => {
-            *tally.statuses.entry(status).or_default() += 1;
+            *tally.counts.statuses.entry(status).or_default() += 1;
             if (200..300).contains(&status) {
                 tally.valid_answered_2xx += 1;
             }
         }
-        None => tally.unanswered += 1,
+        None => tally.counts.unanswered += 1,
     }
     if let Some(what) = outcome.1 {
-        tally.findings += 1;
-        if tally.first_findings.len() < 10 {
-            tally.first_findings.push(Finding {
-                operation: request.operation,
-                method: request.method.to_string(),
-                url: request.url.to_string(),
-                status: outcome.0,
-                what,
-            });
-        }
+        tally.counts.found(Finding {
+            operation: request.operation,
+            method: request.method.to_string(),
+            url: request.url.to_string(),
+            status: outcome.0,
+            what,
+        });
     }
 }
 
 fn print_report(report: &FuzzReport) {
     let api = &report.api;
+    let counts = &api.counts;
     println!(
         "fuzz: API, {} requests over {} operations in {:.0} s (seed {})",
-        api.requests, api.operations_called, api.secs, api.seed
+        counts.requests, api.operations_called, api.secs, api.seed
     );
-    let statuses: Vec<String> = api
+    let statuses: Vec<String> = counts
         .statuses
         .iter()
         .map(|(status, count)| format!("{status}: {count}"))
@@ -1175,14 +1174,14 @@ fn print_report(report: &FuzzReport) {
         );
     }
     println!("  not called      {}", api.operations_skipped.join("; "));
-    println!("  unanswered      {}", api.unanswered);
+    println!("  unanswered      {}", counts.unanswered);
     println!(
         "  cut short       {} while sending a large body refused early, {} streams of a sandbox paused or destroyed meanwhile",
-        api.cut_while_sending, api.cut_by_change
+        counts.cut_while_sending, counts.cut_by_change
     );
-    println!("  not sent        {} (not valid URLs)", api.not_sent);
-    println!("  findings        {}", api.findings);
-    for finding in &api.first_findings {
+    println!("  not sent        {} (not valid URLs)", counts.not_sent);
+    println!("  findings        {}", counts.findings);
+    for finding in &counts.first_findings {
         println!(
             "    {} {} -> {}: {}",
             finding.method,
