@@ -188,8 +188,8 @@ fn bad_gateway(status: StatusCode, message: String) -> Response {
 pub async fn forward(mut request: Request, target: SocketAddr, path: String, id: &str) -> Response {
     let client: Option<IpAddr> = request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+        .get::<ConnectInfo<crate::linger::ClientAddr>>()
+        .map(|ConnectInfo(crate::linger::ClientAddr(addr))| addr.ip());
     let stream =
         match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
             Ok(Ok(stream)) => stream,

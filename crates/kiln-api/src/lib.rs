@@ -9,6 +9,7 @@ mod files;
 mod handlers;
 pub mod ingress;
 mod interactive;
+pub mod linger;
 pub mod mcp;
 mod metrics;
 pub mod request_id;

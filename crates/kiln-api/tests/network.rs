@@ -53,8 +53,8 @@ async fn daemon() -> Daemon {
     );
     tokio::spawn(async move {
         let _ = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            kiln_api::linger::LingeringListener::new(listener),
+            app.into_make_service_with_connect_info::<kiln_api::linger::ClientAddr>(),
         )
         .await;
     });

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use kiln_api::linger::{ClientAddr, LingeringListener};
 use kiln_control::{Control, ControlConfig};
 use kiln_engine::EngineConfig;
 use kiln_vmm::accel::AccelChoice;
@@ -567,8 +568,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!(listen = %addr, "serving /metrics without a key");
         let mut stopped = stop_rx.clone();
         tokio::spawn(async move {
-            let served =
-                axum::serve(listener, routers.metrics).with_graceful_shutdown(async move {
+            let served = axum::serve(LingeringListener::new(listener), routers.metrics)
+                .with_graceful_shutdown(async move {
                     let _ = stopped.wait_for(Option::is_some).await;
                 });
             if let Err(e) = served.await {
@@ -578,7 +579,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     let mut stopped = stop_rx.clone();
     // The clients' addresses reach handlers (ingress passes them on as X-Forwarded-For).
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    let app = app.into_make_service_with_connect_info::<ClientAddr>();
+    // Connections close with a linger: a client still sending a body refused early reads
+    // the refusal rather than a reset.
+    let listener = LingeringListener::new(listener);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.wait_for(Option::is_some).await;
     });
