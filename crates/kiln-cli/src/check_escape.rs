@@ -961,16 +961,23 @@ impl Checker<'_> {
         let before = self
             .before(internet, recorder, host_decoy, neighbour)
             .await?;
-        let capture = Capture::open()?;
+        let capture = Capture::open(sandbox.host_interface)?;
         let report = self.probe(sandbox, user, probe.function, args).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut evidence = Vec::new();
-        for source in capture.sources_from(sandbox.host_interface) {
+        let captured = capture.take();
+        for source in captured.sources {
             if source != sandbox.link_guest {
                 evidence.push(format!(
                     "a packet from {source} left the sandbox's namespace"
                 ));
             }
+        }
+        if captured.dropped > 0 {
+            evidence.push(format!(
+                "the capture on the host's end of the link missed {} packets: what left is not known",
+                captured.dropped
+            ));
         }
         let health = self
             .client
@@ -1071,7 +1078,7 @@ impl Checker<'_> {
             .before(internet, recorder, host_decoy, neighbour)
             .await?;
         let rx_before = tap_received(&sandbox.namespace);
-        let capture = Capture::open()?;
+        let capture = Capture::open(sandbox.host_interface)?;
         let report = self
             .probe(sandbox, "root", probe.function, &probe.control)
             .await;
@@ -1082,12 +1089,7 @@ impl Checker<'_> {
             Judge::Recorder => recorded,
             Judge::Arp => tap_received(&sandbox.namespace) >= rx_before + 5,
             // The capture sees what leaves the namespace, and the recorder gets it.
-            Judge::Spoof => {
-                recorded
-                    && capture
-                        .sources_from(sandbox.host_interface)
-                        .contains(&sandbox.link_guest)
-            }
+            Judge::Spoof => recorded && capture.take().sources.contains(&sandbox.link_guest),
         };
         let after = self
             .decoys(internet, recorder, host_decoy, neighbour)
@@ -1128,15 +1130,25 @@ fn interface_with(address: Ipv4Addr) -> Result<u32> {
     Ok(nix::net::if_::if_nametoindex(name)?)
 }
 
-/// A packet socket on every host interface, to see the IPv4 sources of what sandboxes send
-/// out of their namespaces while a probe runs.
+/// A packet socket on the host's end of one sandbox's link, to see the IPv4 sources of what
+/// leaves its namespace while a probe runs.
 struct Capture {
     fd: std::os::fd::OwnedFd,
+    index: u32,
+}
+
+/// What a capture saw.
+struct Captured {
+    sources: Vec<Ipv4Addr>,
+    /// Packets its socket's queue had no room for: with any, what left is not all known.
+    dropped: u32,
 }
 
 impl Capture {
-    fn open() -> Result<Capture> {
+    /// Captures what arrives on the host from interface `index` from now on.
+    fn open(index: u32) -> Result<Capture> {
         use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+        use std::os::fd::AsRawFd;
         let fd = socket::socket(
             AddressFamily::Packet,
             SockType::Datagram,
@@ -1145,12 +1157,29 @@ impl Capture {
         )
         .context("a packet socket")?;
         socket::setsockopt(&fd, sockopt::RcvBuf, &(8 << 20))?;
-        Ok(Capture { fd })
+        // SAFETY: a zeroed sockaddr_ll is valid; the fields set make it name one interface.
+        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        address.sll_ifindex = i32::try_from(index).context("interface index")?;
+        // SAFETY: binds our own socket to an address of the size given.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(address).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if bound != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("binding a packet socket to interface {index}"));
+        }
+        Ok(Capture { fd, index })
     }
 
-    /// Sources of the IPv4 packets that arrived on the host from interface `index` (not
-    /// those the host sent into it) since it was opened.
-    fn sources_from(&self, index: u32) -> Vec<Ipv4Addr> {
+    /// Sources of the IPv4 packets that arrived on the host from its interface (not those
+    /// the host sent into it) since it was opened, and how many its queue dropped.
+    fn take(&self) -> Captured {
         use nix::sys::socket::{recvfrom, LinkAddr};
         use std::os::fd::AsRawFd;
         /// `PACKET_OUTGOING`: a packet the host sent.
@@ -1158,7 +1187,8 @@ impl Capture {
         let mut sources = Vec::new();
         let mut buf = [0u8; 2048];
         while let Ok((n, Some(from))) = recvfrom::<LinkAddr>(self.fd.as_raw_fd(), &mut buf) {
-            if from.ifindex() == index as usize
+            // Packets of other interfaces queued before the socket was bound are left out.
+            if from.ifindex() == self.index as usize
                 && u16::from_be(from.protocol()) == 0x0800
                 && from.pkttype() != OUTGOING
                 && n >= 20
@@ -1166,7 +1196,26 @@ impl Capture {
                 sources.push(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
             }
         }
-        sources
+        let mut stats = libc::tpacket_stats {
+            tp_packets: 0,
+            tp_drops: 0,
+        };
+        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: reads the socket's counters into a struct of the size given.
+        let read = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                std::ptr::addr_of_mut!(stats).cast(),
+                &mut len,
+            )
+        };
+        Captured {
+            sources,
+            // Unreadable counters count as a loss: the capture cannot vouch for itself.
+            dropped: if read == 0 { stats.tp_drops } else { u32::MAX },
+        }
     }
 }
 
