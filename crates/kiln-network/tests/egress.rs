@@ -344,13 +344,26 @@ fn bandwidth_and_connection_limits_hold_and_can_be_lifted() {
         );
     }
 
-    // Three connections at once, a fourth refused at connect; one closed makes room.
+    // Three connections at once, a fourth refused at connect; one closed makes room. The
+    // iperf3 runs' connections may still be closing (and counted) for a moment: a connect
+    // refused meanwhile is tried again, for up to 5 s.
     let open = |n: usize| -> Vec<TcpStream> {
         (0..n)
             .map(|_| {
-                guest
-                    .run_in(|| TcpStream::connect_timeout(&web(7000), Duration::from_secs(3)))
-                    .expect("connects")
+                let mut tries = 0;
+                loop {
+                    let connected = guest
+                        .run_in(|| TcpStream::connect_timeout(&web(7000), Duration::from_secs(3)));
+                    match connected {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 50 =>
+                        {
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        connected => break connected.expect("connects"),
+                    }
+                }
             })
             .collect()
     };
