@@ -255,24 +255,13 @@ pub unsafe fn enter(procs_fd: RawFd) {
 
 /// Processes in `dir` and every cgroup below it.
 fn count_processes(dir: &Path) -> u32 {
-    let own = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .map(|text| text.lines().count())
-        .unwrap_or(0);
-    let below: u32 = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|entry| count_processes(&entry.path()))
-        .sum();
-    u32::try_from(own).unwrap_or(u32::MAX).saturating_add(below)
+    u32::try_from(pids_in(dir).len()).unwrap_or(u32::MAX)
 }
 
 /// The processes in `dir` and below it, counted by state and by where they wait: for an
 /// error that says why they are not gone ("3 processes: 2 D in rwsem_down_read, 1 R").
 fn describe_processes(dir: &Path) -> String {
-    let mut pids = Vec::new();
-    collect_pids(dir, &mut pids);
+    let pids = pids_in(dir);
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     for pid in &pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -301,18 +290,20 @@ fn state_of(stat: &str) -> Option<&str> {
 }
 
 /// The process ids in `dir`'s `cgroup.procs` and those of every cgroup below it.
-fn collect_pids(dir: &Path, pids: &mut Vec<u32>) {
-    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        pids.extend(
+fn pids_in(dir: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|text| {
             text.lines()
-                .filter_map(|line| line.trim().parse::<u32>().ok()),
-        );
-    }
+                .filter_map(|line| line.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            collect_pids(&entry.path(), pids);
+            pids.extend(pids_in(&entry.path()));
         }
     }
+    pids
 }
 
 fn make_dir(dir: &Path) -> io::Result<()> {
