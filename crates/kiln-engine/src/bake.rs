@@ -174,6 +174,52 @@ impl BakedTemplate {
         })
     }
 
+    /// Copies this template into `templates` (another data directory's `templates`, where an
+    /// engine whose bake inputs are the same finds it instead of baking): its metadata and
+    /// sealed files only, reflinked where the filesystem allows and holes kept, published
+    /// under the same name in one rename. A fork's capture is refused (its layers name
+    /// directories of this data directory). Like every template, the copy is verified when
+    /// an engine first uses it. Returns the copy (the one already there, if any).
+    pub fn copy_into(&self, templates: &Path) -> Result<BakedTemplate, EngineError> {
+        if self.meta.capture_of.is_some() {
+            return Err(EngineError::Corrupt(format!(
+                "{} is a fork's capture, not a template",
+                self.dir.display()
+            )));
+        }
+        let name = self
+            .dir
+            .file_name()
+            .ok_or_else(|| EngineError::Corrupt(format!("{} has no name", self.dir.display())))?;
+        let target = templates.join(name);
+        if target.join("meta.json").is_file() {
+            return BakedTemplate::open(&target);
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(".copy-")
+            .tempdir_in(templates)
+            .map_err(|e| EngineError::io("creating a template copy's directory", e))?;
+        for file in [self.memory(), self.state(), self.disk()] {
+            let to = staging.path().join(file.file_name().expect("a file name"));
+            crate::disk::clone_or_copy(&file, &to)?;
+            seal(&to)?;
+        }
+        std::fs::copy(self.dir.join("meta.json"), staging.path().join("meta.json"))
+            .map_err(|e| EngineError::io("copying a template's metadata", e))?;
+        std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| EngineError::io("publishing a template copy", e))?;
+        match std::fs::rename(staging.path(), &target) {
+            Ok(()) => {
+                // Renamed away: nothing left for the guard to remove.
+                let _ = staging.keep();
+            }
+            // Another copy was published first; this one goes with its guard.
+            Err(_) if target.join("meta.json").is_file() => {}
+            Err(e) => return Err(EngineError::io("publishing a template copy", e)),
+        }
+        BakedTemplate::open(&target)
+    }
+
     /// Re-hashes the memory file and the template disk (slow: done at bake and when the
     /// daemon first uses the template).
     pub fn verify(&self) -> Result<(), EngineError> {

@@ -384,6 +384,38 @@ async fn bakes_nothing_uses_are_removed() {
     let refused = engine.create(&new, CreateOptions::default()).await;
     assert!(matches!(refused, Err(EngineError::Stopping)), "{refused:?}");
     sandbox.destroy().await.expect("destroy");
+
+    // A bake copied into another data directory is what an engine with the same inputs finds
+    // there instead of baking (a fresh bake's memory differs: its entropy was reseeded), and
+    // it restores.
+    let other = tempfile::tempdir().expect("other data dir");
+    let engine = Engine::new(EngineConfig {
+        prestart: 0,
+        guest_log: Some("info".into()),
+        ..EngineConfig::new(other.path())
+    })
+    .expect("engine on the other data directory");
+    let copy = new
+        .copy_into(&other.path().join("templates"))
+        .expect("copy the bake");
+    assert_eq!(copy.dir.file_name(), new.dir.file_name());
+    let found = engine
+        .bake(&images)
+        .await
+        .expect("bake on the other engine");
+    assert_eq!(found.dir, copy.dir);
+    assert_eq!(found.meta.memory_sha256, new.meta.memory_sha256);
+    let sandbox = engine
+        .create(&found, CreateOptions::default())
+        .await
+        .expect("create from the copy");
+    assert_eq!(sh(&sandbox, "echo copied").await, "copied");
+    sandbox.destroy().await.expect("destroy");
+    // Copied again: the one there is kept.
+    let again = new
+        .copy_into(&other.path().join("templates"))
+        .expect("copy again");
+    assert_eq!(again.dir, copy.dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
