@@ -225,6 +225,111 @@ impl Drop for Daemon {
     }
 }
 
+/// Bakes kept between checks' daemons, in `check-bakes` of the cache directory. A bake's
+/// directory is named by its inputs (template, images, agent, machine), so one an earlier
+/// check's daemon made is the one this check's daemon would make: copied into its data
+/// directory before it starts, it is found instead of baked (and, as every template is,
+/// verified when that daemon first uses it, re-baked if it fails).
+pub struct BakeCache {
+    dir: PathBuf,
+}
+
+impl BakeCache {
+    /// The bakes kept in `inputs`' cache directory (`kiln serve`'s default if none is set).
+    pub fn new(inputs: &DaemonInputs) -> BakeCache {
+        let cache = inputs
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(kiln_image::cache::DEFAULT_CACHE_DIR));
+        BakeCache {
+            dir: cache.join("check-bakes"),
+        }
+    }
+
+    /// Copies the kept bakes of `template` into `data_dir` (whose daemon has not started).
+    /// Returns how many it copied; one that cannot be copied is said on stderr (the daemon
+    /// bakes instead).
+    pub fn seed(&self, data_dir: &Path, template: &str) -> usize {
+        self.try_seed(data_dir, template).unwrap_or_else(|e| {
+            eprintln!("check: {e:#}; the check's daemon bakes {template} instead");
+            0
+        })
+    }
+
+    fn try_seed(&self, data_dir: &Path, template: &str) -> Result<usize> {
+        let templates = data_dir.join("templates");
+        private_dir(&templates)?;
+        let kept = bakes_of(&self.dir, template);
+        for baked in &kept {
+            baked
+                .copy_into(&templates)
+                .with_context(|| format!("copying {} for the check", baked.dir.display()))?;
+        }
+        Ok(kept.len())
+    }
+
+    /// Keeps `data_dir`'s bakes of `template` (once its daemon baked it) in place of those
+    /// kept before: a bake of other inputs is not made again until those inputs come back.
+    /// One that cannot be kept is said on stderr: the next check bakes it again.
+    pub fn keep(&self, data_dir: &Path, template: &str) {
+        if let Err(e) = self.try_keep(data_dir, template) {
+            eprintln!("check: {e:#}; the next check bakes {template} again");
+        }
+    }
+
+    fn try_keep(&self, data_dir: &Path, template: &str) -> Result<()> {
+        private_dir(&self.dir)?;
+        let made = bakes_of(&data_dir.join("templates"), template);
+        for kept in bakes_of(&self.dir, template) {
+            let same = made.iter().any(|baked| {
+                baked.dir.file_name() == kept.dir.file_name()
+                    && baked.meta.memory_sha256 == kept.meta.memory_sha256
+            });
+            if !same {
+                std::fs::remove_dir_all(&kept.dir)
+                    .with_context(|| format!("removing {}", kept.dir.display()))?;
+            }
+        }
+        for baked in made {
+            baked
+                .copy_into(&self.dir)
+                .with_context(|| format!("keeping {} for later checks", baked.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a check says of the bakes [`BakeCache::seed`] copied: a daemon finds one only if its
+/// inputs are still the same.
+pub fn kept_note(seeded: usize) -> &'static str {
+    if seeded > 0 {
+        " (where an earlier check's bake has the same inputs, it is used)"
+    } else {
+        ""
+    }
+}
+
+/// The templates (not fork captures) named `template` in `dir`.
+fn bakes_of(dir: &Path, template: &str) -> Vec<kiln_engine::bake::BakedTemplate> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|entry| kiln_engine::bake::BakedTemplate::open(&entry.path()).ok())
+        .filter(|baked| baked.meta.name == template && baked.meta.capture_of.is_none())
+        .collect()
+}
+
+/// Makes `dir` (and its parents) and leaves it root's alone.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .with_context(|| format!("making {}", dir.display()))
+}
+
 /// This binary (`kiln`).
 pub fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("this binary's path")

@@ -34,7 +34,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::check_cmd::delete;
-use crate::check_daemon::{Daemon, DaemonInputs};
+use crate::check_daemon::{BakeCache, Daemon, DaemonInputs};
 use crate::client_cmd::Client;
 
 /// The probes' script, run by the guest's Python.
@@ -175,7 +175,9 @@ struct Targets {
 
 fn probes(t: &Targets) -> Vec<Probe> {
     let web = WEB.to_string();
-    let reach_web = json!({"host": web, "port": 7000});
+    // The test server greets at once: its greeting ends the control (the connection stays
+    // open, so reading to its end would wait out the read timeout).
+    let reach_web = json!({"host": web, "port": 7000, "expect": "hello from"});
     let tcp = |host: String, port: u16| json!({"host": host, "port": port});
     let http = |host: String, name: &str, expect: &str| {
         json!({"host": host, "port": 80, "expect": expect,
@@ -251,7 +253,7 @@ fn probes(t: &Targets) -> Vec<Probe> {
             "every sandbox address of the pool",
             "scan",
             json!({"cidr": t.pool, "port": NEIGHBOUR_PORT}),
-            json!({"cidr": "198.51.100.0/28", "port": 7000}),
+            json!({"cidr": "198.51.100.0/28", "port": 7000, "until_first": true}),
         ),
         Probe::new(
             "IPv6 neighbours on the link",
@@ -495,6 +497,14 @@ async fn run(
         )
         .json(&json!({"command": ["python3", "-c", NEIGHBOUR_LISTENER], "background": true}));
     client.send(listener).await?;
+    let prober = checker.sandbox().await?;
+    let control = checker.sandbox().await?;
+    // Their probe servers start (Python, seconds under TCG) while the decoys are proved.
+    checker.start_server(&prober, "root").await?;
+    checker.start_server(&control, "root").await?;
+    if !options.root_only {
+        checker.start_server(&prober, UNPRIVILEGED).await?;
+    }
     // The decoys record: proved once from the host before any probe.
     let mut recorded = false;
     for _ in 0..50 {
@@ -518,8 +528,6 @@ async fn run(
         .exec(&neighbour.id, "root", &["md5sum", "/usr/bin/python3"])
         .await?
         .detail;
-    let prober = checker.sandbox().await?;
-    let control = checker.sandbox().await?;
     let targets = Targets {
         api_port: daemon.daemon.port,
         decoy_port: host_decoy.port,
@@ -888,16 +896,29 @@ impl Checker<'_> {
         counts.insert("metadata 169.254.169.254", internet.hits(METADATA));
         counts.insert("LAN 10.99.0.1", internet.hits(LAN));
         counts.insert("host service", host_decoy.count());
+        // A file read, not an exec: no process to start in the guest (a third of a second
+        // under TCG, twice per probe).
         let hits = self
-            .exec(&neighbour.id, "root", &["sh", "-c", "wc -l < /tmp/hits"])
+            .client
+            .send(
+                self.client
+                    .request(
+                        Method::GET,
+                        &format!(
+                            "/v1/sandboxes/{}/files/content?path=/tmp/hits",
+                            neighbour.id
+                        ),
+                    )
+                    .timeout(CALL_TIMEOUT),
+            )
             .await
-            .context("the neighbour does not answer")?;
+            .context("the neighbour does not answer")?
+            .bytes()
+            .await
+            .context("the neighbour's count")?;
         counts.insert(
             "neighbour listener",
-            hits.detail
-                .trim()
-                .parse()
-                .context("the neighbour's count")?,
+            hits.iter().filter(|&&byte| byte == b'\n').count(),
         );
         let mut arp = Vec::new();
         for namespace in [None, Some(neighbour.namespace.as_str())] {
@@ -1147,6 +1168,11 @@ struct Captured {
 impl Capture {
     /// Captures what arrives on the host from interface `index` from now on.
     fn open(index: u32) -> Result<Capture> {
+        Capture::with_queue(index, 8 << 20)
+    }
+
+    /// [`Capture::open`] with a queue of `bytes` (the kernel doubles it, within its limits).
+    fn with_queue(index: u32, bytes: usize) -> Result<Capture> {
         use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
         use std::os::fd::AsRawFd;
         let fd = socket::socket(
@@ -1156,7 +1182,8 @@ impl Capture {
             SockProtocol::EthAll,
         )
         .context("a packet socket")?;
-        socket::setsockopt(&fd, sockopt::RcvBuf, &(8 << 20))?;
+        // Forced (as root): `net.core.rmem_max` (often 208 KiB) would cap it otherwise.
+        socket::setsockopt(&fd, sockopt::RcvBufForce, &bytes)?;
         // SAFETY: a zeroed sockaddr_ll is valid; the fields set make it name one interface.
         let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         address.sll_family = libc::AF_PACKET as u16;
@@ -1355,16 +1382,19 @@ impl EscapeDaemon {
             "--default-template",
             &options.template,
             // A probe that silences its agent costs this long (its exec's stream ends when
-            // the agent misses keep-alive pings, every 5 s), not the default 30 s; the
-            // probes' own calls answer in a second or two.
+            // the agent misses a keep-alive ping, sent every 3 s), not the default 30 s; the
+            // probes' own calls answer in a second or two, and agents answer pings in
+            // milliseconds even under abuse (`kiln check abuse`).
             "--agent-call-timeout-secs",
-            "10",
+            "6",
         ]
         .map(String::from)
         .to_vec();
         if let Some(gateway) = network.egress_gateway {
             extra.extend(["--egress-gateway".to_owned(), gateway.to_string()]);
         }
+        let bakes = BakeCache::new(&options.inputs);
+        let seeded = bakes.seed(&dir.path().join("state"), &options.template);
         let daemon = Daemon::start(
             &options.inputs,
             &dir.path().join("state"),
@@ -1374,13 +1404,15 @@ impl EscapeDaemon {
         .await?;
         let key = daemon.key("escape-check")?;
         eprintln!(
-            "escape: baking {} for the check's daemon ...",
-            options.template
+            "escape: baking {} for the check's daemon{} ...",
+            options.template,
+            crate::check_daemon::kept_note(seeded)
         );
         daemon
             .bake(&daemon.client(&key), &options.template)
             .await
             .with_context(|| daemon.log_tail())?;
+        bakes.keep(&daemon.data_dir, &options.template);
         Ok(EscapeDaemon {
             daemon,
             key,
@@ -1435,4 +1467,47 @@ fn print_report(report: &EscapeReport) {
         "result: {}",
         if report.passed { "passed" } else { "FAILED" }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a capture of the loopback interface of a namespace of its own sees while 2,000
+    /// datagrams are sent through it, with a queue of `bytes`.
+    fn capture_loopback(bytes: usize) -> Captured {
+        let ns = NetNs::create(&format!("kiln-capture-{}-{bytes}", std::process::id()))
+            .expect("a namespace (run as root)");
+        let up = ns
+            .command("ip")
+            .and_then(|mut ip| ip.args(["link", "set", "lo", "up"]).status())
+            .expect("ip");
+        assert!(up.success());
+        let captured = ns.run_in(move || {
+            let lo = nix::net::if_::if_nametoindex("lo")?;
+            let capture = Capture::with_queue(lo, bytes).map_err(std::io::Error::other)?;
+            let udp = UdpSocket::bind("127.0.0.1:0")?;
+            let sink = UdpSocket::bind("127.0.0.1:0")?;
+            for _ in 0..2000 {
+                udp.send_to(&[0u8; 1000], sink.local_addr()?)?;
+            }
+            Ok(capture.take())
+        });
+        ns.remove().expect("remove the namespace");
+        captured.expect("capture")
+    }
+
+    #[test]
+    fn a_capture_says_what_its_queue_dropped() {
+        // Its usual queue holds them all: every source seen, none dropped.
+        let all = capture_loopback(8 << 20);
+        assert_eq!(all.dropped, 0);
+        assert_eq!(all.sources.len(), 2000);
+        assert!(all.sources.iter().all(|s| *s == Ipv4Addr::LOCALHOST));
+        // A queue of a few packets drops most: the count says so, and the check's judgement
+        // treats any drop as a capture that cannot vouch for what left.
+        let few = capture_loopback(4096);
+        assert!(few.dropped > 1000, "{} dropped", few.dropped);
+        assert!(few.sources.len() < 1000, "{} seen", few.sources.len());
+    }
 }

@@ -25,7 +25,7 @@ use reqwest::Method;
 use serde::Serialize;
 
 use crate::check_cmd::{create, exec};
-use crate::check_daemon::{Daemon, DaemonInputs};
+use crate::check_daemon::{BakeCache, Daemon, DaemonInputs};
 use crate::client_cmd::Client;
 
 /// Options of `kiln check recovery`.
@@ -159,11 +159,18 @@ impl Recovery<'_> {
     }
 
     async fn run(&self, faults: &mut Vec<Fault>) -> Result<()> {
+        let bakes = BakeCache::new(&self.options.inputs);
+        let seeded = bakes.seed(self.data_dir, &self.options.template);
         let daemon = self.daemon().await?;
         let key = daemon.key("recovery-check")?;
         let client = daemon.client(&key);
-        eprintln!("recovery: baking {} ...", self.options.template);
+        eprintln!(
+            "recovery: baking {}{} ...",
+            self.options.template,
+            crate::check_daemon::kept_note(seeded)
+        );
         daemon.bake(&client, &self.options.template).await?;
+        bakes.keep(self.data_dir, &self.options.template);
         let (fault, daemon) = self.killed(daemon, &key).await?;
         faults.push(fault);
         let (fault, daemon) = self.tampered(daemon, &key).await?;

@@ -116,7 +116,8 @@ def dns_direct(args):
 
 
 def scan(args):
-    """Connects to every address of a range on one port at once."""
+    """Connects to every address of a range on one port at once (`until_first`: stops at the
+    first connection, as a control may)."""
     network, bits = args["cidr"].split("/")
     base = struct.unpack("!I", socket.inet_aton(network))[0]
     port = int(args["port"])
@@ -136,6 +137,8 @@ def scan(args):
                 connected.append(pending[s])
             s.close()
             del pending[s]
+        if connected and args.get("until_first"):
+            break
     for s in pending:
         s.close()
     report(bool(connected), "%d addresses of %s on port %d, connected: %s"
