@@ -91,11 +91,13 @@ struct AbuseReport {
     passed: bool,
 }
 
-/// Runs `true` in sandbox `id` and times it; an exit status other than 0 is an error.
+/// Runs `true` in sandbox `id` and times it; an exit status other than 0, or no answer
+/// within 2 s of its 10 s timeout, is an error.
 async fn timed_true(client: &Client, id: &str) -> Result<Duration> {
     let started = Instant::now();
     let request = client
         .request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+        .timeout(Duration::from_secs(12))
         .json(&json!({"command": ["true"], "timeout_ms": 10_000}));
     let result: ExecResultBody = client.json(request).await?;
     anyhow::ensure!(

@@ -76,6 +76,9 @@ struct SoakReport {
     errors: usize,
     first_errors: Vec<String>,
     daemon_start: Option<DaemonSample>,
+    /// The first sample after a tenth of the run: what the daemon holds once its caches and
+    /// pools have filled, against which the end shows growth.
+    daemon_settled: Option<DaemonSample>,
     daemon_end: Option<DaemonSample>,
     daemon_max_rss_mib: Option<f64>,
     sandboxes_left: usize,
@@ -350,6 +353,10 @@ pub async fn soak(client: &Client, options: &SoakOptions) -> Result<bool> {
         errors,
         first_errors: tally.first_errors,
         daemon_start: samples.first().copied(),
+        daemon_settled: samples
+            .iter()
+            .find(|s| s.at_secs >= duration.as_secs_f64() / 10.0)
+            .copied(),
         daemon_end: samples.last().copied(),
         daemon_max_rss_mib: samples.iter().map(|s| s.rss_mib).reduce(f64::max),
         sandboxes_left: left,
@@ -383,18 +390,26 @@ fn print_soak(report: &SoakReport) {
         );
     }
     if let (Some(start), Some(end)) = (report.daemon_start, report.daemon_end) {
+        let settled = report.daemon_settled.unwrap_or(end);
         println!(
-            "daemon         start      end  (at {:.0} s and {:.0} s)",
-            start.at_secs, end.at_secs
+            "daemon         start  settled      end  (at {:.0} s, {:.0} s and {:.0} s)",
+            start.at_secs, settled.at_secs, end.at_secs
         );
         println!(
-            "  rss MiB   {:>9.1} {:>8.1}  (max {:.1})",
+            "  rss MiB   {:>9.1} {:>8.1} {:>8.1}  (max {:.1})",
             start.rss_mib,
+            settled.rss_mib,
             end.rss_mib,
             report.daemon_max_rss_mib.unwrap_or(end.rss_mib)
         );
-        println!("  open fds  {:>9} {:>8}", start.open_fds, end.open_fds);
-        println!("  threads   {:>9} {:>8}", start.threads, end.threads);
+        println!(
+            "  open fds  {:>9} {:>8} {:>8}",
+            start.open_fds, settled.open_fds, end.open_fds
+        );
+        println!(
+            "  threads   {:>9} {:>8} {:>8}",
+            start.threads, settled.threads, end.threads
+        );
     }
     println!("sandboxes left: {}", report.sandboxes_left);
     for error in &report.first_errors {
