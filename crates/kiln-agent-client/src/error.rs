@@ -79,8 +79,26 @@ fn accepted_versions() -> String {
 
 impl From<hyper::Error> for ClientError {
     fn from(e: hyper::Error) -> Self {
-        ClientError::Disconnected(e.to_string())
+        // hyper's own message names only the kind ("http2 error"); what happened (a keep-alive
+        // ping unanswered, a reset, a broken pipe) is in its sources.
+        ClientError::Disconnected(with_causes(&e))
     }
+}
+
+/// `error` and each of its sources, joined by ": " (a source whose text the message already
+/// ends with is left out).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 impl From<kiln_proto::stream::StreamClosed> for ClientError {
@@ -92,6 +110,24 @@ impl From<kiln_proto::stream::StreamClosed> for ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_connection_says_why() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("http2 error")]
+        struct Outer(#[source] io::Error);
+        let cause = io::Error::new(io::ErrorKind::TimedOut, "keep-alive timed out");
+        assert_eq!(
+            with_causes(&Outer(cause)),
+            "http2 error: keep-alive timed out"
+        );
+        // A source already in the message is not said twice.
+        #[derive(Debug, thiserror::Error)]
+        #[error("broken pipe")]
+        struct Same(#[source] io::Error);
+        let cause = io::Error::new(io::ErrorKind::BrokenPipe, "broken pipe");
+        assert_eq!(with_causes(&Same(cause)), "broken pipe");
+    }
 
     #[test]
     fn version_error_names_only_versions_that_exist() {
