@@ -182,7 +182,7 @@ impl BakedTemplate {
     /// an engine first uses it. Returns the copy (the one already there, if any).
     pub fn copy_into(&self, templates: &Path) -> Result<BakedTemplate, EngineError> {
         if self.meta.capture_of.is_some() {
-            return Err(EngineError::Corrupt(format!(
+            return Err(EngineError::Invalid(format!(
                 "{} is a fork's capture, not a template",
                 self.dir.display()
             )));
@@ -190,17 +190,21 @@ impl BakedTemplate {
         let name = self
             .dir
             .file_name()
-            .ok_or_else(|| EngineError::Corrupt(format!("{} has no name", self.dir.display())))?;
+            .ok_or_else(|| EngineError::Invalid(format!("{} has no name", self.dir.display())))?;
         let target = templates.join(name);
         if target.join("meta.json").is_file() {
             return BakedTemplate::open(&target);
         }
+        // Named as a bake in progress: an engine's start removes one a killed copy left.
         let staging = tempfile::Builder::new()
-            .prefix(".copy-")
+            .prefix(".bake-copy-")
             .tempdir_in(templates)
             .map_err(|e| EngineError::io("creating a template copy's directory", e))?;
         for file in [self.memory(), self.state(), self.disk()] {
-            let to = staging.path().join(file.file_name().expect("a file name"));
+            let to = staging.path().join(
+                file.file_name()
+                    .expect("memory(), state() and disk() name files"),
+            );
             crate::disk::clone_or_copy(&file, &to)?;
             seal(&to)?;
         }
@@ -220,9 +224,10 @@ impl BakedTemplate {
         BakedTemplate::open(&target)
     }
 
-    /// Re-hashes the memory file and the template disk (slow: done at bake and when the
-    /// daemon first uses the template).
+    /// Re-hashes the memory file, the template disk and the device state (slow: done at bake
+    /// and when the daemon first uses the template; every restore checks the state again).
     pub fn verify(&self) -> Result<(), EngineError> {
+        self.read_state()?;
         let memory = sha256_file(&self.memory())
             .map_err(|e| EngineError::io("hashing the memory file", e))?;
         if memory != self.meta.memory_sha256 {

@@ -26,7 +26,7 @@ use kiln_image::template::TemplateImages;
 use kiln_proto::messages::InitRequest;
 use kiln_vmm::accel::{AccelChoice, AccelDecision};
 use kiln_vmm::driver::Hypervisor;
-use kiln_vmm::driver::{DiskLayer, MemoryBacking};
+use kiln_vmm::driver::{DiskFormat, DiskLayer, MemoryBacking};
 use kiln_vmm::qemu::QemuDriver;
 
 pub use bake::{BakeOptions, BakedTemplate};
@@ -648,7 +648,26 @@ impl Engine {
             .join("templates")
             .join(format!("{}-{key}", images.spec.name));
         if dir.join("meta.json").is_file() {
-            match BakedTemplate::open(&dir) {
+            // A bake found under its key's name must be of that key, and of the disks this
+            // data directory makes: a raw template disk needs reflinks (one copied or moved
+            // here from another filesystem may lack them).
+            let usable = BakedTemplate::open(&dir).and_then(|baked| {
+                if baked.meta.key != key {
+                    return Err(EngineError::Corrupt(format!(
+                        "{} holds a bake of other inputs",
+                        dir.display()
+                    )));
+                }
+                if baked.meta.disk_format == DiskFormat::Raw && !self.inner.reflink {
+                    return Err(EngineError::Corrupt(format!(
+                        "{} has a raw template disk, and this data directory's filesystem \
+                         has no reflinks",
+                        dir.display()
+                    )));
+                }
+                Ok(baked)
+            });
+            match usable {
                 Ok(baked) => return Ok((baked, false)),
                 Err(e) => {
                     tracing::warn!(template = %images.spec.name, error = %e, "re-baking: saved snapshot is unusable");

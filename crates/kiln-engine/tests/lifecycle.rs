@@ -416,6 +416,27 @@ async fn bakes_nothing_uses_are_removed() {
         .copy_into(&other.path().join("templates"))
         .expect("copy again");
     assert_eq!(again.dir, copy.dir);
+
+    // A bake of other inputs under this one's name is not used: it is baked afresh.
+    let forged = tempfile::tempdir().expect("third data dir");
+    let engine = Engine::new(EngineConfig {
+        prestart: 0,
+        ..EngineConfig::new(forged.path())
+    })
+    .expect("engine on the third data directory");
+    let templates = forged.path().join("templates");
+    let misnamed = new.copy_into(&templates).expect("copy the new bake");
+    std::fs::rename(
+        &misnamed.dir,
+        templates.join(old.dir.file_name().expect("a name")),
+    )
+    .expect("rename it as the old bake");
+    let baked = engine
+        .bake(&images)
+        .await
+        .expect("bake over the misnamed one");
+    assert_eq!(baked.meta.key, old.meta.key);
+    assert_ne!(baked.meta.memory_sha256, new.meta.memory_sha256);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
