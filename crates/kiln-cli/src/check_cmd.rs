@@ -390,25 +390,33 @@ fn print_soak(report: &SoakReport) {
         );
     }
     if let (Some(start), Some(end)) = (report.daemon_start, report.daemon_end) {
-        let settled = report.daemon_settled.unwrap_or(end);
+        // No sample after a tenth of the run (a run shorter than the sampling interval).
+        let settled = report.daemon_settled;
+        let at = |f: fn(&DaemonSample) -> String| settled.as_ref().map_or("-".into(), f);
         println!(
-            "daemon         start  settled      end  (at {:.0} s, {:.0} s and {:.0} s)",
-            start.at_secs, settled.at_secs, end.at_secs
+            "daemon         start  settled      end  (at {:.0} s, {} s and {:.0} s)",
+            start.at_secs,
+            at(|s| format!("{:.0}", s.at_secs)),
+            end.at_secs
         );
         println!(
-            "  rss MiB   {:>9.1} {:>8.1} {:>8.1}  (max {:.1})",
+            "  rss MiB   {:>9.1} {:>8} {:>8.1}  (max {:.1})",
             start.rss_mib,
-            settled.rss_mib,
+            at(|s| format!("{:.1}", s.rss_mib)),
             end.rss_mib,
             report.daemon_max_rss_mib.unwrap_or(end.rss_mib)
         );
         println!(
             "  open fds  {:>9} {:>8} {:>8}",
-            start.open_fds, settled.open_fds, end.open_fds
+            start.open_fds,
+            at(|s| s.open_fds.to_string()),
+            end.open_fds
         );
         println!(
             "  threads   {:>9} {:>8} {:>8}",
-            start.threads, settled.threads, end.threads
+            start.threads,
+            at(|s| s.threads.to_string()),
+            end.threads
         );
     }
     println!("sandboxes left: {}", report.sandboxes_left);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use reqwest::Method;
 use serde_json::json;
 
@@ -25,9 +26,9 @@ pub struct DaemonInputs {
     /// Templates directories for the check's own daemon [default: as `kiln serve`'s].
     #[arg(long)]
     pub templates_dir: Vec<PathBuf>,
-    /// Cache directory for the check's own daemon (built images are reused from it)
-    /// [default: as `kiln serve`'s].
-    #[arg(long)]
+    /// Cache directory for the check's own daemon (built images are reused from it, and
+    /// the check's bakes are kept in its `check-bakes`) [default: as `kiln serve`'s].
+    #[arg(long, env = "KILN_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -257,6 +258,9 @@ impl BakeCache {
     }
 
     fn try_seed(&self, data_dir: &Path, template: &str) -> Result<usize> {
+        let Some(_lock) = self.lock(FlockArg::LockShared)? else {
+            return Ok(0);
+        };
         let templates = data_dir.join("templates");
         private_dir(&templates)?;
         let kept = bakes_of(&self.dir, template);
@@ -269,8 +273,9 @@ impl BakeCache {
     }
 
     /// Keeps `data_dir`'s bakes of `template` (once its daemon baked it) in place of those
-    /// kept before: a bake of other inputs is not made again until those inputs come back.
-    /// One that cannot be kept is said on stderr: the next check bakes it again.
+    /// kept before, which are removed (a bake of inputs that have changed is made again if
+    /// they come back). One that cannot be kept is said on stderr: the next check bakes it
+    /// again.
     pub fn keep(&self, data_dir: &Path, template: &str) {
         if let Err(e) = self.try_keep(data_dir, template) {
             eprintln!("check: {e:#}; the next check bakes {template} again");
@@ -279,6 +284,16 @@ impl BakeCache {
 
     fn try_keep(&self, data_dir: &Path, template: &str) -> Result<()> {
         private_dir(&self.dir)?;
+        let Some(_lock) = self.lock(FlockArg::LockExclusive)? else {
+            bail!("{} was not made", self.dir.display());
+        };
+        // What a check killed while keeping a bake left (no other check keeps one now).
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".bake-") {
+                std::fs::remove_dir_all(entry.path())
+                    .with_context(|| format!("removing {}", entry.path().display()))?;
+            }
+        }
         let made = bakes_of(&data_dir.join("templates"), template);
         for kept in bakes_of(&self.dir, template) {
             let same = made.iter().any(|baked| {
@@ -296,6 +311,27 @@ impl BakeCache {
                 .with_context(|| format!("keeping {} for later checks", baked.dir.display()))?;
         }
         Ok(())
+    }
+
+    /// Holds the kept bakes against a concurrent check's keep (`None`: nothing is kept yet).
+    /// The directory must be root's alone: what it holds, the daemon trusts.
+    fn lock(&self, how: FlockArg) -> Result<Option<Flock<std::fs::File>>> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = match std::fs::symlink_metadata(&self.dir) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("{}", self.dir.display())),
+        };
+        ensure!(
+            meta.is_dir() && meta.uid() == 0 && meta.permissions().mode() & 0o022 == 0,
+            "{} is not a directory that root alone may change: its bakes are not used",
+            self.dir.display()
+        );
+        let file = std::fs::File::open(&self.dir)
+            .with_context(|| format!("opening {}", self.dir.display()))?;
+        Flock::lock(file, how)
+            .map(Some)
+            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", self.dir.display()))
     }
 }
 
@@ -322,12 +358,19 @@ fn bakes_of(dir: &Path, template: &str) -> Vec<kiln_engine::bake::BakedTemplate>
         .collect()
 }
 
-/// Makes `dir` (and its parents) and leaves it root's alone.
+/// Makes `dir` (and its parents) and leaves it root's alone (one that exists must be root's
+/// already, and not a link).
 fn private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .with_context(|| format!("making {}", dir.display()))
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("{}", dir.display()))?;
+    ensure!(
+        meta.is_dir() && meta.uid() == 0,
+        "{} is not root's own directory",
+        dir.display()
+    );
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} root's alone", dir.display()))
 }
 
 /// This binary (`kiln`).

@@ -7,8 +7,8 @@
 //! server with names that rebind to the decoys. A fake host service listens on every host
 //! address. Probes target the host's own addresses, the decoys and a neighbour sandbox,
 //! never the machine's uplink. Every decoy is read before and after every probe: anything
-//! that arrived is an escape. After each probe the daemon must answer and the neighbour
-//! must run a command.
+//! that arrived is an escape. After each probe the daemon and the neighbour's agent must
+//! answer (the neighbour's listener count is a file read through it).
 //!
 //! Verdicts: *blocked* (the probe got nothing and its sandbox still works), *contained* (the
 //! probe broke its own sandbox or acted only inside it; host and neighbour unaffected),
@@ -118,7 +118,8 @@ struct Probe {
     /// Whether it may break its sandbox (run in a fresh one as root).
     destructive: bool,
     /// Whether its sandbox is asked to run a command after it even when the probe's own call
-    /// failed (reported, not judged: a hung guest costs the daemon's 30 s agent timeout).
+    /// failed (reported, not judged: a hung guest costs the check's daemon's 6 s agent
+    /// timeout).
     answers_after: bool,
 }
 
@@ -175,10 +176,11 @@ struct Targets {
 
 fn probes(t: &Targets) -> Vec<Probe> {
     let web = WEB.to_string();
-    // The test server greets at once: its greeting ends the control (the connection stays
-    // open, so reading to its end would wait out the read timeout).
-    let reach_web = json!({"host": web, "port": 7000, "expect": "hello from"});
-    let tcp = |host: String, port: u16| json!({"host": host, "port": port});
+    // A connect that gets through ends at the first bytes its server sends (the test server
+    // greets at once and keeps the connection open: reading to its end would wait out the
+    // read timeout); probe and control run the same code.
+    let reach_web = json!({"host": web, "port": 7000, "until_data": true});
+    let tcp = |host: String, port: u16| json!({"host": host, "port": port, "until_data": true});
     let http = |host: String, name: &str, expect: &str| {
         json!({"host": host, "port": 80, "expect": expect,
                "send": format!("GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n")})
@@ -1183,7 +1185,8 @@ impl Capture {
         )
         .context("a packet socket")?;
         // Forced (as root): `net.core.rmem_max` (often 208 KiB) would cap it otherwise.
-        socket::setsockopt(&fd, sockopt::RcvBufForce, &bytes)?;
+        socket::setsockopt(&fd, sockopt::RcvBufForce, &bytes)
+            .context("sizing the capture's queue (needs CAP_NET_ADMIN)")?;
         // SAFETY: a zeroed sockaddr_ll is valid; the fields set make it name one interface.
         let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         address.sll_family = libc::AF_PACKET as u16;

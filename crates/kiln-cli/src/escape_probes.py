@@ -29,7 +29,8 @@ def report(reached, detail, acted=False):
 
 
 def connect(args):
-    """TCP to host:port; optionally sends `send` and looks for `expect` in the answer."""
+    """TCP to host:port; optionally sends `send` and looks for `expect` in the answer
+    (`until_data`: reads only until the first bytes arrive)."""
     host, port = args["host"], int(args["port"])
     try:
         s = socket.create_connection((host, port), timeout=float(args.get("timeout", 1.5)))
@@ -46,6 +47,8 @@ def connect(args):
                 break
             answer += more
             if args.get("expect", "").encode() in answer and "expect" in args:
+                break
+            if args.get("until_data"):
                 break
     except OSError:
         pass
