@@ -34,7 +34,15 @@ impl Reaper {
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
-                task_reaper.reap_all();
+                // Off the async workers: a spawn holds the lock until its child has exec'd,
+                // which a child starved of memory may take seconds to do.
+                let reaper = task_reaper.clone();
+                if tokio::task::spawn_blocking(move || reaper.reap_all())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
                 if sigchld.recv().await.is_none() {
                     break;
                 }

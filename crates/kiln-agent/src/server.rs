@@ -343,11 +343,11 @@ impl Agent {
     }
 
     /// Starts the template's start command in the background and waits for its readiness.
-    async fn run_start_command(&self, start: &StartCommand) -> Result<u32, AgentError> {
+    async fn run_start_command(self: &Arc<Self>, start: &StartCommand) -> Result<u32, AgentError> {
         let mut request = ExecRequest::new(start.command.clone());
         request.background = true;
         request.tag = Some("start".into());
-        let process = self.start_process(&request)?;
+        let process = self.start_process(&request).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(start.timeout_ms);
         let interval = Duration::from_millis(start.interval_ms.max(10));
         loop {
@@ -368,7 +368,9 @@ impl Agent {
                         .is_ok()
                 }
                 Some(ReadinessCheck::Exec { command }) => {
-                    let check = self.start_process(&ExecRequest::new(command.clone()))?;
+                    let check = self
+                        .start_process(&ExecRequest::new(command.clone()))
+                        .await?;
                     let mut output = check.output.subscribe();
                     let finish = loop {
                         if let Next::Finished(f) = output.next().await {
@@ -460,12 +462,23 @@ impl Agent {
         }
     }
 
-    fn start_process(&self, request: &ExecRequest) -> Result<Arc<Process>, AgentError> {
+    /// Starts a process on a blocking thread: the spawn returns once the child has exec'd,
+    /// which a child starved of memory (its users' cgroup at its limit) may take seconds to
+    /// do, and the agent must keep answering meanwhile (keep-alive pings, kill-all).
+    async fn start_process(
+        self: &Arc<Self>,
+        request: &ExecRequest,
+    ) -> Result<Arc<Process>, AgentError> {
         self.processes.check_tag(request.tag.as_deref())?;
-        let cgroup = self.user_cgroup.as_ref().map(UserCgroup::procs_fd);
-        let process = process::spawn(&self.reaper, &self.defaults(), request, cgroup)?;
-        self.processes.insert(process.clone());
-        Ok(process)
+        let (server, request) = (Arc::clone(self), request.clone());
+        tokio::task::spawn_blocking(move || {
+            let cgroup = server.user_cgroup.as_ref().map(UserCgroup::procs_fd);
+            let process = process::spawn(&server.reaper, &server.defaults(), &request, cgroup)?;
+            server.processes.insert(process.clone());
+            Ok(process)
+        })
+        .await
+        .map_err(|e| AgentError::new(ErrorKind::Io, format!("starting a process: {e}")))?
     }
 
     /// An exec or attach stream: the first frame says which, then stdin/resize/signal frames
@@ -481,7 +494,7 @@ impl Agent {
             }
         };
         let (process, owned) = match first {
-            Ok(ExecInput::Start(request)) => match self.start_process(&request) {
+            Ok(ExecInput::Start(request)) => match self.start_process(&request).await {
                 Ok(process) => (process, !request.background),
                 Err(e) => return error_response(e),
             },

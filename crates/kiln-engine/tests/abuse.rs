@@ -153,18 +153,40 @@ async fn a_guest_cannot_wedge_its_agent() {
         start_background(victim.agent(), "abuse", script).await;
         let (mut health, mut next_door) = (Vec::new(), Vec::new());
         let until = Instant::now() + ABUSE_FOR;
-        while Instant::now() < until {
-            let (info, took) = bounded("health", victim.agent().info()).await;
-            info.unwrap_or_else(|e| panic!("{name}: health call failed: {e}"));
-            health.push(took);
-            let (out, took) = bounded("neighbour exec", async {
-                kiln_testinfra::sh(neighbour.agent(), "echo next-door").await
-            })
-            .await;
-            assert_eq!(out, "next-door");
-            next_door.push(took);
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let calls = async {
+            while Instant::now() < until {
+                let (info, took) = bounded("health", victim.agent().info()).await;
+                info.unwrap_or_else(|e| panic!("{name}: health call failed: {e}"));
+                health.push(took);
+                let (out, took) = bounded("neighbour exec", async {
+                    kiln_testinfra::sh(neighbour.agent(), "echo next-door").await
+                })
+                .await;
+                assert_eq!(out, "next-door");
+                next_door.push(took);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        // Under the fork bomb an exec is starting all the while: its child, in the users'
+        // cgroup at its memory limit, may take seconds to exec, and the agent must answer
+        // meanwhile (it stalled for the whole spawn while spawns ran on its async workers).
+        let starting = async {
+            if name == "fork bomb" {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let request = ExecRequest::new(Command::Argv(vec!["true".into()]));
+                let _ = victim.agent().run(request, 4096).await;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = calls => {}
+            () = starting => unreachable!("it never ends"),
         }
+        let slowest = health.iter().max().copied().unwrap_or_default();
+        assert!(
+            slowest < Duration::from_secs(2),
+            "{name}: a health call took {slowest:?}"
+        );
         let (killed, took) = bounded_by(KILL_ALL_HANG, "kill-all", victim.agent().kill_all()).await;
         let killed = killed.unwrap_or_else(|e| panic!("{name}: kill-all failed: {e}"));
         assert!(killed >= 1, "{name}: nothing to kill");
