@@ -280,6 +280,11 @@ pub fn spawn(
     request: &ExecRequest,
     cgroup: Option<RawFd>,
 ) -> Result<Arc<Process>, AgentError> {
+    // The timeout counts from the request: a spawn can wait seconds for a child starved of
+    // memory to exec, and that wait is part of what the caller bounded.
+    let deadline = request
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     let argv = request.command.to_argv();
     if argv.first().is_none_or(|a| a.is_empty()) {
         return Err(AgentError::new(ErrorKind::InvalidArgument, "empty command"));
@@ -440,8 +445,7 @@ pub fn spawn(
         stdin: tokio::sync::Mutex::new(stdin),
         pty: pty_master,
     });
-    let timeout = request.timeout_ms.map(Duration::from_millis);
-    tokio::spawn(pump(pid, process.output.clone(), sources, exit, timeout));
+    tokio::spawn(pump(pid, process.output.clone(), sources, exit, deadline));
     Ok(process)
 }
 
@@ -526,9 +530,8 @@ async fn pump(
     log: OutputLog,
     mut sources: Sources,
     mut exit: oneshot::Receiver<ExitStatus>,
-    timeout: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
 ) {
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
     let mut pty_open = true;
     let mut out_buf = vec![0u8; DATA_CHUNK];
@@ -736,5 +739,54 @@ impl ProcessTable {
             .values()
             .filter(|p| p.finished().is_none())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_proto::messages::Command as ExecCommand;
+    use std::time::Instant;
+
+    /// A spawn that waits (here on the reaper's lock, in a guest on a child starved of
+    /// memory) is part of the time the caller bounded, not added to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timeout_counts_from_the_request_not_from_the_spawn() {
+        let reaper = Reaper::start().expect("reaper starts");
+        let (locked, held) = std::sync::mpsc::channel();
+        let holder = {
+            let reaper = reaper.clone();
+            std::thread::spawn(move || {
+                reaper.exclusive(|| {
+                    locked.send(()).expect("the test waits");
+                    std::thread::sleep(Duration::from_secs(2));
+                })
+            })
+        };
+        held.recv().expect("the lock is held");
+        let requested = Instant::now();
+        let mut request = ExecRequest::new(ExecCommand::Shell("exec sleep 30".into()));
+        request.timeout_ms = Some(1500);
+        let process = tokio::task::spawn_blocking({
+            let reaper = reaper.clone();
+            move || spawn(&reaper, &ExecDefaults::default(), &request, None)
+        })
+        .await
+        .expect("the spawn does not panic")
+        .expect("sleep starts");
+        let spawned = requested.elapsed();
+        let finish = tokio::time::timeout(Duration::from_secs(10), process.output.wait_finished())
+            .await
+            .expect("the timeout kills it");
+        let ended = requested.elapsed();
+        holder.join().expect("the holder does not panic");
+        assert!(finish.timed_out, "{finish:?}");
+        assert_eq!(finish.status.signal, Some(libc::SIGKILL));
+        assert!(
+            spawned >= Duration::from_millis(1900),
+            "spawned after {spawned:?}"
+        );
+        // Counted from the spawn it would end at 3.5 s.
+        assert!(ended < Duration::from_millis(3000), "ended after {ended:?}");
     }
 }

@@ -57,7 +57,8 @@ pub struct ExecRequest {
     /// Run in a pseudo-terminal of this size (stdout and stderr are merged into stdout).
     #[serde(default)]
     pub pty: Option<PtySize>,
-    /// Kill the process group after this many milliseconds.
+    /// Kill the process group this many milliseconds after the request reached the agent
+    /// (its start, however long that takes, counts).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// Keep running when the exec stream goes away; can be listed and re-attached.
