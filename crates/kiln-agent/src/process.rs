@@ -748,38 +748,94 @@ mod tests {
     use kiln_proto::messages::Command as ExecCommand;
     use std::time::Instant;
 
-    /// A spawn that waits (here on the reaper's lock, in a guest on a child starved of
-    /// memory) is part of the time the caller bounded, not added to it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_timeout_counts_from_the_request_not_from_the_spawn() {
-        let reaper = Reaper::start().expect("reaper starts");
-        let (locked, held) = std::sync::mpsc::channel();
-        let holder = {
-            let reaper = reaper.clone();
-            std::thread::spawn(move || {
-                reaper.exclusive(|| {
-                    locked.send(()).expect("the test waits");
-                    std::thread::sleep(Duration::from_secs(2));
-                })
-            })
-        };
-        held.recv().expect("the lock is held");
-        let requested = Instant::now();
-        let mut request = ExecRequest::new(ExecCommand::Shell("exec sleep 30".into()));
-        request.timeout_ms = Some(1500);
-        let process = tokio::task::spawn_blocking({
-            let reaper = reaper.clone();
-            move || spawn(&reaper, &ExecDefaults::default(), &request, None)
+    /// A spawn that cannot finish until released, as a child starved of memory in a guest
+    /// cannot exec: its "cgroup" is a full pipe, which the child's write into
+    /// `cgroup.procs` waits on until the pipe is drained.
+    struct StalledSpawn {
+        cgroup: OwnedFd,
+        drain: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl StalledSpawn {
+        /// A spawn given [`Self::cgroup`] returns `after` from now, not before.
+        fn new(after: Duration) -> StalledSpawn {
+            let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+            nix::fcntl::fcntl(
+                write.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+            )
+            .expect("non-blocking");
+            while nix::unistd::write(&write, &[0; 4096]).is_ok() {}
+            nix::fcntl::fcntl(
+                write.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
+            )
+            .expect("blocking again");
+            let drain = std::thread::spawn(move || {
+                std::thread::sleep(after);
+                let mut buf = [0; 4096];
+                nix::unistd::read(read.as_raw_fd(), &mut buf).expect("drained");
+            });
+            StalledSpawn {
+                cgroup: write,
+                drain: Some(drain),
+            }
+        }
+
+        fn cgroup(&self) -> Option<RawFd> {
+            Some(self.cgroup.as_raw_fd())
+        }
+    }
+
+    impl Drop for StalledSpawn {
+        fn drop(&mut self) {
+            if let Some(drain) = self.drain.take() {
+                drain.join().expect("the drain does not panic");
+            }
+        }
+    }
+
+    async fn start(
+        reaper: &Arc<Reaper>,
+        request: ExecRequest,
+        cgroup: Option<RawFd>,
+    ) -> Arc<Process> {
+        let reaper = reaper.clone();
+        tokio::task::spawn_blocking(move || {
+            spawn(&reaper, &ExecDefaults::default(), &request, cgroup)
         })
         .await
         .expect("the spawn does not panic")
-        .expect("sleep starts");
-        let spawned = requested.elapsed();
-        let finish = tokio::time::timeout(Duration::from_secs(10), process.output.wait_finished())
+        .expect("the process starts")
+    }
+
+    /// One reaper at a time: a process has one set of children, and two reapers would
+    /// collect each other's.
+    static ONE_REAPER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn sh(script: &str) -> ExecRequest {
+        ExecRequest::new(ExecCommand::Shell(script.into()))
+    }
+
+    async fn finished(process: &Process) -> Finish {
+        tokio::time::timeout(Duration::from_secs(10), process.output.wait_finished())
             .await
-            .expect("the timeout kills it");
+            .unwrap_or_else(|_| panic!("{:?} did not end in 10 s", process.argv))
+    }
+
+    /// The wait for a spawn is part of the time the caller bounded, not added to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_timeout_counts_from_the_request_not_from_the_spawn() {
+        let _one = ONE_REAPER.lock().await;
+        let reaper = Reaper::start().expect("reaper starts");
+        let stalled = StalledSpawn::new(Duration::from_secs(2));
+        let requested = Instant::now();
+        let mut request = sh("exec sleep 30");
+        request.timeout_ms = Some(1500);
+        let process = start(&reaper, request, stalled.cgroup()).await;
+        let spawned = requested.elapsed();
+        let finish = finished(&process).await;
         let ended = requested.elapsed();
-        holder.join().expect("the holder does not panic");
         assert!(finish.timed_out, "{finish:?}");
         assert_eq!(finish.status.signal, Some(libc::SIGKILL));
         assert!(
@@ -788,5 +844,34 @@ mod tests {
         );
         // Counted from the spawn it would end at 3.5 s.
         assert!(ended < Duration::from_millis(3000), "ended after {ended:?}");
+    }
+
+    /// A stalled spawn holds up neither another process's start nor its exit status, and
+    /// its own child's status, which may come before it registered, still reaches it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_spawn_holds_up_no_other_process() {
+        let _one = ONE_REAPER.lock().await;
+        let reaper = Reaper::start().expect("reaper starts");
+        let stalled = StalledSpawn::new(Duration::from_secs(2));
+        let began = Instant::now();
+        let slow = tokio::spawn({
+            let reaper = reaper.clone();
+            let cgroup = stalled.cgroup();
+            async move { start(&reaper, sh("exit 3"), cgroup).await }
+        });
+        // Let the slow spawn begin first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let quick = start(&reaper, sh("exit 5"), None).await;
+        let status = finished(&quick).await.status;
+        let quick_done = began.elapsed();
+        assert_eq!(status.code, Some(5));
+        assert!(
+            quick_done < Duration::from_millis(1500),
+            "the quick process ended after {quick_done:?}, behind the stalled spawn"
+        );
+        let slow = slow.await.expect("the slow spawn does not panic");
+        assert!(began.elapsed() >= Duration::from_millis(1900));
+        assert_eq!(finished(&slow).await.status.code, Some(3));
+        drop(stalled);
     }
 }

@@ -3,10 +3,12 @@
 //! Every orphan in the guest is re-parented to PID 1, so the agent must reap with
 //! `waitpid(-1)`. Doing that naively races the code that waits for the processes the agent
 //! started itself: the orphan loop can collect an exec's status before the exec machinery
-//! asks for it, and the exit code is lost. Here one reaper owns all waiting: processes are
-//! spawned while holding the waiter table's lock and registered before it is released, and
-//! the reaper takes the same lock around `waitpid(-1)`, so every status of a registered pid
-//! reaches its waiter and everything else is an orphan that is simply collected.
+//! asks for it, and the exit code is lost. Here one reaper owns all waiting. Registered
+//! processes are collected by pid. Anything else is an orphan, collected with
+//! `waitpid(-1)` only while no spawn is under way: a child whose spawn has not returned
+//! yet has no registration, and its status must wait for it. A spawn does not hold the
+//! lock while it runs (a child starved of memory may take seconds to exec, and other
+//! spawns and exits must not wait for it); it collects what waited once it has registered.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,7 +25,15 @@ use tokio::sync::oneshot;
 /// The single owner of `waitpid` in the agent.
 #[derive(Debug, Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, oneshot::Sender<ExitStatus>>>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Registered processes by pid, with where their status goes.
+    waiters: HashMap<i32, oneshot::Sender<ExitStatus>>,
+    /// Spawns (and [`Reaper::exclusive`] sections) under way: orphans wait while any is.
+    starting: usize,
 }
 
 impl Reaper {
@@ -34,8 +44,8 @@ impl Reaper {
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
-                // Off the async workers: a spawn holds the lock until its child has exec'd,
-                // which a child starved of memory may take seconds to do.
+                // Off the async workers: collecting takes the lock, which is brief, but an
+                // agent whose guest is out of memory should not bet its workers on it.
                 let reaper = task_reaper.clone();
                 if tokio::task::spawn_blocking(move || reaper.reap_all())
                     .await
@@ -51,56 +61,68 @@ impl Reaper {
         Ok(reaper)
     }
 
-    fn waiters(&self) -> MutexGuard<'_, HashMap<i32, oneshot::Sender<ExitStatus>>> {
-        // A panic while holding this lock leaves the map intact; keep using it.
-        self.waiters
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the state intact; keep using it.
+        self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Spawns `command` and registers its pid before any status can be collected.
+    /// Marks a spawn under way until the returned guard is dropped; then collects what
+    /// waited for it.
+    fn starting(&self) -> Starting<'_> {
+        self.state().starting += 1;
+        Starting { reaper: self }
+    }
+
+    /// Spawns `command` and registers its pid before its status can be collected. The
+    /// spawn returns once the child has exec'd.
     pub fn spawn(
         &self,
         command: &mut Command,
     ) -> io::Result<(Child, oneshot::Receiver<ExitStatus>)> {
-        let mut waiters = self.waiters();
+        let _starting = self.starting();
         let child = command.spawn()?;
-        let (tx, rx) = oneshot::channel();
         let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
-        waiters.insert(pid, tx);
+        let (tx, rx) = oneshot::channel();
+        self.state().waiters.insert(pid, tx);
         Ok((child, rx))
     }
 
-    /// Holds the spawn lock while `f` runs, so no child can be forked meanwhile
-    /// (used while creating descriptors that must not leak into children).
+    /// Runs `f` with orphans left uncollected, so a helper that `f` forks (as `grantpt`
+    /// may) keeps its status for `f`.
     pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
-        let _guard = self.waiters();
+        let _starting = self.starting();
         f()
     }
 
-    /// Collects every child that has exited.
+    /// Collects every registered process that has exited, and every orphan when no spawn
+    /// is under way.
     fn reap_all(&self) {
-        let mut waiters = self.waiters();
+        let mut state = self.state();
+        let registered: Vec<i32> = state.waiters.keys().copied().collect();
+        for pid in registered.into_iter().map(Pid::from_raw) {
+            match collect(pid) {
+                Ok(Some(status)) => deliver(&mut state.waiters, pid, status),
+                Ok(None) => {}
+                // Not a child (any more): its waiter learns that the status is unknown.
+                Err(e) => {
+                    tracing::warn!(pid = pid.as_raw(), error = %e, "waitpid failed");
+                    state.waiters.remove(&pid.as_raw());
+                }
+            }
+        }
+        if state.starting > 0 {
+            return;
+        }
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(WaitStatus::Exited(pid, code)) => deliver(
-                    &mut waiters,
-                    pid,
-                    ExitStatus {
-                        code: Some(code),
-                        signal: None,
-                    },
-                ),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => deliver(
-                    &mut waiters,
-                    pid,
-                    ExitStatus {
-                        code: None,
-                        signal: Some(sig as i32),
-                    },
-                ),
-                Ok(_) => continue,
+                Ok(status) => {
+                    if let Some((pid, status)) = exit_status(status) {
+                        deliver(&mut state.waiters, pid, status);
+                    }
+                }
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "waitpid failed");
@@ -108,6 +130,51 @@ impl Reaper {
                 }
             }
         }
+    }
+}
+
+/// A spawn under way; see [`Reaper::starting`].
+struct Starting<'a> {
+    reaper: &'a Reaper,
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.reaper.state().starting -= 1;
+        // Statuses that arrived meanwhile had their signal already; collect them now.
+        self.reaper.reap_all();
+    }
+}
+
+/// The status of `pid` if it has exited, collecting it.
+fn collect(pid: Pid) -> Result<Option<ExitStatus>, Errno> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Err(Errno::EINTR) => continue,
+            Ok(status) => return Ok(exit_status(status).map(|(_, status)| status)),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The exit of a process, from what `waitpid` reported (stops and continues are not exits).
+fn exit_status(status: WaitStatus) -> Option<(Pid, ExitStatus)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((
+            pid,
+            ExitStatus {
+                code: Some(code),
+                signal: None,
+            },
+        )),
+        WaitStatus::Signaled(pid, sig, _) => Some((
+            pid,
+            ExitStatus {
+                code: None,
+                signal: Some(sig as i32),
+            },
+        )),
+        _ => None,
     }
 }
 
