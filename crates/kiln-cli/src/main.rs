@@ -17,6 +17,7 @@ mod check_escape;
 mod check_fuzz;
 mod check_recovery;
 mod client_cmd;
+mod escape_witness;
 mod keys_cmd;
 mod mcp_cmd;
 mod serve_cmd;
