@@ -283,7 +283,14 @@ impl BakeCache {
     }
 
     fn try_keep(&self, data_dir: &Path, template: &str) -> Result<()> {
-        private_dir(&self.dir)?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .with_context(|| format!("making {}", self.dir.display()))?;
+        }
         let Some(_lock) = self.lock(FlockArg::LockExclusive)? else {
             bail!("{} was not made", self.dir.display());
         };
@@ -376,4 +383,63 @@ fn private_dir(dir: &Path) -> Result<()> {
 /// This binary (`kiln`).
 pub fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("this binary's path")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cache_in(dir: &Path) -> BakeCache {
+        BakeCache::new(&DaemonInputs {
+            cache_dir: Some(dir.to_owned()),
+            ..DaemonInputs::default()
+        })
+    }
+
+    /// Only a directory that root alone may change holds bakes a check's daemon trusts:
+    /// one of another user, one others may write to, or a link, is refused and not used.
+    #[test]
+    fn kept_bakes_are_used_only_from_roots_own_directory() {
+        let cache = tempfile::tempdir().expect("a cache directory");
+        let bakes = cache_in(cache.path());
+        let data = tempfile::tempdir().expect("a data directory");
+        // Nothing kept yet: nothing to copy, and no error.
+        assert_eq!(bakes.try_seed(data.path(), "base").expect("seeds"), 0);
+        // Made by a keep: root's, and closed to others.
+        bakes
+            .try_keep(data.path(), "base")
+            .expect("keeps nothing without error");
+        let mode = std::fs::metadata(&bakes.dir)
+            .expect("made")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert_eq!(bakes.try_seed(data.path(), "base").expect("seeds"), 0);
+
+        let refused = |why: &str| {
+            let seeded = bakes.try_seed(data.path(), "base");
+            let err = seeded.expect_err(why).to_string();
+            assert!(
+                err.contains("not a directory that root alone may change"),
+                "{err}"
+            );
+            let err = bakes.try_keep(data.path(), "base").expect_err(why);
+            assert!(
+                format!("{err:#}").contains("not a directory that root alone may change"),
+                "{err:#}"
+            );
+        };
+        std::fs::set_permissions(&bakes.dir, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        refused("others may write to it");
+        std::fs::set_permissions(&bakes.dir, std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        std::os::unix::fs::chown(&bakes.dir, Some(65534), None).expect("chown (run as root)");
+        refused("another user's");
+        std::fs::remove_dir(&bakes.dir).expect("remove");
+        let elsewhere = tempfile::tempdir().expect("a directory elsewhere");
+        std::os::unix::fs::symlink(elsewhere.path(), &bakes.dir).expect("link");
+        refused("a link");
+    }
 }
