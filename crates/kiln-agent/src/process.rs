@@ -1,7 +1,7 @@
 //! Processes started through the agent: spawning (user, env, cwd, PTY), the pump that moves
 //! their output into an [`OutputLog`], stdin, signals, timeouts and the process table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -273,18 +273,19 @@ enum Sources {
 }
 
 /// Starts `request` and its output pump; in the users' cgroup when `cgroup` (the
-/// descriptor of its `cgroup.procs`, see [`crate::cgroups`]) is given.
+/// descriptor of its `cgroup.procs`, see [`crate::cgroups`]) is given. Its timeout counts
+/// from `requested`: a spawn can wait seconds for a child starved of memory to exec, and
+/// that wait is part of what the caller bounded.
 pub fn spawn(
     reaper: &Reaper,
     defaults: &ExecDefaults,
     request: &ExecRequest,
     cgroup: Option<RawFd>,
+    requested: tokio::time::Instant,
 ) -> Result<Arc<Process>, AgentError> {
-    // The timeout counts from the request: a spawn can wait seconds for a child starved of
-    // memory to exec, and that wait is part of what the caller bounded.
     let deadline = request
         .timeout_ms
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+        .map(|ms| requested + Duration::from_millis(ms));
     let argv = request.command.to_argv();
     if argv.first().is_none_or(|a| a.is_empty()) {
         return Err(AgentError::new(ErrorKind::InvalidArgument, "empty command"));
@@ -399,8 +400,47 @@ pub fn spawn(
         .spawn(&mut command)
         .map_err(|e| spawn_error(&argv[0], e))?;
     let pid = child.id();
+    let streams = child_streams(&mut child, pty);
+    // The reaper collects the child; the std handle must not wait for it.
+    drop(child);
+    let Streams {
+        stdin,
+        sources,
+        pty: pty_master,
+    } = streams.inspect_err(|_| {
+        // Nobody could watch or stop it: it does not run on unseen.
+        let _ = signal_group(pid, Signal::SIGKILL);
+    })?;
+
+    let process = Arc::new(Process {
+        pid,
+        tag: request.tag.clone(),
+        argv,
+        background: request.background,
+        started_at_ms: now_ms(),
+        output: OutputLog::default(),
+        stdin: tokio::sync::Mutex::new(stdin),
+        pty: pty_master,
+    });
+    tokio::spawn(pump(pid, process.output.clone(), sources, exit, deadline));
+    Ok(process)
+}
+
+/// The ends of a spawned child's streams that the agent keeps.
+struct Streams {
+    stdin: Option<StdinSink>,
+    sources: Sources,
+    /// The terminal's master side, with a PTY.
+    pty: Option<Arc<PtyMaster>>,
+}
+
+/// Takes the agent's ends of `child`'s streams (of its terminal, with `pty`).
+fn child_streams(
+    child: &mut std::process::Child,
+    pty: Option<(OwnedFd, OwnedFd)>,
+) -> Result<Streams, AgentError> {
     let io_error = |e: io::Error| AgentError::new(ErrorKind::Io, format!("process pipes: {e}"));
-    let (stdin, sources, pty_master) = match pty {
+    Ok(match pty {
         Some((master, _slave)) => {
             nix::fcntl::fcntl(
                 master.as_raw_fd(),
@@ -410,11 +450,11 @@ pub fn spawn(
             let master = Arc::new(PtyMaster {
                 fd: async_fd(master).map_err(io_error)?,
             });
-            (
-                Some(StdinSink::Pty(master.clone())),
-                Sources::Pty(master.clone()),
-                Some(master),
-            )
+            Streams {
+                stdin: Some(StdinSink::Pty(master.clone())),
+                sources: Sources::Pty(master.clone()),
+                pty: Some(master),
+            }
         }
         None => {
             let stdin = match child.stdin.take() {
@@ -429,24 +469,13 @@ pub fn spawn(
             };
             let stdout = receiver(child.stdout.take().map(OwnedFd::from))?;
             let stderr = receiver(child.stderr.take().map(OwnedFd::from))?;
-            (stdin, Sources::Pipes { stdout, stderr }, None)
+            Streams {
+                stdin,
+                sources: Sources::Pipes { stdout, stderr },
+                pty: None,
+            }
         }
-    };
-    // The reaper collects the child; the std handle must not wait for it.
-    drop(child);
-
-    let process = Arc::new(Process {
-        pid,
-        tag: request.tag.clone(),
-        argv,
-        background: request.background,
-        started_at_ms: now_ms(),
-        output: OutputLog::default(),
-        stdin: tokio::sync::Mutex::new(stdin),
-        pty: pty_master,
-    });
-    tokio::spawn(pump(pid, process.output.clone(), sources, exit, deadline));
-    Ok(process)
+    })
 }
 
 fn spawn_error(program: &str, e: io::Error) -> AgentError {
@@ -624,6 +653,24 @@ async fn pump(
 #[derive(Debug, Default)]
 pub struct ProcessTable {
     processes: Mutex<BTreeMap<u32, Arc<Process>>>,
+    /// Tags of processes being started, not in the table yet.
+    starting_tags: Mutex<BTreeSet<String>>,
+}
+
+/// A tag held for a process being started until it is in the table (or has failed to
+/// start), so that no other start takes it meanwhile.
+#[derive(Debug)]
+pub struct TagReservation<'a> {
+    table: &'a ProcessTable,
+    tag: Option<String>,
+}
+
+impl Drop for TagReservation<'_> {
+    fn drop(&mut self) {
+        if let Some(tag) = &self.tag {
+            self.table.starting_tags().remove(tag);
+        }
+    }
 }
 
 /// How many finished processes the table keeps for listing and re-attaching.
@@ -636,26 +683,44 @@ impl ProcessTable {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Checks that `tag` is not used by a running process.
-    pub fn check_tag(&self, tag: Option<&str>) -> Result<(), AgentError> {
-        let Some(tag) = tag else { return Ok(()) };
+    fn starting_tags(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.starting_tags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds `tag` for a process about to start, if no running or starting process has it.
+    /// Insert the process before the reservation is dropped.
+    pub fn reserve_tag(&self, tag: Option<&str>) -> Result<TagReservation<'_>, AgentError> {
+        let Some(tag) = tag else {
+            return Ok(TagReservation {
+                table: self,
+                tag: None,
+            });
+        };
         if tag.is_empty() || tag.len() > 128 {
             return Err(AgentError::new(
                 ErrorKind::InvalidArgument,
                 "tag must be 1 to 128 bytes",
             ));
         }
-        let taken = self
-            .lock()
-            .values()
-            .any(|p| p.tag.as_deref() == Some(tag) && p.finished().is_none());
+        let mut starting = self.starting_tags();
+        let taken = starting.contains(tag)
+            || self
+                .lock()
+                .values()
+                .any(|p| p.tag.as_deref() == Some(tag) && p.finished().is_none());
         if taken {
             return Err(AgentError::new(
                 ErrorKind::AlreadyExists,
                 format!("a running process is already tagged `{tag}`"),
             ));
         }
-        Ok(())
+        starting.insert(tag.to_owned());
+        Ok(TagReservation {
+            table: self,
+            tag: Some(tag.to_owned()),
+        })
     }
 
     /// Adds a process, dropping the oldest finished ones beyond the keep limit.
@@ -801,17 +866,37 @@ mod tests {
         cgroup: Option<RawFd>,
     ) -> Arc<Process> {
         let reaper = reaper.clone();
+        let requested = tokio::time::Instant::now();
         tokio::task::spawn_blocking(move || {
-            spawn(&reaper, &ExecDefaults::default(), &request, cgroup)
+            spawn(
+                &reaper,
+                &ExecDefaults::default(),
+                &request,
+                cgroup,
+                requested,
+            )
         })
         .await
         .expect("the spawn does not panic")
         .expect("the process starts")
     }
 
-    /// One reaper at a time: a process has one set of children, and two reapers would
-    /// collect each other's.
-    static ONE_REAPER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    /// Runs `test` with a reaper of its own in a runtime of its own, one at a time: a
+    /// process has one set of children, and two reapers would collect each other's. The
+    /// runtime (and with it the reaper) is gone before the next test starts.
+    fn with_reaper<F: std::future::Future<Output = ()>>(test: impl FnOnce(Arc<Reaper>) -> F) {
+        static ONE_REAPER: Mutex<()> = Mutex::new(());
+        let _one = ONE_REAPER
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async { test(Reaper::start().expect("reaper starts")).await });
+        drop(runtime);
+    }
 
     fn sh(script: &str) -> ExecRequest {
         ExecRequest::new(ExecCommand::Shell(script.into()))
@@ -824,54 +909,77 @@ mod tests {
     }
 
     /// The wait for a spawn is part of the time the caller bounded, not added to it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_timeout_counts_from_the_request_not_from_the_spawn() {
-        let _one = ONE_REAPER.lock().await;
-        let reaper = Reaper::start().expect("reaper starts");
-        let stalled = StalledSpawn::new(Duration::from_secs(2));
-        let requested = Instant::now();
-        let mut request = sh("exec sleep 30");
-        request.timeout_ms = Some(1500);
-        let process = start(&reaper, request, stalled.cgroup()).await;
-        let spawned = requested.elapsed();
-        let finish = finished(&process).await;
-        let ended = requested.elapsed();
-        assert!(finish.timed_out, "{finish:?}");
-        assert_eq!(finish.status.signal, Some(libc::SIGKILL));
-        assert!(
-            spawned >= Duration::from_millis(1900),
-            "spawned after {spawned:?}"
-        );
-        // Counted from the spawn it would end at 3.5 s.
-        assert!(ended < Duration::from_millis(3000), "ended after {ended:?}");
+    #[test]
+    fn a_timeout_counts_from_the_request_not_from_the_spawn() {
+        with_reaper(|reaper| async move {
+            let stalled = StalledSpawn::new(Duration::from_secs(2));
+            let requested = Instant::now();
+            let mut request = sh("exec sleep 30");
+            request.timeout_ms = Some(1500);
+            let process = start(&reaper, request, stalled.cgroup()).await;
+            let spawned = requested.elapsed();
+            let finish = finished(&process).await;
+            let ended = requested.elapsed();
+            assert!(finish.timed_out, "{finish:?}");
+            assert_eq!(finish.status.signal, Some(libc::SIGKILL));
+            assert!(
+                spawned >= Duration::from_millis(1900),
+                "spawned after {spawned:?}"
+            );
+            // Counted from the spawn it would end at 3.5 s.
+            assert!(ended < Duration::from_millis(3000), "ended after {ended:?}");
+        });
     }
 
     /// A stalled spawn holds up neither another process's start nor its exit status, and
     /// its own child's status, which may come before it registered, still reaches it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stalled_spawn_holds_up_no_other_process() {
-        let _one = ONE_REAPER.lock().await;
-        let reaper = Reaper::start().expect("reaper starts");
-        let stalled = StalledSpawn::new(Duration::from_secs(2));
-        let began = Instant::now();
-        let slow = tokio::spawn({
-            let reaper = reaper.clone();
-            let cgroup = stalled.cgroup();
-            async move { start(&reaper, sh("exit 3"), cgroup).await }
+    #[test]
+    fn a_stalled_spawn_holds_up_no_other_process() {
+        with_reaper(|reaper| async move {
+            let stalled = StalledSpawn::new(Duration::from_secs(2));
+            let began = Instant::now();
+            let slow = tokio::spawn({
+                let reaper = reaper.clone();
+                let cgroup = stalled.cgroup();
+                async move { start(&reaper, sh("exit 3"), cgroup).await }
+            });
+            // Let the slow spawn begin first.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let quick = start(&reaper, sh("exit 5"), None).await;
+            let status = finished(&quick).await.status;
+            let quick_done = began.elapsed();
+            assert_eq!(status.code, Some(5));
+            assert!(
+                quick_done < Duration::from_millis(1500),
+                "the quick process ended after {quick_done:?}, behind the stalled spawn"
+            );
+            let slow = slow.await.expect("the slow spawn does not panic");
+            assert!(began.elapsed() >= Duration::from_millis(1900));
+            assert_eq!(finished(&slow).await.status.code, Some(3));
+            drop(stalled);
         });
-        // Let the slow spawn begin first.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let quick = start(&reaper, sh("exit 5"), None).await;
-        let status = finished(&quick).await.status;
-        let quick_done = began.elapsed();
-        assert_eq!(status.code, Some(5));
-        assert!(
-            quick_done < Duration::from_millis(1500),
-            "the quick process ended after {quick_done:?}, behind the stalled spawn"
+    }
+
+    #[test]
+    fn a_tag_is_held_from_the_start_of_a_spawn() {
+        let table = ProcessTable::default();
+        let held = table.reserve_tag(Some("web")).expect("a free tag");
+        let again = table.reserve_tag(Some("web"));
+        assert_eq!(
+            again.map(|_| ()).map_err(|e| e.kind),
+            Err(ErrorKind::AlreadyExists),
+            "a tag being started is taken"
         );
-        let slow = slow.await.expect("the slow spawn does not panic");
-        assert!(began.elapsed() >= Duration::from_millis(1900));
-        assert_eq!(finished(&slow).await.status.code, Some(3));
-        drop(stalled);
+        table.reserve_tag(Some("db")).expect("another tag");
+        table.reserve_tag(None).expect("no tag");
+        table.reserve_tag(None).expect("no tag, twice");
+        drop(held);
+        table
+            .reserve_tag(Some("web"))
+            .expect("free again once the start ended");
+        assert_eq!(
+            table.reserve_tag(Some("")).map(|_| ()).map_err(|e| e.kind),
+            Err(ErrorKind::InvalidArgument)
+        );
     }
 }

@@ -44,15 +44,9 @@ impl Reaper {
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
-                // Off the async workers: collecting takes the lock, which is brief, but an
-                // agent whose guest is out of memory should not bet its workers on it.
-                let reaper = task_reaper.clone();
-                if tokio::task::spawn_blocking(move || reaper.reap_all())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                // Never blocks: the lock is held only to count, register and collect with
+                // WNOHANG, never through a spawn.
+                task_reaper.reap_all();
                 if sigchld.recv().await.is_none() {
                     break;
                 }
@@ -97,9 +91,14 @@ impl Reaper {
     }
 
     /// Collects every registered process that has exited, and every orphan when no spawn
-    /// is under way.
+    /// is under way (while one is, its child may have exited unregistered).
     fn reap_all(&self) {
         let mut state = self.state();
+        if state.starting == 0 {
+            // Everything, registered or not, is collected below.
+            collect_all(&mut state.waiters);
+            return;
+        }
         let registered: Vec<i32> = state.waiters.keys().copied().collect();
         for pid in registered.into_iter().map(Pid::from_raw) {
             match collect(pid) {
@@ -112,22 +111,23 @@ impl Reaper {
                 }
             }
         }
-        if state.starting > 0 {
-            return;
-        }
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
-                Ok(status) => {
-                    if let Some((pid, status)) = exit_status(status) {
-                        deliver(&mut state.waiters, pid, status);
-                    }
+    }
+}
+
+/// Collects every child that has exited, registered or orphaned.
+fn collect_all(waiters: &mut HashMap<i32, oneshot::Sender<ExitStatus>>) {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            Ok(status) => {
+                if let Some((pid, status)) = exit_status(status) {
+                    deliver(waiters, pid, status);
                 }
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "waitpid failed");
-                    break;
-                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "waitpid failed");
+                break;
             }
         }
     }

@@ -68,7 +68,14 @@ pub struct Agent {
     state: Mutex<MutableState>,
     /// The user processes' cgroup, where the agent is init (see [`crate::cgroups`]).
     user_cgroup: Option<UserCgroup>,
+    /// Permits for processes starting at once (see [`CONCURRENT_STARTS`]).
+    starts: Arc<tokio::sync::Semaphore>,
 }
+
+/// At most this many processes start at once. Each start holds one of the agent's blocking
+/// threads (16, see `main.rs`) until its child has exec'd, which a child starved of memory
+/// may take seconds to do; the rest stay free for file calls and kill-all.
+const CONCURRENT_STARTS: usize = 8;
 
 impl Agent {
     /// Creates the agent; must run inside a tokio runtime (it starts the reaper).
@@ -89,6 +96,7 @@ impl Agent {
             processes: ProcessTable::default(),
             boot_id: kiln_proto::handshake::nonce_from_bytes(rand::random()),
             state: Mutex::new(MutableState::default()),
+            starts: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_STARTS)),
         }))
     }
 
@@ -464,21 +472,52 @@ impl Agent {
 
     /// Starts a process on a blocking thread: the spawn returns once the child has exec'd,
     /// which a child starved of memory (its users' cgroup at its limit) may take seconds to
-    /// do, and the agent must keep answering meanwhile (keep-alive pings, kill-all).
+    /// do, and the agent must keep answering meanwhile (keep-alive pings, kill-all). The
+    /// start runs to its end even if its caller goes away meanwhile; a foreground process
+    /// whose caller has gone is then killed, as when its stream ends.
     async fn start_process(
         self: &Arc<Self>,
         request: &ExecRequest,
     ) -> Result<Arc<Process>, AgentError> {
-        self.processes.check_tag(request.tag.as_deref())?;
+        let requested = tokio::time::Instant::now();
+        let permit = Arc::clone(&self.starts)
+            .acquire_owned()
+            .await
+            .map_err(|_| AgentError::new(ErrorKind::Internal, "the agent is stopping"))?;
         let (server, request) = (Arc::clone(self), request.clone());
+        let (started, start) = tokio::sync::oneshot::channel();
         tokio::task::spawn_blocking(move || {
-            let cgroup = server.user_cgroup.as_ref().map(UserCgroup::procs_fd);
-            let process = process::spawn(&server.reaper, &server.defaults(), &request, cgroup)?;
-            server.processes.insert(process.clone());
-            Ok(process)
-        })
-        .await
-        .map_err(|e| AgentError::new(ErrorKind::Io, format!("starting a process: {e}")))?
+            let _permit = permit;
+            let result = server.spawn_listed(&request, requested);
+            if let Err(Ok(process)) = started.send(result) {
+                if !request.background {
+                    let _ = process.signal(libc::SIGKILL);
+                    tokio::spawn(async move {
+                        process.output.wait_finished().await;
+                        server.processes.remove(&process);
+                    });
+                }
+            }
+        });
+        start.await.map_err(|_| {
+            AgentError::new(
+                ErrorKind::Internal,
+                "starting the process failed unexpectedly (see the agent's log)",
+            )
+        })?
+    }
+
+    /// Spawns `request` and adds it to the process table (blocking until its child exec'd).
+    fn spawn_listed(
+        &self,
+        request: &ExecRequest,
+        requested: tokio::time::Instant,
+    ) -> Result<Arc<Process>, AgentError> {
+        let _tag = self.processes.reserve_tag(request.tag.as_deref())?;
+        let cgroup = self.user_cgroup.as_ref().map(UserCgroup::procs_fd);
+        let process = process::spawn(&self.reaper, &self.defaults(), request, cgroup, requested)?;
+        self.processes.insert(process.clone());
+        Ok(process)
     }
 
     /// An exec or attach stream: the first frame says which, then stdin/resize/signal frames
