@@ -167,14 +167,20 @@ async fn a_guest_cannot_wedge_its_agent() {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         };
-        // Under the fork bomb an exec is starting all the while: its child, in the users'
-        // cgroup at its memory limit, may take seconds to exec, and the agent must answer
-        // meanwhile (it stalled for the whole spawn while spawns ran on its async workers).
+        // Under the fork bomb an exec is starting: its child, in the users' cgroup at its
+        // memory limit, may take seconds to exec, and the agent must answer meanwhile (it
+        // stalled for the whole spawn while spawns ran on its async workers). Its caller
+        // gives up when the abuse ends, most often before it has started: a foreground
+        // process whose caller has gone must not run on, or stay listed, once it starts.
+        let answered = std::sync::atomic::AtomicBool::new(false);
         let starting = async {
             if name == "fork bomb" {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let request = ExecRequest::new(Command::Argv(vec!["true".into()]));
-                let _ = victim.agent().run(request, 4096).await;
+                tokio::time::sleep(ABUSE_FOR - Duration::from_secs(3)).await;
+                let request = ExecRequest::new(Command::Argv(vec!["sleep".into(), "600".into()]));
+                let session = victim.agent().exec(request).await;
+                answered.store(session.is_ok(), std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                drop(session);
             }
             std::future::pending::<()>().await
         };
@@ -210,6 +216,32 @@ async fn a_guest_cannot_wedge_its_agent() {
             format!("usable\n1\n{}", figures[2]),
             "{name}: only the shell itself runs in the users' cgroup, under its memory limit"
         );
+        if name == "fork bomb" {
+            let abandoned = |list: &[kiln_proto::messages::ProcessInfo]| {
+                list.iter().any(|p| p.argv == ["sleep", "600"])
+            };
+            let mut listed = true;
+            for _ in 0..50 {
+                let (list, _) = bounded("process list", victim.agent().processes()).await;
+                listed = abandoned(&list.expect("process list"));
+                if !listed {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            eprintln!(
+                "{name}: the abandoned exec {} before its caller left",
+                if answered.load(std::sync::atomic::Ordering::SeqCst) {
+                    "had started"
+                } else {
+                    "had not started"
+                }
+            );
+            assert!(
+                !listed,
+                "{name}: a foreground exec whose caller left is still listed"
+            );
+        }
     }
 
     // While the process limit is exhausted, an exec runs from the agent's headroom or fails

@@ -30,6 +30,17 @@ async fn vmms_hold_nothing_shared_writable_and_nobody_reads_what_is_not_theirs()
         .expect("build");
     let template = engine.bake(&images).await.expect("bake");
     template.verify().expect("a fresh bake verifies");
+    // The check also covers the device state: one flipped byte is found.
+    let state = std::fs::read(template.state()).expect("read the device state");
+    let mut flipped = state.clone();
+    *flipped.last_mut().expect("a device state") ^= 1;
+    std::fs::write(template.state(), &flipped).expect("tamper with the device state");
+    let err = template
+        .verify()
+        .expect_err("a tampered device state fails its checksum");
+    assert!(err.to_string().contains("device state checksum"), "{err}");
+    std::fs::write(template.state(), &state).expect("put the device state back");
+    template.verify().expect("verifies again");
     engine.prestart(&template);
     let a = engine
         .create(&template, CreateOptions::default())

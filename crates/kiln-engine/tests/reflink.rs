@@ -85,6 +85,29 @@ async fn sandbox_disks_are_reflinks_on_xfs() {
         template_disk,
         "the template's disk changed"
     );
+
+    // Copied into a data directory without reflinks (the repository's filesystem), the bake
+    // is found under its key's name but not used: every sandbox would copy its raw disk
+    // whole. It is baked afresh there, with a qcow2 disk.
+    let plain = tempfile::tempdir().expect("a data directory without reflinks");
+    let plain_engine = Engine::new(EngineConfig {
+        prestart: 0,
+        ..EngineConfig::new(plain.path())
+    })
+    .expect("engine without reflinks");
+    assert_eq!(plain_engine.disk_strategy(), "qcow2");
+    let copy = template
+        .copy_into(&plain.path().join("templates"))
+        .expect("copy the bake");
+    assert_eq!(copy.meta.disk_format, DiskFormat::Raw);
+    let rebaked = plain_engine
+        .bake(&images)
+        .await
+        .expect("bake over the copy");
+    assert_eq!(rebaked.dir, copy.dir);
+    assert_eq!(rebaked.meta.disk_format, DiskFormat::Qcow2);
+    plain_engine.shutdown_prestarted().await;
+
     // Nothing may keep the filesystem busy when it is unmounted.
     engine.shutdown_prestarted().await;
     drop(engine);
