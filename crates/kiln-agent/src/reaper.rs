@@ -8,7 +8,10 @@
 //! `waitpid(-1)` only while no spawn is under way: a child whose spawn has not returned
 //! yet has no registration, and its status must wait for it. A spawn does not hold the
 //! lock while it runs (a child starved of memory may take seconds to exec, and other
-//! spawns and exits must not wait for it); it collects what waited once it has registered.
+//! spawns and exits must not wait for it); once it has registered, it wakes the reaper to
+//! collect what waited. Only the reaper's task collects, on a blocking thread, in batches:
+//! nothing on the agent's async workers ever waits for its lock, even while a fork bomb's
+//! zombies are collected by the thousand.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,7 +29,12 @@ use tokio::sync::oneshot;
 #[derive(Debug, Default)]
 pub struct Reaper {
     state: Mutex<State>,
+    /// Wakes the reaper's task outside `SIGCHLD`: a spawn ended, or a batch was cut short.
+    wake: tokio::sync::Notify,
 }
+
+/// Most statuses collected under one hold of the lock.
+const BATCH: usize = 256;
 
 #[derive(Debug, Default)]
 struct State {
@@ -44,11 +52,18 @@ impl Reaper {
         let task_reaper = reaper.clone();
         tokio::spawn(async move {
             loop {
-                // Never blocks: the lock is held only to count, register and collect with
-                // WNOHANG, never through a spawn.
-                task_reaper.reap_all();
-                if sigchld.recv().await.is_none() {
+                // On a blocking thread: a storm of exits keeps it collecting, and spawns
+                // wait for the lock meanwhile, which the async workers must never do.
+                let reaper = task_reaper.clone();
+                let Ok(more) = tokio::task::spawn_blocking(move || reaper.reap_all()).await else {
                     break;
+                };
+                if more {
+                    continue;
+                }
+                tokio::select! {
+                    signal = sigchld.recv() => if signal.is_none() { break },
+                    () = task_reaper.wake.notified() => {}
                 }
             }
         });
@@ -62,8 +77,8 @@ impl Reaper {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Marks a spawn under way until the returned guard is dropped; then collects what
-    /// waited for it.
+    /// Marks a spawn under way until the returned guard is dropped; then has what waited
+    /// for it collected.
     fn starting(&self) -> Starting<'_> {
         self.state().starting += 1;
         Starting { reaper: self }
@@ -91,13 +106,13 @@ impl Reaper {
     }
 
     /// Collects every registered process that has exited, and every orphan when no spawn
-    /// is under way (while one is, its child may have exited unregistered).
-    fn reap_all(&self) {
+    /// is under way (while one is, its child may have exited unregistered). Returns whether
+    /// it stopped at [`BATCH`] with more perhaps left.
+    fn reap_all(&self) -> bool {
         let mut state = self.state();
         if state.starting == 0 {
             // Everything, registered or not, is collected below.
-            collect_all(&mut state.waiters);
-            return;
+            return collect_batch(&mut state.waiters);
         }
         let registered: Vec<i32> = state.waiters.keys().copied().collect();
         for pid in registered.into_iter().map(Pid::from_raw) {
@@ -111,15 +126,19 @@ impl Reaper {
                 }
             }
         }
+        false
     }
 }
 
-/// Collects every child that has exited, registered or orphaned.
-fn collect_all(waiters: &mut HashMap<i32, oneshot::Sender<ExitStatus>>) {
-    loop {
+/// Collects up to [`BATCH`] children that have exited, registered or orphaned; returns
+/// whether it stopped there.
+fn collect_batch(waiters: &mut HashMap<i32, oneshot::Sender<ExitStatus>>) -> bool {
+    let mut collected = 0;
+    while collected < BATCH {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return false,
             Ok(status) => {
+                collected += 1;
                 if let Some((pid, status)) = exit_status(status) {
                     deliver(waiters, pid, status);
                 }
@@ -127,10 +146,11 @@ fn collect_all(waiters: &mut HashMap<i32, oneshot::Sender<ExitStatus>>) {
             Err(Errno::EINTR) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "waitpid failed");
-                break;
+                return false;
             }
         }
     }
+    true
 }
 
 /// A spawn under way; see [`Reaper::starting`].
@@ -141,8 +161,8 @@ struct Starting<'a> {
 impl Drop for Starting<'_> {
     fn drop(&mut self) {
         self.reaper.state().starting -= 1;
-        // Statuses that arrived meanwhile had their signal already; collect them now.
-        self.reaper.reap_all();
+        // Statuses that arrived meanwhile had their signal already: have them collected.
+        self.reaper.wake.notify_one();
     }
 }
 
