@@ -491,11 +491,7 @@ impl Agent {
             let result = server.spawn_listed(&request, requested);
             if let Err(Ok(process)) = started.send(result) {
                 if !request.background {
-                    let _ = process.signal(libc::SIGKILL);
-                    tokio::spawn(async move {
-                        process.output.wait_finished().await;
-                        server.processes.remove(&process);
-                    });
+                    tokio::spawn(async move { server.abandon(&process).await });
                 }
             }
         });
@@ -505,6 +501,14 @@ impl Agent {
                 "starting the process failed unexpectedly (see the agent's log)",
             )
         })?
+    }
+
+    /// Kills a foreground process whose caller has gone, and unlists it once it is reaped
+    /// (listed until then, so a listing never misses a process still alive).
+    async fn abandon(&self, process: &Arc<Process>) {
+        let _ = process.signal(libc::SIGKILL);
+        process.output.wait_finished().await;
+        self.processes.remove(process);
     }
 
     /// Spawns `request` and adds it to the process table (blocking until its child exec'd).
@@ -550,13 +554,12 @@ impl Agent {
             let completed = forward_output(&process, &out).await;
             input_task.abort();
             if owned {
-                if !completed {
+                if completed {
+                    self.processes.remove(&process);
+                } else {
                     // The host went away: a foreground process does not outlive its stream.
-                    let _ = process.signal(libc::SIGKILL);
-                    // Listed until reaped, so a listing never misses a process still alive.
-                    process.output.wait_finished().await;
+                    self.abandon(&process).await;
                 }
-                self.processes.remove(&process);
             }
         });
         Response::new(body.boxed())
