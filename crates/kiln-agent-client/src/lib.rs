@@ -115,7 +115,7 @@ impl AgentClient {
             .initial_connection_window_size(8 << 20)
             .max_frame_size(256 * 1024)
             .max_header_list_size(64 * 1024)
-            .keep_alive_interval(self.config.keepalive)
+            .keep_alive_interval(self.config.ping_after)
             .keep_alive_timeout(self.config.keepalive)
             .handshake(TokioIo::new(stream))
             .await?;
