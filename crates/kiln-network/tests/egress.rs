@@ -314,7 +314,7 @@ fn iperf3_mbit(guest: &NetNs, download: bool) -> f64 {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
     report["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .expect("a rate")
+        .unwrap_or_else(|| panic!("no rate in iperf3's report: {}", report["error"]))
         / 1e6
 }
 
