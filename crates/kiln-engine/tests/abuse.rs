@@ -81,8 +81,7 @@ async fn on_victim<T>(
     call: impl Future<Output = T>,
 ) -> (T, Duration) {
     let started = Instant::now();
-    let call = std::pin::pin!(call);
-    let mut call = call;
+    let mut call = std::pin::pin!(call);
     if let Ok(value) = tokio::time::timeout(limit, call.as_mut()).await {
         return (value, started.elapsed());
     }
