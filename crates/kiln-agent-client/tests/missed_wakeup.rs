@@ -1,0 +1,178 @@
+//! A guest that misses a wakeup: Linux's virtio_console sometimes does not announce bytes that
+//! arrived, and the agent reads a request only once the host sends something more. The
+//! transport here plays that guest: once armed, it holds what the host writes until a later
+//! write, more than a burst apart, arrives. The client's ping after a second of silence on an
+//! open call is that later write; a client that never pings waits out its call timeout (the
+//! negative control, which also proves the transport really holds the request).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, ClientError, Connector};
+use kiln_testinfra::hostile_agent::{http, ok, FakeAgent};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Writes this close to the first held one belong to the same request and are held with it.
+const BURST: Duration = Duration::from_millis(200);
+
+/// Whether the next write is held, and how many holds a later write released.
+#[derive(Debug, Default)]
+struct Deafness {
+    armed: AtomicBool,
+    released: AtomicUsize,
+}
+
+/// A unix stream whose writes, once armed, wait for a later write.
+struct Deaf {
+    inner: tokio::net::UnixStream,
+    deafness: Arc<Deafness>,
+    /// Held bytes and when the hold began.
+    held: Option<(Vec<u8>, Instant)>,
+    /// Released bytes not yet written to `inner`.
+    pending: Vec<u8>,
+}
+
+impl Deaf {
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for Deaf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Deaf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        match this.held.take() {
+            Some((mut held, since)) if since.elapsed() < BURST => {
+                held.extend_from_slice(buf);
+                this.held = Some((held, since));
+            }
+            Some((held, _)) => {
+                this.deafness.released.fetch_add(1, Ordering::SeqCst);
+                this.pending = held;
+                this.pending.extend_from_slice(buf);
+                let _ = this.drain(cx)?;
+            }
+            None if this.deafness.armed.swap(false, Ordering::SeqCst) => {
+                this.held = Some((buf.to_vec(), Instant::now()));
+            }
+            None => return Pin::new(&mut this.inner).poll_write(cx, buf),
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Debug)]
+struct DeafConnector {
+    socket: std::path::PathBuf,
+    deafness: Arc<Deafness>,
+}
+
+impl Connector for DeafConnector {
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn std::future::Future<Output = io::Result<BoxedTransport>> + Send + '_>> {
+        Box::pin(async move {
+            let inner = tokio::net::UnixStream::connect(&self.socket).await?;
+            Ok(Box::pin(Deaf {
+                inner,
+                deafness: self.deafness.clone(),
+                held: None,
+                pending: Vec::new(),
+            }) as BoxedTransport)
+        })
+    }
+}
+
+/// Makes one call on a live session whose request the guest misses; returns its outcome,
+/// how long it took and how many holds were released.
+async fn missed_call(
+    agent: &FakeAgent,
+    ping_after: Duration,
+) -> (Result<bool, ClientError>, Duration, usize) {
+    let deafness = Arc::new(Deafness::default());
+    let config = ClientConfig {
+        call_timeout: Duration::from_secs(3),
+        ping_after,
+        ..ClientConfig::default()
+    };
+    let connector = DeafConnector {
+        socket: agent.socket().to_path_buf(),
+        deafness: deafness.clone(),
+    };
+    let client = AgentClient::new(Arc::new(connector), config);
+    assert!(client.exists("/").await.expect("a call the guest hears"));
+    deafness.armed.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    let outcome = client.exists("/").await;
+    (
+        outcome,
+        start.elapsed(),
+        deafness.released.load(Ordering::SeqCst),
+    )
+}
+
+#[tokio::test]
+async fn the_ping_after_a_silent_second_wakes_a_guest_that_missed_a_request() {
+    let agent = FakeAgent::start(http(|_req| async { ok(r#"{"exists":true}"#) }))
+        .await
+        .expect("fake agent");
+    let ((pinged, pinged_took, pinged_released), (unpinged, unpinged_took, _)) = tokio::join!(
+        missed_call(&agent, Duration::from_secs(1)),
+        missed_call(&agent, Duration::from_secs(60)),
+    );
+
+    // Negative control: without a ping the missed request is never read.
+    let err = unpinged.expect_err("a client that never pings waits out its call timeout");
+    assert!(
+        matches!(err, ClientError::Timeout { .. }),
+        "{err:?} after {unpinged_took:?}"
+    );
+
+    assert!(
+        pinged.expect("the ping wakes the guest, which then answers"),
+        "exists"
+    );
+    assert_eq!(pinged_released, 1, "the request was held until the ping");
+    assert!(
+        pinged_took >= Duration::from_millis(900) && pinged_took < Duration::from_secs(3),
+        "answered {pinged_took:?} after the call: the ping comes after 1 s of silence"
+    );
+}
