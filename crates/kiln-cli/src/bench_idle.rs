@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kiln_engine::{CreateOptions, Engine, EngineConfig, Sandbox};
+use kiln_proto::messages::{Command, ExecRequest};
 use serde::Serialize;
 
 use crate::bench_create::{exec_true, pss_bytes};
@@ -30,6 +31,11 @@ pub struct IdleBenchOptions {
     /// Creates (each with its first exec) and execs timed on the empty and on the full host.
     #[arg(long, default_value_t = 15)]
     pub samples: usize,
+    /// Every idle sandbox holds an exec of a process that prints nothing (`sleep`) open through
+    /// the settling and the window, as a quiet command or an idle terminal would: the host
+    /// then pings each guest once a second. Measures what an open, silent call costs.
+    #[arg(long)]
+    pub silent_exec: bool,
     #[command(flatten)]
     pub engine: crate::stats::EngineArgs,
 }
@@ -48,6 +54,8 @@ struct Report {
     template: String,
     accel: String,
     sandboxes: usize,
+    /// Whether every idle sandbox held a silent exec open (`--silent-exec`).
+    silent_exec: bool,
     prestarted: usize,
     settle_secs: u64,
     measure_secs: f64,
@@ -183,6 +191,14 @@ pub async fn run(options: IdleBenchOptions) -> Result<()> {
             eprintln!("  {} running", idle.len());
         }
     }
+    // Dropping a session ends its process, so they live until the window is over.
+    let mut silent = Vec::new();
+    if options.silent_exec {
+        for sandbox in &idle {
+            let sleep = ExecRequest::new(Command::Argv(vec!["sleep".into(), "infinity".into()]));
+            silent.push(sandbox.agent().exec(sleep).await.context("silent exec")?);
+        }
+    }
     eprintln!("settling for {} s ...", options.settle_secs);
     tokio::time::sleep(Duration::from_secs(options.settle_secs)).await;
 
@@ -196,6 +212,7 @@ pub async fn run(options: IdleBenchOptions) -> Result<()> {
     let (sandboxes_after, prestarted_after) = vmm_cpu_seconds(&engine, &idle)?;
     let host_after = host_jiffies().context("reading /proc/stat")?;
     let load_average_1m = load_average();
+    drop(silent);
     let prestarted_cpu = (prestarted_after - prestarted_before).max(0.0);
     let vmm_cpu = sandboxes_after - sandboxes_before + prestarted_cpu;
     let host_busy_percent = 100.0 * (host_after.0 - host_before.0) as f64
@@ -219,6 +236,7 @@ pub async fn run(options: IdleBenchOptions) -> Result<()> {
         template: images.spec.name.clone(),
         accel: engine.accel().accel.qemu_name().into(),
         sandboxes: options.sandboxes,
+        silent_exec: options.silent_exec,
         prestarted,
         settle_secs: options.settle_secs,
         measure_secs: window,
@@ -238,11 +256,16 @@ pub async fn run(options: IdleBenchOptions) -> Result<()> {
         return Ok(());
     }
     println!(
-        "template {} ({}), {} idle sandboxes + {} pre-started VMMs, window {:.0} s after {} s \
+        "template {} ({}), {} idle sandboxes{} + {} pre-started VMMs, window {:.0} s after {} s \
          to settle",
         report.template,
         report.accel,
         report.sandboxes,
+        if report.silent_exec {
+            " (each with a silent exec open)"
+        } else {
+            ""
+        },
         report.prestarted,
         report.measure_secs,
         report.settle_secs
