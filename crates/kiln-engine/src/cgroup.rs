@@ -1,5 +1,6 @@
-//! Per-sandbox cgroups with CPU and memory limits, on cgroup v2 where the host has its
-//! controllers there, on the v1 `cpu` and `memory` hierarchies otherwise.
+//! Per-sandbox cgroups with CPU, memory and task limits, on cgroup v2 where the host has its
+//! controllers there, on the v1 `cpu`, `memory` (and `pids`, where mounted) hierarchies
+//! otherwise.
 //!
 //! Sandbox cgroups live under the engine's own cgroup (`<own>/kiln/<sandbox>`), so whatever
 //! limits the host puts on the daemon also bound its sandboxes. QEMU joins its cgroup before
@@ -15,6 +16,13 @@ const PARENT: &str = "kiln";
 
 /// CFS period used for CPU quotas.
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// Tasks (processes and threads) a sandbox's cgroup may hold. QEMU runs a main thread, an RCU
+/// thread, one per vCPU (a template has at most 64), up to 64 block I/O workers and a few
+/// more; this leaves it twice that. A VMM a guest took over may not spawn processes
+/// (seccomp), but threads it may: without this limit it could take the host's whole PID
+/// space (`kernel.pid_max`, 32,768 on many hosts) within its memory limit.
+pub const VMM_TASKS: u64 = 256;
 
 /// Limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -39,6 +47,8 @@ enum Layout {
         cpu: PathBuf,
         /// The engine's cgroup's directory in the memory hierarchy.
         memory: PathBuf,
+        /// The engine's cgroup's directory in the pids hierarchy, where one is mounted.
+        pids: Option<PathBuf>,
     },
 }
 
@@ -108,12 +118,17 @@ impl Cgroups {
         }
         let cpu = root.join("cpu");
         let memory = root.join("memory");
+        let pids = root.join("pids");
         if cpu.join("cpu.cfs_quota_us").is_file() && memory.join("memory.limit_in_bytes").is_file()
         {
             return Ok(Cgroups {
                 layout: Layout::V1 {
                     cpu: cpu.join(own_path("cpu").unwrap_or_default()),
                     memory: memory.join(own_path("memory").unwrap_or_default()),
+                    pids: pids
+                        .join("cgroup.procs")
+                        .is_file()
+                        .then(|| pids.join(own_path("pids").unwrap_or_default())),
                 },
                 v2_prepared: std::sync::OnceLock::new(),
             });
@@ -133,7 +148,11 @@ impl Cgroups {
     fn parents(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { own } => vec![own.join(PARENT)],
-            Layout::V1 { cpu, memory } => vec![cpu.join(PARENT), memory.join(PARENT)],
+            Layout::V1 { cpu, memory, pids } => [Some(cpu), Some(memory), pids.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|dir| dir.join(PARENT))
+                .collect(),
         }
     }
 
@@ -195,21 +214,35 @@ fn prepare_v2_parent(own: &Path) -> Result<(), CgroupError> {
     enable_controllers(&parent)
 }
 
+/// Enables cpu and memory (and pids, where `dir` has it) for `dir`'s children.
 fn enable_controllers(dir: &Path) -> Result<(), CgroupError> {
-    let control = dir.join("cgroup.subtree_control");
-    let enabled = std::fs::read_to_string(&control).unwrap_or_default();
-    if enabled.split_whitespace().any(|c| c == "cpu")
-        && enabled.split_whitespace().any(|c| c == "memory")
-    {
+    let listed = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+    let (available, enabled) = (
+        listed("cgroup.controllers"),
+        listed("cgroup.subtree_control"),
+    );
+    let has = |list: &str, controller: &str| {
+        list.split_whitespace()
+            .any(|c| c.trim_start_matches('+') == controller)
+    };
+    let missing: Vec<String> = ["cpu", "memory", "pids"]
+        .into_iter()
+        .filter(|&c| c != "pids" || has(&available, c))
+        .filter(|&c| !has(&enabled, c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    std::fs::write(&control, "+cpu +memory").map_err(|source| CgroupError::File {
+    let control = dir.join("cgroup.subtree_control");
+    std::fs::write(&control, missing.join(" ")).map_err(|source| CgroupError::File {
         path: control.clone(),
         source: io::Error::new(
             source.kind(),
             format!(
-                "{source}: enabling cpu and memory for kiln's cgroups (under systemd run the \
-                 daemon with Delegate=yes)"
+                "{source}: enabling {} for kiln's cgroups (under systemd run the daemon with \
+                 Delegate=yes)",
+                missing.join(" ")
             ),
         ),
     })
@@ -242,7 +275,8 @@ pub struct SandboxCgroup {
 }
 
 impl SandboxCgroup {
-    /// Sets its CPU quota and memory limit.
+    /// Sets its CPU quota and memory limit, and its task limit ([`VMM_TASKS`]) where the host
+    /// has the pids controller.
     pub fn set_limits(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
         let quota_us = (limits.cpus * CPU_PERIOD_US as f64).round().max(1000.0) as u64;
         let memory_bytes = limits.memory_mib.saturating_mul(1 << 20);
@@ -255,6 +289,7 @@ impl SandboxCgroup {
                 (self.dirs[0].join("memory.max"), memory_bytes.to_string()),
                 // No swap: a sandbox over its limit is reclaimed or killed, not swapped.
                 (self.dirs[0].join("memory.swap.max"), "0".into()),
+                (self.dirs[0].join("pids.max"), VMM_TASKS.to_string()),
             ],
             Layout::V1 { .. } => vec![
                 (
@@ -266,15 +301,25 @@ impl SandboxCgroup {
                     self.dirs[1].join("memory.limit_in_bytes"),
                     memory_bytes.to_string(),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                self.dirs
+                    .get(2)
+                    .map(|pids| (pids.join("pids.max"), VMM_TASKS.to_string())),
+            )
+            .collect(),
         };
         for (path, value) in writes {
             match std::fs::write(&path, &value) {
                 Ok(()) => {}
-                // memory.swap.max is absent where the host has no swap accounting.
+                // memory.swap.max is absent where the host has no swap accounting, pids.max
+                // on a v2 host whose kernel or parent cgroup lacks the pids controller.
                 Err(e)
-                    if e.kind() == io::ErrorKind::NotFound && path.ends_with("memory.swap.max") => {
-                }
+                    if e.kind() == io::ErrorKind::NotFound
+                        && (path.ends_with("memory.swap.max")
+                            || matches!(self.layout, Layout::V2 { .. })
+                                && path.ends_with("pids.max")) => {}
                 Err(e) => return Err(file_error(&path)(e)),
             }
         }
@@ -320,7 +365,7 @@ impl SandboxCgroup {
         }
     }
 
-    /// Its directories (one on v2; cpu and memory on v1).
+    /// Its directories (one on v2; cpu, memory and pids, where mounted, on v1).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
@@ -365,14 +410,19 @@ impl SandboxCgroup {
 mod tests {
     use super::*;
 
-    const V1_SELF: &str = "9:name=systemd:/\n4:memory:/outer/inner\n1:cpu:/\n0::/\n";
+    const V1_SELF: &str = "9:name=systemd:/\n5:pids:/outer\n4:memory:/outer/inner\n1:cpu:/\n0::/\n";
 
-    fn v1_root() -> tempfile::TempDir {
+    /// A v1 layout with cpu and memory hierarchies, and pids if `pids`.
+    fn v1_root_with(pids: bool) -> tempfile::TempDir {
         let root = tempfile::tempdir().expect("tempdir");
         let cpu = root.path().join("cpu");
         let memory = root.path().join("memory/outer/inner");
         std::fs::create_dir_all(&cpu).expect("mkdir");
         std::fs::create_dir_all(&memory).expect("mkdir");
+        if pids {
+            std::fs::create_dir_all(root.path().join("pids/outer")).expect("mkdir");
+            std::fs::write(root.path().join("pids/cgroup.procs"), "1\n").expect("write");
+        }
         std::fs::write(cpu.join("cpu.cfs_quota_us"), "-1").expect("write");
         std::fs::write(
             root.path().join("memory").join("memory.limit_in_bytes"),
@@ -380,6 +430,10 @@ mod tests {
         )
         .expect("write");
         root
+    }
+
+    fn v1_root() -> tempfile::TempDir {
+        v1_root_with(true)
     }
 
     #[test]
@@ -398,7 +452,8 @@ mod tests {
             .expect("create");
         let cpu = root.path().join("cpu/kiln/sb-1");
         let memory = root.path().join("memory/outer/inner/kiln/sb-1");
-        assert_eq!(cgroup.dirs(), [cpu.clone(), memory.clone()]);
+        let pids = root.path().join("pids/outer/kiln/sb-1");
+        assert_eq!(cgroup.dirs(), [cpu.clone(), memory.clone(), pids.clone()]);
         let read = |p: PathBuf| std::fs::read_to_string(p).expect("read");
         assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "150000");
         assert_eq!(read(cpu.join("cpu.cfs_period_us")), "100000");
@@ -406,8 +461,28 @@ mod tests {
             read(memory.join("memory.limit_in_bytes")),
             (300u64 << 20).to_string()
         );
+        assert_eq!(read(pids.join("pids.max")), VMM_TASKS.to_string());
         assert!(cgroups.existing("sb-1").is_some());
         assert!(cgroups.existing("sb-2").is_none());
+    }
+
+    #[test]
+    fn v1_without_a_pids_hierarchy_limits_cpu_and_memory() {
+        let root = v1_root_with(false);
+        let cgroups = Cgroups::detect_in(root.path(), V1_SELF).expect("v1");
+        let limits = CgroupLimits {
+            cpus: 1.0,
+            memory_mib: 64,
+        };
+        let cgroup = cgroups.create("sb-1", limits).expect("create");
+        assert_eq!(
+            cgroup.dirs(),
+            [
+                root.path().join("cpu/kiln/sb-1"),
+                root.path().join("memory/outer/inner/kiln/sb-1")
+            ]
+        );
+        assert!(!root.path().join("pids").exists());
     }
 
     #[test]
@@ -419,7 +494,10 @@ mod tests {
         )
         .expect("write");
         let own = root.path().join("daemon.service");
-        std::fs::create_dir_all(&own).expect("mkdir");
+        std::fs::create_dir_all(own.join("kiln")).expect("mkdir");
+        // What the kernel lists: what the parent delegates (pids only to the engine's own).
+        std::fs::write(own.join("cgroup.controllers"), "cpu io memory pids").expect("write");
+        std::fs::write(own.join("kiln/cgroup.controllers"), "cpu memory pids").expect("write");
         let cgroups = Cgroups::detect_in(root.path(), "0::/daemon.service\n").expect("v2");
         assert_eq!(cgroups.version(), "v2");
         let cgroup = cgroups
@@ -434,13 +512,30 @@ mod tests {
         let dir = own.join("kiln/sb-1");
         assert_eq!(cgroup.dirs(), std::slice::from_ref(&dir));
         let read = |p: PathBuf| std::fs::read_to_string(p).expect("read");
-        assert_eq!(read(own.join("cgroup.subtree_control")), "+cpu +memory");
+        assert_eq!(
+            read(own.join("cgroup.subtree_control")),
+            "+cpu +memory +pids"
+        );
+        assert_eq!(
+            read(own.join("kiln/cgroup.subtree_control")),
+            "+cpu +memory +pids"
+        );
+        assert_eq!(read(dir.join("cpu.max")), "25000 100000");
+        assert_eq!(read(dir.join("memory.max")), (128u64 << 20).to_string());
+        assert_eq!(read(dir.join("pids.max")), VMM_TASKS.to_string());
+
+        // Only what is missing is enabled: a daemon that ran before this limit existed had
+        // cpu and memory; a parent without pids gets none asked of it.
+        std::fs::write(own.join("kiln/cgroup.subtree_control"), "cpu memory").expect("write");
+        enable_controllers(&own.join("kiln")).expect("enable");
+        assert_eq!(read(own.join("kiln/cgroup.subtree_control")), "+pids");
+        std::fs::write(own.join("kiln/cgroup.controllers"), "cpu memory").expect("write");
+        std::fs::write(own.join("kiln/cgroup.subtree_control"), "").expect("write");
+        enable_controllers(&own.join("kiln")).expect("enable");
         assert_eq!(
             read(own.join("kiln/cgroup.subtree_control")),
             "+cpu +memory"
         );
-        assert_eq!(read(dir.join("cpu.max")), "25000 100000");
-        assert_eq!(read(dir.join("memory.max")), (128u64 << 20).to_string());
 
         // Usage as the kernel's files say (what this test wrote stands in for them).
         std::fs::write(

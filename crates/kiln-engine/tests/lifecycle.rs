@@ -142,6 +142,19 @@ async fn limits_crashes_and_time_to_live() {
         cgroup_value(&limited, "memory.limit_in_bytes", "memory.max"),
         (320u64 << 20).to_string()
     );
+    // A task limit, far above what its QEMU runs.
+    let tasks = kiln_engine::cgroup::VMM_TASKS;
+    assert_eq!(
+        cgroup_value(&limited, "pids.max", "pids.max"),
+        tasks.to_string()
+    );
+    let running: u64 = cgroup_value(&limited, "pids.current", "pids.current")
+        .parse()
+        .expect("pids.current");
+    assert!(
+        (1..=tasks / 4).contains(&running),
+        "its QEMU runs {running} tasks against a limit of {tasks}"
+    );
     let sectors: u64 = sh(&limited, "cat /sys/block/vda/size")
         .await
         .parse()
