@@ -7,6 +7,7 @@
 //! have timeouts (see [`ClientConfig::call_timeout`]), and malformed input becomes an error,
 //! never a panic.
 
+mod doorbell;
 mod error;
 pub mod local;
 mod session;
@@ -109,13 +110,14 @@ impl AgentClient {
         })
         .await?;
         let (stream, welcome) = handshake(transport, &self.config).await?;
+        let stream = doorbell::install(stream, self.config.ping_after);
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(8 << 20)
             .max_frame_size(256 * 1024)
             .max_header_list_size(64 * 1024)
-            .keep_alive_interval(self.config.ping_after)
+            .keep_alive_interval(self.config.keepalive)
             .keep_alive_timeout(self.config.keepalive)
             .handshake(TokioIo::new(stream))
             .await?;

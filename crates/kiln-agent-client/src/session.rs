@@ -33,14 +33,17 @@ pub struct ClientConfig {
     /// may take longer, as long as it keeps moving. Exec output streams have no such bound (a
     /// quiet process is legitimately silent); a dead peer is caught by the keep-alive.
     pub call_timeout: Duration,
-    /// How long a ping may go unanswered before the session is dropped (a dead or wedged
+    /// While a call is open and nothing has been received for this long, the client pings the
+    /// agent; the session is dropped if a ping goes unanswered as long (a dead or wedged
     /// agent).
     pub keepalive: Duration,
-    /// While a call is open, the client pings the agent once it has received nothing for this
-    /// long. Besides finding a dead peer, the ping wakes a guest that missed a wakeup: Linux's
-    /// virtio_console sometimes does not announce arrived bytes, and a request then waited
-    /// unread until the host sent something more (seen under TCG: over 10 s, about one run in
-    /// eight of the engine's abuse test). Idle sessions send no pings.
+    /// Once the client has sent the agent something to act on (a request, stdin, a window
+    /// update) and received nothing for this long, it pings the agent, and again at this
+    /// interval until the agent says anything. The ping wakes a guest that missed a wakeup:
+    /// Linux's virtio_console sometimes does not announce arrived bytes, and a request then
+    /// waited unread until the host sent something more (seen under TCG: over 10 s, about one
+    /// run in eight of the engine's abuse test). A call owed nothing (a quiet process's exec
+    /// stream) and an idle session send no such pings.
     pub ping_after: Duration,
 }
 

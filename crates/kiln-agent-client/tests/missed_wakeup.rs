@@ -1,9 +1,10 @@
 //! A guest that misses a wakeup: Linux's virtio_console sometimes does not announce bytes that
 //! arrived, and the agent reads a request only once the host sends something more. The
 //! transport here plays that guest: once armed, it holds what the host writes until a later
-//! write, more than a burst apart, arrives. The client's ping after a second of silence on an
-//! open call is that later write; a client that never pings waits out its call timeout (the
-//! negative control, which also proves the transport really holds the request).
+//! write, more than a burst apart, arrives. The client's ping, a second after a request that
+//! got no answer, is that later write; a client that never pings waits out its call timeout
+//! (the negative control, which also proves the transport really holds the request). A call
+//! that is open but owed nothing gets no pings, so its guest sleeps.
 
 use std::io;
 use std::pin::Pin;
@@ -12,18 +13,38 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use kiln_agent_client::{AgentClient, BoxedTransport, ClientConfig, ClientError, Connector};
+use kiln_proto::frame::Frame;
+use kiln_proto::messages::{Command, ExecEvent, ExecRequest};
 use kiln_testinfra::hostile_agent::{http, ok, FakeAgent};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Writes this close to the first held one belong to the same request and are held with it.
 const BURST: Duration = Duration::from_millis(200);
 
-/// Whether the next write is held, and how many holds a later write released.
+/// Whether the next write is held, how many holds a later write released, and everything
+/// the host wrote.
 #[derive(Debug, Default)]
 struct Deafness {
     armed: AtomicBool,
     released: AtomicUsize,
+    written: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Deafness {
+    fn written(&self) -> Vec<u8> {
+        self.written.lock().expect("written").clone()
+    }
+}
+
+/// The client's pings in `bytes`: HTTP/2 PING frames (type 6, no ACK flag).
+fn pings(bytes: &[u8]) -> usize {
+    bytes
+        .windows(5)
+        .filter(|w| w[..4] == [0, 0, 8, 6] && w[4] & 1 == 0)
+        .count()
 }
 
 /// A unix stream whose writes, once armed, wait for a later write.
@@ -67,6 +88,11 @@ impl AsyncWrite for Deaf {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.drain(cx))?;
+        this.deafness
+            .written
+            .lock()
+            .expect("written")
+            .extend_from_slice(buf);
         match this.held.take() {
             Some((mut held, since)) if since.elapsed() < BURST => {
                 held.extend_from_slice(buf);
@@ -121,12 +147,8 @@ impl Connector for DeafConnector {
     }
 }
 
-/// Makes one call on a live session whose request the guest misses; returns its outcome,
-/// how long it took and how many holds were released.
-async fn missed_call(
-    agent: &FakeAgent,
-    ping_after: Duration,
-) -> (Result<bool, ClientError>, Duration, usize) {
+/// A client of `agent` through a [`Deaf`] transport.
+fn deaf_client(agent: &FakeAgent, ping_after: Duration) -> (AgentClient, Arc<Deafness>) {
     let deafness = Arc::new(Deafness::default());
     let config = ClientConfig {
         call_timeout: Duration::from_secs(3),
@@ -137,7 +159,16 @@ async fn missed_call(
         socket: agent.socket().to_path_buf(),
         deafness: deafness.clone(),
     };
-    let client = AgentClient::new(Arc::new(connector), config);
+    (AgentClient::new(Arc::new(connector), config), deafness)
+}
+
+/// Makes one call on a live session whose request the guest misses; returns its outcome,
+/// how long it took and how many holds were released.
+async fn missed_call(
+    agent: &FakeAgent,
+    ping_after: Duration,
+) -> (Result<bool, ClientError>, Duration, usize) {
+    let (client, deafness) = deaf_client(agent, ping_after);
     assert!(client.exists("/").await.expect("a call the guest hears"));
     deafness.armed.store(true, Ordering::SeqCst);
     let start = Instant::now();
@@ -174,5 +205,65 @@ async fn the_ping_after_a_silent_second_wakes_a_guest_that_missed_a_request() {
     assert!(
         pinged_took >= Duration::from_millis(900) && pinged_took < Duration::from_secs(3),
         "answered {pinged_took:?} after the call: the ping comes after 1 s of silence"
+    );
+}
+
+/// A body that sends `first` and then stays open, silent.
+struct OpenBody(Option<Bytes>);
+
+impl hyper::body::Body for OpenBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.take() {
+            Some(bytes) => Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes)))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_call_owed_nothing_is_not_pinged_and_unanswered_stdin_is() {
+    // An agent whose process starts and then says nothing, and which never reads stdin.
+    let agent = FakeAgent::start(http(|_req| async {
+        let started = Frame::control(&ExecEvent::Started { pid: 7 }).encode();
+        hyper::Response::new(OpenBody(Some(started)).boxed())
+    }))
+    .await
+    .expect("fake agent");
+    let ping_after = Duration::from_millis(300);
+    let (client, deafness) = deaf_client(&agent, ping_after);
+    let session = client
+        .exec(ExecRequest::new(Command::Argv(vec!["cat".into()])))
+        .await
+        .expect("the exec starts");
+
+    // The process is quiet and the host sent nothing since its start: nothing is sent.
+    let before = deafness.written().len();
+    tokio::time::sleep(ping_after * 6).await;
+    let during = deafness.written();
+    assert_eq!(
+        during.len(),
+        before,
+        "the host wrote {} bytes to a session owed nothing ({} pings)",
+        during.len() - before,
+        pings(&during[before..])
+    );
+
+    // Stdin the process does not answer: one ping, which the agent acknowledges (it was
+    // awake), and no more. Also the control that the count above would have seen pings.
+    session.input().stdin(b"hello\n").await.expect("stdin");
+    tokio::time::sleep(ping_after * 4).await;
+    let after = deafness.written();
+    let rung = pings(&after[during.len()..]);
+    assert_eq!(
+        rung,
+        1,
+        "pings in {:?} after unanswered stdin",
+        ping_after * 4
     );
 }
